@@ -1,0 +1,28 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+
+.PHONY: venv serve test bench clean
+
+venv: $(BIN)/advserve
+
+$(BIN)/advserve: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+serve: venv
+	$(BIN)/advserve serve --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info service/*.egg-info .pytest_cache .hypothesis
