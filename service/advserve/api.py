@@ -1,0 +1,99 @@
+"""The in-process API: the engine without a network, numpy or torch arrays in and out.
+
+    import advserve
+    adv = advserve.compute_advantages("grpo", rewards=r, response_mask=m, group_ids=g)
+    out = advserve.compute_losses(preset="verl", logprobs=lp, old_logprobs=old, advantages=adv.advantages,
+                                  response_mask=m)
+    logp.backward(out.grad_logprobs)   # torch; in JAX, feed it to the VJP of your log-prob function
+
+Arrays come back as the caller sent them: torch tensors (on the device of the first torch input)
+if any input was a torch tensor, numpy arrays otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import torch
+
+from .engine import Engine
+from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(device: str) -> Engine:
+    return Engine(device)
+
+
+def _converter(tensors: Mapping[str, Any]):
+    """A function giving results the array kind of the inputs."""
+    for value in tensors.values():
+        if isinstance(value, torch.Tensor):
+            device = value.device
+            return lambda t: None if t is None else t.to(device)
+    return lambda t: None if t is None else t.detach().cpu().numpy()
+
+
+def compute_advantages(
+    estimator: str,
+    *,
+    preset: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    **tensors: Any,
+) -> AdvantageResult:
+    """Token advantages and returns of `estimator` (see `advserve.catalog()` and docs/semantics.md).
+
+    tensors: rewards [B] or token_rewards [B, T], response_mask [B, T], and what the estimator needs:
+    group_ids [B] (ints or strings), values [B, T], greedy_rewards [B], old_logprobs and
+    ref_logprobs [B, T] (when kl_coef > 0). Returns `.advantages`, `.returns` [B, T], `.stats`,
+    `.params` (the resolved parameters). Raises `advserve.InvalidArgument` / `advserve.NotFound`.
+    """
+    request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype)
+    result = _engine(device).compute_advantages(request)
+    convert = _converter(tensors)
+    return dataclasses.replace(result, advantages=convert(result.advantages), returns=convert(result.returns))
+
+
+def compute_losses(
+    *,
+    preset: str | None = None,
+    policy_loss: TermSpec = None,
+    kl_loss: TermSpec = None,
+    value_loss: TermSpec = None,
+    entropy_bonus: TermSpec = None,
+    rollout_correction: TermSpec = None,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    **tensors: Any,
+) -> LossResult:
+    """The loss, its components and metrics, and its gradients with respect to the inputs.
+
+    policy_loss: None for the preset's defaults, a dict of overrides, or False for no policy term.
+    kl_loss, value_loss, entropy_bonus, rollout_correction: off unless given (a dict, {} = defaults).
+    num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard.
+    tensors: logprobs, old_logprobs, advantages, response_mask [B, T]; ref_logprobs (kl_loss);
+    values, old_values, returns (value_loss); entropy (entropy_bonus); rollout_logprobs
+    (rollout_correction). Returns `.loss`, `.components`, `.metrics`, `.grad_logprobs`,
+    `.grad_values`, `.grad_entropy` ([B, T] or None).
+    """
+    request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
+                          value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
+                          num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype)
+    result = _engine(device).compute_losses(request)
+    convert = _converter(tensors)
+    return dataclasses.replace(result, grad_logprobs=convert(result.grad_logprobs),
+                               grad_values=convert(result.grad_values), grad_entropy=convert(result.grad_entropy))
+
+
+def catalog() -> dict[str, Any]:
+    """Estimators, their tensors and parameters with the defaults of each preset; the loss terms."""
+    return Engine.catalog()
+
+
+__all__ = ["compute_advantages", "compute_losses", "catalog"]

@@ -1,0 +1,173 @@
+"""Turns user arrays (numpy, torch or nested lists from JSON) into validated tensors on the device.
+
+Every check names the offending tensor in `InvalidArgument.field` ("tensors.<name>"): unknown or
+missing names, ragged or non-numeric data, wrong rank, mismatched B or T, empty batches, masks that
+are not 0/1, NaN/Inf on unmasked positions. Masked positions of token tensors are set to 0, so what
+a client leaves there (NaN included) cannot leak into a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InvalidArgument
+
+TOKEN_TENSORS = frozenset({
+    "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
+    "advantages", "returns", "old_values", "entropy",
+})
+SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
+ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Batch:
+    """Validated tensors. `tensors` holds every float tensor in the compute dtype on the device,
+    `mask` [B, T] bool, `group_index` [B] long with `group_labels` (ids in order of first
+    appearance) when group_ids were given."""
+
+    tensors: dict[str, Tensor]
+    mask: Tensor
+    group_index: Tensor | None
+    group_labels: list | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+
+def _field(name: str) -> str:
+    return f"tensors.{name}"
+
+
+def _to_array(name: str, value: Any) -> np.ndarray | Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"tensor {name!r} is ragged or not numeric: {exc}", field=_field(name)) from None
+        if array.dtype == object:
+            raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or holds mixed types",
+                                  field=_field(name))
+        return array
+    raise InvalidArgument(f"tensor {name!r} must be an array (nested list, numpy array or torch tensor), "
+                          f"got {type(value).__name__}", field=_field(name))
+
+
+def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(array, Tensor):
+        if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
+            raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
+        return array.to(device=device, dtype=dtype)
+    if array.dtype.kind not in "biuf":
+        raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
+    return torch.as_tensor(array, dtype=dtype, device=device)
+
+
+_INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
+
+
+def _group_index(value: np.ndarray | Tensor, device: torch.device) -> tuple[Tensor, list]:
+    """Dense group index [B] in order of first appearance, and the original ids in that order."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise InvalidArgument("group_ids must be integers or strings", field=_field("group_ids"))
+        value = value.detach().cpu().numpy()
+    if value.ndim != 1:
+        raise InvalidArgument(f"group_ids must be 1-D [B], got shape {list(value.shape)}", field=_field("group_ids"))
+    if value.dtype.kind not in "iuUS":
+        raise InvalidArgument(f"group_ids must be integers or strings, got dtype {value.dtype}",
+                              field=_field("group_ids"))
+    labels, first, inverse = np.unique(value, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # group k = k-th id to appear
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    index = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=device)
+    return index, labels[order].tolist()
+
+
+def build_batch(
+    raw: Mapping[str, Any],
+    *,
+    allowed: Iterable[str],
+    required: Iterable[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    context: str,
+) -> Batch:
+    """Validate `raw` (name -> array) and convert it. `context` names the caller in messages."""
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
+    allowed = set(allowed)
+    for name in raw:
+        if name not in allowed:
+            kind = "not used by" if name in ALL_TENSORS else "unknown for"
+            raise InvalidArgument(f"tensor {name!r} is {kind} {context}; accepted: {', '.join(sorted(allowed))}",
+                                  field=_field(name))
+    for name in sorted(required):
+        if raw.get(name) is None:
+            raise InvalidArgument(f"{context} needs tensor {name!r}", field=_field(name))
+
+    arrays = {name: _to_array(name, value) for name, value in raw.items() if value is not None}
+    _check_shapes(arrays)
+
+    mask_value = arrays["response_mask"]
+    mask_float = _numeric("response_mask", mask_value, torch.float64 if dtype == torch.float64 else torch.float32, device)
+    if not bool(((mask_float == 0) | (mask_float == 1)).all()):
+        raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+    mask = mask_float.bool()
+
+    tensors: dict[str, Tensor] = {}
+    group_index, group_labels = None, None
+    for name, array in arrays.items():
+        if name == "response_mask":
+            continue
+        if name == "group_ids":
+            group_index, group_labels = _group_index(array, device)
+            continue
+        tensor = _numeric(name, array, dtype, device)
+        if name in TOKEN_TENSORS:
+            if not bool(torch.isfinite(tensor[mask]).all()):
+                raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
+            tensor = torch.where(mask, tensor, 0)
+        elif not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
+        tensors[name] = tensor
+    return Batch(tensors=tensors, mask=mask, group_index=group_index, group_labels=group_labels)
+
+
+def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> None:
+    """Rank and size agreement: [B] for sequence tensors, [B, T] for token tensors; B, T >= 1."""
+    batch_size: tuple[int, str] | None = None
+    length: tuple[int, str] | None = None
+    for name, array in arrays.items():
+        shape = tuple(array.shape)
+        want = 2 if name in TOKEN_TENSORS else 1
+        if len(shape) != want:
+            expected = "[B, T]" if want == 2 else "[B]"
+            raise InvalidArgument(f"tensor {name!r} must be {expected}, got shape {list(shape)}", field=_field(name))
+        if batch_size is None:
+            batch_size = (shape[0], name)
+        elif shape[0] != batch_size[0]:
+            raise InvalidArgument(f"tensor {name!r} has B = {shape[0]} but {batch_size[1]!r} has B = {batch_size[0]}",
+                                  field=_field(name))
+        if want == 2:
+            if length is None:
+                length = (shape[1], name)
+            elif shape[1] != length[0]:
+                raise InvalidArgument(f"tensor {name!r} has T = {shape[1]} but {length[1]!r} has T = {length[0]}",
+                                      field=_field(name))
+    if batch_size is None or batch_size[0] == 0:
+        raise InvalidArgument("empty batch: B must be at least 1", field=_field(batch_size[1] if batch_size else "response_mask"))
+    if length is not None and length[0] == 0:
+        raise InvalidArgument("empty responses: T must be at least 1", field=_field(length[1]))

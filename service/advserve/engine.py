@@ -1,0 +1,354 @@
+"""The engine: validates a request against the catalog and the preset, lays tensors out on the
+device, runs the math, and returns results. Every transport and the in-process API call it."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .batch import DTYPES, Batch, build_batch
+from .errors import InvalidArgument, NotFound
+from .estimators import ESTIMATORS, AdvantageInputs, Estimator
+from .functional.groups import Groups
+from .functional.kl import kl_and_grad
+from .functional.losses import policy_loss, value_loss
+from .functional.masks import aggregation_weights, masked_mean, place_on_last_token
+from .loss_specs import LOSS_TERMS, TERM_TENSORS
+from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
+from .params import DependsOn, resolve_params
+from .presets import DEFAULT_PRESET, PRESETS, Preset
+
+REWARD_TENSORS = ("rewards", "token_rewards")
+LOG_RATIO_BOUND = 20.0  # bound on log importance weights of the rollout correction (verl's SAFETY_BOUND)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None): CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgument(f"unknown device {device!r}: {exc}", field="device") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device 'cuda' requested but CUDA is not available", field="device")
+    return resolved
+
+
+class Engine:
+    """Computes advantages and losses on one device. Thread-compatible: holds no mutable state."""
+
+    def __init__(self, device: str | torch.device | None = "auto"):
+        self.device = resolve_device(device)
+
+    # --- lookups --------------------------------------------------------------------------------
+
+    @staticmethod
+    def preset(name: str | None) -> Preset:
+        name = DEFAULT_PRESET if name is None else name
+        if name not in PRESETS:
+            raise NotFound(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}", field="preset")
+        return PRESETS[name]
+
+    @staticmethod
+    def estimator(name: str, preset: Preset) -> Estimator:
+        if name not in ESTIMATORS:
+            raise NotFound(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}", field="estimator")
+        if name not in preset.estimators:
+            hint = preset.unavailable.get(name, "")
+            raise NotFound(f"estimator {name!r} is not part of preset {preset.name!r}"
+                           f"{': ' + hint if hint else ''}; available: {', '.join(preset.estimators)}",
+                           field="estimator")
+        return ESTIMATORS[name]
+
+    @staticmethod
+    def _dtype(name: str | None) -> torch.dtype:
+        if name is None:
+            return torch.float32
+        if name not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}", field="dtype")
+        return DTYPES[name]
+
+    # --- advantages -----------------------------------------------------------------------------
+
+    def compute_advantages(self, request: AdvantageRequest) -> AdvantageResult:
+        preset = self.preset(request.preset)
+        estimator = self.estimator(request.estimator, preset)
+        params = resolve_params(estimator.param_specs(), preset.estimators[estimator.name], request.params, "params")
+        dtype = self._dtype(request.dtype)
+
+        raw = request.tensors if isinstance(request.tensors, Mapping) else {}
+        required = set(estimator.requires) | {"response_mask"}
+        if params.get("kl_coef", 0) > 0:
+            required |= {"old_logprobs", "ref_logprobs"}
+        given_rewards = [name for name in REWARD_TENSORS if raw.get(name) is not None]
+        if len(given_rewards) != 1:
+            raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]",
+                                  field="tensors.rewards")
+        batch = build_batch(
+            request.tensors,
+            allowed=required | set(estimator.optional) | set(REWARD_TENSORS),
+            required=required,
+            dtype=dtype,
+            device=self.device,
+            context=f"estimator {estimator.name!r}",
+        )
+        inputs = self._advantage_inputs(batch, dtype)
+        self._check_estimator_preconditions(estimator, params, inputs, batch)
+        with torch.no_grad():
+            advantages, returns = estimator.fn(inputs, params)
+        stats = advantage_stats(advantages, inputs, batch)
+        return AdvantageResult(estimator.name, preset.name, advantages, returns, stats, params)
+
+    @staticmethod
+    def _advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
+        t = batch.tensors
+        mask = batch.mask
+        if "token_rewards" in t:
+            token_rewards = t["token_rewards"]
+        else:
+            token_rewards = place_on_last_token(t["rewards"], mask)
+        scores = t["rewards"] if "rewards" in t else token_rewards.sum(dim=1)
+        groups = Groups.from_index(batch.group_index) if batch.group_index is not None else None
+        return AdvantageInputs(
+            mask=mask,
+            token_rewards=token_rewards,
+            scores=scores,
+            lengths=mask.sum(dim=1).to(dtype),
+            groups=groups,
+            values=t.get("values"),
+            old_logprobs=t.get("old_logprobs"),
+            ref_logprobs=t.get("ref_logprobs"),
+            greedy_rewards=t.get("greedy_rewards"),
+        )
+
+    @staticmethod
+    def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], inputs: AdvantageInputs,
+                                       batch: Batch) -> None:
+        if params.get("singleton_groups") == "error" and inputs.groups is not None:
+            small = torch.nonzero(inputs.groups.sizes < 2).flatten()
+            if small.numel():
+                label = batch.group_labels[int(small[0])]
+                raise InvalidArgument(
+                    f"group {label!r} has a single response; {estimator.name!r} needs at least 2 per group "
+                    "(or set params.singleton_groups to 'zero' or 'raw')", field="tensors.group_ids")
+        if params.get("whiten") and params.get("whiten_ddof") == 1 and int(inputs.mask.sum()) < 2:
+            raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
+                                  field="tensors.response_mask")
+
+    # --- losses ---------------------------------------------------------------------------------
+
+    def compute_losses(self, request: LossRequest) -> LossResult:
+        preset = self.preset(request.preset)
+        dtype = self._dtype(request.dtype)
+        terms = self._resolve_terms(request, preset)
+        if not terms:
+            raise InvalidArgument("no loss term requested: give policy_loss, kl_loss, value_loss or entropy_bonus",
+                                  field="policy_loss")
+        if "rollout_correction" in terms and "policy_loss" not in terms:
+            raise InvalidArgument("rollout_correction weights the policy loss, which is off", field="rollout_correction")
+        for name in ("num_tokens", "num_sequences"):
+            value = getattr(request, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                      or value == float("inf")):
+                raise InvalidArgument(f"{name} must be a positive number", field=name)
+
+        required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
+        batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
+                            context="the requested loss terms")
+        t, mask = batch.tensors, batch.mask
+        agg = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
+                                                         "policy_loss")
+        weights = aggregation_weights(mask, agg["agg"], dtype=dtype, num_tokens=request.num_tokens,
+                                      num_sequences=request.num_sequences, loss_scale_factor=agg["loss_scale_factor"])
+
+        components: dict[str, float | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
+        metrics: dict[str, float] = {}
+        grad_logprobs = torch.zeros_like(t["logprobs"]) if "logprobs" in t else None
+        grad_values = grad_entropy = None
+        total = torch.zeros((), dtype=dtype, device=self.device)
+
+        with torch.no_grad():
+            if "policy_loss" in terms:
+                p = terms["policy_loss"]
+                loss_t, grad_t, ratio = policy_loss(
+                    p["mode"], t["logprobs"], t["old_logprobs"], t["advantages"], mask, clip_low=p["clip_low"],
+                    clip_high=p["clip_high"], dual_clip=p["dual_clip"], ratio_clamp=p["ratio_clamp"])
+                if "rollout_correction" in terms:
+                    is_weight = rollout_weights(t["old_logprobs"], t["rollout_logprobs"], mask,
+                                                terms["rollout_correction"], metrics)
+                    loss_t, grad_t = loss_t * is_weight, grad_t * is_weight
+                policy = (weights * loss_t).sum()
+                total = total + policy
+                grad_logprobs += weights * grad_t
+                components["policy"] = float(policy)
+                metrics.update(policy_metrics(p, ratio, t["logprobs"], t["old_logprobs"], t["advantages"], mask))
+            if "kl_loss" in terms:
+                p = terms["kl_loss"]
+                kl_t, dkl = kl_and_grad(t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"])
+                kl = (weights * kl_t).sum()
+                total = total + p["coef"] * kl
+                grad_logprobs += (p["coef"] * weights) * dkl
+                components["kl"] = float(kl)
+                metrics["kl_mean"] = float(masked_mean(kl_t, mask))
+            if "value_loss" in terms:
+                p = terms["value_loss"]
+                loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"])
+                value = (weights * loss_v).sum()
+                total = total + p["coef"] * value
+                grad_values = (p["coef"] * weights) * dv
+                components["value"] = float(value)
+                if p["clip"] is not None:
+                    clipped = t["values"].clamp(t["old_values"] - p["clip"], t["old_values"] + p["clip"])
+                    beyond = (clipped - t["returns"]).square() > (t["values"] - t["returns"]).square()
+                    metrics["value_clip_fraction"] = float(masked_mean(beyond.to(dtype), mask))
+            if "entropy_bonus" in terms:
+                p = terms["entropy_bonus"]
+                entropy = (weights * t["entropy"]).sum()
+                total = total - p["coef"] * entropy
+                grad_entropy = -p["coef"] * weights
+                components["entropy"] = float(entropy)
+                metrics["entropy_mean"] = float(masked_mean(t["entropy"], mask))
+
+        return LossResult(preset.name, float(total), components, metrics, grad_logprobs, grad_values, grad_entropy,
+                          params=terms)
+
+    @staticmethod
+    def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
+        terms: dict[str, dict[str, Any]] = {}
+        for name, specs in LOSS_TERMS.items():
+            given = getattr(request, name)
+            if given is False or (given is None and name != "policy_loss"):
+                continue
+            if given is True:
+                given = None
+            terms[name] = resolve_params(specs, preset.losses[name], given, name)
+        correction = terms.get("rollout_correction")
+        if correction:
+            if correction["mode"] == "mask" and correction["low"] is None:
+                raise InvalidArgument("rollout_correction.mode 'mask' needs a lower bound 'low'",
+                                      field="rollout_correction.low")
+            if correction["low"] is not None and correction["low"] > correction["high"]:
+                raise InvalidArgument("rollout_correction.low must be <= high", field="rollout_correction.low")
+        return terms
+
+    # --- catalog --------------------------------------------------------------------------------
+
+    @staticmethod
+    def catalog() -> dict[str, Any]:
+        """Every estimator with its tensors, parameters and defaults per preset; the loss terms likewise."""
+        def default(value: Any) -> Any:
+            return value.describe() if isinstance(value, DependsOn) else value
+
+        estimators = []
+        for e in ESTIMATORS.values():
+            estimators.append({
+                "name": e.name,
+                "summary": e.summary,
+                "formula": e.formula,
+                "reference": e.reference,
+                "tensors": {
+                    "required": sorted({"response_mask", *e.requires}),
+                    "one_of": list(REWARD_TENSORS),
+                    "optional": sorted(e.optional),
+                },
+                "params": {name: spec.describe() for name, spec in e.param_specs().items()},
+                "presets": {
+                    p.name: ({"defaults": {k: default(v) for k, v in p.estimators[e.name].items()}}
+                             if e.name in p.estimators else {"unavailable": p.unavailable.get(e.name, "")})
+                    for p in PRESETS.values()
+                },
+            })
+        losses = {
+            term: {
+                "tensors": list(TERM_TENSORS[term]),
+                "params": {name: spec.describe() for name, spec in specs.items()},
+                "defaults": {p.name: {k: default(v) for k, v in p.losses[term].items()} for p in PRESETS.values()},
+            }
+            for term, specs in LOSS_TERMS.items()
+        }
+        presets = [{"name": p.name, "description": p.description} for p in PRESETS.values()]
+        return {"presets": presets, "default_preset": DEFAULT_PRESET, "estimators": estimators, "losses": losses}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, Any], metrics: dict) -> Tensor:
+    """Importance weights [B, T] correcting for the rollout engine's policy: w = π_old/π_rollout per
+    token, or the product over the sequence; truncated to [low, high] or masked outside it."""
+    log_w = torch.where(mask, old - rollout, 0)
+    if p["level"] == "sequence":
+        log_w = log_w.sum(dim=1, keepdim=True).expand_as(old)
+    raw = log_w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    low, high = p["low"], p["high"]
+    outside = raw > high
+    if low is not None:
+        outside |= raw < low
+    if p["mode"] == "truncate":
+        weight = raw.clamp(low, high)
+    else:
+        weight = torch.where(outside, 0, raw)
+    weight = torch.where(mask, weight, 0)
+    dtype = weight.dtype
+    metrics["rollout_is_weight_mean"] = float(masked_mean(weight, mask))
+    metrics["rollout_is_weight_max"] = float(weight[mask].max()) if bool(mask.any()) else 0.0
+    metrics["rollout_is_fraction_outside"] = float(masked_mean(outside.to(dtype), mask))
+    return weight
+
+
+def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
+                   mask: Tensor) -> dict[str, float]:
+    """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics."""
+    dtype = ratio.dtype
+
+    def frac(condition: Tensor) -> float:
+        return float(masked_mean(condition.to(dtype), mask))
+
+    out = {"approx_kl": float(masked_mean(old - logp, mask))}
+    if bool(mask.any()):
+        valid = ratio[mask]
+        out.update(ratio_mean=float(valid.mean()), ratio_min=float(valid.min()), ratio_max=float(valid.max()))
+    high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
+    if p["mode"] in ("ppo_clip", "gspo"):
+        out["clip_fraction_high"] = frac(high & (adv > 0))
+        out["clip_fraction_low"] = frac(low & (adv < 0))
+        if p["mode"] == "ppo_clip" and p["dual_clip"] is not None:
+            out["dual_clip_fraction"] = frac((ratio > p["dual_clip"]) & (adv < 0))
+    elif p["mode"] == "cispo":
+        out["clip_fraction_high"] = frac(high)
+        out["clip_fraction_low"] = frac(low)
+    return out
+
+
+def advantage_stats(advantages: Tensor, inputs: AdvantageInputs, batch: Batch) -> dict[str, Any]:
+    """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
+    mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal."""
+    mask = inputs.mask
+    valid = advantages[mask]
+    n = valid.numel()
+    stats: dict[str, Any] = {
+        "sequences": int(mask.shape[0]),
+        "tokens": int(n),
+        "advantages": {
+            "mean": float(valid.mean()) if n else 0.0,
+            "std": float(valid.std(correction=0)) if n else 0.0,
+            "min": float(valid.min()) if n else 0.0,
+            "max": float(valid.max()) if n else 0.0,
+        },
+        "rewards": {"mean": float(inputs.scores.mean()), "std": float(inputs.scores.std(correction=0))},
+    }
+    groups = inputs.groups
+    if groups is not None:
+        constant = groups.is_constant(inputs.scores)
+        stats["groups"] = {
+            "count": groups.count,
+            "size_min": int(groups.sizes.min()),
+            "size_max": int(groups.sizes.max()),
+            "zero_variance_fraction": float(constant.to(inputs.scores.dtype).mean()),
+            "ids": batch.group_labels,
+            "reward_mean": groups.mean(inputs.scores).tolist(),
+        }
+    return stats

@@ -1,0 +1,277 @@
+"""The estimator catalog: one entry per advantage estimator, mapping a validated batch and resolved
+parameters to (advantages, returns). Formulas live in `functional/`; presets (defaults) in
+`presets.py`. Adding an estimator = one function here + one `Estimator` entry + its preset defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .functional.groups import Groups, group_normalized_advantages, leave_one_out_advantages
+from .functional.kl import KL_ESTIMATORS, kl_and_grad
+from .functional.masks import whiten
+from .functional.scan import gae, reward_to_go
+from .params import ParamSpec
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """A validated batch on the compute device. [B, T] tensors are 0 at masked positions.
+
+    mask [B, T] bool; token_rewards [B, T] (an outcome reward sits on the row's last valid token);
+    scores [B] = Σ_t token_rewards; lengths [B] valid tokens per row (compute dtype).
+    """
+
+    mask: Tensor
+    token_rewards: Tensor
+    scores: Tensor
+    lengths: Tensor
+    groups: Groups | None = None
+    values: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    greedy_rewards: Tensor | None = None
+
+
+Params = Mapping[str, Any]
+EstimatorFn = Callable[[AdvantageInputs, Params], tuple[Tensor, Tensor]]
+
+PARAMS: dict[str, ParamSpec] = {
+    spec.name: spec
+    for spec in (
+        ParamSpec("gamma", float, "discount γ", minimum=0.0, maximum=1.0),
+        ParamSpec("lam", float, "GAE λ", minimum=0.0, maximum=1.0),
+        ParamSpec("kl_coef", float, "β of the KL penalty (needs old_logprobs and ref_logprobs when > 0)", minimum=0.0),
+        ParamSpec("kl_estimator", str, "KL estimator of old vs ref log-probs", choices=KL_ESTIMATORS),
+        ParamSpec("kl_clamp", float, "clamp of the KL estimate to [−c, c] (k3: log-ratio to ±20 first); null: none",
+                  nullable=True, minimum=0.0, exclusive_minimum=True),
+        ParamSpec("kl_placement", str, "where β·KL enters the advantage (see docs/semantics.md)",
+                  choices=("token", "sequence", "reward_to_go")),
+        ParamSpec("std_ddof", int, "delta degrees of freedom of the group std (0 population, 1 unbiased)",
+                  choices=(0, 1)),
+        ParamSpec("std_eps", float, "ε added to the group std", minimum=0.0),
+        ParamSpec("singleton_groups", str, "size-1 groups: 'zero' advantage, 'raw' (mean 0, std 1), or 'error'",
+                  choices=("zero", "raw", "error")),
+        ParamSpec("whiten", bool, "whiten advantages over all valid tokens of the batch"),
+        ParamSpec("whiten_ddof", int, "delta degrees of freedom of the whitening variance", choices=(0, 1)),
+        ParamSpec("whiten_eps", float, "ε inside the whitening rsqrt(var + ε)", minimum=0.0),
+    )
+}
+
+KL_PARAMS = ("kl_coef", "kl_estimator", "kl_clamp")
+WHITEN_PARAMS = ("whiten", "whiten_ddof", "whiten_eps")
+GROUP_STD_PARAMS = ("std_ddof", "std_eps", "singleton_groups")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A catalog entry. `requires`: tensors always needed besides response_mask and the rewards;
+    `optional`: tensors accepted (KL inputs, needed when kl_coef > 0)."""
+
+    name: str
+    fn: EstimatorFn
+    params: tuple[str, ...]
+    summary: str
+    formula: str
+    reference: str
+    requires: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def uses_groups(self) -> bool:
+        return "group_ids" in self.requires
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        specs = {name: PARAMS[name] for name in self.params}
+        for name, choices in self.choices.items():
+            spec = specs[name]
+            specs[name] = ParamSpec(spec.name, spec.kind, spec.doc, choices, spec.nullable, spec.minimum, spec.maximum)
+        return specs
+
+
+# --- shared pieces -----------------------------------------------------------------------------
+
+
+def _token_kl(x: AdvantageInputs, p: Params) -> Tensor | None:
+    """β·kl_t [B, T] of the behaviour policy against the reference (0 at masked positions); None if β = 0."""
+    if p["kl_coef"] == 0:
+        return None
+    kl, _ = kl_and_grad(x.old_logprobs, x.ref_logprobs, p["kl_estimator"], p["kl_clamp"])
+    return torch.where(x.mask, p["kl_coef"] * kl, 0)
+
+
+def _shaped_rewards(x: AdvantageInputs, p: Params) -> Tensor:
+    """r̃_t = r_t − β kl_t [B, T]."""
+    penalty = _token_kl(x, p)
+    return x.token_rewards if penalty is None else x.token_rewards - penalty
+
+
+def _broadcast(per_sequence: Tensor, mask: Tensor) -> Tensor:
+    """[B] -> [B, T], 0 at masked positions."""
+    return torch.where(mask, per_sequence.unsqueeze(1), 0)
+
+
+def _maybe_whiten(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
+    return whiten(adv, x.mask, ddof=p["whiten_ddof"], eps=p["whiten_eps"]) if p["whiten"] else adv
+
+
+def _group_mean_baseline(scores: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
+    """mean_g(scores) per row [B]; a size-1 group has mean 0 under singleton_groups='raw' (verl)."""
+    groups = x.groups
+    # an all-equal group's mean is its common value exactly (no rounding to amplify later)
+    mean = torch.where(groups.is_constant(scores)[groups.index], scores, groups.mean(scores)[groups.index])
+    if p["singleton_groups"] == "raw":
+        mean = torch.where(groups.sizes[groups.index] == 1, 0, mean)
+    return mean
+
+
+# --- estimators --------------------------------------------------------------------------------
+
+
+def reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A_t = R − β Σ_{all t'} kl_t' (whole trajectory)."""
+    adv = _broadcast(_shaped_rewards(x, p).sum(dim=1), x.mask)
+    return adv, adv
+
+
+def reinforce_rtg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A_t = Σ_{t' ≥ t} γ^(t'−t) (r_t' − β kl_t') (REINFORCE with the KL trick)."""
+    adv = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"])
+    return adv, adv
+
+
+def reinforce_pp(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = whiten(reward-to-go of r − β kl) over the batch; returns = the reward-to-go."""
+    returns = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"])
+    return _maybe_whiten(returns, x, p), returns
+
+
+def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = whiten(G_t − mean_g R) ('reward_to_go') or whiten(R̃ − mean_g R̃) broadcast ('sequence')."""
+    shaped = _shaped_rewards(x, p)
+    if p["kl_placement"] == "sequence":
+        total = shaped.sum(dim=1)
+        adv = _broadcast(total - _group_mean_baseline(total, x, p), x.mask)
+    else:
+        baseline = _group_mean_baseline(x.scores, x, p)
+        adv = torch.where(x.mask, reward_to_go(shaped, x.mask, 1.0) - baseline.unsqueeze(1), 0)
+    adv = _maybe_whiten(adv, x, p)
+    return adv, adv
+
+
+def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = R̃_i − mean_{l≠i} R̃_l with R̃ = R − β Σ_t kl_t."""
+    total = _shaped_rewards(x, p).sum(dim=1)
+    adv = _broadcast(leave_one_out_advantages(total, x.groups, singleton_groups=p["singleton_groups"]), x.mask)
+    return adv, adv
+
+
+def remax(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A_t = Σ_{t' ≥ t} (r_t' − β kl_t') − r(x, ŷ_greedy); returns = the reward-to-go."""
+    returns = reward_to_go(_shaped_rewards(x, p), x.mask, 1.0)
+    return torch.where(x.mask, returns - x.greedy_rewards.unsqueeze(1), 0), returns
+
+
+def gae_estimator(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """GAE with δ_t = r_t − β kl_t + γ V_{t+1} − V_t; returns = A + V (before whitening)."""
+    adv, returns = gae(_shaped_rewards(x, p), x.values, x.mask, p["gamma"], p["lam"])
+    return _maybe_whiten(adv, x, p), returns
+
+
+def orz(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """GAE with γ = λ = 1 and no KL: A_t = R − V_t."""
+    adv, returns = gae(x.token_rewards, x.values, x.mask, 1.0, 1.0)
+    return _maybe_whiten(adv, x, p), returns
+
+
+def _grpo_family(x: AdvantageInputs, p: Params, *, scale_by_std: bool) -> Tensor:
+    """Group-normalized advantage [B, T] with the KL term of `kl_placement` (before length factors)."""
+    placement = p.get("kl_placement", "sequence")
+    penalty = _token_kl(x, p) if placement == "sequence" else None
+    scores = x.scores if penalty is None else x.scores - penalty.sum(dim=1)
+    per_seq = group_normalized_advantages(
+        scores, x.groups, scale_by_std=scale_by_std,
+        std_ddof=p.get("std_ddof", 0), std_eps=p.get("std_eps", 0.0), singleton_groups=p["singleton_groups"],
+    )
+    adv = _broadcast(per_seq, x.mask)
+    if placement == "token" and p["kl_coef"] != 0:
+        # −β ∂kl/∂logπ at the behaviour policy: β(π_ref/π_old − 1) for k3, the seed's GRPO column
+        _, grad = kl_and_grad(x.old_logprobs, x.ref_logprobs, p["kl_estimator"], p["kl_clamp"])
+        adv = adv - torch.where(x.mask, p["kl_coef"] * grad, 0)
+    return adv
+
+
+def grpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = (R − mean_g R)/(std_g R + ε) (+ KL term)."""
+    adv = _grpo_family(x, p, scale_by_std=True)
+    return adv, adv
+
+
+def grpo_original(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = [(R − mean_g R)/(std_g R + ε) + KL term] / L_i (1/|o| length normalization)."""
+    adv = _grpo_family(x, p, scale_by_std=True) / x.lengths.clamp_min(1).unsqueeze(1)
+    return adv, adv
+
+
+def dapo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = (R − mean_g R)/(std_g R + ε) / mean_g(L) (token-mean over the group's tokens)."""
+    mean_length = x.groups.mean(x.lengths)[x.groups.index]
+    adv = _grpo_family(x, p, scale_by_std=True) / mean_length.clamp_min(1).unsqueeze(1)
+    return adv, adv
+
+
+def dr_grpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A = R − mean_g R (Dr.GRPO: no std, no length normalization)."""
+    adv = _grpo_family(x, p, scale_by_std=False)
+    return adv, adv
+
+
+KL_TENSORS = frozenset({"old_logprobs", "ref_logprobs"})
+GROUPED = frozenset({"group_ids"})
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator("reinforce", reinforce, KL_PARAMS, "REINFORCE, KL over the whole trajectory",
+                  "A_t = r − β Σ_{t'=0}^{T−1} log π_old/π_ref", "Williams 1992; seed eq. (7)",
+                  optional=KL_TENSORS),
+        Estimator("reinforce_rtg", reinforce_rtg, ("gamma", *KL_PARAMS), "REINFORCE with the KL trick (reward-to-go KL)",
+                  "A_t = r − β Σ_{t'=t}^{T−1} log π_old/π_ref", "seed eq. (9), Theorem 3", optional=KL_TENSORS),
+        Estimator("reinforce_pp", reinforce_pp, ("gamma", *KL_PARAMS, *WHITEN_PARAMS),
+                  "REINFORCE++: reward-to-go KL, global batch normalization",
+                  "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t')", "arXiv:2501.03262", optional=KL_TENSORS),
+        Estimator("reinforce_pp_baseline", reinforce_pp_baseline,
+                  (*KL_PARAMS, "kl_placement", "singleton_groups", *WHITEN_PARAMS),
+                  "REINFORCE++-baseline: group-mean baseline, then batch whitening",
+                  "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t' − mean_g r)", "arXiv:2501.03262",
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("reward_to_go", "sequence")}),
+        Estimator("rloo", rloo, (*KL_PARAMS, "singleton_groups"), "REINFORCE leave-one-out",
+                  "A = R_ij − 1/(M−1) Σ_{l≠j} R_il, R = r − β Σ_t kl_t", "arXiv:2402.14740",
+                  requires=GROUPED, optional=KL_TENSORS),
+        Estimator("remax", remax, KL_PARAMS, "ReMax: greedy-decode reward as baseline",
+                  "A_t = r − r(x, ŷ_greedy) − β Σ_{t'≥t} kl_t'", "arXiv:2310.10505",
+                  requires=frozenset({"greedy_rewards"}), optional=KL_TENSORS),
+        Estimator("gae", gae_estimator, ("gamma", "lam", *KL_PARAMS, *WHITEN_PARAMS), "PPO with GAE",
+                  "A_t = Σ_{t'≥t} (γλ)^{t'−t} δ_t', δ_t = 1{t=T−1} r − β kl_t + γ V_{t+1} − V_t",
+                  "arXiv:1506.02438; arXiv:1707.06347", requires=frozenset({"values"}), optional=KL_TENSORS),
+        Estimator("orz", orz, WHITEN_PARAMS, "Open-Reasoner-Zero: PPO with γ = λ = 1, no KL",
+                  "A_t = r − V_t", "arXiv:2503.24290", requires=frozenset({"values"})),
+        Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS), "GRPO (R1 version)",
+                  "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")}),
+        Estimator("grpo_original", grpo_original, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS),
+                  "GRPO (original, 1/|o| length normalization)",
+                  "A = 1/T_ij [(r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)]", "arXiv:2402.03300",
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")}),
+        Estimator("dapo", dapo, (*KL_PARAMS, *GROUP_STD_PARAMS), "DAPO (token-mean within the group)",
+                  "A = 1/mean_j(T_ij) · (r − mean(R_i))/std(R_i)", "arXiv:2503.14476",
+                  requires=GROUPED, optional=KL_TENSORS),
+        Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "singleton_groups"), "Dr.GRPO (no std, no length normalization)",
+                  "A = r − mean(R_i)", "arXiv:2503.20783", requires=GROUPED, optional=KL_TENSORS),
+    )
+}

@@ -1,0 +1,108 @@
+"""Group (per-prompt) statistics as segment reductions, and the group-baseline advantages.
+
+`group_index` [B] long holds each response's group in [0, G); groups may be scattered through the
+batch and of any size. Every statistic is one `index_add_`/`scatter_reduce_` over [B]: no loop over
+groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SINGLETON_POLICIES = ("zero", "raw", "error")
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Group membership of a batch: `index` [B] long in [0, count), `sizes` [count] long."""
+
+    index: Tensor
+    count: int
+    sizes: Tensor
+
+    @staticmethod
+    def from_index(index: Tensor) -> "Groups":
+        count = int(index.max()) + 1 if index.numel() else 0
+        sizes = torch.bincount(index, minlength=count)
+        return Groups(index=index, count=count, sizes=sizes)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Per-group sum of x [B] -> [G]."""
+        return x.new_zeros(self.count).index_add_(0, self.index, x)
+
+    def mean(self, x: Tensor) -> Tensor:
+        """Per-group mean of x [B] -> [G]."""
+        return self.sum(x) / self.sizes.to(x.dtype)
+
+    def is_constant(self, x: Tensor) -> Tensor:
+        """[G] bool: every member of the group has exactly the same value of x [B]."""
+        hi = x.new_full((self.count,), -torch.inf).scatter_reduce_(0, self.index, x, "amax")
+        lo = x.new_full((self.count,), torch.inf).scatter_reduce_(0, self.index, x, "amin")
+        return hi == lo
+
+
+def centered_scores(scores: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
+    """(R − mean_g R) [B] and the group means [G]; exactly 0 for groups whose scores are all equal.
+
+    The exact zero matters: a mean with one ulp of rounding divided by a tiny std would otherwise
+    turn "no learning signal" into an O(1) advantage.
+    """
+    mean = groups.mean(scores)
+    centered = scores - mean[groups.index]
+    return torch.where(groups.is_constant(scores)[groups.index], 0, centered), mean
+
+
+def group_std(centered: Tensor, groups: Groups, ddof: int) -> Tensor:
+    """Per-group std [G] of scores given their centered values [B]; `ddof` 0 population, 1 unbiased.
+
+    Groups with size <= ddof get std 0.
+    """
+    n = groups.sizes.to(centered.dtype)
+    var = groups.sum(centered.square()) / (n - ddof).clamp_min(1)
+    return torch.where(n > ddof, var.sqrt(), 0)
+
+
+def group_normalized_advantages(
+    scores: Tensor,
+    groups: Groups,
+    *,
+    scale_by_std: bool,
+    std_ddof: int,
+    std_eps: float,
+    singleton_groups: str,
+) -> Tensor:
+    """GRPO: (R_i − mean_g R) / (std_g R + eps); Dr.GRPO (`scale_by_std`=False): R_i − mean_g R.
+
+    scores [B] -> [B]. A group whose scores are all equal gives 0 (std 0, the seed's undefined case).
+    Size-1 groups follow `singleton_groups`: "zero" -> 0; "raw" -> mean 0 and std 1 (verl), i.e.
+    R/(1 + eps) (R for Dr.GRPO); "error" is checked by the caller.
+    """
+    centered, _ = centered_scores(scores, groups)
+    if scale_by_std:
+        denom = group_std(centered, groups, std_ddof)[groups.index] + std_eps
+        advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
+    else:
+        advantages = centered
+    return _apply_singleton_policy(advantages, scores, groups, singleton_groups, 1.0 + std_eps if scale_by_std else 1.0)
+
+
+def leave_one_out_advantages(scores: Tensor, groups: Groups, *, singleton_groups: str) -> Tensor:
+    """RLOO: R_i − mean_{l≠i, l∈g} R_l = M/(M−1) · (R_i − mean_g R), scores [B] -> [B].
+
+    Size-1 groups follow `singleton_groups` ("raw": R, as verl; "zero": 0).
+    """
+    n = groups.sizes.to(scores.dtype)[groups.index]
+    others_mean = (groups.sum(scores)[groups.index] - scores) / (n - 1).clamp_min(1)
+    advantages = torch.where(groups.is_constant(scores)[groups.index], 0, scores - others_mean)
+    return _apply_singleton_policy(advantages, scores, groups, singleton_groups, 1.0)
+
+
+def _apply_singleton_policy(advantages: Tensor, scores: Tensor, groups: Groups, policy: str, raw_divisor: float) -> Tensor:
+    if policy not in SINGLETON_POLICIES:
+        raise ValueError(f"unknown singleton_groups policy {policy!r}")
+    singleton = groups.sizes[groups.index] == 1
+    replacement = scores / raw_divisor if policy == "raw" else torch.zeros_like(scores)
+    return torch.where(singleton, replacement, advantages)

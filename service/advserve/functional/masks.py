@@ -1,0 +1,88 @@
+"""Masked reductions, whitening, reward placement and loss-aggregation weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def is_right_padded(mask: Tensor) -> bool:
+    """True when every row of `mask` [B, T] (bool) is a prefix of ones: no interior gaps."""
+    if mask.shape[1] < 2:
+        return True
+    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index of the last True of each row of `mask` [B, T] (bool) -> [B] long; -1 for empty rows."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).amax(dim=1)
+
+
+def place_on_last_token(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Token rewards [B, T]: `rewards` [B] on each row's last valid token of `mask` [B, T], 0 elsewhere.
+
+    Rows without a valid token get no reward token.
+    """
+    token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    last = last_valid_index(mask)
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    token_rewards[rows, last[rows]] = rewards[rows]
+    return token_rewards
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `x` over the True positions of `mask` (same shape); 0 when the mask is empty."""
+    count = mask.sum()
+    return torch.where(mask, x, 0).sum() / count.clamp_min(1)
+
+
+def whiten(x: Tensor, mask: Tensor, *, ddof: int, eps: float) -> Tensor:
+    """Batch whitening over all valid tokens: (x − μ) / sqrt(σ² + eps), 0 at masked positions.
+
+    x, mask: [B, T]. μ and σ² are taken over every True position of `mask` (token-weighted), σ² with
+    `ddof` (0: population, 1: unbiased). When σ² + eps == 0 (all values equal, eps 0) the result is 0.
+    """
+    n = mask.sum()
+    mean = torch.where(mask, x, 0).sum() / n.clamp_min(1)
+    centered = torch.where(mask, x - mean, 0)
+    var = centered.square().sum() / (n - ddof).clamp_min(1)
+    denom = (var + eps).sqrt()
+    return torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
+
+
+def aggregation_weights(
+    mask: Tensor,
+    agg: str,
+    *,
+    dtype: torch.dtype,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+    loss_scale_factor: float | None = None,
+) -> Tensor:
+    """Weight w [B, T] of each token's loss so that the aggregated loss is Σ_t w_t ℓ_t.
+
+    mask [B, T] bool. N = `num_tokens` (default Σ mask), S = `num_sequences` (default: rows with at
+    least one valid token), L_i = valid tokens of row i, C = `loss_scale_factor` (default T).
+
+    token-mean: m/N · token-sum: m · seq-mean-token-mean: m/(S·L_i) · seq-mean-token-sum: m/S ·
+    seq-mean-token-sum-norm: m/(S·C).
+    """
+    m = mask.to(dtype)
+    if agg == "token-mean":
+        n = max(float(mask.sum()), 1.0) if num_tokens is None else float(num_tokens)
+        return m / n
+    if agg == "token-sum":
+        return m
+    lengths = mask.sum(dim=1, keepdim=True)
+    s = max(float((lengths > 0).sum()), 1.0) if num_sequences is None else float(num_sequences)
+    if agg == "seq-mean-token-mean":
+        return m / (s * lengths.clamp_min(1))
+    if agg == "seq-mean-token-sum":
+        return m / s
+    if agg == "seq-mean-token-sum-norm":
+        c = float(mask.shape[1]) if loss_scale_factor is None else float(loss_scale_factor)
+        return m / (s * c)
+    raise ValueError(f"unknown aggregation mode {agg!r}; valid: {', '.join(AGG_MODES)}")

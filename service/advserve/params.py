@@ -1,0 +1,111 @@
+"""The parameter vocabulary shared by every estimator and loss, and its validation.
+
+A preset gives each parameter a default (`presets.py`); a request may override any of them. Unknown
+or inapplicable names are an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its type, allowed values and meaning."""
+
+    name: str
+    kind: type  # float, int, bool or str
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+    def check(self, value: Any, field: str) -> Any:
+        """Return `value` converted to this parameter's type, or raise InvalidArgument naming `field`."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise InvalidArgument(f"{field} must not be null", field=field)
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"{field} must be true or false, got {value!r}", field=field)
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidArgument(f"{field} must be a number, got {value!r}", field=field)
+            if self.kind is int and not float(value).is_integer():
+                raise InvalidArgument(f"{field} must be an integer, got {value!r}", field=field)
+            value = self.kind(value)
+            if not math.isfinite(value):
+                raise InvalidArgument(f"{field} must be finite, got {value!r}", field=field)
+            if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
+                bound = ">" if self.exclusive_minimum else ">="
+                raise InvalidArgument(f"{field} must be {bound} {self.minimum}, got {value!r}", field=field)
+            if self.maximum is not None and value > self.maximum:
+                raise InvalidArgument(f"{field} must be <= {self.maximum}, got {value!r}", field=field)
+        elif self.kind is str and not isinstance(value, str):
+            raise InvalidArgument(f"{field} must be a string, got {value!r}", field=field)
+        if self.choices is not None and value not in self.choices:
+            valid = ", ".join(repr(c) for c in self.choices)
+            raise InvalidArgument(f"{field} must be one of {valid}, got {value!r}", field=field)
+        return value
+
+    def describe(self) -> dict:
+        out: dict[str, Any] = {"type": self.kind.__name__, "doc": self.doc, "nullable": self.nullable}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        return out
+
+
+@dataclass(frozen=True)
+class DependsOn:
+    """A preset default that depends on another resolved parameter (e.g. verl clamps only k3)."""
+
+    param: str
+    values: Mapping[Any, Any]
+    otherwise: Any = None
+
+    def resolve(self, resolved: Mapping[str, Any]) -> Any:
+        return self.values.get(resolved[self.param], self.otherwise)
+
+    def describe(self) -> dict:
+        return {"depends_on": self.param, "values": dict(self.values), "otherwise": self.otherwise}
+
+
+def resolve_params(
+    specs: Mapping[str, ParamSpec], defaults: Mapping[str, Any], given: Mapping[str, Any] | None, field: str
+) -> dict[str, Any]:
+    """Preset defaults overridden by `given`, each checked; `field` prefixes error locations.
+
+    `specs` are the parameters that apply; a key of `given` outside them is an error listing them.
+    """
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise InvalidArgument(f"{field} must be an object", field=field)
+    unknown = sorted(set(given) - set(specs))
+    if unknown:
+        valid = ", ".join(sorted(specs)) or "none"
+        raise InvalidArgument(f"{field}: unknown or inapplicable parameter {unknown[0]!r}; valid: {valid}", field=f"{field}.{unknown[0]}")
+    resolved: dict[str, Any] = {}
+    deferred = []
+    for name, spec in specs.items():
+        if name in given:
+            resolved[name] = spec.check(given[name], f"{field}.{name}")
+        elif isinstance(defaults[name], DependsOn):
+            deferred.append(name)
+        else:
+            resolved[name] = defaults[name]
+    for name in deferred:
+        resolved[name] = defaults[name].resolve(resolved)
+    return resolved

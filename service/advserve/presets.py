@@ -1,0 +1,110 @@
+"""Presets: tables of defaults, one per library whose numbers advserve reproduces.
+
+A preset maps each estimator it offers to a complete set of parameter defaults, and gives the
+defaults of every loss term. Estimators a library does not have are listed with a hint instead.
+Adding a preset (OpenRLHF, TRL) is adding one `Preset` here plus its golden tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .params import DependsOn
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    estimators: Mapping[str, Mapping[str, Any]]
+    losses: Mapping[str, Mapping[str, Any]]
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+
+
+def _merge(*tables: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for table in tables:
+        out.update(table)
+    return out
+
+
+# --- paper: the seed's table of token advantages, to the letter ---------------------------------
+
+_PAPER_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": None}
+_PAPER_WHITEN = {"whiten": True, "whiten_ddof": 0, "whiten_eps": 0.0}
+_PAPER_STD = {"std_ddof": 0, "std_eps": 0.0, "singleton_groups": "zero"}
+_PAPER_GRPO = _merge(_PAPER_KL, {"kl_estimator": "k3", "kl_placement": "token"}, _PAPER_STD)
+
+PAPER = Preset(
+    name="paper",
+    description="The seed document's formulas to the letter: population std, no epsilons, "
+    "KL where the seed's table puts it; undefined values (std 0) give 0.",
+    estimators={
+        "reinforce": _PAPER_KL,
+        "reinforce_rtg": _merge({"gamma": 1.0}, _PAPER_KL),
+        "reinforce_pp": _merge({"gamma": 1.0}, _PAPER_KL, _PAPER_WHITEN),
+        "reinforce_pp_baseline": _merge(_PAPER_KL, {"kl_placement": "reward_to_go", "singleton_groups": "zero"},
+                                        _PAPER_WHITEN),
+        "rloo": _merge(_PAPER_KL, {"singleton_groups": "error"}),
+        "remax": _PAPER_KL,
+        "gae": _merge({"gamma": 1.0, "lam": 0.95}, _PAPER_KL, _PAPER_WHITEN, {"whiten": False}),
+        "orz": _merge(_PAPER_WHITEN, {"whiten": False}),
+        "grpo": _PAPER_GRPO,
+        "grpo_original": _PAPER_GRPO,
+        "dapo": _merge(_PAPER_KL, _PAPER_STD),
+        "dr_grpo": _merge(_PAPER_KL, {"singleton_groups": "zero"}),
+    },
+    losses={
+        "policy_loss": {"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                        "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
+        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
+        "value_loss": {"coef": 1.0, "clip": None},
+        "entropy_bonus": {"coef": 0.0},
+        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+    },
+)
+
+# --- verl 0.9.1 (verl.trainer.ppo.core_algos) ---------------------------------------------------
+
+_VERL_K3_CLAMP = DependsOn("kl_estimator", {"k3": 10.0}, None)  # kl_penalty clamps low_var_kl only
+_VERL_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": _VERL_K3_CLAMP}  # use_kl_in_reward, kl_penalty="kl"
+_VERL_WHITEN = {"whiten": True, "whiten_ddof": 1, "whiten_eps": 1e-8}  # verl_F.masked_whiten
+_VERL_STD = {"std_ddof": 1, "std_eps": 1e-6, "singleton_groups": "raw"}  # torch.std; mean 0, std 1 for n = 1
+
+VERL = Preset(
+    name="verl",
+    description="verl 0.9.1 (verl.trainer.ppo.core_algos): unbiased group std + 1e-6, size-1 groups keep "
+    "the raw score, whitened GAE and REINFORCE++, KL-in-reward on token rewards, dual-clip PPO (c = 3).",
+    estimators={
+        "gae": _merge({"gamma": 1.0, "lam": 1.0}, _VERL_KL, _VERL_WHITEN),
+        "orz": _VERL_WHITEN,
+        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _VERL_STD),
+        "dr_grpo": _merge(_VERL_KL, {"singleton_groups": "raw"}),
+        "rloo": _merge(_VERL_KL, {"singleton_groups": "raw"}),
+        "reinforce_pp": _merge({"gamma": 1.0}, _VERL_KL, _VERL_WHITEN),
+        "reinforce_pp_baseline": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
+                                        _VERL_WHITEN),
+        "remax": _VERL_KL,
+    },
+    losses={
+        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
+                        "ratio_clamp": DependsOn("mode", {"gspo": 10.0}, 20.0), "agg": "token-mean",
+                        "loss_scale_factor": None},
+        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
+        "value_loss": {"coef": 1.0, "clip": 0.5},
+        "entropy_bonus": {"coef": 0.0},
+        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+    },
+    unavailable={
+        "reinforce": "verl has no plain REINFORCE estimator; use reinforce_pp with whiten=false for the "
+        "reward-to-go form",
+        "reinforce_rtg": "verl has no unwhitened reward-to-go estimator; use reinforce_pp with whiten=false",
+        "grpo_original": "in verl the 1/|o| factor is the loss aggregation: use grpo with "
+        "policy_loss.agg='seq-mean-token-mean'",
+        "dapo": "in verl DAPO is grpo with policy_loss.agg='token-mean' and clip_high=0.28",
+    },
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, VERL)}
+DEFAULT_PRESET = "paper"

@@ -1,0 +1,642 @@
+"""Naive float64 reference for the `paper` preset (docs/semantics.md, seed: "Brief Introduction of
+Policy Gradient in LLM Reasoning").
+
+Deliberately slow and obvious: plain Python loops over rows, groups and tokens, numpy float64 arrays
+in and out, no torch, no vectorisation tricks. Every function is written straight from a formula of
+the seed's table "Advantage Estimations of Popular Policy Gradient Methods" or of docs/semantics.md.
+It shares no code with the engine (service/advserve) and must never import it.
+
+Conventions
+-----------
+* ``mask`` [B, T] (0/1). The valid tokens of row i are ``valid_positions(mask, i)`` (ascending).
+  Interior zeros are observation tokens: every recursion walks the valid positions only, so the
+  running value is carried across a gap unchanged.
+* Positions with mask 0 are exactly 0 in every output.
+* Parameters that are not given take the `paper` preset defaults (PAPER_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Defaults of the `paper` preset (docs/semantics.md, "Paper preset details" and the preset table).
+# --------------------------------------------------------------------------------------------------
+
+PAPER_DEFAULTS = dict(
+    gamma=1.0,
+    lam=0.95,
+    kl_coef=0.0,
+    kl_estimator="k1",
+    kl_clamp=None,
+    std_ddof=0,
+    std_eps=0.0,
+    singleton_groups="zero",
+    whiten_eps=0.0,
+    whiten_ddof=0,
+)
+
+ESTIMATORS = (
+    "reinforce",
+    "reinforce_rtg",
+    "reinforce_pp",
+    "reinforce_pp_baseline",
+    "rloo",
+    "remax",
+    "gae",
+    "orz",
+    "grpo",
+    "grpo_original",
+    "dapo",
+    "dr_grpo",
+)
+
+GROUP_ESTIMATORS = ("reinforce_pp_baseline", "rloo", "grpo", "grpo_original", "dapo", "dr_grpo")
+
+
+class ReferenceError_(ValueError):
+    """Raised where the contract says the request is an error (e.g. RLOO with a group of size 1)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def valid_positions(mask, i):
+    return [t for t in range(mask.shape[1]) if mask[i, t] != 0]
+
+
+def groups_of(group_ids):
+    """{id: [row indices in batch order]}; ids may be ints or strings, scattered through the batch."""
+    out = {}
+    for i, g in enumerate(list(group_ids)):
+        key = g.item() if hasattr(g, "item") else g
+        out.setdefault(key, []).append(i)
+    return out
+
+
+def mean(xs):
+    s = 0.0
+    for x in xs:
+        s += x
+    return s / len(xs)
+
+
+def std(xs, ddof):
+    mu = mean(xs)
+    s = 0.0
+    for x in xs:
+        s += (x - mu) ** 2
+    n = len(xs) - ddof
+    if n <= 0:
+        return float("nan")
+    return math.sqrt(s / n)
+
+
+def sign(x):
+    return 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
+
+
+def clip(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_value(a, b, estimator, clamp=None):
+    """KL estimator of (a, b): a is the policy's log-prob (old in the reward, lp in the loss), b the
+    reference log-prob. k1 = a − b; k2 = ½(a − b)²; k3 = e^{b−a} − (b − a) − 1; abs = |a − b|.
+    With ``clamp`` c: k3's log-ratio is clamped to [−20, 20] first, then the value to [−c, c]."""
+    if estimator == "k1":
+        v = a - b
+    elif estimator == "k2":
+        v = 0.5 * (a - b) ** 2
+    elif estimator == "k3":
+        x = b - a
+        if clamp is not None:
+            x = clip(x, -20.0, 20.0)
+        v = math.exp(x) - x - 1.0
+    elif estimator == "abs":
+        v = abs(a - b)
+    else:
+        raise ValueError(estimator)
+    if clamp is not None:
+        v = clip(v, -clamp, clamp)
+    return v
+
+
+def kl_grad(a, b, estimator, clamp=None):
+    """∂ kl_value(a, b) / ∂a: ∂k1 = 1, ∂k2 = a − b, ∂k3 = 1 − e^{b−a}, ∂abs = sign(a − b);
+    0 where a clamp binds (k3's input clamp ±20 or the value clamp ±c)."""
+    if estimator == "k1":
+        raw, g = a - b, 1.0
+    elif estimator == "k2":
+        raw, g = 0.5 * (a - b) ** 2, a - b
+    elif estimator == "k3":
+        x = b - a
+        if clamp is not None and not (-20.0 < x < 20.0):
+            return 0.0
+        raw, g = math.exp(x) - x - 1.0, 1.0 - math.exp(x)
+    elif estimator == "abs":
+        raw, g = abs(a - b), sign(a - b)
+    else:
+        raise ValueError(estimator)
+    if clamp is not None and not (-clamp < raw < clamp):
+        return 0.0
+    return g
+
+
+def kl_tokens(old, ref, mask, estimator, clamp=None):
+    B, T = mask.shape
+    out = np.zeros((B, T), dtype=np.float64)
+    for i in range(B):
+        for t in valid_positions(mask, i):
+            out[i, t] = kl_value(float(old[i, t]), float(ref[i, t]), estimator, clamp)
+    return out
+
+
+def grpo_token_kl_term(old, ref, estimator, beta):
+    """GRPO's per-token KL term in the advantage: −β ∂kl/∂logπ at the behaviour policy.
+    k3: β(π_ref/π_old − 1) (the seed's table); k1: −β; k2: −β(old − ref); abs: −β sign(old − ref)."""
+    if estimator == "k3":
+        return beta * (math.exp(ref - old) - 1.0)
+    if estimator == "k1":
+        return -beta
+    if estimator == "k2":
+        return -beta * (old - ref)
+    if estimator == "abs":
+        return -beta * sign(old - ref)
+    raise ValueError(estimator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token rewards, reward-to-go, whitening
+# --------------------------------------------------------------------------------------------------
+
+
+def token_reward_matrix(mask, rewards=None, token_rewards=None):
+    """r_t: the outcome score sits on the row's last valid token, or token_rewards is given."""
+    B, T = mask.shape
+    r = np.zeros((B, T), dtype=np.float64)
+    for i in range(B):
+        vp = valid_positions(mask, i)
+        if token_rewards is not None:
+            for t in vp:
+                r[i, t] = float(token_rewards[i, t])
+        elif vp:
+            r[i, vp[-1]] = float(rewards[i])
+    return r
+
+
+def sequence_scores(mask, r):
+    """R_i = Σ_t m_t r_t."""
+    B = mask.shape[0]
+    return [sum(float(r[i, t]) for t in valid_positions(mask, i)) for i in range(B)]
+
+
+def reward_to_go(mask, x, gamma):
+    """rtg_γ(x)_t = Σ_{t' ≥ t, valid} γ^{k(t') − k(t)} x_t' (k = index among valid tokens)."""
+    B, T = mask.shape
+    out = np.zeros((B, T), dtype=np.float64)
+    for i in range(B):
+        running = 0.0
+        for t in reversed(valid_positions(mask, i)):
+            running = float(x[i, t]) + gamma * running
+            out[i, t] = running
+    return out
+
+
+def whiten(mask, x, eps=0.0, ddof=0):
+    """(x − μ)/sqrt(σ² + eps), μ and σ² over all valid tokens of the batch; σ = 0 and eps = 0 → 0."""
+    B, T = mask.shape
+    vals = [float(x[i, t]) for i in range(B) for t in valid_positions(mask, i)]
+    mu = mean(vals)
+    s = 0.0
+    for v in vals:
+        s += (v - mu) ** 2
+    var = s / (len(vals) - ddof)
+    out = np.zeros((B, T), dtype=np.float64)
+    if var == 0.0 and eps == 0.0:
+        return out
+    d = math.sqrt(var + eps)
+    for i in range(B):
+        for t in valid_positions(mask, i):
+            out[i, t] = (float(x[i, t]) - mu) / d
+    return out
+
+
+def broadcast(mask, per_row):
+    B, T = mask.shape
+    out = np.zeros((B, T), dtype=np.float64)
+    for i in range(B):
+        for t in valid_positions(mask, i):
+            out[i, t] = per_row[i]
+    return out
+
+
+def group_normalized(scores, group_ids, std_ddof, std_eps, singleton_groups, divide_by_std=True):
+    """(R_i − mean_g R)/(std_g R + std_eps) per row (or R_i − mean_g R without the std).
+    All-equal group (std 0, eps 0) → 0. Singleton groups: "zero" → 0, "raw" → mean 0 / std 1,
+    "error" → raise."""
+    out = [0.0] * len(scores)
+    for _, rows in groups_of(group_ids).items():
+        vals = [scores[i] for i in rows]
+        if len(rows) == 1:
+            if singleton_groups == "error":
+                raise ReferenceError_("singleton group")
+            if singleton_groups == "zero":
+                out[rows[0]] = 0.0
+            else:  # raw: mean 0, std 1
+                out[rows[0]] = vals[0] / (1.0 + std_eps) if divide_by_std else vals[0]
+            continue
+        mu = mean(vals)
+        if not divide_by_std:
+            for i in rows:
+                out[i] = scores[i] - mu
+            continue
+        sd = std(vals, std_ddof)
+        for i in rows:
+            if sd + std_eps == 0.0:
+                out[i] = 0.0
+            else:
+                out[i] = (scores[i] - mu) / (sd + std_eps)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantage estimators (paper preset)
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_advantages(
+    estimator,
+    *,
+    response_mask,
+    rewards=None,
+    token_rewards=None,
+    group_ids=None,
+    values=None,
+    old_logprobs=None,
+    ref_logprobs=None,
+    greedy_rewards=None,
+    **params,
+):
+    """Returns (advantages [B, T], returns [B, T]) as float64 numpy arrays."""
+    p = dict(PAPER_DEFAULTS)
+    if estimator == "rloo":
+        p["singleton_groups"] = "error"
+    if estimator in ("grpo", "grpo_original"):
+        p["kl_placement"] = "token"
+    if estimator == "reinforce_pp_baseline":
+        p["kl_placement"] = "reward_to_go"
+    p["whiten"] = estimator in ("reinforce_pp", "reinforce_pp_baseline")
+    p.update(params)
+
+    mask = (np.asarray(response_mask) != 0).astype(np.float64)
+    B, T = mask.shape
+    f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+    rewards, token_rewards, values = f(rewards), f(token_rewards), f(values)
+    old, ref, greedy = f(old_logprobs), f(ref_logprobs), f(greedy_rewards)
+
+    beta = float(p["kl_coef"])
+    gamma, lam = float(p["gamma"]), float(p["lam"])
+    if estimator == "orz":
+        gamma, lam, beta = 1.0, 1.0, 0.0
+
+    r = token_reward_matrix(mask, rewards, token_rewards)
+    R = sequence_scores(mask, r)
+    L = [len(valid_positions(mask, i)) for i in range(B)]
+    if beta != 0.0:
+        kl = kl_tokens(old, ref, mask, p["kl_estimator"], p["kl_clamp"])
+    else:
+        kl = np.zeros((B, T))
+    kl_sum = [sum(float(kl[i, t]) for t in valid_positions(mask, i)) for i in range(B)]
+    # r̃_t = m_t (r_t − β kl_t)
+    r_shaped = np.zeros((B, T))
+    for i in range(B):
+        for t in valid_positions(mask, i):
+            r_shaped[i, t] = float(r[i, t]) - beta * float(kl[i, t])
+
+    if estimator == "reinforce":
+        # R_i − β Σ_{all t'} kl_t' (same for all t)
+        adv = broadcast(mask, [R[i] - beta * kl_sum[i] for i in range(B)])
+        ret = adv.copy()
+    elif estimator == "reinforce_rtg":
+        adv = reward_to_go(mask, r_shaped, gamma)
+        ret = adv.copy()
+    elif estimator == "reinforce_pp":
+        ret = reward_to_go(mask, r_shaped, gamma)
+        adv = whiten(mask, ret, p["whiten_eps"], p["whiten_ddof"]) if p["whiten"] else ret.copy()
+    elif estimator == "reinforce_pp_baseline":
+        groups = groups_of(group_ids)
+        if p["kl_placement"] == "reward_to_go":
+            rtg = reward_to_go(mask, r_shaped, 1.0)
+            base = [0.0] * B
+            for _, rows in groups.items():
+                mu = mean([R[i] for i in rows])
+                for i in rows:
+                    base[i] = mu
+            x = np.zeros((B, T))
+            for i in range(B):
+                for t in valid_positions(mask, i):
+                    x[i, t] = float(rtg[i, t]) - base[i]
+        else:  # "sequence": R̃_i − mean_g(R̃) broadcast
+            Rt = [R[i] - beta * kl_sum[i] for i in range(B)]
+            dev = [0.0] * B
+            for _, rows in groups.items():
+                mu = mean([Rt[i] for i in rows])
+                for i in rows:
+                    dev[i] = Rt[i] - mu
+            x = broadcast(mask, dev)
+        adv = whiten(mask, x, p["whiten_eps"], p["whiten_ddof"]) if p["whiten"] else x
+        ret = adv.copy()
+    elif estimator == "rloo":
+        Rt = [R[i] - beta * kl_sum[i] for i in range(B)]
+        a = [0.0] * B
+        for _, rows in groups_of(group_ids).items():
+            M = len(rows)
+            if M == 1:
+                if p["singleton_groups"] == "error":
+                    raise ReferenceError_("rloo needs groups of size >= 2")
+                a[rows[0]] = Rt[rows[0]] if p["singleton_groups"] == "raw" else 0.0
+                continue
+            for j in rows:
+                others = [Rt[l] for l in rows if l != j]
+                a[j] = Rt[j] - sum(others) / (M - 1)
+        adv = broadcast(mask, a)
+        ret = adv.copy()
+    elif estimator == "remax":
+        ret = reward_to_go(mask, r_shaped, 1.0)
+        adv = np.zeros((B, T))
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                adv[i, t] = float(ret[i, t]) - float(greedy[i])
+    elif estimator in ("gae", "orz"):
+        adv = np.zeros((B, T))
+        ret = np.zeros((B, T))
+        for i in range(B):
+            next_v = 0.0  # V after the last token = 0
+            next_a = 0.0
+            for t in reversed(valid_positions(mask, i)):
+                v = float(values[i, t])
+                delta = float(r_shaped[i, t]) + gamma * next_v - v
+                a = delta + gamma * lam * next_a
+                adv[i, t] = a
+                ret[i, t] = a + v
+                next_v, next_a = v, a
+    elif estimator in ("grpo", "grpo_original"):
+        placement = p["kl_placement"]
+        scores = R if placement == "token" else [R[i] - beta * kl_sum[i] for i in range(B)]
+        base = group_normalized(scores, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"])
+        adv = np.zeros((B, T))
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                a = base[i]
+                if placement == "token" and beta != 0.0:
+                    a += grpo_token_kl_term(float(old[i, t]), float(ref[i, t]), p["kl_estimator"], beta)
+                if estimator == "grpo_original":
+                    a /= L[i]
+                adv[i, t] = a
+        ret = adv.copy()
+    elif estimator == "dapo":
+        base = group_normalized(R, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"])
+        mean_len = [0.0] * B
+        for _, rows in groups_of(group_ids).items():
+            ml = mean([float(L[i]) for i in rows])
+            for i in rows:
+                mean_len[i] = ml
+        adv = broadcast(mask, [base[i] / mean_len[i] for i in range(B)])
+        ret = adv.copy()
+    elif estimator == "dr_grpo":
+        base = group_normalized(R, group_ids, 0, 0.0, p["singleton_groups"], divide_by_std=False)
+        adv = broadcast(mask, base)
+        ret = adv.copy()
+    else:
+        raise ValueError(estimator)
+    return adv, ret
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_factor=None):
+    """w_t of docs/semantics.md (N = num_tokens or Σm, S = num_sequences or #rows with L>0,
+    C = loss_scale_factor or the padded width T)."""
+    mask = (np.asarray(mask) != 0)
+    B, T = mask.shape
+    L = [int(sum(1 for t in range(T) if mask[i, t])) for i in range(B)]
+    N = float(num_tokens) if num_tokens is not None else float(sum(L))
+    S = float(num_sequences) if num_sequences is not None else float(sum(1 for x in L if x > 0))
+    C = float(loss_scale_factor) if loss_scale_factor is not None else float(T)
+    w = np.zeros((B, T))
+    for i in range(B):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            if agg == "token-mean":
+                w[i, t] = 1.0 / N
+            elif agg == "token-sum":
+                w[i, t] = 1.0
+            elif agg == "seq-mean-token-mean":
+                w[i, t] = 1.0 / (S * L[i])
+            elif agg == "seq-mean-token-sum":
+                w[i, t] = 1.0 / S
+            elif agg == "seq-mean-token-sum-norm":
+                w[i, t] = 1.0 / (S * C)
+            else:
+                raise ValueError(agg)
+    return w
+
+
+def _ratio(lp, old, ratio_clamp):
+    """ρ = exp(clamp(lp − old, ±ratio_clamp)) and dρ/dlp (0 where the clamp binds)."""
+    x = lp - old
+    if ratio_clamp is not None and not (-ratio_clamp < x < ratio_clamp):
+        x = clip(x, -ratio_clamp, ratio_clamp)
+        rho = math.exp(x)
+        return rho, 0.0
+    rho = math.exp(x)
+    return rho, rho
+
+
+def _ppo_clip_token(A, rho, drho, lo, hi, dual_clip):
+    """ℓ = max(−Aρ, −A clip(ρ, lo, hi)) (+ dual clip for A < 0) and ∂ℓ/∂lp."""
+    l1 = -A * rho
+    rc = clip(rho, lo, hi)
+    l2 = -A * rc
+    clipped = not (lo < rho < hi)
+    if l1 > l2:
+        loss, g = l1, -A * drho
+    elif l2 > l1:
+        loss, g = l2, (0.0 if clipped else -A * drho)
+    else:  # tie: both branches equal; only possible unclipped (or A = 0)
+        loss, g = l1, (0.0 if clipped else -A * drho)
+    if dual_clip is not None and A < 0:
+        l3 = -dual_clip * A
+        if l3 < loss:
+            loss, g = l3, 0.0
+    return loss, g
+
+
+def rollout_weights(mask, old, rollout, level, mode, low, high):
+    B, T = mask.shape
+    w = np.zeros((B, T))
+    for i in range(B):
+        vp = valid_positions(mask, i)
+        if level == "sequence":
+            s = 0.0
+            for t in vp:
+                s += float(old[i, t]) - float(rollout[i, t])
+            seq_w = math.exp(clip(s, -20.0, 20.0))
+        for t in vp:
+            x = seq_w if level == "sequence" else math.exp(clip(float(old[i, t]) - float(rollout[i, t]), -20.0, 20.0))
+            if mode == "truncate":
+                if high is not None:
+                    x = min(x, high)
+                if low is not None:
+                    x = max(x, low)
+            elif mode == "mask":
+                ok = (low is None or x >= low) and (high is None or x <= high)
+                x = x if ok else 0.0
+            else:
+                raise ValueError(mode)
+            w[i, t] = x
+    return w
+
+
+def compute_losses(
+    *,
+    response_mask,
+    agg,
+    policy=None,
+    kl=None,
+    value=None,
+    entropy_coef=None,
+    rollout=None,
+    num_tokens=None,
+    num_sequences=None,
+    loss_scale_factor=None,
+    logprobs=None,
+    old_logprobs=None,
+    advantages=None,
+    ref_logprobs=None,
+    values=None,
+    old_values=None,
+    returns=None,
+    entropy=None,
+    rollout_logprobs=None,
+):
+    """Fully resolved parameters (no preset lookup):
+    policy: None or dict(mode, clip_low, clip_high, dual_clip, ratio_clamp)
+    kl: None or dict(coef, estimator, clamp); value: None or dict(coef, clip);
+    entropy_coef: None or float; rollout: None or dict(level, mode, low, high).
+    Returns dict(loss, components, grad_logprobs, grad_values, grad_entropy)."""
+    mask = (np.asarray(response_mask) != 0)
+    B, T = mask.shape
+    f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+    lp, old, A, ref = f(logprobs), f(old_logprobs), f(advantages), f(ref_logprobs)
+    v, v_old, G, H, roll = f(values), f(old_values), f(returns), f(entropy), f(rollout_logprobs)
+    w = agg_weights(mask, agg, num_tokens, num_sequences, loss_scale_factor)
+
+    comps = dict(policy=None, kl=None, value=None, entropy=None)
+    total = 0.0
+    g_lp = np.zeros((B, T)) if (policy is not None or kl is not None) else None
+    g_v = np.zeros((B, T)) if value is not None else None
+    g_h = np.zeros((B, T)) if entropy_coef is not None else None
+
+    if policy is not None:
+        mode = policy["mode"]
+        if mode != "reinforce":
+            lo, hi = 1.0 - policy["clip_low"], 1.0 + policy["clip_high"]
+        rc = policy.get("ratio_clamp")
+        iw = rollout_weights(mask, old, roll, **rollout) if rollout is not None else None
+        seq_ratio = [None] * B
+        if mode == "gspo":
+            for i in range(B):
+                vp = valid_positions(mask, i)
+                if vp:
+                    s = mean([float(lp[i, t]) - float(old[i, t]) for t in vp])
+                    seq_ratio[i] = math.exp(s)
+        total_p = 0.0
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                a = float(A[i, t])
+                if mode == "ppo_clip":
+                    rho, drho = _ratio(float(lp[i, t]), float(old[i, t]), rc)
+                    ell, g = _ppo_clip_token(a, rho, drho, lo, hi, policy.get("dual_clip"))
+                elif mode == "gspo":
+                    s = seq_ratio[i]
+                    ell, g = _ppo_clip_token(a, s, s, lo, hi, None)
+                elif mode == "cispo":
+                    rho, _ = _ratio(float(lp[i, t]), float(old[i, t]), rc)
+                    c = clip(rho, lo, hi)
+                    ell, g = -c * a * float(lp[i, t]), -c * a
+                elif mode == "reinforce":
+                    rho, drho = _ratio(float(lp[i, t]), float(old[i, t]), rc)
+                    ell, g = -a * rho, -a * drho
+                else:
+                    raise ValueError(mode)
+                if iw is not None:
+                    ell, g = iw[i, t] * ell, iw[i, t] * g
+                total_p += w[i, t] * ell
+                g_lp[i, t] += w[i, t] * g
+        comps["policy"] = total_p
+        total += total_p
+
+    if kl is not None:
+        total_k = 0.0
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                a, b = float(lp[i, t]), float(ref[i, t])
+                total_k += w[i, t] * kl_value(a, b, kl["estimator"], kl.get("clamp"))
+                g_lp[i, t] += kl["coef"] * w[i, t] * kl_grad(a, b, kl["estimator"], kl.get("clamp"))
+        comps["kl"] = total_k
+        total += kl["coef"] * total_k
+
+    if value is not None:
+        total_v = 0.0
+        c = value.get("clip")
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                vv, gg = float(v[i, t]), float(G[i, t])
+                l1 = 0.5 * (vv - gg) ** 2
+                d1 = vv - gg
+                if c is None:
+                    ell, d = l1, d1
+                else:
+                    lo_v, hi_v = float(v_old[i, t]) - c, float(v_old[i, t]) + c
+                    vc = clip(vv, lo_v, hi_v)
+                    l2 = 0.5 * (vc - gg) ** 2
+                    inside = lo_v < vv < hi_v
+                    d2 = (vc - gg) if inside else 0.0
+                    if l1 > l2:
+                        ell, d = l1, d1
+                    elif l2 > l1:
+                        ell, d = l2, d2
+                    else:
+                        ell, d = l1, (d1 if inside else 0.5 * d1)
+                total_v += w[i, t] * ell
+                g_v[i, t] = value["coef"] * w[i, t] * d
+        comps["value"] = total_v
+        total += value["coef"] * total_v
+
+    if entropy_coef is not None:
+        total_h = 0.0
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                total_h += w[i, t] * float(H[i, t])
+                g_h[i, t] = -entropy_coef * w[i, t]
+        comps["entropy"] = total_h
+        total -= entropy_coef * total_h
+
+    return dict(loss=total, components=comps, grad_logprobs=g_lp, grad_values=g_v, grad_entropy=g_h)
