@@ -18,7 +18,9 @@ import advserve
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "verl_0.9.1.json"
 DATA = json.loads(GOLDEN.read_text())
-TOL = {"float64": 1e-9, "float32": 1e-5}
+# float64: verl's masked_mean divides by N + 1e-8, which advserve does not copy: whitened outputs differ
+# by < 1e-8/N relative (nothing in float32, where N + 1e-8 == N). Everything else agrees to ~1e-15.
+TOL = {"float64": 1e-8, "float32": 1e-5}
 
 
 def _inputs(tensors: dict) -> dict:

@@ -86,7 +86,9 @@ def group_normalized_advantages(
         advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
     else:
         advantages = centered
-    return _apply_singleton_policy(advantages, scores, groups, singleton_groups, 1.0 + std_eps if scale_by_std else 1.0)
+    # "raw" mirrors verl: std = torch.tensor(1.0), so 1 + eps is rounded to float32
+    raw_divisor = float(torch.tensor(1.0, dtype=torch.float32) + std_eps) if scale_by_std else 1.0
+    return _apply_singleton_policy(advantages, scores, groups, singleton_groups, raw_divisor)
 
 
 def leave_one_out_advantages(scores: Tensor, groups: Groups, *, singleton_groups: str) -> Tensor:
