@@ -122,10 +122,13 @@ def build_batch(
     _check_shapes(arrays)
 
     mask_value = arrays["response_mask"]
-    mask_float = _numeric("response_mask", mask_value, torch.float64 if dtype == torch.float64 else torch.float32, device)
-    if not bool(((mask_float == 0) | (mask_float == 1)).all()):
-        raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
-    mask = mask_float.bool()
+    if _is_bool(mask_value):
+        mask = torch.as_tensor(mask_value, device=device).bool()
+    else:
+        mask_numbers = _numeric("response_mask", mask_value, dtype, device)
+        if bool(((mask_numbers != 0) & (mask_numbers != 1)).any()):
+            raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+        mask = mask_numbers.bool()
 
     tensors: dict[str, Tensor] = {}
     group_index, group_labels = None, None
@@ -137,13 +140,21 @@ def build_batch(
             continue
         tensor = _numeric(name, array, dtype, device)
         if name in TOKEN_TENSORS:
-            if not bool(torch.isfinite(tensor[mask]).all()):
-                raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
-            tensor = torch.where(mask, tensor, 0)
-        elif not bool(torch.isfinite(tensor).all()):
-            raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
+            tensor = torch.where(mask, tensor, 0)  # what sits on masked positions (NaN too) is ignored
+        if not _all_finite(tensor):
+            where = " on an unmasked position" if name in TOKEN_TENSORS else ""
+            raise InvalidArgument(f"tensor {name!r} has NaN or Inf{where}", field=_field(name))
         tensors[name] = tensor
     return Batch(tensors=tensors, mask=mask, group_index=group_index, group_labels=group_labels)
+
+
+def _is_bool(array: np.ndarray | Tensor) -> bool:
+    return array.dtype == torch.bool if isinstance(array, Tensor) else array.dtype == np.bool_
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """A sum is finite when every term is (the rare overflow of a finite sum is re-checked exactly)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> None:

@@ -23,7 +23,7 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(path)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 32 - 1))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     except (OSError, AttributeError):
         return False
 

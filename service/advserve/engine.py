@@ -14,7 +14,7 @@ from .estimators import ESTIMATORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.kl import kl_and_grad
 from .functional.losses import policy_loss, value_loss
-from .functional.masks import aggregation_weights, masked_mean, place_on_last_token
+from .functional.masks import aggregation_weights, masked_mean, masked_moments, place_on_last_token
 from .loss_specs import LOSS_TERMS, TERM_TENSORS
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, resolve_params
@@ -212,6 +212,9 @@ class Engine:
                 components["entropy"] = float(entropy)
                 metrics["entropy_mean"] = float(masked_mean(t["entropy"], mask))
 
+        if not bool(torch.isfinite(total)):
+            raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
+                                  "too large); bound it with policy_loss.ratio_clamp", field="tensors.logprobs")
         return LossResult(preset.name, float(total), components, metrics, grad_logprobs, grad_values, grad_entropy,
                           params=terms)
 
@@ -307,10 +310,9 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
     def frac(condition: Tensor) -> float:
         return float(masked_mean(condition.to(dtype), mask))
 
-    out = {"approx_kl": float(masked_mean(old - logp, mask))}
-    if bool(mask.any()):
-        valid = ratio[mask]
-        out.update(ratio_mean=float(valid.mean()), ratio_min=float(valid.min()), ratio_max=float(valid.max()))
+    moments = masked_moments(ratio, mask)
+    out = {"approx_kl": float(masked_mean(old - logp, mask)), "ratio_mean": moments["mean"],
+           "ratio_min": moments["min"], "ratio_max": moments["max"]}
     high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
     if p["mode"] in ("ppo_clip", "gspo"):
         out["clip_fraction_high"] = frac(high & (adv > 0))
@@ -327,17 +329,10 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs, batch: Batch) -
     """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
     mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal."""
     mask = inputs.mask
-    valid = advantages[mask]
-    n = valid.numel()
     stats: dict[str, Any] = {
         "sequences": int(mask.shape[0]),
-        "tokens": int(n),
-        "advantages": {
-            "mean": float(valid.mean()) if n else 0.0,
-            "std": float(valid.std(correction=0)) if n else 0.0,
-            "min": float(valid.min()) if n else 0.0,
-            "max": float(valid.max()) if n else 0.0,
-        },
+        "tokens": int(mask.sum()),
+        "advantages": masked_moments(advantages, mask),
         "rewards": {"mean": float(inputs.scores.mean()), "std": float(inputs.scores.std(correction=0))},
     }
     groups = inputs.groups

@@ -39,6 +39,22 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0).sum() / count.clamp_min(1)
 
 
+def masked_moments(x: Tensor, mask: Tensor) -> dict[str, float]:
+    """mean, population std, min and max of `x` [B, T] over the True positions of `mask` (0s if none).
+
+    No boolean gather (a copy of every valid element): masked reductions only.
+    """
+    n = int(mask.sum())
+    if n == 0:
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+    valid = torch.where(mask, x, 0)
+    mean = valid.sum() / n
+    var = torch.where(mask, valid - mean, 0).square_().sum() / n
+    low = torch.where(mask, x, torch.inf).amin()
+    high = torch.where(mask, x, -torch.inf).amax()
+    return {"mean": float(mean), "std": float(var.sqrt()), "min": float(low), "max": float(high)}
+
+
 def whiten(x: Tensor, mask: Tensor, *, ddof: int, eps: float) -> Tensor:
     """Batch whitening over all valid tokens: (x − μ) / sqrt(σ² + eps), 0 at masked positions.
 
