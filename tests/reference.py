@@ -161,18 +161,21 @@ def kl_tokens(old, ref, mask, estimator, clamp=None):
     return out
 
 
-def grpo_token_kl_term(old, ref, estimator, beta):
+def grpo_token_kl_term(old, ref, estimator, beta, clamp=None):
     """GRPO's per-token KL term in the advantage: −β ∂kl/∂logπ at the behaviour policy.
-    k3: β(π_ref/π_old − 1) (the seed's table); k1: −β; k2: −β(old − ref); abs: −β sign(old − ref)."""
-    if estimator == "k3":
-        return beta * (math.exp(ref - old) - 1.0)
-    if estimator == "k1":
-        return -beta
-    if estimator == "k2":
-        return -beta * (old - ref)
-    if estimator == "abs":
-        return -beta * sign(old - ref)
-    raise ValueError(estimator)
+    k3: β(π_ref/π_old − 1) (the seed's table); k1: −β; k2: −β(old − ref); abs: −β sign(old − ref).
+    With kl_clamp: the derivative of the clamped estimator, i.e. 0 where the clamp binds."""
+    if clamp is None:
+        if estimator == "k3":
+            return beta * (math.exp(ref - old) - 1.0)
+        if estimator == "k1":
+            return -beta
+        if estimator == "k2":
+            return -beta * (old - ref)
+        if estimator == "abs":
+            return -beta * sign(old - ref)
+        raise ValueError(estimator)
+    return -beta * kl_grad(old, ref, estimator, clamp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +343,12 @@ def compute_advantages(
             base = [0.0] * B
             for _, rows in groups.items():
                 mu = mean([R[i] for i in rows])
+                if len(rows) == 1 and p["singleton_groups"] != "zero":
+                    # "zero": the literal group mean (the row's own score: R − mean = 0);
+                    # "raw": mean 0 (verl); "error": refuse
+                    if p["singleton_groups"] == "error":
+                        raise ReferenceError_("singleton group")
+                    mu = 0.0
                 for i in rows:
                     base[i] = mu
             x = np.zeros((B, T))
@@ -351,6 +360,10 @@ def compute_advantages(
             dev = [0.0] * B
             for _, rows in groups.items():
                 mu = mean([Rt[i] for i in rows])
+                if len(rows) == 1 and p["singleton_groups"] != "zero":
+                    if p["singleton_groups"] == "error":
+                        raise ReferenceError_("singleton group")
+                    mu = 0.0
                 for i in rows:
                     dev[i] = Rt[i] - mu
             x = broadcast(mask, dev)
@@ -399,7 +412,7 @@ def compute_advantages(
             for t in valid_positions(mask, i):
                 a = base[i]
                 if placement == "token" and beta != 0.0:
-                    a += grpo_token_kl_term(float(old[i, t]), float(ref[i, t]), p["kl_estimator"], beta)
+                    a += grpo_token_kl_term(float(old[i, t]), float(ref[i, t]), p["kl_estimator"], beta, p["kl_clamp"])
                 if estimator == "grpo_original":
                     a /= L[i]
                 adv[i, t] = a
@@ -566,7 +579,10 @@ def compute_losses(
                 vp = valid_positions(mask, i)
                 if vp:
                     s = mean([float(lp[i, t]) - float(old[i, t]) for t in vp])
-                    seq_ratio[i] = math.exp(s)
+                    if rc is not None and s > rc:  # gspo: log s_i clamped above only (verl: 10)
+                        seq_ratio[i] = (math.exp(rc), 0.0)
+                    else:
+                        seq_ratio[i] = (math.exp(s), math.exp(s))
         total_p = 0.0
         for i in range(B):
             for t in valid_positions(mask, i):
@@ -575,8 +591,8 @@ def compute_losses(
                     rho, drho = _ratio(float(lp[i, t]), float(old[i, t]), rc)
                     ell, g = _ppo_clip_token(a, rho, drho, lo, hi, policy.get("dual_clip"))
                 elif mode == "gspo":
-                    s = seq_ratio[i]
-                    ell, g = _ppo_clip_token(a, s, s, lo, hi, None)
+                    s, ds = seq_ratio[i]
+                    ell, g = _ppo_clip_token(a, s, ds, lo, hi, None)
                 elif mode == "cispo":
                     rho, _ = _ratio(float(lp[i, t]), float(old[i, t]), rc)
                     c = clip(rho, lo, hi)
@@ -640,3 +656,20 @@ def compute_losses(
         total -= entropy_coef * total_h
 
     return dict(loss=total, components=comps, grad_logprobs=g_lp, grad_values=g_v, grad_entropy=g_h)
+
+
+# tensors each estimator needs besides response_mask and the rewards (input selection for the tests)
+NEEDS = {
+    "reinforce": (),
+    "reinforce_rtg": (),
+    "reinforce_pp": (),
+    "reinforce_pp_baseline": ("group_ids",),
+    "rloo": ("group_ids",),
+    "remax": ("greedy_rewards",),
+    "gae": ("values",),
+    "orz": ("values",),
+    "grpo": ("group_ids",),
+    "grpo_original": ("group_ids",),
+    "dapo": ("group_ids",),
+    "dr_grpo": ("group_ids",),
+}

@@ -120,6 +120,16 @@ def test_grpo_singletons_and_all_equal():
         adv("grpo", params=dict(singleton_groups="error"), rewards=R, response_mask=m, group_ids=g)
 
 
+def test_singleton_raw_divisor_float64():
+    # "raw": mean 0, std 1 → A = R/(1 + eps), with 1 + eps rounded to float32 as verl's torch.tensor(1.0)
+    # makes it: float32(1 + 1e-6) = 1.00000095367431640625 (docs/semantics.md)
+    m = np.ones((1, 1), dtype=bool)
+    a, _ = adv("grpo", params=dict(std_eps=1e-6, singleton_groups="raw"), rewards=np.array([0.5]),
+               response_mask=m, group_ids=np.array([0]))
+    assert_close(a, [[0.5 / 1.00000095367431640625]])
+
+
+
 @pytest.mark.parametrize(
     "estimator,lr,want",
     [
@@ -506,6 +516,19 @@ def test_loss_aggregation_modes_by_hand(agg, extra, want):
     assert res.loss == pytest.approx(want, abs=1e-12)
 
 
+def test_loss_seq_mean_token_mean_large_global_denominator_float64():
+    # w = m/(S·L_i) must be exact in float64 even when S·L_i > 2^24 (e.g. a global S = 100003 and a
+    # row of L = 333: S·L = 33,300,999, not representable in float32). ℓ = −A ρ = −1 per token:
+    # grad = −1/(100003·333) = −1/33300999 = −3.002912915615534e-08
+    T = 333
+    m = np.ones((1, T), dtype=bool)
+    lp = np.zeros((1, T))
+    res = losses(policy_loss=dict(mode="reinforce", agg="seq-mean-token-mean"), num_sequences=100003,
+                 logprobs=lp, old_logprobs=lp.copy(), advantages=np.ones((1, T)), response_mask=m)
+    np.testing.assert_allclose(res.grad_logprobs, np.full((1, T), -1.0 / 33300999.0), rtol=1e-12, atol=0)
+    assert res.loss == pytest.approx(-T / 33300999.0, rel=1e-12)
+
+
 def test_loss_value_clip_by_hand():
     # ℓ = ½ max((v − G)², (clip(v, v_old ± 0.2) − G)²), token-sum:
     #  v=1.0, v_old=0.5, G=0: max(1, 0.7²=0.49) → ℓ = 0.5, grad = v − G = 1
@@ -603,7 +626,8 @@ def test_loss_rollout_correction_by_hand():
 # --------------------------------------------------------------------------------------------------
 
 
-def random_batch(rng, *, str_ids=False, ties=False, gaps=True, singletons=True, token_rewards=False, min_group=1):
+def random_batch(rng, *, str_ids=False, ties=False, gaps=True, singletons=True, token_rewards=False, min_group=1,
+                 far_kl=False):
     """Scattered ragged groups, optional singletons, ties (dyadic rewards), length-1 rows, interior
     mask gaps, right padding with garbage in the padded inputs."""
     n_groups = int(rng.integers(1, 5))
@@ -642,6 +666,9 @@ def random_batch(rng, *, str_ids=False, ties=False, gaps=True, singletons=True, 
         ref_logprobs=garbage(old + rng.normal(0, 0.3, size=(B, T))),
         greedy_rewards=rng.normal(size=B) if not ties else rng.choice([0.0, 1.0], size=B),
     )
+    if far_kl:  # log-ratios where the KL clamps (value ±c, k3 input ±20) bind
+        far = rng.choice([-30.0, -25.0, -5.0, 5.0, 25.0, 30.0], size=(B, T))
+        batch["ref_logprobs"] = garbage(np.where(rng.random((B, T)) < 0.3, old + far, batch["ref_logprobs"]))
     if token_rewards:
         tr = rng.normal(size=(B, T)) * (rng.random((B, T)) < 0.5)
         batch["token_rewards"] = garbage(tr)
@@ -650,26 +677,10 @@ def random_batch(rng, *, str_ids=False, ties=False, gaps=True, singletons=True, 
     return batch
 
 
-NEEDS = {
-    "reinforce": (),
-    "reinforce_rtg": (),
-    "reinforce_pp": (),
-    "reinforce_pp_baseline": ("group_ids",),
-    "rloo": ("group_ids",),
-    "remax": ("greedy_rewards",),
-    "gae": ("values",),
-    "orz": ("values",),
-    "grpo": ("group_ids",),
-    "grpo_original": ("group_ids",),
-    "dapo": ("group_ids",),
-    "dr_grpo": ("group_ids",),
-}
 
 KL_ESTS = ("k1", "k2", "k3", "abs")
 
-# (estimator, params, batch options). KL with token placement is only combined with continuous
-# rewards and groups of size >= 2 (the all-equal / singleton rule with a token KL term is not pinned
-# by the contract).
+# (estimator, params, batch options).
 CASES = [
     ("reinforce", {}, dict(ties=True)),
     ("reinforce", dict(kl_coef=0.1, kl_estimator="k3"), {}),
@@ -684,6 +695,10 @@ CASES = [
     ("reinforce_pp_baseline", {}, dict(ties=True, singletons=False)),
     ("reinforce_pp_baseline", dict(kl_coef=0.1, kl_estimator="k1"), dict(singletons=False)),
     ("reinforce_pp_baseline", dict(kl_coef=0.1, kl_estimator="k3", kl_placement="sequence"), dict(singletons=False)),
+    # singletons: "zero" keeps the literal group mean (own score), "raw" uses mean 0
+    ("reinforce_pp_baseline", dict(kl_coef=0.1, kl_estimator="k1"), dict(ties=True)),
+    ("reinforce_pp_baseline", dict(kl_coef=0.1, kl_estimator="k1", singleton_groups="raw"), {}),
+    ("reinforce_pp_baseline", dict(kl_coef=0.1, kl_estimator="k2", kl_placement="sequence"), dict(ties=True)),
     ("rloo", {}, dict(ties=True, singletons=False, str_ids=True)),
     ("rloo", dict(kl_coef=0.1, kl_estimator="k2"), dict(singletons=False)),
     ("remax", {}, dict(ties=True)),
@@ -697,8 +712,14 @@ CASES = [
     ("grpo", {}, {}),
     ("grpo", dict(kl_coef=0.1, kl_estimator="k3"), dict(singletons=False)),
     ("grpo", dict(kl_coef=0.1, kl_estimator="abs"), dict(singletons=False)),
+    # token KL term on flat / singleton groups: the normalised part is 0, the KL term stays
+    ("grpo", dict(kl_coef=0.1, kl_estimator="k3"), dict(ties=True)),
+    ("grpo_original", dict(kl_coef=0.1, kl_estimator="k1"), dict(ties=True)),
     ("grpo", dict(kl_coef=0.1, kl_estimator="k1", kl_placement="sequence"), {}),
-    ("grpo", dict(std_ddof=1, std_eps=1e-6, singleton_groups="raw"), dict(ties=True)),
+    # eps = 2^-10 so that 1 + eps is exact in float32 too (see test_singleton_raw_divisor_float64)
+    ("grpo", dict(std_ddof=1, std_eps=2.0**-10, singleton_groups="raw"), dict(ties=True)),
+    ("dapo", dict(std_eps=2.0**-10, singleton_groups="raw"), {}),
+    ("dr_grpo", dict(singleton_groups="raw"), {}),
     ("grpo_original", {}, dict(ties=True)),
     ("grpo_original", dict(kl_coef=0.2, kl_estimator="k2"), dict(singletons=False)),
     ("grpo_original", dict(kl_coef=0.2, kl_estimator="k3", kl_placement="sequence"), {}),
@@ -706,13 +727,26 @@ CASES = [
     ("dapo", {}, {}),
     ("dr_grpo", {}, dict(ties=True)),
     ("dr_grpo", {}, dict(str_ids=True)),
+    # KL clamps binding (value clamp ±c; k3 log-ratio clamp ±20); GRPO's token term is then the
+    # derivative of the clamped estimator (0 where the clamp binds)
+    ("reinforce", dict(kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0), dict(far_kl=True)),
+    ("reinforce_rtg", dict(kl_coef=0.01, kl_estimator="k1", kl_clamp=3.0), dict(far_kl=True)),
+    ("reinforce_pp", dict(kl_coef=0.01, kl_estimator="k2", kl_clamp=5.0), dict(far_kl=True)),
+    ("reinforce_pp_baseline", dict(kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0), dict(far_kl=True)),
+    ("rloo", dict(kl_coef=0.01, kl_estimator="abs", kl_clamp=4.0), dict(far_kl=True, singletons=False)),
+    ("remax", dict(kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0), dict(far_kl=True)),
+    ("gae", dict(gamma=0.9, lam=0.8, kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0), dict(far_kl=True)),
+    ("grpo", dict(kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0), dict(far_kl=True)),
+    ("grpo", dict(kl_coef=0.01, kl_estimator="k2", kl_clamp=3.0), dict(far_kl=True, ties=True)),
+    ("grpo", dict(kl_coef=0.01, kl_estimator="k3", kl_clamp=10.0, kl_placement="sequence"), dict(far_kl=True)),
+    ("grpo_original", dict(kl_coef=0.01, kl_estimator="abs", kl_clamp=0.5), dict(far_kl=True)),
 ]
 
 SEEDS = range(12)
 
 
 def _call_both(estimator, params, batch):
-    tensors = {k: batch[k] for k in ("response_mask",) + NEEDS[estimator]}
+    tensors = {k: batch[k] for k in ("response_mask",) + ref_impl.NEEDS[estimator]}
     tensors.update({k: batch[k] for k in ("rewards", "token_rewards") if k in batch})
     if params.get("kl_coef"):
         tensors["old_logprobs"] = batch["old_logprobs"]
@@ -748,3 +782,119 @@ def test_reference_self_check_identities():
         M = len(rows)
         for i in rows:
             np.testing.assert_allclose(a_rloo[i], M / (M - 1) * a_dr[i], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# API contract of the paper preset: resolved defaults, errors, dtypes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "estimator,extra,want",
+    [
+        ("grpo", dict(group_ids=np.array([0, 0])), dict(std_ddof=0, std_eps=0.0, singleton_groups="zero", kl_placement="token")),
+        ("grpo_original", dict(group_ids=np.array([0, 0])), dict(std_ddof=0, std_eps=0.0, kl_placement="token")),
+        ("dapo", dict(group_ids=np.array([0, 0])), dict(std_ddof=0, std_eps=0.0, singleton_groups="zero")),
+        ("rloo", dict(group_ids=np.array([0, 0])), dict(singleton_groups="error")),
+        ("gae", dict(values=np.zeros((2, 2))), dict(gamma=1.0, lam=0.95)),
+        ("reinforce_pp", {}, dict(whiten=True, whiten_ddof=0, whiten_eps=0.0)),
+        ("reinforce_pp_baseline", dict(group_ids=np.array([0, 0])), dict(whiten=True, whiten_ddof=0, whiten_eps=0.0,
+                                                                       kl_placement="reward_to_go")),
+    ],
+)
+def test_paper_resolved_defaults(estimator, extra, want):
+    res = advserve.compute_advantages(
+        estimator, rewards=np.array([1.0, 0.0]), response_mask=np.ones((2, 2), dtype=bool), **extra
+    )
+    for k, v in want.items():
+        assert res.params[k] == v, k
+
+
+@pytest.mark.parametrize(
+    "estimator,params,field_part",
+    [
+        ("grpo", dict(bogus=1.0), "bogus"),
+        ("grpo", dict(gamma=0.9), "gamma"),  # inapplicable: no reward-to-go in GRPO
+        ("reinforce", dict(lam=0.9), "lam"),
+        ("dr_grpo", dict(whiten=True), "whiten"),
+        ("grpo", dict(kl_estimator="k9"), "kl_estimator"),
+        ("grpo", dict(singleton_groups="maybe"), "singleton_groups"),
+    ],
+)
+def test_unknown_or_inapplicable_params(estimator, params, field_part):
+    tensors = dict(rewards=np.array([1.0, 0.0]), response_mask=np.ones((2, 2), dtype=bool))
+    if estimator != "reinforce":
+        tensors["group_ids"] = np.array([0, 0])
+    with pytest.raises(advserve.InvalidArgument) as ei:
+        advserve.compute_advantages(estimator, params=params, **tensors)
+    assert isinstance(ei.value, advserve.AdvserveError)
+    assert ei.value.field is not None and field_part in ei.value.field
+
+
+def test_dtypes_and_torch_in_torch_out():
+    import torch
+
+    m = np.ones((2, 2), dtype=bool)
+    res = advserve.compute_advantages("grpo", rewards=np.array([1.0, 0.0]), response_mask=m, group_ids=np.array([0, 0]))
+    assert isinstance(res.advantages, np.ndarray) and res.advantages.dtype == np.float32  # default float32
+    assert_close(res.advantages, [[1, 1], [-1, -1]])
+    res = advserve.compute_advantages(
+        "grpo", rewards=torch.tensor([1.0, 0.0]), response_mask=torch.tensor(m), group_ids=torch.tensor([0, 0]),
+        dtype="float64",
+    )
+    assert isinstance(res.advantages, torch.Tensor) and res.advantages.dtype == torch.float64
+    assert_close(res.advantages.numpy(), [[1, 1], [-1, -1]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Long rows: recursions across many tokens (crossing any chunking an implementation may use)
+# --------------------------------------------------------------------------------------------------
+
+LONG_CASES = [
+    ("reinforce_rtg", dict(gamma=0.97, kl_coef=0.05, kl_estimator="k1")),
+    ("reinforce_pp", dict(gamma=0.99, kl_coef=0.05, kl_estimator="k3")),
+    ("reinforce_pp_baseline", dict(kl_coef=0.05, kl_estimator="k2")),
+    ("remax", dict(kl_coef=0.05, kl_estimator="k1")),
+    ("gae", dict(gamma=0.995, lam=0.9, kl_coef=0.05, kl_estimator="k1")),
+    ("gae", {}),
+    ("orz", {}),
+    ("reinforce", dict(kl_coef=0.05, kl_estimator="abs")),
+]
+
+
+@pytest.mark.parametrize("T", (31, 32, 33, 64, 97, 1030, 1100))
+@pytest.mark.parametrize("estimator,params", LONG_CASES, ids=[f"{e}-{i}" for i, (e, _) in enumerate(LONG_CASES)])
+def test_differential_long_rows(estimator, params, T):
+    rng = np.random.default_rng(T)
+    B = 4
+    mask = np.zeros((B, T), dtype=bool)
+    ends = [T, T - 1, max(1, T // 2), int(rng.integers(1, T + 1))]
+    for i, e in enumerate(ends):
+        mask[i, :e] = True
+        if i % 2 == 1:  # interior observation gaps in every other row
+            gap = rng.random(e) < 0.2
+            gap[e - 1] = False
+            mask[i, :e] &= ~gap
+    old = -np.abs(rng.normal(1.0, 0.5, size=(B, T)))
+    tensors = dict(response_mask=mask)
+    if rng.random() < 0.5 or estimator in ("reinforce", "remax", "reinforce_pp_baseline"):
+        tensors["rewards"] = rng.normal(size=B)
+    else:
+        tensors["token_rewards"] = rng.normal(size=(B, T)) * (rng.random((B, T)) < 0.1)
+    if estimator in ("gae", "orz"):
+        tensors["values"] = rng.normal(size=(B, T))
+    if estimator == "remax":
+        tensors["greedy_rewards"] = rng.normal(size=B)
+    if estimator == "reinforce_pp_baseline":
+        tensors["group_ids"] = np.array([0, 1, 0, 1])
+    if params.get("kl_coef"):
+        tensors["old_logprobs"] = old
+        tensors["ref_logprobs"] = old + rng.normal(0, 0.3, size=(B, T))
+    want_a, want_r = ref_impl.compute_advantages(estimator, **tensors, **params)
+    got_a, got_r = adv(estimator, params=dict(params) or None, **tensors)
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-10, atol=1e-9, err_msg="advantages")
+    np.testing.assert_allclose(got_r, want_r, rtol=1e-10, atol=1e-9, err_msg="returns")
+    # float32 stays within 1e-5 (relative to the scale of the row values) over long recursions
+    res = advserve.compute_advantages(estimator, preset="paper", params=dict(params) or None, dtype="float32", **tensors)
+    scale = max(1.0, float(np.abs(want_a).max()))
+    np.testing.assert_allclose(np.asarray(res.advantages, np.float64), want_a, rtol=1e-5, atol=1e-5 * scale)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import advserve
 import reference as ref_impl
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 ALL_ESTIMATORS = ref_impl.ESTIMATORS
@@ -61,20 +61,6 @@ def batches(draw, min_group_size=1, max_groups=4, max_T=7, str_ids=None, zero_ro
     )
 
 
-NEEDS = {
-    "reinforce": (),
-    "reinforce_rtg": (),
-    "reinforce_pp": (),
-    "reinforce_pp_baseline": ("group_ids",),
-    "rloo": ("group_ids",),
-    "remax": ("greedy_rewards",),
-    "gae": ("values",),
-    "orz": ("values",),
-    "grpo": ("group_ids",),
-    "grpo_original": ("group_ids",),
-    "dapo": ("group_ids",),
-    "dr_grpo": ("group_ids",),
-}
 
 # a KL configuration per estimator that takes one (paper preset)
 KL = dict(kl_coef=0.1, kl_estimator="k3")
@@ -82,7 +68,7 @@ WITH_KL = ("reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline"
 
 
 def tensors_for(estimator, b, kl=False):
-    t = {k: b[k] for k in ("response_mask", "rewards") + NEEDS[estimator]}
+    t = {k: b[k] for k in ("response_mask", "rewards") + ref_impl.NEEDS[estimator]}
     if kl:
         t["old_logprobs"], t["ref_logprobs"] = b["old_logprobs"], b["ref_logprobs"]
     return t

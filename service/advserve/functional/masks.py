@@ -92,7 +92,7 @@ def aggregation_weights(
         return m / n
     if agg == "token-sum":
         return m
-    lengths = mask.sum(dim=1, keepdim=True)
+    lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # exact counts: int64 * float would give float32
     s = max(float((lengths > 0).sum()), 1.0) if num_sequences is None else float(num_sequences)
     if agg == "seq-mean-token-mean":
         return m / (s * lengths.clamp_min(1))
