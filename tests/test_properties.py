@@ -245,9 +245,18 @@ def test_float32_close_to_float64(b, estimator):
     res = advserve.compute_advantages(estimator, preset="paper", params=params, dtype="float32", **t)
     assert np.asarray(res.advantages).dtype == np.float32
     a32, r32 = np.asarray(res.advantages, np.float64), np.asarray(res.returns, np.float64)
+    # whitening divides by the batch std: float32 rounding of values near their mean is amplified by
+    # the condition number max|x| / std(x) of the values before whitening
+    condition = 1.0
+    if res.params.get("whiten"):
+        pre, _ = run_adv(estimator, params={**(params or {}), "whiten": False}, dtype="float64", **t)
+        valid = pre[np.asarray(t["response_mask"], bool)]
+        if valid.size and valid.std() > 0:
+            condition = float(np.abs(valid).max() / valid.std())
     for x32, x64 in ((a32, a64), (r32, r64)):
         scale = max(1.0, float(np.abs(x64).max(initial=0.0)))
-        np.testing.assert_allclose(x32, x64, rtol=1e-5, atol=1e-5 * scale)
+        tol = 1e-5 + 1e-6 * condition
+        np.testing.assert_allclose(x32, x64, rtol=tol, atol=tol * scale)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,8 +54,7 @@ def compute_advantages(
     """
     request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype)
     result = _engine(device).compute_advantages(request)
-    convert = _converter(tensors)
-    return dataclasses.replace(result, advantages=convert(result.advantages), returns=convert(result.returns))
+    return result.with_arrays(_converter(tensors))
 
 
 def compute_losses(

@@ -29,13 +29,21 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 @dataclass
 class Batch:
     """Validated tensors. `tensors` holds every float tensor in the compute dtype on the device,
-    `mask` [B, T] bool, `group_index` [B] long with `group_labels` (ids in order of first
-    appearance) when group_ids were given."""
+    finite, and 0 at masked positions; `mask` [B, T] bool and `valid` the same as 0/1 in the compute
+    dtype; `lengths` [B] valid tokens per row (int32);
+    `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
+    given."""
 
     tensors: dict[str, Tensor]
     mask: Tensor
+    valid: Tensor
+    lengths: Tensor
     group_index: Tensor | None
     group_labels: list | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
 
     @property
     def batch_size(self) -> int:
@@ -83,6 +91,8 @@ def _group_index(value: np.ndarray | Tensor, device: torch.device) -> tuple[Tens
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise InvalidArgument("group_ids must be integers or strings", field=_field("group_ids"))
         value = value.detach().cpu().numpy()
+    if value.dtype == object:  # e.g. verl's non_tensor_batch["uid"]: a numpy array of Python str
+        value = np.asarray(value.tolist())
     if value.ndim != 1:
         raise InvalidArgument(f"group_ids must be 1-D [B], got shape {list(value.shape)}", field=_field("group_ids"))
     if value.dtype.kind not in "iuUS":
@@ -121,14 +131,7 @@ def build_batch(
     arrays = {name: _to_array(name, value) for name, value in raw.items() if value is not None}
     _check_shapes(arrays)
 
-    mask_value = arrays["response_mask"]
-    if _is_bool(mask_value):
-        mask = torch.as_tensor(mask_value, device=device).bool()
-    else:
-        mask_numbers = _numeric("response_mask", mask_value, dtype, device)
-        if bool(((mask_numbers != 0) & (mask_numbers != 1)).any()):
-            raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
-        mask = mask_numbers.bool()
+    mask, valid, lengths = _mask(arrays["response_mask"], dtype, device)
 
     tensors: dict[str, Tensor] = {}
     group_index, group_labels = None, None
@@ -140,16 +143,54 @@ def build_batch(
             continue
         tensor = _numeric(name, array, dtype, device)
         if name in TOKEN_TENSORS:
-            tensor = torch.where(mask, tensor, 0)  # what sits on masked positions (NaN too) is ignored
-        if not _all_finite(tensor):
-            where = " on an unmasked position" if name in TOKEN_TENSORS else ""
-            raise InvalidArgument(f"tensor {name!r} has NaN or Inf{where}", field=_field(name))
+            tensor = _zero_masked(name, tensor, mask, valid)  # the engine's invariant: 0 where the mask is 0
+        elif not _all_finite(tensor):
+            raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
         tensors[name] = tensor
-    return Batch(tensors=tensors, mask=mask, group_index=group_index, group_labels=group_labels)
+    return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
+                 group_labels=group_labels)
 
 
-def _is_bool(array: np.ndarray | Tensor) -> bool:
-    return array.dtype == torch.bool if isinstance(array, Tensor) else array.dtype == np.bool_
+def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """response_mask as (bool [B, T], 0/1 in `dtype` [B, T], valid tokens per row [B] int32).
+
+    Numbers must be 0 or 1: checked in a few reads; a float mask in the compute dtype is not copied.
+    """
+    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if tensor.dtype != torch.bool and (tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INT_TORCH)):
+        raise InvalidArgument(f"response_mask must be bool or numeric, got dtype {tensor.dtype}",
+                              field=_field("response_mask"))
+    tensor = tensor.to(device)
+    mask = tensor if tensor.dtype == torch.bool else tensor.bool()
+    lengths = count_valid(mask, dim=1)
+    if tensor.dtype != torch.bool and tensor.numel():
+        low, high = torch.aminmax(tensor)
+        valid = bool(low >= 0) and bool(high <= 1)
+        if valid and tensor.is_floating_point():
+            # within [0, 1], every value is 0 or 1 iff the sum equals the number of non-zeros
+            exact = torch.float64 if tensor.numel() >= 2**24 else None  # float32 sums of 0/1 are exact below
+            valid = bool(tensor.sum(dtype=exact) == lengths.sum())
+        if not valid:
+            raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+    return mask, tensor.to(dtype), lengths
+
+
+def count_valid(mask: Tensor, dim: int = 1) -> Tensor:
+    """True entries per row of a bool mask [B, T] -> [B] int32, read as bytes (no widening copy)."""
+    return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
+
+
+def _zero_masked(name: str, tensor: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+    """`tensor` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the mask
+    are ignored). Fast path: one multiply by the 0/1 mask and one sum; `where` only when something is
+    not finite."""
+    zeroed = tensor * valid
+    if _all_finite(zeroed):
+        return zeroed
+    zeroed = torch.where(mask, tensor, 0)
+    if not _all_finite(zeroed):
+        raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
+    return zeroed
 
 
 def _all_finite(tensor: Tensor) -> bool:

@@ -3,6 +3,7 @@ device, runs the math, and returns results. Every transport and the in-process A
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -14,7 +15,7 @@ from .estimators import ESTIMATORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.kl import kl_and_grad
 from .functional.losses import policy_loss, value_loss
-from .functional.masks import aggregation_weights, masked_mean, masked_moments, place_on_last_token
+from .functional.masks import aggregation_weights, masked_mean, masked_moments
 from .loss_specs import LOSS_TERMS, TERM_TENSORS
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, resolve_params
@@ -99,25 +100,21 @@ class Engine:
         self._check_estimator_preconditions(estimator, params, inputs, batch)
         with torch.no_grad():
             advantages, returns = estimator.fn(inputs, params)
-        stats = advantage_stats(advantages, inputs, batch)
-        return AdvantageResult(estimator.name, preset.name, advantages, returns, stats, params)
+        return AdvantageResult(estimator.name, preset.name, advantages, returns, params,
+                               stats_fn=functools.partial(advantage_stats, advantages, inputs, batch))
 
     @staticmethod
     def _advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
         t = batch.tensors
         mask = batch.mask
-        if "token_rewards" in t:
-            token_rewards = t["token_rewards"]
-        else:
-            token_rewards = place_on_last_token(t["rewards"], mask)
-        scores = t["rewards"] if "rewards" in t else token_rewards.sum(dim=1)
-        groups = Groups.from_index(batch.group_index) if batch.group_index is not None else None
+        token_rewards = t.get("token_rewards")
         return AdvantageInputs(
             mask=mask,
-            token_rewards=token_rewards,
-            scores=scores,
-            lengths=mask.sum(dim=1).to(dtype),
-            groups=groups,
+            valid=batch.valid,
+            scores=t["rewards"] if token_rewards is None else token_rewards.sum(dim=1),
+            lengths=batch.lengths.to(dtype),
+            given_token_rewards=token_rewards,
+            groups=Groups.from_index(batch.group_index) if batch.group_index is not None else None,
             values=t.get("values"),
             old_logprobs=t.get("old_logprobs"),
             ref_logprobs=t.get("ref_logprobs"),
@@ -134,7 +131,7 @@ class Engine:
                 raise InvalidArgument(
                     f"group {label!r} has a single response; {estimator.name!r} needs at least 2 per group "
                     "(or set params.singleton_groups to 'zero' or 'raw')", field="tensors.group_ids")
-        if params.get("whiten") and params.get("whiten_ddof") == 1 and int(inputs.mask.sum()) < 2:
+        if params.get("whiten") and params.get("whiten_ddof") == 1 and batch.tokens < 2:
             raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
                                   field="tensors.response_mask")
 
@@ -282,7 +279,7 @@ class Engine:
 def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, Any], metrics: dict) -> Tensor:
     """Importance weights [B, T] correcting for the rollout engine's policy: w = π_old/π_rollout per
     token, or the product over the sequence; truncated to [low, high] or masked outside it."""
-    log_w = torch.where(mask, old - rollout, 0)
+    log_w = old - rollout  # both 0 on masked positions
     if p["level"] == "sequence":
         log_w = log_w.sum(dim=1, keepdim=True).expand_as(old)
     raw = log_w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
@@ -290,11 +287,12 @@ def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, 
     outside = raw > high
     if low is not None:
         outside |= raw < low
+    outside &= mask
     if p["mode"] == "truncate":
         weight = raw.clamp(low, high)
     else:
-        weight = torch.where(outside, 0, raw)
-    weight = torch.where(mask, weight, 0)
+        weight = raw * ~outside
+    weight = weight * mask
     dtype = weight.dtype
     metrics["rollout_is_weight_mean"] = float(masked_mean(weight, mask))
     metrics["rollout_is_weight_max"] = float(weight[mask].max()) if bool(mask.any()) else 0.0
@@ -310,7 +308,7 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
     def frac(condition: Tensor) -> float:
         return float(masked_mean(condition.to(dtype), mask))
 
-    moments = masked_moments(ratio, mask)
+    moments = masked_moments(ratio * mask, mask, int(mask.sum()))
     out = {"approx_kl": float(masked_mean(old - logp, mask)), "ratio_mean": moments["mean"],
            "ratio_min": moments["min"], "ratio_max": moments["max"]}
     high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
@@ -331,8 +329,8 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs, batch: Batch) -
     mask = inputs.mask
     stats: dict[str, Any] = {
         "sequences": int(mask.shape[0]),
-        "tokens": int(mask.sum()),
-        "advantages": masked_moments(advantages, mask),
+        "tokens": batch.tokens,
+        "advantages": masked_moments(advantages, mask, batch.tokens),
         "rewards": {"mean": float(inputs.scores.mean()), "std": float(inputs.scores.std(correction=0))},
     }
     groups = inputs.groups

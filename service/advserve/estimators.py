@@ -5,6 +5,7 @@ parameters to (advantages, returns). Formulas live in `functional/`; presets (de
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -13,28 +14,37 @@ from torch import Tensor
 
 from .functional.groups import Groups, group_normalized_advantages, leave_one_out_advantages
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
-from .functional.masks import whiten
+from .functional.masks import place_on_last_token, whiten
 from .functional.scan import gae, reward_to_go
 from .params import ParamSpec
 
 
-@dataclass(frozen=True)
+@dataclass
 class AdvantageInputs:
     """A validated batch on the compute device. [B, T] tensors are 0 at masked positions.
 
-    mask [B, T] bool; token_rewards [B, T] (an outcome reward sits on the row's last valid token);
-    scores [B] = Σ_t token_rewards; lengths [B] valid tokens per row (compute dtype).
+    mask [B, T] bool and `valid`, the same as 0/1 in the compute dtype (multiplying by it is the
+    fast way to zero masked positions); scores [B] = R (the outcome reward, or Σ_t token_rewards); lengths [B] valid
+    tokens per row (compute dtype); token_rewards [B, T] is built on first use (an outcome reward
+    sits on the row's last valid token), so outcome-only estimators never materialize it.
     """
 
     mask: Tensor
-    token_rewards: Tensor
+    valid: Tensor
     scores: Tensor
     lengths: Tensor
+    given_token_rewards: Tensor | None = None
     groups: Groups | None = None
     values: Tensor | None = None
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     greedy_rewards: Tensor | None = None
+
+    @functools.cached_property
+    def token_rewards(self) -> Tensor:
+        if self.given_token_rewards is not None:
+            return self.given_token_rewards
+        return place_on_last_token(self.scores, self.mask)
 
 
 Params = Mapping[str, Any]
@@ -102,7 +112,7 @@ def _token_kl(x: AdvantageInputs, p: Params) -> Tensor | None:
     if p["kl_coef"] == 0:
         return None
     kl, _ = kl_and_grad(x.old_logprobs, x.ref_logprobs, p["kl_estimator"], p["kl_clamp"])
-    return torch.where(x.mask, p["kl_coef"] * kl, 0)
+    return (p["kl_coef"] * kl).mul_(x.valid)  # inputs are 0 on masked positions, so kl is finite there
 
 
 def _shaped_rewards(x: AdvantageInputs, p: Params) -> Tensor:
@@ -111,13 +121,13 @@ def _shaped_rewards(x: AdvantageInputs, p: Params) -> Tensor:
     return x.token_rewards if penalty is None else x.token_rewards - penalty
 
 
-def _broadcast(per_sequence: Tensor, mask: Tensor) -> Tensor:
-    """[B] -> [B, T], 0 at masked positions."""
-    return torch.where(mask, per_sequence.unsqueeze(1), 0)
+def _broadcast(per_sequence: Tensor, valid: Tensor) -> Tensor:
+    """[B] -> [B, T], 0 at masked positions (`valid`: the 0/1 mask in the compute dtype)."""
+    return per_sequence.unsqueeze(1) * valid
 
 
 def _maybe_whiten(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
-    return whiten(adv, x.mask, ddof=p["whiten_ddof"], eps=p["whiten_eps"]) if p["whiten"] else adv
+    return whiten(adv, x.valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"]) if p["whiten"] else adv
 
 
 def _group_mean_baseline(scores: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
@@ -135,7 +145,7 @@ def _group_mean_baseline(scores: Tensor, x: AdvantageInputs, p: Params) -> Tenso
 
 def reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A_t = R − β Σ_{all t'} kl_t' (whole trajectory)."""
-    adv = _broadcast(_shaped_rewards(x, p).sum(dim=1), x.mask)
+    adv = _broadcast(_shaped_rewards(x, p).sum(dim=1), x.valid)
     return adv, adv
 
 
@@ -156,10 +166,10 @@ def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor
     shaped = _shaped_rewards(x, p)
     if p["kl_placement"] == "sequence":
         total = shaped.sum(dim=1)
-        adv = _broadcast(total - _group_mean_baseline(total, x, p), x.mask)
+        adv = _broadcast(total - _group_mean_baseline(total, x, p), x.valid)
     else:
         baseline = _group_mean_baseline(x.scores, x, p)
-        adv = torch.where(x.mask, reward_to_go(shaped, x.mask, 1.0) - baseline.unsqueeze(1), 0)
+        adv = (reward_to_go(shaped, x.mask, 1.0) - baseline.unsqueeze(1)).mul_(x.valid)
     adv = _maybe_whiten(adv, x, p)
     return adv, adv
 
@@ -167,14 +177,14 @@ def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor
 def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A = R̃_i − mean_{l≠i} R̃_l with R̃ = R − β Σ_t kl_t."""
     total = _shaped_rewards(x, p).sum(dim=1)
-    adv = _broadcast(leave_one_out_advantages(total, x.groups, singleton_groups=p["singleton_groups"]), x.mask)
+    adv = _broadcast(leave_one_out_advantages(total, x.groups, singleton_groups=p["singleton_groups"]), x.valid)
     return adv, adv
 
 
 def remax(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A_t = Σ_{t' ≥ t} (r_t' − β kl_t') − r(x, ŷ_greedy); returns = the reward-to-go."""
     returns = reward_to_go(_shaped_rewards(x, p), x.mask, 1.0)
-    return torch.where(x.mask, returns - x.greedy_rewards.unsqueeze(1), 0), returns
+    return (returns - x.greedy_rewards.unsqueeze(1)).mul_(x.valid), returns
 
 
 def gae_estimator(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
@@ -198,11 +208,11 @@ def _grpo_family(x: AdvantageInputs, p: Params, *, scale_by_std: bool) -> Tensor
         scores, x.groups, scale_by_std=scale_by_std,
         std_ddof=p.get("std_ddof", 0), std_eps=p.get("std_eps", 0.0), singleton_groups=p["singleton_groups"],
     )
-    adv = _broadcast(per_seq, x.mask)
+    adv = _broadcast(per_seq, x.valid)
     if placement == "token" and p["kl_coef"] != 0:
         # −β ∂kl/∂logπ at the behaviour policy: β(π_ref/π_old − 1) for k3, the seed's GRPO column
         _, grad = kl_and_grad(x.old_logprobs, x.ref_logprobs, p["kl_estimator"], p["kl_clamp"])
-        adv = adv - torch.where(x.mask, p["kl_coef"] * grad, 0)
+        adv = adv - (p["kl_coef"] * grad).mul_(x.valid)
     return adv
 
 

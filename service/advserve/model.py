@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -17,16 +18,31 @@ class AdvantageRequest:
     dtype: str | None = None
 
 
-@dataclass(frozen=True)
 class AdvantageResult:
-    """advantages, returns [B, T] (0 at masked positions); stats for logging; params as resolved."""
+    """advantages, returns [B, T] (0 at masked positions); params as resolved; `stats` (what a trainer
+    logs) computed on first access, so a caller that never reads them never pays for them."""
 
-    estimator: str
-    preset: str
-    advantages: Tensor
-    returns: Tensor
-    stats: dict[str, Any]
-    params: dict[str, Any]
+    def __init__(self, estimator: str, preset: str, advantages: Any, returns: Any, params: dict[str, Any],
+                 stats_fn: Callable[[], dict[str, Any]]):
+        self.estimator = estimator
+        self.preset = preset
+        self.advantages = advantages
+        self.returns = returns
+        self.params = params
+        self._stats_fn = stats_fn
+
+    @functools.cached_property
+    def stats(self) -> dict[str, Any]:
+        return self._stats_fn()
+
+    def with_arrays(self, convert: Callable[[Any], Any]) -> "AdvantageResult":
+        """The same result with `convert` applied to advantages and returns (stats shared)."""
+        out = AdvantageResult(self.estimator, self.preset, convert(self.advantages), convert(self.returns),
+                              self.params, lambda: self.stats)
+        return out
+
+    def __repr__(self) -> str:
+        return f"AdvantageResult(estimator={self.estimator!r}, preset={self.preset!r}, params={self.params!r})"
 
 
 # A loss term is given as None (not requested; for policy_loss: the preset's defaults), False (off),

@@ -114,6 +114,11 @@ def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.detach().cpu().numpy()
 
 
+def _with_stats(result: AdvantageResult) -> AdvantageResult:
+    result.stats  # computed here, in the compute thread, not on the event loop
+    return result
+
+
 def advantages_to_json(result: AdvantageResult) -> dict[str, Any]:
     return {
         "estimator": result.estimator,
@@ -228,7 +233,7 @@ def create_app(engine: Engine | None = None, *, max_json_bytes: int = DEFAULT_MA
         body = await parse(request, AdvantagesBody)
         domain = AdvantageRequest(estimator=body.estimator, tensors=body.tensors, preset=body.preset,
                                   params=body.params, dtype=body.dtype)
-        result = await run(engine.compute_advantages, domain)
+        result = await run(lambda: _with_stats(engine.compute_advantages(domain)))
         return JSONResponse(advantages_to_json(result))
 
     @app.post("/v1/losses", response_class=JSONResponse, openapi_extra=body_schema(LossesBody),

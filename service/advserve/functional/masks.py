@@ -12,7 +12,8 @@ def is_right_padded(mask: Tensor) -> bool:
     """True when every row of `mask` [B, T] (bool) is a prefix of ones: no interior gaps."""
     if mask.shape[1] < 2:
         return True
-    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+    as_bytes = mask.view(torch.uint8)
+    return not bool(torch.gt(as_bytes[:, 1:], as_bytes[:, :-1]).any())  # a 0 followed by a 1
 
 
 def last_valid_index(mask: Tensor) -> Tensor:
@@ -34,39 +35,45 @@ def place_on_last_token(rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `x` over the True positions of `mask` (same shape); 0 when the mask is empty."""
-    count = mask.sum()
-    return torch.where(mask, x, 0).sum() / count.clamp_min(1)
+    """Mean of `x` over the True positions of `mask` (same shape); 0 when the mask is empty.
 
-
-def masked_moments(x: Tensor, mask: Tensor) -> dict[str, float]:
-    """mean, population std, min and max of `x` [B, T] over the True positions of `mask` (0s if none).
-
-    No boolean gather (a copy of every valid element): masked reductions only.
+    `x` must be 0 (and finite) where the mask is False, the engine's invariant.
     """
-    n = int(mask.sum())
+    return x.sum() / mask.view(torch.uint8).sum(dtype=torch.int64).clamp_min(1)
+
+
+def masked_moments(x: Tensor, mask: Tensor, n: int) -> dict[str, float]:
+    """mean, population std, min and max of `x` [B, T] over the `n` True positions of `mask` (0s if none).
+
+    `x` must be 0 where the mask is False (the engine's invariant): then sums need no masking, and
+    min/max need it only when 0 is an extreme and padding exists. Three reads, no copies.
+    """
     if n == 0:
         return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
-    valid = torch.where(mask, x, 0)
-    mean = valid.sum() / n
-    var = torch.where(mask, valid - mean, 0).square_().sum() / n
-    low = torch.where(mask, x, torch.inf).amin()
-    high = torch.where(mask, x, -torch.inf).amax()
-    return {"mean": float(mean), "std": float(var.sqrt()), "min": float(low), "max": float(high)}
+    flat = x.reshape(-1)
+    mean = float(flat.sum()) / n
+    var = max(float(torch.dot(flat, flat)) / n - mean * mean, 0.0)
+    low, high = (float(v) for v in torch.aminmax(flat))
+    if n < mask.numel() and (low == 0.0 or high == 0.0):  # 0 may come from padding only
+        low = float(torch.where(mask, x, torch.inf).amin())
+        high = float(torch.where(mask, x, -torch.inf).amax())
+    return {"mean": mean, "std": var**0.5, "min": low, "max": high}
 
 
-def whiten(x: Tensor, mask: Tensor, *, ddof: int, eps: float) -> Tensor:
+def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float) -> Tensor:
     """Batch whitening over all valid tokens: (x − μ) / sqrt(σ² + eps), 0 at masked positions.
 
-    x, mask: [B, T]. μ and σ² are taken over every True position of `mask` (token-weighted), σ² with
-    `ddof` (0: population, 1: unbiased). When σ² + eps == 0 (all values equal, eps 0) the result is 0.
+    x [B, T] (0 at masked positions), valid [B, T] the 0/1 mask in x's dtype. μ and σ² are taken over
+    every valid position (token-weighted), σ² with `ddof` (0: population, 1: unbiased). When
+    σ² + eps == 0 (all values equal, eps 0) the result is 0.
     """
-    n = mask.sum()
-    mean = torch.where(mask, x, 0).sum() / n.clamp_min(1)
-    centered = torch.where(mask, x - mean, 0)
-    var = centered.square().sum() / (n - ddof).clamp_min(1)
+    n = valid.sum()
+    mean = x.sum() / n.clamp_min(1)
+    centered = (x - mean).mul_(valid)
+    flat = centered.reshape(-1)
+    var = torch.dot(flat, flat) / (n - ddof).clamp_min(1)
     denom = (var + eps).sqrt()
-    return torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
+    return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
 
 
 def aggregation_weights(

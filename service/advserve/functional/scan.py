@@ -51,7 +51,8 @@ def reverse_discounted_cumsum(x: Tensor, c: float, chunk: int = CHUNK) -> Tensor
 class Compactor:
     """Moves each row's valid tokens to the left (and back), so recursions skip interior gaps.
 
-    mask [B, T] bool. For right-padded masks both directions are a masked copy.
+    mask [B, T] bool; inputs are 0 at masked positions (the engine's invariant). For right-padded
+    masks both directions are the identity: no copy.
     """
 
     def __init__(self, mask: Tensor):
@@ -66,23 +67,22 @@ class Compactor:
     def pack(self, x: Tensor) -> Tensor:
         """[B, T] -> [B, T] with row i's valid tokens first, zeros after."""
         if self.identity:
-            return torch.where(self.mask, x, 0)
+            return x
         out = x.new_zeros(x.shape[0], x.shape[1] + 1)
         out.scatter_(1, self.target, x)
         return out[:, :-1]
 
     def unpack(self, packed: Tensor) -> Tensor:
-        """Inverse of `pack`; masked positions become 0."""
+        """Inverse of `pack`; masked positions become 0 (a packed row is 0 after its valid tokens)."""
         if self.identity:
-            return torch.where(self.mask, packed, 0)
-        return torch.where(self.mask, packed.gather(1, self.source), 0)
+            return packed
+        return packed.gather(1, self.source).mul_(self.mask)
 
 
 def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """G_t = Σ_{t' ≥ t, valid} γ^(k(t')−k(t)) r_t' over valid tokens (k: index among valid tokens).
 
-    token_rewards [B, T], mask [B, T] bool -> [B, T], 0 at masked positions. Rewards on masked
-    positions are ignored.
+    token_rewards [B, T] (0 at masked positions), mask [B, T] bool -> [B, T], 0 at masked positions.
     """
     compactor = Compactor(mask)
     return compactor.unpack(reverse_discounted_cumsum(compactor.pack(token_rewards), gamma))
@@ -91,7 +91,7 @@ def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over valid tokens (Schulman et al. 2015, arXiv:1506.02438).
 
-    token_rewards, values [B, T], mask [B, T] bool -> (advantages, returns) [B, T].
+    token_rewards, values [B, T] (0 at masked positions), mask [B, T] bool -> (advantages, returns) [B, T].
     δ_t = r_t + γ V_next(t) − V_t, A_t = δ_t + γλ A_next(t), returns = A + V, where next(t) is the
     next valid token of the row and V after the last valid token is 0. Masked positions give 0.
     """

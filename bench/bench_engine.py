@@ -1,0 +1,526 @@
+"""Engine benchmark: advserve against the per-token / per-group Python loops it replaces.
+
+    .venv/bin/python bench/bench_engine.py            # full sizes (make bench), ~15 s on an idle 2-core box
+    .venv/bin/python bench/bench_engine.py --quick    # smoke run, a few seconds
+    .venv/bin/python bench/bench_engine.py --no-tune-allocator   # glibc defaults, to see the difference
+
+Rows (full sizes; --quick shrinks them):
+  * GAE [256, 4096] fp32, right-padded (lengths uniform in [T/4, T]), 0/1 outcome on the last valid
+    token plus small per-token rewards (token_rewards), random values: advserve.compute_advantages
+    ("gae", preset="paper", gamma=1, lam=0.95) and the pure function advserve.functional.scan.gae,
+    against a verl-style loop over tokens (verl 0.9.1 compute_gae_advantage_return, without the
+    final whitening). Also the memory-bandwidth bound of the op.
+  * The same with interior mask gaps (multi-turn: 10% of the tokens inside each row masked).
+  * GRPO over 4096 sequences (groups of 16, rows shuffled, uuid-like string group ids, 0/1
+    rewards) with preset="verl", against verl's dict-of-lists loop: at sequence level
+    (response_mask [4096, 1]: the group statistics, target 20x) and at token level ([4096, 1024]:
+    plus the broadcast of each sequence's advantage over its tokens).
+  * compute_losses(preset="verl"): ppo_clip (dual clip), token-mean, plus kl_loss k3, at [256, 4096],
+    against the same loss written in torch and differentiated by autograd (forward + backward).
+
+Every reference runs in this process, right after the engine, so the ratios are comparable even
+when absolute times drift. Timing: warm-up calls, then the median (p50) of N repeats with
+time.perf_counter; torch's thread count is left at its default. Each row also checks the engine's
+result against its reference: max |diff| / max |reference| must be <= 1e-4, else the script exits 1.
+Speed targets are reported, never enforced by the exit code.
+
+Results go to bench/results/engine.json (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import advserve
+from advserve.cli import tune_allocator
+from advserve.functional import scan
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
+REL_TOLERANCE = 1e-4
+CASES = ("gae", "gae_gaps", "grpo", "losses")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run, < 10 s)")
+    parser.add_argument("--no-tune-allocator", action="store_true",
+                        help="keep glibc's default mmap/trim thresholds (the server tunes them at start)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats of the fast calls (default 21; quick 5)")
+    parser.add_argument("--loop-repeats", type=int, default=None,
+                        help="timed repeats of the slow loop references (default 7; quick 3; at least 3)")
+    parser.add_argument("--max-wait", type=float, default=None,
+                        help="seconds to wait, before each case, for other processes to use < 15%% of the CPUs "
+                        "(default 20; quick 0)")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    return parser.parse_args(argv)
+
+
+# --- machine and timing ----------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(tuned: bool, requested: bool) -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "nproc": usable,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "advserve": advserve.__version__,
+        "allocator": ("glibc, tuned by advserve.cli.tune_allocator() (mallopt M_MMAP_THRESHOLD 1 GiB, "
+                      "M_TRIM_THRESHOLD raised), as the server does at start") if tuned else
+                     ("glibc defaults (--no-tune-allocator)" if not requested
+                      else "defaults (tune_allocator() returned False: not glibc?)"),
+        "allocator_tuned": tuned,
+    }
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]), idle
+
+
+def background_load(window_s: float = 0.3) -> float | None:
+    """Share of all CPUs busy over `window_s` while this process sleeps (other processes' load)."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(window_s)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else None
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> dict[str, Any]:
+    """Wait (up to max_wait_s) until other processes use less than `threshold` of the CPUs: two
+    busy threads here contend with anything else on a 2-core box and the timings mean little."""
+    start = time.perf_counter()
+    load = background_load()
+    while load is not None and load >= threshold and time.perf_counter() - start < max_wait_s:
+        load = background_load(1.0)
+    return {"load": load, "waited_s": time.perf_counter() - start, "quiet": load is None or load < threshold}
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """p50/min/max ms of `fn` over `repeats` calls after `warmup` calls, and minor page faults per call."""
+    for _ in range(warmup):
+        fn()
+    times, faults = [], []
+    for _ in range(repeats):
+        f0 = minor_faults()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        faults.append(minor_faults() - f0)
+        times.append((t1 - t0) * 1e3)
+    return {"p50_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats,
+            "minflt_per_call": statistics.median(faults)}
+
+
+def copy_bandwidth(mib: int, repeats: int) -> dict[str, float]:
+    """dst.copy_(src) of a `mib` MiB float32 tensor into a preallocated one; GB/s counts read + write."""
+    n = mib * (1 << 20) // 4
+    src = torch.rand(n)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    t = timeit(lambda: dst.copy_(src), repeats, warmup=2)
+    moved = 2 * n * 4
+    return {"bytes_per_copy": moved, "size_mib": mib, "p50_ms": t["p50_ms"], "min_ms": t["min_ms"],
+            "gb_per_s": moved / (t["p50_ms"] * 1e-3) / 1e9, "best_gb_per_s": moved / (t["min_ms"] * 1e-3) / 1e9}
+
+
+def compare(name: str, got: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """max |got − ref| and that divided by max |ref|; ok when the relative error is <= REL_TOLERANCE."""
+    got, ref = got.double(), ref.double()
+    diff = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    rel = diff / scale if scale > 0 else diff
+    return {"what": name, "max_abs_diff": diff, "max_abs_ref": scale, "rel": rel, "ok": rel <= REL_TOLERANCE
+            and bool(torch.isfinite(got).all())}
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def right_padded_mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """float32 [B, T]: row i valid on its first L_i tokens, L_i uniform in [T/4, T]."""
+    lengths = torch.randint(max(1, length // 4), length + 1, (batch,), generator=gen)
+    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).float()
+
+
+def with_interior_gaps(mask: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Masks `fraction` of each row's valid tokens (i.i.d.), keeping the last valid token (the outcome)."""
+    length = mask.shape[1]
+    last = (mask * torch.arange(1, length + 1)).argmax(dim=1)
+    drop = (torch.rand(mask.shape, generator=gen) < fraction) & (mask > 0)
+    drop[torch.arange(mask.shape[0]), last] = False
+    return mask * (~drop).float()
+
+
+def gae_inputs(batch: int, length: int, gen: torch.Generator, gaps: float = 0.0) -> dict[str, torch.Tensor]:
+    mask = right_padded_mask(batch, length, gen)
+    if gaps:
+        mask = with_interior_gaps(mask, gaps, gen)
+    last = (mask * torch.arange(1, length + 1)).argmax(dim=1)
+    outcome = (torch.rand(batch, generator=gen) < 0.5).float()
+    token_rewards = 0.01 * torch.randn(batch, length, generator=gen)
+    token_rewards[torch.arange(batch), last] += outcome
+    token_rewards *= mask
+    values = torch.randn(batch, length, generator=gen)
+    return {"token_rewards": token_rewards, "values": values, "response_mask": mask}
+
+
+def uuid_like(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def grpo_inputs(batch: int, group_size: int, length: int, gen: torch.Generator, rng: random.Random):
+    groups = batch // group_size
+    uids = [uuid_like(rng) for _ in range(groups)]
+    pass_rate = torch.rand(groups, generator=gen)
+    rewards = (torch.rand(groups, group_size, generator=gen) < pass_rate.unsqueeze(1)).float().reshape(-1)
+    ids = [uid for uid in uids for _ in range(group_size)]
+    order = torch.randperm(batch, generator=gen)  # scatter the groups through the batch
+    rewards = rewards[order].contiguous()
+    ids = [ids[i] for i in order.tolist()]
+    mask = right_padded_mask(batch, length, gen)
+    return {"rewards": rewards, "response_mask": mask, "group_ids": ids}
+
+
+def loss_inputs(batch: int, length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    mask = right_padded_mask(batch, length, gen)
+    old = -torch.rand(batch, length, generator=gen) * 3
+    return {
+        "logprobs": old + 0.2 * torch.randn(batch, length, generator=gen),  # ratios on both sides of the clip
+        "old_logprobs": old,
+        "ref_logprobs": old + 0.2 * torch.randn(batch, length, generator=gen),
+        "advantages": torch.randn(batch, length, generator=gen),
+        "response_mask": mask,
+    }
+
+
+# --- references (what trainers run today) ----------------------------------------------------------
+
+
+def gae_loop(token_rewards, values, response_mask, gamma: float, lam: float):
+    """verl 0.9.1 compute_gae_advantage_return without the final whitening: a loop over tokens with
+    [B] slices; masked (observation) tokens carry the next value and the running advantage across."""
+    with torch.no_grad():
+        nextvalues = 0
+        lastgaelam = 0
+        advantages_reversed = []
+        for t in reversed(range(token_rewards.shape[-1])):
+            m = response_mask[:, t]
+            delta = token_rewards[:, t] + gamma * nextvalues - values[:, t]
+            lastgaelam_ = delta + gamma * lam * lastgaelam
+            nextvalues = values[:, t] * m + (1 - m) * nextvalues
+            lastgaelam = lastgaelam_ * m + (1 - m) * lastgaelam
+            advantages_reversed.append(lastgaelam)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        returns = advantages + values
+    return advantages, returns
+
+
+def grpo_loop(scores, response_mask, index, epsilon: float = 1e-6):
+    """verl 0.9.1 compute_grpo_outcome_advantage (norm by std): dict of lists keyed by uid,
+    torch.mean / torch.std per group, a loop over rows, then broadcast * mask. Takes the [B]
+    scores (verl sums token_level_rewards [B, T] first; that sum is left out here)."""
+    scores = scores.clone()
+    id2score = defaultdict(list)
+    id2mean, id2std = {}, {}
+    with torch.no_grad():
+        for i in range(scores.shape[0]):
+            id2score[index[i]].append(scores[i])
+        for idx in id2score:
+            if len(id2score[idx]) == 1:
+                id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
+            else:
+                group = torch.stack(id2score[idx])
+                id2mean[idx], id2std[idx] = torch.mean(group), torch.std(group)
+        for i in range(scores.shape[0]):
+            scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
+        return scores.unsqueeze(-1) * response_mask
+
+
+def loss_autograd(logprobs, old_logprobs, advantages, ref_logprobs, response_mask,
+                  clip: float = 0.2, dual_clip: float = 3.0, kl_coef: float = 0.001):
+    """verl's ppo_clip (log-ratio clamp ±20, dual clip c = 3) + kl_loss k3 (log-ratio ±20, value ±10),
+    token-mean, written in torch; returns (loss, d loss / d logprobs) from autograd."""
+    logp = logprobs.detach().requires_grad_(True)
+    ratio = (logp - old_logprobs).clamp(-20.0, 20.0).exp()
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    clipped = torch.maximum(loss1, loss2)
+    dual = torch.minimum(-advantages * dual_clip, clipped)
+    pg = torch.where(advantages < 0, dual, clipped)
+    n = response_mask.sum()
+    log_ratio = (ref_logprobs - logp).clamp(-20.0, 20.0)
+    kl = (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
+    loss = (pg * response_mask).sum() / n + kl_coef * ((kl * response_mask).sum() / n)
+    loss.backward()
+    return loss.detach(), logp.grad
+
+
+# --- rows ----------------------------------------------------------------------------------------
+
+
+def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generator, bandwidth: dict) -> list[dict]:
+    x = gae_inputs(batch, length, gen, gaps)
+    gamma, lam = 1.0, 0.95
+    mask_bool = x["response_mask"].bool()
+    # the pure function's precondition (which the engine establishes): inputs are 0 at masked positions
+    fn_rewards, fn_values = x["token_rewards"] * x["response_mask"], x["values"] * x["response_mask"]
+
+    def engine():
+        return advserve.compute_advantages("gae", preset="paper", params={"gamma": gamma, "lam": lam}, **x)
+
+    def function():
+        return scan.gae(fn_rewards, fn_values, mask_bool, gamma, lam)
+
+    def loop():
+        return gae_loop(x["token_rewards"], x["values"], x["response_mask"], gamma, lam)
+
+    ref_adv, ref_ret = loop()
+    ref_adv, ref_ret = torch.where(mask_bool, ref_adv, 0), torch.where(mask_bool, ref_ret, 0)
+    out = engine()
+    fn_adv, fn_ret = function()
+    checks_engine = [compare("advantages", out.advantages, ref_adv), compare("returns", out.returns, ref_ret)]
+    checks_fn = [compare("advantages", fn_adv, ref_adv), compare("returns", fn_ret, ref_ret)]
+
+    t_engine = timeit(engine, cfg["repeats"])
+    t_fn = timeit(function, cfg["repeats"])
+    t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
+
+    tokens = batch * length
+    label = "gae, 10% interior gaps" if gaps else "gae, right-padded"
+    size = f"{batch}x{length}"
+    # bytes the op must touch, over every (padded) token: read r, V, mask; write advantages, returns
+    engine_bytes = tokens * (4 + 4 + 4 + 4 + 4)  # the engine gets a float32 0/1 mask
+    fn_bytes = tokens * (4 + 4 + 1 + 4 + 4)  # scan.gae takes a bool mask
+    rows = []
+    for what, t, nbytes, checks in (("advserve.compute_advantages", t_engine, engine_bytes, checks_engine),
+                                    ("functional.scan.gae", t_fn, fn_bytes, checks_fn)):
+        bound_ms = nbytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
+        rows.append({
+            "row": label, "impl": what, "size": size, "dtype": "float32",
+            "engine": t, "reference": t_loop, "reference_impl": "verl-style loop over T ([B] slices)",
+            "ratio": t_loop["p50_ms"] / t["p50_ms"],
+            "target_ratio": (10.0 if gaps else 50.0) if what.startswith("advserve") else None,
+            "checks": checks,
+            "bound": {"bytes": nbytes, "bytes_per_token": nbytes // tokens, "ms": bound_ms,
+                      "multiple": t["p50_ms"] / bound_ms},
+        })
+    return rows
+
+
+def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator, rng: random.Random) -> dict:
+    x = grpo_inputs(batch, group_size, length, gen, rng)
+
+    def engine():
+        return advserve.compute_advantages("grpo", preset="verl", **x)
+
+    def loop():
+        return grpo_loop(x["rewards"], x["response_mask"], x["group_ids"])
+
+    ref = loop()
+    out = engine()
+    checks = [compare("advantages", out.advantages, ref), compare("returns", out.returns, ref)]
+    t_engine = timeit(engine, cfg["repeats"])
+    t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
+    level = "sequence level" if length == 1 else "token level"
+    return {
+        "row": f"grpo {level}, M={group_size}", "impl": "advserve.compute_advantages",
+        "size": f"{batch}x{length}", "dtype": "float32", "engine": t_engine, "reference": t_loop,
+        "reference_impl": "verl-style dict-of-lists loop, string uids, broadcast * mask",
+        "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": 20.0 if length == 1 else None,
+        "checks": checks,
+        "groups": batch // group_size, "group_ids": "uuid4-like strings, rows shuffled",
+    }
+
+
+def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
+    x = loss_inputs(batch, length, gen)
+
+    def engine():
+        return advserve.compute_losses(preset="verl", kl_loss={"estimator": "k3"}, **x)
+
+    def autograd():
+        return loss_autograd(x["logprobs"], x["old_logprobs"], x["advantages"], x["ref_logprobs"],
+                             x["response_mask"])
+
+    ref_loss, ref_grad = autograd()
+    out = engine()
+    checks = [compare("loss", torch.tensor(out.loss), ref_loss), compare("grad_logprobs", out.grad_logprobs, ref_grad)]
+    t_engine = timeit(engine, cfg["repeats"])
+    t_ref = timeit(autograd, cfg["repeats"])
+    return {
+        "row": "losses, ppo_clip + kl k3", "impl": "advserve.compute_losses", "size": f"{batch}x{length}",
+        "dtype": "float32", "engine": t_engine, "reference": t_ref,
+        "reference_impl": "torch autograd (forward + backward)",
+        "ratio": t_ref["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+        "params": out.params,
+    }
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'case':<27} {'impl':<28} {'size':>10} {'p50 ms':>8} {'ref ms':>8} {'ref/impl':>9} "
+              f"{'target':>9} {'max|diff|':>9} {'rel':>8} {'faults':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        worst = max(r["checks"], key=lambda c: c["rel"])
+        target = r["target_ratio"]
+        verdict = "" if target is None else (f">={target:.0f}x " + ("ok" if r["ratio"] >= target else "MISS"))
+        print(f"{r['row']:<27} {r['impl']:<28} {r['size']:>10} {fmt_ms(r['engine']['p50_ms']):>8} "
+              f"{fmt_ms(r['reference']['p50_ms']):>8} {r['ratio']:>8.1f}x {verdict:>9} "
+              f"{worst['max_abs_diff']:>9.1e} {worst['rel']:>8.1e} {r['engine']['minflt_per_call']:>7.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or not cases:
+        print(f"unknown case(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    # before the large buffers exist: the server calls this at start too
+    tuned = False if args.no_tune_allocator else tune_allocator()
+    cfg = {"repeats": args.repeats or (5 if args.quick else 21),
+           "loop_repeats": max(3, args.loop_repeats or (3 if args.quick else 7))}
+    if args.quick:
+        sizes = {"gae": (64, 1024), "grpo": [(1024, 16, 1), (1024, 16, 256)], "loss": (64, 1024), "copy_mib": 32}
+    else:
+        sizes = {"gae": (256, 4096), "grpo": [(4096, 16, 1), (4096, 16, 1024)], "loss": (256, 4096),
+                 "copy_mib": 256}
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    info = machine(tuned, not args.no_tune_allocator)
+    print(f"machine: {info['cpu_model']}, nproc {info['nproc']}, python {info['python']}, torch {info['torch']} "
+          f"({info['torch_num_threads']} threads, default), numpy {info['numpy']}, advserve {info['advserve']}")
+    print(f"allocator: {info['allocator']}")
+    print(f"mode: {'quick' if args.quick else 'full'}; p50 of {cfg['repeats']} calls after 2 warm-ups "
+          f"(loop references: {cfg['loop_repeats']} after 1); time.perf_counter; seed {args.seed}")
+
+    max_wait = args.max_wait if args.max_wait is not None else (0.0 if args.quick else 20.0)
+    loads = {}
+
+    def settle(case: str) -> None:
+        if args.quick and loads:  # the smoke run samples the load once
+            return
+        loads[case] = w = wait_for_quiet(max_wait)
+        if not w["quiet"]:
+            print(f"warning: other processes keep {100 * w['load']:.0f}% of the CPUs busy before {case!r} "
+                  f"(waited {w['waited_s']:.0f} s); its timings are contended", flush=True)
+
+    started = time.perf_counter()
+    settle("bandwidth")
+    bandwidth = copy_bandwidth(sizes["copy_mib"], cfg["repeats"])
+    print(f"memory bandwidth: dst.copy_(src), {sizes['copy_mib']} MiB float32 preallocated: "
+          f"p50 {bandwidth['p50_ms']:.2f} ms = {bandwidth['gb_per_s']:.1f} GB/s (read + write; best call "
+          f"{bandwidth['best_gb_per_s']:.1f} GB/s); the bounds below use the p50")
+    print()
+
+    rows: list[dict] = []
+    for case in CASES:
+        if case not in cases:
+            continue
+        settle(case)
+        if case == "gae":
+            rows += gae_rows(*sizes["gae"], 0.0, cfg, gen, bandwidth)
+        elif case == "gae_gaps":
+            rows += gae_rows(*sizes["gae"], 0.1, cfg, gen, bandwidth)
+        elif case == "grpo":
+            rows += [grpo_row(*size, cfg, gen, rng) for size in sizes["grpo"]]
+        else:
+            rows.append(loss_row(*sizes["loss"], cfg, gen))
+    busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)
+
+    print_table(rows)
+    if busiest is not None:
+        print(f"background CPU load before the cases (other processes, 0.3 s samples): max {100 * busiest:.0f}%"
+              f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
+    print()
+    print("ref: GAE/GRPO = verl-style Python loop in this process; losses = the same loss by torch autograd "
+          f"(forward + backward). rel = max|diff| / max|ref| (worst output), limit {REL_TOLERANCE:.0e}. faults = minor "
+          "page faults per impl call (median). Targets are reported, not enforced.")
+    print(f"GAE memory bound ({bandwidth['gb_per_s']:.1f} GB/s copy): bytes over all B*T (padded) tokens, "
+          "read r, V, mask + write advantages, returns")
+    for r in rows:
+        if "bound" in r:
+            b = r["bound"]
+            mask_kind = "fp32 mask" if b["bytes_per_token"] == 20 else "bool mask"
+            print(f"  {r['row']:<25} {r['impl']:<28} {b['bytes_per_token']} B/token ({mask_kind}) = "
+                  f"{b['bytes'] / 1e6:.1f} MB -> bound {b['ms']:.3f} ms; p50 {r['engine']['p50_ms']:.3f} ms = "
+                  f"{b['multiple']:.1f}x the bound")
+
+    failures = [(r["row"], r["impl"], c) for r in rows for c in r["checks"] if not c["ok"]]
+    elapsed = time.perf_counter() - started
+    result = {"machine": info, "mode": "quick" if args.quick else "full",
+              "config": {**cfg, "sizes": sizes, "cases": cases, "max_wait_s": max_wait},
+              "bandwidth": bandwidth, "rows": rows, "rel_tolerance": REL_TOLERANCE,
+              "correct": not failures, "elapsed_s": elapsed, "background_load": loads}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.out} ({elapsed:.1f} s)")
+    if failures:
+        for row, impl, c in failures:
+            print(f"CORRECTNESS CHECK FAILED: {row} / {impl} / {c['what']}: max|diff| {c['max_abs_diff']:.3e}, "
+                  f"rel {c['rel']:.3e} > {REL_TOLERANCE:g}", file=sys.stderr)
+        return 1
+    print(f"correctness: all checks within {REL_TOLERANCE:.0e} relative")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

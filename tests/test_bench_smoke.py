@@ -1,0 +1,21 @@
+"""A short smoke run of the engine benchmark: it runs, its correctness checks pass (speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_engine_quick(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "correctness: all checks within" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses"}
+    assert all(c["rel"] <= 1e-4 for r in rows for c in r["checks"])
