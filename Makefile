@@ -9,10 +9,10 @@ GRPC_PORT ?= 8001
 
 venv: $(BIN)/advserve
 
-$(BIN)/advserve: pyproject.toml constraints.txt
+$(BIN)/advserve: pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e ./client -e '.[test]'
 	touch $@
 
 serve: venv

@@ -42,6 +42,7 @@ def compute_advantages(
     preset: str | None = None,
     params: Mapping[str, Any] | None = None,
     dtype: str | None = None,
+    layout: str | None = None,
     device: str = "auto",
     **tensors: Any,
 ) -> AdvantageResult:
@@ -49,10 +50,12 @@ def compute_advantages(
 
     tensors: rewards [B] or token_rewards [B, T], response_mask [B, T], and what the estimator needs:
     group_ids [B] (ints or strings), values [B, T], greedy_rewards [B], old_logprobs and
-    ref_logprobs [B, T] (when kl_coef > 0). Returns `.advantages`, `.returns` [B, T], `.stats`,
+    ref_logprobs [B, T] (when kl_coef > 0). layout="packed": token tensors flat [N] with cu_seqlens
+    [B + 1] (response_mask optional), results flat too. Returns `.advantages`, `.returns` [B, T], `.stats`,
     `.params` (the resolved parameters). Raises `advserve.InvalidArgument` / `advserve.NotFound`.
     """
-    request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype)
+    request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype,
+                               layout=layout)
     result = _engine(device).compute_advantages(request)
     return result.with_arrays(_converter(tensors))
 
@@ -68,6 +71,7 @@ def compute_losses(
     num_tokens: float | None = None,
     num_sequences: float | None = None,
     dtype: str | None = None,
+    layout: str | None = None,
     device: str = "auto",
     **tensors: Any,
 ) -> LossResult:
@@ -83,7 +87,7 @@ def compute_losses(
     """
     request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
                           value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
-                          num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype)
+                          num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
     result = _engine(device).compute_losses(request)
     convert = _converter(tensors)
     return dataclasses.replace(result, grad_logprobs=convert(result.grad_logprobs),

@@ -17,12 +17,13 @@ from torch import Tensor
 
 from .errors import InvalidArgument
 
+LAYOUTS = ("padded", "packed")
 TOKEN_TENSORS = frozenset({
     "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
     "advantages", "returns", "old_values", "entropy",
 })
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
-ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS
+ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -40,6 +41,34 @@ class Batch:
     lengths: Tensor
     group_index: Tensor | None
     group_labels: list | None
+    layout: "PackedLayout | None" = None
+
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        """Rows of several batches as one (right-padded to the widest); group ids offset so that no two
+        batches share a group. Only for computing: results are split back by row ranges."""
+        width = max(b.mask.shape[1] for b in batches)
+
+        def cat(tensors: list[Tensor]) -> Tensor:
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.ndim == 2 else t
+                              for t in tensors])
+
+        names = batches[0].tensors.keys()
+        group_index, labels = None, None
+        if batches[0].group_index is not None:
+            offsets, total = [], 0
+            for b in batches:
+                offsets.append(total)
+                total += len(b.group_labels)
+            group_index = torch.cat([b.group_index + off for b, off in zip(batches, offsets)])
+            labels = [label for b in batches for label in b.group_labels]
+        return Batch(tensors={name: cat([b.tensors[name] for b in batches]) for name in names},
+                     mask=cat([b.mask for b in batches]), valid=cat([b.valid for b in batches]),
+                     lengths=torch.cat([b.lengths for b in batches]), group_index=group_index, group_labels=labels)
+
+    def output(self, padded: Tensor | None) -> Tensor | None:
+        """A [B, T] result in the caller's layout: as is, or flat [N] for a packed request."""
+        return padded if padded is None or self.layout is None else self.layout.to_packed(padded)
 
     @property
     def tokens(self) -> int:
@@ -106,6 +135,63 @@ def _group_index(value: np.ndarray | Tensor, device: torch.device) -> tuple[Tens
     return index, labels[order].tolist()
 
 
+class PackedLayout:
+    """Sequences packed end to end: token tensors are flat [N], row i is [cu_seqlens[i], cu_seqlens[i+1]).
+
+    The engine computes on the right-padded [B, T] form (T = the longest row) and returns flat
+    results, so every estimator and loss gives exactly its padded result.
+    """
+
+    def __init__(self, cu_seqlens: np.ndarray | Tensor, device: torch.device):
+        field = _field("cu_seqlens")
+        cu = cu_seqlens if isinstance(cu_seqlens, Tensor) else torch.as_tensor(cu_seqlens)
+        if cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
+            raise InvalidArgument(f"cu_seqlens must be integers, got dtype {cu.dtype}", field=field)
+        if cu.ndim != 1 or cu.numel() < 2:
+            raise InvalidArgument(f"cu_seqlens must be [B + 1] with B >= 1, got shape {list(cu.shape)}", field=field)
+        cu = cu.to(device=device, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or bool((lengths < 0).any()):
+            raise InvalidArgument("cu_seqlens must start at 0 and be non-decreasing", field=field)
+        self.batch_size = cu.numel() - 1
+        self.tokens = int(cu[-1])
+        self.width = max(int(lengths.max()), 1)
+        row = torch.repeat_interleave(torch.arange(self.batch_size, device=device), lengths)
+        col = torch.arange(self.tokens, device=device) - cu[row]
+        self.flat_index = row * self.width + col  # position of each packed token in the padded [B, T]
+        self.lengths = lengths
+
+    def to_padded(self, flat: Tensor) -> Tensor:
+        padded = flat.new_zeros(self.batch_size * self.width)
+        return padded.index_copy_(0, self.flat_index, flat).view(self.batch_size, self.width)
+
+    def to_packed(self, padded: Tensor) -> Tensor:
+        return padded.reshape(-1).index_select(0, self.flat_index)
+
+
+def _unpack(raw: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], PackedLayout]:
+    """Packed inputs -> the same tensors right-padded, and the layout to pack results back."""
+    if raw.get("cu_seqlens") is None:
+        raise InvalidArgument("layout 'packed' needs tensor 'cu_seqlens' [B + 1]", field=_field("cu_seqlens"))
+    layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device)
+    padded: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "cu_seqlens" or value is None:
+            continue
+        array = _to_array(name, value)
+        if name not in TOKEN_TENSORS:
+            padded[name] = array
+            continue
+        if tuple(array.shape) != (layout.tokens,):
+            raise InvalidArgument(f"tensor {name!r} must be flat [N] with N = cu_seqlens[-1] = {layout.tokens} in "
+                                  f"layout 'packed', got shape {list(array.shape)}", field=_field(name))
+        tensor = array.to(device) if isinstance(array, Tensor) else torch.as_tensor(array, device=device)
+        padded[name] = layout.to_padded(tensor)
+    if "response_mask" not in padded:  # every packed token is a response token unless a mask says otherwise
+        padded["response_mask"] = layout.to_padded(torch.ones(layout.tokens, dtype=torch.bool, device=device))
+    return padded, layout
+
+
 def build_batch(
     raw: Mapping[str, Any],
     *,
@@ -114,20 +200,33 @@ def build_batch(
     dtype: torch.dtype,
     device: torch.device,
     context: str,
+    layout: str = "padded",
 ) -> Batch:
-    """Validate `raw` (name -> array) and convert it. `context` names the caller in messages."""
+    """Validate `raw` (name -> array) and convert it. `context` names the caller in messages.
+
+    layout "padded": token tensors [B, T]; "packed": token tensors flat [N] with cu_seqlens [B + 1]
+    (response_mask optional: all packed tokens are valid by default).
+    """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
-    allowed = set(allowed)
+    if layout not in LAYOUTS:
+        raise InvalidArgument(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", field="layout")
+    allowed = set(allowed) | ({"cu_seqlens"} if layout == "packed" else set())
+    required = set(required) - ({"response_mask"} if layout == "packed" else set())
     for name in raw:
         if name not in allowed:
             kind = "not used by" if name in ALL_TENSORS else "unknown for"
+            if name == "cu_seqlens":
+                kind, context = "only for", "layout 'packed'"
             raise InvalidArgument(f"tensor {name!r} is {kind} {context}; accepted: {', '.join(sorted(allowed))}",
                                   field=_field(name))
     for name in sorted(required):
         if raw.get(name) is None:
             raise InvalidArgument(f"{context} needs tensor {name!r}", field=_field(name))
 
+    packed = None
+    if layout == "packed":
+        raw, packed = _unpack(raw, device)
     arrays = {name: _to_array(name, value) for name, value in raw.items() if value is not None}
     _check_shapes(arrays)
 
@@ -148,7 +247,7 @@ def build_batch(
             raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
         tensors[name] = tensor
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
-                 group_labels=group_labels)
+                 group_labels=group_labels, layout=packed)
 
 
 def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

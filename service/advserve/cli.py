@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
+import os
 import sys
 
 from . import __version__
+from .config import Settings, env_name, parse_value, setting_fields
 
 # glibc mallopt parameters: keep large tensors' memory instead of mmap/munmap on every call, which
 # costs page faults worth several times the compute at [256, 4096] (design/anchors-performance.md A.3).
@@ -28,54 +31,63 @@ def tune_allocator() -> bool:
         return False
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="advserve", description="advserve: advantages, losses and their gradients "
+                                     "for RL on language models.")
     parser.add_argument("--version", action="version", version=f"advserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the REST server",
-                                description="Serve the REST API (POST /v1/advantages, POST /v1/losses, "
-                                "GET /v1/estimators, /health/live, /health/ready, OpenAPI at /docs).")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=_port, default=8000, help="REST port (default 8000)")
-    serve.add_argument("--grpc-port", type=_port, default=8001,
-                       help="gRPC port (default 8001; reserved: the gRPC API is not served yet)")
-    serve.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
-    serve.add_argument("--max-json-bytes", type=int, default=64 * 1024 * 1024,
-                       help="largest accepted request body in bytes (default 64 MiB)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve = commands.add_parser(
+        "serve", help="start the server",
+        description="Serve the REST API (POST /v1/advantages, POST /v1/losses, GET /v1/estimators, /health/live, "
+        "/health/ready, OpenAPI at /docs). Every flag can also be set by the environment variable shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in setting_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        env = env_name(f.name)
+        if env in os.environ:
+            try:
+                default = parse_value(f.type, os.environ[env])
+            except ValueError as exc:
+                parser.error(f"{env}: {exc}")
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{env}]"
+        if f.type == "bool":
+            serve.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            serve.add_argument(flag, dest=f.name, default=default, type=lambda text, kind=f.type: parse_value(kind, text),
+                               choices=f.metadata.get("choices"), help=help_text, metavar=f.type.upper())
     return parser
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(settings: Settings) -> None:
     import uvicorn
 
     from .engine import Engine
     from .errors import AdvserveError
     from .rest import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_allocator()
     try:
-        engine = Engine(args.device)
+        engine = Engine(settings.device)
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
-    logging.getLogger("advserve").info("engine on %s; gRPC port %d reserved (not served yet)", engine.device,
-                                       args.grpc_port)
-    app = create_app(engine, max_json_bytes=args.max_json_bytes)
-    uvicorn.run(app, host=args.host, port=args.http_port, log_level=args.log_level, access_log=False)
+    logging.getLogger("advserve").info("engine on %s; admission %d bytes; gRPC port %d reserved (not served yet)",
+                                       engine.device, settings.admission_bytes, settings.grpc_port)
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=settings.host, port=settings.http_port, log_level=settings.log_level, access_log=False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args)
+        values = {f.name: getattr(args, f.name) for f in setting_fields()}
+        try:
+            settings = Settings(**values).validate()
+        except ValueError as exc:
+            parser.error(str(exc))
+        serve(settings)
 
 
 if __name__ == "__main__":

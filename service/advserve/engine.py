@@ -4,6 +4,7 @@ device, runs the math, and returns results. Every transport and the in-process A
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -75,6 +76,11 @@ class Engine:
     # --- advantages -----------------------------------------------------------------------------
 
     def compute_advantages(self, request: AdvantageRequest) -> AdvantageResult:
+        """Validate and compute one request (`prepare_advantages` then `run_advantages`)."""
+        return self.run_advantages([self.prepare_advantages(request)])[0]
+
+    def prepare_advantages(self, request: AdvantageRequest) -> PreparedAdvantages:
+        """Everything but the math: look-ups, parameters, tensor validation and layout on the device."""
         preset = self.preset(request.preset)
         estimator = self.estimator(request.estimator, preset)
         params = resolve_params(estimator.param_specs(), preset.estimators[estimator.name], request.params, "params")
@@ -95,37 +101,34 @@ class Engine:
             dtype=dtype,
             device=self.device,
             context=f"estimator {estimator.name!r}",
+            layout=request.layout or "padded",
         )
-        inputs = self._advantage_inputs(batch, dtype)
-        self._check_estimator_preconditions(estimator, params, inputs, batch)
+        self._check_estimator_preconditions(estimator, params, batch)
+        return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
+
+    def run_advantages(self, jobs: list[PreparedAdvantages]) -> list[AdvantageResult]:
+        """Compute prepared requests; several compatible ones (same `coalescing_key`) run as one device
+        batch: rows concatenated, groups kept apart, results split back exactly."""
+        first = jobs[0]
+        batch = first.batch if len(jobs) == 1 else Batch.concat([job.batch for job in jobs])
+        inputs = advantage_inputs(batch, first.dtype)
         with torch.no_grad():
-            advantages, returns = estimator.fn(inputs, params)
-        return AdvantageResult(estimator.name, preset.name, advantages, returns, params,
-                               stats_fn=functools.partial(advantage_stats, advantages, inputs, batch))
+            advantages, returns = first.estimator.fn(inputs, first.params)
+        results, row = [], 0
+        for job in jobs:
+            rows, width = job.batch.mask.shape
+            adv, ret = advantages[row:row + rows, :width], returns[row:row + rows, :width]
+            row += rows
+            own_inputs = inputs if len(jobs) == 1 else None
+            stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)
+            results.append(AdvantageResult(first.estimator.name, job.preset, job.batch.output(adv),
+                                           job.batch.output(ret), job.params, stats_fn=stats))
+        return results
 
     @staticmethod
-    def _advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
-        t = batch.tensors
-        mask = batch.mask
-        token_rewards = t.get("token_rewards")
-        return AdvantageInputs(
-            mask=mask,
-            valid=batch.valid,
-            scores=t["rewards"] if token_rewards is None else token_rewards.sum(dim=1),
-            lengths=batch.lengths.to(dtype),
-            given_token_rewards=token_rewards,
-            groups=Groups.from_index(batch.group_index) if batch.group_index is not None else None,
-            values=t.get("values"),
-            old_logprobs=t.get("old_logprobs"),
-            ref_logprobs=t.get("ref_logprobs"),
-            greedy_rewards=t.get("greedy_rewards"),
-        )
-
-    @staticmethod
-    def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], inputs: AdvantageInputs,
-                                       batch: Batch) -> None:
-        if params.get("singleton_groups") == "error" and inputs.groups is not None:
-            small = torch.nonzero(inputs.groups.sizes < 2).flatten()
+    def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], batch: Batch) -> None:
+        if params.get("singleton_groups") == "error" and batch.group_index is not None:
+            small = torch.nonzero(Groups.from_index(batch.group_index).sizes < 2).flatten()
             if small.numel():
                 label = batch.group_labels[int(small[0])]
                 raise InvalidArgument(
@@ -154,7 +157,7 @@ class Engine:
 
         required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
         batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
-                            context="the requested loss terms")
+                            context="the requested loss terms", layout=request.layout or "padded")
         t, mask = batch.tensors, batch.mask
         agg = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
                                                          "policy_loss")
@@ -212,8 +215,8 @@ class Engine:
         if not bool(torch.isfinite(total)):
             raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
                                   "too large); bound it with policy_loss.ratio_clamp", field="tensors.logprobs")
-        return LossResult(preset.name, float(total), components, metrics, grad_logprobs, grad_values, grad_entropy,
-                          params=terms)
+        return LossResult(preset.name, float(total), components, metrics, batch.output(grad_logprobs),
+                          batch.output(grad_values), batch.output(grad_entropy), params=terms)
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
@@ -276,6 +279,48 @@ class Engine:
 # --- helpers ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PreparedAdvantages:
+    """A validated advantage request, ready for the device."""
+
+    estimator: Estimator
+    preset: str
+    params: dict[str, Any]
+    dtype: torch.dtype
+    batch: Batch
+
+    @property
+    def coalescing_key(self) -> tuple | None:
+        """Requests with equal keys can share one device batch; None when the estimator's result
+        depends on the whole batch (whitening), so it must run alone."""
+        if self.params.get("whiten"):
+            return None
+        return (self.estimator.name, self.preset, tuple(sorted(self.params.items())), self.dtype,
+                tuple(sorted(self.batch.tensors)), self.batch.group_index is not None)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch.mask.numel()
+
+
+def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
+    """The estimators' view of a validated batch."""
+    t = batch.tensors
+    token_rewards = t.get("token_rewards")
+    return AdvantageInputs(
+        mask=batch.mask,
+        valid=batch.valid,
+        scores=t["rewards"] if token_rewards is None else token_rewards.sum(dim=1),
+        lengths=batch.lengths.to(dtype),
+        given_token_rewards=token_rewards,
+        groups=Groups.from_index(batch.group_index) if batch.group_index is not None else None,
+        values=t.get("values"),
+        old_logprobs=t.get("old_logprobs"),
+        ref_logprobs=t.get("ref_logprobs"),
+        greedy_rewards=t.get("greedy_rewards"),
+    )
+
+
 def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, Any], metrics: dict) -> Tensor:
     """Importance weights [B, T] correcting for the rollout engine's policy: w = π_old/π_rollout per
     token, or the product over the sequence; truncated to [low, high] or masked outside it."""
@@ -323,9 +368,13 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
     return out
 
 
-def advantage_stats(advantages: Tensor, inputs: AdvantageInputs, batch: Batch) -> dict[str, Any]:
+def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: Batch,
+                    dtype: torch.dtype) -> dict[str, Any]:
     """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
-    mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal."""
+    mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal.
+    advantages [B, T] padded; `inputs` None rebuilds them from `batch` (a coalesced request)."""
+    inputs = inputs or advantage_inputs(batch, dtype)
+    advantages = advantages.contiguous()
     mask = inputs.mask
     stats: dict[str, Any] = {
         "sequences": int(mask.shape[0]),

@@ -29,6 +29,16 @@ class NotFound(AdvserveError, LookupError):
     code = "not_found"
 
 
+class Unavailable(AdvserveError):
+    """The server cannot take the request now (admission queue full, shutting down): retry later."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0):
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
 class PayloadTooLarge(AdvserveError):
     """The request body exceeds the configured limit."""
 
@@ -40,5 +50,6 @@ STATUS: dict[str, int] = {
     InvalidArgument.code: 400,
     NotFound.code: 404,
     PayloadTooLarge.code: 413,
+    Unavailable.code: 503,
     AdvserveError.code: 500,
 }

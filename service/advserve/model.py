@@ -16,6 +16,7 @@ class AdvantageRequest:
     preset: str | None = None
     params: Mapping[str, Any] | None = None
     dtype: str | None = None
+    layout: str | None = None  # "padded" (default) or "packed" (flat [N] token tensors + cu_seqlens)
 
 
 class AdvantageResult:
@@ -62,6 +63,7 @@ class LossRequest:
     num_tokens: float | None = None
     num_sequences: float | None = None
     dtype: str | None = None
+    layout: str | None = None
 
 
 @dataclass(frozen=True)

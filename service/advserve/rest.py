@@ -1,16 +1,18 @@
-"""REST transport: JSON over HTTP. Converts the wire to the domain model and back; the engine does
-the rest. Errors of every kind leave as `{"error": {"code", "message", "field"}}` with the status of
-`errors.STATUS`; an unexpected exception is logged and answered 500 without details."""
+"""REST transport: JSON or binary-framed tensors over HTTP. Converts the wire to the domain model
+and back; the engine and the scheduler do the rest. Errors of every kind leave as
+`{"error": {"code", "message", "field"}}` with the status of `errors.STATUS`; an unexpected
+exception is logged and answered 500 without details. Every response to a compute request carries
+a Server-Timing header (decode, queue, compute, encode, in ms)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import time
+import warnings
 from typing import Any, Callable, Literal, Union
 
-import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, Request
@@ -19,16 +21,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from advserve_client import framing
+from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, RawTensor
+
 from . import __version__
+from .config import Settings
 from .engine import Engine
-from .errors import STATUS, AdvserveError, InvalidArgument, PayloadTooLarge
+from .errors import STATUS, AdvserveError, InvalidArgument, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
+from .scheduler import Scheduler
 
 log = logging.getLogger("advserve")
 
-DEFAULT_MAX_JSON_BYTES = 64 * 1024 * 1024
-
-TensorValue = Union[list, None]
 TermSpec = Union[dict[str, Any], bool, None]
 
 
@@ -40,7 +44,9 @@ class AdvantagesBody(BaseModel):
     preset: str | None = Field(None, description="'paper' (default) or 'verl'")
     params: dict[str, Any] | None = Field(None, description="overrides of the preset's parameters")
     dtype: Literal["float32", "float64"] | None = Field(None, description="compute dtype (default float32)")
-    tensors: dict[str, TensorValue] = Field(
+    layout: Literal["padded", "packed"] | None = Field(None, description="padded (default): token tensors [B,T]; "
+                                                       "packed: flat [N] with cu_seqlens [B+1]")
+    tensors: dict[str, Any] = Field(
         description="nested lists: rewards [B] or token_rewards [B,T], response_mask [B,T], group_ids [B] "
         "(ints or strings), values, old_logprobs, ref_logprobs [B,T], greedy_rewards [B]")
 
@@ -59,7 +65,8 @@ class LossesBody(BaseModel):
     num_tokens: float | None = Field(None, description="global token count (token-mean) when this is a shard")
     num_sequences: float | None = Field(None, description="global sequence count (seq-mean-*) when this is a shard")
     dtype: Literal["float32", "float64"] | None = None
-    tensors: dict[str, TensorValue] = Field(
+    layout: Literal["padded", "packed"] | None = None
+    tensors: dict[str, Any] = Field(
         description="nested lists [B,T]: logprobs, old_logprobs, advantages, response_mask, ref_logprobs, values, "
         "old_values, returns, entropy, rollout_logprobs")
 
@@ -99,7 +106,8 @@ class JSONResponse(Response):
 
 
 def _error_response(error: AdvserveError) -> JSONResponse:
-    return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, 500))
+    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
+    return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, 500), headers=headers)
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
@@ -110,98 +118,213 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResp
     return _error_response(InvalidArgument(message, field=field))
 
 
-def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
-    return None if tensor is None else tensor.detach().cpu().numpy()
+# --- tensors on the wire ------------------------------------------------------------------------
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
+                "bool": torch.bool}
+WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-def _with_stats(result: AdvantageResult) -> AdvantageResult:
-    result.stats  # computed here, in the compute thread, not on the event loop
-    return result
+def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
+    """A torch view of a framed buffer: no copy (the engine never writes into its inputs)."""
+    dtype = TORCH_DTYPES[raw.dtype]
+    if raw.nbytes == 0:
+        return torch.empty(raw.shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the body is read-only bytes; nothing writes to it
+        if raw.dtype == "bool":
+            as_bytes = torch.frombuffer(raw.data, dtype=torch.uint8)
+            if int(as_bytes.max()) > 1:
+                raise InvalidArgument(f"tensor {name!r}: bool bytes must be 0 or 1", field=f"tensors.{name}")
+            return as_bytes.view(torch.bool).view(raw.shape)
+        return torch.frombuffer(raw.data, dtype=dtype).view(raw.shape)
 
 
-def advantages_to_json(result: AdvantageResult) -> dict[str, Any]:
-    return {
-        "estimator": result.estimator,
-        "preset": result.preset,
-        "params": result.params,
-        "tensors": {"advantages": _numpy(result.advantages), "returns": _numpy(result.returns)},
-        "stats": result.stats,
-    }
+def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return RawTensor.from_numpy(tensor.view(torch.uint16).numpy(), dtype="bfloat16")
+    return RawTensor.from_numpy(tensor.numpy(), dtype=WIRE_DTYPES[tensor.dtype])
 
 
-def losses_to_json(result: LossResult) -> dict[str, Any]:
-    grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-             "grad_entropy": result.grad_entropy}
-    return {
-        "preset": result.preset,
-        "loss": result.loss,
-        "components": result.components,
-        "metrics": result.metrics,
-        "params": result.params,
-        "tensors": {name: _numpy(t) for name, t in grads.items() if t is not None},
-    }
+def _is_binary(headers) -> bool:
+    return HEADER_LENGTH.lower() in headers or headers.get("content-type", "").startswith(CONTENT_TYPE)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, declared (rejected before it is read)
-    or streamed (the read stops at the limit)."""
+def _wants_binary(headers, binary_request: bool) -> bool:
+    accept = headers.get("accept", "")
+    if CONTENT_TYPE in accept:
+        return True
+    if "application/json" in accept:
+        return False
+    return binary_request
 
-    def __init__(self, app: Callable, max_bytes: int):
+
+def decode_body(body: bytes, headers, model: type[BaseModel]) -> tuple[BaseModel, dict[str, Any]]:
+    """(the request document validated by `model`, its tensors: torch views or nested lists)."""
+    if _is_binary(headers):
+        try:
+            document, raw = framing.decode(body, headers.get(HEADER_LENGTH.lower()))
+        except FramingError as exc:
+            raise InvalidArgument(exc.message, field=exc.field) from None
+        tensors = {name: raw_to_torch(name, t) if isinstance(t, RawTensor) else t for name, t in raw.items()}
+        document["tensors"] = {}
+    else:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"body is not valid JSON: {exc}", field="body") from None
+        if not isinstance(document, dict):
+            raise InvalidArgument("body must be a JSON object", field="body")
+        tensors = document.get("tensors")
+        if isinstance(tensors, dict):
+            document = {**document, "tensors": {}}
+    parsed = model.model_validate(document)
+    return parsed, tensors
+
+
+def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | None], binary: bool,
+                    headers: dict[str, str]) -> Response:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    if binary:
+        header_length, chunks = framing.encode(document, {name: torch_to_raw(t) for name, t in present.items()})
+        headers[HEADER_LENGTH] = str(header_length)
+        return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
+    numpy = {name: t.detach().cpu().numpy() for name, t in present.items()}
+    return JSONResponse({**document, "tensors": numpy}, headers=headers)
+
+
+def advantages_document(result: AdvantageResult) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    document = {"estimator": result.estimator, "preset": result.preset, "params": result.params,
+                "stats": result.stats}
+    return document, {"advantages": result.advantages, "returns": result.returns}
+
+
+def losses_document(result: LossResult) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]]:
+    document = {"preset": result.preset, "loss": result.loss, "components": result.components,
+                "metrics": result.metrics, "params": result.params}
+    return document, {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
+                      "grad_entropy": result.grad_entropy}
+
+
+def server_timing(**durations_s: float) -> str:
+    """The standard Server-Timing header: `decode;dur=1.234, queue;dur=...` (milliseconds)."""
+    return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in durations_s.items())
+
+
+# --- admission ----------------------------------------------------------------------------------
+
+
+class Admission:
+    """Bytes of request bodies in flight, bounded: a request that does not fit is turned away (503)
+    before its body is read, instead of growing memory. Only touched on the event loop."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_flight = 0
+
+    def try_acquire(self, nbytes: int) -> bool:
+        if self.in_flight + nbytes > self.capacity:
+            return False
+        self.in_flight += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.in_flight -= nbytes
+
+
+class AdmissionControl:
+    """ASGI middleware on POST /v1/*: body size limits (413; binary and JSON bodies have their own)
+    and admission by bytes in flight (503 + Retry-After), checked on the declared Content-Length
+    before the body is read, and again while a body without one streams in. The bytes are held
+    until the response has been sent."""
+
+    def __init__(self, app: Callable, admission: Admission, max_body_bytes: int, max_json_bytes: int):
         self.app = app
-        self.max_bytes = max_bytes
-
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes", field="body")
+        self.admission = admission
+        self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = max_json_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = _error_response(self._error())
-            return await response(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        limit = self.max_body_bytes if _is_binary(headers) else self.max_json_bytes
+        declared = headers.get("content-length", "")
+        held = 0
+
+        def too_large() -> PayloadTooLarge:
+            kind = "binary" if limit == self.max_body_bytes else "JSON (use the binary framing for large batches)"
+            return PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
+
+        def overloaded() -> Unavailable:
+            return Unavailable(f"server busy: {self.admission.in_flight} request bytes in flight of "
+                               f"{self.admission.capacity}; retry later")
+
+        if declared.isdigit():
+            size = int(declared)
+            error = too_large() if size > limit else None
+            if error is None and size > self.admission.capacity:
+                error = PayloadTooLarge(f"request body of {size} bytes exceeds the server's admission capacity "
+                                        f"of {self.admission.capacity} bytes", field="body")
+            if error is None and not self.admission.try_acquire(size):
+                error = overloaded()
+            if error is not None:
+                return await _error_response(error)(scope, receive, send)
+            held = size
+
         seen = 0
 
-        async def limited_receive():
-            nonlocal seen
+        async def counted_receive():
+            nonlocal seen, held
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()  # answered 413 by the AdvserveError handler
+                chunk = len(message.get("body", b""))
+                seen += chunk
+                if seen > limit:
+                    raise too_large()  # answered by the AdvserveError handler
+                if seen > held:  # no (or a wrong) Content-Length: admit as the bytes arrive
+                    if not self.admission.try_acquire(seen - held):
+                        raise overloaded()
+                    held = seen
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            self.admission.release(held)
 
 
-def create_app(engine: Engine | None = None, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> FastAPI:
-    """The FastAPI application over `engine` (a new CPU/CUDA engine when None)."""
-    engine = engine or Engine()
-    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advserve-compute")  # owns the device
+# --- the application ----------------------------------------------------------------------------
+
+
+def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application over `engine` (a new engine on `settings.device` when None)."""
+    settings = settings or Settings()
+    engine = engine or Engine(settings.device)
+    scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3, max_batch_tokens=settings.max_batch_tokens,
+                          coalesce=settings.coalesce)
+    admission = Admission(settings.admission_bytes)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        compute.shutdown(wait=True)
+        scheduler.close()
 
     app = FastAPI(
         lifespan=lifespan,
         title="advserve",
         version=__version__,
         description="Token advantages, policy losses and their gradients for RL on language models. "
-        "Formulas: docs/semantics.md. Errors: {\"error\": {\"code\", \"message\", \"field\"}}.",
+        "Formulas: docs/semantics.md. Bodies are JSON, or binary-framed tensors (Content-Type: "
+        "application/octet-stream, Inference-Header-Content-Length; docs/binary-framing.md). "
+        "Errors: {\"error\": {\"code\", \"message\", \"field\"}}.",
     )
-    app.state.engine = engine
-
-    async def run(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(compute, fn, *args)
-
-    async def parse(request: Request, model: type[BaseModel]) -> BaseModel:
-        body = await request.body()
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"body is not valid JSON: {exc}", field="body") from None
-        return model.model_validate(document)
+    app.state.engine, app.state.scheduler, app.state.admission = engine, scheduler, admission
 
     @app.exception_handler(AdvserveError)
     async def _domain_error(request: Request, exc: AdvserveError):
@@ -221,32 +344,63 @@ def create_app(engine: Engine | None = None, *, max_json_bytes: int = DEFAULT_MA
         return _error_response(AdvserveError("internal error"))
 
     def body_schema(model: type[BaseModel]) -> dict:
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref},
+            CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
+                           "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}}
 
-    error_responses = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody}}
+    error_responses = {code: {"model": ErrorBody} for code in (400, 404, 413, 503)}
 
-    @app.post("/v1/advantages", response_class=JSONResponse, openapi_extra=body_schema(AdvantagesBody),
+    async def serve(request: Request, model: type[BaseModel], prepare, compute, document_of) -> Response:
+        started = time.perf_counter()
+        body = await request.body()
+        headers = request.headers
+
+        def decode():
+            parsed, tensors = decode_body(body, headers, model)
+            return prepare(parsed, tensors)
+
+        prepared = await asyncio.to_thread(decode)
+        decoded = time.perf_counter()
+        result, timing = await compute(prepared)
+        encode_started = time.perf_counter()
+
+        def encode():
+            document, tensors = document_of(result)
+            return encode_response(document, tensors, _wants_binary(headers, _is_binary(headers)), {})
+
+        response = await asyncio.to_thread(encode)
+        response.headers["Server-Timing"] = server_timing(
+            decode=decoded - started, queue=timing.queue, compute=timing.compute,
+            encode=time.perf_counter() - encode_started)
+        return response
+
+    @app.post("/v1/advantages", openapi_extra=body_schema(AdvantagesBody),
               responses={200: {"model": AdvantagesResponse}, **error_responses}, tags=["compute"])
     async def advantages(request: Request):
         """Token advantages and returns of one estimator for a batch."""
-        body = await parse(request, AdvantagesBody)
-        domain = AdvantageRequest(estimator=body.estimator, tensors=body.tensors, preset=body.preset,
-                                  params=body.params, dtype=body.dtype)
-        result = await run(lambda: _with_stats(engine.compute_advantages(domain)))
-        return JSONResponse(advantages_to_json(result))
 
-    @app.post("/v1/losses", response_class=JSONResponse, openapi_extra=body_schema(LossesBody),
+        def prepare(body: AdvantagesBody, tensors):
+            return engine.prepare_advantages(AdvantageRequest(
+                estimator=body.estimator, tensors=tensors, preset=body.preset, params=body.params, dtype=body.dtype,
+                layout=body.layout))
+
+        return await serve(request, AdvantagesBody, prepare, scheduler.advantages, advantages_document)
+
+    @app.post("/v1/losses", openapi_extra=body_schema(LossesBody),
               responses={200: {"model": LossesResponse}, **error_responses}, tags=["compute"])
     async def losses(request: Request):
         """Policy, KL, value and entropy loss terms with per-token gradients."""
-        body = await parse(request, LossesBody)
-        domain = LossRequest(tensors=body.tensors, preset=body.preset, policy_loss=body.policy_loss,
-                             kl_loss=body.kl_loss, value_loss=body.value_loss, entropy_bonus=body.entropy_bonus,
-                             rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
-                             num_sequences=body.num_sequences, dtype=body.dtype)
-        result = await run(engine.compute_losses, domain)
-        return JSONResponse(losses_to_json(result))
+
+        def prepare(body: LossesBody, tensors):
+            return LossRequest(tensors=tensors, preset=body.preset, policy_loss=body.policy_loss,
+                               kl_loss=body.kl_loss, value_loss=body.value_loss, entropy_bonus=body.entropy_bonus,
+                               rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
+                               num_sequences=body.num_sequences, dtype=body.dtype, layout=body.layout)
+
+        return await serve(request, LossesBody, prepare,
+                           lambda domain: scheduler.call(lambda: engine.compute_losses(domain)), losses_document)
 
     @app.get("/v1/estimators", response_class=JSONResponse, tags=["catalog"])
     async def estimators():
@@ -273,5 +427,6 @@ def create_app(engine: Engine | None = None, *, max_json_bytes: int = DEFAULT_MA
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(BodyLimit, max_bytes=max_json_bytes)
+    app.add_middleware(AdmissionControl, admission=admission, max_body_bytes=settings.max_body_bytes,
+                       max_json_bytes=settings.max_json_bytes)
     return app

@@ -1,0 +1,158 @@
+"""Binary tensor framing of advserve's REST API (the Open Inference Protocol's binary extension).
+
+A body is a JSON header followed by raw tensor buffers:
+
+    body = header (n bytes of UTF-8 JSON) ++ buffer_1 ++ buffer_2 ++ ...
+    HTTP: Content-Type: application/octet-stream, Inference-Header-Content-Length: n
+
+The header is the JSON document of the JSON API, except that each binary tensor under "tensors" is
+a descriptor `{"dtype": "float32", "shape": [B, T], "binary_data_size": nbytes}` instead of nested
+lists; its buffer follows in the order the tensors appear in the header, little-endian, C order,
+bool as one byte (0 or 1). A tensor may still be given inline as a JSON list (group ids as strings,
+say). docs/binary-framing.md has the byte-level specification and a worked example.
+
+This module knows bytes and JSON only (numpy for encoding); each side turns `RawTensor`s into its
+own arrays. Decoding copies nothing: each tensor is a memoryview into the body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import orjson
+
+CONTENT_TYPE = "application/octet-stream"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1, "bool": 1}
+MAX_RANK = 8
+_NUMPY_DTYPES = {  # numpy has no bfloat16: its buffers travel as raw uint16 words
+    np.dtype("<f4"): "float32", np.dtype("<f8"): "float64", np.dtype("<f2"): "float16", np.dtype("<i4"): "int32",
+    np.dtype("<i8"): "int64", np.dtype("u1"): "uint8", np.dtype("bool"): "bool",
+}
+
+
+class FramingError(ValueError):
+    """A malformed binary body. `field` names the tensor ("tensors.<name>") or the part at fault."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """One tensor as it travels: dtype name, shape, and its little-endian C-order bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @staticmethod
+    def from_numpy(array: np.ndarray, dtype: str | None = None) -> "RawTensor":
+        """Wrap a numpy array (made little-endian and C-contiguous if it is not). `dtype` names the wire
+        dtype when numpy cannot (pass "bfloat16" with a uint16 array of bfloat16 words)."""
+        array = np.ascontiguousarray(array)
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        name = dtype or _NUMPY_DTYPES.get(array.dtype)
+        if name is None:
+            raise TypeError(f"dtype {array.dtype} has no wire type; use one of {', '.join(ITEMSIZE)}")
+        return RawTensor(name, tuple(array.shape), memoryview(array).cast("B"))
+
+    def to_numpy(self) -> np.ndarray:
+        """A read-only numpy view (bfloat16 is widened to float32, numpy having no bfloat16)."""
+        if self.dtype == "bfloat16":
+            words = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
+            return words.view(np.float32).reshape(self.shape)
+        dtype = "bool" if self.dtype == "bool" else np.dtype(self.dtype).newbyteorder("<")
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+
+def encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]) -> tuple[int, list[bytes | memoryview]]:
+    """Frame `document` (without "tensors") and `tensors` (binary, or a list sent inline as JSON).
+
+    Returns (header length n, chunks): the body is b"".join(chunks); the chunks after the header are
+    the tensors' own buffers, not copies, so a server can stream them.
+    """
+    described: dict[str, Any] = {}
+    buffers: list[memoryview] = []
+    for name, tensor in tensors.items():
+        if isinstance(tensor, RawTensor):
+            described[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "binary_data_size": tensor.nbytes}
+            buffers.append(tensor.data)
+        else:
+            described[name] = tensor
+    header = orjson.dumps({**document, "tensors": described}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return len(header), [header, *buffers]
+
+
+def decode(body: bytes | bytearray | memoryview, header_length: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a framed body into (document without "tensors", {name: RawTensor or inline list}).
+
+    Every size is checked before anything is allocated: the header length within the body, each
+    dtype and shape, binary_data_size == prod(shape) · itemsize, and the buffers adding up exactly
+    to the rest of the body. Raises FramingError naming the tensor or part at fault.
+    """
+    view = memoryview(body).cast("B")
+    n = _header_length(header_length, view.nbytes)
+    try:
+        document = orjson.loads(view[:n])
+    except orjson.JSONDecodeError as exc:
+        raise FramingError(f"the header (first {n} bytes) is not valid JSON: {exc}", "body") from None
+    if not isinstance(document, dict):
+        raise FramingError("the header must be a JSON object", "body")
+    described = document.pop("tensors", None)
+    if not isinstance(described, dict):
+        raise FramingError("the header needs a 'tensors' object", "tensors")
+    offset, tensors = n, {}
+    for name, entry in described.items():
+        if not isinstance(entry, dict):
+            tensors[name] = entry  # an inline JSON tensor
+            continue
+        raw = _describe(name, entry)
+        end = offset + raw[2]
+        if end > view.nbytes:
+            raise FramingError(f"tensor {name!r}: its {raw[2]} bytes run past the end of the body "
+                               f"({view.nbytes - offset} left)", f"tensors.{name}")
+        tensors[name] = RawTensor(raw[0], raw[1], view[offset:end])
+        offset = end
+    if offset != view.nbytes:
+        raise FramingError(f"{view.nbytes - offset} bytes after the last tensor: the header's binary_data_size "
+                           "values must add up to the body length minus the header length", "body")
+    return document, tensors
+
+
+def _header_length(value: Any, body_length: int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise FramingError(f"{HEADER_LENGTH} must be an integer, got {value!r}", HEADER_LENGTH) from None
+    if not 0 < n <= body_length:
+        raise FramingError(f"{HEADER_LENGTH} is {n} but the body has {body_length} bytes", HEADER_LENGTH)
+    return n
+
+
+def _describe(name: str, entry: dict) -> tuple[str, tuple[int, ...], int]:
+    field = f"tensors.{name}"
+    dtype, shape, size = entry.get("dtype"), entry.get("shape"), entry.get("binary_data_size")
+    if dtype not in ITEMSIZE:
+        raise FramingError(f"tensor {name!r}: dtype must be one of {', '.join(ITEMSIZE)}, got {dtype!r}", field)
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise FramingError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative integers, "
+                           f"got {shape!r}", field)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FramingError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}", field)
+    expected = math.prod(shape) * ITEMSIZE[dtype]  # Python ints: no overflow
+    if size != expected:
+        raise FramingError(f"tensor {name!r}: binary_data_size is {size} but shape {shape} of {dtype} needs "
+                           f"{expected} bytes", field)
+    return dtype, tuple(shape), size

@@ -1,0 +1,74 @@
+"""Server settings: one table, read from CLI flags and ADVSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _default_admission_bytes() -> int:
+    """A quarter of physical memory, capped at 8 GiB (bytes of request bodies in flight)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(64 << 20, min(total // 4, 8 << 30))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of `advserve serve`. Each field is the flag --<name-with-dashes> and the environment
+    variable ADVSERVE_<NAME> (flags win)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    http_port: int = field(default=8000, metadata={"help": "REST port"})
+    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (reserved: the gRPC API is not served yet)"})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"})
+    log_level: str = field(default="info", metadata={"help": "critical, error, warning, info or debug",
+                                                     "choices": ("critical", "error", "warning", "info", "debug")})
+    max_body_bytes: int = field(default=1 << 30, metadata={"help": "largest binary request body (bytes)"})
+    max_json_bytes: int = field(default=64 << 20, metadata={"help": "largest JSON request body (bytes); JSON is "
+                                                                    "for small batches, use the binary framing"})
+    admission_bytes: int = field(default_factory=_default_admission_bytes, metadata={
+        "help": "request bytes admitted in flight (decoding, queued, computing, encoding); past it: 503 + "
+                "Retry-After (default: a quarter of RAM, at most 8 GiB)"})
+    coalesce: bool = field(default=True, metadata={"help": "run small compatible advantage requests that arrive "
+                                                           "together as one device batch"})
+    max_wait_ms: float = field(default=0.0, metadata={"help": "how long the compute thread waits for more "
+                                                              "requests to coalesce (0: only those already queued)"})
+    max_batch_tokens: int = field(default=1 << 18, metadata={"help": "largest coalesced batch, in tokens (B·T)"})
+
+    def validate(self) -> "Settings":
+        problems = []
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be in 0..65535")
+        for name in ("max_body_bytes", "max_json_bytes", "admission_bytes", "max_batch_tokens"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.max_wait_ms < 0:
+            problems.append("max_wait_ms must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def env_name(name: str) -> str:
+    return f"ADVSERVE_{name.upper()}"
+
+
+def parse_value(kind: Any, text: str) -> Any:
+    """A setting's value from its text (flags and environment variables alike)."""
+    if kind in (bool, "bool"):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    return {"int": int, "float": float, "str": str}.get(kind, kind)(text)
+
+
+def setting_fields():
+    return fields(Settings)

@@ -1,0 +1,144 @@
+"""The compute thread, its queue and the coalescing of small requests.
+
+One thread owns the device and runs jobs in arrival order. Decoding and validation happen before a
+job is queued (in the transport's threads), so the compute thread only computes, and a bad request
+never reaches a batch. When the thread picks up an advantage job it also takes every queued job with
+the same coalescing key (same estimator, preset, parameters, dtype and tensors; estimators whose
+result depends on the whole batch, i.e. whitening, never coalesce) up to `max_batch_tokens`, waiting
+up to `max_wait_s` for more (default 0: only what already arrived), and runs them as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .engine import Engine, PreparedAdvantages
+from .errors import Unavailable
+
+
+@dataclass
+class Timing:
+    """Seconds spent waiting in the queue and computing (a coalesced batch's compute is shared)."""
+
+    queue: float = 0.0
+    compute: float = 0.0
+    coalesced: int = 1
+
+
+@dataclass
+class _Job:
+    run: Callable[[], Any] | None  # a single job (losses, or anything not coalescible)
+    prepared: PreparedAdvantages | None  # an advantage job that may be coalesced
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the caller went away (cancelled)
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+class Scheduler:
+    """FIFO of compute jobs served by one thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, *, max_wait_s: float = 0.0, max_batch_tokens: int = 1 << 18,
+                 coalesce: bool = True):
+        self.engine = engine
+        self.max_wait_s = max_wait_s
+        self.max_batch_tokens = max_batch_tokens
+        self.coalesce = coalesce
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="advserve-compute", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for the compute thread."""
+        return len(self._jobs)
+
+    async def advantages(self, prepared: PreparedAdvantages):
+        """(AdvantageResult, Timing) of a prepared request."""
+        return await self._submit(None, prepared)
+
+    async def call(self, fn: Callable[[], Any]):
+        """(fn(), Timing) with fn run on the compute thread."""
+        return await self._submit(fn, None)
+
+    async def _submit(self, run, prepared):
+        loop = asyncio.get_running_loop()
+        job = _Job(run, prepared, loop.create_future(), loop)
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            self._jobs.append(job)
+            self._cv.notify()
+        return await job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # --- the compute thread ---------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                first = self._jobs.popleft()
+                batch = [first] + self._companions(first)
+            started = time.perf_counter()
+            try:
+                if first.run is not None:
+                    outcomes = [first.run()]
+                else:
+                    outcomes = self.engine.run_advantages([job.prepared for job in batch])
+            except BaseException as exc:  # noqa: BLE001 - each caller gets its error, the thread lives on
+                for job in batch:
+                    job.finish(error=exc)
+                continue
+            done = time.perf_counter()
+            for job, outcome in zip(batch, outcomes):
+                job.finish((outcome, Timing(queue=started - job.queued_at, compute=done - started,
+                                            coalesced=len(batch))))
+
+    def _companions(self, first: _Job) -> list[_Job]:
+        """Queued jobs that can share `first`'s device batch (called with the lock held)."""
+        if not self.coalesce or first.prepared is None:
+            return []
+        key = first.prepared.coalescing_key
+        if key is None:
+            return []
+        tokens = first.prepared.tokens
+        deadline = time.perf_counter() + self.max_wait_s
+        taken: list[_Job] = []
+        while True:
+            for job in list(self._jobs):
+                if job.prepared is not None and job.prepared.coalescing_key == key \
+                        and tokens + job.prepared.tokens <= self.max_batch_tokens:
+                    self._jobs.remove(job)
+                    taken.append(job)
+                    tokens += job.prepared.tokens
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or tokens >= self.max_batch_tokens or self._stopping:
+                return taken
+            self._cv.wait(remaining)
