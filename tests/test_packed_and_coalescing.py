@@ -1,0 +1,211 @@
+"""The packed layout gives exactly the padded results; coalesced requests give exactly their one-by-one
+results; the compute thread keeps the server responsive; admission turns load away with a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import advserve
+from advserve.engine import Engine
+from advserve.estimators import ESTIMATORS
+from advserve.model import AdvantageRequest
+from advserve.scheduler import Scheduler
+from advserve_client import framing
+from conftest import RunningServer
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_batch(rng: np.random.Generator, b: int, t: int, gaps: bool):
+    lengths = rng.integers(0, t + 1, size=b)
+    lengths[0] = max(lengths[0], 1)
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    if gaps:
+        mask &= ~((rng.random((b, t)) < 0.2) & (np.arange(t)[None, :] < lengths[:, None] - 1))
+    groups = rng.integers(0, max(1, b // 2), size=b)
+    return {
+        "rewards": rng.integers(0, 2, size=b).astype(float) + rng.normal(scale=0.1, size=b),
+        "response_mask": mask,
+        "group_ids": groups,
+        "values": rng.normal(size=(b, t)),
+        "old_logprobs": -rng.random((b, t)),
+        "ref_logprobs": -rng.random((b, t)),
+        "greedy_rewards": rng.random(b),
+    }
+
+
+def select(estimator: str, batch: dict, kl: bool) -> dict:
+    spec = ESTIMATORS[estimator]
+    names = {"rewards", "response_mask"} | spec.requires | (spec.optional if kl else set())
+    return {k: v for k, v in batch.items() if k in names}
+
+
+def pack(tensors: dict, mask: np.ndarray) -> dict:
+    """The packed form of a padded batch: each row's first L_i = last valid index + 1 tokens, end to end."""
+    lengths = np.array([np.flatnonzero(row).max() + 1 if row.any() else 0 for row in mask])
+    keep = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    out = {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for k, v in tensors.items()}
+    out["cu_seqlens"] = np.concatenate([[0], np.cumsum(lengths)])
+    return out, keep
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), b=st.integers(2, 7), t=st.integers(1, 9), gaps=st.booleans(),
+       estimator=st.sampled_from(sorted(ESTIMATORS)), kl=st.booleans())
+def test_packed_equals_padded_for_every_estimator(seed, b, t, gaps, estimator, kl):
+    rng = np.random.default_rng(seed)
+    batch = random_batch(rng, b, t, gaps)
+    params = {"singleton_groups": "zero"} if estimator == "rloo" else {}
+    if kl and "kl_coef" in ESTIMATORS[estimator].params:
+        params["kl_coef"] = 0.1
+    tensors = select(estimator, batch, kl and "kl_coef" in params)
+    padded = advserve.compute_advantages(estimator, params=params, dtype="float64", **tensors)
+    packed_tensors, keep = pack(tensors, batch["response_mask"])
+    packed = advserve.compute_advantages(estimator, params=params, dtype="float64", layout="packed", **packed_tensors)
+    np.testing.assert_allclose(packed.advantages, padded.advantages[keep], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(packed.returns, padded.returns[keep], rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 6), t=st.integers(1, 9), gaps=st.booleans(),
+       agg=st.sampled_from(["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum"]),
+       mode=st.sampled_from(["ppo_clip", "gspo", "cispo", "reinforce"]))
+def test_packed_equals_padded_for_losses(seed, b, t, gaps, agg, mode):
+    rng = np.random.default_rng(seed)
+    batch = random_batch(rng, b, t, gaps)
+    lp = -rng.random((b, t))
+    tensors = {"logprobs": lp, "old_logprobs": lp + rng.normal(scale=0.3, size=(b, t)),
+               "advantages": rng.normal(size=(b, t)), "response_mask": batch["response_mask"],
+               "ref_logprobs": batch["ref_logprobs"], "values": batch["values"], "old_values": rng.normal(size=(b, t)),
+               "returns": rng.normal(size=(b, t))}
+    spec = dict(preset="verl", policy_loss={"mode": mode, "agg": agg}, kl_loss={"coef": 0.1},
+                value_loss={"coef": 0.5}, dtype="float64")
+    padded = advserve.compute_losses(**spec, **tensors)
+    packed_tensors, keep = pack(tensors, batch["response_mask"])
+    packed = advserve.compute_losses(**spec, layout="packed", **packed_tensors)
+    assert packed.loss == pytest.approx(padded.loss, rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(packed.grad_logprobs, padded.grad_logprobs[keep], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(packed.grad_values, padded.grad_values[keep], rtol=1e-12, atol=1e-14)
+
+
+def test_packed_layout_errors_name_the_field():
+    with pytest.raises(advserve.InvalidArgument) as err:
+        advserve.compute_advantages("grpo", layout="packed", rewards=np.ones(2), group_ids=[0, 0],
+                                    cu_seqlens=np.array([0, 3, 2]))
+    assert err.value.field == "tensors.cu_seqlens"
+    with pytest.raises(advserve.InvalidArgument) as err:
+        advserve.compute_advantages("gae", layout="packed", rewards=np.ones(2), values=np.zeros(4),
+                                    cu_seqlens=np.array([0, 2, 5]))
+    assert err.value.field == "tensors.values"
+    with pytest.raises(advserve.InvalidArgument) as err:
+        advserve.compute_advantages("grpo", layout="packed", rewards=np.ones(2), group_ids=[0, 0])
+    assert err.value.field == "tensors.cu_seqlens"
+    with pytest.raises(advserve.InvalidArgument) as err:
+        advserve.compute_advantages("grpo", rewards=np.ones(2), group_ids=[0, 0], response_mask=np.ones((2, 2)),
+                                    cu_seqlens=np.array([0, 2, 4]))
+    assert err.value.field == "tensors.cu_seqlens"
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo", "dapo", "gae", "remax", "reinforce_rtg"])
+def test_coalesced_equals_one_by_one(estimator):
+    engine = Engine("cpu")
+    rng = np.random.default_rng(3)
+    requests = []
+    for i in range(5):  # different widths, the same group ids in every request: groups must not merge
+        batch = random_batch(rng, b=4 + i, t=3 + 2 * i, gaps=i % 2 == 1)
+        batch["group_ids"] = np.array([0, 0, 1, 1] + [2] * i if i != 1 else [0, 0, 1, 1, 1])
+        tensors = select(estimator, batch, kl=False)
+        requests.append(AdvantageRequest(estimator=estimator, tensors=tensors, dtype="float64"))
+    prepared = [engine.prepare_advantages(r) for r in requests]
+    assert len({p.coalescing_key for p in prepared}) == 1 and prepared[0].coalescing_key is not None
+    together = engine.run_advantages(prepared)
+    for request, result in zip(requests, together):
+        alone = engine.compute_advantages(request)
+        np.testing.assert_array_equal(result.advantages.numpy(), alone.advantages.numpy())
+        np.testing.assert_array_equal(result.returns.numpy(), alone.returns.numpy())
+        assert result.stats == alone.stats
+
+
+def test_whitening_estimators_never_coalesce():
+    engine = Engine("cpu")
+    batch = random_batch(np.random.default_rng(0), 4, 3, False)
+    prepared = engine.prepare_advantages(AdvantageRequest("gae", select("gae", batch, False), preset="verl"))
+    assert prepared.coalescing_key is None
+
+
+def test_scheduler_coalesces_what_arrives_together():
+    engine = Engine("cpu")
+    scheduler = Scheduler(engine, max_wait_s=0.05)
+    rng = np.random.default_rng(5)
+    requests = [AdvantageRequest("grpo", select("grpo", random_batch(rng, 6, 4, False), False), dtype="float64")
+                for _ in range(8)]
+
+    async def main():
+        prepared = [engine.prepare_advantages(r) for r in requests]
+        return await asyncio.gather(*(scheduler.advantages(p) for p in prepared))
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert max(timing.coalesced for _, timing in outcomes) > 1
+    for request, (result, _) in zip(requests, outcomes):
+        np.testing.assert_array_equal(result.advantages.numpy(), engine.compute_advantages(request).advantages.numpy())
+
+
+def big_losses_body(b: int, t: int) -> tuple[bytes, dict]:
+    rng = np.random.default_rng(0)
+    lp = -rng.random((b, t), dtype=np.float32)
+    tensors = {"logprobs": lp, "old_logprobs": lp, "advantages": rng.normal(size=(b, t)).astype(np.float32),
+               "response_mask": np.ones((b, t), dtype=bool)}
+    n, chunks = framing.encode({"preset": "verl"}, {k: framing.RawTensor.from_numpy(v) for k, v in tensors.items()})
+    return b"".join(chunks), {"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}
+
+
+def test_health_answers_while_a_batch_computes(server):
+    body, headers = big_losses_body(512, 4096)  # ~25 MB: compute takes a while on 2 cores
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(lambda: httpx.post(f"{server.url}/v1/losses", content=body, headers=headers, timeout=120))
+        probes = []
+        while not busy.done() and len(probes) < 200:
+            started = time.perf_counter()
+            assert httpx.get(f"{server.url}/health/ready", timeout=10).status_code == 200
+            probes.append(time.perf_counter() - started)
+        assert busy.result().status_code == 200
+    assert probes and sorted(probes)[len(probes) // 2] < 0.5
+
+
+def test_admission_turns_load_away_with_503_and_loses_nothing():
+    small = RunningServer("--admission-bytes", str(30 << 20))  # room for one 25 MB body at a time
+    try:
+        body, headers = big_losses_body(512, 4096)
+        barrier = threading.Barrier(6)
+
+        def send(_):
+            barrier.wait()
+            return httpx.post(f"{small.url}/v1/losses", content=body, headers=headers, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(send, range(6)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unavailable"
+            else:
+                doc, tensors = framing.decode(r.content, r.headers[framing.HEADER_LENGTH])
+                assert tensors["grad_logprobs"].shape == (512, 4096)
+        too_big = httpx.post(f"{small.url}/v1/losses", content=body + body, headers=headers, timeout=60)
+        assert too_big.status_code == 413
+        assert httpx.get(f"{small.url}/health/ready").status_code == 200
+    finally:
+        small.stop()
