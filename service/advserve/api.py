@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .device import to_host
 from .engine import Engine
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
 
@@ -33,7 +34,7 @@ def _converter(tensors: Mapping[str, Any]):
         if isinstance(value, torch.Tensor):
             device = value.device
             return lambda t: None if t is None else t.to(device)
-    return lambda t: None if t is None else t.detach().cpu().numpy()
+    return lambda t: None if t is None else to_host(t.detach()).numpy()
 
 
 def compute_advantages(

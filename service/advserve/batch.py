@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .device import to_device
 from .errors import InvalidArgument
 
 LAYOUTS = ("padded", "packed")
@@ -105,10 +106,10 @@ def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: 
     if isinstance(array, Tensor):
         if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
             raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
-        return array.to(device=device, dtype=dtype)
+        return to_device(array, device).to(dtype)
     if array.dtype.kind not in "biuf":
         raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
-    return torch.as_tensor(array, dtype=dtype, device=device)
+    return to_device(torch.as_tensor(array), device).to(dtype)  # converted where it is cheapest: on the device
 
 
 _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
@@ -185,8 +186,7 @@ def _unpack(raw: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any
         if tuple(array.shape) != (layout.tokens,):
             raise InvalidArgument(f"tensor {name!r} must be flat [N] with N = cu_seqlens[-1] = {layout.tokens} in "
                                   f"layout 'packed', got shape {list(array.shape)}", field=_field(name))
-        tensor = array.to(device) if isinstance(array, Tensor) else torch.as_tensor(array, device=device)
-        padded[name] = layout.to_padded(tensor)
+        padded[name] = layout.to_padded(to_device(torch.as_tensor(array), device))
     if "response_mask" not in padded:  # every packed token is a response token unless a mask says otherwise
         padded["response_mask"] = layout.to_padded(torch.ones(layout.tokens, dtype=torch.bool, device=device))
     return padded, layout
@@ -259,7 +259,7 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
     if tensor.dtype != torch.bool and (tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INT_TORCH)):
         raise InvalidArgument(f"response_mask must be bool or numeric, got dtype {tensor.dtype}",
                               field=_field("response_mask"))
-    tensor = tensor.to(device)
+    tensor = to_device(tensor, device)
     mask = tensor if tensor.dtype == torch.bool else tensor.bool()
     lengths = count_valid(mask, dim=1)
     if tensor.dtype != torch.bool and tensor.numel():

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .batch import DTYPES, Batch, build_batch
+from .device import resolve_device
 from .errors import InvalidArgument, NotFound
 from .estimators import ESTIMATORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
@@ -24,19 +25,6 @@ from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 REWARD_TENSORS = ("rewards", "token_rewards")
 LOG_RATIO_BOUND = 20.0  # bound on log importance weights of the rollout correction (verl's SAFETY_BOUND)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None): CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidArgument(f"unknown device {device!r}: {exc}", field="device") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument("device 'cuda' requested but CUDA is not available", field="device")
-    return resolved
 
 
 class Engine:

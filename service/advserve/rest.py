@@ -26,6 +26,7 @@ from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, R
 
 from . import __version__
 from .config import Settings
+from .device import to_host
 from .engine import Engine
 from .errors import STATUS, AdvserveError, InvalidArgument, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
@@ -142,10 +143,7 @@ def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
 
 
 def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.to("cpu")
-    tensor = tensor.contiguous()
+    tensor = to_host(tensor.detach()).contiguous()
     if tensor.dtype == torch.bfloat16:
         return RawTensor.from_numpy(tensor.view(torch.uint16).numpy(), dtype="bfloat16")
     return RawTensor.from_numpy(tensor.numpy(), dtype=WIRE_DTYPES[tensor.dtype])
@@ -194,7 +192,7 @@ def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | 
         header_length, chunks = framing.encode(document, {name: torch_to_raw(t) for name, t in present.items()})
         headers[HEADER_LENGTH] = str(header_length)
         return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
-    numpy = {name: t.detach().cpu().numpy() for name, t in present.items()}
+    numpy = {name: to_host(t.detach()).numpy() for name, t in present.items()}
     return JSONResponse({**document, "tensors": numpy}, headers=headers)
 
 
