@@ -17,7 +17,7 @@ from .estimators import ESTIMATORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.kl import kl_and_grad
 from .functional.losses import policy_loss, value_loss
-from .functional.masks import aggregation_weights, masked_mean, masked_moments
+from .functional.masks import aggregation_weights, masked_moments
 from .loss_specs import LOSS_TERMS, TERM_TENSORS
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, resolve_params
@@ -149,7 +149,7 @@ class Engine:
         t, mask = batch.tensors, batch.mask
         agg = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
                                                          "policy_loss")
-        weights = aggregation_weights(mask, agg["agg"], dtype=dtype, num_tokens=request.num_tokens,
+        weights = aggregation_weights(batch.valid, batch.lengths.to(dtype), agg["agg"], num_tokens=request.num_tokens,
                                       num_sequences=request.num_sequences, loss_scale_factor=agg["loss_scale_factor"])
 
         components: dict[str, float | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
@@ -165,14 +165,15 @@ class Engine:
                     p["mode"], t["logprobs"], t["old_logprobs"], t["advantages"], mask, clip_low=p["clip_low"],
                     clip_high=p["clip_high"], dual_clip=p["dual_clip"], ratio_clamp=p["ratio_clamp"])
                 if "rollout_correction" in terms:
-                    is_weight = rollout_weights(t["old_logprobs"], t["rollout_logprobs"], mask,
+                    is_weight = rollout_weights(t["old_logprobs"], t["rollout_logprobs"], mask, batch.tokens,
                                                 terms["rollout_correction"], metrics)
                     loss_t, grad_t = loss_t * is_weight, grad_t * is_weight
                 policy = (weights * loss_t).sum()
                 total = total + policy
                 grad_logprobs += weights * grad_t
                 components["policy"] = float(policy)
-                metrics.update(policy_metrics(p, ratio, t["logprobs"], t["old_logprobs"], t["advantages"], mask))
+                metrics.update(policy_metrics(p, ratio, t["logprobs"], t["old_logprobs"], t["advantages"], mask,
+                                              batch.tokens))
             if "kl_loss" in terms:
                 p = terms["kl_loss"]
                 kl_t, dkl = kl_and_grad(t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"])
@@ -180,7 +181,7 @@ class Engine:
                 total = total + p["coef"] * kl
                 grad_logprobs += (p["coef"] * weights) * dkl
                 components["kl"] = float(kl)
-                metrics["kl_mean"] = float(masked_mean(kl_t, mask))
+                metrics["kl_mean"] = mean_over(kl_t, batch.tokens)
             if "value_loss" in terms:
                 p = terms["value_loss"]
                 loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"])
@@ -191,14 +192,14 @@ class Engine:
                 if p["clip"] is not None:
                     clipped = t["values"].clamp(t["old_values"] - p["clip"], t["old_values"] + p["clip"])
                     beyond = (clipped - t["returns"]).square() > (t["values"] - t["returns"]).square()
-                    metrics["value_clip_fraction"] = float(masked_mean(beyond.to(dtype), mask))
+                    metrics["value_clip_fraction"] = fraction(beyond, batch.tokens)
             if "entropy_bonus" in terms:
                 p = terms["entropy_bonus"]
                 entropy = (weights * t["entropy"]).sum()
                 total = total - p["coef"] * entropy
                 grad_entropy = -p["coef"] * weights
                 components["entropy"] = float(entropy)
-                metrics["entropy_mean"] = float(masked_mean(t["entropy"], mask))
+                metrics["entropy_mean"] = mean_over(t["entropy"], batch.tokens)
 
         if not bool(torch.isfinite(total)):
             raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
@@ -309,7 +310,18 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
     )
 
 
-def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, Any], metrics: dict) -> Tensor:
+def mean_over(x: Tensor, tokens: int) -> float:
+    """Mean of x [B, T] over the `tokens` valid positions (x is 0 elsewhere)."""
+    return float(x.sum()) / max(tokens, 1)
+
+
+def fraction(condition: Tensor, tokens: int) -> float:
+    """Share of the valid positions where `condition` [B, T] holds (it never holds on masked ones)."""
+    return float(torch.count_nonzero(condition)) / max(tokens, 1)
+
+
+def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, tokens: int, p: Mapping[str, Any],
+                    metrics: dict) -> Tensor:
     """Importance weights [B, T] correcting for the rollout engine's policy: w = π_old/π_rollout per
     token, or the product over the sequence; truncated to [low, high] or masked outside it."""
     log_w = old - rollout  # both 0 on masked positions
@@ -326,33 +338,27 @@ def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, p: Mapping[str, 
     else:
         weight = raw * ~outside
     weight = weight * mask
-    dtype = weight.dtype
-    metrics["rollout_is_weight_mean"] = float(masked_mean(weight, mask))
-    metrics["rollout_is_weight_max"] = float(weight[mask].max()) if bool(mask.any()) else 0.0
-    metrics["rollout_is_fraction_outside"] = float(masked_mean(outside.to(dtype), mask))
+    metrics["rollout_is_weight_mean"] = mean_over(weight, tokens)
+    metrics["rollout_is_weight_max"] = float(weight.max()) if tokens else 0.0
+    metrics["rollout_is_fraction_outside"] = fraction(outside, tokens)
     return weight
 
 
 def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
-                   mask: Tensor) -> dict[str, float]:
+                   mask: Tensor, tokens: int) -> dict[str, float]:
     """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics."""
-    dtype = ratio.dtype
-
-    def frac(condition: Tensor) -> float:
-        return float(masked_mean(condition.to(dtype), mask))
-
-    moments = masked_moments(ratio * mask, mask, int(mask.sum()))
-    out = {"approx_kl": float(masked_mean(old - logp, mask)), "ratio_mean": moments["mean"],
+    moments = masked_moments(ratio * mask, mask, tokens)
+    out = {"approx_kl": mean_over(old - logp, tokens), "ratio_mean": moments["mean"],
            "ratio_min": moments["min"], "ratio_max": moments["max"]}
     high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
     if p["mode"] in ("ppo_clip", "gspo"):
-        out["clip_fraction_high"] = frac(high & (adv > 0))
-        out["clip_fraction_low"] = frac(low & (adv < 0))
+        out["clip_fraction_high"] = fraction(high & (adv > 0), tokens)
+        out["clip_fraction_low"] = fraction(low & (adv < 0), tokens)
         if p["mode"] == "ppo_clip" and p["dual_clip"] is not None:
-            out["dual_clip_fraction"] = frac((ratio > p["dual_clip"]) & (adv < 0))
+            out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0), tokens)
     elif p["mode"] == "cispo":
-        out["clip_fraction_high"] = frac(high)
-        out["clip_fraction_low"] = frac(low)
+        out["clip_fraction_high"] = fraction(high & mask, tokens)
+        out["clip_fraction_low"] = fraction(low & mask, tokens)
     return out
 
 

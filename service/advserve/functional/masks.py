@@ -34,14 +34,6 @@ def place_on_last_token(rewards: Tensor, mask: Tensor) -> Tensor:
     return token_rewards
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `x` over the True positions of `mask` (same shape); 0 when the mask is empty.
-
-    `x` must be 0 (and finite) where the mask is False, the engine's invariant.
-    """
-    return x.sum() / mask.view(torch.uint8).sum(dtype=torch.int64).clamp_min(1)
-
-
 def masked_moments(x: Tensor, mask: Tensor, n: int) -> dict[str, float]:
     """mean, population std, min and max of `x` [B, T] over the `n` True positions of `mask` (0s if none).
 
@@ -77,35 +69,34 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float) -> Tensor:
 
 
 def aggregation_weights(
-    mask: Tensor,
+    valid: Tensor,
+    lengths: Tensor,
     agg: str,
     *,
-    dtype: torch.dtype,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
     loss_scale_factor: float | None = None,
 ) -> Tensor:
     """Weight w [B, T] of each token's loss so that the aggregated loss is Σ_t w_t ℓ_t.
 
-    mask [B, T] bool. N = `num_tokens` (default Σ mask), S = `num_sequences` (default: rows with at
-    least one valid token), L_i = valid tokens of row i, C = `loss_scale_factor` (default T).
+    valid [B, T]: the 0/1 mask in the compute dtype; lengths [B]: valid tokens per row, same dtype.
+    N = `num_tokens` (default Σ L_i), S = `num_sequences` (default: rows with L_i > 0),
+    C = `loss_scale_factor` (default: the padded width T).
 
     token-mean: m/N · token-sum: m · seq-mean-token-mean: m/(S·L_i) · seq-mean-token-sum: m/S ·
     seq-mean-token-sum-norm: m/(S·C).
     """
-    m = mask.to(dtype)
     if agg == "token-mean":
-        n = max(float(mask.sum()), 1.0) if num_tokens is None else float(num_tokens)
-        return m / n
+        n = max(float(lengths.sum()), 1.0) if num_tokens is None else float(num_tokens)
+        return valid / n
     if agg == "token-sum":
-        return m
-    lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # exact counts: int64 * float would give float32
+        return valid
     s = max(float((lengths > 0).sum()), 1.0) if num_sequences is None else float(num_sequences)
     if agg == "seq-mean-token-mean":
-        return m / (s * lengths.clamp_min(1))
+        return valid / (s * lengths.clamp_min(1)).unsqueeze(1)
     if agg == "seq-mean-token-sum":
-        return m / s
+        return valid / s
     if agg == "seq-mean-token-sum-norm":
-        c = float(mask.shape[1]) if loss_scale_factor is None else float(loss_scale_factor)
-        return m / (s * c)
+        c = float(valid.shape[1]) if loss_scale_factor is None else float(loss_scale_factor)
+        return valid / (s * c)
     raise ValueError(f"unknown aggregation mode {agg!r}; valid: {', '.join(AGG_MODES)}")
