@@ -41,23 +41,24 @@ def importance_ratio(logp: Tensor, old: Tensor, log_clamp: float | None) -> tupl
 def clipped_surrogate(
     ratio: Tensor, dratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip: float | None
 ) -> tuple[Tensor, Tensor]:
-    """PPO's clipped surrogate (with optional dual clip, arXiv:1912.09729) given ρ and ∂ρ.
+    """PPO's clipped surrogate (with optional dual clip, arXiv:1912.09729) given ρ and ∂ρ/∂logp.
 
     ℓ = max(−Aρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)); for A < 0 with dual clip c:
-    ℓ = min(ℓ, −cA). Returns (ℓ, ∂ℓ/∂logp).
+    ℓ = min(ℓ, −cA). Returns (ℓ, ∂ℓ/∂logp): −A ∂ρ where the unclipped branch is taken, else 0.
+    (The clipped branch wins strictly only where the clip binds, and there it has no gradient; on a
+    tie both branches have the same gradient. A tie with the dual-clip cap, ρ = c exactly, takes the
+    uncapped branch's gradient where autograd would take half of it.)
     """
-    clipped, passes = _clamped(ratio, 1 - clip_low, 1 + clip_high)
-    unclipped_loss, clipped_loss = -advantages * ratio, -advantages * clipped
-    d_unclipped, d_clipped = -advantages * dratio, -advantages * dratio * passes
-    loss = torch.maximum(unclipped_loss, clipped_loss)
-    grad = _maximum_grad(unclipped_loss, clipped_loss, d_unclipped, d_clipped)
+    neg_adv = -advantages
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    grad = (neg_adv * dratio).mul_(clipped <= unclipped)
     if dual_clip is not None:
-        cap = -advantages * dual_clip
-        capped = torch.minimum(cap, loss)
-        capped_grad = torch.where(cap < loss, 0, torch.where(loss < cap, grad, 0.5 * grad))
-        negative = advantages < 0
-        loss = torch.where(negative, capped, loss)
-        grad = torch.where(negative, capped_grad, grad)
+        cap = neg_adv * dual_clip
+        capped = (advantages < 0) & (cap < loss)
+        loss = torch.where(capped, cap, loss)
+        grad.mul_(~capped)
     return loss, grad
 
 
