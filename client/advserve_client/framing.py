@@ -28,6 +28,7 @@ CONTENT_TYPE = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1, "bool": 1}
 MAX_RANK = 8
+MAX_DIMENSION = 2**31 - 1  # per dimension; and the product of the non-zero dimensions stays below 2**62
 _NUMPY_DTYPES = {  # numpy has no bfloat16: its buffers travel as raw uint16 words
     np.dtype("<f4"): "float32", np.dtype("<f8"): "float64", np.dtype("<f2"): "float16", np.dtype("<i4"): "int32",
     np.dtype("<i8"): "int64", np.dtype("u1"): "uint8", np.dtype("bool"): "bool",
@@ -59,13 +60,15 @@ class RawTensor:
     def from_numpy(array: np.ndarray, dtype: str | None = None) -> "RawTensor":
         """Wrap a numpy array (made little-endian and C-contiguous if it is not). `dtype` names the wire
         dtype when numpy cannot (pass "bfloat16" with a uint16 array of bfloat16 words)."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")  # (ascontiguousarray would turn a 0-d array into shape (1,))
         name = dtype or _NUMPY_DTYPES.get(array.dtype)
         if name is None:
             raise TypeError(f"dtype {array.dtype} has no wire type; use one of {', '.join(ITEMSIZE)}")
-        return RawTensor(name, tuple(array.shape), memoryview(array).cast("B"))
+        return RawTensor(name, tuple(array.shape), memoryview(array.reshape(-1)).cast("B"))
 
     def to_numpy(self) -> np.ndarray:
         """A read-only numpy view (bfloat16 is widened to float32, numpy having no bfloat16)."""
@@ -131,10 +134,13 @@ def decode(body: bytes | bytearray | memoryview, header_length: Any) -> tuple[di
 
 
 def _header_length(value: Any, body_length: int) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise FramingError(f"{HEADER_LENGTH} must be an integer, got {value!r}", HEADER_LENGTH) from None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    elif isinstance(text, str) and text.isascii() and text.isdigit():
+        n = int(text)
+    else:
+        raise FramingError(f"{HEADER_LENGTH} must be an integer (decimal digits), got {value!r}", HEADER_LENGTH)
     if not 0 < n <= body_length:
         raise FramingError(f"{HEADER_LENGTH} is {n} but the body has {body_length} bytes", HEADER_LENGTH)
     return n
@@ -146,9 +152,10 @@ def _describe(name: str, entry: dict) -> tuple[str, tuple[int, ...], int]:
     if dtype not in ITEMSIZE:
         raise FramingError(f"tensor {name!r}: dtype must be one of {', '.join(ITEMSIZE)}, got {dtype!r}", field)
     if (not isinstance(shape, list) or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise FramingError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative integers, "
-                           f"got {shape!r}", field)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in shape)
+            or math.prod(d for d in shape if d) >= 2**62):
+        raise FramingError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} integers in "
+                           f"[0, {MAX_DIMENSION}] whose non-zero product is below 2**62, got {shape!r}", field)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise FramingError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}", field)
     expected = math.prod(shape) * ITEMSIZE[dtype]  # Python ints: no overflow

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from .device import to_device
-from .errors import InvalidArgument
+from .errors import InvalidArgument, PayloadTooLarge
 
 LAYOUTS = ("padded", "packed")
+DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
 TOKEN_TENSORS = frozenset({
     "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
     "advantages", "returns", "old_values", "entropy",
@@ -143,7 +144,7 @@ class PackedLayout:
     results, so every estimator and loss gives exactly its padded result.
     """
 
-    def __init__(self, cu_seqlens: np.ndarray | Tensor, device: torch.device):
+    def __init__(self, cu_seqlens: np.ndarray | Tensor, device: torch.device, max_tokens: int):
         field = _field("cu_seqlens")
         cu = cu_seqlens if isinstance(cu_seqlens, Tensor) else torch.as_tensor(cu_seqlens)
         if cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
@@ -157,6 +158,9 @@ class PackedLayout:
         self.batch_size = cu.numel() - 1
         self.tokens = int(cu[-1])
         self.width = max(int(lengths.max()), 1)
+        if max(self.tokens, self.batch_size * self.width) > max_tokens:  # before anything of that size exists
+            raise PayloadTooLarge(f"cu_seqlens describes {self.tokens} tokens ({self.batch_size} rows, the longest "
+                                  f"{self.width}): more than the limit of {max_tokens} tokens per request", field=field)
         row = torch.repeat_interleave(torch.arange(self.batch_size, device=device), lengths)
         col = torch.arange(self.tokens, device=device) - cu[row]
         self.flat_index = row * self.width + col  # position of each packed token in the padded [B, T]
@@ -170,11 +174,11 @@ class PackedLayout:
         return padded.reshape(-1).index_select(0, self.flat_index)
 
 
-def _unpack(raw: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], PackedLayout]:
+def _unpack(raw: Mapping[str, Any], device: torch.device, max_tokens: int) -> tuple[dict[str, Any], PackedLayout]:
     """Packed inputs -> the same tensors right-padded, and the layout to pack results back."""
     if raw.get("cu_seqlens") is None:
         raise InvalidArgument("layout 'packed' needs tensor 'cu_seqlens' [B + 1]", field=_field("cu_seqlens"))
-    layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device)
+    layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device, max_tokens)
     padded: dict[str, Any] = {}
     for name, value in raw.items():
         if name == "cu_seqlens" or value is None:
@@ -201,11 +205,13 @@ def build_batch(
     device: torch.device,
     context: str,
     layout: str = "padded",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages.
 
     layout "padded": token tensors [B, T]; "packed": token tensors flat [N] with cu_seqlens [B + 1]
-    (response_mask optional: all packed tokens are valid by default).
+    (response_mask optional: all packed tokens are valid by default). More than `max_tokens` tokens
+    (B·T padded) is a PayloadTooLarge error, raised before anything of that size is allocated.
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -226,9 +232,12 @@ def build_batch(
 
     packed = None
     if layout == "packed":
-        raw, packed = _unpack(raw, device)
+        raw, packed = _unpack(raw, device, max_tokens)
     arrays = {name: _to_array(name, value) for name, value in raw.items() if value is not None}
-    _check_shapes(arrays)
+    batch_size, length = _check_shapes(arrays)
+    if batch_size * max(length, 1) > max_tokens:
+        raise PayloadTooLarge(f"{batch_size} x {length} tokens: more than the limit of {max_tokens} tokens per "
+                              "request", field="tensors.response_mask")
 
     mask, valid, lengths = _mask(arrays["response_mask"], dtype, device)
 
@@ -297,7 +306,7 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> None:
+def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> tuple[int, int]:
     """Rank and size agreement: [B] for sequence tensors, [B, T] for token tensors; B, T >= 1."""
     batch_size: tuple[int, str] | None = None
     length: tuple[int, str] | None = None
@@ -322,3 +331,4 @@ def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> None:
         raise InvalidArgument("empty batch: B must be at least 1", field=_field(batch_size[1] if batch_size else "response_mask"))
     if length is not None and length[0] == 0:
         raise InvalidArgument("empty responses: T must be at least 1", field=_field(length[1]))
+    return batch_size[0], length[0] if length else 0

@@ -69,7 +69,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_allocator()
     try:
-        engine = Engine(settings.device)
+        engine = Engine(settings.device, max_tokens=settings.max_tokens)
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
     logging.getLogger("advserve").info("engine on %s; admission %d bytes; gRPC port %d reserved (not served yet)",

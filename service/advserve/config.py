@@ -30,6 +30,8 @@ class Settings:
     max_body_bytes: int = field(default=1 << 30, metadata={"help": "largest binary request body (bytes)"})
     max_json_bytes: int = field(default=64 << 20, metadata={"help": "largest JSON request body (bytes); JSON is "
                                                                     "for small batches, use the binary framing"})
+    max_tokens: int = field(default=1 << 28, metadata={"help": "most tokens in one request (B·T; for a packed "
+                                                               "request, its padded form): 413 above"})
     admission_bytes: int = field(default_factory=_default_admission_bytes, metadata={
         "help": "request bytes admitted in flight (decoding, queued, computing, encoding); past it: 503 + "
                 "Retry-After (default: a quarter of RAM, at most 8 GiB)"})
@@ -44,7 +46,7 @@ class Settings:
         for name in ("http_port", "grpc_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be in 0..65535")
-        for name in ("max_body_bytes", "max_json_bytes", "admission_bytes", "max_batch_tokens"):
+        for name in ("max_body_bytes", "max_json_bytes", "max_tokens", "admission_bytes", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.max_wait_ms < 0:

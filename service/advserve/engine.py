@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .batch import DTYPES, Batch, build_batch
+from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, build_batch
 from .device import resolve_device
 from .errors import InvalidArgument, NotFound
 from .estimators import ESTIMATORS, AdvantageInputs, Estimator
@@ -30,8 +30,9 @@ LOG_RATIO_BOUND = 20.0  # bound on log importance weights of the rollout correct
 class Engine:
     """Computes advantages and losses on one device. Thread-compatible: holds no mutable state."""
 
-    def __init__(self, device: str | torch.device | None = "auto"):
+    def __init__(self, device: str | torch.device | None = "auto", *, max_tokens: int = DEFAULT_MAX_TOKENS):
         self.device = resolve_device(device)
+        self.max_tokens = max_tokens
 
     # --- lookups --------------------------------------------------------------------------------
 
@@ -90,6 +91,7 @@ class Engine:
             device=self.device,
             context=f"estimator {estimator.name!r}",
             layout=request.layout or "padded",
+            max_tokens=self.max_tokens,
         )
         self._check_estimator_preconditions(estimator, params, batch)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
@@ -145,7 +147,8 @@ class Engine:
 
         required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
         batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
-                            context="the requested loss terms", layout=request.layout or "padded")
+                            context="the requested loss terms", layout=request.layout or "padded",
+                            max_tokens=self.max_tokens)
         t, mask = batch.tensors, batch.mask
         agg = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
                                                          "policy_loss")

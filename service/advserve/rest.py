@@ -150,16 +150,27 @@ def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
 
 
 def _is_binary(headers) -> bool:
-    return HEADER_LENGTH.lower() in headers or headers.get("content-type", "").startswith(CONTENT_TYPE)
+    return HEADER_LENGTH.lower() in headers or headers.get("content-type", "").lower().startswith(CONTENT_TYPE)
 
 
 def _wants_binary(headers, binary_request: bool) -> bool:
-    accept = headers.get("accept", "")
-    if CONTENT_TYPE in accept:
-        return True
-    if "application/json" in accept:
-        return False
-    return binary_request
+    """Content negotiation on Accept (with q-values) between the binary framing and JSON; without a
+    preference, a response has the request's format."""
+    quality = {}
+    for part in headers.get("accept", "").split(","):
+        media, *options = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for option in options:
+            if option.lower().startswith("q="):
+                try:
+                    q = float(option[2:])
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    binary_q, json_q = quality.get(CONTENT_TYPE, 0.0), quality.get("application/json", 0.0)
+    if binary_q == json_q:
+        return binary_request
+    return binary_q > json_q
 
 
 def decode_body(body: bytes, headers, model: type[BaseModel]) -> tuple[BaseModel, dict[str, Any]]:
@@ -286,6 +297,9 @@ class AdmissionControl:
                 if seen > limit:
                     raise too_large()  # answered by the AdvserveError handler
                 if seen > held:  # no (or a wrong) Content-Length: admit as the bytes arrive
+                    if seen > self.admission.capacity:
+                        raise PayloadTooLarge(f"request body exceeds the server's admission capacity of "
+                                              f"{self.admission.capacity} bytes", field="body")
                     if not self.admission.try_acquire(seen - held):
                         raise overloaded()
                     held = seen
@@ -303,7 +317,7 @@ class AdmissionControl:
 def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
     """The FastAPI application over `engine` (a new engine on `settings.device` when None)."""
     settings = settings or Settings()
-    engine = engine or Engine(settings.device)
+    engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
     scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3, max_batch_tokens=settings.max_batch_tokens,
                           coalesce=settings.coalesce)
     admission = Admission(settings.admission_bytes)
