@@ -23,6 +23,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_transport.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info service/*.egg-info .pytest_cache .hypothesis

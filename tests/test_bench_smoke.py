@@ -19,3 +19,12 @@ def test_bench_engine_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses"}
     assert all(c["rel"] <= 1e-4 for r in rows for c in r["checks"])
+
+
+def test_bench_transport_quick(tmp_path):
+    out = tmp_path / "transport.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_transport.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "correctness: every checked response matched" in proc.stdout
+    assert out.exists()

@@ -121,6 +121,7 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResp
 
 # --- tensors on the wire ------------------------------------------------------------------------
 
+INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
                 "bool": torch.bool}
@@ -207,17 +208,18 @@ def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | 
     return JSONResponse({**document, "tensors": numpy}, headers=headers)
 
 
-def advantages_document(result: AdvantageResult) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    document = {"estimator": result.estimator, "preset": result.preset, "params": result.params,
-                "stats": result.stats}
-    return document, {"advantages": result.advantages, "returns": result.returns}
+def advantages_document(result: AdvantageResult) -> tuple[Callable[[], dict[str, Any]], dict[str, torch.Tensor]]:
+    """(a function building the JSON part, which computes the stats, and the result tensors)."""
+    return (lambda: {"estimator": result.estimator, "preset": result.preset, "params": result.params,
+                     "stats": result.stats},
+            {"advantages": result.advantages, "returns": result.returns})
 
 
-def losses_document(result: LossResult) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]]:
-    document = {"preset": result.preset, "loss": result.loss, "components": result.components,
-                "metrics": result.metrics, "params": result.params}
-    return document, {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-                      "grad_entropy": result.grad_entropy}
+def losses_document(result: LossResult) -> tuple[Callable[[], dict[str, Any]], dict[str, torch.Tensor | None]]:
+    return (lambda: {"preset": result.preset, "loss": result.loss, "components": result.components,
+                     "metrics": result.metrics, "params": result.params},
+            {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
+             "grad_entropy": result.grad_entropy})
 
 
 def server_timing(**durations_s: float) -> str:
@@ -364,6 +366,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
 
     error_responses = {code: {"model": ErrorBody} for code in (400, 404, 413, 503)}
 
+    async def off_loop(fn, size: int):
+        """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
+        requests are cheaper decoded and encoded right here on the event loop."""
+        return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
+
     async def serve(request: Request, model: type[BaseModel], prepare, compute, document_of) -> Response:
         started = time.perf_counter()
         body = await request.body()
@@ -373,16 +380,17 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             parsed, tensors = decode_body(body, headers, model)
             return prepare(parsed, tensors)
 
-        prepared = await asyncio.to_thread(decode)
+        prepared = await off_loop(decode, len(body))
         decoded = time.perf_counter()
         result, timing = await compute(prepared)
         encode_started = time.perf_counter()
+        document, tensors = document_of(result)
 
         def encode():
-            document, tensors = document_of(result)
-            return encode_response(document, tensors, _wants_binary(headers, _is_binary(headers)), {})
+            return encode_response(document(), tensors, _wants_binary(headers, _is_binary(headers)), {})
 
-        response = await asyncio.to_thread(encode)
+        output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+        response = await off_loop(encode, output_size)
         response.headers["Server-Timing"] = server_timing(
             decode=decoded - started, queue=timing.queue, compute=timing.compute,
             encode=time.perf_counter() - encode_started)
