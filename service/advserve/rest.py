@@ -372,8 +372,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
 
     async def serve(request: Request, model: type[BaseModel], prepare, compute, document_of) -> Response:
+        body = await request.body()  # the wire's time, not decode's
         started = time.perf_counter()
-        body = await request.body()
         headers = request.headers
 
         def decode():
