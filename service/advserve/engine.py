@@ -302,8 +302,8 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
     return AdvantageInputs(
         mask=batch.mask,
         valid=batch.valid,
-        scores=t["rewards"] if token_rewards is None else token_rewards.sum(dim=1),
         lengths=batch.lengths.to(dtype),
+        given_rewards=t.get("rewards"),
         given_token_rewards=token_rewards,
         groups=Groups.from_index(batch.group_index) if batch.group_index is not None else None,
         values=t.get("values"),

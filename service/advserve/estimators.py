@@ -31,14 +31,20 @@ class AdvantageInputs:
 
     mask: Tensor
     valid: Tensor
-    scores: Tensor
     lengths: Tensor
+    given_rewards: Tensor | None = None
     given_token_rewards: Tensor | None = None
     groups: Groups | None = None
     values: Tensor | None = None
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     greedy_rewards: Tensor | None = None
+
+    @functools.cached_property
+    def scores(self) -> Tensor:
+        if self.given_rewards is not None:
+            return self.given_rewards
+        return self.given_token_rewards.sum(dim=1)
 
     @functools.cached_property
     def token_rewards(self) -> Tensor:

@@ -12,8 +12,8 @@ def is_right_padded(mask: Tensor) -> bool:
     """True when every row of `mask` [B, T] (bool) is a prefix of ones: no interior gaps."""
     if mask.shape[1] < 2:
         return True
-    as_bytes = mask.view(torch.uint8)
-    return not bool(torch.gt(as_bytes[:, 1:], as_bytes[:, :-1]).any())  # a 0 followed by a 1
+    as_bytes = mask.view(torch.int8)
+    return int(torch.sub(as_bytes[:, 1:], as_bytes[:, :-1]).max()) <= 0  # +1 marks a 0 followed by a 1
 
 
 def last_valid_index(mask: Tensor) -> Tensor:
