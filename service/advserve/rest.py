@@ -106,6 +106,10 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _orjson_dumps(document: Any) -> bytes:
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def _error_response(error: AdvserveError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
     return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, 500), headers=headers)
@@ -201,7 +205,8 @@ def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | 
                     headers: dict[str, str]) -> Response:
     present = {name: t for name, t in tensors.items() if t is not None}
     if binary:
-        header_length, chunks = framing.encode(document, {name: torch_to_raw(t) for name, t in present.items()})
+        header_length, chunks = framing.encode(document, {name: torch_to_raw(t) for name, t in present.items()},
+                                               dumps=_orjson_dumps)
         headers[HEADER_LENGTH] = str(header_length)
         return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
     numpy = {name: to_host(t.detach()).numpy() for name, t in present.items()}

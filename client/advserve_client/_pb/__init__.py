@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/advserve/v1/advserve.proto (scripts/gen_proto.py)."""
