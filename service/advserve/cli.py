@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
@@ -37,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"advserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
-        "serve", help="start the server",
+        "serve", help="start the REST and gRPC server",
         description="Serve the REST API (POST /v1/advantages, POST /v1/losses, GET /v1/estimators, /health/live, "
-        "/health/ready, OpenAPI at /docs). Every flag can also be set by the environment variable shown.",
+        "/health/ready, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection). "
+        "Every flag can also be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in setting_fields():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -60,22 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(settings: Settings) -> None:
+    """REST (uvicorn) and gRPC (grpc.aio) on one event loop, over one engine, compute thread and admission."""
     import uvicorn
 
     from .engine import Engine
     from .errors import AdvserveError
-    from .rest import create_app
+    from .grpc_server import start_grpc_server
+    from .rest import Admission, create_app
+    from .scheduler import Scheduler
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("advserve")
     tune_allocator()
     try:
         engine = Engine(settings.device, max_tokens=settings.max_tokens)
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
-    logging.getLogger("advserve").info("engine on %s; admission %d bytes; gRPC port %d reserved (not served yet)",
-                                       engine.device, settings.admission_bytes, settings.grpc_port)
-    app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host, port=settings.http_port, log_level=settings.log_level, access_log=False)
+    scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3, max_batch_tokens=settings.max_batch_tokens,
+                          coalesce=settings.coalesce)
+    admission = Admission(settings.admission_bytes)
+    app = create_app(engine, settings, scheduler=scheduler, admission=admission)
+
+    async def run() -> None:
+        try:
+            grpc_server, _, grpc_port = await start_grpc_server(engine, scheduler, admission, settings)
+        except (OSError, RuntimeError) as exc:
+            sys.exit(f"advserve: cannot start gRPC on {settings.host}:{settings.grpc_port}: {exc}")
+        log.info("engine on %s; REST on %s:%d; gRPC on %s:%d; admission %d bytes", engine.device, settings.host,
+                 settings.http_port, settings.host, grpc_port, settings.admission_bytes)
+        config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
+                                access_log=False)
+        try:
+            await uvicorn.Server(config).serve()
+        finally:
+            await grpc_server.stop(grace=5)
+            scheduler.close()
+
+    asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,9 @@ class Settings:
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     http_port: int = field(default=8000, metadata={"help": "REST port"})
-    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (reserved: the gRPC API is not served yet)"})
+    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (the Advserve service, grpc.health.v1, "
+                                                           "reflection)"})
+    grpc_max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest gRPC message, both ways"})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"})
     log_level: str = field(default="info", metadata={"help": "critical, error, warning, info or debug",
                                                      "choices": ("critical", "error", "warning", "info", "debug")})
@@ -46,9 +48,12 @@ class Settings:
         for name in ("http_port", "grpc_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be in 0..65535")
-        for name in ("max_body_bytes", "max_json_bytes", "max_tokens", "admission_bytes", "max_batch_tokens"):
+        for name in ("max_body_bytes", "max_json_bytes", "max_tokens", "admission_bytes", "max_batch_tokens",
+                     "grpc_max_message_bytes"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.grpc_max_message_bytes >= 2**31:
+            problems.append("grpc_max_message_bytes must be below 2 GiB (protobuf's limit)")
         if self.max_wait_ms < 0:
             problems.append("max_wait_ms must be >= 0")
         if problems:

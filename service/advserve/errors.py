@@ -30,7 +30,7 @@ class NotFound(AdvserveError, LookupError):
 
 
 class Unavailable(AdvserveError):
-    """The server cannot take the request now (admission queue full, shutting down): retry later."""
+    """The server cannot take the request now (shutting down): retry later, perhaps elsewhere."""
 
     code = "unavailable"
 
@@ -39,17 +39,32 @@ class Unavailable(AdvserveError):
         self.retry_after_s = retry_after_s
 
 
+class Overloaded(Unavailable):
+    """Admission capacity full (request bytes in flight): retry after `retry_after_s`."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(AdvserveError):
+    """The caller's deadline passed before the result was ready."""
+
+    code = "deadline_exceeded"
+
+
 class PayloadTooLarge(AdvserveError):
     """The request body exceeds the configured limit."""
 
     code = "payload_too_large"
 
 
-# code -> HTTP status. One table for every transport (the gRPC column joins it with the gRPC API).
-STATUS: dict[str, int] = {
-    InvalidArgument.code: 400,
-    NotFound.code: 404,
-    PayloadTooLarge.code: 413,
-    Unavailable.code: 503,
-    AdvserveError.code: 500,
+# code -> (HTTP status, gRPC status code name). The one table both transports read, so they cannot
+# drift; tests walk it over both.
+STATUS: dict[str, tuple[int, str]] = {
+    InvalidArgument.code: (400, "INVALID_ARGUMENT"),
+    NotFound.code: (404, "NOT_FOUND"),
+    PayloadTooLarge.code: (413, "RESOURCE_EXHAUSTED"),
+    Overloaded.code: (503, "UNAVAILABLE"),
+    Unavailable.code: (503, "UNAVAILABLE"),
+    DeadlineExceeded.code: (504, "DEADLINE_EXCEEDED"),
+    AdvserveError.code: (500, "INTERNAL"),
 }

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import warnings
 from typing import Any, Callable, Literal, Union
 
 import orjson
@@ -27,8 +26,9 @@ from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, R
 from . import __version__
 from .config import Settings
 from .device import to_host
+from .wire import raw_to_torch, torch_to_raw
 from .engine import Engine
-from .errors import STATUS, AdvserveError, InvalidArgument, PayloadTooLarge, Unavailable
+from .errors import STATUS, AdvserveError, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .scheduler import Scheduler
 
@@ -112,7 +112,7 @@ def _orjson_dumps(document: Any) -> bytes:
 
 def _error_response(error: AdvserveError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
-    return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, 500), headers=headers)
+    return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, (500, ""))[0], headers=headers)
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
@@ -126,32 +126,7 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResp
 # --- tensors on the wire ------------------------------------------------------------------------
 
 INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                "bfloat16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
-                "bool": torch.bool}
-WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
-    """A torch view of a framed buffer: no copy (the engine never writes into its inputs)."""
-    dtype = TORCH_DTYPES[raw.dtype]
-    if raw.nbytes == 0:
-        return torch.empty(raw.shape, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the body is read-only bytes; nothing writes to it
-        if raw.dtype == "bool":
-            as_bytes = torch.frombuffer(raw.data, dtype=torch.uint8)
-            if int(as_bytes.max()) > 1:
-                raise InvalidArgument(f"tensor {name!r}: bool bytes must be 0 or 1", field=f"tensors.{name}")
-            return as_bytes.view(torch.bool).view(raw.shape)
-        return torch.frombuffer(raw.data, dtype=dtype).view(raw.shape)
-
-
-def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
-    tensor = to_host(tensor.detach()).contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return RawTensor.from_numpy(tensor.view(torch.uint16).numpy(), dtype="bfloat16")
-    return RawTensor.from_numpy(tensor.numpy(), dtype=WIRE_DTYPES[tensor.dtype])
+INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 
 
 def _is_binary(headers) -> bool:
@@ -278,8 +253,8 @@ class AdmissionControl:
             return PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
 
         def overloaded() -> Unavailable:
-            return Unavailable(f"server busy: {self.admission.in_flight} request bytes in flight of "
-                               f"{self.admission.capacity}; retry later")
+            return Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
+                              f"{self.admission.capacity}; retry later")
 
         if declared.isdigit():
             size = int(declared)
@@ -321,18 +296,22 @@ class AdmissionControl:
 # --- the application ----------------------------------------------------------------------------
 
 
-def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI application over `engine` (a new engine on `settings.device` when None)."""
+def create_app(engine: Engine | None = None, settings: Settings | None = None, *, scheduler: Scheduler | None = None,
+               admission: Admission | None = None) -> FastAPI:
+    """The FastAPI application over `engine` (a new engine on `settings.device` when None). A scheduler
+    and admission passed in are shared with other transports and owned by the caller."""
     settings = settings or Settings()
     engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
-    scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3, max_batch_tokens=settings.max_batch_tokens,
-                          coalesce=settings.coalesce)
-    admission = Admission(settings.admission_bytes)
+    owns_scheduler = scheduler is None
+    scheduler = scheduler or Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
+                                       max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
+    admission = admission or Admission(settings.admission_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        scheduler.close()
+        if owns_scheduler:
+            scheduler.close()
 
     app = FastAPI(
         lifespan=lifespan,

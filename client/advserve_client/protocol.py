@@ -1,0 +1,304 @@
+"""The gRPC wire contract in Python terms: conversions between the proto messages and the plain
+documents of the REST API (`{"estimator", "preset", "params", ...}` with tensors as `RawTensor`s or
+inline lists). The server and the client both use these, so the two transports cannot drift: a gRPC
+request becomes exactly the document a REST client would have sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from google.protobuf import json_format
+
+from ._pb import advserve_pb2 as pb
+from .framing import ITEMSIZE, FramingError, RawTensor
+
+ESTIMATORS = ("reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae", "orz",
+              "grpo", "grpo_original", "dapo", "dr_grpo")
+DTYPE_NAMES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64", pb.DATA_TYPE_FLOAT16: "float16",
+               pb.DATA_TYPE_BFLOAT16: "bfloat16", pb.DATA_TYPE_INT32: "int32", pb.DATA_TYPE_INT64: "int64",
+               pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_BOOL: "bool"}
+DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
+ADVANTAGE_TENSORS = ("rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs",
+                     "greedy_rewards", "cu_seqlens")
+LOSS_TENSORS = ("logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values",
+                "returns", "entropy", "rollout_logprobs", "cu_seqlens")
+LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
+
+# enum <-> REST name, per enum: the enum value's name without its prefix, lower-cased
+_ENUMS = {
+    "estimator": (pb.Estimator, "ESTIMATOR_"),
+    "preset": (pb.Preset, "PRESET_"),
+    "layout": (pb.Layout, "LAYOUT_"),
+    "kl_estimator": (pb.KLEstimator, "KL_ESTIMATOR_"),
+    "kl_placement": (pb.KLPlacement, "KL_PLACEMENT_"),
+    "singleton_groups": (pb.SingletonGroups, "SINGLETON_GROUPS_"),
+    "mode": (pb.PolicyLossMode, "POLICY_LOSS_MODE_"),
+    "agg": (pb.Aggregation, "AGGREGATION_"),
+    "estimator_kl": (pb.KLEstimator, "KL_ESTIMATOR_"),
+    "level": (pb.RolloutCorrection.Level, "LEVEL_"),
+    "rc_mode": (pb.RolloutCorrection.Mode, "MODE_"),
+}
+# nullable parameters: message field -> the bool field that means "null" (off)
+_NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clamp": "no_ratio_clamp",
+             "clamp": "no_clamp", "clip": "no_clip"}
+
+
+def _enum_kind(message: Any, field: str) -> str:
+    if field == "estimator" and isinstance(message, pb.KLLoss):
+        return "estimator_kl"
+    if field == "mode" and isinstance(message, pb.RolloutCorrection):
+        return "rc_mode"
+    return field
+
+
+def enum_to_name(kind: str, value: int) -> str | None:
+    """REST name of an enum value; None for UNSPECIFIED."""
+    enum, prefix = _ENUMS[kind]
+    name = enum.Name(value)
+    if name.endswith("_UNSPECIFIED"):
+        return None
+    name = name[len(prefix):].lower()
+    return name.replace("_", "-") if kind == "agg" else name  # aggregation modes are hyphenated
+
+
+def name_to_enum(kind: str, name: str | None) -> int:
+    """Enum value of a REST name (0 for None); ValueError for an unknown name."""
+    if name is None:
+        return 0
+    enum, prefix = _ENUMS[kind]
+    try:
+        return enum.Value(prefix + str(name).upper().replace("-", "_"))
+    except ValueError:
+        valid = ", ".join(n for n in (enum_to_name(kind, v) for v in enum.values()) if n)
+        raise ValueError(f"{kind.split('_')[0]} must be one of {valid}, got {name!r}") from None
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def tensor_to_pb(raw: RawTensor) -> pb.Tensor:
+    return pb.Tensor(dtype=DTYPE_ENUMS[raw.dtype], shape=list(raw.shape), data=bytes(raw.data))
+
+
+def tensor_from_pb(name: str, message: pb.Tensor) -> RawTensor:
+    """A RawTensor viewing the message's bytes; the sizes are checked as in the binary framing."""
+    field = f"tensors.{name}"
+    dtype = DTYPE_NAMES.get(message.dtype)
+    if dtype is None:
+        raise FramingError(f"tensor {name!r}: dtype must be set to one of {', '.join(DTYPE_ENUMS)}", field)
+    shape = tuple(message.shape)
+    if any(d < 0 for d in shape):
+        raise FramingError(f"tensor {name!r}: shape must be non-negative, got {list(shape)}", field)
+    count = 1
+    for d in shape:
+        count *= d
+    if count * ITEMSIZE[dtype] != len(message.data):
+        raise FramingError(f"tensor {name!r}: {len(message.data)} bytes of data but shape {list(shape)} of {dtype} "
+                           f"needs {count * ITEMSIZE[dtype]}", field)
+    return RawTensor(dtype, shape, memoryview(message.data))
+
+
+def _tensors_to_pb(message: Any, tensors: Mapping[str, Any]) -> None:
+    for name, value in tensors.items():
+        if value is None:
+            continue
+        if name == "group_ids":
+            if isinstance(value, RawTensor):
+                message.group_ids.numeric.CopyFrom(tensor_to_pb(value))
+            else:
+                message.group_ids.strings.values.extend(str(v) for v in value)
+        else:
+            getattr(message, name).CopyFrom(tensor_to_pb(value))
+
+
+def _tensors_from_pb(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for name in names:
+        if not message.HasField(name):
+            continue
+        if name == "group_ids":
+            ids = message.group_ids
+            if ids.HasField("numeric"):
+                tensors[name] = tensor_from_pb(name, ids.numeric)
+            else:
+                tensors[name] = list(ids.strings.values)
+        else:
+            tensors[name] = tensor_from_pb(name, getattr(message, name))
+    return tensors
+
+
+# --- parameter messages <-> dicts ---------------------------------------------------------------
+
+
+def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
+    """Fill a parameter message (AdvantageParams, PolicyLoss, ...) from a REST-style dict.
+
+    None values of nullable parameters set the matching no_* field. Unknown names raise ValueError.
+    """
+    for name, value in (params or {}).items():
+        if name not in message.DESCRIPTOR.fields_by_name:
+            valid = ", ".join(f.name for f in message.DESCRIPTOR.fields if not f.name.startswith("no_"))
+            raise ValueError(f"{message.DESCRIPTOR.name} has no parameter {name!r}; valid: {valid}")
+        field = message.DESCRIPTOR.fields_by_name[name]
+        if value is None:
+            if name not in _NULLABLE:
+                raise ValueError(f"{name} cannot be null")
+            setattr(message, _NULLABLE[name], True)
+        elif field.enum_type is not None:
+            setattr(message, name, name_to_enum(_enum_kind(message, name), value))
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def params_from_pb(message: Any) -> dict[str, Any]:
+    """The REST-style dict of the parameters set in `message` (a no_* field gives None)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name.startswith("no_"):
+            continue
+        if field.enum_type is not None:
+            value = getattr(message, name)
+            if value:
+                out[name] = enum_to_name(_enum_kind(message, name), value)
+        elif message.HasField(name):
+            value = getattr(message, name)
+            out[name] = value
+    for name, flag in _NULLABLE.items():
+        if flag in message.DESCRIPTOR.fields_by_name and getattr(message, flag) and name not in out:
+            out[name] = None
+    return out
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def advantages_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Any]) -> pb.ComputeAdvantagesRequest:
+    """From the REST document ({"estimator", "preset", "params", "dtype", "layout"}) and its tensors
+    (RawTensor, or a list for string group ids)."""
+    request = pb.ComputeAdvantagesRequest(
+        estimator=name_to_enum("estimator", document.get("estimator")),
+        preset=name_to_enum("preset", document.get("preset")),
+        dtype=DTYPE_ENUMS[document["dtype"]] if document.get("dtype") else 0,
+        layout=name_to_enum("layout", document.get("layout")),
+    )
+    params_to_pb(request.params, document.get("params"))
+    _tensors_to_pb(request, tensors)
+    return request
+
+
+def advantages_request_from_pb(request: pb.ComputeAdvantagesRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    document: dict[str, Any] = {"estimator": enum_to_name("estimator", request.estimator)}
+    if document["estimator"] is None:
+        raise FramingError("estimator must be set", "estimator")
+    for key, value in (("preset", enum_to_name("preset", request.preset)),
+                       ("dtype", DTYPE_NAMES.get(request.dtype)),
+                       ("layout", enum_to_name("layout", request.layout))):
+        if value is not None:
+            document[key] = value
+    if request.HasField("params"):
+        document["params"] = params_from_pb(request.params)
+    return document, _tensors_from_pb(request, ADVANTAGE_TENSORS)
+
+
+def losses_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Any]) -> pb.ComputeLossesRequest:
+    request = pb.ComputeLossesRequest(
+        preset=name_to_enum("preset", document.get("preset")),
+        dtype=DTYPE_ENUMS[document["dtype"]] if document.get("dtype") else 0,
+        layout=name_to_enum("layout", document.get("layout")),
+    )
+    for term in LOSS_TERMS:
+        spec = document.get(term)
+        if term == "policy_loss" and spec is False:
+            request.disable_policy_loss = True
+        elif spec is not None and spec is not False:
+            getattr(request, term).SetInParent()
+            params_to_pb(getattr(request, term), spec if isinstance(spec, Mapping) else None)
+    for key in ("num_tokens", "num_sequences"):
+        if document.get(key) is not None:
+            setattr(request, key, document[key])
+    _tensors_to_pb(request, tensors)
+    return request
+
+
+def losses_request_from_pb(request: pb.ComputeLossesRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    document: dict[str, Any] = {}
+    for key, value in (("preset", enum_to_name("preset", request.preset)),
+                       ("dtype", DTYPE_NAMES.get(request.dtype)),
+                       ("layout", enum_to_name("layout", request.layout))):
+        if value is not None:
+            document[key] = value
+    for term in LOSS_TERMS:
+        if request.HasField(term):
+            document[term] = params_from_pb(getattr(request, term))
+    if request.disable_policy_loss:
+        document["policy_loss"] = False
+    for key in ("num_tokens", "num_sequences"):
+        if request.HasField(key):
+            document[key] = getattr(request, key)
+    return document, _tensors_from_pb(request, LOSS_TENSORS)
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def _moments(values: Mapping[str, float] | None) -> pb.Moments:
+    return pb.Moments(**{k: v for k, v in (values or {}).items() if k in ("mean", "std", "min", "max")})
+
+
+def advantages_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor]) -> pb.ComputeAdvantagesResponse:
+    stats = document.get("stats") or {}
+    response = pb.ComputeAdvantagesResponse(
+        advantages=tensor_to_pb(tensors["advantages"]), returns=tensor_to_pb(tensors["returns"]),
+        stats=pb.AdvantageStats(sequences=stats.get("sequences", 0), tokens=stats.get("tokens", 0),
+                                advantages=_moments(stats.get("advantages")), rewards=_moments(stats.get("rewards"))))
+    groups = stats.get("groups")
+    if groups:
+        response.stats.groups.CopyFrom(pb.GroupStats(
+            count=groups["count"], size_min=groups["size_min"], size_max=groups["size_max"],
+            zero_variance_fraction=groups["zero_variance_fraction"], ids=[str(i) for i in groups["ids"]],
+            reward_mean=groups["reward_mean"]))
+    params_to_pb(response.params, document.get("params"))
+    return response
+
+
+def advantages_response_from_pb(response: pb.ComputeAdvantagesResponse) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    stats = json_format.MessageToDict(response.stats, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True)
+    for key in ("sequences", "tokens"):
+        stats[key] = int(stats.get(key, 0))
+    groups = stats.get("groups")
+    if groups is not None and response.stats.HasField("groups"):
+        for key in ("count", "size_min", "size_max"):
+            groups[key] = int(groups.get(key, 0))
+    else:
+        stats.pop("groups", None)
+    document = {"params": params_from_pb(response.params), "stats": stats}
+    tensors = {name: tensor_from_pb(name, getattr(response, name)) for name in ("advantages", "returns")}
+    return document, tensors
+
+
+def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | None]) -> pb.ComputeLossesResponse:
+    response = pb.ComputeLossesResponse(loss=document["loss"], metrics=document.get("metrics") or {})
+    for name, value in (document.get("components") or {}).items():
+        if value is not None:
+            setattr(response.components, name, value)
+    for name, raw in tensors.items():
+        if raw is not None:
+            getattr(response, name).CopyFrom(tensor_to_pb(raw))
+    for term, params in (document.get("params") or {}).items():
+        getattr(response, term).SetInParent()
+        params_to_pb(getattr(response, term), params)
+    return response
+
+
+def losses_response_from_pb(response: pb.ComputeLossesResponse) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
+    components = {name: (getattr(response.components, name) if response.components.HasField(name) else None)
+                  for name in ("policy", "kl", "value", "entropy")}
+    params = {term: params_from_pb(getattr(response, term)) for term in LOSS_TERMS if response.HasField(term)}
+    document = {"loss": response.loss, "components": components, "metrics": dict(response.metrics), "params": params}
+    tensors = {name: (tensor_from_pb(name, getattr(response, name)) if response.HasField(name) else None)
+               for name in ("grad_logprobs", "grad_values", "grad_entropy")}
+    return document, tensors

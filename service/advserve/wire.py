@@ -1,0 +1,42 @@
+"""Tensors on the wire: framed buffers (`advserve_client.framing.RawTensor`) <-> torch, shared by
+the REST and gRPC transports. Decoding is a view of the received bytes, never a copy."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from advserve_client.framing import RawTensor
+
+from .device import to_host
+from .errors import InvalidArgument
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
+                "bool": torch.bool}
+WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
+    """A torch view of a framed buffer: no copy (the engine never writes into its inputs)."""
+    dtype = TORCH_DTYPES[raw.dtype]
+    if raw.nbytes == 0:
+        return torch.empty(raw.shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the body is read-only bytes; nothing writes to it
+        if raw.dtype == "bool":
+            as_bytes = torch.frombuffer(raw.data, dtype=torch.uint8)
+            if int(as_bytes.max()) > 1:
+                raise InvalidArgument(f"tensor {name!r}: bool bytes must be 0 or 1", field=f"tensors.{name}")
+            return as_bytes.view(torch.bool).view(raw.shape)
+        return torch.frombuffer(raw.data, dtype=dtype).view(raw.shape)
+
+
+def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
+    tensor = to_host(tensor.detach()).contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return RawTensor.from_numpy(tensor.view(torch.uint16).numpy(), dtype="bfloat16")
+    return RawTensor.from_numpy(tensor.numpy(), dtype=WIRE_DTYPES[tensor.dtype])
+
+
