@@ -458,7 +458,7 @@ def test_admission_capacity_full_is_a_503_with_retry_after(tiny):
                 if res.status_code != 200 or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            _error(res, 503, "unavailable", None)
+            _error(res, 503, "overloaded", None)
             assert int(res.headers["retry-after"]) >= 1
             assert c.get("/health/live").status_code == 200
     finally:

@@ -200,7 +200,7 @@ def test_admission_turns_load_away_with_503_and_loses_nothing():
         assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
         for r in responses:
             if r.status_code == 503:
-                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unavailable"
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
             else:
                 doc, tensors = framing.decode(r.content, r.headers[framing.HEADER_LENGTH])
                 assert tensors["grad_logprobs"].shape == (512, 4096)
