@@ -25,8 +25,10 @@ class RunningServer:
     def __init__(self, *extra_args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         cmd = [sys.executable, "-m", "advserve.cli", "serve", "--host", "127.0.0.1", "--http-port", str(self.port),
-               "--grpc-port", str(free_port()), "--log-level", "warning", *extra_args]
+               "--grpc-port", str(self.grpc_port), "--log-level", "warning", *extra_args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 60

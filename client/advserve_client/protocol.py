@@ -134,7 +134,9 @@ def _tensors_from_pb(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
 def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
     """Fill a parameter message (AdvantageParams, PolicyLoss, ...) from a REST-style dict.
 
-    None values of nullable parameters set the matching no_* field. Unknown names raise ValueError.
+    None values of nullable parameters set the matching no_* field, or leave an optional field unset
+    where unset already means "none" (loss_scale_factor, rollout_correction.low). Unknown names raise
+    ValueError.
     """
     for name, value in (params or {}).items():
         if name not in message.DESCRIPTOR.fields_by_name:
@@ -142,9 +144,11 @@ def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
             raise ValueError(f"{message.DESCRIPTOR.name} has no parameter {name!r}; valid: {valid}")
         field = message.DESCRIPTOR.fields_by_name[name]
         if value is None:
-            if name not in _NULLABLE:
+            if name in _NULLABLE:
+                setattr(message, _NULLABLE[name], True)
+            elif not field.has_presence:
                 raise ValueError(f"{name} cannot be null")
-            setattr(message, _NULLABLE[name], True)
+            # else: an optional field whose null is its unset state (loss_scale_factor, low)
         elif field.enum_type is not None:
             setattr(message, name, name_to_enum(_enum_kind(message, name), value))
         else:
@@ -152,8 +156,10 @@ def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
     return message
 
 
-def params_from_pb(message: Any) -> dict[str, Any]:
-    """The REST-style dict of the parameters set in `message` (a no_* field gives None)."""
+def params_from_pb(message: Any, resolved: bool = False) -> dict[str, Any]:
+    """The REST-style dict of the parameters set in `message` (a no_* field gives None). `resolved`:
+    the message lists every parameter as the server resolved it (a response), so an unset optional
+    field means None rather than "the preset's default"."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         name = field.name
@@ -164,8 +170,9 @@ def params_from_pb(message: Any) -> dict[str, Any]:
             if value:
                 out[name] = enum_to_name(_enum_kind(message, name), value)
         elif message.HasField(name):
-            value = getattr(message, name)
-            out[name] = value
+            out[name] = getattr(message, name)
+        elif resolved and field.has_presence:
+            out[name] = None
     for name, flag in _NULLABLE.items():
         if flag in message.DESCRIPTOR.fields_by_name and getattr(message, flag) and name not in out:
             out[name] = None
@@ -297,7 +304,8 @@ def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Raw
 def losses_response_from_pb(response: pb.ComputeLossesResponse) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
     components = {name: (getattr(response.components, name) if response.components.HasField(name) else None)
                   for name in ("policy", "kl", "value", "entropy")}
-    params = {term: params_from_pb(getattr(response, term)) for term in LOSS_TERMS if response.HasField(term)}
+    params = {term: params_from_pb(getattr(response, term), resolved=True) for term in LOSS_TERMS
+              if response.HasField(term)}
     document = {"loss": response.loss, "components": components, "metrics": dict(response.metrics), "params": params}
     tensors = {name: (tensor_from_pb(name, getattr(response, name)) if response.HasField(name) else None)
                for name in ("grad_logprobs", "grad_values", "grad_entropy")}
