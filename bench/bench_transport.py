@@ -55,6 +55,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
+from _machine import background_load, cpu_model, wait_for_quiet  # noqa: E402 (bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "transport.json"
@@ -137,17 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -170,32 +160,6 @@ def machine() -> dict[str, Any]:
             "httpx": version("httpx"), "uvicorn": version("uvicorn"), "h11": version("h11"),
             "uvloop": version("uvloop"), "httptools": version("httptools"), "fastapi": version("fastapi"),
             "mem_total_mib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB}
-
-
-def _cpu_times() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0)
-
-
-def background_load(window_s: float = 0.3) -> float | None:
-    """Share of all CPUs busy over `window_s` while this process sleeps (others' load)."""
-    try:
-        total0, idle0 = _cpu_times()
-        time.sleep(window_s)
-        total1, idle1 = _cpu_times()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    return 1.0 - (idle1 - idle0) / total if total > 0 else None
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> dict[str, Any]:
-    start = time.perf_counter()
-    load = background_load()
-    while load is not None and load >= threshold and time.perf_counter() - start < max_wait_s:
-        load = background_load(1.0)
-    return {"load": load, "waited_s": time.perf_counter() - start, "quiet": load is None or load < threshold}
 
 
 # --- servers ------------------------------------------------------------------------------------
