@@ -55,7 +55,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
-from _machine import background_load, cpu_model, wait_for_quiet  # noqa: E402 (bench/ on sys.path)
+from _machine import cpu_model, wait_for_quiet  # noqa: E402 (bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "transport.json"
