@@ -22,26 +22,31 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, *extra_args: str):
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, scheme: str = "http",
+                 verify=True):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         cmd = [sys.executable, "-m", "advserve.cli", "serve", "--host", "127.0.0.1", "--http-port", str(self.port),
                "--grpc-port", str(self.grpc_port), "--log-level", "warning", *extra_args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early: {self.process.stdout.read().decode()}")
             try:
-                if httpx.get(f"{self.url}/health/live", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health/live", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("server did not become live within 60 s")
+
+    def output(self) -> str:
+        """Everything the server printed (after it stopped)."""
+        return self.process.stdout.read().decode(errors="replace")
 
     def stop(self) -> None:
         self.process.terminate()

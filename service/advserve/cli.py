@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                 parser.error(f"{env}: {exc}")
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{env}]"
+        if f.metadata.get("secret"):  # its value (perhaps from the environment) never appears in --help
+            serve.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar="TOKEN")
+            continue
         if f.type == "bool":
             serve.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -61,42 +64,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(settings: Settings) -> None:
+    from .observability import JsonFormatter
+
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
 def serve(settings: Settings) -> None:
-    """REST (uvicorn) and gRPC (grpc.aio) on one event loop, over one engine, compute thread and admission."""
+    """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one runtime (engine, compute thread,
+    admission, metrics). SIGTERM or SIGINT: readiness turns false (503 on /health/ready, NOT_SERVING on
+    gRPC health), new work is refused, every accepted request is completed and answered (at most
+    --shutdown-grace-s), then both servers stop."""
+    import ssl
+
     import uvicorn
+    from grpc_health.v1 import health_pb2
 
-    from .engine import Engine
     from .errors import AdvserveError
-    from .grpc_server import start_grpc_server
-    from .rest import Admission, create_app
-    from .scheduler import Scheduler
+    from .grpc_server import SERVICE, start_grpc_server
+    from .rest import create_app
+    from .runtime import Runtime
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     log = logging.getLogger("advserve")
     tune_allocator()
     try:
-        engine = Engine(settings.device, max_tokens=settings.max_tokens)
+        runtime = Runtime.build(settings)
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
-    scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3, max_batch_tokens=settings.max_batch_tokens,
-                          coalesce=settings.coalesce)
-    admission = Admission(settings.admission_bytes)
-    app = create_app(engine, settings, scheduler=scheduler, admission=admission)
+    app = create_app(runtime)
+
+    class Server(uvicorn.Server):
+        """uvicorn whose first exit signal drains instead of stopping at once."""
+
+        drain_requested: asyncio.Event
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_requested.is_set():  # a second signal: stop now
+                super().handle_exit(sig, frame)
+            else:
+                self.loop.call_soon_threadsafe(self.drain_requested.set)
 
     async def run() -> None:
         try:
-            grpc_server, _, grpc_port = await start_grpc_server(engine, scheduler, admission, settings)
+            grpc_server, health, grpc_port = await start_grpc_server(runtime)
         except (OSError, RuntimeError) as exc:
             sys.exit(f"advserve: cannot start gRPC on {settings.host}:{settings.grpc_port}: {exc}")
-        log.info("engine on %s; REST on %s:%d; gRPC on %s:%d; admission %d bytes", engine.device, settings.host,
-                 settings.http_port, settings.host, grpc_port, settings.admission_bytes)
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr=settings.host, registry=runtime.metrics.registry)
+        tls = {}
+        if settings.tls_cert:
+            tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+            if settings.tls_client_ca:
+                tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
-                                access_log=False)
+                                access_log=False, log_config=None, timeout_graceful_shutdown=5, **tls)
+        server = Server(config)
+        server.loop = asyncio.get_running_loop()
+        server.drain_requested = asyncio.Event()
+
+        async def drain_on_signal() -> None:
+            await server.drain_requested.wait()
+            log.info("shutting down: readiness off, finishing accepted requests (up to %.0f s)",
+                     settings.shutdown_grace_s)
+            for name in ("", SERVICE):
+                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            finished = await runtime.drain(settings.shutdown_grace_s)
+            log.info("drained: %s", "every accepted request answered" if finished else "grace period over")
+            server.should_exit = True
+
+        drainer = asyncio.create_task(drain_on_signal())
+        scheme = "https" if settings.tls_cert else "http"
+        log.info("engine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
+                 runtime.engine.device, scheme, settings.host, settings.http_port, settings.host, grpc_port,
+                 " (TLS)" if settings.tls_cert else "", settings.admission_bytes,
+                 "on" if settings.auth_token else "off")
         try:
-            await uvicorn.Server(config).serve()
+            await server.serve()
         finally:
+            drainer.cancel()
             await grpc_server.stop(grace=5)
-            scheduler.close()
+            runtime.close()
 
     asyncio.run(run())
 
@@ -105,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        values = {f.name: getattr(args, f.name) for f in setting_fields()}
+        values = {f.name: getattr(args, f.name) for f in setting_fields() if hasattr(args, f.name)}
+        if "auth_token" not in values:
+            values["auth_token"] = os.environ.get(env_name("auth_token"), "")
         try:
             settings = Settings(**values).validate()
         except ValueError as exc:

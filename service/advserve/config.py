@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -37,6 +38,21 @@ class Settings:
     admission_bytes: int = field(default_factory=_default_admission_bytes, metadata={
         "help": "request bytes admitted in flight (decoding, queued, computing, encoding); past it: 503 + "
                 "Retry-After (default: a quarter of RAM, at most 8 GiB)"})
+    request_timeout_s: float = field(default=600.0, metadata={"help": "per-request deadline from arrival to the "
+                                                                    "result (504 / DEADLINE_EXCEEDED past it)"})
+    auth_token: str = field(default="", metadata={"help": "require 'Authorization: Bearer <token>' on both "
+                                                         "transports (health exempt); prefer the environment "
+                                                         "variable or --auth-token-file to a flag", "secret": True})
+    auth_token_file: str = field(default="", metadata={"help": "read the bearer token from this file"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve both transports over TLS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={"help": "PEM CA bundle: require client certificates (mTLS)"})
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port (0: at /metrics "
+                                                           "on the HTTP port)"})
+    log_format: str = field(default="text", metadata={"help": "text or json (one JSON object per line)",
+                                                      "choices": ("text", "json")})
+    shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM: readiness off, then up to this "
+                                                                   "long to finish accepted requests"})
     coalesce: bool = field(default=True, metadata={"help": "run small compatible advantage requests that arrive "
                                                            "together as one device batch"})
     max_wait_ms: float = field(default=0.0, metadata={"help": "how long the compute thread waits for more "
@@ -54,11 +70,37 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.grpc_max_message_bytes >= 2**31:
             problems.append("grpc_max_message_bytes must be below 2 GiB (protobuf's limit)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                problems.append(f"{name}: no such file {path!r}")
+        if self.auth_token and self.auth_token_file:
+            problems.append("give auth_token or auth_token_file, not both")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be in 0..65535")
+        for name in ("request_timeout_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
         if self.max_wait_ms < 0:
             problems.append("max_wait_ms must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.auth_token_file:
+            with open(self.auth_token_file) as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError(f"auth_token_file {self.auth_token_file!r} is empty")
+            return dataclasses.replace(self, auth_token=token, auth_token_file="")
         return self
+
+    def __repr__(self) -> str:  # never print the token
+        shown = {f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
+                 for f in fields(self)}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def env_name(name: str) -> str:

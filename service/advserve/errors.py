@@ -45,6 +45,12 @@ class Overloaded(Unavailable):
     code = "overloaded"
 
 
+class Unauthenticated(AdvserveError):
+    """No valid bearer token (when the server requires one)."""
+
+    code = "unauthenticated"
+
+
 class DeadlineExceeded(AdvserveError):
     """The caller's deadline passed before the result was ready."""
 
@@ -62,6 +68,7 @@ class PayloadTooLarge(AdvserveError):
 STATUS: dict[str, tuple[int, str]] = {
     InvalidArgument.code: (400, "INVALID_ARGUMENT"),
     NotFound.code: (404, "NOT_FOUND"),
+    Unauthenticated.code: (401, "UNAUTHENTICATED"),
     PayloadTooLarge.code: (413, "RESOURCE_EXHAUSTED"),
     Overloaded.code: (503, "UNAVAILABLE"),
     Unavailable.code: (503, "UNAVAILABLE"),

@@ -7,7 +7,10 @@ request -> the engine, and back. Errors map through `errors.STATUS`, the table R
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -18,12 +21,10 @@ from advserve_client import protocol
 from advserve_client._pb import advserve_pb2, advserve_pb2_grpc
 from advserve_client.framing import FramingError, RawTensor
 
-from .config import Settings
-from .engine import Engine
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, LossRequest
-from .rest import Admission
-from .scheduler import Scheduler
+from .observability import REQUEST_ID_HEADER, request_id
+from .runtime import Runtime
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve.grpc")
@@ -44,71 +45,131 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
-    def __init__(self, engine: Engine, scheduler: Scheduler, admission: Admission):
-        self.engine = engine
-        self.scheduler = scheduler
-        self.admission = admission
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.scheduler = runtime.scheduler
+        self.admission = runtime.admission
 
     async def ComputeAdvantages(self, request, context):
-        return await self._serve(request, context, self._advantages)
+        return await self._serve(request, context, "advantages", self._advantages)
 
     async def ComputeLosses(self, request, context):
-        return await self._serve(request, context, self._losses)
+        return await self._serve(request, context, "losses", self._losses)
 
     async def ListEstimators(self, request, context):
-        return await self._serve(request, context, self._catalog)
+        return await self._serve(request, context, "estimators", self._catalog)
 
-    async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest):
+    async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: "_Call"):
         document, raw = protocol.advantages_request_from_pb(request)
         domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
         prepared = self.engine.prepare_advantages(domain)
-        result, _ = await self.scheduler.advantages(prepared)
-        return protocol.advantages_response_to_pb(
-            {"params": result.params, "stats": result.stats},
-            {"advantages": torch_to_raw(result.advantages), "returns": torch_to_raw(result.returns)})
+        call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
+        result = await call.compute(self.scheduler.advantages(prepared))
+        with call.phase("encode"):
+            return protocol.advantages_response_to_pb(
+                {"params": result.params, "stats": result.stats},
+                {"advantages": torch_to_raw(result.advantages), "returns": torch_to_raw(result.returns)})
 
-    async def _losses(self, request: advserve_pb2.ComputeLossesRequest):
+    async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: "_Call"):
         document, raw = protocol.losses_request_from_pb(request)
-        domain = LossRequest(tensors=_torch(raw), **{k: v for k, v in document.items()})
-        result, _ = await self.scheduler.call(lambda: self.engine.compute_losses(domain))
+        tensors = _torch(raw)
+        domain = LossRequest(tensors=tensors, **document)
+        mask = tensors.get("response_mask")
+        call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
+        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)))
         grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
                  "grad_entropy": result.grad_entropy}
-        return protocol.losses_response_to_pb(
-            {"loss": result.loss, "components": result.components, "metrics": result.metrics,
-             "params": result.params},
-            {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
+        with call.phase("encode"):
+            return protocol.losses_response_to_pb(
+                {"loss": result.loss, "components": result.components, "metrics": result.metrics,
+                 "params": result.params},
+                {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
 
-    async def _catalog(self, request):
+    async def _catalog(self, request, call: "_Call"):
         return catalog_to_pb(self.engine.catalog())
 
-    async def _serve(self, request: Any, context: grpc.aio.ServicerContext,
-                     handler: Callable[[Any], Awaitable[Any]]):
+    async def _serve(self, request: Any, context: grpc.aio.ServicerContext, endpoint: str,
+                     handler: Callable[[Any, "_Call"], Awaitable[Any]]):
+        metadata = dict(context.invocation_metadata() or ())
+        call = _Call(self.runtime, context, request_id(metadata.get(REQUEST_ID_HEADER)))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
         size = request.ByteSize()
+        status, error, response = "OK", None, None
         try:
-            if size > self.admission.capacity:
-                raise PayloadTooLarge(f"request of {size} bytes exceeds the server's admission capacity of "
-                                      f"{self.admission.capacity} bytes", field="body")
-            if not self.admission.try_acquire(size):
-                raise Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
-                                 f"{self.admission.capacity}; retry later")
-            try:
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("the deadline passed before the request was computed")
-                return await handler(request)
-            finally:
-                self.admission.release(size)
+            self.runtime.authenticate(metadata.get("authorization"))
+            with self.runtime.serving():
+                if size > self.admission.capacity:
+                    raise PayloadTooLarge(f"request of {size} bytes exceeds the server's admission capacity of "
+                                          f"{self.admission.capacity} bytes", field="body")
+                if not self.admission.try_acquire(size):
+                    raise Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
+                                     f"{self.admission.capacity}; retry later")
+                try:
+                    response = await handler(request, call)
+                    return response
+                finally:
+                    self.admission.release(size)
         except AdvserveError as exc:
+            status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
             await _abort(context, exc)
         except FramingError as exc:
+            status, error = "INVALID_ARGUMENT", "invalid_argument"
             await _abort(context, InvalidArgument(exc.message, field=exc.field))
         except ValueError as exc:  # an enum value the proto does not define
+            status, error = "INVALID_ARGUMENT", "invalid_argument"
             await _abort(context, InvalidArgument(str(exc)))
-        except Exception:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
-            log.exception("internal error in %s", type(request).__name__)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
+            if isinstance(exc, asyncio.CancelledError):
+                status, error = "CANCELLED", "cancelled"
+                raise
+            if type(exc).__name__ == "AbortError":  # grpc.aio's own abort unwinding: already answered
+                raise
+            status, error = "INTERNAL", "internal"
+            log.exception("internal error in %s (request id %s)", endpoint, call.request_id)
             await _abort(context, AdvserveError("internal error"))
+        finally:
+            self.runtime.metrics.observe(
+                transport="grpc", endpoint=endpoint, estimator=call.estimator, status=status, bytes_in=size,
+                bytes_out=response.ByteSize() if response is not None else 0, phases=call.phases, batch=call.batch,
+                request_id=call.request_id, started=call.arrived, error=error)
+
+
+class _Call:
+    """The state of one gRPC call: its request id, timings, and what the metrics need."""
+
+    def __init__(self, runtime: Runtime, context: grpc.aio.ServicerContext, rid: str):
+        self.runtime, self.context, self.request_id = runtime, context, rid
+        self.arrived = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.estimator: str | None = None
+        self.batch: tuple[int, int] | None = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
+
+    async def compute(self, job: Awaitable[Any]) -> Any:
+        """The job's result within the tighter of the caller's deadline and the request timeout."""
+        self.phases["decode"] = time.perf_counter() - self.arrived
+        budget = self.runtime.settings.request_timeout_s - (time.perf_counter() - self.arrived)
+        remaining = self.context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        if budget <= 0:
+            raise DeadlineExceeded("the deadline passed before the request was computed")
+        try:
+            result, timing = await asyncio.wait_for(job, timeout=budget)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("no result within the deadline") from None
+        self.phases["queue"], self.phases["compute"] = timing.queue, timing.compute
+        return result
 
 
 def _torch(raw: dict[str, Any]) -> dict[str, Any]:
@@ -151,15 +212,25 @@ def catalog_to_pb(catalog: dict[str, Any]) -> advserve_pb2.ListEstimatorsRespons
     return response
 
 
-async def start_grpc_server(engine: Engine, scheduler: Scheduler, admission: Admission, settings: Settings,
-                            ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """Start the gRPC server on settings.host:settings.grpc_port; returns (server, health, bound port)."""
+async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Start the gRPC server on settings.host:settings.grpc_port (TLS and mTLS as configured);
+    returns (server, health servicer, bound port)."""
+    settings = runtime.settings
     server = grpc.aio.server(options=grpc_options(settings.grpc_max_message_bytes))
-    advserve_pb2_grpc.add_AdvserveServicer_to_server(AdvserveServicer(engine, scheduler, admission), server)
+    advserve_pb2_grpc.add_AdvserveServicer_to_server(AdvserveServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert:
+        with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
+            pair = (key.read(), cert.read())
+        client_ca = open(settings.tls_client_ca, "rb").read() if settings.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                                  require_client_auth=client_ca is not None)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     await server.start()

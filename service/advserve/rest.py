@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from advserve_client import framing
@@ -27,10 +28,10 @@ from . import __version__
 from .config import Settings
 from .device import to_host
 from .wire import raw_to_torch, torch_to_raw
-from .engine import Engine
-from .errors import STATUS, AdvserveError, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
+from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
-from .scheduler import Scheduler
+from .observability import REQUEST_ID_HEADER, request_id
+from .runtime import Runtime
 
 log = logging.getLogger("advserve")
 
@@ -202,6 +203,16 @@ def losses_document(result: LossResult) -> tuple[Callable[[], dict[str, Any]], d
              "grad_entropy": result.grad_entropy})
 
 
+def _batch_shape(prepared: Any) -> tuple[int, int] | None:
+    """(B, T) of a prepared request, for the token and sequence counters."""
+    batch = getattr(prepared, "batch", None)
+    if batch is not None:
+        return tuple(batch.mask.shape)
+    mask = prepared.tensors.get("response_mask") if isinstance(getattr(prepared, "tensors", None), dict) else None
+    shape = getattr(mask, "shape", None)
+    return (int(shape[0]), int(shape[1])) if shape is not None and len(shape) == 2 else None
+
+
 def server_timing(**durations_s: float) -> str:
     """The standard Server-Timing header: `decode;dur=1.234, queue;dur=...` (milliseconds)."""
     return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in durations_s.items())
@@ -210,40 +221,34 @@ def server_timing(**durations_s: float) -> str:
 # --- admission ----------------------------------------------------------------------------------
 
 
-class Admission:
-    """Bytes of request bodies in flight, bounded: a request that does not fit is turned away (503)
-    before its body is read, instead of growing memory. Only touched on the event loop."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.in_flight = 0
-
-    def try_acquire(self, nbytes: int) -> bool:
-        if self.in_flight + nbytes > self.capacity:
-            return False
-        self.in_flight += nbytes
-        return True
-
-    def release(self, nbytes: int) -> None:
-        self.in_flight -= nbytes
-
-
 class AdmissionControl:
-    """ASGI middleware on POST /v1/*: body size limits (413; binary and JSON bodies have their own)
-    and admission by bytes in flight (503 + Retry-After), checked on the declared Content-Length
-    before the body is read, and again while a body without one streams in. The bytes are held
-    until the response has been sent."""
+    """ASGI middleware, the door: bearer-token auth on everything but /health/* (401), then on
+    POST /v1/*: refusal while draining (503), body size limits (413; binary and JSON bodies have their
+    own) and admission by bytes in flight (503 + Retry-After), checked on the declared Content-Length
+    before the body is read, and again while a body without one streams in. The bytes are held until
+    the response has been sent. A request turned away here costs no compute."""
 
-    def __init__(self, app: Callable, admission: Admission, max_body_bytes: int, max_json_bytes: int):
+    def __init__(self, app: Callable, runtime: Runtime):
         self.app = app
-        self.admission = admission
-        self.max_body_bytes = max_body_bytes
-        self.max_json_bytes = max_json_bytes
+        self.runtime = runtime
+        self.admission = runtime.admission
+        self.max_body_bytes = runtime.settings.max_body_bytes
+        self.max_json_bytes = runtime.settings.max_json_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        try:
+            if not scope["path"].startswith("/health/"):
+                self.runtime.authenticate(headers.get("authorization"))
+            if scope["method"] == "POST" and scope["path"].startswith("/v1/") and self.runtime.draining:
+                raise Unavailable("the server is shutting down; retry on another instance")
+        except AdvserveError as error:
+            self.runtime.metrics.rejections.labels("http", error.code).inc()
+            return await _error_response(error)(scope, receive, send)
+        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
         limit = self.max_body_bytes if _is_binary(headers) else self.max_json_bytes
         declared = headers.get("content-length", "")
         held = 0
@@ -265,6 +270,7 @@ class AdmissionControl:
             if error is None and not self.admission.try_acquire(size):
                 error = overloaded()
             if error is not None:
+                self.runtime.metrics.rejections.labels("http", error.code).inc()
                 return await _error_response(error)(scope, receive, send)
             held = size
 
@@ -296,22 +302,18 @@ class AdmissionControl:
 # --- the application ----------------------------------------------------------------------------
 
 
-def create_app(engine: Engine | None = None, settings: Settings | None = None, *, scheduler: Scheduler | None = None,
-               admission: Admission | None = None) -> FastAPI:
-    """The FastAPI application over `engine` (a new engine on `settings.device` when None). A scheduler
-    and admission passed in are shared with other transports and owned by the caller."""
-    settings = settings or Settings()
-    engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
-    owns_scheduler = scheduler is None
-    scheduler = scheduler or Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
-                                       max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
-    admission = admission or Admission(settings.admission_bytes)
+def create_app(runtime: Runtime | None = None) -> FastAPI:
+    """The FastAPI application over `runtime` (engine, compute thread, admission, metrics), which
+    other transports may share; a new one from default Settings when None (owned by the app)."""
+    owns_runtime = runtime is None
+    runtime = runtime or Runtime.build(Settings())
+    engine, scheduler = runtime.engine, runtime.scheduler
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        if owns_scheduler:
-            scheduler.close()
+        if owns_runtime:
+            runtime.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -320,9 +322,10 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         description="Token advantages, policy losses and their gradients for RL on language models. "
         "Formulas: docs/semantics.md. Bodies are JSON, or binary-framed tensors (Content-Type: "
         "application/octet-stream, Inference-Header-Content-Length; docs/binary-framing.md). "
-        "Errors: {\"error\": {\"code\", \"message\", \"field\"}}.",
+        "Errors: {\"error\": {\"code\", \"message\", \"field\"}}. With --auth-token, every path but "
+        "/health/* needs 'Authorization: Bearer <token>'.",
     )
-    app.state.engine, app.state.scheduler, app.state.admission = engine, scheduler, admission
+    app.state.runtime = runtime
 
     @app.exception_handler(AdvserveError)
     async def _domain_error(request: Request, exc: AdvserveError):
@@ -355,29 +358,55 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         requests are cheaper decoded and encoded right here on the event loop."""
         return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
 
-    async def serve(request: Request, model: type[BaseModel], prepare, compute, document_of) -> Response:
-        body = await request.body()  # the wire's time, not decode's
-        started = time.perf_counter()
-        headers = request.headers
+    async def serve(request: Request, model: type[BaseModel], endpoint: str, prepare, compute,
+                    document_of) -> Response:
+        arrived = time.perf_counter()
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        phases: dict[str, float] = {}
+        body, estimator, batch, status, error = b"", None, None, "200", None
+        response: Response | None = None
+        try:
+            with runtime.serving():
+                body = await request.body()  # the wire's time, not decode's
+                started = time.perf_counter()
+                headers = request.headers
 
-        def decode():
-            parsed, tensors = decode_body(body, headers, model)
-            return prepare(parsed, tensors)
+                def decode():
+                    parsed, tensors = decode_body(body, headers, model)
+                    return prepare(parsed, tensors)
 
-        prepared = await off_loop(decode, len(body))
-        decoded = time.perf_counter()
-        result, timing = await compute(prepared)
-        encode_started = time.perf_counter()
-        document, tensors = document_of(result)
+                prepared = await off_loop(decode, len(body))
+                phases["decode"] = time.perf_counter() - started
+                estimator = getattr(getattr(prepared, "estimator", None), "name", None)
+                batch = _batch_shape(prepared)
+                remaining = runtime.settings.request_timeout_s - (time.perf_counter() - arrived)
+                try:
+                    result, timing = await asyncio.wait_for(compute(prepared), timeout=max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"no result within the request timeout of "
+                                           f"{runtime.settings.request_timeout_s} s") from None
+                phases["queue"], phases["compute"] = timing.queue, timing.compute
+                encode_started = time.perf_counter()
+                document, tensors = document_of(result)
 
-        def encode():
-            return encode_response(document(), tensors, _wants_binary(headers, _is_binary(headers)), {})
+                def encode():
+                    return encode_response(document(), tensors, _wants_binary(headers, _is_binary(headers)), {})
 
-        output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
-        response = await off_loop(encode, output_size)
-        response.headers["Server-Timing"] = server_timing(
-            decode=decoded - started, queue=timing.queue, compute=timing.compute,
-            encode=time.perf_counter() - encode_started)
+                output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+                response = await off_loop(encode, output_size)
+                phases["encode"] = time.perf_counter() - encode_started
+                response.headers["Server-Timing"] = server_timing(**phases)
+        except AdvserveError as exc:
+            response, status, error = _error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
+        except (ValidationError, RequestValidationError) as exc:
+            response, status, error = _validation_error(exc), "400", "invalid_argument"
+        except Exception:  # noqa: BLE001 - a bug: logged with its request id, answered 500 without details
+            log.exception("internal error on %s (request id %s)", endpoint, rid)
+            response, status, error = _error_response(AdvserveError("internal error")), "500", "internal"
+        response.headers[REQUEST_ID_HEADER] = rid
+        runtime.metrics.observe(transport="http", endpoint=endpoint, estimator=estimator, status=status,
+                                bytes_in=len(body), bytes_out=len(response.body), phases=phases, batch=batch,
+                                request_id=rid, started=arrived, error=error)
         return response
 
     @app.post("/v1/advantages", openapi_extra=body_schema(AdvantagesBody),
@@ -390,7 +419,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
                 estimator=body.estimator, tensors=tensors, preset=body.preset, params=body.params, dtype=body.dtype,
                 layout=body.layout))
 
-        return await serve(request, AdvantagesBody, prepare, scheduler.advantages, advantages_document)
+        return await serve(request, AdvantagesBody, "advantages", prepare, scheduler.advantages, advantages_document)
 
     @app.post("/v1/losses", openapi_extra=body_schema(LossesBody),
               responses={200: {"model": LossesResponse}, **error_responses}, tags=["compute"])
@@ -403,7 +432,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
                                rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
                                num_sequences=body.num_sequences, dtype=body.dtype, layout=body.layout)
 
-        return await serve(request, LossesBody, prepare,
+        return await serve(request, LossesBody, "losses", prepare,
                            lambda domain: scheduler.call(lambda: engine.compute_losses(domain)), losses_document)
 
     @app.get("/v1/estimators", response_class=JSONResponse, tags=["catalog"])
@@ -417,7 +446,15 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
 
     @app.get("/health/ready", response_class=JSONResponse, tags=["health"])
     async def ready():
+        if not runtime.ready:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready", "device": str(engine.device)})
+
+    if not runtime.settings.metrics_port:
+        @app.get("/metrics", tags=["health"])
+        async def metrics():
+            """Prometheus metrics (text exposition format)."""
+            return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -431,6 +468,5 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(AdmissionControl, admission=admission, max_body_bytes=settings.max_body_bytes,
-                       max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(AdmissionControl, runtime=runtime)
     return app

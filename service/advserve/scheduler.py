@@ -105,6 +105,8 @@ class Scheduler:
                 if not self._jobs:
                     return
                 first = self._jobs.popleft()
+                if first.future.done():  # its caller gave up (deadline, disconnect): no compute for it
+                    continue
                 batch = [first] + self._companions(first)
             started = time.perf_counter()
             try:
@@ -133,7 +135,9 @@ class Scheduler:
         taken: list[_Job] = []
         while True:
             for job in list(self._jobs):
-                if job.prepared is not None and job.prepared.coalescing_key == key \
+                if job.future.done():
+                    self._jobs.remove(job)
+                elif job.prepared is not None and job.prepared.coalescing_key == key \
                         and tokens + job.prepared.tokens <= self.max_batch_tokens:
                     self._jobs.remove(job)
                     taken.append(job)

@@ -1,0 +1,96 @@
+"""Prometheus metrics and structured request logs, shared by the REST and gRPC transports.
+
+Metrics (prometheus-client, one registry per server, served at GET /metrics):
+  advserve_requests_total{transport, endpoint, estimator, status}
+  advserve_request_phase_seconds{transport, endpoint, phase}    phase: decode, queue, compute, encode
+  advserve_request_bytes_total{transport, direction}             direction: in, out
+  advserve_tokens_total{endpoint}, advserve_sequences_total{endpoint}
+  advserve_rejections_total{transport, reason}                   the error code of every non-200
+  advserve_queue_depth, advserve_bytes_in_flight, advserve_requests_in_progress (gauges)
+Logs: one JSON line per compute request on the "advserve.access" logger, with the request id that
+is also returned to the caller (X-Request-ID header / x-request-id metadata). Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+access_log = logging.getLogger("advserve.access")
+REQUEST_ID_HEADER = "x-request-id"
+_PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def request_id(given: str | None) -> str:
+    """The caller's request id when it is a sane token, else a new one."""
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], float], bytes_in_flight: Callable[[], float],
+                 in_progress: Callable[[], float]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("advserve_requests", "Compute requests", ["transport", "endpoint", "estimator", "status"],
+                                registry=r)
+        self.phases = Histogram("advserve_request_phase_seconds", "Time per request phase",
+                                ["transport", "endpoint", "phase"], buckets=_PHASE_BUCKETS, registry=r)
+        self.bytes = Counter("advserve_request_bytes", "Request and response body bytes", ["transport", "direction"],
+                             registry=r)
+        self.tokens = Counter("advserve_tokens", "Tokens (B·T) processed", ["endpoint"], registry=r)
+        self.sequences = Counter("advserve_sequences", "Sequences (B) processed", ["endpoint"], registry=r)
+        self.rejections = Counter("advserve_rejections", "Requests answered with an error, by error code",
+                                  ["transport", "reason"], registry=r)
+        Gauge("advserve_queue_depth", "Jobs waiting for the compute thread", registry=r).set_function(queue_depth)
+        Gauge("advserve_bytes_in_flight", "Request bytes admitted and not yet answered",
+              registry=r).set_function(bytes_in_flight)
+        Gauge("advserve_requests_in_progress", "Compute requests being served", registry=r).set_function(in_progress)
+
+    def observe(self, *, transport: str, endpoint: str, estimator: str | None, status: str, bytes_in: int,
+                bytes_out: int, phases: dict[str, float], batch: tuple[int, int] | None, request_id: str,
+                started: float, error: str | None = None) -> None:
+        """Record one finished request (metrics and its access-log line)."""
+        self.requests.labels(transport, endpoint, estimator or "", status).inc()
+        for phase, seconds in phases.items():
+            self.phases.labels(transport, endpoint, phase).observe(seconds)
+        self.bytes.labels(transport, "in").inc(bytes_in)
+        self.bytes.labels(transport, "out").inc(bytes_out)
+        if batch is not None:
+            self.sequences.labels(endpoint).inc(batch[0])
+            self.tokens.labels(endpoint).inc(batch[0] * batch[1])
+        if error is not None:
+            self.rejections.labels(transport, error).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            record: dict[str, Any] = {
+                "request_id": request_id, "transport": transport, "endpoint": endpoint, "estimator": estimator,
+                "status": status, "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+                "bytes_in": bytes_in, "bytes_out": bytes_out,
+                **{f"{phase}_ms": round(seconds * 1e3, 3) for phase, seconds in phases.items()},
+            }
+            if error is not None:
+                record["error"] = error
+            if batch is not None:
+                record["sequences"], record["tokens"] = batch[0], batch[0] * batch[1]
+            access_log.info(json.dumps(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """Log records as JSON lines: time, level, logger, message (an access line is merged in)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        if record.name == access_log.name and message.startswith("{"):
+            entry.update(json.loads(message))
+        else:
+            entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
