@@ -5,14 +5,12 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: venv serve test lint bench proto clean
+.PHONY: venv serve test lint bench proto clean loadtest
 
 venv: $(BIN)/advserve
 
-$(BIN)/advserve: pyproject.toml client/pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ./client -e '.[test]'
+$(BIN)/advserve: pyproject.toml client/pyproject.toml constraints.txt scripts/install.sh
+	PYTHON='$(PYTHON)' scripts/install.sh '$(VENV)' --dev
 	touch $@
 
 serve: venv
@@ -33,3 +31,14 @@ proto: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info service/*.egg-info .pytest_cache .hypothesis
+
+# load test: starts its own server on free loopback ports; reports in loadtest/results/ (loadtest/README.md)
+USERS ?= 8
+DURATION ?= 30
+WORKLOAD ?= mix
+TRANSPORT ?= all
+MAX_P95_MS ?= 2000
+LOADTEST_ARGS ?=
+loadtest: venv
+	$(BIN)/python loadtest/run.py --users '$(USERS)' --duration '$(DURATION)' --workload '$(WORKLOAD)' \
+		--transport '$(TRANSPORT)' --max-p95-ms '$(MAX_P95_MS)' $(LOADTEST_ARGS)
