@@ -63,15 +63,16 @@ def enum_to_name(kind: str, value: int) -> str | None:
 
 
 def name_to_enum(kind: str, name: str | None) -> int:
-    """Enum value of a REST name (0 for None); ValueError for an unknown name."""
+    """Enum value of a REST name, exactly as REST spells it (0 for None); ValueError otherwise."""
     if name is None:
         return 0
-    enum, prefix = _ENUMS[kind]
-    try:
-        return enum.Value(prefix + str(name).upper().replace("-", "_"))
-    except ValueError:
-        valid = ", ".join(n for n in (enum_to_name(kind, v) for v in enum.values()) if n)
-        raise ValueError(f"{kind.split('_')[0]} must be one of {valid}, got {name!r}") from None
+    enum, _ = _ENUMS[kind]
+    names = {enum_to_name(kind, v): v for v in enum.values()}
+    names.pop(None, None)
+    if name not in names:
+        label = {"estimator_kl": "estimator", "rc_mode": "mode"}.get(kind, kind)
+        raise ValueError(f"{label} must be one of {', '.join(names)}, got {name!r}")
+    return names[name]
 
 
 # --- tensors ------------------------------------------------------------------------------------
@@ -274,6 +275,7 @@ def advantages_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str,
 def advantages_response_from_pb(response: pb.ComputeAdvantagesResponse) -> tuple[dict[str, Any], dict[str, RawTensor]]:
     stats = json_format.MessageToDict(response.stats, preserving_proto_field_name=True,
                                       always_print_fields_with_no_presence=True)
+    stats["rewards"] = {k: v for k, v in stats.get("rewards", {}).items() if k in ("mean", "std")}  # as REST
     for key in ("sequences", "tokens"):
         stats[key] = int(stats.get(key, 0))
     groups = stats.get("groups")

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -400,6 +401,8 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             response, status, error = _error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
         except (ValidationError, RequestValidationError) as exc:
             response, status, error = _validation_error(exc), "400", "invalid_argument"
+        except ClientDisconnect:  # the caller went away mid-upload: nothing to answer, nothing to log as a bug
+            response, status, error = Response(status_code=499), "499", "client_disconnected"
         except Exception:  # noqa: BLE001 - a bug: logged with its request id, answered 500 without details
             log.exception("internal error on %s (request id %s)", endpoint, rid)
             response, status, error = _error_response(AdvserveError("internal error")), "500", "internal"

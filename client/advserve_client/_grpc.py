@@ -1,0 +1,282 @@
+"""gRPC transport (grpc / grpc.aio) with the generated stubs and the proto <-> document conversions of
+`protocol`, so that both transports speak the same documents and raise the same errors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format
+
+from . import protocol
+from ._pb import advserve_pb2 as pb
+from ._pb import advserve_pb2_grpc as pb_grpc
+from .errors import AdvserveError, InvalidArgument, NotFound, error_from, parse_retry_after
+from .framing import RawTensor
+
+ADVANTAGES = "/v1/advantages"
+LOSSES = "/v1/losses"
+
+
+def target(address: str) -> str:
+    """"host:port" (a "grpc://" or "grpcs://" prefix is dropped)."""
+    for prefix in ("grpc://", "grpcs://"):
+        if address.startswith(prefix):
+            return address[len(prefix):]
+    return address
+
+
+def credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials:
+    """TLS credentials: trust `tls_ca` (default: gRPC's roots); for mTLS present `tls_cert` with the key
+    `tls_key` (None: the key is in the certificate file)."""
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    chain = read(tls_cert)
+    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca), private_key=read(tls_key) or chain,
+                                        certificate_chain=chain)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """Extra headers as gRPC metadata (keys lower-cased, as gRPC requires)."""
+    return tuple((key.lower(), str(value)) for key, value in (headers or {}).items())
+
+
+def rpc_error(exc: grpc.RpcError) -> AdvserveError:
+    """The typed error of a failed call: the status code, and the trailing metadata advserve-error-code,
+    advserve-error-field and retry-after when the server set them."""
+    status = exc.code() if callable(getattr(exc, "code", None)) else None
+    name = status.name if status is not None else "UNKNOWN"
+    trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    values: dict[str, Any] = {}
+    for key, value in trailing or ():
+        values[key] = value.decode("latin-1") if isinstance(value, bytes) else value
+    details = (exc.details() if callable(getattr(exc, "details", None)) else None) or name
+    field = values.get("advserve-error-field")
+    if field and details.startswith(f"{field}: ") and not details[len(field) + 2:].startswith(field):
+        details = details[len(field) + 2:]  # the server prefixes the field; REST's message has no prefix
+    return error_from(values.get("advserve-error-code"), details, field=field, grpc_code=name,
+                      retry_after=parse_retry_after(values.get("retry-after")))
+
+
+# --- requests: REST documents -> messages, with the server's error codes and fields ---------------
+
+
+def _name(kind: str, value: Any, field: str, error: type[AdvserveError]) -> None:
+    """Check a name the REST API would check (estimator, preset: NotFound; others: InvalidArgument)."""
+    if value is None:
+        return
+    try:
+        ok = protocol.enum_to_name(kind, protocol.name_to_enum(kind, value)) == value
+        message = f"unknown {field} {value!r}"
+    except ValueError as exc:
+        ok, message = False, str(exc)
+    if not ok:
+        raise error(message, field=field)
+
+
+def _dtype(value: Any) -> None:
+    if value is not None and value not in ("float32", "float64"):
+        raise InvalidArgument(f"dtype must be 'float32' or 'float64', got {value!r}", field="dtype")
+
+
+def _params(message_type: Callable[[], Any], params: Any, prefix: str) -> None:
+    """Fill a scratch message parameter by parameter, so that a bad one is named like REST names it."""
+    if params is None or isinstance(params, bool):
+        return
+    if not isinstance(params, Mapping):
+        raise InvalidArgument(f"{prefix} must be an object of parameters, got {type(params).__name__}", field=prefix)
+    for key, value in params.items():
+        try:
+            protocol.params_to_pb(message_type(), {key: value})
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"{prefix}: {exc}", field=f"{prefix}.{key}") from None
+
+
+def _tensor_names(tensors: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    for name in tensors:
+        if name not in names:
+            raise InvalidArgument(f"tensor {name!r} is unknown; accepted: {', '.join(sorted(names))}",
+                                  field=f"tensors.{name}")
+
+
+def advantages_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
+                       ) -> pb.ComputeAdvantagesRequest:
+    _name("estimator", document.get("estimator"), "estimator", NotFound)
+    _name("preset", document.get("preset"), "preset", NotFound)
+    _name("layout", document.get("layout"), "layout", InvalidArgument)
+    _dtype(document.get("dtype"))
+    _params(pb.AdvantageParams, document.get("params"), "params")
+    _tensor_names(tensors, protocol.ADVANTAGE_TENSORS)
+    return protocol.advantages_request_to_pb(document, tensors)
+
+
+_TERM_MESSAGES = {"policy_loss": pb.PolicyLoss, "kl_loss": pb.KLLoss, "value_loss": pb.ValueLoss,
+                  "entropy_bonus": pb.EntropyBonus, "rollout_correction": pb.RolloutCorrection}
+
+
+def losses_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]) -> pb.ComputeLossesRequest:
+    _name("preset", document.get("preset"), "preset", NotFound)
+    _name("layout", document.get("layout"), "layout", InvalidArgument)
+    _dtype(document.get("dtype"))
+    for term, message_type in _TERM_MESSAGES.items():
+        _params(message_type, document.get(term), term)
+    _tensor_names(tensors, protocol.LOSS_TENSORS)
+    try:
+        return protocol.losses_request_to_pb(document, tensors)
+    except (TypeError, ValueError) as exc:  # num_tokens / num_sequences not numbers
+        raise InvalidArgument(str(exc)) from None
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def advantages_response(response: pb.ComputeAdvantagesResponse, document: Mapping[str, Any],
+                        ) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    out, tensors = protocol.advantages_response_from_pb(response)
+    out["estimator"] = document.get("estimator")
+    out["preset"] = document.get("preset") or "paper"
+    return out, tensors
+
+
+def losses_response(response: pb.ComputeLossesResponse, document: Mapping[str, Any],
+                    ) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
+    out, tensors = protocol.losses_response_from_pb(response)
+    out["preset"] = document.get("preset") or "paper"
+    return out, tensors
+
+
+def catalog(response: pb.ListEstimatorsResponse) -> dict[str, Any]:
+    """The REST catalog from ListEstimatorsResponse.catalog, integer parameters restored (a protobuf
+    Struct holds every number as a double)."""
+    document = json_format.MessageToDict(response.catalog)
+    _restore_ints(document)
+    return document
+
+
+def _restore_ints(node: Any) -> None:
+    """Where a "params" table declares a parameter of type int, make its choices, bounds and defaults
+    (in the sibling "presets"/"defaults" tables) ints again."""
+    if isinstance(node, list):
+        for item in node:
+            _restore_ints(item)
+        return
+    if not isinstance(node, dict):
+        return
+    params = node.get("params")
+    if isinstance(params, dict):
+        ints = {name for name, spec in params.items() if isinstance(spec, dict) and spec.get("type") == "int"}
+        for name in ints:
+            spec = params[name]
+            for key in ("choices", "minimum", "maximum", "default"):
+                if key in spec:
+                    spec[key] = _as_int(spec[key])
+        for table in (node.get("presets"), node.get("defaults")):
+            for per_preset in (table or {}).values():
+                if not isinstance(per_preset, dict):
+                    continue
+                defaults = per_preset.get("defaults", per_preset)
+                if isinstance(defaults, dict):
+                    for name in ints & defaults.keys():
+                        defaults[name] = _as_int(defaults[name])
+    for value in node.values():
+        _restore_ints(value)
+
+
+def _as_int(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_as_int(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_int(v) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# --- transports -----------------------------------------------------------------------------------
+
+
+class GrpcTransport:
+    """Synchronous gRPC transport over one channel."""
+
+    def __init__(self, address: str, *, timeout: float | None, headers: Mapping[str, str] | None,
+                 max_message_bytes: int, tls: grpc.ChannelCredentials | None = None):
+        self.address = target(address)
+        self.timeout = timeout
+        self.metadata = metadata(headers)
+        options = channel_options(max_message_bytes)
+        self._channel = (grpc.insecure_channel(self.address, options=options) if tls is None
+                         else grpc.secure_channel(self.address, tls, options=options))
+        self._stub = pb_grpc.AdvserveStub(self._channel)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+
+    def compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if path == ADVANTAGES:
+            return advantages_response(self._call(self._stub.ComputeAdvantages,
+                                                  advantages_request(document, tensors)), document)
+        return losses_response(self._call(self._stub.ComputeLosses, losses_request(document, tensors)), document)
+
+    def catalog(self) -> dict[str, Any]:
+        return catalog(self._call(self._stub.ListEstimators, pb.ListEstimatorsRequest()))
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class AsyncGrpcTransport:
+    """Asynchronous gRPC transport (grpc.aio). The channel is opened on first use, in the running event
+    loop, and belongs to that loop."""
+
+    def __init__(self, address: str, *, timeout: float | None, headers: Mapping[str, str] | None,
+                 max_message_bytes: int, tls: grpc.ChannelCredentials | None = None):
+        self.address = target(address)
+        self.timeout = timeout
+        self.metadata = metadata(headers)
+        self.options = channel_options(max_message_bytes)
+        self.tls = tls
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.AdvserveStub | None = None
+
+    def _stub_now(self) -> pb_grpc.AdvserveStub:
+        if self._stub is None:
+            self._channel = (grpc.aio.insecure_channel(self.address, options=self.options) if self.tls is None
+                             else grpc.aio.secure_channel(self.address, self.tls, options=self.options))
+            self._stub = pb_grpc.AdvserveStub(self._channel)
+        return self._stub
+
+    async def _call(self, name: str, request: Any) -> Any:
+        method = getattr(self._stub_now(), name)
+        try:
+            return await method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+
+    async def compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if path == ADVANTAGES:
+            response = await self._call("ComputeAdvantages", advantages_request(document, tensors))
+            return advantages_response(response, document)
+        return losses_response(await self._call("ComputeLosses", losses_request(document, tensors)), document)
+
+    async def catalog(self) -> dict[str, Any]:
+        return catalog(await self._call("ListEstimators", pb.ListEstimatorsRequest()))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None

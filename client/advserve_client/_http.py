@@ -1,0 +1,154 @@
+"""HTTP transport (httpx): binary-framed tensors (docs/binary-framing.md) or JSON.
+
+A transport turns (REST document, wire tensors) into (response document, result tensors) and raises
+the typed errors of `errors`; retries and array conversions are the client's business."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, AsyncIterator, Iterator, Mapping, cast
+
+import httpx
+import numpy as np
+
+from . import framing
+from .errors import AdvserveError, DeadlineExceeded, InternalError, Unavailable, error_from, parse_retry_after
+from .framing import RawTensor
+
+JSON = "application/json"
+
+
+def base_url(address: str, tls: bool = False) -> str:
+    """"host:port" -> "http://host:port" ("https://" with TLS); an address with a scheme is kept."""
+    address = address.rstrip("/")
+    return address if "://" in address else f"{'https' if tls else 'http'}://{address}"
+
+
+def ssl_context(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> ssl.SSLContext:
+    """Server verification against `tls_ca` (default: the system's CAs) and, for mTLS, the client
+    certificate `tls_cert` with its key `tls_key` (None: the key is in the certificate file)."""
+    context = ssl.create_default_context(cafile=tls_ca)
+    if tls_cert:
+        context.load_cert_chain(tls_cert, tls_key)
+    return context
+
+
+def _encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list], binary: bool,
+            ) -> tuple[dict[str, str], list[bytes | memoryview]]:
+    """(headers, body chunks) of a request."""
+    if binary:
+        n, chunks = framing.encode(document, tensors)
+        size = sum(memoryview(chunk).nbytes for chunk in chunks)
+        return ({"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n), "content-length": str(size),
+                 "accept": framing.CONTENT_TYPE}, chunks)
+    inline = {name: (t.to_numpy() if isinstance(t, RawTensor) else t) for name, t in tensors.items()}
+    body = framing.dumps({**document, "tensors": inline})
+    return {"content-type": JSON, "accept": JSON}, [body]
+
+
+def _error(response: httpx.Response) -> AdvserveError:
+    """The typed error of a non-200 response (the body {"error": {"code", "message", "field"}})."""
+    code = field = None
+    message = ""
+    try:
+        detail = response.json()["error"]
+        code, message, field = detail.get("code"), detail.get("message") or "", detail.get("field")
+    except Exception:  # noqa: BLE001 - not our error body (a proxy's page, say)
+        message = response.text[:500]
+    return error_from(code, message or f"HTTP {response.status_code} {response.reason_phrase}", field=field,
+                      status=response.status_code, retry_after=parse_retry_after(response.headers.get("retry-after")))
+
+
+def _decode(response: httpx.Response, dtype: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(document, tensors) of a 200 response, binary or JSON; tensors as RawTensor or numpy arrays."""
+    if response.status_code != 200:
+        raise _error(response)
+    header_length = response.headers.get(framing.HEADER_LENGTH)
+    try:
+        if header_length is not None:
+            return framing.decode(response.content, header_length)
+        document = response.json()
+    except (framing.FramingError, ValueError) as exc:
+        raise InternalError(f"malformed response from the server: {exc}", status=response.status_code) from None
+    result_dtype = np.float64 if dtype == "float64" else np.float32
+    tensors = {name: np.asarray(value, dtype=result_dtype)
+               for name, value in (document.pop("tensors", None) or {}).items()}
+    return document, tensors
+
+
+def _transport_error(exc: httpx.HTTPError, timeout: float | None) -> AdvserveError:
+    if isinstance(exc, httpx.TimeoutException):
+        return DeadlineExceeded(f"no answer within the client's timeout of {timeout} s ({type(exc).__name__})")
+    return Unavailable(f"cannot reach the server: {type(exc).__name__}: {exc}")
+
+
+class HttpTransport:
+    """Synchronous HTTP transport over one pooled httpx.Client."""
+
+    def __init__(self, address: str, *, timeout: float | None, binary: bool, headers: Mapping[str, str] | None,
+                 tls: ssl.SSLContext | None = None):
+        self.url = base_url(address, tls is not None)
+        self.timeout = timeout
+        self.binary = binary
+        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout), headers=dict(headers or {}),
+                                    verify=tls if tls is not None else True)
+
+    def compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+        headers, chunks = _encode(document, tensors, self.binary)
+        try:
+            # the buffers go out as they are (memoryviews of the arrays), not joined into one copy
+            response = self._client.post(path, content=cast(Iterator[bytes], iter(chunks)), headers=headers)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.timeout) from None
+        return _decode(response, document.get("dtype"))
+
+    def catalog(self) -> dict[str, Any]:
+        try:
+            response = self._client.get("/v1/estimators", headers={"accept": JSON})
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.timeout) from None
+        if response.status_code != 200:
+            raise _error(response)
+        return response.json()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncHttpTransport:
+    """Asynchronous HTTP transport over one pooled httpx.AsyncClient."""
+
+    def __init__(self, address: str, *, timeout: float | None, binary: bool, headers: Mapping[str, str] | None,
+                 tls: ssl.SSLContext | None = None):
+        self.url = base_url(address, tls is not None)
+        self.timeout = timeout
+        self.binary = binary
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout),
+                                         headers=dict(headers or {}), verify=tls if tls is not None else True)
+
+    async def compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        headers, chunks = _encode(document, tensors, self.binary)
+
+        async def body() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield cast(bytes, chunk)  # a memoryview of the array: sent as is, not copied
+
+        try:
+            response = await self._client.post(path, content=body(), headers=headers)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.timeout) from None
+        return _decode(response, document.get("dtype"))
+
+    async def catalog(self) -> dict[str, Any]:
+        try:
+            response = await self._client.get("/v1/estimators", headers={"accept": JSON})
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.timeout) from None
+        if response.status_code != 200:
+            raise _error(response)
+        return response.json()
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,268 @@
+"""`Client` and `AsyncClient`: advserve over HTTP (binary framing or JSON) or gRPC, with the method
+names and arguments of the in-process API (`advserve.compute_advantages`, `advserve.compute_losses`,
+`advserve.catalog` as `list_estimators`).
+
+    from advserve_client import Client
+
+    with Client("127.0.0.1:8000") as client:                      # or Client("127.0.0.1:8001", transport="grpc")
+        adv = client.compute_advantages("grpo", rewards=r, response_mask=mask, group_ids=uids)
+        out = client.compute_losses(preset="verl", logprobs=lp, old_logprobs=old,
+                                    advantages=adv.advantages, response_mask=mask)
+
+Arrays: numpy arrays, nested lists, or torch tensors (torch is imported only when one is passed);
+results are numpy arrays, or torch tensors on the first torch input's device when any input was one.
+Errors: the typed errors of `advserve_client.errors`, the same over both transports; `Unavailable`
+and `Overloaded` are retried (see `RetryPolicy`), nothing else is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Mapping
+
+from . import _grpc, _http, _retry
+from ._arrays import Outputs, wire_tensors
+from ._grpc import ADVANTAGES, LOSSES, AsyncGrpcTransport, GrpcTransport
+from ._http import AsyncHttpTransport, HttpTransport
+from ._retry import RetryPolicy
+from .errors import AdvserveError
+
+Transport = Literal["http", "grpc"]
+TermSpec = Mapping[str, Any] | bool | None
+
+__all__ = ["Client", "AsyncClient", "AdvantageResult", "LossResult", "RetryPolicy"]
+
+
+@dataclass
+class AdvantageResult:
+    """advantages, returns: [B, T] ([N] packed), 0 at masked positions, in the compute dtype.
+    stats: what a trainer logs (sequences, tokens, advantage and reward moments, and for group
+    estimators `groups`: count, sizes, zero_variance_fraction, ids, reward_mean); the same keys over
+    both transports, but over gRPC the group `ids` come back as strings. params: every parameter as
+    resolved (preset defaults plus overrides)."""
+
+    estimator: str
+    preset: str
+    advantages: Any
+    returns: Any
+    stats: dict[str, Any]
+    params: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"AdvantageResult(estimator={self.estimator!r}, preset={self.preset!r}, params={self.params!r})"
+
+
+@dataclass
+class LossResult:
+    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy; components: the terms before
+    their coefficients (None when off); metrics: clip fractions, approx KL, ratio statistics;
+    grad_logprobs / grad_values / grad_entropy: ∂loss/∂input [B, T] ([N] packed), None when the term is
+    off; params: the resolved parameters of each term that was on."""
+
+    preset: str
+    loss: float
+    components: dict[str, float | None]
+    metrics: dict[str, float]
+    grad_logprobs: Any
+    grad_values: Any
+    grad_entropy: Any
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"LossResult(preset={self.preset!r}, loss={self.loss!r}, components={self.components!r})"
+
+
+def _document(**entries: Any) -> dict[str, Any]:
+    return {key: value for key, value in entries.items() if value is not None}
+
+
+def _advantages_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs: Outputs,
+                       estimator: str, preset: str | None) -> AdvantageResult:
+    return AdvantageResult(estimator=document.get("estimator") or estimator,
+                           preset=document.get("preset") or preset or "paper",
+                           advantages=outputs(raw.get("advantages")), returns=outputs(raw.get("returns")),
+                           stats=document.get("stats") or {}, params=document.get("params") or {})
+
+
+def _losses_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs: Outputs,
+                   preset: str | None) -> LossResult:
+    return LossResult(preset=document.get("preset") or preset or "paper", loss=float(document["loss"]),
+                      components=dict(document.get("components") or {}), metrics=dict(document.get("metrics") or {}),
+                      grad_logprobs=outputs(raw.get("grad_logprobs")), grad_values=outputs(raw.get("grad_values")),
+                      grad_entropy=outputs(raw.get("grad_entropy")), params=dict(document.get("params") or {}))
+
+
+class _Base:
+    def __init__(self, address: str, transport: Transport, timeout: float | None, max_retries: int, binary: bool,
+                 headers: Mapping[str, str] | None, max_message_bytes: int, tls: bool, tls_ca: str | None,
+                 tls_cert: str | None, tls_key: str | None):
+        if transport not in ("http", "grpc"):
+            raise ValueError(f"transport must be 'http' or 'grpc', got {transport!r}")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.address = address
+        self.transport = transport
+        self.timeout = timeout
+        self.binary = binary
+        self.headers = dict(headers or {})
+        self.max_message_bytes = max_message_bytes
+        self.tls = bool(tls or tls_ca or tls_cert or address.startswith(("https://", "grpcs://")))
+        self._tls_files = (tls_ca, tls_cert, tls_key)
+        self.retry = RetryPolicy(max_retries=max_retries)
+
+    def _make_transport(self, asynchronous: bool) -> Any:
+        if self.transport == "http":
+            context = _http.ssl_context(*self._tls_files) if self.tls else None
+            http = AsyncHttpTransport if asynchronous else HttpTransport
+            return http(self.address, timeout=self.timeout, binary=self.binary, headers=self.headers, tls=context)
+        credentials = _grpc.credentials(*self._tls_files) if self.tls else None
+        rpc = AsyncGrpcTransport if asynchronous else GrpcTransport
+        return rpc(self.address, timeout=self.timeout, headers=self.headers, max_message_bytes=self.max_message_bytes,
+                   tls=credentials)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r}, transport={self.transport!r})"
+
+
+class Client(_Base):
+    """A synchronous advserve client (thread-safe: one connection pool or channel, shared).
+
+    address: "host:port" of the REST port (transport="http"; "http://..." or "https://..." URLs work
+    too) or of the gRPC port (transport="grpc"). timeout: seconds; over HTTP each connect, write and
+    read must finish within it, over gRPC it is the call's deadline; None waits forever. max_retries:
+    retries of `Unavailable` / `Overloaded` errors. binary: HTTP only, binary-framed tensors (default)
+    or JSON (False). headers: extra HTTP headers or gRPC metadata (e.g. {"authorization": "Bearer ..."}).
+    max_message_bytes: gRPC only, the largest message sent or received. tls: connect over TLS (implied by
+    an "https://" or "grpcs://" address or any tls_* file); tls_ca: PEM file of the CA that signed the
+    server's certificate (default: the system's / gRPC's roots); tls_cert, tls_key: PEM files of the
+    client certificate and its key for mTLS (tls_key None: the key is in tls_cert's file).
+    """
+
+    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
+                 max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
+                 max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
+        super().__init__(address, transport, timeout, max_retries, binary, headers, max_message_bytes, tls, tls_ca,
+                         tls_cert, tls_key)
+        self._transport: HttpTransport | GrpcTransport = self._make_transport(asynchronous=False)
+
+    def _with_retries(self, call: Any, *args: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return call(*args)
+            except AdvserveError as error:
+                if not self.retry.should_retry(error, attempt):
+                    raise
+                _retry.sleep(self.retry.delay(error, attempt))
+                attempt += 1
+
+    def compute_advantages(self, estimator: str, *, preset: str | None = None, params: Mapping[str, Any] | None = None,
+                           dtype: str | None = None, layout: str | None = None, **tensors: Any) -> AdvantageResult:
+        """Token advantages and returns of `estimator` (see `list_estimators()` and docs/semantics.md).
+
+        tensors: rewards [B] or token_rewards [B, T], response_mask [B, T], and what the estimator
+        needs: group_ids [B] (ints or strings), values [B, T], greedy_rewards [B], old_logprobs and
+        ref_logprobs [B, T] (when kl_coef > 0). layout="packed": token tensors flat [N] with
+        cu_seqlens [B + 1]. Returns an `AdvantageResult` (.advantages, .returns, .stats, .params).
+        """
+        document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
+        outputs = Outputs(tensors)
+        answer, raw = self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
+        return _advantages_result(answer, raw, outputs, estimator, preset)
+
+    def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None, kl_loss: TermSpec = None,
+                       value_loss: TermSpec = None, entropy_bonus: TermSpec = None,
+                       rollout_correction: TermSpec = None, num_tokens: float | None = None,
+                       num_sequences: float | None = None, dtype: str | None = None, layout: str | None = None,
+                       **tensors: Any) -> LossResult:
+        """The loss, its components and metrics, and its gradients with respect to the inputs.
+
+        policy_loss: None for the preset's defaults, a dict of overrides, or False for no policy term.
+        kl_loss, value_loss, entropy_bonus, rollout_correction: off unless given (a dict, {} = defaults).
+        num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard.
+        tensors: logprobs, old_logprobs, advantages, response_mask [B, T]; ref_logprobs (kl_loss);
+        values, old_values, returns (value_loss); entropy (entropy_bonus); rollout_logprobs
+        (rollout_correction). Returns a `LossResult`; feed `.grad_logprobs` to `logp.backward(...)`.
+        """
+        document = _document(preset=preset, policy_loss=policy_loss, kl_loss=kl_loss, value_loss=value_loss,
+                             entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
+                             num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
+        outputs = Outputs(tensors)
+        answer, raw = self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
+        return _losses_result(answer, raw, outputs, preset)
+
+    def list_estimators(self) -> dict[str, Any]:
+        """The catalog (GET /v1/estimators): every estimator's formula, tensors, parameters and defaults
+        per preset, and the loss terms."""
+        return self._with_retries(self._transport.catalog)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of `Client` (same arguments, same methods, awaited). Use it within one event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
+                 max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
+                 max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
+        super().__init__(address, transport, timeout, max_retries, binary, headers, max_message_bytes, tls, tls_ca,
+                         tls_cert, tls_key)
+        self._transport: AsyncHttpTransport | AsyncGrpcTransport = self._make_transport(asynchronous=True)
+
+    async def _with_retries(self, call: Any, *args: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await call(*args)
+            except AdvserveError as error:
+                if not self.retry.should_retry(error, attempt):
+                    raise
+                await _retry.async_sleep(self.retry.delay(error, attempt))
+                attempt += 1
+
+    async def compute_advantages(self, estimator: str, *, preset: str | None = None,
+                                 params: Mapping[str, Any] | None = None, dtype: str | None = None,
+                                 layout: str | None = None, **tensors: Any) -> AdvantageResult:
+        """See `Client.compute_advantages`."""
+        document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
+        outputs = Outputs(tensors)
+        answer, raw = await self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
+        return _advantages_result(answer, raw, outputs, estimator, preset)
+
+    async def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None,
+                             kl_loss: TermSpec = None, value_loss: TermSpec = None, entropy_bonus: TermSpec = None,
+                             rollout_correction: TermSpec = None, num_tokens: float | None = None,
+                             num_sequences: float | None = None, dtype: str | None = None, layout: str | None = None,
+                             **tensors: Any) -> LossResult:
+        """See `Client.compute_losses`."""
+        document = _document(preset=preset, policy_loss=policy_loss, kl_loss=kl_loss, value_loss=value_loss,
+                             entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
+                             num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
+        outputs = Outputs(tensors)
+        answer, raw = await self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
+        return _losses_result(answer, raw, outputs, preset)
+
+    async def list_estimators(self) -> dict[str, Any]:
+        """See `Client.list_estimators`."""
+        return await self._with_retries(self._transport.catalog)
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.close()
