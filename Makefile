@@ -20,7 +20,7 @@ test: venv lint
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check service client bench tests scripts
+	$(BIN)/ruff check service client bench tests scripts loadtest
 
 bench: venv
 	$(BIN)/python bench/bench_engine.py

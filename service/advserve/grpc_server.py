@@ -24,6 +24,7 @@ from advserve_client.framing import FramingError, RawTensor
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id
+from .rest import server_timing
 from .runtime import Runtime
 from .wire import raw_to_torch, torch_to_raw
 
@@ -109,6 +110,8 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
                                      f"{self.admission.capacity}; retry later")
                 try:
                     response = await handler(request, call)
+                    if call.phases:
+                        context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
                     return response
                 finally:
                     self.admission.release(size)

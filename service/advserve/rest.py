@@ -352,7 +352,10 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
                            "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}}
 
-    error_responses = {code: {"model": ErrorBody} for code in (400, 404, 413, 503)}
+    error_responses = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+    binary_200 = {"content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
+                  "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}
+    json_object = {200: {"description": "a JSON object", "content": {"application/json": {"schema": {"type": "object"}}}}}
 
     async def off_loop(fn, size: int):
         """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
@@ -413,7 +416,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         return response
 
     @app.post("/v1/advantages", openapi_extra=body_schema(AdvantagesBody),
-              responses={200: {"model": AdvantagesResponse}, **error_responses}, tags=["compute"])
+              responses={200: {"model": AdvantagesResponse, **binary_200}, **error_responses}, tags=["compute"])
     async def advantages(request: Request):
         """Token advantages and returns of one estimator for a batch."""
 
@@ -425,7 +428,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         return await serve(request, AdvantagesBody, "advantages", prepare, scheduler.advantages, advantages_document)
 
     @app.post("/v1/losses", openapi_extra=body_schema(LossesBody),
-              responses={200: {"model": LossesResponse}, **error_responses}, tags=["compute"])
+              responses={200: {"model": LossesResponse, **binary_200}, **error_responses}, tags=["compute"])
     async def losses(request: Request):
         """Policy, KL, value and entropy loss terms with per-token gradients."""
 
@@ -438,23 +441,26 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         return await serve(request, LossesBody, "losses", prepare,
                            lambda domain: scheduler.call(lambda: engine.compute_losses(domain)), losses_document)
 
-    @app.get("/v1/estimators", response_class=JSONResponse, tags=["catalog"])
+    @app.get("/v1/estimators", response_class=JSONResponse, responses=json_object, tags=["catalog"])
     async def estimators():
         """Every estimator with its tensors, parameters and per-preset defaults; the loss terms."""
         return JSONResponse(engine.catalog())
 
-    @app.get("/health/live", response_class=JSONResponse, tags=["health"])
+    @app.get("/health/live", response_class=JSONResponse, responses=json_object, tags=["health"])
     async def live():
         return JSONResponse({"status": "live"})
 
-    @app.get("/health/ready", response_class=JSONResponse, tags=["health"])
+    @app.get("/health/ready", response_class=JSONResponse, tags=["health"],
+             responses={**json_object, 503: {"description": "draining (shutting down)"}})
     async def ready():
         if not runtime.ready:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready", "device": str(engine.device)})
 
     if not runtime.settings.metrics_port:
-        @app.get("/metrics", tags=["health"])
+        @app.get("/metrics", tags=["health"], response_class=Response,
+                 responses={200: {"description": "Prometheus text exposition format",
+                                  "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
         async def metrics():
             """Prometheus metrics (text exposition format)."""
             return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
