@@ -122,3 +122,30 @@ def test_unavailable_estimator_explains_itself():
     with pytest.raises(advserve.NotFound) as err:
         advserve.compute_advantages("grpo_original", preset="verl", **batch())
     assert "seq-mean-token-mean" in str(err.value)
+
+
+def test_every_setting_is_documented_in_the_readme_and_the_help():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from advserve.config import env_name, setting_fields
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    help_text = subprocess.run([sys.executable, "-m", "advserve.cli", "serve", "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    for f in setting_fields():
+        assert env_name(f.name) in readme, f"README does not list {env_name(f.name)}"
+        assert "--" + f.name.replace("_", "-") in help_text and env_name(f.name) in help_text, f.name
+
+
+def test_settings_are_validated_with_a_clear_message():
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "advserve.cli", "serve", "--tls-cert", "/nonexistent.pem"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "tls_cert and tls_key go together" in bad.stderr
+    env = subprocess.run([sys.executable, "-m", "advserve.cli", "serve"], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "ADVSERVE_MAX_TOKENS": "lots"})
+    assert env.returncode == 2 and "ADVSERVE_MAX_TOKENS" in env.stderr
