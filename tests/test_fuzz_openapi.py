@@ -24,11 +24,6 @@ each operation's Hypothesis strategy is run from a plain test.
 
 from __future__ import annotations
 
-import os
-import sys
-import subprocess
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -40,7 +35,7 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance, response_schema_conformance  # noqa: E402
 
 from advserve_client import framing  # noqa: E402
-from conftest import ROOT, free_port  # noqa: E402
+from conftest import RunningServer  # noqa: E402
 
 MAX_EXAMPLES = 50
 REQUEST_TIMEOUT_S = 10
@@ -48,50 +43,9 @@ POSTS = ["/v1/advantages", "/v1/losses"]
 GETS = ["/v1/estimators", "/health/live", "/health/ready"]
 
 
-class LoggedServer:
-    """`advserve serve` on free loopback ports, its output in a file (read when a check fails)."""
-
-    def __init__(self, log_path: Path):
-        self.log_path = log_path
-        self.port, grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        advserve = ROOT / ".venv" / "bin" / "advserve"
-        argv = [str(advserve)] if advserve.exists() else [sys.executable, "-m", "advserve.cli"]
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*argv, "serve", "--host", "127.0.0.1", "--http-port", str(self.port), "--grpc-port", str(grpc_port),
-                 "--log-level", "info"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**{k: v for k, v in os.environ.items() if not k.startswith("ADVSERVE_")}, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready within 60 s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def problems(self) -> list[str]:
-        return [line for line in self.log().splitlines() if any(k in line for k in ("ERROR", "Traceback", "CRITICAL"))]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    server = LoggedServer(tmp_path_factory.mktemp("fuzz") / "server.log")
+    server = RunningServer(log_level="info", ready_path="/health/ready")
     yield server
     server.stop()
 
@@ -117,9 +71,9 @@ def run_operation(fuzz_server, api_schema, path: str, method: str, mode: str, ma
     try:
         fuzz()
     except BaseException:
-        print(f"server log (tail):\n{fuzz_server.log()[-4000:]}")
+        print(f"server log (tail):\n{fuzz_server.output()[-4000:]}")
         raise
-    assert fuzz_server.process.poll() is None, f"server died:\n{fuzz_server.log()[-4000:]}"
+    assert fuzz_server.process.poll() is None, f"server died:\n{fuzz_server.output()[-4000:]}"
     return seen
 
 
@@ -327,9 +281,9 @@ def test_fuzz_compute_endpoints_guided(fuzz_server, api_schema, path, kind):
     try:
         fuzz()
     except BaseException:
-        print(f"server log (tail):\n{fuzz_server.log()[-4000:]}")
+        print(f"server log (tail):\n{fuzz_server.output()[-4000:]}")
         raise
-    assert fuzz_server.process.poll() is None, f"server died:\n{fuzz_server.log()[-4000:]}"
+    assert fuzz_server.process.poll() is None, f"server died:\n{fuzz_server.output()[-4000:]}"
     print(path, kind, seen)
     assert all(status < 500 for status in seen), seen
     # (valid requests of both kinds are covered by test_rest.py and test_framing.py; here: no 5xx)
@@ -344,7 +298,7 @@ def test_fuzz_get_endpoints(fuzz_server, api_schema, path):
 
 def test_server_healthy_after_fuzzing(fuzz_server, api_schema):
     """Runs last in this module (pytest keeps file order): still live, ready, computing, clean log."""
-    assert fuzz_server.process.poll() is None, fuzz_server.log()[-4000:]
+    assert fuzz_server.process.poll() is None, fuzz_server.output()[-4000:]
     with httpx.Client(base_url=fuzz_server.url, timeout=30) as client:
         assert client.get("/health/live").status_code == 200
         assert client.get("/health/ready").status_code == 200
@@ -352,4 +306,4 @@ def test_server_healthy_after_fuzzing(fuzz_server, api_schema):
             "rewards": [1, 0], "response_mask": [[1, 1], [1, 0]], "group_ids": ["q", "q"]}})
         assert response.status_code == 200, response.text
         assert response.json()["tensors"]["advantages"] == [[1, 1], [-1, 0]]
-    assert fuzz_server.problems() == [], fuzz_server.log()[-4000:]
+    assert fuzz_server.problems() == [], fuzz_server.output()[-4000:]
