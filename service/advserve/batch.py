@@ -270,7 +270,7 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
                               field=_field("response_mask"))
     tensor = to_device(tensor, device)
     mask = tensor if tensor.dtype == torch.bool else tensor.bool()
-    lengths = count_valid(mask, dim=1)
+    lengths = _count_valid(mask, dim=1)
     if tensor.dtype != torch.bool and tensor.numel():
         low, high = torch.aminmax(tensor)
         valid = bool(low >= 0) and bool(high <= 1)
@@ -283,7 +283,7 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
     return mask, tensor.to(dtype), lengths
 
 
-def count_valid(mask: Tensor, dim: int = 1) -> Tensor:
+def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:
     """True entries per row of a bool mask [B, T] -> [B] int32, read as bytes (no widening copy)."""
     return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 

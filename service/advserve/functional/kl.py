@@ -44,7 +44,3 @@ def kl_and_grad(logp: Tensor, ref: Tensor, estimator: str, clamp: float | None =
         value = value.clamp(-clamp, clamp)
     return value, grad
 
-
-def kl_value(logp: Tensor, ref: Tensor, estimator: str, clamp: float | None = None) -> Tensor:
-    """The KL estimate [B, T] alone (see `kl_and_grad`)."""
-    return kl_and_grad(logp, ref, estimator, clamp)[0]
