@@ -12,6 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import settings
+
+# CI runs every property test on the same examples (derandomized): a failure there is reproducible,
+# never a coin toss; locally each run explores new examples.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -161,7 +161,7 @@ def test_overloaded_over_both_transports():
 
         half = {k: R(v[:160]) for k, v in arrays.items()}  # ~4 MB: two fit, a third does not
         small_request = protocol.losses_request_to_pb({}, half)
-        codes, barrier = [], threading.Barrier(8)
+        codes, barrier = [], threading.Barrier(16)
 
         def call():
             with grpc.insecure_channel(small.grpc_address) as ch:
@@ -172,7 +172,7 @@ def test_overloaded_over_both_transports():
                 except grpc.RpcError as exc:
                     codes.append((exc.code().name, dict(exc.trailing_metadata()).get("retry-after")))
 
-        threads = [threading.Thread(target=call) for _ in range(8)]
+        threads = [threading.Thread(target=call) for _ in range(16)]
         for t in threads:
             t.start()
         for t in threads:
