@@ -192,7 +192,8 @@ def _unpack(raw: Mapping[str, Any], device: torch.device, max_tokens: int) -> tu
                                   f"layout 'packed', got shape {list(array.shape)}", field=_field(name))
         padded[name] = layout.to_padded(to_device(torch.as_tensor(array), device))
     if "response_mask" not in padded:  # every packed token is a response token unless a mask says otherwise
-        padded["response_mask"] = layout.to_padded(torch.ones(layout.tokens, dtype=torch.bool, device=device))
+        columns = torch.arange(layout.width, device=device)
+        padded["response_mask"] = columns < layout.lengths.unsqueeze(1)
     return padded, layout
 
 
