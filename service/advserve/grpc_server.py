@@ -23,8 +23,7 @@ from advserve_client.framing import FramingError, RawTensor
 
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, LossRequest
-from .observability import REQUEST_ID_HEADER, request_id
-from .rest import server_timing
+from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .runtime import Runtime
 from .wire import raw_to_torch, torch_to_raw
 

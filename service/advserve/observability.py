@@ -33,6 +33,11 @@ def request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def server_timing(**durations_s: float) -> str:
+    """The standard Server-Timing header: `decode;dur=1.234, queue;dur=...` (milliseconds)."""
+    return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in durations_s.items())
+
+
 class Metrics:
     def __init__(self, queue_depth: Callable[[], float], bytes_in_flight: Callable[[], float],
                  in_progress: Callable[[], float]):

@@ -18,9 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from advserve_client import framing
 from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, RawTensor
@@ -28,11 +28,11 @@ from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, R
 from . import __version__
 from .config import Settings
 from .device import to_host
-from .wire import raw_to_torch, torch_to_raw
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
-from .observability import REQUEST_ID_HEADER, request_id
+from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .runtime import Runtime
+from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve")
 
@@ -212,11 +212,6 @@ def _batch_shape(prepared: Any) -> tuple[int, int] | None:
     mask = prepared.tensors.get("response_mask") if isinstance(getattr(prepared, "tensors", None), dict) else None
     shape = getattr(mask, "shape", None)
     return (int(shape[0]), int(shape[1])) if shape is not None and len(shape) == 2 else None
-
-
-def server_timing(**durations_s: float) -> str:
-    """The standard Server-Timing header: `decode;dur=1.234, queue;dur=...` (milliseconds)."""
-    return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in durations_s.items())
 
 
 # --- admission ----------------------------------------------------------------------------------
