@@ -94,9 +94,12 @@ def _losses_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs:
 
 
 class _Base:
-    def __init__(self, address: str, transport: Transport, timeout: float | None, max_retries: int, binary: bool,
-                 headers: Mapping[str, str] | None, max_message_bytes: int, tls: bool, tls_ca: str | None,
-                 tls_cert: str | None, tls_key: str | None):
+    _asynchronous = False  # AsyncClient: True
+
+    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
+                 max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
+                 max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
         if transport not in ("http", "grpc"):
             raise ValueError(f"transport must be 'http' or 'grpc', got {transport!r}")
         if max_retries < 0:
@@ -110,6 +113,7 @@ class _Base:
         self.tls = bool(tls or tls_ca or tls_cert or address.startswith(("https://", "grpcs://")))
         self._tls_files = (tls_ca, tls_cert, tls_key)
         self.retry = RetryPolicy(max_retries=max_retries)
+        self._transport = self._make_transport(self._asynchronous)
 
     def _make_transport(self, asynchronous: bool) -> Any:
         if self.transport == "http":
@@ -139,13 +143,7 @@ class Client(_Base):
     client certificate and its key for mTLS (tls_key None: the key is in tls_cert's file).
     """
 
-    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
-                 max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
-                 max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None):
-        super().__init__(address, transport, timeout, max_retries, binary, headers, max_message_bytes, tls, tls_ca,
-                         tls_cert, tls_key)
-        self._transport: HttpTransport | GrpcTransport = self._make_transport(asynchronous=False)
+    _transport: HttpTransport | GrpcTransport
 
     def _with_retries(self, call: Any, *args: Any) -> Any:
         attempt = 0
@@ -212,13 +210,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The asyncio twin of `Client` (same arguments, same methods, awaited). Use it within one event loop."""
 
-    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
-                 max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
-                 max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None):
-        super().__init__(address, transport, timeout, max_retries, binary, headers, max_message_bytes, tls, tls_ca,
-                         tls_cert, tls_key)
-        self._transport: AsyncHttpTransport | AsyncGrpcTransport = self._make_transport(asynchronous=True)
+    _asynchronous = True
+    _transport: AsyncHttpTransport | AsyncGrpcTransport
 
     async def _with_retries(self, call: Any, *args: Any) -> Any:
         attempt = 0
