@@ -264,7 +264,8 @@ class Engine:
             }
             for term, specs in LOSS_TERMS.items()
         }
-        presets = [{"name": p.name, "description": p.description} for p in PRESETS.values()]
+        presets = [{"name": p.name, "description": p.description, "library": p.library, "options": dict(p.options)}
+                   for p in PRESETS.values()]
         return {"presets": presets, "default_preset": DEFAULT_PRESET, "estimators": estimators, "losses": losses}
 
 

@@ -20,6 +20,8 @@ class Preset:
     estimators: Mapping[str, Mapping[str, Any]]
     losses: Mapping[str, Mapping[str, Any]]
     unavailable: Mapping[str, str] = field(default_factory=dict)
+    library: str | None = None  # "name version" of the library whose numbers the preset reproduces
+    options: Mapping[str, str] = field(default_factory=dict)  # library option -> the advserve request that matches it
 
 
 def _merge(*tables: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,5 +108,39 @@ VERL = Preset(
     },
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, VERL)}
+# --- OpenRLHF 0.11.2 (docs/research/openrlhf.md) --------------------------------------------------
+
+OPENRLHF = Preset(
+    name="openrlhf",
+    description="OpenRLHF 0.11.2 (openrlhf.trainer.ppo_utils.experience_maker, openrlhf.models.loss).",
+    library="openrlhf 0.11.2",
+    estimators={},
+    losses={
+        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                        "ratio_clamp": 20.0, "agg": "token-mean", "loss_scale_factor": None},
+        "kl_loss": {"coef": 0.01, "estimator": "k3", "clamp": 10.0},
+        "value_loss": {"coef": 1.0, "clip": 0.5},
+        "entropy_bonus": {"coef": 0.0},
+        "rollout_correction": {"level": "token", "mode": "truncate", "low": 0.5, "high": 5.0},
+    },
+)
+
+# --- TRL 1.16.0 (docs/research/trl.md) ----------------------------------------------------------
+
+TRL = Preset(
+    name="trl",
+    description="TRL 1.16.0 (trl.trainer.grpo_trainer.GRPOTrainer, trl.trainer.rloo_trainer.RLOOTrainer).",
+    library="trl 1.16.0",
+    estimators={},
+    losses={
+        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                        "ratio_clamp": None, "agg": "token-mean", "loss_scale_factor": 512.0},
+        "kl_loss": {"coef": 0.0, "estimator": "k3", "clamp": None},
+        "value_loss": {"coef": 1.0, "clip": None},
+        "entropy_bonus": {"coef": 0.0},
+        "rollout_correction": {"level": "sequence", "mode": "mask", "low": 0.0, "high": 3.0},
+    },
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, VERL, OPENRLHF, TRL)}
 DEFAULT_PRESET = "paper"

@@ -42,6 +42,8 @@ class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRESET_UNSPECIFIED: _ClassVar[Preset]
     PRESET_PAPER: _ClassVar[Preset]
     PRESET_VERL: _ClassVar[Preset]
+    PRESET_OPENRLHF: _ClassVar[Preset]
+    PRESET_TRL: _ClassVar[Preset]
 
 class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -112,6 +114,8 @@ ESTIMATOR_DR_GRPO: Estimator
 PRESET_UNSPECIFIED: Preset
 PRESET_PAPER: Preset
 PRESET_VERL: Preset
+PRESET_OPENRLHF: Preset
+PRESET_TRL: Preset
 LAYOUT_UNSPECIFIED: Layout
 LAYOUT_PADDED: Layout
 LAYOUT_PACKED: Layout
