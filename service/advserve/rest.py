@@ -128,7 +128,6 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResp
 # --- tensors on the wire ------------------------------------------------------------------------
 
 INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
-INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 
 
 def _is_binary(headers) -> bool:
