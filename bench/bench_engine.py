@@ -49,7 +49,7 @@ import torch
 import advserve
 from advserve.cli import tune_allocator
 from advserve.functional import scan
-from _machine import cpu_model, wait_for_quiet  # noqa: E402 (bench/ on sys.path)
+from advserve.testing import cpu_model, wait_for_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4

@@ -45,17 +45,14 @@ import random
 import resource
 import shlex
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
-from _machine import cpu_model, wait_for_quiet  # noqa: E402 (bench/ on sys.path)
+from advserve.testing import ServerProcess, cpu_model, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "transport.json"
@@ -165,109 +162,8 @@ def machine() -> dict[str, Any]:
 # --- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def advserve_executable() -> list[str]:
-    for candidate in (ROOT / ".venv" / "bin" / "advserve", Path(sys.executable).parent / "advserve"):
-        if candidate.exists():
-            return [str(candidate)]
-    return [sys.executable, "-m", "advserve.cli"]
-
-
-class Server:
-    """A server subprocess on a free loopback port; its output goes to a temporary log file."""
-
-    def __init__(self, name: str, argv: Callable[[int], list[str]], env: dict[str, str] | None = None):
-        self.name, self.argv_of, self.env = name, argv, env or {}
-        self.process: subprocess.Popen | None = None
-        self.port = 0
-        self.argv: list[str] = []
-        fd, self.log_path = tempfile.mkstemp(prefix=f"advserve-bench-{name}-", suffix=".log")
-        os.close(fd)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def command_line(self) -> str:
-        env = " ".join(f"{k}={v}" for k, v in self.env.items())
-        return (env + " " if env else "") + shlex.join(self.argv)
-
-    def start(self, timeout_s: float = 60.0) -> "Server":
-        import httpx
-
-        for _attempt in range(3):  # a port picked free can be taken before the server binds it
-            self.port = free_port()
-            self.argv = self.argv_of(self.port)
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
-                try:
-                    if httpx.get(f"{self.url}/health/live", timeout=1.0).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    time.sleep(0.05)
-            if self.process.poll() is None:
-                self.stop()
-                raise RuntimeError(f"{self.name} did not become live within {timeout_s:.0f} s:\n{self.log_tail()}")
-            if "address already in use" not in self.log_tail().lower():
-                break
-        raise RuntimeError(f"{self.name} exited at start (rc {self.process.returncode}):\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def log_problems(self) -> list[str]:
-        text = self.log_tail(1 << 20)
-        return [line for line in text.splitlines() if any(k in line for k in ("ERROR", "Traceback", "CRITICAL"))]
-
-    def status_kb(self, field: str) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            return None
-        return None
-
-    def cpu_s(self) -> float:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return float("nan")
+class Server(ServerProcess):
+    """A server process (advserve.testing) that can also reset its kernel peak-RSS counter."""
 
     def reset_peak_rss(self) -> bool:
         """Reset the kernel's VmHWM (peak RSS) of the server (echo 5 > /proc/PID/clear_refs)."""
@@ -280,15 +176,13 @@ class Server:
 
 
 def advserve_server(name: str, *flags: str) -> Server:
-    exe = advserve_executable()
-    return Server(name, lambda port: [*exe, "serve", "--host", "127.0.0.1", "--http-port", str(port),
-                                      "--log-level", "warning", *flags])
+    return Server(*flags, name=name)
 
 
 def echo_server() -> Server:
-    script = str(Path(__file__).resolve().relative_to(ROOT)) if Path(__file__).resolve().is_relative_to(ROOT) \
-        else str(Path(__file__).resolve())
-    return Server("echo", lambda port: [sys.executable, script, "--echo-server", str(port)], env=TUNED_MALLOC_ENV)
+    script = str(Path(__file__).resolve())
+    return Server(name="echo", argv=lambda port, _grpc: [sys.executable, script, "--echo-server", str(port)],
+                  env=TUNED_MALLOC_ENV)
 
 
 # --- wire helpers -------------------------------------------------------------------------------
@@ -1037,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         signal.signal(signal.SIGTERM, previous)
     for server in servers:
-        problems = server.log_problems()
+        problems = server.problems()
         if problems:
             failures.add(f"server {server.name} logged errors (log {server.log_path}):\n    "
                          + "\n    ".join(problems[:20]))

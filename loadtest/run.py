@@ -34,13 +34,14 @@ import platform
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from advserve.testing import ServerProcess, cpu_model, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -97,13 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --- the server ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def venv_bin(name: str) -> str:
@@ -123,105 +118,10 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-class Server:
-    def __init__(self, log_path: Path, extra: list[str], log_level: str):
-        self.log_path, self.extra, self.log_level = log_path, extra, log_level
-        self.process: subprocess.Popen | None = None
-        self.http_port = self.grpc_port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self, timeout_s: float) -> None:
-        for _attempt in range(3):  # a port found free can be taken before the server binds it
-            self.http_port, self.grpc_port = free_port(), free_port()
-            self.argv = [venv_bin("advserve"), "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                         "--grpc-port", str(self.grpc_port), "--log-level", self.log_level, *self.extra]
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=self.env())
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self.process.poll() is None:
-                if http_get(f"{self.url}/health/ready", 1.0)[0] == 200:
-                    return
-                time.sleep(0.1)
-            if self.process.poll() is None:
-                self.stop()
-                raise RuntimeError(f"server not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
-            if "address already in use" not in self.log_tail().lower():
-                break
-        raise RuntimeError(f"server exited at start (rc {self.process.returncode}):\n{self.log_tail()}")
-
-    @staticmethod
-    def env() -> dict[str, str]:
-        """The caller's environment without ADVSERVE_* settings (an auth token, limits, a device): the
-        server runs with its defaults and the flags given here."""
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("ADVSERVE_")}, "PYTHONUNBUFFERED": "1"}
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
-
-    def cpu_s(self) -> float:
-        """CPU seconds the server has used (user + system), NaN where /proc is not readable."""
-        try:
-            with open(f"/proc/{self.process.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, AttributeError):
-            return float("nan")
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def log_problems(self) -> list[str]:
-        return [line for line in self.log_tail(1 << 22).splitlines()
-                if any(k in line for k in ("ERROR", "Traceback", "CRITICAL"))]
-
-
-def _cpu_times() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
-
-
-def background_load(max_wait_s: float, threshold: float = 0.15) -> float | None:
-    """Share of all CPUs busy (other processes: the idle server uses none) over 0.5 s windows, waiting
-    up to max_wait_s for it to drop below threshold; None where /proc/stat is not readable."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        try:
-            total0, idle0 = _cpu_times()
-            time.sleep(0.5)
-            total1, idle1 = _cpu_times()
-        except (OSError, ValueError, IndexError):
-            return None
-        load = 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-        if load < threshold or time.monotonic() >= deadline:
-            return load
-
-
 # --- one locust run -----------------------------------------------------------------------------
 
 
-def run_locust(args: argparse.Namespace, server: Server, run: str, workload: str, transport: str,
+def run_locust(args: argparse.Namespace, server: ServerProcess, run: str, workload: str, transport: str,
                users: int) -> dict[str, Any]:
     prefix = args.results_dir / run
     summary_path = Path(f"{prefix}_summary.json")
@@ -236,7 +136,7 @@ def run_locust(args: argparse.Namespace, server: Server, run: str, workload: str
             "--wait-ms", f"{args.wait_ms:g}", *(["--tolerate-overload"] if args.tolerate_overload else []),
             *USER_CLASSES[transport]]
     command = shlex.join(argv)
-    load = background_load(args.quiet_wait)
+    load = wait_for_quiet(args.quiet_wait)["load"]
     print(f"\n== {run}: {users} users, {args.duration:g} s, workload {workload}, transport {transport}; "
           f"background CPU load before: {'n/a' if load is None else f'{load:.0%}'}", flush=True)
     print(f"   {command}", flush=True)
@@ -336,12 +236,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -353,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     combos = list(itertools.product(args.workloads, args.transports, args.users_list))
-    server = Server(args.results_dir / f"{args.name}_server.log", args.server_arg, args.server_log_level)
-    server.log_path.unlink(missing_ok=True)
+    log_path = args.results_dir / f"{args.name}_server.log"
+    log_path.unlink(missing_ok=True)
+    server = ServerProcess(*args.server_arg, log_level=args.server_log_level, ready_path="/health/ready",
+                           log_path=log_path)
     results: list[dict[str, Any]] = []
     problems: list[str] = []
     print(f"machine: {machine()}", flush=True)
@@ -380,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(str(exc))
     finally:
         server.stop()
-    problems += [f"server log: {line}" for line in server.log_problems()[:10]]
+    problems += [f"server log: {line}" for line in server.problems()[:10]]
     text = table(results)
     header = f"machine: {machine()}\nserver: {shlex.join(getattr(server, 'argv', []))}\n\n"
     (args.results_dir / f"{args.name}_table.md").write_text(header + text + "\n")
