@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "proto" / "advserve" / "v1" / "advserve.proto"
+OIP_PROTO = ROOT / "proto" / "inference" / "grpc_service.proto"  # the Open Inference Protocol (docs/oip.md)
 
 
 def test_committed_stubs_equal_a_fresh_generation():
@@ -17,10 +20,11 @@ def test_committed_stubs_equal_a_fresh_generation():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_every_field_and_enum_value_of_the_proto_is_commented():
+@pytest.mark.parametrize("proto", [PROTO, OIP_PROTO], ids=["advserve", "oip"])
+def test_every_field_and_enum_value_of_the_proto_is_commented(proto):
     field = re.compile(r"^\s*(optional |repeated )?[A-Za-z][\w.<>, ]* \w+ = \d+;")
     uncommented = []
-    lines = PROTO.read_text().splitlines()
+    lines = proto.read_text().splitlines()
     for number, line in enumerate(lines):
         if field.match(line) and "//" not in line:
             previous = lines[number - 1].strip()
