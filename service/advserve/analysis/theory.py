@@ -44,6 +44,7 @@ from torch import Tensor
 __all__ = [
     "ESTIMATOR_BIAS",
     "EXACT_GROUP_ESTIMATORS",
+    "WEIGHT_FORMULAS",
     "asymptotic_prompt_weight",
     "exact_group_weight",
 ]
@@ -64,6 +65,22 @@ ESTIMATOR_BIAS: dict[str, str] = {
 }
 """Estimator name -> "unbiased" | "scaled" | "reweighted": the seed's bias table."""
 
+WEIGHT_FORMULAS: dict[str, str] = {
+    "reinforce": "1",
+    "reinforce_rtg": "1",
+    "reinforce_pp": "1/σ",
+    "reinforce_pp_baseline": "(M−1)/M · 1/σ",
+    "rloo": "1",
+    "remax": "1",
+    "gae": "1 (exact critic, γ = 1)",
+    "orz": "1 (exact critic)",
+    "grpo": "1/std_g(R) = 1/sqrt(p(1−p)) for 0/1 rewards",
+    "grpo_original": "1/(T_h std_g(R)), T_h the harmonic mean length",
+    "dapo": "1/(T̄ std_g(R)), T̄ the mean length",
+    "dr_grpo": "(M−1)/M",
+}
+"""Estimator name -> its implied weight w(x) in words (the table above)."""
+
 EXACT_GROUP_ESTIMATORS = ("rloo", "dr_grpo", "grpo")
 """The estimators `exact_group_weight` covers: outcome-reward group baselines without a length term."""
 
@@ -72,9 +89,9 @@ _STD_NORMALISED = frozenset({"grpo", "grpo_original", "dapo"})
 
 
 def _as_float(x: Tensor | float | int, like: Tensor | None = None) -> Tensor:
-    t = torch.as_tensor(x)
-    if like is not None:
-        return t.to(dtype=like.dtype, device=like.device)
+    if like is not None:  # (a Python float must not pass through float32 on its way)
+        return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    t = torch.as_tensor(x, dtype=torch.float64) if isinstance(x, (int, float)) else torch.as_tensor(x)
     return t if t.is_floating_point() else t.to(torch.float64)
 
 

@@ -1,0 +1,326 @@
+"""The analysis of a user's batch: what each estimator makes of it, relative to the unbiased policy
+gradient (the closed forms of `theory`, evaluated at each group's empirical statistics), and where
+the estimators' advantages disagree in sign.
+
+    request = AnalysisRequest(tensors={"rewards": r, "response_mask": m, "group_ids": g})
+    document = analyze(engine, request)        # = run_analysis(engine, prepare_analysis(engine, request))
+
+The batch is the one `/v1/advantages` takes (the same tensors, presets, parameters, dtypes, layouts)
+and is validated by the engine itself, estimator by estimator, so every error is the one
+`/v1/advantages` would give, naming the same field. Group ids are required and every group must
+hold at least 2 responses (a pass rate needs a group).
+
+Per group g (M_g responses, rewards R, valid lengths L): the empirical pass rate p̂_g = mean_g(R),
+the population reward std s_g (= sqrt(p̂(1−p̂)) for 0/1 rewards), the mean length T̄_g, the harmonic
+mean length T_h,g = 1/mean_g(1/L) and whether the group carries no learning signal (all rewards
+equal). Per estimator:
+
+- `weights` [G]: the implied weight w_g of the group's prompt relative to the unbiased gradient,
+  `theory.asymptotic_prompt_weight` at (p̂_g, M_g, T̄_g or T_h,g) with the engine's own group std
+  (std_g(R; std_ddof) + std_eps from the estimator's resolved parameters) in place of sqrt(p(1−p)): for
+  0/1 rewards and the `paper` preset exactly 1/sqrt(p̂(1−p̂)); for other rewards the same
+  generalisation the engine applies (GRPO divides by the group's reward std whatever the rewards are).
+  Whitening (REINFORCE++, and GAE/ORZ when `whiten` is on) multiplies every weight by 1/σ, σ =
+  sqrt(var + whiten_eps) of the un-whitened advantages over the batch's valid tokens, computed by a
+  second engine call with whiten=false. The weights use the reward alone (β = 0, the seed's setting).
+- `weights_exact` [G] (0/1 rewards; rloo, dr_grpo, grpo): `theory.exact_group_weight` at (p̂_g, M_g),
+  the finite-group value, else null.
+- `relative_to_median` [G]: w_g / the median weight over the groups with signal.
+- `summary`: min, median, max, mean, token-weighted mean (each group weighted by its valid tokens)
+  and max/min of w over the groups with signal (null when no group has signal, max_over_min null
+  when min is 0).
+- `zero_advantage_fraction`: the share of groups whose advantages (from the engine) are all 0.
+
+And across estimators, over the batch's valid tokens, with the engine's advantages (KL included):
+`sign_disagreement[a][b]`: the share of tokens where sign(A_a) ≠ sign(A_b), the sign taking three
+values (−, 0, +: a zero advantage is its own sign, so 0 against + counts as a disagreement);
+`sign_opposition[a][b]`: the share where A_a · A_b < 0 (strictly opposite directions).
+
+Everything is vectorised: one batched engine call per estimator (two for a whitened one), segment
+reductions over groups, one pass over the tokens per pair of estimators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..batch import Batch, build_batch
+from ..engine import Engine, PreparedAdvantages, advantage_inputs
+from ..errors import InvalidArgument, NotFound
+from ..estimators import ESTIMATORS
+from ..functional.groups import Groups, centered_scores, group_std
+from ..model import AdvantageRequest
+from .theory import ESTIMATOR_BIAS, EXACT_GROUP_ESTIMATORS, WEIGHT_FORMULAS, asymptotic_prompt_weight, \
+    exact_group_weight
+
+F64 = torch.float64
+_PACKED_ONLY = frozenset({"cu_seqlens"})
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """A batch as for /v1/advantages, and which estimators to analyse (None: every estimator of the
+    preset that the given tensors allow). `params`: per-estimator overrides, {name: {param: value}}."""
+
+    tensors: Mapping[str, Any]
+    estimators: Sequence[str] | None = None
+    preset: str | None = None
+    params: Mapping[str, Mapping[str, Any]] | None = None
+    dtype: str | None = None
+    layout: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedAnalysis:
+    """A validated analysis request: one prepared advantage request per estimator."""
+
+    preset: str
+    batch: Batch  # rewards, mask and groups of the rows (every job has the same rows)
+    jobs: tuple[PreparedAdvantages, ...]
+
+    @property
+    def estimators(self) -> list[str]:
+        return [job.estimator.name for job in self.jobs]
+
+
+def _select(engine: Engine, request: AnalysisRequest, given: set[str]) -> tuple[str, list[str]]:
+    preset = engine.preset(request.preset)
+    if request.estimators is None:
+        names = [name for name in preset.estimators if ESTIMATORS[name].requires <= given]
+        if not names:
+            raise InvalidArgument(f"no estimator of preset {preset.name!r} applies to the given tensors",
+                                  field="tensors")
+        return preset.name, names
+    if isinstance(request.estimators, (str, bytes)) or not isinstance(request.estimators, Sequence):
+        raise InvalidArgument("estimators must be a list of estimator names", field="estimators")
+    names = list(request.estimators)
+    if not names:
+        raise InvalidArgument("estimators is empty: name at least one, or leave it out for all that apply",
+                              field="estimators")
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidArgument(f"estimators must be names, got {name!r}", field="estimators")
+        try:
+            engine.estimator(name, preset)
+        except NotFound as exc:
+            raise NotFound(exc.message, field="estimators") from None
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InvalidArgument(f"estimators lists {', '.join(duplicates)} more than once", field="estimators")
+    return preset.name, names
+
+
+def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalysis:
+    """Validate the request: the estimators, their parameters and the tensors (by the engine, as for
+    /v1/advantages). Raises InvalidArgument / NotFound naming the field."""
+    raw = request.tensors if isinstance(request.tensors, Mapping) else None
+    if raw is None:
+        raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
+    given = {name for name, value in raw.items() if value is not None}
+    if "group_ids" not in given:
+        raise InvalidArgument("the analysis is per prompt: give group_ids [B] (the responses of one prompt share "
+                              "an id)", field="tensors.group_ids")
+    preset, names = _select(engine, request, given)
+    params = request.params or {}
+    if not isinstance(params, Mapping):
+        raise InvalidArgument("params must map estimator names to their parameter overrides", field="params")
+    for name, overrides in params.items():
+        if name not in names:
+            raise InvalidArgument(f"params for {name!r}, which is not analysed; analysed: {', '.join(names)}",
+                                  field=f"params.{name}")
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise InvalidArgument(f"params.{name} must be an object of parameters", field=f"params.{name}")
+
+    jobs, used = [], set()
+    for name in names:
+        estimator = ESTIMATORS[name]
+        accepted = set(estimator.requires) | set(estimator.optional) | {"rewards", "token_rewards", "response_mask"}
+        accepted |= _PACKED_ONLY if request.layout == "packed" else set()
+        used |= accepted
+        own = {key: value for key, value in raw.items() if key in accepted}
+        try:
+            job = engine.prepare_advantages(AdvantageRequest(
+                estimator=name, tensors=own, preset=preset, params=params.get(name), dtype=request.dtype,
+                layout=request.layout))
+        except (InvalidArgument, NotFound) as exc:
+            if exc.field and exc.field.startswith("params"):  # the engine names params.x; here params.<estimator>.x
+                field = f"params.{name}{exc.field[len('params'):]}"
+                raise type(exc)(f"{name}: {exc.message}", field=field) from None
+            raise
+        jobs.append(job)
+    for key in sorted(given - used - {"group_ids"}):
+        raise InvalidArgument(f"tensor {key!r} is not used by any analysed estimator ({', '.join(names)})",
+                              field=f"tensors.{key}")
+    # the rows' groups, rewards and lengths, validated like every batch (same rows as the jobs')
+    outcome = {"rewards", "token_rewards", "response_mask", "group_ids", *_PACKED_ONLY}
+    batch = build_batch({key: value for key, value in raw.items() if key in outcome}, allowed=outcome,
+                        required={"response_mask", "group_ids"}, dtype=jobs[0].dtype, device=engine.device,
+                        context="the analysis", layout=request.layout or "padded", max_tokens=engine.max_tokens)
+    sizes = torch.bincount(batch.group_index)
+    small = torch.nonzero(sizes < 2).flatten()
+    if small.numel():
+        label = batch.group_labels[int(small[0])]
+        raise InvalidArgument(f"group {label!r} has a single response; the analysis needs at least 2 per group "
+                              "(a pass rate is a group statistic)", field="tensors.group_ids")
+    return PreparedAnalysis(preset, batch, tuple(jobs))
+
+
+def analyze(engine: Engine, request: AnalysisRequest) -> dict[str, Any]:
+    """Validate and run: `run_analysis(engine, prepare_analysis(engine, request))`."""
+    return run_analysis(engine, prepare_analysis(engine, request))
+
+
+# --- the computation ------------------------------------------------------------------------------
+
+
+def _padded(job: PreparedAdvantages, output: Tensor) -> Tensor:
+    """A result of the engine [B, T] (or flat [N] for a packed request) as padded [B, T]."""
+    layout = job.batch.layout
+    return output if layout is None else layout.to_padded(output)
+
+
+def _advantages(engine: Engine, job: PreparedAdvantages) -> Tensor:
+    return _padded(job, engine.run_advantages([job])[0].advantages)
+
+
+def _whitening_std(engine: Engine, job: PreparedAdvantages, valid: Tensor, tokens: int) -> float:
+    """σ = sqrt(var + whiten_eps) of the un-whitened advantages over the valid tokens (var with
+    whiten_ddof), the engine's own whitening denominator; computed by an engine call with whiten off."""
+    unwhitened = dataclasses.replace(job, params={**job.params, "whiten": False})
+    raw = _advantages(engine, unwhitened).to(F64) * valid
+    mean = raw.sum() / max(tokens, 1)
+    var = ((raw - mean) * valid).square().sum() / max(tokens - job.params["whiten_ddof"], 1)
+    return float((var + job.params["whiten_eps"]).sqrt())
+
+
+def _summary(weights: Tensor, signal: Tensor, tokens: Tensor) -> dict[str, float | None]:
+    """Statistics of the weights [G] over the groups with signal (tokens [G]: valid tokens per group)."""
+    w, n = weights[signal], tokens[signal]
+    if w.numel() == 0:
+        return dict.fromkeys(("min", "median", "max", "mean", "token_weighted_mean", "max_over_min"))
+    low, high = float(w.min()), float(w.max())
+    return {
+        "min": low,
+        "median": float(torch.quantile(w, 0.5)),
+        "max": high,
+        "mean": float(w.mean()),
+        "token_weighted_mean": float((w * n).sum() / n.sum()),
+        "max_over_min": high / low if low > 0 else None,
+    }
+
+
+def _exact_weights(name: str, pass_rate: Tensor, sizes: Tensor, signal: Tensor, params: Mapping[str, Any]) -> Tensor:
+    """theory.exact_group_weight at each group's (p̂, M), one call per distinct group size."""
+    out = torch.zeros_like(pass_rate)
+    for m in torch.unique(sizes).tolist():
+        rows = sizes == m
+        out[rows] = exact_group_weight(name, pass_rate[rows], int(m), std_ddof=params.get("std_ddof", 0),
+                                       std_eps=params.get("std_eps", 0.0))
+    if name == "grpo":  # no signal: every advantage is 0 (the closed form's limit at p ∈ {0, 1} is a fiction)
+        out = torch.where(signal, out, 0)
+    return out
+
+
+def _sign_matrices(signs: list[Tensor]) -> tuple[list[list[float]], list[list[float]]]:
+    """(disagreement, opposition) shares over the tokens of the sign vectors (int8 [N] each)."""
+    count = len(signs)
+    tokens = max(signs[0].numel(), 1)
+    disagree = [[0.0] * count for _ in range(count)]
+    oppose = [[0.0] * count for _ in range(count)]
+    for a in range(count):
+        for b in range(a + 1, count):  # a loop over estimator pairs, each one pass over the tokens
+            differ = float(torch.count_nonzero(signs[a] != signs[b])) / tokens
+            opposite = float(torch.count_nonzero(signs[a] * signs[b] < 0)) / tokens
+            disagree[a][b] = disagree[b][a] = differ
+            oppose[a][b] = oppose[b][a] = opposite
+    return disagree, oppose
+
+
+def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
+    """The analysis document of a prepared request (module docstring). Runs the engine once per
+    estimator (twice for a whitened one); everything else is segment reductions over groups."""
+    batch = prepared.batch
+    inputs = advantage_inputs(batch, prepared.jobs[0].dtype)
+    groups = Groups.from_index(batch.group_index)
+    mask, valid = batch.mask, batch.valid.to(F64)
+    tokens_total = batch.tokens
+    scores = inputs.scores.to(F64)
+    row_tokens = batch.lengths.to(F64)
+    length = row_tokens.clamp_min(1)  # the engine's length factors: 1/max(L, 1)
+
+    sizes = groups.sizes
+    pass_rate = groups.mean(scores)
+    centered, _ = centered_scores(scores, groups)
+    no_signal = groups.is_constant(scores)
+    signal = ~no_signal
+    reward_std = group_std(centered, groups, 0)
+    mean_length = groups.mean(length)
+    harmonic_length = 1 / groups.mean(1 / length)
+    group_tokens = groups.sum(row_tokens)
+    binary = bool(torch.all((scores == 0) | (scores == 1)))
+
+    analysis: dict[str, Any] = {}
+    signs: list[Tensor] = []
+    for job in prepared.jobs:
+        name, params = job.estimator.name, job.params
+        advantages = _advantages(engine, job)
+        signs.append(torch.sign(advantages[mask]).to(torch.int8))
+        nonzero_rows = (advantages != 0).logical_and_(mask).any(dim=1).to(F64)
+        zero_groups = groups.sum(nonzero_rows) == 0
+
+        sigma = _whitening_std(engine, job, valid, tokens_total) if params.get("whiten") else None
+        scale = None if sigma is None else (1 / sigma if sigma > 0 else 0.0)
+        group_denominator = group_std(centered, groups, params.get("std_ddof", 0)) + params.get("std_eps", 0.0)
+        lengths_for = harmonic_length if name == "grpo_original" else mean_length
+        weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for,
+                                           reward_std=1.0 if sigma is None else sigma,  # REINFORCE++ unwhitened: 1
+                                           group_reward_std=group_denominator)
+        if scale is not None and name in ("gae", "orz"):  # whitening on top of the exact-critic weight 1
+            weights = weights * scale
+        exact = None
+        if binary and name in EXACT_GROUP_ESTIMATORS:
+            exact = _exact_weights(name, pass_rate, sizes, signal, params).tolist()
+        summary = _summary(weights, signal, group_tokens)
+        median = summary["median"]
+        analysis[name] = {
+            "bias": ESTIMATOR_BIAS[name],
+            "formula": WEIGHT_FORMULAS[name] + (" · 1/σ (whitening)" if scale is not None and name in ("gae", "orz")
+                                                else ""),
+            "params": params,
+            "whitening_scale": scale,
+            "weights": weights.tolist(),
+            "weights_exact": exact,
+            "relative_to_median": (weights / median).tolist() if median else None,
+            "zero_advantage_fraction": float(zero_groups.to(F64).mean()),
+            "summary": summary,
+        }
+
+    disagreement, opposition = _sign_matrices(signs)
+    return {
+        "preset": prepared.preset,
+        "estimators": prepared.estimators,
+        "sequences": int(mask.shape[0]),
+        "tokens": tokens_total,
+        "binary_rewards": binary,
+        "groups": {
+            "count": groups.count,
+            "ids": [str(label) for label in batch.group_labels],
+            "size": sizes.tolist(),
+            "pass_rate": pass_rate.tolist(),
+            "reward_std": reward_std.tolist(),
+            "mean_length": mean_length.tolist(),
+            "harmonic_mean_length": harmonic_length.tolist(),
+            "tokens": group_tokens.to(torch.int64).tolist(),
+            "no_signal": no_signal.tolist(),
+        },
+        "no_signal_fraction": float(no_signal.to(F64).mean()),
+        "no_signal_token_fraction": float(group_tokens[no_signal].sum() / max(tokens_total, 1)),
+        "analysis": analysis,
+        "sign_disagreement": disagreement,
+        "sign_opposition": opposition,
+    }
