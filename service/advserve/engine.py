@@ -15,16 +15,15 @@ from .device import resolve_device
 from .errors import InvalidArgument, NotFound
 from .estimators import ESTIMATORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
-from .functional.kl import kl_and_grad
-from .functional.losses import policy_loss, value_loss
+from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, masked_moments
-from .loss_specs import LOSS_TERMS, TERM_TENSORS
+from .functional.rollout import rollout_weights
+from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 REWARD_TENSORS = ("rewards", "token_rewards")
-LOG_RATIO_BOUND = 20.0  # bound on log importance weights of the rollout correction (verl's SAFETY_BOUND)
 
 
 class Engine:
@@ -146,14 +145,23 @@ class Engine:
                 raise InvalidArgument(f"{name} must be a positive number", field=name)
 
         required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
+        kl_params = terms.get("kl_loss")
+        if kl_params and (kl_params["unbiased_gradient"] or kl_params["importance_weighted"]):
+            required.add("old_logprobs")
         batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
                             context="the requested loss terms", layout=request.layout or "padded",
                             max_tokens=self.max_tokens)
         t, mask = batch.tensors, batch.mask
-        agg = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
+        # the policy's parameters also define the other terms' default aggregation (and the KL's ratio)
+        pol = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
                                                          "policy_loss")
-        weights = aggregation_weights(batch.valid, batch.lengths.to(dtype), agg["agg"], num_tokens=request.num_tokens,
-                                      num_sequences=request.num_sequences, loss_scale_factor=agg["loss_scale_factor"])
+        lengths = batch.lengths.to(dtype)
+
+        @functools.cache
+        def weights(agg: str | None) -> Tensor:
+            return aggregation_weights(batch.valid, lengths, agg or pol["agg"], num_tokens=request.num_tokens,
+                                       num_sequences=request.num_sequences, loss_scale_factor=pol["loss_scale_factor"],
+                                       seq_denominator=pol["seq_denominator"])
 
         components: dict[str, float | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
         metrics: dict[str, float] = {}
@@ -161,36 +169,60 @@ class Engine:
         grad_values = grad_entropy = None
         total = torch.zeros((), dtype=dtype, device=self.device)
 
+        def add_grad(grad: Tensor, spread: bool) -> None:
+            nonlocal grad_logprobs
+            grad_logprobs += spread_over_row(grad, mask) if spread else grad
+
+        def ratio() -> Ratio:
+            return policy_ratio(pol["mode"], t["logprobs"], t["old_logprobs"], mask, ratio_clamp=pol["ratio_clamp"],
+                                cispo_level=pol["cispo_level"], sequence_ratio_gradient=pol["sequence_ratio_gradient"])
+
         with torch.no_grad():
+            rho = None
             if "policy_loss" in terms:
-                p = terms["policy_loss"]
-                loss_t, grad_t, ratio = policy_loss(
-                    p["mode"], t["logprobs"], t["old_logprobs"], t["advantages"], mask, clip_low=p["clip_low"],
-                    clip_high=p["clip_high"], dual_clip=p["dual_clip"], ratio_clamp=p["ratio_clamp"])
+                rho = ratio()
+                loss_t, grad_t, spread = policy_loss(
+                    pol["mode"], rho, t["logprobs"], t["advantages"], clip_low=pol["clip_low"],
+                    clip_high=pol["clip_high"], dual_clip=pol["dual_clip"], ratio_cap=pol["ratio_cap"],
+                    cispo_cap=pol["cispo_cap"])
+                w = weights(pol["agg"])
                 if "rollout_correction" in terms:
-                    is_weight = rollout_weights(t["old_logprobs"], t["rollout_logprobs"], mask, batch.tokens,
-                                                terms["rollout_correction"], metrics)
-                    loss_t, grad_t = loss_t * is_weight, grad_t * is_weight
-                policy = (weights * loss_t).sum()
+                    rc = terms["rollout_correction"]
+                    is_weight, outside = rollout_weights(
+                        t["old_logprobs"], t["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
+                        low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"],
+                        weight=rc["weight"])
+                    metrics["rollout_is_weight_mean"] = mean_over(is_weight, batch.tokens)
+                    metrics["rollout_is_weight_max"] = float(is_weight.max()) if batch.tokens else 0.0
+                    metrics["rollout_is_fraction_outside"] = fraction(outside, batch.tokens)
+                    w = w * is_weight
+                policy = (w * loss_t).sum()
                 total = total + policy
-                grad_logprobs += weights * grad_t
+                add_grad(w * grad_t, spread)
                 components["policy"] = float(policy)
-                metrics.update(policy_metrics(p, ratio, t["logprobs"], t["old_logprobs"], t["advantages"], mask,
+                metrics.update(policy_metrics(pol, rho.value, t["logprobs"], t["old_logprobs"], t["advantages"], mask,
                                               batch.tokens))
-            if "kl_loss" in terms:
-                p = terms["kl_loss"]
-                kl_t, dkl = kl_and_grad(t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"])
-                kl = (weights * kl_t).sum()
+            if kl_params:
+                p = kl_params
+                kl_t, dkl, dkl_spread = kl_loss(
+                    t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"], old=t.get("old_logprobs"),
+                    unbiased_gradient=p["unbiased_gradient"],
+                    ratio=(rho or ratio()) if p["importance_weighted"] else None)
+                w = weights(p["agg"])
+                kl = (w * kl_t).sum()
                 total = total + p["coef"] * kl
-                grad_logprobs += (p["coef"] * weights) * dkl
+                add_grad((p["coef"] * w) * dkl, False)
+                if dkl_spread is not None:
+                    add_grad((p["coef"] * w) * dkl_spread, True)
                 components["kl"] = float(kl)
                 metrics["kl_mean"] = mean_over(kl_t, batch.tokens)
             if "value_loss" in terms:
                 p = terms["value_loss"]
                 loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"])
-                value = (weights * loss_v).sum()
+                w = weights(p["agg"])
+                value = (w * loss_v).sum()
                 total = total + p["coef"] * value
-                grad_values = (p["coef"] * weights) * dv
+                grad_values = (p["coef"] * w) * dv
                 components["value"] = float(value)
                 if p["clip"] is not None:
                     clipped = t["values"].clamp(t["old_values"] - p["clip"], t["old_values"] + p["clip"])
@@ -198,9 +230,10 @@ class Engine:
                     metrics["value_clip_fraction"] = fraction(beyond, batch.tokens)
             if "entropy_bonus" in terms:
                 p = terms["entropy_bonus"]
-                entropy = (weights * t["entropy"]).sum()
+                w = weights(p["agg"])
+                entropy = (w * t["entropy"]).sum()
                 total = total - p["coef"] * entropy
-                grad_entropy = -p["coef"] * weights
+                grad_entropy = -p["coef"] * w
                 components["entropy"] = float(entropy)
                 metrics["entropy_mean"] = mean_over(t["entropy"], batch.tokens)
 
@@ -213,6 +246,7 @@ class Engine:
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
         terms: dict[str, dict[str, Any]] = {}
+        given_terms: dict[str, Mapping[str, Any]] = {}
         for name, specs in LOSS_TERMS.items():
             given = getattr(request, name)
             if given is False or (given is None and name != "policy_loss"):
@@ -220,13 +254,8 @@ class Engine:
             if given is True:
                 given = None
             terms[name] = resolve_params(specs, preset.losses[name], given, name)
-        correction = terms.get("rollout_correction")
-        if correction:
-            if correction["mode"] == "mask" and correction["low"] is None:
-                raise InvalidArgument("rollout_correction.mode 'mask' needs a lower bound 'low'",
-                                      field="rollout_correction.low")
-            if correction["low"] is not None and correction["low"] > correction["high"]:
-                raise InvalidArgument("rollout_correction.low must be <= high", field="rollout_correction.low")
+            given_terms[name] = given if isinstance(given, Mapping) else {}
+        check_loss_terms(terms, given_terms)
         return terms
 
     # --- catalog --------------------------------------------------------------------------------
@@ -324,30 +353,6 @@ def fraction(condition: Tensor, tokens: int) -> float:
     return float(torch.count_nonzero(condition)) / max(tokens, 1)
 
 
-def rollout_weights(old: Tensor, rollout: Tensor, mask: Tensor, tokens: int, p: Mapping[str, Any],
-                    metrics: dict) -> Tensor:
-    """Importance weights [B, T] correcting for the rollout engine's policy: w = π_old/π_rollout per
-    token, or the product over the sequence; truncated to [low, high] or masked outside it."""
-    log_w = old - rollout  # both 0 on masked positions
-    if p["level"] == "sequence":
-        log_w = log_w.sum(dim=1, keepdim=True).expand_as(old)
-    raw = log_w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-    low, high = p["low"], p["high"]
-    outside = raw > high
-    if low is not None:
-        outside |= raw < low
-    outside &= mask
-    if p["mode"] == "truncate":
-        weight = raw.clamp(low, high)
-    else:
-        weight = raw * ~outside
-    weight = weight * mask
-    metrics["rollout_is_weight_mean"] = mean_over(weight, tokens)
-    metrics["rollout_is_weight_max"] = float(weight.max()) if tokens else 0.0
-    metrics["rollout_is_fraction_outside"] = fraction(outside, tokens)
-    return weight
-
-
 def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
                    mask: Tensor, tokens: int) -> dict[str, float]:
     """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics."""
@@ -358,9 +363,13 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
     if p["mode"] in ("ppo_clip", "gspo"):
         out["clip_fraction_high"] = fraction(high & (adv > 0), tokens)
         out["clip_fraction_low"] = fraction(low & (adv < 0), tokens)
-        if p["mode"] == "ppo_clip" and p["dual_clip"] is not None:
+        if p["dual_clip"] is not None:
             out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0), tokens)
+        if p["ratio_cap"] is not None:
+            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & mask, tokens)
     elif p["mode"] == "cispo":
+        if p["cispo_cap"] is not None:
+            high, low = ratio > p["cispo_cap"], torch.zeros_like(mask)
         out["clip_fraction_high"] = fraction(high & mask, tokens)
         out["clip_fraction_low"] = fraction(low & mask, tokens)
     return out

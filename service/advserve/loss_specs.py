@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+from .errors import InvalidArgument
 from .functional.kl import KL_ESTIMATORS
-from .functional.losses import POLICY_LOSS_MODES
+from .functional.losses import POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS
 from .functional.masks import AGG_MODES
+from .functional.rollout import ROLLOUT_GATINGS, ROLLOUT_LEVELS, ROLLOUT_WEIGHTS
 from .params import ParamSpec
 
 _POSITIVE = {"minimum": 0.0, "exclusive_minimum": True}
+SEQ_DENOMINATORS = ("nonempty", "all")
+
+
+def _term_agg(term: str) -> ParamSpec:
+    return ParamSpec("agg", str, f"aggregation of the {term} term; null: the policy term's agg (with its "
+                     "loss_scale_factor and seq_denominator)", choices=AGG_MODES, nullable=True)
+
 
 LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
     "policy_loss": {
@@ -17,14 +28,25 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
                       choices=POLICY_LOSS_MODES),
             ParamSpec("clip_low", float, "ε_low: the ratio is clipped below at 1 − clip_low", minimum=0.0, maximum=1.0),
             ParamSpec("clip_high", float, "ε_high: the ratio is clipped above at 1 + clip_high", minimum=0.0),
-            ParamSpec("dual_clip", float, "dual-clip c (> 1) capping the loss at −c·A for A < 0 (ppo_clip); null: off",
-                      nullable=True, minimum=1.0, exclusive_minimum=True),
+            ParamSpec("dual_clip", float, "dual-clip c (> 1) capping the loss at −c·A for A < 0 (ppo_clip, gspo); "
+                      "null: off", nullable=True, minimum=1.0, exclusive_minimum=True),
             ParamSpec("ratio_clamp", float, "bound on log(ratio) before exp (gspo: upper bound only); null: none",
                       nullable=True, **_POSITIVE),
-            ParamSpec("agg", str, "aggregation of per-token losses (also used by the kl and entropy terms)",
-                      choices=AGG_MODES),
+            ParamSpec("ratio_cap", float, "δ: the unclipped branch of ppo_clip/gspo uses min(ρ, δ), for both signs "
+                      "of A (TRL's delta); null: none", nullable=True, **_POSITIVE),
+            ParamSpec("cispo_cap", float, "absolute cap of the cispo weight, min(ρ, cap) with no floor (TRL's "
+                      "epsilon_high); null: clip(ρ, 1 − clip_low, 1 + clip_high)", nullable=True, **_POSITIVE),
+            ParamSpec("cispo_level", str, "cispo's ratio per token, or the sequence ratio exp(mean_t(lp − old))",
+                      choices=("token", "sequence")),
+            ParamSpec("sequence_ratio_gradient", str, "how a sequence ratio passes its gradient: token_trick "
+                      "(verl: sg(s)·exp(lp − sg(lp)), each token its own) or through_mean (OpenRLHF, TRL)",
+                      choices=SEQUENCE_RATIO_GRADIENTS),
+            ParamSpec("agg", str, "aggregation of per-token losses (also of the kl, value and entropy terms whose "
+                      "agg is null)", choices=AGG_MODES),
             ParamSpec("loss_scale_factor", float, "constant divisor C of seq-mean-token-sum-norm; null: padded width T",
                       nullable=True, **_POSITIVE),
+            ParamSpec("seq_denominator", str, "S of the seq-mean modes when num_sequences is not given: rows with a "
+                      "valid token (nonempty) or all rows (all: TRL)", choices=SEQ_DENOMINATORS),
         )
     },
     "kl_loss": {
@@ -33,6 +55,11 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             ParamSpec("coef", float, "coefficient of the KL term in the loss", minimum=0.0),
             ParamSpec("estimator", str, "KL estimator of logprobs vs ref_logprobs", choices=KL_ESTIMATORS),
             ParamSpec("clamp", float, "clamp of the KL estimate to [−c, c]; null: none", nullable=True, **_POSITIVE),
+            _term_agg("kl"),
+            ParamSpec("unbiased_gradient", bool, "keep the estimator's value, use the gradient w·(lp − ref) with "
+                      "w = sg(min(e^(lp − old), 10)) (OpenRLHF); needs old_logprobs"),
+            ParamSpec("importance_weighted", bool, "multiply each kl_t by the policy's ratio ρ_t, differentiable "
+                      "(TRL's use_bias_correction_kl); needs old_logprobs"),
         )
     },
     "value_loss": {
@@ -40,25 +67,38 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
         for s in (
             ParamSpec("coef", float, "coefficient of the value loss", minimum=0.0),
             ParamSpec("clip", float, "value clip range around old_values; null: unclipped", nullable=True, minimum=0.0),
+            _term_agg("value"),
         )
     },
     "entropy_bonus": {
-        s.name: s for s in (ParamSpec("coef", float, "entropy coefficient (the loss subtracts coef·entropy)", minimum=0.0),)
+        s.name: s
+        for s in (
+            ParamSpec("coef", float, "entropy coefficient (the loss subtracts coef·entropy)", minimum=0.0),
+            _term_agg("entropy"),
+        )
     },
     "rollout_correction": {
         s.name: s
         for s in (
-            ParamSpec("level", str, "importance weight per token, or per sequence (product of token ratios)",
-                      choices=("token", "sequence")),
+            ParamSpec("level", str, "the unit weighed: a token, a sequence (product of token ratios) or a sequence "
+                      "by its geometric mean (sequence_mean)", choices=ROLLOUT_LEVELS),
             ParamSpec("mode", str, "truncate: w ← clamp(w, low, high); mask: w ← 0 outside [low, high]",
                       choices=("truncate", "mask")),
-            ParamSpec("low", float, "lower bound of the weight; null: none (required by mask)", nullable=True, minimum=0.0),
-            ParamSpec("high", float, "upper bound of the weight", **_POSITIVE),
+            ParamSpec("low", float, "lower bound of the gated statistic; null: none", nullable=True, minimum=0.0),
+            ParamSpec("high", float, "upper bound of the gated statistic", **_POSITIVE),
+            ParamSpec("log_clamp", float, "bound on the log-weight before exp; null: none", nullable=True,
+                      **_POSITIVE),
+            ParamSpec("gating", str, "statistic compared with [low, high]: the ratio, or the sampled token's "
+                      "binary_kl / tv between the rollout and old policies (mask mode, upper bound only)",
+                      choices=ROLLOUT_GATINGS),
+            ParamSpec("weight", str, "what a surviving token is multiplied by in mask mode: its unit's ratio, or its "
+                      "own token ratio (OpenRLHF)", choices=ROLLOUT_WEIGHTS),
         )
     },
 }
 
-# tensors each term needs (besides response_mask)
+# tensors each term needs (besides response_mask); kl_loss also needs old_logprobs with
+# unbiased_gradient or importance_weighted
 TERM_TENSORS: dict[str, tuple[str, ...]] = {
     "policy_loss": ("logprobs", "old_logprobs", "advantages"),
     "kl_loss": ("logprobs", "ref_logprobs"),
@@ -66,3 +106,42 @@ TERM_TENSORS: dict[str, tuple[str, ...]] = {
     "entropy_bonus": ("entropy",),
     "rollout_correction": ("old_logprobs", "rollout_logprobs"),
 }
+
+
+def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]]) -> None:
+    """Combinations that no single parameter's check catches; InvalidArgument naming the field.
+
+    `terms`: the resolved parameters of each requested term; `given`: what the request set itself
+    (a parameter that only applies to another mode is an error only when the request sets it).
+    """
+    policy, set_policy = terms.get("policy_loss"), given.get("policy_loss", {})
+    if policy is not None:
+        mode = policy["mode"]
+        for name, modes in (("cispo_cap", ("cispo",)), ("ratio_cap", ("ppo_clip", "gspo"))):
+            if set_policy.get(name) is not None and mode not in modes:
+                raise InvalidArgument(f"policy_loss.{name} applies to mode {' or '.join(modes)}, not {mode!r}",
+                                      field=f"policy_loss.{name}")
+        if set_policy.get("cispo_level") == "sequence" and mode != "cispo":
+            raise InvalidArgument(f"policy_loss.cispo_level applies to mode 'cispo', not {mode!r} (gspo is the "
+                                  "sequence-level ppo_clip)", field="policy_loss.cispo_level")
+    kl = terms.get("kl_loss")
+    if kl is not None and kl["unbiased_gradient"] and kl["importance_weighted"]:
+        raise InvalidArgument("kl_loss.unbiased_gradient and kl_loss.importance_weighted are two different "
+                              "corrections of the KL gradient; choose one", field="kl_loss.importance_weighted")
+    rc = terms.get("rollout_correction")
+    if rc is not None:
+        if rc["low"] is not None and rc["low"] > rc["high"]:
+            raise InvalidArgument("rollout_correction.low must be <= high", field="rollout_correction.low")
+        if rc["gating"] != "ratio":
+            if rc["mode"] != "mask":
+                raise InvalidArgument(f"rollout_correction.gating {rc['gating']!r} is a filter: it needs mode 'mask'",
+                                      field="rollout_correction.mode")
+            if rc["low"]:
+                raise InvalidArgument(f"rollout_correction.gating {rc['gating']!r} takes an upper bound only: set "
+                                      "low to null", field="rollout_correction.low")
+            if rc["weight"] != "token":
+                raise InvalidArgument(f"rollout_correction.gating {rc['gating']!r} gives no unit ratio: survivors "
+                                      "need weight 'token'", field="rollout_correction.weight")
+        if rc["mode"] == "truncate" and rc["level"] != "token" and rc["weight"] == "token":
+            raise InvalidArgument("rollout_correction.weight 'token' applies to mode 'mask'; truncate clamps the "
+                                  "unit's own ratio (set weight to 'unit')", field="rollout_correction.weight")

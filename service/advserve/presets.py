@@ -31,6 +31,12 @@ def _merge(*tables: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# values of the loss parameters that only the library presets change: the behaviour before them
+_NEUTRAL_POLICY = {"ratio_cap": None, "cispo_cap": None, "cispo_level": "token", "sequence_ratio_gradient": "token_trick",
+                   "seq_denominator": "nonempty"}
+_NEUTRAL_KL = {"agg": None, "unbiased_gradient": False, "importance_weighted": False}
+_NEUTRAL_ROLLOUT = {"log_clamp": 20.0, "gating": "ratio", "weight": "unit"}  # 20: verl's SAFETY_BOUND
+
 # --- paper: the seed's table of token advantages, to the letter ---------------------------------
 
 _PAPER_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": None}
@@ -58,12 +64,14 @@ PAPER = Preset(
         "dr_grpo": _merge(_PAPER_KL, {"singleton_groups": "zero"}),
     },
     losses={
-        "policy_loss": {"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                        "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
-        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
-        "value_loss": {"coef": 1.0, "clip": None},
-        "entropy_bonus": {"coef": 0.0},
-        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+        "policy_loss": _merge({"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                               "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
+                              _NEUTRAL_POLICY),
+        "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": None}, _NEUTRAL_KL),
+        "value_loss": {"coef": 1.0, "clip": None, "agg": None},
+        "entropy_bonus": {"coef": 0.0, "agg": None},
+        "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+                                     _NEUTRAL_ROLLOUT),
     },
 )
 
@@ -90,13 +98,17 @@ VERL = Preset(
         "remax": _VERL_KL,
     },
     losses={
-        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
-                        "ratio_clamp": DependsOn("mode", {"gspo": 10.0}, 20.0), "agg": "token-mean",
-                        "loss_scale_factor": None},
-        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
-        "value_loss": {"coef": 1.0, "clip": 0.5},
-        "entropy_bonus": {"coef": 0.0},
-        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+        # verl's gspo has no dual clip (compute_policy_loss_gspo ignores clip_ratio_c)
+        "policy_loss": _merge({"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2,
+                               "dual_clip": DependsOn("mode", {"gspo": None}, 3.0),
+                               "ratio_clamp": DependsOn("mode", {"gspo": 10.0}, 20.0), "agg": "token-mean",
+                               "loss_scale_factor": None}, _NEUTRAL_POLICY),
+        "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
+                          _NEUTRAL_KL),
+        "value_loss": {"coef": 1.0, "clip": 0.5, "agg": None},
+        "entropy_bonus": {"coef": 0.0, "agg": None},
+        "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
+                                     _NEUTRAL_ROLLOUT),
     },
     unavailable={
         "reinforce": "verl has no plain REINFORCE estimator; use reinforce_pp with whiten=false for the "
@@ -116,12 +128,21 @@ OPENRLHF = Preset(
     library="openrlhf 0.11.2",
     estimators={},
     losses={
-        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                        "ratio_clamp": 20.0, "agg": "token-mean", "loss_scale_factor": None},
-        "kl_loss": {"coef": 0.01, "estimator": "k3", "clamp": 10.0},
-        "value_loss": {"coef": 1.0, "clip": 0.5},
-        "entropy_bonus": {"coef": 0.0},
-        "rollout_correction": {"level": "token", "mode": "truncate", "low": 0.5, "high": 5.0},
+        # PolicyLoss: ±20 log-ratio clamp for ppo, none for gspo, which also forces per-sequence
+        # aggregation and passes its gradient through the mean; dual clip applies to both
+        "policy_loss": _merge(_NEUTRAL_POLICY, {
+            "mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+            "ratio_clamp": DependsOn("mode", {"gspo": None}, 20.0),
+            "agg": DependsOn("mode", {"gspo": "seq-mean-token-mean"}, "token-mean"), "loss_scale_factor": None,
+            "sequence_ratio_gradient": "through_mean"}),
+        # compute_approx_kl clamps every estimator to ±10; the actor aggregates the KL and entropy
+        # terms per token (aggregate_loss's default), the critic its value loss too
+        "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.01, "estimator": "k1", "clamp": 10.0, "agg": "token-mean"}),
+        "value_loss": {"coef": 1.0, "clip": 0.5, "agg": "token-mean"},
+        "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
+        # is_correction_*: mode mask, threshold [0.5, 5.0], no log clamp; survivors keep their token ratio
+        "rollout_correction": {"level": "token", "mode": "mask", "low": 0.5, "high": 5.0, "log_clamp": None,
+                               "gating": "ratio", "weight": "token"},
     },
 )
 
@@ -133,12 +154,21 @@ TRL = Preset(
     library="trl 1.16.0",
     estimators={},
     losses={
-        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                        "ratio_clamp": None, "agg": "token-mean", "loss_scale_factor": 512.0},
-        "kl_loss": {"coef": 0.0, "estimator": "k3", "clamp": None},
-        "value_loss": {"coef": 1.0, "clip": None},
-        "entropy_bonus": {"coef": 0.0},
-        "rollout_correction": {"level": "sequence", "mode": "mask", "low": 0.0, "high": 3.0},
+        # GRPOTrainer._compute_loss: loss_type "dapo" (token mean), epsilon 0.2, no log-ratio clamp,
+        # Dr. GRPO's C = max_completion_length (512), grpo/dr_grpo divide by all B rows; cispo caps
+        # min(ρ, epsilon_high) with epsilon_high = epsilon = 0.2; sequence level through the mean
+        "policy_loss": _merge(_NEUTRAL_POLICY, {
+            "mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "ratio_clamp": None,
+            "agg": "token-mean", "loss_scale_factor": 512.0, "seq_denominator": "all",
+            "cispo_cap": DependsOn("mode", {"cispo": 0.2}, None), "sequence_ratio_gradient": "through_mean"}),
+        # β·k3 inside the per-token loss (the policy's aggregation), × ρ (use_bias_correction_kl)
+        "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.0, "estimator": "k3", "clamp": None, "importance_weighted": True}),
+        "value_loss": {"coef": 1.0, "clip": None, "agg": None},
+        # the entropy bonus is a local token mean whatever loss_type says
+        "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
+        # vllm_importance_sampling_mode "sequence_mask", clip_min None, clip_max 3.0, no log clamp
+        "rollout_correction": _merge(_NEUTRAL_ROLLOUT, {"level": "sequence", "mode": "mask", "low": None,
+                                                        "high": 3.0, "log_clamp": None}),
     },
 )
 

@@ -76,12 +76,13 @@ def aggregation_weights(
     num_tokens: float | None = None,
     num_sequences: float | None = None,
     loss_scale_factor: float | None = None,
+    seq_denominator: str = "nonempty",
 ) -> Tensor:
     """Weight w [B, T] of each token's loss so that the aggregated loss is Σ_t w_t ℓ_t.
 
     valid [B, T]: the 0/1 mask in the compute dtype; lengths [B]: valid tokens per row, same dtype.
-    N = `num_tokens` (default Σ L_i), S = `num_sequences` (default: rows with L_i > 0),
-    C = `loss_scale_factor` (default: the padded width T).
+    N = `num_tokens` (default Σ L_i), S = `num_sequences` (default: rows with L_i > 0, or all B rows
+    with `seq_denominator` "all"), C = `loss_scale_factor` (default: the padded width T).
 
     token-mean: m/N · token-sum: m · seq-mean-token-mean: m/(S·L_i) · seq-mean-token-sum: m/S ·
     seq-mean-token-sum-norm: m/(S·C).
@@ -91,7 +92,10 @@ def aggregation_weights(
         return valid / n
     if agg == "token-sum":
         return valid
-    s = max(float((lengths > 0).sum()), 1.0) if num_sequences is None else float(num_sequences)
+    if num_sequences is not None:
+        s = float(num_sequences)
+    else:
+        s = max(float(lengths.numel() if seq_denominator == "all" else (lengths > 0).sum()), 1.0)
     if agg == "seq-mean-token-mean":
         return valid / (s * lengths.clamp_min(1)).unsqueeze(1)
     if agg == "seq-mean-token-sum":
