@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="start the REST and gRPC server",
         description="Serve the REST API (POST /v1/advantages, POST /v1/losses, GET /v1/estimators, /health/live, "
-        "/health/ready, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection). "
-        "Every flag can also be set by the environment variable shown.",
+        "/health/ready, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection), "
+        "and the Open Inference Protocol (KServe v2 / Triton: /v2 over HTTP, inference.GRPCInferenceService on "
+        "the gRPC port; docs/oip.md). Every flag can also be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in setting_fields():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -86,7 +87,7 @@ def serve(settings: Settings) -> None:
     from grpc_health.v1 import health_pb2
 
     from .errors import AdvserveError
-    from .grpc_server import SERVICE, start_grpc_server
+    from .grpc_server import HEALTH_NAMES, start_grpc_server
     from .rest import create_app
     from .runtime import Runtime
 
@@ -134,7 +135,7 @@ def serve(settings: Settings) -> None:
             await server.drain_requested.wait()
             log.info("shutting down: readiness off, finishing accepted requests (up to %.0f s)",
                      settings.shutdown_grace_s)
-            for name in ("", SERVICE):
+            for name in HEALTH_NAMES:
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             finished = await runtime.drain(settings.shutdown_grace_s)
             log.info("drained: %s", "every accepted request answered" if finished else "grace period over")

@@ -29,6 +29,8 @@ from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve.grpc")
 SERVICE = advserve_pb2.DESCRIPTOR.services_by_name["Advserve"].full_name
+OIP_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol (advserve.oip.grpc_server)
+HEALTH_NAMES = ("", SERVICE, OIP_SERVICE)  # the names the health service reports
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -220,6 +222,9 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     settings = runtime.settings
     server = grpc.aio.server(options=grpc_options(settings.grpc_max_message_bytes))
     advserve_pb2_grpc.add_AdvserveServicer_to_server(AdvserveServicer(runtime), server)
+    from .oip.grpc_server import add_oip_servicer  # imports this module
+
+    add_oip_servicer(runtime, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -236,6 +241,6 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     await server.start()
-    for name in ("", SERVICE):
+    for name in HEALTH_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer, port

@@ -85,7 +85,7 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             ParamSpec("mode", str, "truncate: w ← clamp(w, low, high); mask: w ← 0 outside [low, high]",
                       choices=("truncate", "mask")),
             ParamSpec("low", float, "lower bound of the gated statistic; null: none", nullable=True, minimum=0.0),
-            ParamSpec("high", float, "upper bound of the gated statistic", **_POSITIVE),
+            ParamSpec("high", float, "upper bound of the gated statistic; null: none", nullable=True, **_POSITIVE),
             ParamSpec("log_clamp", float, "bound on the log-weight before exp; null: none", nullable=True,
                       **_POSITIVE),
             ParamSpec("gating", str, "statistic compared with [low, high]: the ratio, or the sampled token's "
@@ -130,7 +130,7 @@ def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str,
                               "corrections of the KL gradient; choose one", field="kl_loss.importance_weighted")
     rc = terms.get("rollout_correction")
     if rc is not None:
-        if rc["low"] is not None and rc["low"] > rc["high"]:
+        if rc["low"] is not None and rc["high"] is not None and rc["low"] > rc["high"]:
             raise InvalidArgument("rollout_correction.low must be <= high", field="rollout_correction.low")
         if rc["gating"] != "ratio":
             if rc["mode"] != "mask":

@@ -31,6 +31,7 @@ from .device import to_host
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
+from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
 from .runtime import Runtime
 from .wire import raw_to_torch, torch_to_raw
 
@@ -217,11 +218,12 @@ def _batch_shape(prepared: Any) -> tuple[int, int] | None:
 
 
 class AdmissionControl:
-    """ASGI middleware, the door: bearer-token auth on everything but /health/* (401), then on
-    POST /v1/*: refusal while draining (503), body size limits (413; binary and JSON bodies have their
-    own) and admission by bytes in flight (503 + Retry-After), checked on the declared Content-Length
-    before the body is read, and again while a body without one streams in. The bytes are held until
-    the response has been sent. A request turned away here costs no compute."""
+    """ASGI middleware, the door: bearer-token auth on everything but /health/* and /v2/health/* (401),
+    then on POST /v1/* and /v2/* (the Open Inference Protocol): refusal while draining (503), body size
+    limits (413; binary and JSON bodies have their own) and admission by bytes in flight (503 +
+    Retry-After), checked on the declared Content-Length before the body is read, and again while a
+    body without one streams in. The bytes are held until the response has been sent. A request turned
+    away here costs no compute. Errors on /v2 paths have the protocol's body, {"error": "..."}."""
 
     def __init__(self, app: Callable, runtime: Runtime):
         self.app = app
@@ -234,15 +236,18 @@ class AdmissionControl:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        oip = is_oip_path(scope["path"])
+        transport, error_response = ("oip_http", oip_error_response) if oip else ("http", _error_response)
+        compute = scope["method"] == "POST" and (scope["path"].startswith("/v1/") or oip)
         try:
-            if not scope["path"].startswith("/health/"):
+            if not scope["path"].startswith(("/health/", "/v2/health/")):
                 self.runtime.authenticate(headers.get("authorization"))
-            if scope["method"] == "POST" and scope["path"].startswith("/v1/") and self.runtime.draining:
+            if compute and self.runtime.draining:
                 raise Unavailable("the server is shutting down; retry on another instance")
         except AdvserveError as error:
-            self.runtime.metrics.rejections.labels("http", error.code).inc()
-            return await _error_response(error)(scope, receive, send)
-        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            self.runtime.metrics.rejections.labels(transport, error.code).inc()
+            return await error_response(error)(scope, receive, send)
+        if not compute:
             return await self.app(scope, receive, send)
         limit = self.max_body_bytes if _is_binary(headers) else self.max_json_bytes
         declared = headers.get("content-length", "")
@@ -265,8 +270,8 @@ class AdmissionControl:
             if error is None and not self.admission.try_acquire(size):
                 error = overloaded()
             if error is not None:
-                self.runtime.metrics.rejections.labels("http", error.code).inc()
-                return await _error_response(error)(scope, receive, send)
+                self.runtime.metrics.rejections.labels(transport, error.code).inc()
+                return await error_response(error)(scope, receive, send)
             held = size
 
         seen = 0
@@ -318,7 +323,9 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         "Formulas: docs/semantics.md. Bodies are JSON, or binary-framed tensors (Content-Type: "
         "application/octet-stream, Inference-Header-Content-Length; docs/binary-framing.md). "
         "Errors: {\"error\": {\"code\", \"message\", \"field\"}}. With --auth-token, every path but "
-        "/health/* needs 'Authorization: Bearer <token>'.",
+        "/health/* and /v2/health/* needs 'Authorization: Bearer <token>'. The Open Inference Protocol "
+        "(KServe v2 / Triton, for tritonclient and other v2 clients) is served under /v2 (tag oip; "
+        "docs/oip.md), its errors as {\"error\": \"...\"}.",
     )
     app.state.runtime = runtime
 
@@ -470,6 +477,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             app.openapi_schema = schema
         return app.openapi_schema
 
+    add_oip_routes(app, runtime)
     app.openapi = openapi
     app.add_middleware(AdmissionControl, runtime=runtime)
     return app

@@ -55,7 +55,7 @@ def rollout_weights(
     level: str,
     mode: str,
     low: float | None,
-    high: float,
+    high: float | None,
     log_clamp: float | None,
     gating: str = "ratio",
     weight: str = "unit",
@@ -73,7 +73,9 @@ def rollout_weights(
         stat = _exp(_per_unit(log_w, mask, level), log_clamp)
     else:
         stat = _per_unit(torch.where(mask, divergence(old, rollout, gating), 0), mask, level)
-    keep = stat <= high
+    keep = torch.ones_like(mask)
+    if high is not None:
+        keep &= stat <= high
     if low is not None:
         keep &= stat >= low
     if mode == "truncate":

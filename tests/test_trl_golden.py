@@ -1,0 +1,165 @@
+"""advserve's `trl` preset against golden vectors computed by the real TRL 1.16.0.
+
+The vectors live in tests/golden/trl_1.16.0.json, produced by tests/golden/make_trl_golden.py (TRL's own
+GRPOTrainer / RLOOTrainer code run in a throwaway venv with trl==1.16.0; TRL is not a dependency of the
+suite). Each case records TRL's configuration (`trl_config`); requests use the names proposed before the
+preset existed, which `_loss_request` maps to the final ones. [B, T] expectations are multiplied by
+response_mask. Everything is float64 and agrees to rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+import advserve
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "trl_1.16.0.json"
+DATA = json.loads(GOLDEN.read_text())
+LOSS_CASES = {c["case"]: c for c in DATA["losses"]}
+TOL = 1e-10
+
+
+def _inputs(tensors: dict) -> dict:
+    out = {}
+    for name, value in tensors.items():
+        if name == "group_ids" and any(isinstance(g, str) for g in value):
+            out[name] = list(value)
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def _case_doc(case: dict) -> str:
+    return f"{case['case']} {case.get('trl_config', '')}" + (f" (note: {case['note']})" if "note" in case else "")
+
+
+def _check_array(case, field, got, expected, tol):
+    assert got is not None, f"{case['case']}: {field} is None, expected an array"
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert got.shape == expected.shape, f"{case['case']}: {field} shape {got.shape} != {expected.shape}"
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol, err_msg=f"{_case_doc(case)}: {field}")
+
+
+def _check_scalar(case, field, got, expected, tol):
+    assert got is not None, f"{case['case']}: {field} is None, expected {expected!r}"
+    assert math.isclose(float(got), expected, rel_tol=tol, abs_tol=tol), (
+        f"{_case_doc(case)}: {field}: expected {expected!r}, got {got!r} (diff {float(got) - expected:.3g})")
+
+
+def test_golden_metadata():
+    assert DATA["library"] == "trl" and DATA["version"] == "1.16.0"
+    names = [c["case"] for c in DATA["advantages"]] + [c["case"] for c in DATA["losses"]]
+    assert len(names) == len(set(names))
+    assert DATA["advantages"] and DATA["losses"]
+
+
+# --------------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_request(case: dict) -> dict:
+    """The golden's request in advserve's final names: with `cispo_cap` set the cispo weight is
+    min(ρ, cap) and clip_high is unused (the file sends null, which advserve does not accept)."""
+    request = copy.deepcopy(case["request"])
+    policy = request["policy_loss"]
+    if policy.get("cispo_cap") is not None and policy.get("clip_high", 0.0) is None:
+        del policy["clip_high"]
+    return request
+
+
+def _check_losses(case: dict, res, tol: float = TOL) -> None:
+    exp = case["expected"]
+    _check_scalar(case, "loss", res.loss, exp["loss"], tol)
+    for name, value in exp["components"].items():
+        got = res.components.get(name)
+        if value is None:
+            assert got is None, f"{case['case']}: components[{name!r}] should be None (term absent), got {got!r}"
+        else:
+            _check_scalar(case, f"components[{name!r}]", got, value, tol)
+    _check_array(case, "grad_logprobs", res.grad_logprobs, exp["grad_logprobs"], tol)
+    for name in ("grad_values", "grad_entropy"):
+        if exp[name] is None:
+            assert getattr(res, name) is None, f"{case['case']}: {name} should be None (term absent)"
+        else:
+            _check_array(case, name, getattr(res, name), exp[name], tol)
+
+
+@pytest.mark.parametrize("case", DATA["losses"], ids=[c["case"] for c in DATA["losses"]])
+def test_losses(case):
+    res = advserve.compute_losses(preset="trl", dtype=case["dtype"], **_loss_request(case), **_inputs(case["tensors"]))
+    _check_losses(case, res)
+
+
+# The preset's defaults alone reproduce GRPOConfig's defaults: each request below sets only what the
+# case's trl_config sets beyond them, translated with the README's table (loss_type -> agg, ...).
+DEFAULT_REQUESTS = {
+    "dapo/token-defaults-mask-gaps": {},  # loss_type "dapo", epsilon 0.2, no delta, no clamp
+    "bnpo/token-defaults-mask-gaps": {},  # bnpo = the local token mean = dapo without num_items_in_batch
+    "grpo/token-defaults-mask-gaps": {"policy_loss": {"agg": "seq-mean-token-mean"}},
+    "grpo/empty-row": {"policy_loss": {"agg": "seq-mean-token-mean"}},  # empty rows count in B
+    "dr_grpo/empty-row": {"policy_loss": {"agg": "seq-mean-token-sum-norm", "loss_scale_factor": 16}},
+    "cispo/default-epsilon-high-is-absolute-0.2": {"policy_loss": {"mode": "cispo"}},
+    "cispo/token-defaults-mask-gaps": {"policy_loss": {"mode": "cispo", "cispo_cap": 5.0}},
+    "cispo/sequence-level": {"policy_loss": {"mode": "cispo", "cispo_cap": 1.2, "cispo_level": "sequence"}},
+    "dapo/global-num-items": {"policy_loss": {"clip_high": 0.28}, "num_tokens": 113},
+    "grpo/sequence-level-gspo": {"policy_loss": {"mode": "gspo", "clip_low": 3e-4, "clip_high": 4e-4,
+                                                 "agg": "seq-mean-token-mean"}},
+    "grpo/sequence-level-delta": {"policy_loss": {"mode": "gspo", "ratio_cap": 1.1, "agg": "seq-mean-token-mean"}},
+    "grpo/delta-3": {"policy_loss": {"ratio_cap": 3.0, "agg": "seq-mean-token-mean"}},  # delta -> ratio_cap
+    "dapo/delta-1.5-epsilon-high-0.28": {"policy_loss": {"ratio_cap": 1.5, "clip_high": 0.28}},
+    # beta -> kl_loss.coef: k3, unclamped, × ρ (use_bias_correction_kl), the policy's aggregation
+    "grpo/beta-0.04-k3-bias-corrected": {"policy_loss": {"agg": "seq-mean-token-mean"}, "kl_loss": {"coef": 0.04}},
+    "dapo/beta-0.04-k3-plain": {"kl_loss": {"coef": 0.04, "importance_weighted": False}},
+    "grpo/sequence-level-beta-bias-corrected": {"policy_loss": {"mode": "gspo", "agg": "seq-mean-token-mean"},
+                                                "kl_loss": {"coef": 0.1}},
+    "cispo/beta-0.02": {"policy_loss": {"mode": "cispo", "cispo_cap": 3.0}, "kl_loss": {"coef": 0.02}},
+    # entropy_coef: always the local token mean
+    "dapo/entropy-bonus": {"entropy_bonus": {"coef": 0.01}},
+    "grpo/entropy-bonus": {"policy_loss": {"agg": "seq-mean-token-mean"}, "entropy_bonus": {"coef": 0.01}},
+    # vllm_importance_sampling_mode "sequence_mask", clip_max 3.0, clip_min None, no log clamp
+    "dapo/vllm-sequence_mask-None-3.0": {"rollout_correction": {}},
+    "dapo/vllm-token_truncate-None-1.5": {"rollout_correction": {"level": "token", "mode": "truncate", "high": 1.5}},
+    "grpo/vllm-token_mask-0.8-1.25": {"policy_loss": {"agg": "seq-mean-token-mean"},
+                                      "rollout_correction": {"level": "token", "low": 0.8, "high": 1.25}},
+    "combined/dapo-beta-vllm-token-truncate-entropy-delta": {
+        "policy_loss": {"clip_high": 0.28, "ratio_cap": 2.0}, "kl_loss": {"coef": 0.05},
+        "entropy_bonus": {"coef": 0.001}, "rollout_correction": {"level": "token", "mode": "truncate", "high": 1.2}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_REQUESTS))
+def test_losses_from_preset_defaults(name):
+    case = LOSS_CASES[name]
+    res = advserve.compute_losses(preset="trl", dtype=case["dtype"], **DEFAULT_REQUESTS[name],
+                                  **_inputs(case["tensors"]))
+    _check_losses(case, res)
+
+
+def test_losses_sequence_level_ratio_passes_its_gradient_through_the_mean():
+    # TRL's s_i = exp(mean_t(lp − old)) reaches every token of the row. With a per-sequence advantage
+    # and no token-level weight this equals verl's token trick; a token-level IS weight breaks the tie.
+    case = LOSS_CASES["grpo/sequence-level-beta-bias-corrected"]
+    request = _loss_request(case)
+    request["policy_loss"]["sequence_ratio_gradient"] = "token_trick"
+    res = advserve.compute_losses(preset="trl", dtype="float64", **request, **_inputs(case["tensors"]))
+    _check_scalar(case, "loss", res.loss, case["expected"]["loss"], TOL)  # same value
+    diff = np.abs(np.asarray(res.grad_logprobs) - np.asarray(case["expected"]["grad_logprobs"])).max()
+    assert diff > 1e-6  # the KL's ratio gradient kl_t·∂s_i differs
+
+
+def test_losses_trl_has_no_log_ratio_clamp():
+    # with log-ratios beyond ±20 TRL's ratio overflows to what exp gives; verl's ±20 clamp would not
+    case = LOSS_CASES["dapo/token-defaults-mask-gaps"]
+    tensors = _inputs(case["tensors"])
+    tensors["logprobs"] = tensors["logprobs"] + 21.0 * tensors["response_mask"]
+    trl = advserve.compute_losses(preset="trl", dtype="float64", **tensors)
+    clamped = advserve.compute_losses(preset="trl", dtype="float64", policy_loss={"ratio_clamp": 20.0}, **tensors)
+    assert trl.metrics["ratio_max"] > math.exp(21.0) * 0.99 and clamped.metrics["ratio_max"] <= math.exp(20.0) * 1.01
