@@ -1,0 +1,220 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (proto/inference/
+grpc_service.proto) on the native gRPC server, over the same engine, compute thread, admission, auth
+and metrics (transport label "oip_grpc").
+
+Inputs come in `raw_input_contents` (one entry per input, as the stock clients send them) or in the
+typed `contents`; outputs always go out in `raw_output_contents`, the only place the stock
+tritonclient reads them. Parameters are read from whichever InferParameter field holds them. Errors
+end the call with the status of `errors.STATUS` and the message "<field>: <message>", like the
+native service (`grpc_server._abort`). ServerLive and ServerReady need no token (health, like the
+gRPC health service); the other methods do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .._oip_pb import grpc_service_pb2 as pb
+from .._oip_pb import grpc_service_pb2_grpc as pb_grpc
+from ..errors import STATUS, AdvserveError, InvalidArgument, Overloaded, PayloadTooLarge
+from ..grpc_server import _abort, _Call
+from ..observability import REQUEST_ID_HEADER, request_id, server_timing
+from ..runtime import Runtime
+from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
+from .tensors import DATATYPES, from_json, from_raw
+
+log = logging.getLogger("advserve.oip")
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+TRANSPORT = "oip_grpc"
+INLINE_LIMIT = 256 << 10
+# the typed field of InferTensorContents holding each datatype (FP16 and BF16 travel raw only)
+CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "INT8": "int_contents", "INT16": "int_contents",
+                  "INT32": "int_contents", "INT64": "int64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    """The Python value of an InferParameter (bool, int, float or str); None when none is set."""
+    which = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, which) if which else None
+
+
+def set_parameter(parameter: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
+
+
+def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> InferRequest:
+    """A ModelInferRequest -> an InferRequest with decoded inputs (raw ones are views of the bytes)."""
+    model = service.model(request.model_name, request.model_version)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: one per "
+                              "input, in the order of inputs", field="raw_input_contents")
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        item = InferInput(tensor.name, tensor.datatype, tuple(tensor.shape))
+        service.check_input(model, item)
+        if tensor.parameters:
+            key = sorted(tensor.parameters)[0]
+            what = "shared memory is not supported" if key.startswith("shared_memory") else "unknown parameter"
+            raise InvalidArgument(f"input {tensor.name!r}: {what} ({key!r})", field=f"inputs.{tensor.name}")
+        datatype = DATATYPES[item.datatype]
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(f"input {tensor.name!r} has contents, but raw_input_contents is used",
+                                      field=f"inputs.{tensor.name}")
+            item.data = from_raw(tensor.name, datatype, item.shape, raw[index])
+        else:
+            contents_field = CONTENTS_FIELD.get(item.datatype)
+            if contents_field is None:
+                raise InvalidArgument(f"input {tensor.name!r}: {item.datatype} data must be in raw_input_contents",
+                                      field=f"inputs.{tensor.name}")
+            values = getattr(tensor.contents, contents_field)
+            if item.datatype == "BYTES":
+                item.data = _bytes_elements(tensor.name, list(values), item.shape)
+            else:
+                item.data = from_json(tensor.name, datatype, item.shape, list(values))
+        inputs.append(item)
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for wanted in request.outputs:
+            extra = sorted(set(wanted.parameters) - {"binary_data"})
+            if extra:
+                raise InvalidArgument(f"output {wanted.name!r}: parameter {extra[0]!r} is not supported",
+                                      field=f"outputs.{wanted.name}")
+            outputs.append(RequestedOutput(wanted.name))
+    parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+    return InferRequest(request.model_name, request.model_version, request.id, parameters, inputs, outputs)
+
+
+def _bytes_elements(name: str, values: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise InvalidArgument(f"input {name!r}: bytes_contents has {len(values)} elements but shape {list(shape)} "
+                              f"needs {count}", field=f"inputs.{name}")
+    return np.array(values, dtype=object).astype("S").reshape(shape) if values else np.empty(shape, dtype="S1")
+
+
+def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    for key, value in response.parameters.items():
+        set_parameter(message.parameters[key], value)
+    for out in response.outputs:
+        message.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        message.raw_output_contents.append(out.array.tobytes())
+    return message
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: Runtime, service: OipService):
+        self.runtime = runtime
+        self.service = service
+        self.admission = runtime.admission
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.runtime.ready)
+
+    async def ModelReady(self, request, context):
+        await self._authenticated(context, lambda: self.service.model(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.runtime.ready)
+
+    async def ServerMetadata(self, request, context):
+        metadata = await self._authenticated(context, self.service.server_metadata)
+        return pb.ServerMetadataResponse(**metadata)
+
+    async def ModelMetadata(self, request, context):
+        model = await self._authenticated(context, lambda: self.service.model(request.name, request.version))
+        metadata = model.metadata()
+        response = pb.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
+                                            platform=metadata["platform"])
+        for side in ("inputs", "outputs"):
+            for tensor in metadata[side]:
+                getattr(response, side).add(**tensor)
+        return response
+
+    async def _authenticated(self, context, fn):
+        try:
+            self.runtime.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
+            return fn()
+        except AdvserveError as exc:
+            await _abort(context, exc)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        metadata = dict(context.invocation_metadata() or ())
+        call = _Call(self.runtime, context, request_id(metadata.get(REQUEST_ID_HEADER)))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        size = request.ByteSize()
+        model = self.service.models.get(request.model_name)
+        status, error, response = "OK", None, None
+        try:
+            self.runtime.authenticate(metadata.get("authorization"))
+            with self.runtime.serving():
+                if size > self.admission.capacity:
+                    raise PayloadTooLarge(f"request of {size} bytes exceeds the server's admission capacity of "
+                                          f"{self.admission.capacity} bytes", field="body")
+                if not self.admission.try_acquire(size):
+                    raise Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
+                                     f"{self.admission.capacity}; retry later")
+                try:
+                    response = await self._infer(request, call, size)
+                    context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
+                    return response
+                finally:
+                    self.admission.release(size)
+        except AdvserveError as exc:
+            status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
+            await _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
+            if isinstance(exc, asyncio.CancelledError):
+                status, error = "CANCELLED", "cancelled"
+                raise
+            if type(exc).__name__ == "AbortError":  # grpc.aio's own abort unwinding: already answered
+                raise
+            status, error = "INTERNAL", "internal"
+            log.exception("internal error in OIP ModelInfer of %r (request id %s)", request.model_name,
+                          call.request_id)
+            await _abort(context, AdvserveError("internal error"))
+        finally:
+            self.runtime.metrics.observe(
+                transport=TRANSPORT, endpoint=model.kind if model else "infer",
+                estimator=model.name if model and model.kind == "advantages" else None, status=status,
+                bytes_in=size, bytes_out=response.ByteSize() if response is not None else 0, phases=call.phases,
+                batch=call.batch, request_id=call.request_id, started=call.arrived, error=error)
+
+    async def _infer(self, request: pb.ModelInferRequest, call: _Call, size: int) -> pb.ModelInferResponse:
+        def decode():
+            return self.service.prepare(request_from_pb(request, self.service))
+
+        prepared = await asyncio.to_thread(decode) if size >= INLINE_LIMIT else decode()
+        call.batch = prepared.batch
+        if prepared.timeout_s is not None:
+            remaining = prepared.timeout_s - (time.perf_counter() - call.arrived)
+            result = await call.compute(asyncio.wait_for(self.service.compute(prepared), max(remaining, 0.001)))
+        else:
+            result = await call.compute(self.service.compute(prepared))
+        with call.phase("encode"):
+            return response_to_pb(self.service.respond(prepared, result))
+
+
+def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server, service: OipService | None = None) -> OipService:
+    """Register the OIP service on `server` (the native gRPC server); returns the OipService."""
+    service = service or OipService(runtime.engine, runtime.scheduler)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(runtime, service), server)
+    return service

@@ -1,0 +1,372 @@
+"""The Open Inference Protocol over HTTP (KServe v2 REST, with Triton's binary tensor extension),
+mounted on the native FastAPI application: the same engine, compute thread, admission, auth,
+limits and metrics (transport label "oip_http").
+
+    GET  /v2                                        server metadata
+    GET  /v2/health/live, /v2/health/ready          200, or 503 while draining (no auth, like /health/*)
+    GET  /v2/models/{m}[/versions/1]                model metadata
+    GET  /v2/models/{m}[/versions/1]/ready          200 (404 for an unknown model, 503 while draining)
+    POST /v2/models/{m}[/versions/1]/infer          inference
+
+A request body is JSON, or with `Inference-Header-Content-Length: n` a JSON header of n bytes
+followed by the binary inputs (those with parameters.binary_data_size) in the order of `inputs`.
+Outputs are JSON `data` unless `binary_data_output` (request parameter) or an output's `binary_data`
+asks for binary; a response with a binary output is framed the same way. gzip and deflate request
+bodies are accepted (Content-Encoding), the decompressed size counted against the limits. Errors
+are `{"error": "<field>: <message>"}` with the status of `errors.STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, Overloaded,
+                      PayloadTooLarge, Unavailable)
+from ..observability import REQUEST_ID_HEADER, request_id, server_timing
+from ..runtime import Runtime
+from .core import (MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput,
+                   error_message)
+from .tensors import DATATYPES, from_json, from_raw
+
+log = logging.getLogger("advserve.oip")
+HEADER_LENGTH = "inference-header-content-length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+TRANSPORT = "oip_http"
+INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
+REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+
+
+def is_oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+class _JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def oip_error_response(error: AdvserveError) -> Response:
+    """The protocol's error: `{"error": "..."}` with the status of errors.STATUS (and Retry-After)."""
+    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
+    return _JSON({"error": error_message(error)}, status_code=STATUS.get(error.code, (500, ""))[0], headers=headers)
+
+
+# --- the wire -------------------------------------------------------------------------------------
+
+
+def _header_length(value: str | None, body_length: int) -> int | None:
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= body_length:
+        raise InvalidArgument(f"Inference-Header-Content-Length must be an integer in [1, {body_length}] (the body "
+                              f"length), got {value!r}", field="Inference-Header-Content-Length")
+    return int(value)
+
+
+def _object(value: Any, what: str, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object", field=where)
+    return value
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body decoded per Content-Encoding (gzip, deflate or identity), at most `limit` bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidArgument(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
+                              field="Content-Encoding")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidArgument(f"the body is not valid {encoding} data: {exc}", field="Content-Encoding") from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", field="body")
+    if not inflater.eof:
+        raise InvalidArgument(f"the {encoding} body is truncated", field="Content-Encoding")
+    return out
+
+
+def parse_request(body: bytes, header_length: str | None, model_name: str, version: str,
+                  service: OipService) -> InferRequest:
+    """An HTTP inference body (JSON, or JSON header + binary inputs) -> an InferRequest with decoded
+    inputs: binary ones are views of `body`."""
+    view = memoryview(body)
+    n = _header_length(header_length, view.nbytes)
+    try:
+        document = orjson.loads(view[:n] if n is not None else view)
+    except orjson.JSONDecodeError as exc:
+        hint = "" if n is not None else " (a binary body needs the Inference-Header-Content-Length header)"
+        raise InvalidArgument(f"the request is not valid JSON{hint}: {exc}", field="body") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("the request must be a JSON object", field="body")
+    unknown = sorted(set(document) - REQUEST_KEYS)
+    if unknown:
+        raise InvalidArgument(f"unknown field {unknown[0]!r}; a request has id, parameters, inputs, outputs",
+                              field=unknown[0])
+    model = service.model(model_name, version)
+    request_id_ = document.get("id", "")
+    if not isinstance(request_id_, str):
+        raise InvalidArgument("id must be a string", field="id")
+    parameters = _object(document.get("parameters"), "parameters", "parameters")
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list):
+        raise InvalidArgument("inputs must be a JSON array of input tensors", field="inputs")
+    offset, parsed = n if n is not None else view.nbytes, []
+    for index, entry in enumerate(inputs):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidArgument(f"inputs[{index}] must be an object with a string name", field=f"inputs[{index}]")
+        name = entry["name"]
+        item = InferInput(name, entry.get("datatype"), entry.get("shape"))
+        service.check_input(model, item)
+        datatype = DATATYPES[item.datatype]
+        params = _object(entry.get("parameters"), f"inputs.{name}.parameters", f"inputs.{name}")
+        extra = sorted(set(params) - {"binary_data_size"})
+        if extra:
+            what = "shared memory is not supported" if extra[0].startswith("shared_memory") else "unknown parameter"
+            raise InvalidArgument(f"input {name!r}: {what} ({extra[0]!r})", field=f"inputs.{name}")
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if "data" in entry:
+                raise InvalidArgument(f"input {name!r} has both data and binary_data_size", field=f"inputs.{name}")
+            if n is None:
+                raise InvalidArgument(f"input {name!r} is binary (binary_data_size) but the request has no "
+                                      "Inference-Header-Content-Length header", field=f"inputs.{name}")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidArgument(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}",
+                                      field=f"inputs.{name}")
+            if datatype.itemsize is not None and size != math.prod(item.shape) * datatype.itemsize:
+                raise InvalidArgument(f"input {name!r}: binary_data_size is {size} but shape {list(item.shape)} of "
+                                      f"{datatype.name} needs {math.prod(item.shape) * datatype.itemsize} bytes",
+                                      field=f"inputs.{name}")
+            if offset + size > view.nbytes:
+                raise InvalidArgument(f"input {name!r}: its {size} bytes run past the end of the body "
+                                      f"({view.nbytes - offset} left)", field=f"inputs.{name}")
+            item.data = from_raw(name, datatype, item.shape, view[offset:offset + size])
+            offset += size
+        elif "data" in entry:
+            item.data = from_json(name, datatype, item.shape, entry["data"])
+        else:
+            raise InvalidArgument(f"input {name!r} has neither data nor parameters.binary_data_size",
+                                  field=f"inputs.{name}")
+        parsed.append(item)
+    if offset != view.nbytes:
+        raise InvalidArgument(f"{view.nbytes - offset} bytes after the last binary input: the binary_data_size values "
+                              "must add up to the body length minus Inference-Header-Content-Length", field="body")
+    return InferRequest(model_name, version, request_id_, parameters, parsed, _outputs(document.get("outputs")))
+
+
+def _outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidArgument("outputs must be a JSON array", field="outputs")
+    outputs = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidArgument(f"outputs[{index}] must be an object with a string name", field=f"outputs[{index}]")
+        name = entry["name"]
+        params = _object(entry.get("parameters"), f"outputs.{name}.parameters", f"outputs.{name}")
+        extra = sorted(set(params) - {"binary_data"})
+        if extra:
+            raise InvalidArgument(f"output {name!r}: parameter {extra[0]!r} is not supported (only binary_data)",
+                                  field=f"outputs.{name}")
+        binary = params.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise InvalidArgument(f"output {name!r}: binary_data must be true or false", field=f"outputs.{name}")
+        outputs.append(RequestedOutput(name, binary))
+    return outputs
+
+
+def encode_response(response: InferResponse, prepared: Prepared, headers: dict[str, str]) -> Response:
+    """JSON, or when an output is binary the JSON header + the binary outputs in order."""
+    binary_default = prepared.request.parameters.get("binary_data_output") is True
+    outputs, buffers = [], []
+    for out, wanted in zip(response.outputs, prepared.outputs):
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if wanted.binary if wanted.binary is not None else binary_default:
+            data = memoryview(out.array.reshape(-1)).cast("B")
+            entry["parameters"] = {"binary_data_size": data.nbytes}
+            buffers.append(data)
+        else:
+            entry["data"] = out.array.reshape(-1)
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model, "model_version": response.version}
+    if response.id:
+        document["id"] = response.id
+    document.update(parameters=response.parameters, outputs=outputs)
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not buffers:
+        return Response(header, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(len(header))
+    return Response(b"".join([header, *buffers]), media_type=BINARY_CONTENT_TYPE, headers=headers)
+
+
+# --- the routes -------------------------------------------------------------------------------------
+
+_ERRORS = {code: {"description": "an error", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+    for code in (400, 401, 404, 413, 503, 504)}
+_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "parameters": {"type": "object"}, "data": {"description": "elements, flat or nested row-major"}}}
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}},
+    BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
+                          "JSON header (Inference-Header-Content-Length bytes) + binary inputs (docs/oip.md)"}}}}}
+_INFER_200 = {200: {"description": "the outputs", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+        "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _TENSOR}}}},
+    BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
+    """Mount the /v2 routes on `app` over `runtime`; returns the service (shared with gRPC)."""
+    service = OipService(runtime.engine, runtime.scheduler)
+    settings = runtime.settings
+    tags = ["oip"]
+
+    @app.get("/v2", tags=tags, responses={200: {"content": _OBJECT}, **_ERRORS}, response_class=_JSON)
+    async def server_metadata():
+        """Server metadata (Open Inference Protocol): name, version, extensions."""
+        return _JSON(service.server_metadata())
+
+    @app.get("/v2/health/live", tags=tags, responses={200: {"content": _OBJECT}}, response_class=_JSON)
+    async def server_live():
+        return _JSON({"live": True})
+
+    @app.get("/v2/health/ready", tags=tags, responses={200: {"content": _OBJECT}, 503: _ERRORS[503]},
+             response_class=_JSON)
+    async def server_ready():
+        if not runtime.ready:
+            return oip_error_response(Unavailable("the server is shutting down"))
+        return _JSON({"ready": True})
+
+    async def model_metadata(model_name: str, version: str = ""):
+        try:
+            return _JSON(service.model(model_name, version).metadata())
+        except AdvserveError as exc:
+            return oip_error_response(exc)
+
+    async def model_ready(model_name: str, version: str = ""):
+        try:
+            service.model(model_name, version)
+            if not runtime.ready:
+                raise Unavailable("the server is shutting down")
+        except AdvserveError as exc:
+            return oip_error_response(exc)
+        return _JSON({"name": model_name, "ready": True})
+
+    async def infer(request: Request, model_name: str, version: str = ""):
+        return await serve_infer(request, model_name, version)
+
+    for suffix, versioned in (("", False), ("/versions/{version}", True)):
+        base = "/v2/models/{model_name}" + suffix
+        extra = {"include_in_schema": not versioned}
+        app.add_api_route(base, model_metadata, methods=["GET"], tags=tags, response_class=_JSON,
+                          responses={200: {"content": _OBJECT}, **_ERRORS}, summary="Model metadata", **extra)
+        app.add_api_route(base + "/ready", model_ready, methods=["GET"], tags=tags, response_class=_JSON,
+                          responses={200: {"content": _OBJECT}, **_ERRORS}, summary="Model readiness", **extra)
+        app.add_api_route(base + "/infer", infer, methods=["POST"], tags=tags, response_class=Response,
+                          openapi_extra=_INFER_BODY, responses={**_INFER_200, **_ERRORS}, summary="Inference", **extra)
+
+    @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+    async def unknown(path: str):
+        return oip_error_response(NotFound(f"advserve does not serve /v2/{path}: the Open Inference Protocol's "
+                                           "health, metadata and inference endpoints only (docs/oip.md)", field="path"))
+
+    async def off_loop(fn, size: int):
+        return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
+
+    async def serve_infer(request: Request, model_name: str, version: str) -> Response:
+        arrived = time.perf_counter()
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        phases: dict[str, float] = {}
+        body, status, error, prepared, extra_held = b"", "200", None, None, 0
+        model = service.models.get(model_name)
+        try:
+            with runtime.serving():
+                body = await request.body()
+                started = time.perf_counter()
+                headers = request.headers
+                binary = HEADER_LENGTH in headers
+                limit = settings.max_body_bytes if binary else settings.max_json_bytes
+                raw = body
+                if headers.get("content-encoding", "identity").strip().lower() != "identity":
+                    raw = await off_loop(lambda: decompress(body, headers.get("content-encoding"), limit), len(body))
+                    if len(raw) > len(body):  # the decompressed bytes are admitted too
+                        if not runtime.admission.try_acquire(len(raw) - len(body)):
+                            raise Overloaded(f"server busy: {runtime.admission.in_flight} request bytes in flight of "
+                                             f"{runtime.admission.capacity}; retry later")
+                        extra_held = len(raw) - len(body)
+                prepared = await off_loop(
+                    lambda: service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service)),
+                    len(raw))
+                phases["decode"] = time.perf_counter() - started
+                timeout = settings.request_timeout_s
+                if prepared.timeout_s is not None:
+                    timeout = min(timeout, prepared.timeout_s)
+                remaining = timeout - (time.perf_counter() - arrived)
+                try:
+                    result, timing = await asyncio.wait_for(service.compute(prepared), timeout=max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"no result within the request timeout of {timeout:g} s") from None
+                phases["queue"], phases["compute"] = timing.queue, timing.compute
+                encode_started = time.perf_counter()
+
+                def encode():
+                    return encode_response(service.respond(prepared, result), prepared, {})
+
+                response = await off_loop(encode, sum(t.numel() * t.element_size() for t in _result_tensors(result)))
+                phases["encode"] = time.perf_counter() - encode_started
+                response.headers["Server-Timing"] = server_timing(**phases)
+        except AdvserveError as exc:
+            response, status, error = oip_error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
+        except ClientDisconnect:
+            response, status, error = Response(status_code=499), "499", "client_disconnected"
+        except Exception:  # noqa: BLE001 - a bug: logged with its request id, answered 500 without details
+            log.exception("internal error on OIP infer of %r (request id %s)", model_name, rid)
+            response, status, error = oip_error_response(AdvserveError("internal error")), "500", "internal"
+        finally:
+            if extra_held:
+                runtime.admission.release(extra_held)
+        response.headers[REQUEST_ID_HEADER] = rid
+        runtime.metrics.observe(
+            transport=TRANSPORT, endpoint=model.kind if model else "infer",
+            estimator=model.name if model and model.kind == "advantages" else None, status=status,
+            bytes_in=len(body), bytes_out=len(response.body), phases=phases,
+            batch=prepared.batch if prepared else None, request_id=rid, started=arrived, error=error)
+        return response
+
+    app.state.oip = service
+    return service
+
+
+def _result_tensors(result: Any) -> list:
+    names = ("advantages", "returns", "grad_logprobs", "grad_values", "grad_entropy")
+    return [t for t in (getattr(result, name, None) for name in names) if t is not None]
+
+
+__all__ = ["MODEL_VERSION", "add_oip_routes", "is_oip_path", "oip_error_response"]
