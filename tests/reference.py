@@ -442,14 +442,19 @@ def compute_advantages(
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_factor=None):
-    """w_t of docs/semantics.md (N = num_tokens or Σm, S = num_sequences or #rows with L>0,
-    C = loss_scale_factor or the padded width T)."""
+def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_factor=None, seq_denominator="nonempty"):
+    """w_t of docs/semantics.md (N = num_tokens or Σm, S = num_sequences or #rows with L>0 (all B rows
+    with seq_denominator "all"), C = loss_scale_factor or the padded width T)."""
     mask = (np.asarray(mask) != 0)
     B, T = mask.shape
     L = [int(sum(1 for t in range(T) if mask[i, t])) for i in range(B)]
     N = float(num_tokens) if num_tokens is not None else float(sum(L))
-    S = float(num_sequences) if num_sequences is not None else float(sum(1 for x in L if x > 0))
+    if num_sequences is not None:
+        S = float(num_sequences)
+    elif seq_denominator == "all":
+        S = float(B)
+    else:
+        S = float(sum(1 for x in L if x > 0))
     C = float(loss_scale_factor) if loss_scale_factor is not None else float(T)
     w = np.zeros((B, T))
     for i in range(B):
@@ -471,6 +476,15 @@ def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_facto
     return w
 
 
+def _bounded(x, lo, hi):
+    """x clamped to [lo, hi]; a bound of None is no bound."""
+    if lo is not None:
+        x = max(x, lo)
+    if hi is not None:
+        x = min(x, hi)
+    return x
+
+
 def _ratio(lp, old, ratio_clamp):
     """ρ = exp(clamp(lp − old, ±ratio_clamp)) and dρ/dlp (0 where the clamp binds)."""
     x = lp - old
@@ -482,18 +496,21 @@ def _ratio(lp, old, ratio_clamp):
     return rho, rho
 
 
-def _ppo_clip_token(A, rho, drho, lo, hi, dual_clip):
-    """ℓ = max(−Aρ, −A clip(ρ, lo, hi)) (+ dual clip for A < 0) and ∂ℓ/∂lp."""
-    l1 = -A * rho
+def _ppo_clip_token(A, rho, drho, lo, hi, dual_clip, ratio_cap=None):
+    """ℓ = max(−A min(ρ, δ), −A clip(ρ, lo, hi)) (+ dual clip for A < 0) and ∂ℓ/∂lp (δ = ratio_cap)."""
+    if ratio_cap is not None and rho > ratio_cap:
+        l1, d1 = -A * ratio_cap, 0.0
+    else:
+        l1, d1 = -A * rho, -A * drho
     rc = clip(rho, lo, hi)
     l2 = -A * rc
     clipped = not (lo < rho < hi)
     if l1 > l2:
-        loss, g = l1, -A * drho
+        loss, g = l1, d1
     elif l2 > l1:
         loss, g = l2, (0.0 if clipped else -A * drho)
     else:  # tie: both branches equal; only possible unclipped (or A = 0)
-        loss, g = l1, (0.0 if clipped else -A * drho)
+        loss, g = l1, (0.0 if clipped else d1)
     if dual_clip is not None and A < 0:
         l3 = -dual_clip * A
         if l3 < loss:
@@ -501,26 +518,43 @@ def _ppo_clip_token(A, rho, drho, lo, hi, dual_clip):
     return loss, g
 
 
-def rollout_weights(mask, old, rollout, level, mode, low, high):
+def _divergence(old, rollout, gating):
+    """binary_kl or tv of p = e^rollout vs q = e^old, both clamped to [1e-6, 1 − 1e-6]."""
+    p = clip(math.exp(rollout), 1e-6, 1 - 1e-6)
+    q = clip(math.exp(old), 1e-6, 1 - 1e-6)
+    if gating == "binary_kl":
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    if gating == "tv":
+        return abs(p - q)
+    raise ValueError(gating)
+
+
+def rollout_weights(mask, old, rollout, level, mode, low, high, log_clamp=20.0, gating="ratio", weight="unit"):
+    """IS weight per token (docs/semantics.md, rollout_correction): a unit (token, or sequence by the
+    sum or the mean of its log-ratios / divergences) is gated on [low, high]; truncate clamps the
+    unit's ratio, mask zeroes it outside and keeps the unit's ratio or the token's own."""
+    def bexp(x):
+        return math.exp(x if log_clamp is None else clip(x, -log_clamp, log_clamp))
+
     B, T = mask.shape
     w = np.zeros((B, T))
     for i in range(B):
         vp = valid_positions(mask, i)
-        if level == "sequence":
-            s = 0.0
-            for t in vp:
-                s += float(old[i, t]) - float(rollout[i, t])
-            seq_w = math.exp(clip(s, -20.0, 20.0))
+        d = {t: float(old[i, t]) - float(rollout[i, t]) for t in vp}
+        if gating == "ratio":
+            per_token = {t: bexp(d[t]) for t in vp}
+            seq_log = sum(d.values()) / (len(vp) if level == "sequence_mean" else 1) if vp else 0.0
+            seq_stat = bexp(seq_log)
+        else:
+            per_token = {t: _divergence(float(old[i, t]), float(rollout[i, t]), gating) for t in vp}
+            seq_stat = sum(per_token.values()) / (len(vp) if level == "sequence_mean" else 1) if vp else 0.0
         for t in vp:
-            x = seq_w if level == "sequence" else math.exp(clip(float(old[i, t]) - float(rollout[i, t]), -20.0, 20.0))
+            stat = per_token[t] if level == "token" else seq_stat
+            ok = (low is None or stat >= low) and (high is None or stat <= high)
             if mode == "truncate":
-                if high is not None:
-                    x = min(x, high)
-                if low is not None:
-                    x = max(x, low)
+                x = _bounded(stat, low, high)
             elif mode == "mask":
-                ok = (low is None or x >= low) and (high is None or x <= high)
-                x = x if ok else 0.0
+                x = (bexp(d[t]) if weight == "token" else stat) if ok else 0.0
             else:
                 raise ValueError(mode)
             w[i, t] = x
@@ -539,6 +573,7 @@ def compute_losses(
     num_tokens=None,
     num_sequences=None,
     loss_scale_factor=None,
+    seq_denominator="nonempty",
     logprobs=None,
     old_logprobs=None,
     advantages=None,
@@ -548,78 +583,110 @@ def compute_losses(
     returns=None,
     entropy=None,
     rollout_logprobs=None,
+    entropy_agg=None,
 ):
-    """Fully resolved parameters (no preset lookup):
-    policy: None or dict(mode, clip_low, clip_high, dual_clip, ratio_clamp)
-    kl: None or dict(coef, estimator, clamp); value: None or dict(coef, clip);
-    entropy_coef: None or float; rollout: None or dict(level, mode, low, high).
-    Returns dict(loss, components, grad_logprobs, grad_values, grad_entropy)."""
+    """Fully resolved parameters (no preset lookup); `agg` is the policy's aggregation:
+    policy: None or dict(mode, clip_low, clip_high, dual_clip, ratio_clamp [, ratio_cap, cispo_cap,
+    cispo_level, sequence_ratio_gradient]) (mode None: no policy term, its ratio still defined);
+    kl: None or dict(coef, estimator, clamp [, agg, unbiased_gradient, importance_weighted]);
+    value: None or dict(coef, clip [, agg]); entropy_coef: None or float (entropy_agg its agg);
+    rollout: None or dict(level, mode, low, high [, log_clamp, gating, weight]).
+    A term's agg None follows `agg`. Returns dict(loss, components, grad_logprobs, grad_values, grad_entropy)."""
     mask = (np.asarray(response_mask) != 0)
     B, T = mask.shape
     f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
     lp, old, A, ref = f(logprobs), f(old_logprobs), f(advantages), f(ref_logprobs)
     v, v_old, G, H, roll = f(values), f(old_values), f(returns), f(entropy), f(rollout_logprobs)
-    w = agg_weights(mask, agg, num_tokens, num_sequences, loss_scale_factor)
+
+    def weights(term_agg):
+        return agg_weights(mask, term_agg or agg, num_tokens, num_sequences, loss_scale_factor, seq_denominator)
 
     comps = dict(policy=None, kl=None, value=None, entropy=None)
     total = 0.0
     g_lp = np.zeros((B, T)) if (policy is not None or kl is not None) else None
     g_v = np.zeros((B, T)) if value is not None else None
     g_h = np.zeros((B, T)) if entropy_coef is not None else None
+    L = [len(valid_positions(mask, i)) for i in range(B)]
 
+    def add_grad(i, t, g, spread):
+        """g: ∂ of token t's term; through a sequence mean it reaches each token of row i by 1/L_i."""
+        if spread:
+            for u in valid_positions(mask, i):
+                g_lp[i, u] += g / L[i]
+        else:
+            g_lp[i, t] += g
+
+    # the policy's ratio per token: (ρ, ∂ρ, spread)
+    ratio = None
     if policy is not None:
+        mode = policy.get("mode")
+        rc = policy.get("ratio_clamp")
+        sequence = mode == "gspo" or (mode == "cispo" and policy.get("cispo_level", "token") == "sequence")
+        spread = sequence and policy.get("sequence_ratio_gradient", "token_trick") == "through_mean"
+        ratio = {}
+        for i in range(B):
+            vp = valid_positions(mask, i)
+            if sequence and vp:
+                s = mean([float(lp[i, t]) - float(old[i, t]) for t in vp])
+                if rc is not None and s > rc:  # a sequence ratio's log is clamped above only (verl: 10)
+                    rs = (math.exp(rc), 0.0)
+                else:
+                    rs = (math.exp(s), math.exp(s))
+            for t in vp:
+                r, dr = rs if sequence else _ratio(float(lp[i, t]), float(old[i, t]), rc)
+                ratio[i, t] = (r, dr, spread)
+
+    if policy is not None and policy.get("mode") is not None:
         mode = policy["mode"]
         if mode != "reinforce":
             lo, hi = 1.0 - policy["clip_low"], 1.0 + policy["clip_high"]
-        rc = policy.get("ratio_clamp")
         iw = rollout_weights(mask, old, roll, **rollout) if rollout is not None else None
-        seq_ratio = [None] * B
-        if mode == "gspo":
-            for i in range(B):
-                vp = valid_positions(mask, i)
-                if vp:
-                    s = mean([float(lp[i, t]) - float(old[i, t]) for t in vp])
-                    if rc is not None and s > rc:  # gspo: log s_i clamped above only (verl: 10)
-                        seq_ratio[i] = (math.exp(rc), 0.0)
-                    else:
-                        seq_ratio[i] = (math.exp(s), math.exp(s))
+        w = weights(None)
         total_p = 0.0
         for i in range(B):
             for t in valid_positions(mask, i):
                 a = float(A[i, t])
-                if mode == "ppo_clip":
-                    rho, drho = _ratio(float(lp[i, t]), float(old[i, t]), rc)
-                    ell, g = _ppo_clip_token(a, rho, drho, lo, hi, policy.get("dual_clip"))
-                elif mode == "gspo":
-                    s, ds = seq_ratio[i]
-                    ell, g = _ppo_clip_token(a, s, ds, lo, hi, None)
+                r, dr, spread = ratio[i, t]
+                if mode in ("ppo_clip", "gspo"):
+                    ell, g = _ppo_clip_token(a, r, dr, lo, hi, policy.get("dual_clip"), policy.get("ratio_cap"))
                 elif mode == "cispo":
-                    rho, _ = _ratio(float(lp[i, t]), float(old[i, t]), rc)
-                    c = clip(rho, lo, hi)
-                    ell, g = -c * a * float(lp[i, t]), -c * a
+                    cap = policy.get("cispo_cap")
+                    c = min(r, cap) if cap is not None else clip(r, lo, hi)
+                    ell, g, spread = -c * a * float(lp[i, t]), -c * a, False
                 elif mode == "reinforce":
-                    rho, drho = _ratio(float(lp[i, t]), float(old[i, t]), rc)
-                    ell, g = -a * rho, -a * drho
+                    ell, g = -a * r, -a * dr
                 else:
                     raise ValueError(mode)
-                if iw is not None:
-                    ell, g = iw[i, t] * ell, iw[i, t] * g
-                total_p += w[i, t] * ell
-                g_lp[i, t] += w[i, t] * g
+                scale = w[i, t] * (iw[i, t] if iw is not None else 1.0)
+                total_p += scale * ell
+                add_grad(i, t, scale * g, spread)
         comps["policy"] = total_p
         total += total_p
 
     if kl is not None:
+        w = weights(kl.get("agg"))
         total_k = 0.0
         for i in range(B):
             for t in valid_positions(mask, i):
                 a, b = float(lp[i, t]), float(ref[i, t])
-                total_k += w[i, t] * kl_value(a, b, kl["estimator"], kl.get("clamp"))
-                g_lp[i, t] += kl["coef"] * w[i, t] * kl_grad(a, b, kl["estimator"], kl.get("clamp"))
+                k = kl_value(a, b, kl["estimator"], kl.get("clamp"))
+                dk = kl_grad(a, b, kl["estimator"], kl.get("clamp"))
+                if kl.get("unbiased_gradient"):
+                    dk = min(math.exp(a - float(old[i, t])), 10.0) * (a - b)
+                c = kl["coef"] * w[i, t]
+                if kl.get("importance_weighted"):
+                    r, dr, spread = ratio[i, t]
+                    total_k += w[i, t] * k * r
+                    add_grad(i, t, c * dk * r, False)
+                    add_grad(i, t, c * k * dr, spread)
+                else:
+                    total_k += w[i, t] * k
+                    add_grad(i, t, c * dk, False)
         comps["kl"] = total_k
         total += kl["coef"] * total_k
 
     if value is not None:
+        w = weights(value.get("agg"))
         total_v = 0.0
         c = value.get("clip")
         for i in range(B):
@@ -647,6 +714,7 @@ def compute_losses(
         total += value["coef"] * total_v
 
     if entropy_coef is not None:
+        w = weights(entropy_agg)
         total_h = 0.0
         for i in range(B):
             for t in valid_positions(mask, i):

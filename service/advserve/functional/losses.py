@@ -116,21 +116,22 @@ def clipped_surrogate(
 
     ℓ = max(−A min(ρ, δ), −A clip(ρ, 1 − clip_low, 1 + clip_high)) with δ = `ratio_cap` (TRL's
     `delta`; None: no cap); for A < 0 with dual clip c: ℓ = min(ℓ, −cA). Returns (ℓ, ∂ℓ/∂logp):
-    −A ∂ρ where the unclipped, uncapped branch is taken, else 0. (The clipped branch wins strictly
-    only where the clip binds, and there it has no gradient; on a tie both branches have the same
-    gradient. A tie with the dual-clip cap, ρ = c exactly, takes the uncapped branch's gradient where
-    autograd would take half of it.)
+    −A ∂ρ where the branch taken passes the ratio unclipped and uncapped, else 0. (Without a cap the
+    clipped branch wins strictly only where the clip binds, and there it has no gradient; on a tie
+    both branches have the same gradient. A tie with the dual-clip cap, ρ = c exactly, takes the
+    uncapped branch's gradient where autograd would take half of it.)
     """
     neg_adv = -advantages
-    if ratio_cap is not None:
-        dratio = dratio * (ratio <= ratio_cap)
-        capped = ratio.clamp(max=ratio_cap)
-    else:
-        capped = ratio
-    unclipped = neg_adv * capped
+    unclipped = neg_adv * ratio
     clipped = neg_adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    grad = (neg_adv * dratio).mul_(clipped <= unclipped)
+    if ratio_cap is None:
+        loss = torch.maximum(unclipped, clipped)
+        grad = (neg_adv * dratio).mul_(clipped <= unclipped)
+    else:  # the capped branch may lose to an unclipped ratio inside [1 − clip_low, 1 + clip_high]
+        unclipped = neg_adv * ratio.clamp(max=ratio_cap)
+        loss = torch.maximum(unclipped, clipped)
+        inside = (ratio >= 1 - clip_low) & (ratio <= 1 + clip_high)
+        grad = torch.where(clipped <= unclipped, neg_adv * dratio * (ratio <= ratio_cap), neg_adv * dratio * inside)
     if dual_clip is not None:
         cap = neg_adv * dual_clip
         dual = (advantages < 0) & (cap < loss)

@@ -79,7 +79,7 @@ def rollout_weights(
     if low is not None:
         keep &= stat >= low
     if mode == "truncate":
-        w = stat.clamp(low, high)
+        w = stat if low is None and high is None else stat.clamp(low, high)
     elif mode == "mask":
         w = torch.where(keep, _exp(log_w, log_clamp) if weight == "token" else stat, 0)
     else:
