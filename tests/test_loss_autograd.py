@@ -28,12 +28,15 @@ AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 # --------------------------------------------------------------------------------------------------
 
 
-def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_factor=None):
+def agg_weights(mask, agg, num_tokens=None, num_sequences=None, loss_scale_factor=None, seq_denominator="nonempty"):
     m = mask.to(DT)
     B, T = m.shape
     L = m.sum(-1)
     N = float(num_tokens) if num_tokens is not None else m.sum()
-    S = float(num_sequences) if num_sequences is not None else (L > 0).to(DT).sum()
+    if num_sequences is not None:
+        S = float(num_sequences)
+    else:
+        S = float(B) if seq_denominator == "all" else (L > 0).to(DT).sum()
     C = float(loss_scale_factor) if loss_scale_factor is not None else float(T)
     if agg == "token-mean":
         return m / N
@@ -67,28 +70,45 @@ def kl_torch(lp, ref, estimator, clamp):
     return v
 
 
-def is_weights(mask, old, roll, level, mode, low, high):
+def is_weights(mask, old, roll, level, mode, low, high, log_clamp=20.0, gating="ratio", weight="unit"):
+    def bexp(x):
+        return torch.exp(x if log_clamp is None else torch.clamp(x, -log_clamp, log_clamp))
+
     with torch.no_grad():
         m = mask.to(DT)
-        if level == "token":
-            w = torch.exp(torch.clamp(old - roll, -20.0, 20.0))
+        d = (old - roll) * m
+        if gating == "ratio":
+            x = d
         else:
-            s = ((old - roll) * m).sum(-1, keepdim=True)
-            w = torch.exp(torch.clamp(s, -20.0, 20.0)).expand_as(old)
+            p = torch.clamp(torch.exp(roll), 1e-6, 1 - 1e-6)
+            q = torch.clamp(torch.exp(old), 1e-6, 1 - 1e-6)
+            x = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))) if gating == "binary_kl" else (p - q).abs()
+            x = x * m
+        if level != "token":
+            x = x.sum(-1, keepdim=True)
+            if level == "sequence_mean":
+                x = x / m.sum(-1, keepdim=True).clamp(min=1.0)
+            x = x.expand_as(old)
+        stat = bexp(x) if gating == "ratio" else x
+        keep = torch.ones_like(mask)
+        if high is not None:
+            keep &= stat <= high
+        if low is not None:
+            keep &= stat >= low
         if mode == "truncate":
-            w = torch.clamp(w, max=high)
+            w = stat
+            if high is not None:
+                w = torch.clamp(w, max=high)
             if low is not None:
                 w = torch.clamp(w, min=low)
         else:
-            keep = w <= high
-            if low is not None:
-                keep &= w >= low
-            w = w * keep.to(DT)
+            w = torch.where(keep, bexp(d) if weight == "token" else stat, torch.zeros_like(stat))
     return w
 
 
-def torch_losses(t, pol, kl, value, ent_coef, rc, num_tokens=None, num_sequences=None):
-    """t: dict of float64 torch tensors (mask bool). pol: fully resolved policy dict or None.
+def torch_losses(t, pol, kl, value, ent_coef, rc, num_tokens=None, num_sequences=None, ent_agg=None):
+    """t: dict of float64 torch tensors (mask bool). pol: fully resolved policy dict or None (mode None:
+    no policy term). A term's "agg" (None: the policy's) picks its weights.
     Returns (loss, components, grads dict)."""
     mask = t["response_mask"]
     m = mask.to(DT)
@@ -96,41 +116,63 @@ def torch_losses(t, pol, kl, value, ent_coef, rc, num_tokens=None, num_sequences
     v = t["values"].clone().requires_grad_(True) if value is not None else None
     H = t["entropy"].clone().requires_grad_(True) if ent_coef is not None else None
     agg = pol["agg"]
-    w = agg_weights(mask, agg, num_tokens, num_sequences, pol.get("loss_scale_factor"))
+
+    def weights(term_agg=None):
+        return agg_weights(mask, term_agg or agg, num_tokens, num_sequences, pol.get("loss_scale_factor"),
+                           pol.get("seq_denominator", "nonempty"))
+
     loss = torch.zeros((), dtype=DT)
     comps = {}
-    if pol.get("mode") is not None:
-        old, A = t["old_logprobs"], t["advantages"]
-        mode, rcl = pol["mode"], pol.get("ratio_clamp")
-        if mode == "gspo":
+    ratio = None
+    mode = pol.get("mode")
+    if "old_logprobs" in t:
+        old = t["old_logprobs"]
+        rcl = pol.get("ratio_clamp")
+        if mode == "gspo" or (mode == "cispo" and pol.get("cispo_level") == "sequence"):
             L = m.sum(-1).clamp(min=1.0)
             seq = ((lp - old) * m).sum(-1) / L
-            logr = lp - lp.detach() + seq.detach()[:, None]  # sg(s_i)·exp(lp − sg(lp))
+            if pol.get("sequence_ratio_gradient") == "through_mean":
+                logr = seq[:, None].expand_as(lp)  # s_i = exp(mean_t(lp − old)): autograd through the mean
+            else:
+                logr = lp - lp.detach() + seq.detach()[:, None]  # sg(s_i)·exp(lp − sg(lp))
             if rcl is not None:
-                logr = torch.clamp(logr, max=rcl)  # gspo: upper bound only
+                logr = torch.clamp(logr, max=rcl)  # a sequence ratio: upper bound only
         else:
             logr = lp - old
             if rcl is not None:
                 logr = torch.clamp(logr, -rcl, rcl)
         ratio = torch.exp(logr)
+    if mode is not None:
+        A = t["advantages"]
         if mode in ("ppo_clip", "gspo"):
             lo, hi = 1.0 - pol["clip_low"], 1.0 + pol["clip_high"]
-            ell = torch.maximum(-A * ratio, -A * torch.clamp(ratio, lo, hi))
-            if mode == "ppo_clip" and pol.get("dual_clip") is not None:
+            capped = ratio if pol.get("ratio_cap") is None else torch.clamp(ratio, max=pol["ratio_cap"])
+            ell = torch.maximum(-A * capped, -A * torch.clamp(ratio, lo, hi))
+            if pol.get("dual_clip") is not None:
                 ell = torch.where(A < 0, torch.minimum(ell, -pol["dual_clip"] * A), ell)
         elif mode == "cispo":
-            lo, hi = 1.0 - pol["clip_low"], 1.0 + pol["clip_high"]
-            ell = -torch.clamp(ratio, lo, hi).detach() * A * lp
+            if pol.get("cispo_cap") is not None:
+                ell = -torch.clamp(ratio, max=pol["cispo_cap"]).detach() * A * lp
+            else:
+                lo, hi = 1.0 - pol["clip_low"], 1.0 + pol["clip_high"]
+                ell = -torch.clamp(ratio, lo, hi).detach() * A * lp
         elif mode == "reinforce":
             ell = -A * ratio
         else:
             raise ValueError(mode)
         if rc is not None:
-            ell = ell * is_weights(mask, old, t["rollout_logprobs"], rc["level"], rc["mode"], rc.get("low"), rc["high"])
-        comps["policy"] = (w * ell).sum()
+            ell = ell * is_weights(mask, old, t["rollout_logprobs"], **rc)
+        comps["policy"] = (weights() * ell).sum()
         loss = loss + comps["policy"]
     if kl is not None:
-        comps["kl"] = (w * kl_torch(lp, t["ref_logprobs"], kl["estimator"], kl.get("clamp"))).sum()
+        k = kl_torch(lp, t["ref_logprobs"], kl["estimator"], kl.get("clamp"))
+        if kl.get("unbiased_gradient"):  # OpenRLHF's straight-through surrogate
+            w_is = torch.clamp(torch.exp(lp - t["old_logprobs"]), max=10.0).detach()
+            surrogate = w_is * (lp - t["ref_logprobs"]) ** 2 / 2.0
+            k = k.detach() + surrogate - surrogate.detach()
+        if kl.get("importance_weighted"):
+            k = k * ratio
+        comps["kl"] = (weights(kl.get("agg")) * k).sum()
         loss = loss + kl["coef"] * comps["kl"]
     if value is not None:
         G = t["returns"]
@@ -141,10 +183,10 @@ def torch_losses(t, pol, kl, value, ent_coef, rc, num_tokens=None, num_sequences
             ell_v = 0.5 * torch.maximum(l1, (vc - G) ** 2)
         else:
             ell_v = 0.5 * l1
-        comps["value"] = (w * ell_v).sum()
+        comps["value"] = (weights(value.get("agg")) * ell_v).sum()
         loss = loss + value["coef"] * comps["value"]
     if ent_coef is not None:
-        comps["entropy"] = (w * H).sum()
+        comps["entropy"] = (weights(ent_agg) * H).sum()
         loss = loss - ent_coef * comps["entropy"]
     wrt = [x for x in (lp, v, H) if x is not None]
     gs = torch.autograd.grad(loss, wrt, allow_unused=True)
@@ -479,3 +521,119 @@ def test_torch_in_torch_out():
     res = advserve.compute_losses(preset="paper", dtype="float64", **t)
     assert isinstance(res.grad_logprobs, torch.Tensor)
     assert math.isfinite(res.loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# the openrlhf and trl presets' loss behaviours (every parameter explicit)
+# --------------------------------------------------------------------------------------------------
+
+
+def library_policy(mode="ppo_clip", lsf=None, **kw):
+    p = dict(mode=mode, clip_low=0.2, clip_high=0.28, dual_clip=None, ratio_clamp=None, agg="token-mean",
+             loss_scale_factor=lsf, ratio_cap=None, cispo_cap=None, cispo_level="token",
+             sequence_ratio_gradient="token_trick", seq_denominator="nonempty")
+    p.update(kw)
+    return p
+
+
+LIBRARY_POLICIES = [
+    library_policy("gspo", clip_low=0.1, clip_high=0.1, sequence_ratio_gradient="through_mean"),
+    library_policy("gspo", clip_low=0.1, clip_high=0.1, agg="seq-mean-token-mean", dual_clip=1.2,
+                   sequence_ratio_gradient="through_mean"),
+    library_policy("gspo", ratio_cap=1.1, ratio_clamp=0.3, agg="seq-mean-token-sum", sequence_ratio_gradient="through_mean"),
+    library_policy("gspo", dual_clip=1.3, ratio_cap=1.1),
+    library_policy("ppo_clip", ratio_cap=1.1),
+    library_policy("ppo_clip", ratio_cap=2.5, dual_clip=3.0, ratio_clamp=20.0),
+    library_policy("cispo", cispo_cap=1.4),
+    library_policy("cispo", cispo_cap=0.2, agg="seq-mean-token-mean", seq_denominator="all"),
+    library_policy("cispo", cispo_level="sequence", cispo_cap=1.1, sequence_ratio_gradient="through_mean"),
+    library_policy("ppo_clip", agg="seq-mean-token-sum-norm", lsf=7.0, seq_denominator="all"),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("pol", LIBRARY_POLICIES, ids=lambda p: "-".join(
+    str(p[k]) for k in ("mode", "agg", "dual_clip", "ratio_cap", "cispo_cap", "cispo_level", "sequence_ratio_gradient")))
+def test_library_policy_modes(pol, seed):
+    run_case("paper", seed, pol)
+
+
+LIBRARY_KL = [
+    (library_policy("ppo_clip", agg="seq-mean-token-mean"), dict(coef=0.1, estimator="k3", clamp=10.0, agg="token-mean")),
+    (library_policy("ppo_clip"), dict(coef=0.1, estimator="k1", clamp=10.0, unbiased_gradient=True)),
+    (library_policy("ppo_clip", agg="seq-mean-token-sum"), dict(coef=0.1, estimator="k3", clamp=0.5,
+                                                                unbiased_gradient=True)),
+    (library_policy("ppo_clip", ratio_clamp=0.5), dict(coef=0.2, estimator="k3", clamp=None, importance_weighted=True)),
+    (library_policy("gspo", agg="seq-mean-token-mean", sequence_ratio_gradient="through_mean"),
+     dict(coef=0.2, estimator="k3", clamp=None, importance_weighted=True)),
+    (library_policy("gspo", sequence_ratio_gradient="token_trick"),
+     dict(coef=0.2, estimator="k2", clamp=None, importance_weighted=True)),
+    (library_policy("cispo", cispo_level="sequence", sequence_ratio_gradient="through_mean"),
+     dict(coef=0.2, estimator="k3", clamp=None, importance_weighted=True, agg="token-sum")),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("pol,kl", LIBRARY_KL, ids=lambda x: str(x.get("estimator") or x["mode"]))
+def test_library_kl(pol, kl, seed):
+    # far from the reference only without the ratio: k3·ρ's gradient ρ(1 − e^x) + ρ(e^x − x − 1) cancels
+    # catastrophically at |x| ~ 30 in any evaluation order
+    run_case("paper", seed, pol, kl=kl, far=not kl.get("importance_weighted"))
+
+
+LIBRARY_RC = [
+    dict(level="token", mode="mask", low=None, high=1.3, log_clamp=None, gating="ratio", weight="unit"),
+    dict(level="sequence", mode="truncate", low=None, high=3.0, log_clamp=None, gating="ratio", weight="unit"),
+    dict(level="sequence_mean", mode="mask", low=0.8, high=1.25, log_clamp=None, gating="ratio", weight="token"),
+    dict(level="sequence_mean", mode="truncate", low=0.8, high=1.25, log_clamp=5.0, gating="ratio", weight="unit"),
+    dict(level="token", mode="mask", low=None, high=0.1, log_clamp=None, gating="tv", weight="token"),
+    dict(level="sequence_mean", mode="mask", low=None, high=0.05, log_clamp=None, gating="binary_kl", weight="token"),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rc", LIBRARY_RC, ids=lambda r: f"{r['level']}-{r['mode']}-{r['gating']}-{r['weight']}")
+@pytest.mark.parametrize("mode", ("ppo_clip", "gspo"))
+def test_library_rollout_correction(mode, rc, seed):
+    pol = library_policy(mode, sequence_ratio_gradient="through_mean")
+    run_case("paper", seed, pol, rc=rc, kl=dict(coef=0.1, estimator="k3", clamp=None, importance_weighted=True))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_library_value_and_entropy_aggregation(seed):
+    b = make_batch(seed)
+    t = to_torch(b)
+    pol = library_policy("ppo_clip", agg="seq-mean-token-mean", seq_denominator="all")
+    value = dict(coef=0.5, clip=0.2, agg="token-mean")
+    want = torch_losses(t, pol, None, value, 0.02, None, ent_agg="seq-mean-token-sum")
+    res = advserve.compute_losses(preset="paper", policy_loss=pol, value_loss=value,
+                                  entropy_bonus=dict(coef=0.02, agg="seq-mean-token-sum"), dtype="float64",
+                                  **needed(b, True, False, True, True))
+    check(res, *want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("preset", ("openrlhf", "trl"))
+def test_library_preset_defaults_everything_on(preset, seed):
+    # every term with the preset's defaults (kl, entropy coefficients set so the terms count); far from
+    # the reference only for OpenRLHF's clamped KL (TRL's k3·ρ cancels catastrophically there)
+    b = make_batch(seed, far_kl=preset == "openrlhf")
+    t = to_torch(b)
+    if preset == "openrlhf":
+        pol = library_policy("ppo_clip", clip_high=0.2, ratio_clamp=20.0, sequence_ratio_gradient="through_mean")
+        kl = dict(coef=0.01, estimator="k1", clamp=10.0, agg="token-mean")
+        value = dict(coef=1.0, clip=0.5, agg="token-mean")
+        rc = dict(level="token", mode="mask", low=0.5, high=5.0, log_clamp=None, gating="ratio", weight="token")
+        ent_agg = "token-mean"
+    else:
+        pol = library_policy("ppo_clip", clip_high=0.2, lsf=512.0, seq_denominator="all",
+                             sequence_ratio_gradient="through_mean")
+        kl = dict(coef=0.04, estimator="k3", clamp=None, importance_weighted=True)
+        value = dict(coef=1.0, clip=None)
+        rc = dict(level="sequence", mode="mask", low=None, high=3.0, log_clamp=None, gating="ratio", weight="unit")
+        ent_agg = "token-mean"
+    want = torch_losses(t, pol, kl, value, 0.01, rc, ent_agg=ent_agg)
+    res = advserve.compute_losses(preset=preset, kl_loss={"coef": kl["coef"]}, value_loss={},
+                                  entropy_bonus={"coef": 0.01}, rollout_correction={}, dtype="float64",
+                                  **needed(b, True, True, True, True, True))
+    check(res, *want)
