@@ -418,9 +418,10 @@ def protocol_error(error: AdvserveError) -> AdvserveError:
 
 def error_message(error: AdvserveError) -> str:
     """The protocol's one error string: the message, led by the field it names."""
-    if error.field and not error.message.startswith(error.field):
-        return f"{error.field}: {error.message}"
-    return error.message
+    field, message = error.field, error.message
+    if field and not (message.startswith(field) and message[len(field):][:1] in ("", " ", ":", ",")):
+        return f"{field}: {message}"
+    return message
 
 
 __all__ = ["InferInput", "InferOutput", "InferRequest", "InferResponse", "Model", "OipService",

@@ -26,7 +26,7 @@ from ..errors import STATUS, AdvserveError, InvalidArgument, Overloaded, Payload
 from ..grpc_server import _abort, _Call
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime
-from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
+from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput, error_message
 from .tensors import DATATYPES, from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
@@ -119,6 +119,14 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
+async def abort(context: grpc.aio.ServicerContext, error: AdvserveError) -> None:
+    """End the call as the native service does (`grpc_server._abort`), the message led by its field."""
+    formatted = error.__class__.__new__(error.__class__)
+    formatted.__dict__.update(error.__dict__)
+    formatted.message = error_message(error)
+    await _abort(context, formatted)
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime, service: OipService):
         self.runtime = runtime
@@ -154,7 +162,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.runtime.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
             return fn()
         except AdvserveError as exc:
-            await _abort(context, exc)
+            await abort(context, exc)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
@@ -180,7 +188,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     self.admission.release(size)
         except AdvserveError as exc:
             status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
-            await _abort(context, exc)
+            await abort(context, exc)
         except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
             if isinstance(exc, asyncio.CancelledError):
                 status, error = "CANCELLED", "cancelled"
@@ -190,7 +198,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             status, error = "INTERNAL", "internal"
             log.exception("internal error in OIP ModelInfer of %r (request id %s)", request.model_name,
                           call.request_id)
-            await _abort(context, AdvserveError("internal error"))
+            await abort(context, AdvserveError("internal error"))
         finally:
             self.runtime.metrics.observe(
                 transport=TRANSPORT, endpoint=model.kind if model else "infer",
