@@ -374,3 +374,114 @@ def test_loss_float32_close_to_float64(b, mode, agg):
         x32 = np.asarray(getattr(r32, g), np.float64)
         scale = max(1e-3, float(np.abs(x64).max(initial=0.0)))
         np.testing.assert_allclose(x32, x64, rtol=1e-5, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# losses of the openrlhf and trl presets: identities between parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def _grads_equal(a, b):
+    for g in ("grad_logprobs", "grad_values", "grad_entropy"):
+        x, y = getattr(a, g), getattr(b, g)
+        assert (x is None) == (y is None), g
+        if x is not None:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL, err_msg=g)
+
+
+def _policy_only(b):
+    return {k: b[k] for k in ("response_mask", "logprobs", "old_logprobs", "advantages")}
+
+
+@SETTINGS
+@given(b=loss_batches(), agg=st.sampled_from(AGG_MODES), dual=st.sampled_from([None, 1.1]))
+def test_gspo_gradient_through_the_mean_equals_the_token_trick_for_row_constant_advantages(b, agg, dual):
+    # ∂/∂lp_u Σ_t w_t ℓ(s_i) = (1/L_i) Σ_t w_t ℓ'(s_i) s_i = w_u ℓ'(s_i) s_i when A and w are constant per row
+    b = _policy_only(b)
+    b["advantages"] = np.repeat(b["advantages"][:, :1], b["advantages"].shape[1], 1)
+    pol = dict(mode="gspo", clip_low=0.05, clip_high=0.05, dual_clip=dual, agg=agg)
+    trick = run_loss(dict(policy_loss={**pol, "sequence_ratio_gradient": "token_trick"}), b)
+    mean = run_loss(dict(policy_loss={**pol, "sequence_ratio_gradient": "through_mean"}), b)
+    assert trick.loss == mean.loss
+    _grads_equal(trick, mean)
+
+
+@SETTINGS
+@given(b=loss_batches(), agg=st.sampled_from(AGG_MODES), delta=st.floats(1.3, 4.0), high=st.floats(0.0, 0.28))
+def test_ratio_cap_above_the_clip_is_the_dual_clip(b, agg, delta, high):
+    # TRL: min(ρ, δ) in the unclipped branch equals dual clip c = δ whenever δ > 1 + clip_high
+    pol = dict(mode="ppo_clip", clip_low=0.2, clip_high=high, agg=agg)
+    cap = run_loss(dict(policy_loss={**pol, "ratio_cap": delta, "dual_clip": None}), _policy_only(b))
+    dual = run_loss(dict(policy_loss={**pol, "ratio_cap": None, "dual_clip": delta}), _policy_only(b))
+    assert cap.loss == pytest.approx(dual.loss, rel=1e-12, abs=1e-12)
+    _grads_equal(cap, dual)
+
+
+@SETTINGS
+@given(b=loss_batches(), agg=st.sampled_from(["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]))
+def test_seq_denominator_all_is_num_sequences_b(b, agg):
+    B = b["response_mask"].shape[0]
+    kw = loss_kwargs("ppo_clip", agg)
+    kw["policy_loss"]["seq_denominator"] = "all"
+    everything = run_loss(kw, b)
+    kw["policy_loss"]["seq_denominator"] = "nonempty"
+    given_b = run_loss(kw, b, num_sequences=B)
+    assert everything.loss == pytest.approx(given_b.loss, rel=1e-12, abs=1e-12)
+    _grads_equal(everything, given_b)
+
+
+@SETTINGS
+@given(b=loss_batches(), high=st.floats(0.0, 4.0))
+def test_cispo_cap_is_the_relative_clip_without_a_floor(b, high):
+    rel = run_loss(dict(policy_loss=dict(mode="cispo", clip_low=1.0, clip_high=high)), _policy_only(b))
+    cap = run_loss(dict(policy_loss=dict(mode="cispo", cispo_cap=1.0 + high)), _policy_only(b))
+    assert rel.loss == pytest.approx(cap.loss, rel=1e-12, abs=1e-12)
+    _grads_equal(rel, cap)
+
+
+@SETTINGS
+@given(b=loss_batches(), estimator=st.sampled_from(["k1", "k2", "k3", "abs"]))
+def test_importance_weighted_kl_on_policy_is_the_kl_value(b, estimator):
+    # at ρ = 1 (logprobs = old_logprobs) the value kl·ρ is kl; the gradient gains kl·∂ρ = kl per token
+    b = dict(b, old_logprobs=b["logprobs"])
+    tensors = {k: b[k] for k in ("response_mask", "logprobs", "old_logprobs", "ref_logprobs")}
+    kl = dict(coef=1.0, estimator=estimator, clamp=None)
+    plain = advserve.compute_losses(preset="paper", policy_loss=False, kl_loss=kl, dtype="float64",
+                                    **{k: v for k, v in tensors.items() if k != "old_logprobs"})
+    weighted = advserve.compute_losses(preset="paper", policy_loss=False, kl_loss={**kl, "importance_weighted": True},
+                                       dtype="float64", **tensors)
+    assert weighted.components["kl"] == pytest.approx(plain.components["kl"], rel=1e-12, abs=1e-12)
+    m = b["response_mask"]
+    w = ref_impl.agg_weights(m, "seq-mean-token-sum")  # the paper preset's policy aggregation
+    kl_t = np.array([[ref_impl.kl_value(float(a), float(r), estimator) for a, r in zip(la, lr)]
+                     for la, lr in zip(b["logprobs"], b["ref_logprobs"])])
+    gained = np.asarray(weighted.grad_logprobs) - np.asarray(plain.grad_logprobs)
+    np.testing.assert_allclose(gained, np.where(m, w * kl_t, 0.0), **TOL)
+
+
+@pytest.mark.parametrize("preset", ["openrlhf", "trl"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=loss_batches(), agg=st.sampled_from(AGG_MODES), mode=st.sampled_from(["ppo_clip", "gspo", "cispo"]),
+       data=st.data())
+def test_library_loss_sharding_adds_up(preset, b, agg, mode, data):
+    # the library presets' own aggregations (kl, entropy, value per token), sequence ratios through the
+    # mean and importance-weighted KL still split over rows with the global counts
+    m = b["response_mask"]
+    B, N, S = m.shape[0], int(m.sum()), int((m.sum(1) > 0).sum())
+    kw = dict(policy_loss=dict(mode=mode, agg=agg), kl_loss=dict(coef=0.05), value_loss={},
+              entropy_bonus=dict(coef=0.01), rollout_correction=dict(level="token", mode="truncate", weight="unit",
+                                                                      low=None, high=2.0))
+    if agg == "seq-mean-token-sum-norm":
+        kw["policy_loss"]["loss_scale_factor"] = 5.0
+    full = advserve.compute_losses(preset=preset, dtype="float64", num_tokens=N, num_sequences=S, **kw, **b)
+    k = data.draw(st.integers(1, B - 1))
+    total, pieces = 0.0, {"grad_logprobs": [], "grad_values": [], "grad_entropy": []}
+    for sl in (slice(0, k), slice(k, B)):
+        res = advserve.compute_losses(preset=preset, dtype="float64", num_tokens=N, num_sequences=S, **kw,
+                                      **{key: v[sl] for key, v in b.items()})
+        total += res.loss
+        for g in pieces:
+            pieces[g].append(np.asarray(getattr(res, g)))
+    assert total == pytest.approx(full.loss, rel=1e-10, abs=1e-10)
+    for g, parts in pieces.items():
+        np.testing.assert_allclose(np.concatenate(parts, 0), np.asarray(getattr(full, g)), **TOL, err_msg=g)
