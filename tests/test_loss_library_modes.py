@@ -270,3 +270,78 @@ def test_kl_corrections_need_old_logprobs(flag):
     with pytest.raises(advserve.InvalidArgument) as err:
         advserve.compute_losses(preset="paper", policy_loss=False, kl_loss={flag: True}, **b)
     assert err.value.field == "tensors.old_logprobs"
+
+
+# --------------------------------------------------------------------------------------------------
+# every parameter travels: the proto has a field for each, and both transports give the engine's numbers
+# --------------------------------------------------------------------------------------------------
+
+MESSAGES = {"policy_loss": "PolicyLoss", "kl_loss": "KLLoss", "value_loss": "ValueLoss",
+            "entropy_bonus": "EntropyBonus", "rollout_correction": "RolloutCorrection"}
+
+
+def test_every_loss_parameter_has_a_proto_field():
+    from advserve.loss_specs import LOSS_TERMS
+    from advserve_client._pb import advserve_pb2 as pb
+
+    for term, specs in LOSS_TERMS.items():
+        fields = getattr(pb, MESSAGES[term]).DESCRIPTOR.fields_by_name
+        for name, spec in specs.items():
+            assert name in fields, (term, name)
+            if spec.choices is not None:
+                assert fields[name].enum_type is not None, (term, name)
+            if spec.nullable:
+                assert f"no_{name}" in fields, (term, name)  # null must be sayable where a preset's default is not
+
+
+LIBRARY_REQUESTS = [
+    {"preset": "trl", "policy_loss": {"mode": "cispo", "cispo_level": "sequence", "seq_denominator": "all",
+                                      "agg": "seq-mean-token-mean", "loss_scale_factor": None},
+     "kl_loss": {"coef": 0.04, "agg": None}, "entropy_bonus": {"coef": 0.01, "agg": "token-mean"},
+     "rollout_correction": {"low": None, "high": None, "log_clamp": None}},
+    {"preset": "trl", "policy_loss": {"mode": "gspo", "ratio_cap": 1.1, "sequence_ratio_gradient": "through_mean"},
+     "kl_loss": {"coef": 0.1, "importance_weighted": True},
+     "rollout_correction": {"level": "token", "mode": "truncate", "low": 0.5, "high": 2.0, "log_clamp": 20.0}},
+    {"preset": "openrlhf", "policy_loss": {"mode": "gspo", "dual_clip": 1.2}, "kl_loss": {"unbiased_gradient": True},
+     "value_loss": {"agg": "seq-mean-token-mean"}, "entropy_bonus": {"coef": 0.01},
+     "rollout_correction": {"level": "sequence_mean", "gating": "binary_kl", "weight": "token", "low": None,
+                            "high": 0.05}},
+    {"preset": "openrlhf", "policy_loss": {"mode": "cispo", "cispo_cap": None, "ratio_cap": None},
+     "kl_loss": {"agg": None, "importance_weighted": False}, "value_loss": {"agg": None},
+     "rollout_correction": {"gating": "tv", "weight": "token", "low": None, "high": 0.1}},
+]
+
+
+@pytest.mark.parametrize("spec", LIBRARY_REQUESTS, ids=range(len(LIBRARY_REQUESTS)))
+def test_protocol_round_trip_of_the_library_parameters(spec):
+    from advserve_client import protocol
+
+    document, _ = protocol.losses_request_from_pb(protocol.losses_request_to_pb(spec, {}))
+    for term in MESSAGES:
+        assert document.get(term) == spec.get(term), term
+
+
+@pytest.fixture(scope="module")
+def transports(server):
+    from advserve_client import Client
+
+    made = {"rest-binary": Client(server.url, binary=True), "rest-json": Client(server.url, binary=False),
+            "grpc": Client(server.grpc_address, transport="grpc")}
+    yield made
+    for c in made.values():
+        c.close()
+
+
+@pytest.mark.parametrize("spec", LIBRARY_REQUESTS, ids=range(len(LIBRARY_REQUESTS)))
+def test_library_parameters_over_every_transport(transports, spec):
+    b = make_batch(5)
+    names = set(POLICY) | {"ref_logprobs", "rollout_logprobs"}
+    names |= {"values", "old_values", "returns"} if "value_loss" in spec else set()
+    names |= {"entropy"} if "entropy_bonus" in spec else set()
+    tensors = pick(b, *sorted(names - {"response_mask"}))
+    local = advserve.compute_losses(dtype="float64", **spec, **tensors)
+    for kind, c in transports.items():
+        got = c.compute_losses(dtype="float64", **spec, **tensors)
+        assert got.loss == local.loss and got.components == local.components, kind
+        assert got.params == local.params, kind
+        np.testing.assert_array_equal(got.grad_logprobs, local.grad_logprobs, err_msg=kind)

@@ -38,10 +38,17 @@ _ENUMS = {
     "estimator_kl": (pb.KLEstimator, "KL_ESTIMATOR_"),
     "level": (pb.RolloutCorrection.Level, "LEVEL_"),
     "rc_mode": (pb.RolloutCorrection.Mode, "MODE_"),
+    "gating": (pb.RolloutCorrection.Gating, "GATING_"),
+    "weight": (pb.RolloutCorrection.Weight, "WEIGHT_"),
+    "cispo_level": (pb.CispoLevel, "CISPO_LEVEL_"),
+    "sequence_ratio_gradient": (pb.SequenceRatioGradient, "SEQUENCE_RATIO_GRADIENT_"),
+    "seq_denominator": (pb.SeqDenominator, "SEQ_DENOMINATOR_"),
 }
 # nullable parameters: message field -> the bool field that means "null" (off)
 _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clamp": "no_ratio_clamp",
-             "clamp": "no_clamp", "clip": "no_clip"}
+             "clamp": "no_clamp", "clip": "no_clip", "loss_scale_factor": "no_loss_scale_factor",
+             "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
+             "high": "no_high", "log_clamp": "no_log_clamp"}
 
 
 def _enum_kind(message: Any, field: str) -> str:
@@ -135,9 +142,7 @@ def _tensors_from_pb(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
 def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
     """Fill a parameter message (AdvantageParams, PolicyLoss, ...) from a REST-style dict.
 
-    None values of nullable parameters set the matching no_* field, or leave an optional field unset
-    where unset already means "none" (loss_scale_factor, rollout_correction.low). Unknown names raise
-    ValueError.
+    None values of nullable parameters set the matching no_* field. Unknown names raise ValueError.
     """
     for name, value in (params or {}).items():
         if name not in message.DESCRIPTOR.fields_by_name:
@@ -145,11 +150,11 @@ def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
             raise ValueError(f"{message.DESCRIPTOR.name} has no parameter {name!r}; valid: {valid}")
         field = message.DESCRIPTOR.fields_by_name[name]
         if value is None:
-            if name in _NULLABLE:
+            if _NULLABLE.get(name) in message.DESCRIPTOR.fields_by_name:
                 setattr(message, _NULLABLE[name], True)
             elif not field.has_presence:
                 raise ValueError(f"{name} cannot be null")
-            # else: an optional field whose null is its unset state (loss_scale_factor, low)
+            # else: an optional field whose null is its unset state
         elif field.enum_type is not None:
             setattr(message, name, name_to_enum(_enum_kind(message, name), value))
         else:

@@ -81,6 +81,24 @@ class PolicyLossMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_LOSS_MODE_CISPO: _ClassVar[PolicyLossMode]
     POLICY_LOSS_MODE_REINFORCE: _ClassVar[PolicyLossMode]
 
+class SeqDenominator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEQ_DENOMINATOR_UNSPECIFIED: _ClassVar[SeqDenominator]
+    SEQ_DENOMINATOR_NONEMPTY: _ClassVar[SeqDenominator]
+    SEQ_DENOMINATOR_ALL: _ClassVar[SeqDenominator]
+
+class SequenceRatioGradient(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEQUENCE_RATIO_GRADIENT_UNSPECIFIED: _ClassVar[SequenceRatioGradient]
+    SEQUENCE_RATIO_GRADIENT_TOKEN_TRICK: _ClassVar[SequenceRatioGradient]
+    SEQUENCE_RATIO_GRADIENT_THROUGH_MEAN: _ClassVar[SequenceRatioGradient]
+
+class CispoLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CISPO_LEVEL_UNSPECIFIED: _ClassVar[CispoLevel]
+    CISPO_LEVEL_TOKEN: _ClassVar[CispoLevel]
+    CISPO_LEVEL_SEQUENCE: _ClassVar[CispoLevel]
+
 class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
@@ -137,6 +155,15 @@ POLICY_LOSS_MODE_PPO_CLIP: PolicyLossMode
 POLICY_LOSS_MODE_GSPO: PolicyLossMode
 POLICY_LOSS_MODE_CISPO: PolicyLossMode
 POLICY_LOSS_MODE_REINFORCE: PolicyLossMode
+SEQ_DENOMINATOR_UNSPECIFIED: SeqDenominator
+SEQ_DENOMINATOR_NONEMPTY: SeqDenominator
+SEQ_DENOMINATOR_ALL: SeqDenominator
+SEQUENCE_RATIO_GRADIENT_UNSPECIFIED: SequenceRatioGradient
+SEQUENCE_RATIO_GRADIENT_TOKEN_TRICK: SequenceRatioGradient
+SEQUENCE_RATIO_GRADIENT_THROUGH_MEAN: SequenceRatioGradient
+CISPO_LEVEL_UNSPECIFIED: CispoLevel
+CISPO_LEVEL_TOKEN: CispoLevel
+CISPO_LEVEL_SEQUENCE: CispoLevel
 AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_TOKEN_MEAN: Aggregation
 AGGREGATION_TOKEN_SUM: Aggregation
@@ -285,7 +312,7 @@ class ComputeAdvantagesResponse(_message.Message):
     def __init__(self, advantages: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[AdvantageStats, _Mapping]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class PolicyLoss(_message.Message):
-    __slots__ = ("mode", "clip_low", "clip_high", "dual_clip", "no_dual_clip", "ratio_clamp", "no_ratio_clamp", "agg", "loss_scale_factor")
+    __slots__ = ("mode", "clip_low", "clip_high", "dual_clip", "no_dual_clip", "ratio_clamp", "no_ratio_clamp", "agg", "loss_scale_factor", "no_loss_scale_factor", "ratio_cap", "no_ratio_cap", "cispo_cap", "no_cispo_cap", "cispo_level", "sequence_ratio_gradient", "seq_denominator")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CLIP_LOW_FIELD_NUMBER: _ClassVar[int]
     CLIP_HIGH_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +322,14 @@ class PolicyLoss(_message.Message):
     NO_RATIO_CLAMP_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NO_LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    RATIO_CAP_FIELD_NUMBER: _ClassVar[int]
+    NO_RATIO_CAP_FIELD_NUMBER: _ClassVar[int]
+    CISPO_CAP_FIELD_NUMBER: _ClassVar[int]
+    NO_CISPO_CAP_FIELD_NUMBER: _ClassVar[int]
+    CISPO_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_RATIO_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
     mode: PolicyLossMode
     clip_low: float
     clip_high: float
@@ -304,46 +339,72 @@ class PolicyLoss(_message.Message):
     no_ratio_clamp: bool
     agg: Aggregation
     loss_scale_factor: float
-    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ...) -> None: ...
+    no_loss_scale_factor: bool
+    ratio_cap: float
+    no_ratio_cap: bool
+    cispo_cap: float
+    no_cispo_cap: bool
+    cispo_level: CispoLevel
+    sequence_ratio_gradient: SequenceRatioGradient
+    seq_denominator: SeqDenominator
+    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ...) -> None: ...
 
 class KLLoss(_message.Message):
-    __slots__ = ("coef", "estimator", "clamp", "no_clamp")
+    __slots__ = ("coef", "estimator", "clamp", "no_clamp", "agg", "no_agg", "unbiased_gradient", "importance_weighted")
     COEF_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     CLAMP_FIELD_NUMBER: _ClassVar[int]
     NO_CLAMP_FIELD_NUMBER: _ClassVar[int]
+    AGG_FIELD_NUMBER: _ClassVar[int]
+    NO_AGG_FIELD_NUMBER: _ClassVar[int]
+    UNBIASED_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     coef: float
     estimator: KLEstimator
     clamp: float
     no_clamp: bool
-    def __init__(self, coef: _Optional[float] = ..., estimator: _Optional[_Union[KLEstimator, str]] = ..., clamp: _Optional[float] = ..., no_clamp: _Optional[bool] = ...) -> None: ...
+    agg: Aggregation
+    no_agg: bool
+    unbiased_gradient: bool
+    importance_weighted: bool
+    def __init__(self, coef: _Optional[float] = ..., estimator: _Optional[_Union[KLEstimator, str]] = ..., clamp: _Optional[float] = ..., no_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., unbiased_gradient: _Optional[bool] = ..., importance_weighted: _Optional[bool] = ...) -> None: ...
 
 class ValueLoss(_message.Message):
-    __slots__ = ("coef", "clip", "no_clip")
+    __slots__ = ("coef", "clip", "no_clip", "agg", "no_agg")
     COEF_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     NO_CLIP_FIELD_NUMBER: _ClassVar[int]
+    AGG_FIELD_NUMBER: _ClassVar[int]
+    NO_AGG_FIELD_NUMBER: _ClassVar[int]
     coef: float
     clip: float
     no_clip: bool
-    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ...) -> None: ...
+    agg: Aggregation
+    no_agg: bool
+    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ...) -> None: ...
 
 class EntropyBonus(_message.Message):
-    __slots__ = ("coef",)
+    __slots__ = ("coef", "agg", "no_agg")
     COEF_FIELD_NUMBER: _ClassVar[int]
+    AGG_FIELD_NUMBER: _ClassVar[int]
+    NO_AGG_FIELD_NUMBER: _ClassVar[int]
     coef: float
-    def __init__(self, coef: _Optional[float] = ...) -> None: ...
+    agg: Aggregation
+    no_agg: bool
+    def __init__(self, coef: _Optional[float] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ...) -> None: ...
 
 class RolloutCorrection(_message.Message):
-    __slots__ = ("level", "mode", "low", "high")
+    __slots__ = ("level", "mode", "low", "high", "no_low", "no_high", "log_clamp", "no_log_clamp", "gating", "weight")
     class Level(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         LEVEL_UNSPECIFIED: _ClassVar[RolloutCorrection.Level]
         LEVEL_TOKEN: _ClassVar[RolloutCorrection.Level]
         LEVEL_SEQUENCE: _ClassVar[RolloutCorrection.Level]
+        LEVEL_SEQUENCE_MEAN: _ClassVar[RolloutCorrection.Level]
     LEVEL_UNSPECIFIED: RolloutCorrection.Level
     LEVEL_TOKEN: RolloutCorrection.Level
     LEVEL_SEQUENCE: RolloutCorrection.Level
+    LEVEL_SEQUENCE_MEAN: RolloutCorrection.Level
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[RolloutCorrection.Mode]
@@ -352,15 +413,45 @@ class RolloutCorrection(_message.Message):
     MODE_UNSPECIFIED: RolloutCorrection.Mode
     MODE_TRUNCATE: RolloutCorrection.Mode
     MODE_MASK: RolloutCorrection.Mode
+    class Gating(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        GATING_UNSPECIFIED: _ClassVar[RolloutCorrection.Gating]
+        GATING_RATIO: _ClassVar[RolloutCorrection.Gating]
+        GATING_BINARY_KL: _ClassVar[RolloutCorrection.Gating]
+        GATING_TV: _ClassVar[RolloutCorrection.Gating]
+    GATING_UNSPECIFIED: RolloutCorrection.Gating
+    GATING_RATIO: RolloutCorrection.Gating
+    GATING_BINARY_KL: RolloutCorrection.Gating
+    GATING_TV: RolloutCorrection.Gating
+    class Weight(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        WEIGHT_UNSPECIFIED: _ClassVar[RolloutCorrection.Weight]
+        WEIGHT_UNIT: _ClassVar[RolloutCorrection.Weight]
+        WEIGHT_TOKEN: _ClassVar[RolloutCorrection.Weight]
+    WEIGHT_UNSPECIFIED: RolloutCorrection.Weight
+    WEIGHT_UNIT: RolloutCorrection.Weight
+    WEIGHT_TOKEN: RolloutCorrection.Weight
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     LOW_FIELD_NUMBER: _ClassVar[int]
     HIGH_FIELD_NUMBER: _ClassVar[int]
+    NO_LOW_FIELD_NUMBER: _ClassVar[int]
+    NO_HIGH_FIELD_NUMBER: _ClassVar[int]
+    LOG_CLAMP_FIELD_NUMBER: _ClassVar[int]
+    NO_LOG_CLAMP_FIELD_NUMBER: _ClassVar[int]
+    GATING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     level: RolloutCorrection.Level
     mode: RolloutCorrection.Mode
     low: float
     high: float
-    def __init__(self, level: _Optional[_Union[RolloutCorrection.Level, str]] = ..., mode: _Optional[_Union[RolloutCorrection.Mode, str]] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
+    no_low: bool
+    no_high: bool
+    log_clamp: float
+    no_log_clamp: bool
+    gating: RolloutCorrection.Gating
+    weight: RolloutCorrection.Weight
+    def __init__(self, level: _Optional[_Union[RolloutCorrection.Level, str]] = ..., mode: _Optional[_Union[RolloutCorrection.Mode, str]] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., no_low: _Optional[bool] = ..., no_high: _Optional[bool] = ..., log_clamp: _Optional[float] = ..., no_log_clamp: _Optional[bool] = ..., gating: _Optional[_Union[RolloutCorrection.Gating, str]] = ..., weight: _Optional[_Union[RolloutCorrection.Weight, str]] = ...) -> None: ...
 
 class ComputeLossesRequest(_message.Message):
     __slots__ = ("preset", "policy_loss", "disable_policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "num_tokens", "num_sequences", "dtype", "layout", "logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values", "returns", "entropy", "rollout_logprobs", "cu_seqlens")
