@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import grpc
 import httpx
@@ -519,3 +520,27 @@ def test_auth_body_limits_and_metrics():
         server.stop()
     assert server.problems() == [], server.output()[-4000:]
     assert token not in server.output()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/oip.md"])
+def test_the_documented_example_runs(oip_server, doc, capsys):
+    """The tritonclient example of the README and of docs/oip.md, against a live server, both
+    transports, equal to the in-process API."""
+    root = Path(__file__).resolve().parents[1]
+    section = "## Open Inference Protocol" if doc == "README.md" else "## Example"
+    code = (root / doc).read_text().split(section, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for documented, actual in (("127.0.0.1:8000", oip_server.url.removeprefix("http://")),
+                               ("127.0.0.1:8001", oip_server.grpc_address)):
+        assert f'"{documented}"' in code
+        code = code.replace(f'"{documented}"', repr(actual))
+    exec(compile(code, doc, "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
+    logp = np.log(np.full(mask.shape, 0.5, np.float32))
+    adv = advserve.compute_advantages("grpo", preset="verl", rewards=np.array([1, 0, 0, 1], np.float32),
+                                      response_mask=mask, group_ids=["q1"] * 4).advantages
+    local = advserve.compute_losses(preset="verl", policy_loss={"clip_high": 0.28}, kl_loss={"coef": 0.001},
+                                    logprobs=logp, old_logprobs=logp, ref_logprobs=logp, advantages=adv,
+                                    response_mask=mask)
+    assert float(lines[0].split()[0]) == local.loss
