@@ -345,3 +345,31 @@ def test_library_parameters_over_every_transport(transports, spec):
         assert got.loss == local.loss and got.components == local.components, kind
         assert got.params == local.params, kind
         np.testing.assert_array_equal(got.grad_logprobs, local.grad_logprobs, err_msg=kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# the catalog's translation of library options names real loss parameters
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ("openrlhf", "trl"))
+def test_loss_options_name_real_parameters(preset):
+    import re
+
+    from advserve.loss_specs import LOSS_TERMS
+    from advserve.presets import PRESETS
+
+    options = PRESETS[preset].options
+    named = 0
+    for option, request in options.items():
+        for term, name in re.findall(r"\b(policy_loss|kl_loss|value_loss|entropy_bonus|rollout_correction)\.(\w+)",
+                                     request):
+            assert name in LOSS_TERMS[term], (option, term, name)
+            named += 1
+    assert named >= 20
+    if preset == "trl":
+        for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"):
+            assert f"GRPOConfig.loss_type='{loss_type}'" in options
+    from advserve.engine import Engine
+
+    assert {p["name"]: p for p in Engine.catalog()["presets"]}[preset]["options"] == dict(options)  # GET /v1/estimators

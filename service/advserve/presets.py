@@ -37,6 +37,63 @@ _NEUTRAL_POLICY = {"ratio_cap": None, "cispo_cap": None, "cispo_level": "token",
 _NEUTRAL_KL = {"agg": None, "unbiased_gradient": False, "importance_weighted": False}
 _NEUTRAL_ROLLOUT = {"log_clamp": 20.0, "gating": "ratio", "weight": "unit"}  # 20: verl's SAFETY_BOUND
 
+# library options -> the loss request that reproduces them (shown by GET /v1/estimators; the estimator
+# rows are in each preset's estimator table of options)
+_ORLHF_LOSS_OPTIONS = {
+    "--actor.policy_loss_type ppo": "policy_loss.mode='ppo_clip' (log-ratio clamp ±20: ratio_clamp=20)",
+    "--actor.policy_loss_type gspo": "policy_loss.mode='gspo' (the preset then defaults to agg "
+    "'seq-mean-token-mean', no ratio_clamp, sequence_ratio_gradient='through_mean'); with IS correction on, "
+    "send rollout_logprobs as old_logprobs and no rollout_correction",
+    "--actor.eps_clip E": "policy_loss.clip_low=E, policy_loss.clip_high=E",
+    "--actor.eps_clip_low_high LO HI": "policy_loss.clip_low=LO, policy_loss.clip_high=HI",
+    "--actor.dual_clip C": "policy_loss.dual_clip=C (ppo and gspo)",
+    "--actor.loss_agg_mode token-mean": "policy_loss.agg='token-mean'; batch_num_tokens: num_tokens",
+    "--actor.loss_agg_mode seq-mean-token-mean": "policy_loss.agg='seq-mean-token-mean'; global_batch_size: "
+    "num_sequences (the kl, value and entropy terms stay token-mean: their own agg)",
+    "--algo.kl.use_loss": "kl_loss={} (kl_loss.coef = --algo.kl.init_coef 0.01, kl_loss.estimator = "
+    "--algo.kl.estimator k1, kl_loss.clamp 10, kl_loss.agg 'token-mean'), and params.kl_coef=0 for the advantages",
+    "--algo.kl.unbiased_gradient": "kl_loss.unbiased_gradient=true (needs old_logprobs)",
+    "--critic.value_clip C": "value_loss.clip=C (0.5; value_loss.agg 'token-mean')",
+    "--actor.entropy_coef C": "entropy_bonus={'coef': C} (entropy_bonus.agg 'token-mean')",
+    "--algo.advantage.is_correction_level token": "rollout_correction.level='token' (with rollout_logprobs)",
+    "--algo.advantage.is_correction_level seq": "rollout_correction.level='sequence_mean' (the geometric mean "
+    "of the ratio, the mean of a divergence; mask mode only)",
+    "--algo.advantage.is_correction_mode mask": "rollout_correction.mode='mask' (survivors keep their token "
+    "ratio: rollout_correction.weight='token')",
+    "--algo.advantage.is_correction_mode clip": "rollout_correction.mode='truncate' (token level, ratio gating)",
+    "--algo.advantage.is_correction_gating G": "rollout_correction.gating=G (ratio, binary_kl, tv)",
+    "--algo.advantage.is_correction_threshold LO HI": "rollout_correction.low=LO, rollout_correction.high=HI",
+    "--algo.advantage.is_correction_threshold HI": "rollout_correction.low=null, rollout_correction.high=HI",
+}
+_TRL_LOSS_OPTIONS = {
+    "GRPOConfig.loss_type='dapo'": "policy_loss.agg='token-mean' (the default) with num_tokens = "
+    "num_items_in_batch / num_processes × gradient_accumulation_steps / steps_per_generation",
+    "GRPOConfig.loss_type='bnpo'": "policy_loss.agg='token-mean' over the local micro-batch (no num_tokens); "
+    "TRL's ÷ gradient_accumulation_steps G: num_tokens = G × the local token count",
+    "GRPOConfig.loss_type='grpo'": "policy_loss.agg='seq-mean-token-mean' (all B rows count: "
+    "policy_loss.seq_denominator 'all'); TRL's ÷ G: num_sequences = G × B",
+    "GRPOConfig.loss_type='dr_grpo'": "policy_loss.agg='seq-mean-token-sum-norm', policy_loss.loss_scale_factor = "
+    "max_completion_length (512); TRL's ÷ G: num_sequences = G × B",
+    "GRPOConfig.loss_type='cispo'": "policy_loss.mode='cispo' with policy_loss.cispo_cap = epsilon_high "
+    "(TRL's default epsilon_high = epsilon = 0.2 is the preset's cap), num_tokens as dapo",
+    "GRPOConfig.epsilon=E": "policy_loss.clip_low=E, policy_loss.clip_high=E",
+    "GRPOConfig.epsilon_high=H": "policy_loss.clip_high=H; with loss_type='cispo': policy_loss.cispo_cap=H",
+    "GRPOConfig.delta=D": "policy_loss.ratio_cap=D",
+    "GRPOConfig.importance_sampling_level='sequence'": "policy_loss.mode='gspo' (cispo: "
+    "policy_loss.cispo_level='sequence'); the gradient through the mean is the preset's default",
+    "GRPOConfig.beta=B": "kl_loss={'coef': B} (k3, no clamp, the policy's aggregation, kl_loss.importance_weighted)",
+    "GRPOConfig.use_bias_correction_kl=False": "kl_loss.importance_weighted=false",
+    "GRPOConfig.entropy_coef=C": "entropy_bonus={'coef': C} (a local token mean: with a global num_tokens "
+    "send it in a call of its own)",
+    "GRPOConfig.max_completion_length=L": "policy_loss.loss_scale_factor=L (dr_grpo)",
+    "GRPOConfig.vllm_importance_sampling_correction=True": "rollout_correction={} with rollout_logprobs "
+    "(sequence_mask, clip_max 3.0)",
+    "GRPOConfig.vllm_importance_sampling_mode='LEVEL_MODE'": "rollout_correction.level=LEVEL ('token', "
+    "'sequence'), rollout_correction.mode=MODE ('truncate', 'mask')",
+    "GRPOConfig.vllm_importance_sampling_clip_min=L": "rollout_correction.low=L (None: null)",
+    "GRPOConfig.vllm_importance_sampling_clip_max=H": "rollout_correction.high=H (None: null)",
+}
+
 # --- paper: the seed's table of token advantages, to the letter ---------------------------------
 
 _PAPER_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": None}
@@ -144,6 +201,7 @@ OPENRLHF = Preset(
         "rollout_correction": {"level": "token", "mode": "mask", "low": 0.5, "high": 5.0, "log_clamp": None,
                                "gating": "ratio", "weight": "token"},
     },
+    options=_ORLHF_LOSS_OPTIONS,
 )
 
 # --- TRL 1.16.0 (docs/research/trl.md) ----------------------------------------------------------
@@ -170,6 +228,7 @@ TRL = Preset(
         "rollout_correction": _merge(_NEUTRAL_ROLLOUT, {"level": "sequence", "mode": "mask", "low": None,
                                                         "high": 3.0, "log_clamp": None}),
     },
+    options=_TRL_LOSS_OPTIONS,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, VERL, OPENRLHF, TRL)}
