@@ -96,15 +96,18 @@ LOSS_TENSORS = ["logprobs", "old_logprobs", "advantages", "response_mask", "ref_
                 "returns", "entropy", "rollout_logprobs", "cu_seqlens"]
 ADVANTAGE_PARAMS = ["gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "kl_placement", "std_ddof", "std_eps",
                     "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "bogus"]
-LOSS_TERMS = {"policy_loss": ["mode", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "agg", "loss_scale_factor"],
-              "kl_loss": ["coef", "estimator", "clamp"], "value_loss": ["coef", "clip"], "entropy_bonus": ["coef"],
-              "rollout_correction": ["level", "mode", "low", "high"]}
+LOSS_TERMS = {"policy_loss": ["mode", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "agg", "loss_scale_factor",
+                              "ratio_cap", "cispo_cap", "cispo_level", "sequence_ratio_gradient", "seq_denominator"],
+              "kl_loss": ["coef", "estimator", "clamp", "agg", "unbiased_gradient", "importance_weighted"],
+              "value_loss": ["coef", "clip", "agg"], "entropy_bonus": ["coef", "agg"],
+              "rollout_correction": ["level", "mode", "low", "high", "log_clamp", "gating", "weight"]}
 TERM_TENSORS = {"policy_loss": ["logprobs", "old_logprobs", "advantages"], "kl_loss": ["logprobs", "ref_logprobs"],
                 "value_loss": ["values", "old_values", "returns"], "entropy_bonus": ["entropy"],
                 "rollout_correction": ["old_logprobs", "rollout_logprobs"]}
 WORDS = ["k1", "k2", "k3", "abs", "token", "sequence", "reward_to_go", "zero", "raw", "error", "ppo_clip", "gspo",
          "cispo", "reinforce", "token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-         "seq-mean-token-sum-norm", "truncate", "mask", "", "x"]
+         "seq-mean-token-sum-norm", "truncate", "mask", "sequence_mean", "binary_kl", "tv", "unit", "token_trick",
+         "through_mean", "nonempty", "all", "", "x"]
 
 # JSON cannot carry NaN or Inf (the binary cases send them as raw bytes)
 numbers = st.one_of(st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False), st.floats(-2, 2),

@@ -60,12 +60,15 @@ class LossesBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: str | None = None
-    policy_loss: TermSpec = Field(None, description="mode, clip_low, clip_high, dual_clip, ratio_clamp, agg, "
-                                  "loss_scale_factor; null = preset defaults, false = no policy term")
-    kl_loss: TermSpec = Field(None, description="coef, estimator, clamp; off unless given")
-    value_loss: TermSpec = Field(None, description="coef, clip; off unless given")
-    entropy_bonus: TermSpec = Field(None, description="coef; off unless given")
-    rollout_correction: TermSpec = Field(None, description="level, mode, low, high; off unless given")
+    policy_loss: TermSpec = Field(None, description="mode, clip_low, clip_high, dual_clip, ratio_clamp, ratio_cap, "
+                                  "cispo_cap, cispo_level, sequence_ratio_gradient, agg, loss_scale_factor, "
+                                  "seq_denominator; null = preset defaults, false = no policy term")
+    kl_loss: TermSpec = Field(None, description="coef, estimator, clamp, agg, unbiased_gradient, importance_weighted; "
+                              "off unless given")
+    value_loss: TermSpec = Field(None, description="coef, clip, agg; off unless given")
+    entropy_bonus: TermSpec = Field(None, description="coef, agg; off unless given")
+    rollout_correction: TermSpec = Field(None, description="level, mode, low, high, log_clamp, gating, weight; "
+                                         "off unless given")
     num_tokens: float | None = Field(None, description="global token count (token-mean) when this is a shard")
     num_sequences: float | None = Field(None, description="global sequence count (seq-mean-*) when this is a shard")
     dtype: Literal["float32", "float64"] | None = None
