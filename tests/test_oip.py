@@ -544,3 +544,128 @@ def test_the_documented_example_runs(oip_server, doc, capsys):
                                     logprobs=logp, old_logprobs=logp, ref_logprobs=logp, advantages=adv,
                                     response_mask=mask)
     assert float(lines[0].split()[0]) == local.loss
+
+
+# --- fuzzing from the OpenAPI page ---------------------------------------------------------------------
+
+OIP_INFER = "/v2/models/{model_name}/infer"
+FUZZ_EXAMPLES = 40
+FUZZ_DATATYPES = ["FP32", "FP64", "FP16", "BF16", "INT64", "INT32", "INT8", "UINT8", "BOOL", "BYTES", "UINT64", "X"]
+
+
+def _fuzz(operation, strategy, call) -> dict[int, int]:
+    from hypothesis import HealthCheck, given, settings
+
+    seen: dict[int, int] = {}
+
+    @given(drawn=strategy)
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def run(drawn):
+        status = call(drawn)
+        seen[status] = seen.get(status, 0) + 1
+
+    run()
+    return seen
+
+
+def _oip_document(draw, st) -> tuple[str, dict]:
+    """A guided OIP request drawn from the native fuzzer's guided documents (real model, parameter
+    and input names; shapes, datatypes and values that are sometimes wrong)."""
+    from test_fuzz_openapi import guided_document
+
+    endpoint = draw(st.sampled_from(["/v1/advantages", "/v1/losses"]))
+    document, tensors, _, _ = draw(guided_document(endpoint))
+    if endpoint == "/v1/advantages":
+        model = document.pop("estimator")
+        parameters = {**(document.pop("params", None) or {}), **document}
+    else:
+        model, parameters = "losses", {}
+        for key, value in document.items():
+            if isinstance(value, dict):
+                parameters.update({f"{key}.{name}": v for name, v in value.items()})
+            elif value is not None:
+                parameters[key] = value
+    if draw(st.integers(0, 9)) == 9:  # (Hypothesis prefers the smallest integer: the usual case)
+        model = draw(st.sampled_from(["nope", "losses", "grpo"]))
+    inputs = []
+    for name, value in tensors.items():
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            array = np.asarray([0])
+        usual = "BOOL" if name == "response_mask" else "INT64" if name in ("group_ids", "cu_seqlens") else "FP32"
+        if array.dtype.kind == "U":
+            usual = "BYTES"
+        datatype = draw(st.sampled_from([usual] * 6 + FUZZ_DATATYPES))
+        shape = list(array.shape) if draw(st.integers(0, 9)) < 9 else draw(st.lists(st.integers(0, 6), max_size=3))
+        data = array.reshape(-1).tolist() if array.dtype != object else value
+        inputs.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
+    return model, {"inputs": inputs, "parameters": parameters}
+
+
+def _binary(model: str, document: dict, draw, st) -> tuple[bytes, int]:
+    """The same request with inputs binary where the data converts to the datatype; sometimes damaged."""
+    from advserve.oip.tensors import DATATYPES
+
+    buffers = []
+    for entry in document["inputs"]:
+        datatype = DATATYPES.get(entry["datatype"])
+        if datatype is None or datatype.numpy is None or draw(st.integers(0, 5)) == 5:
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                raw = np.asarray(entry["data"], dtype=np.float64).astype(datatype.numpy).tobytes()
+        except (ValueError, TypeError):
+            continue
+        if draw(st.integers(0, 9)) == 9:
+            raw = draw(st.binary(max_size=len(raw) + 2))
+        entry["parameters"] = {"binary_data_size": len(raw)}
+        del entry["data"]
+        buffers.append(raw)
+    header = json.dumps(document).encode()
+    n = len(header) if draw(st.integers(0, 9)) < 9 else draw(st.integers(-1, len(header) + 5))
+    return header + b"".join(buffers), n
+
+
+def test_fuzz_oip_infer(oip_server):
+    """Schemathesis' cases of POST /v2/models/{model_name}/infer (schema-valid and -invalid), then
+    guided ones as JSON and binary: never a 5xx, the documented statuses and error bodies; the server
+    stays healthy (its log is checked when the module ends)."""
+    import schemathesis
+    from hypothesis import strategies as st
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(f"{oip_server.url}/openapi.json", timeout=10)
+    operation = schema[OIP_INFER]["POST"]
+    excluded = [positive_data_acceptance]  # schema-valid bodies are rightly refused when names are wrong
+    for mode in ("positive", "negative"):
+        seen = _fuzz(operation, operation.as_strategy(GenerationMode(mode)),
+                     lambda case: case.call_and_validate(excluded_checks=excluded, timeout=10).status_code)
+        assert seen and all(status < 500 for status in seen), (mode, seen)
+
+    for kind in ("json", "binary"):
+        media_type = "application/json" if kind == "json" else "application/octet-stream"
+        cases = operation.as_strategy(GenerationMode.POSITIVE).filter(lambda case: case.media_type == media_type)
+
+        @st.composite
+        def guided(draw):
+            case = draw(cases)
+            model, document = _oip_document(draw, st)
+            case.path_parameters = {"model_name": model}
+            if kind == "json":
+                case.body = document
+                return case, None
+            case.body, n = _binary(model, document, draw, st)
+            return case, {"Inference-Header-Content-Length": str(n)}
+
+        def call(drawn):
+            case, headers = drawn
+            return case.call_and_validate(headers=headers, excluded_checks=excluded, timeout=10).status_code
+
+        seen = _fuzz(operation, guided(), call)
+        assert all(status < 500 for status in seen), (kind, seen)
+        assert 400 in seen, (kind, seen)
+    with httpx.Client(base_url=oip_server.url, timeout=30) as client:
+        assert client.get("/v2/health/ready").status_code == 200

@@ -264,13 +264,13 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
             return oip_error_response(Unavailable("the server is shutting down"))
         return _JSON({"ready": True})
 
-    async def model_metadata(model_name: str, version: str = ""):
+    def metadata(model_name: str, version: str) -> Response:
         try:
             return _JSON(service.model(model_name, version).metadata())
         except AdvserveError as exc:
             return oip_error_response(exc)
 
-    async def model_ready(model_name: str, version: str = ""):
+    def ready(model_name: str, version: str) -> Response:
         try:
             service.model(model_name, version)
             if not runtime.ready:
@@ -279,18 +279,35 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
             return oip_error_response(exc)
         return _JSON({"name": model_name, "ready": True})
 
-    async def infer(request: Request, model_name: str, version: str = ""):
-        return await serve_infer(request, model_name, version)
+    documented = {"tags": tags, "responses": {200: {"content": _OBJECT}, **_ERRORS}, "response_class": _JSON}
+    versioned = {**documented, "include_in_schema": False}  # the same operations with /versions/1
 
-    for suffix, versioned in (("", False), ("/versions/{version}", True)):
-        base = "/v2/models/{model_name}" + suffix
-        extra = {"include_in_schema": not versioned}
-        app.add_api_route(base, model_metadata, methods=["GET"], tags=tags, response_class=_JSON,
-                          responses={200: {"content": _OBJECT}, **_ERRORS}, summary="Model metadata", **extra)
-        app.add_api_route(base + "/ready", model_ready, methods=["GET"], tags=tags, response_class=_JSON,
-                          responses={200: {"content": _OBJECT}, **_ERRORS}, summary="Model readiness", **extra)
-        app.add_api_route(base + "/infer", infer, methods=["POST"], tags=tags, response_class=Response,
-                          openapi_extra=_INFER_BODY, responses={**_INFER_200, **_ERRORS}, summary="Inference", **extra)
+    @app.get("/v2/models/{model_name}", summary="Model metadata", **documented)
+    async def model_metadata(model_name: str):
+        return metadata(model_name, "")
+
+    @app.get("/v2/models/{model_name}/versions/{version}", **versioned)
+    async def model_version_metadata(model_name: str, version: str):
+        return metadata(model_name, version)
+
+    @app.get("/v2/models/{model_name}/ready", summary="Model readiness", **documented)
+    async def model_ready(model_name: str):
+        return ready(model_name, "")
+
+    @app.get("/v2/models/{model_name}/versions/{version}/ready", **versioned)
+    async def model_version_ready(model_name: str, version: str):
+        return ready(model_name, version)
+
+    infer_doc = {"tags": tags, "response_class": Response, "openapi_extra": _INFER_BODY,
+                 "responses": {**_INFER_200, **_ERRORS}}
+
+    @app.post("/v2/models/{model_name}/infer", summary="Inference", **infer_doc)
+    async def infer(request: Request, model_name: str):
+        return await serve_infer(request, model_name, "")
+
+    @app.post("/v2/models/{model_name}/versions/{version}/infer", include_in_schema=False, **infer_doc)
+    async def infer_version(request: Request, model_name: str, version: str):
+        return await serve_infer(request, model_name, version)
 
     @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
     async def unknown(path: str):
