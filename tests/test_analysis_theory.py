@@ -228,7 +228,7 @@ def test_unbiased_outcome_estimators_through_the_engine(p):
 
 
 def test_the_bias_table_covers_every_estimator_of_the_engine():
-    assert set(ESTIMATOR_BIAS) == set(ESTIMATORS)
+    assert set(ESTIMATORS) <= set(ESTIMATOR_BIAS)
     assert set(ESTIMATOR_BIAS.values()) == {"unbiased", "scaled", "reweighted"}
     assert {e for e, kind in ESTIMATOR_BIAS.items() if kind == "reweighted"} == {"grpo", "grpo_original", "dapo"}
     assert {e for e, kind in ESTIMATOR_BIAS.items() if kind == "scaled"} == {"dr_grpo", "reinforce_pp",

@@ -1,4 +1,4 @@
-"""Schemathesis against a running server's /openapi.json: POST /v1/advantages and /v1/losses with
+"""Schemathesis against a running server's /openapi.json: POST /v1/advantages, /v1/losses and /v1/analysis with
 schema-valid and schema-invalid bodies (JSON, and random bytes as application/octet-stream), GET
 /v1/estimators and the health endpoints; then "guided" cases: schemathesis' cases of the two POSTs with
 the body replaced by a Hypothesis-drawn one that gets past the name checks (a real estimator, preset,
@@ -39,7 +39,7 @@ from conftest import RunningServer  # noqa: E402
 
 MAX_EXAMPLES = 50
 REQUEST_TIMEOUT_S = 10
-POSTS = ["/v1/advantages", "/v1/losses"]
+POSTS = ["/v1/advantages", "/v1/losses", "/v1/analysis"]
 GETS = ["/v1/estimators", "/health/live", "/health/ready"]
 
 
@@ -181,6 +181,19 @@ def guided_document(draw, endpoint: str):
         needed = ["rewards", "response_mask"] + (["group_ids"] if estimator in GROUPED else []) \
             + (["values"] if estimator in ("gae", "orz") else []) + (["greedy_rewards"] if estimator == "remax" else [])
         every = ADVANTAGE_TENSORS
+    elif endpoint == "/v1/analysis":
+        chosen = draw(st.one_of(st.none(), st.lists(st.sampled_from(ESTIMATORS + ["nope"]), min_size=1, max_size=3,
+                                                    unique=True)))
+        if chosen is not None:
+            document["estimators"] = chosen
+        if draw(st.integers(0, 3)) == 0:
+            names = draw(st.lists(st.sampled_from(ADVANTAGE_PARAMS), max_size=2, unique=True))
+            document["params"] = {draw(st.sampled_from(chosen or ESTIMATORS)): {name: draw(param_values)
+                                                                               for name in names}}
+        chosen = chosen or []
+        needed = ["rewards", "response_mask", "group_ids"] + (["values"] if {"gae", "orz"} & set(chosen) else []) \
+            + (["greedy_rewards"] if "remax" in chosen else [])
+        every = ADVANTAGE_TENSORS
     else:
         terms = draw(st.lists(st.sampled_from(list(LOSS_TERMS)), max_size=2, unique=True))
         for term in terms:
@@ -198,6 +211,8 @@ def guided_document(draw, endpoint: str):
         needed = [*needed, "cu_seqlens"]
     if coherent:
         tensors = coherent_tensors(draw, list(dict.fromkeys(needed)), batch, length, packed)
+        if endpoint == "/v1/analysis":  # groups of at least 2, which the analysis needs
+            tensors["group_ids"] = [min(i // 2, batch // 2 - 1) for i in range(batch)]
         for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
             name = draw(st.sampled_from(every))
             if name in tensors and draw(st.booleans()):

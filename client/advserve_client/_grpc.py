@@ -17,6 +17,7 @@ from .framing import RawTensor
 
 ADVANTAGES = "/v1/advantages"
 LOSSES = "/v1/losses"
+ANALYSIS = "/v1/analysis"
 
 
 def target(address: str) -> str:
@@ -137,6 +138,28 @@ def losses_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor 
         raise InvalidArgument(str(exc)) from None
 
 
+def analyze_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]) -> pb.AnalyzeRequest:
+    estimators = document.get("estimators")
+    if estimators is not None:
+        if isinstance(estimators, (str, bytes)) or not isinstance(estimators, (list, tuple)):
+            raise InvalidArgument("estimators must be a list of estimator names", field="estimators")
+        if not estimators:  # the proto cannot tell an empty list from an unset one: refuse it here, as REST does
+            raise InvalidArgument("estimators is empty: name at least one, or leave it out for all that apply",
+                                  field="estimators")
+        for name in estimators:
+            _name("estimator", name, "estimators", NotFound)
+    _name("preset", document.get("preset"), "preset", NotFound)
+    _name("layout", document.get("layout"), "layout", InvalidArgument)
+    _dtype(document.get("dtype"))
+    params = document.get("params")
+    if params is not None and not isinstance(params, Mapping):
+        raise InvalidArgument("params must map estimator names to their parameter overrides", field="params")
+    for estimator, overrides in (params or {}).items():
+        _params(pb.AdvantageParams, overrides, f"params.{estimator}")
+    _tensor_names(tensors, protocol.ADVANTAGE_TENSORS)
+    return protocol.analyze_request_to_pb(document, tensors)
+
+
 # --- responses ------------------------------------------------------------------------------------
 
 
@@ -229,6 +252,9 @@ class GrpcTransport:
         if path == ADVANTAGES:
             return advantages_response(self._call(self._stub.ComputeAdvantages,
                                                   advantages_request(document, tensors)), document)
+        if path == ANALYSIS:
+            return protocol.analyze_response_from_pb(self._call(self._stub.Analyze,
+                                                                analyze_request(document, tensors))), {}
         return losses_response(self._call(self._stub.ComputeLosses, losses_request(document, tensors)), document)
 
     def catalog(self) -> dict[str, Any]:
@@ -271,6 +297,8 @@ class AsyncGrpcTransport:
         if path == ADVANTAGES:
             response = await self._call("ComputeAdvantages", advantages_request(document, tensors))
             return advantages_response(response, document)
+        if path == ANALYSIS:
+            return protocol.analyze_response_from_pb(await self._call("Analyze", analyze_request(document, tensors))), {}
         return losses_response(await self._call("ComputeLosses", losses_request(document, tensors)), document)
 
     async def catalog(self) -> dict[str, Any]:

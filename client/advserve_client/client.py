@@ -1,5 +1,5 @@
 """`Client` and `AsyncClient`: advserve over HTTP (binary framing or JSON) or gRPC, with the method
-names and arguments of the in-process API (`advserve.compute_advantages`, `advserve.compute_losses`,
+names and arguments of the in-process API (`advserve.compute_advantages`, `advserve.compute_losses`, `advserve.analyze`,
 `advserve.catalog` as `list_estimators`).
 
     from advserve_client import Client
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from . import _grpc, _http, _retry
 from ._arrays import Outputs, wire_tensors
-from ._grpc import ADVANTAGES, LOSSES, AsyncGrpcTransport, GrpcTransport
+from ._grpc import ADVANTAGES, ANALYSIS, LOSSES, AsyncGrpcTransport, GrpcTransport
 from ._http import AsyncHttpTransport, HttpTransport
 from ._retry import RetryPolicy
 from .errors import AdvserveError
@@ -75,6 +75,12 @@ class LossResult:
 
 def _document(**entries: Any) -> dict[str, Any]:
     return {key: value for key, value in entries.items() if value is not None}
+
+
+def _names(estimators: Sequence[str] | None) -> Any:
+    """A list of estimator names as the wire wants it (a tuple becomes a list; anything else is left
+    for the server to reject, naming the field)."""
+    return list(estimators) if isinstance(estimators, tuple) else estimators
 
 
 def _advantages_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs: Outputs,
@@ -191,6 +197,22 @@ class Client(_Base):
         answer, raw = self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
         return _losses_result(answer, raw, outputs, preset)
 
+    def analyze(self, estimators: Sequence[str] | None = None, *, preset: str | None = None,
+                params: Mapping[str, Mapping[str, Any]] | None = None, dtype: str | None = None,
+                layout: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """What each estimator makes of this batch (POST /v1/analysis, docs/analysis.md): per group, the
+        implied weight of its prompt relative to the unbiased policy gradient; per pair of estimators,
+        the share of tokens whose advantage signs disagree.
+
+        tensors: as for `compute_advantages`, group_ids [B] required (groups of at least 2).
+        estimators: the names to analyse (None: every estimator of the preset the tensors allow);
+        params: per-estimator overrides, {"grpo": {"std_eps": 1e-6}}. Returns the analysis document
+        (the same over both transports; group ids as strings).
+        """
+        document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
+        answer, _ = self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
+        return answer
+
     def list_estimators(self) -> dict[str, Any]:
         """The catalog (GET /v1/estimators): every estimator's formula, tensors, parameters and defaults
         per preset, and the loss terms."""
@@ -245,6 +267,14 @@ class AsyncClient(_Base):
         outputs = Outputs(tensors)
         answer, raw = await self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
         return _losses_result(answer, raw, outputs, preset)
+
+    async def analyze(self, estimators: Sequence[str] | None = None, *, preset: str | None = None,
+                      params: Mapping[str, Mapping[str, Any]] | None = None, dtype: str | None = None,
+                      layout: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """See `Client.analyze`."""
+        document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
+        answer, _ = await self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
+        return answer
 
     async def list_estimators(self) -> dict[str, Any]:
         """See `Client.list_estimators`."""

@@ -43,6 +43,7 @@ _ENUMS = {
     "cispo_level": (pb.CispoLevel, "CISPO_LEVEL_"),
     "sequence_ratio_gradient": (pb.SequenceRatioGradient, "SEQUENCE_RATIO_GRADIENT_"),
     "seq_denominator": (pb.SeqDenominator, "SEQ_DENOMINATOR_"),
+    "bias": (pb.Bias, "BIAS_"),
 }
 # nullable parameters: message field -> the bool field that means "null" (off)
 _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clamp": "no_ratio_clamp",
@@ -317,3 +318,113 @@ def losses_response_from_pb(response: pb.ComputeLossesResponse) -> tuple[dict[st
     tensors = {name: (tensor_from_pb(name, getattr(response, name)) if response.HasField(name) else None)
                for name in ("grad_logprobs", "grad_values", "grad_entropy")}
     return document, tensors
+
+
+# --- analysis -----------------------------------------------------------------------------------
+
+SUMMARY_KEYS = ("min", "median", "max", "mean", "token_weighted_mean", "max_over_min")
+_GROUP_FLOATS = ("pass_rate", "reward_std", "mean_length", "harmonic_mean_length")
+
+
+def analyze_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Any]) -> pb.AnalyzeRequest:
+    """From the REST document ({"estimators", "preset", "params": {estimator: {...}}, "dtype", "layout"})."""
+    request = pb.AnalyzeRequest(
+        estimators=[name_to_enum("estimator", name) for name in document.get("estimators") or ()],
+        preset=name_to_enum("preset", document.get("preset")),
+        dtype=DTYPE_ENUMS[document["dtype"]] if document.get("dtype") else 0,
+        layout=name_to_enum("layout", document.get("layout")),
+    )
+    for estimator, overrides in (document.get("params") or {}).items():
+        params_to_pb(request.params[estimator], overrides)
+    _tensors_to_pb(request, tensors)
+    return request
+
+
+def analyze_request_from_pb(request: pb.AnalyzeRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    document: dict[str, Any] = {}
+    if request.estimators:
+        names = [enum_to_name("estimator", value) for value in request.estimators]
+        if None in names:
+            raise FramingError("estimators: ESTIMATOR_UNSPECIFIED is not an estimator", "estimators")
+        document["estimators"] = names
+    for key, value in (("preset", enum_to_name("preset", request.preset)),
+                       ("dtype", DTYPE_NAMES.get(request.dtype)),
+                       ("layout", enum_to_name("layout", request.layout))):
+        if value is not None:
+            document[key] = value
+    if request.params:
+        document["params"] = {name: params_from_pb(message) for name, message in request.params.items()}
+    return document, _tensors_from_pb(request, ADVANTAGE_TENSORS)
+
+
+def _doubles(values: Any) -> pb.DoubleList | None:
+    return None if values is None else pb.DoubleList(values=values)
+
+
+def analyze_response_to_pb(document: Mapping[str, Any]) -> pb.AnalyzeResponse:
+    """From the REST document of POST /v1/analysis."""
+    groups = document["groups"]
+    response = pb.AnalyzeResponse(
+        preset=name_to_enum("preset", document["preset"]), sequences=document["sequences"],
+        tokens=document["tokens"], binary_rewards=document["binary_rewards"],
+        groups=pb.GroupAnalysis(count=groups["count"], ids=groups["ids"], size=groups["size"],
+                                tokens=groups["tokens"], no_signal=groups["no_signal"],
+                                **{key: groups[key] for key in _GROUP_FLOATS}),
+        no_signal_fraction=document["no_signal_fraction"], no_signal_token_fraction=document["no_signal_token_fraction"],
+        sign_disagreement=[v for row in document["sign_disagreement"] for v in row],
+        sign_opposition=[v for row in document["sign_opposition"] for v in row],
+    )
+    for name in document["estimators"]:
+        entry = document["analysis"][name]
+        item = response.estimators.add(
+            estimator=name_to_enum("estimator", name), bias=name_to_enum("bias", entry["bias"]),
+            formula=entry["formula"], weights=entry["weights"], zero_advantage_fraction=entry["zero_advantage_fraction"],
+            summary=pb.WeightSummary(**{k: v for k, v in entry["summary"].items() if v is not None}))
+        if entry["whitening_scale"] is not None:
+            item.whitening_scale = entry["whitening_scale"]
+        for key in ("weights_exact", "relative_to_median"):
+            if entry[key] is not None:
+                getattr(item, key).CopyFrom(_doubles(entry[key]))
+        params_to_pb(item.params, entry["params"])
+    return response
+
+
+def analyze_response_from_pb(response: pb.AnalyzeResponse) -> dict[str, Any]:
+    """The REST document of POST /v1/analysis (group ids as strings, as REST gives them)."""
+    names = [enum_to_name("estimator", item.estimator) for item in response.estimators]
+    count = len(names)
+
+    def square(values: Any) -> list[list[float]]:
+        flat = list(values)
+        return [flat[i * count:(i + 1) * count] for i in range(count)]
+
+    groups = response.groups
+    analysis = {}
+    for name, item in zip(names, response.estimators):
+        analysis[name] = {
+            "bias": enum_to_name("bias", item.bias),
+            "formula": item.formula,
+            "params": params_from_pb(item.params),
+            "whitening_scale": item.whitening_scale if item.HasField("whitening_scale") else None,
+            "weights": list(item.weights),
+            "weights_exact": list(item.weights_exact.values) if item.HasField("weights_exact") else None,
+            "relative_to_median": list(item.relative_to_median.values) if item.HasField("relative_to_median") else None,
+            "zero_advantage_fraction": item.zero_advantage_fraction,
+            "summary": {key: (getattr(item.summary, key) if item.summary.HasField(key) else None)
+                        for key in SUMMARY_KEYS},
+        }
+    return {
+        "preset": enum_to_name("preset", response.preset),
+        "estimators": names,
+        "sequences": response.sequences,
+        "tokens": response.tokens,
+        "binary_rewards": response.binary_rewards,
+        "groups": {"count": groups.count, "ids": list(groups.ids), "size": list(groups.size),
+                   **{key: list(getattr(groups, key)) for key in _GROUP_FLOATS},
+                   "tokens": list(groups.tokens), "no_signal": list(groups.no_signal)},
+        "no_signal_fraction": response.no_signal_fraction,
+        "no_signal_token_fraction": response.no_signal_token_fraction,
+        "analysis": analysis,
+        "sign_disagreement": square(response.sign_disagreement),
+        "sign_opposition": square(response.sign_opposition),
+    }

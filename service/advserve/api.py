@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .device import to_host
 from .engine import Engine
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
@@ -95,9 +96,33 @@ def compute_losses(
                                grad_values=convert(result.grad_values), grad_entropy=convert(result.grad_entropy))
 
 
+def analyze(
+    estimators: Sequence[str] | None = None,
+    *,
+    preset: str | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    dtype: str | None = None,
+    layout: str | None = None,
+    device: str = "auto",
+    **tensors: Any,
+) -> dict[str, Any]:
+    """What each estimator makes of this batch, relative to the unbiased policy gradient (docs/analysis.md).
+
+    tensors: as for `compute_advantages`, group_ids [B] required (groups of at least 2). estimators:
+    names to analyse (None: every estimator of the preset the tensors allow); params: per-estimator
+    overrides, {"grpo": {"std_eps": 1e-6}}. Returns the document of POST /v1/analysis: per group
+    (pass rate, reward std, lengths, no-signal flag), per estimator (implied weight of each group,
+    exact finite-group weight, normalised weights, summary statistics, share of zero-advantage
+    groups) and the pairwise sign disagreement of the estimators' advantages.
+    """
+    request = AnalysisRequest(tensors=tensors, estimators=estimators, preset=preset, params=params, dtype=dtype,
+                              layout=layout)
+    return run_analysis(_engine(device), prepare_analysis(_engine(device), request))
+
+
 def catalog() -> dict[str, Any]:
     """Estimators, their tensors and parameters with the defaults of each preset; the loss terms."""
     return Engine.catalog()
 
 
-__all__ = ["compute_advantages", "compute_losses", "catalog"]
+__all__ = ["analyze", "compute_advantages", "compute_losses", "catalog"]

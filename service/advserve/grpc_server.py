@@ -21,6 +21,7 @@ from advserve_client import protocol
 from advserve_client._pb import advserve_pb2, advserve_pb2_grpc
 from advserve_client.framing import FramingError, RawTensor
 
+from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
@@ -62,6 +63,9 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
     async def ListEstimators(self, request, context):
         return await self._serve(request, context, "estimators", self._catalog)
 
+    async def Analyze(self, request, context):
+        return await self._serve(request, context, "analysis", self._analysis)
+
     async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: "_Call"):
         document, raw = protocol.advantages_request_from_pb(request)
         domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
@@ -89,6 +93,14 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
                 {"loss": result.loss, "components": result.components, "metrics": result.metrics,
                  "params": result.params},
                 {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
+
+    async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: "_Call"):
+        document, raw = protocol.analyze_request_from_pb(request)
+        prepared = prepare_analysis(self.engine, AnalysisRequest(tensors=_torch(raw), **document))
+        call.batch = tuple(prepared.batch.mask.shape)
+        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)))
+        with call.phase("encode"):
+            return protocol.analyze_response_to_pb(result)
 
     async def _catalog(self, request, call: "_Call"):
         return catalog_to_pb(self.engine.catalog())

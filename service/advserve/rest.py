@@ -26,6 +26,7 @@ from advserve_client import framing
 from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, RawTensor
 
 from . import __version__
+from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .config import Settings
 from .device import to_host
 from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
@@ -78,6 +79,24 @@ class LossesBody(BaseModel):
         "old_values, returns, entropy, rollout_logprobs")
 
 
+class AnalysisBody(BaseModel):
+    """Request of POST /v1/analysis: a batch as for /v1/advantages (group_ids required) and the
+    estimators to compare."""
+
+    model_config = ConfigDict(extra="forbid")
+    estimators: list[str] | None = Field(None, description="estimator names (default: every estimator of the "
+                                         "preset that the given tensors allow)", examples=[["grpo", "rloo"]])
+    preset: str | None = Field(None, description="'paper' (default) or another preset of GET /v1/estimators")
+    params: dict[str, dict[str, Any] | None] | None = Field(
+        None, description="per-estimator overrides of the preset's parameters: {estimator: {param: value}}")
+    dtype: Literal["float32", "float64"] | None = Field(None, description="compute dtype (default float32)")
+    layout: Literal["padded", "packed"] | None = Field(None, description="as for /v1/advantages")
+    tensors: dict[str, Any] = Field(
+        description="as for /v1/advantages: rewards [B] or token_rewards [B,T], response_mask [B,T], group_ids [B] "
+        "(required; groups of at least 2), values [B,T] (gae, orz), greedy_rewards [B] (remax), old_logprobs, "
+        "ref_logprobs [B,T] (KL)")
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -103,6 +122,58 @@ class LossesResponse(BaseModel):
     metrics: dict[str, float]
     params: dict[str, Any]
     tensors: dict[str, list] = Field(description="grad_logprobs, grad_values, grad_entropy [B,T] (those that apply)")
+
+
+class WeightSummary(BaseModel):
+    """Over the groups with signal; null when none has."""
+
+    min: float | None
+    median: float | None
+    max: float | None
+    mean: float | None
+    token_weighted_mean: float | None = Field(description="each group weighted by its valid tokens")
+    max_over_min: float | None = Field(description="null when min is 0")
+
+
+class EstimatorAnalysis(BaseModel):
+    bias: Literal["unbiased", "scaled", "reweighted"] = Field(description="the seed's bias table")
+    formula: str = Field(description="the implied weight w of a prompt relative to the unbiased gradient")
+    params: dict[str, Any] = Field(description="the estimator's parameters as resolved")
+    whitening_scale: float | None = Field(description="1/σ of batch whitening, null when not whitened")
+    weights: list[float | None] = Field(description="[G] implied weight of each group's prompt")
+    weights_exact: list[float | None] | None = Field(description="[G] exact finite-group weight (0/1 rewards; "
+                                                     "rloo, dr_grpo, grpo), else null")
+    relative_to_median: list[float | None] | None = Field(description="[G] weights / their median over the groups "
+                                                          "with signal (null when that median is 0)")
+    zero_advantage_fraction: float | None = Field(description="share of groups whose advantages are all 0")
+    summary: WeightSummary
+
+
+class GroupAnalysis(BaseModel):
+    count: int
+    ids: list[str] = Field(description="group ids (as strings) in order of first appearance")
+    size: list[int]
+    pass_rate: list[float | None] = Field(description="mean reward per group")
+    reward_std: list[float | None] = Field(description="population std of the rewards per group")
+    mean_length: list[float | None]
+    harmonic_mean_length: list[float | None]
+    tokens: list[int] = Field(description="valid tokens per group")
+    no_signal: list[bool] = Field(description="all rewards of the group equal")
+
+
+class AnalysisResponse(BaseModel):
+    preset: str
+    estimators: list[str] = Field(description="the analysed estimators; the order of the sign matrices")
+    sequences: int
+    tokens: int
+    binary_rewards: bool
+    groups: GroupAnalysis
+    no_signal_fraction: float | None
+    no_signal_token_fraction: float | None
+    analysis: dict[str, EstimatorAnalysis] = Field(description="per estimator")
+    sign_disagreement: list[list[float | None]] = Field(description="[E, E] share of valid tokens whose advantage "
+                                                        "signs (−, 0, +) differ")
+    sign_opposition: list[list[float | None]] = Field(description="[E, E] share of valid tokens with A_a · A_b < 0")
 
 
 class JSONResponse(Response):
@@ -189,6 +260,8 @@ def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | 
                                                dumps=_orjson_dumps)
         headers[HEADER_LENGTH] = str(header_length)
         return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
+    if not tensors:  # a document without a tensors part (POST /v1/analysis)
+        return JSONResponse(document, headers=headers)
     numpy = {name: to_host(t.detach()).numpy() for name, t in present.items()}
     return JSONResponse({**document, "tensors": numpy}, headers=headers)
 
@@ -445,6 +518,22 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         return await serve(request, LossesBody, "losses", prepare,
                            lambda domain: scheduler.call(lambda: engine.compute_losses(domain)), losses_document)
 
+    @app.post("/v1/analysis", openapi_extra=body_schema(AnalysisBody),
+              responses={200: {"model": AnalysisResponse, **binary_200}, **error_responses}, tags=["analysis"])
+    async def analysis(request: Request):
+        """What each estimator makes of a batch: per group, the implied weight of the prompt relative to
+        the unbiased policy gradient; per pair of estimators, the share of tokens whose advantage signs
+        disagree (docs/analysis.md)."""
+
+        def prepare(body: AnalysisBody, tensors):
+            return prepare_analysis(engine, AnalysisRequest(
+                tensors=tensors, estimators=body.estimators, preset=body.preset, params=body.params,
+                dtype=body.dtype, layout=body.layout))
+
+        return await serve(request, AnalysisBody, "analysis", prepare,
+                           lambda prepared: scheduler.call(lambda: run_analysis(engine, prepared)),
+                           lambda document: (lambda: document, {}))
+
     @app.get("/v1/estimators", response_class=JSONResponse, responses=json_object, tags=["catalog"])
     async def estimators():
         """Every estimator with its tensors, parameters and per-preset defaults; the loss terms."""
@@ -473,7 +562,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (AdvantagesBody, LossesBody):
+            for model in (AdvantagesBody, LossesBody, AnalysisBody):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

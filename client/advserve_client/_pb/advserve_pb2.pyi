@@ -107,6 +107,13 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_SEQ_MEAN_TOKEN_MEAN: _ClassVar[Aggregation]
     AGGREGATION_SEQ_MEAN_TOKEN_SUM: _ClassVar[Aggregation]
     AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: _ClassVar[Aggregation]
+
+class Bias(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BIAS_UNSPECIFIED: _ClassVar[Bias]
+    BIAS_UNBIASED: _ClassVar[Bias]
+    BIAS_SCALED: _ClassVar[Bias]
+    BIAS_REWEIGHTED: _ClassVar[Bias]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
@@ -170,6 +177,10 @@ AGGREGATION_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_MEAN: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: Aggregation
+BIAS_UNSPECIFIED: Bias
+BIAS_UNBIASED: Bias
+BIAS_SCALED: Bias
+BIAS_REWEIGHTED: Bias
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -616,3 +627,134 @@ class ListEstimatorsResponse(_message.Message):
     default_preset: Preset
     catalog: _struct_pb2.Struct
     def __init__(self, estimators: _Optional[_Iterable[_Union[EstimatorInfo, _Mapping]]] = ..., default_preset: _Optional[_Union[Preset, str]] = ..., catalog: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class AnalyzeRequest(_message.Message):
+    __slots__ = ("estimators", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AdvantageParams
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
+    ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_MASK_FIELD_NUMBER: _ClassVar[int]
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    OLD_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
+    estimators: _containers.RepeatedScalarFieldContainer[Estimator]
+    preset: Preset
+    params: _containers.MessageMap[str, AdvantageParams]
+    dtype: DataType
+    layout: Layout
+    rewards: Tensor
+    token_rewards: Tensor
+    response_mask: Tensor
+    group_ids: GroupIds
+    values: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor
+    greedy_rewards: Tensor
+    cu_seqlens: Tensor
+    def __init__(self, estimators: _Optional[_Iterable[_Union[Estimator, str]]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Mapping[str, AdvantageParams]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DoubleList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class WeightSummary(_message.Message):
+    __slots__ = ("min", "median", "max", "mean", "token_weighted_mean", "max_over_min")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_WEIGHTED_MEAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_OVER_MIN_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    median: float
+    max: float
+    mean: float
+    token_weighted_mean: float
+    max_over_min: float
+    def __init__(self, min: _Optional[float] = ..., median: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., token_weighted_mean: _Optional[float] = ..., max_over_min: _Optional[float] = ...) -> None: ...
+
+class EstimatorAnalysis(_message.Message):
+    __slots__ = ("estimator", "bias", "formula", "params", "whitening_scale", "weights", "weights_exact", "relative_to_median", "zero_advantage_fraction", "summary")
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    FORMULA_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WHITENING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_TO_MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    ZERO_ADVANTAGE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    estimator: Estimator
+    bias: Bias
+    formula: str
+    params: AdvantageParams
+    whitening_scale: float
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    weights_exact: DoubleList
+    relative_to_median: DoubleList
+    zero_advantage_fraction: float
+    summary: WeightSummary
+    def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., bias: _Optional[_Union[Bias, str]] = ..., formula: _Optional[str] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ..., whitening_scale: _Optional[float] = ..., weights: _Optional[_Iterable[float]] = ..., weights_exact: _Optional[_Union[DoubleList, _Mapping]] = ..., relative_to_median: _Optional[_Union[DoubleList, _Mapping]] = ..., zero_advantage_fraction: _Optional[float] = ..., summary: _Optional[_Union[WeightSummary, _Mapping]] = ...) -> None: ...
+
+class GroupAnalysis(_message.Message):
+    __slots__ = ("count", "ids", "size", "pass_rate", "reward_std", "mean_length", "harmonic_mean_length", "tokens", "no_signal")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PASS_RATE_FIELD_NUMBER: _ClassVar[int]
+    REWARD_STD_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HARMONIC_MEAN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NO_SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    size: _containers.RepeatedScalarFieldContainer[int]
+    pass_rate: _containers.RepeatedScalarFieldContainer[float]
+    reward_std: _containers.RepeatedScalarFieldContainer[float]
+    mean_length: _containers.RepeatedScalarFieldContainer[float]
+    harmonic_mean_length: _containers.RepeatedScalarFieldContainer[float]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    no_signal: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, count: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., size: _Optional[_Iterable[int]] = ..., pass_rate: _Optional[_Iterable[float]] = ..., reward_std: _Optional[_Iterable[float]] = ..., mean_length: _Optional[_Iterable[float]] = ..., harmonic_mean_length: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[int]] = ..., no_signal: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class AnalyzeResponse(_message.Message):
+    __slots__ = ("preset", "sequences", "tokens", "binary_rewards", "groups", "no_signal_fraction", "no_signal_token_fraction", "estimators", "sign_disagreement", "sign_opposition")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BINARY_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NO_SIGNAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NO_SIGNAL_TOKEN_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
+    SIGN_DISAGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGN_OPPOSITION_FIELD_NUMBER: _ClassVar[int]
+    preset: Preset
+    sequences: int
+    tokens: int
+    binary_rewards: bool
+    groups: GroupAnalysis
+    no_signal_fraction: float
+    no_signal_token_fraction: float
+    estimators: _containers.RepeatedCompositeFieldContainer[EstimatorAnalysis]
+    sign_disagreement: _containers.RepeatedScalarFieldContainer[float]
+    sign_opposition: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, preset: _Optional[_Union[Preset, str]] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., binary_rewards: _Optional[bool] = ..., groups: _Optional[_Union[GroupAnalysis, _Mapping]] = ..., no_signal_fraction: _Optional[float] = ..., no_signal_token_fraction: _Optional[float] = ..., estimators: _Optional[_Iterable[_Union[EstimatorAnalysis, _Mapping]]] = ..., sign_disagreement: _Optional[_Iterable[float]] = ..., sign_opposition: _Optional[_Iterable[float]] = ...) -> None: ...

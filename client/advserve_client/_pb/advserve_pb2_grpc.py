@@ -51,6 +51,11 @@ class AdvserveStub:
                 request_serializer=advserve_dot_v1_dot_advserve__pb2.ListEstimatorsRequest.SerializeToString,
                 response_deserializer=advserve_dot_v1_dot_advserve__pb2.ListEstimatorsResponse.FromString,
                 _registered_method=True)
+        self.Analyze = channel.unary_unary(
+                '/advserve.v1.Advserve/Analyze',
+                request_serializer=advserve_dot_v1_dot_advserve__pb2.AnalyzeRequest.SerializeToString,
+                response_deserializer=advserve_dot_v1_dot_advserve__pb2.AnalyzeResponse.FromString,
+                _registered_method=True)
 
 
 class AdvserveServicer:
@@ -78,6 +83,15 @@ class AdvserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Analyze(self, request, context):
+        """What each estimator makes of a batch: per group, the implied weight of its prompt relative to the
+        unbiased policy gradient; per pair of estimators, how often their advantage signs disagree
+        (POST /v1/analysis, docs/analysis.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdvserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_AdvserveServicer_to_server(servicer, server):
                     servicer.ListEstimators,
                     request_deserializer=advserve_dot_v1_dot_advserve__pb2.ListEstimatorsRequest.FromString,
                     response_serializer=advserve_dot_v1_dot_advserve__pb2.ListEstimatorsResponse.SerializeToString,
+            ),
+            'Analyze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Analyze,
+                    request_deserializer=advserve_dot_v1_dot_advserve__pb2.AnalyzeRequest.FromString,
+                    response_serializer=advserve_dot_v1_dot_advserve__pb2.AnalyzeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class Advserve:
             '/advserve.v1.Advserve/ListEstimators',
             advserve_dot_v1_dot_advserve__pb2.ListEstimatorsRequest.SerializeToString,
             advserve_dot_v1_dot_advserve__pb2.ListEstimatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Analyze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advserve.v1.Advserve/Analyze',
+            advserve_dot_v1_dot_advserve__pb2.AnalyzeRequest.SerializeToString,
+            advserve_dot_v1_dot_advserve__pb2.AnalyzeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,13 +16,15 @@ mean length T_h,g = 1/mean_g(1/L) and whether the group carries no learning sign
 equal). Per estimator:
 
 - `weights` [G]: the implied weight w_g of the group's prompt relative to the unbiased gradient,
-  `theory.asymptotic_prompt_weight` at (p̂_g, M_g, T̄_g or T_h,g) with the engine's own group std
-  (std_g(R; std_ddof) + std_eps from the estimator's resolved parameters) in place of sqrt(p(1−p)): for
-  0/1 rewards and the `paper` preset exactly 1/sqrt(p̂(1−p̂)); for other rewards the same
-  generalisation the engine applies (GRPO divides by the group's reward std whatever the rewards are).
-  Whitening (REINFORCE++, and GAE/ORZ when `whiten` is on) multiplies every weight by 1/σ, σ =
-  sqrt(var + whiten_eps) of the un-whitened advantages over the batch's valid tokens, computed by a
-  second engine call with whiten=false. The weights use the reward alone (β = 0, the seed's setting).
+  `theory.asymptotic_prompt_weight` at (p̂_g, M_g, T̄_g or T_h,g) with the engine's own divisor in
+  place of sqrt(p(1−p)): std_g(R; std_ddof) + std_eps from the estimator's resolved parameters (with
+  std_scope 'batch', TRL's, the std of all B scores + std_eps: GRPO is then only scaled). For 0/1
+  rewards and the `paper` preset that is exactly 1/sqrt(p̂(1−p̂)); for other rewards it is the same
+  generalisation the engine applies (GRPO divides by the group's reward std whatever the rewards).
+  Whitening (REINFORCE++, and any estimator whose `whiten` is on) multiplies every weight by 1/d, the
+  engine's whitening scale, measured as std(whitened)/std(unwhitened) over the valid tokens (a second
+  engine call with whiten=false): exact for every ε placement, ddof and scope. The weights use the
+  reward alone (β = 0, the seed's setting) and do not model reward clipping (reward_clip_*).
 - `weights_exact` [G] (0/1 rewards; rloo, dr_grpo, grpo): `theory.exact_group_weight` at (p̂_g, M_g),
   the finite-group value, else null.
 - `relative_to_median` [G]: w_g / the median weight over the groups with signal.
@@ -50,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ..batch import Batch, build_batch
-from ..engine import Engine, PreparedAdvantages, advantage_inputs
+from ..engine import REWARD_TENSORS, Engine, PreparedAdvantages, advantage_inputs
 from ..errors import InvalidArgument, NotFound
 from ..estimators import ESTIMATORS
 from ..functional.groups import Groups, centered_scores, group_std
@@ -136,10 +138,25 @@ def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalys
         if overrides is not None and not isinstance(overrides, Mapping):
             raise InvalidArgument(f"params.{name} must be an object of parameters", field=f"params.{name}")
 
+    # the rows' groups, rewards and lengths, validated like every batch, before any estimator sees them
+    if sum(raw.get(name) is not None for name in REWARD_TENSORS) != 1:
+        raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]", field="tensors.rewards")
+    outcome = {*REWARD_TENSORS, "response_mask", "group_ids", *_PACKED_ONLY}
+    batch = build_batch({key: value for key, value in raw.items() if key in outcome}, allowed=outcome,
+                        required={"response_mask", "group_ids"}, dtype=engine._dtype(request.dtype),
+                        device=engine.device, context="the analysis", layout=request.layout or "padded",
+                        max_tokens=engine.max_tokens)
+    sizes = torch.bincount(batch.group_index)
+    small = torch.nonzero(sizes < 2).flatten()
+    if small.numel():
+        label = batch.group_labels[int(small[0])]
+        raise InvalidArgument(f"group {label!r} has a single response; the analysis needs at least 2 per group "
+                              "(a pass rate is a group statistic)", field="tensors.group_ids")
+
     jobs, used = [], set()
     for name in names:
         estimator = ESTIMATORS[name]
-        accepted = set(estimator.requires) | set(estimator.optional) | {"rewards", "token_rewards", "response_mask"}
+        accepted = set(estimator.requires) | set(estimator.optional) | {*REWARD_TENSORS, "response_mask"}
         accepted |= _PACKED_ONLY if request.layout == "packed" else set()
         used |= accepted
         own = {key: value for key, value in raw.items() if key in accepted}
@@ -156,17 +173,6 @@ def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalys
     for key in sorted(given - used - {"group_ids"}):
         raise InvalidArgument(f"tensor {key!r} is not used by any analysed estimator ({', '.join(names)})",
                               field=f"tensors.{key}")
-    # the rows' groups, rewards and lengths, validated like every batch (same rows as the jobs')
-    outcome = {"rewards", "token_rewards", "response_mask", "group_ids", *_PACKED_ONLY}
-    batch = build_batch({key: value for key, value in raw.items() if key in outcome}, allowed=outcome,
-                        required={"response_mask", "group_ids"}, dtype=jobs[0].dtype, device=engine.device,
-                        context="the analysis", layout=request.layout or "padded", max_tokens=engine.max_tokens)
-    sizes = torch.bincount(batch.group_index)
-    small = torch.nonzero(sizes < 2).flatten()
-    if small.numel():
-        label = batch.group_labels[int(small[0])]
-        raise InvalidArgument(f"group {label!r} has a single response; the analysis needs at least 2 per group "
-                              "(a pass rate is a group statistic)", field="tensors.group_ids")
     return PreparedAnalysis(preset, batch, tuple(jobs))
 
 
@@ -188,14 +194,26 @@ def _advantages(engine: Engine, job: PreparedAdvantages) -> Tensor:
     return _padded(job, engine.run_advantages([job])[0].advantages)
 
 
-def _whitening_std(engine: Engine, job: PreparedAdvantages, valid: Tensor, tokens: int) -> float:
-    """σ = sqrt(var + whiten_eps) of the un-whitened advantages over the valid tokens (var with
-    whiten_ddof), the engine's own whitening denominator; computed by an engine call with whiten off."""
+def _whitening_scale(engine: Engine, job: PreparedAdvantages, whitened: Tensor, mask: Tensor) -> float:
+    """1/d of the engine's whitening (x − μ)/d, measured: an engine call with whiten off gives x, and
+    the whitened advantages are affine in x with slope 1/d on every valid token, so 1/d =
+    std(whitened)/std(x) over the valid tokens, whatever the preset's ε placement, ddof or scope
+    (tokens or sequences). 0 when x is constant (the engine whitens a constant to 0)."""
     unwhitened = dataclasses.replace(job, params={**job.params, "whiten": False})
-    raw = _advantages(engine, unwhitened).to(F64) * valid
-    mean = raw.sum() / max(tokens, 1)
-    var = ((raw - mean) * valid).square().sum() / max(tokens - job.params["whiten_ddof"], 1)
-    return float((var + job.params["whiten_eps"]).sqrt())
+    raw = _advantages(engine, unwhitened)[mask].to(F64)
+    spread = float(raw.std(correction=0)) if raw.numel() else 0.0
+    return float(whitened[mask].to(F64).std(correction=0)) / spread if spread > 0 else 0.0
+
+
+def _group_denominator(params: Mapping[str, Any], scores: Tensor, centered: Tensor, groups: Groups) -> Tensor:
+    """The engine's GRPO divisor per group [G]: std_g(R; std_ddof) + std_eps, or with std_scope
+    'batch' (TRL) the std of all B scores + std_eps for every group."""
+    ddof, eps = params.get("std_ddof", 0), params.get("std_eps", 0.0)
+    if params.get("std_scope", "group") == "batch":
+        deviation = scores - scores.mean()
+        std = (deviation.dot(deviation) / max(scores.shape[0] - ddof, 1)).sqrt()
+        return std.expand(groups.count) + eps
+    return group_std(centered, groups, ddof) + eps
 
 
 def _summary(weights: Tensor, signal: Tensor, tokens: Tensor) -> dict[str, float | None]:
@@ -247,7 +265,7 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
     batch = prepared.batch
     inputs = advantage_inputs(batch, prepared.jobs[0].dtype)
     groups = Groups.from_index(batch.group_index)
-    mask, valid = batch.mask, batch.valid.to(F64)
+    mask = batch.mask
     tokens_total = batch.tokens
     scores = inputs.scores.to(F64)
     row_tokens = batch.lengths.to(F64)
@@ -273,24 +291,23 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
         nonzero_rows = (advantages != 0).logical_and_(mask).any(dim=1).to(F64)
         zero_groups = groups.sum(nonzero_rows) == 0
 
-        sigma = _whitening_std(engine, job, valid, tokens_total) if params.get("whiten") else None
-        scale = None if sigma is None else (1 / sigma if sigma > 0 else 0.0)
-        group_denominator = group_std(centered, groups, params.get("std_ddof", 0)) + params.get("std_eps", 0.0)
+        scale = _whitening_scale(engine, job, advantages, mask) if params.get("whiten") else None
         lengths_for = harmonic_length if name == "grpo_original" else mean_length
         weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for,
-                                           reward_std=1.0 if sigma is None else sigma,  # REINFORCE++ unwhitened: 1
-                                           group_reward_std=group_denominator)
-        if scale is not None and name in ("gae", "orz"):  # whitening on top of the exact-critic weight 1
+                                           reward_std=1.0 if scale is None else (1 / scale if scale else 0.0),
+                                           group_reward_std=_group_denominator(params, scores, centered, groups))
+        if scale is not None and name not in ("reinforce_pp", "reinforce_pp_baseline"):  # whitening on top
             weights = weights * scale
         exact = None
-        if binary and name in EXACT_GROUP_ESTIMATORS:
-            exact = _exact_weights(name, pass_rate, sizes, signal, params).tolist()
+        if binary and name in EXACT_GROUP_ESTIMATORS and params.get("std_scope", "group") == "group":
+            exact_weights = _exact_weights(name, pass_rate, sizes, signal, params)
+            exact = (exact_weights if scale is None else exact_weights * scale).tolist()
         summary = _summary(weights, signal, group_tokens)
         median = summary["median"]
         analysis[name] = {
             "bias": ESTIMATOR_BIAS[name],
-            "formula": WEIGHT_FORMULAS[name] + (" · 1/σ (whitening)" if scale is not None and name in ("gae", "orz")
-                                                else ""),
+            "formula": WEIGHT_FORMULAS[name] + (" · 1/σ (whitening)" if scale is not None and name not in (
+                "reinforce_pp", "reinforce_pp_baseline") else ""),
             "params": params,
             "whitening_scale": scale,
             "weights": weights.tolist(),

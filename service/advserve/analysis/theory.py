@@ -62,6 +62,9 @@ ESTIMATOR_BIAS: dict[str, str] = {
     "grpo_original": "reweighted",
     "dapo": "reweighted",
     "dr_grpo": "scaled",
+    # not in the seed's table: OpenRLHF's batch-mean baseline; the mean includes the sample itself,
+    # (B−1)/B → 1 as the batch grows (the seed's NM → ∞ for REINFORCE++)
+    "flash_reinforce": "unbiased",
 }
 """Estimator name -> "unbiased" | "scaled" | "reweighted": the seed's bias table."""
 
@@ -78,13 +81,14 @@ WEIGHT_FORMULAS: dict[str, str] = {
     "grpo_original": "1/(T_h std_g(R)), T_h the harmonic mean length",
     "dapo": "1/(T̄ std_g(R)), T̄ the mean length",
     "dr_grpo": "(M−1)/M",
+    "flash_reinforce": "1 (as the batch grows; exactly (B−1)/B)",
 }
 """Estimator name -> its implied weight w(x) in words (the table above)."""
 
 EXACT_GROUP_ESTIMATORS = ("rloo", "dr_grpo", "grpo")
 """The estimators `exact_group_weight` covers: outcome-reward group baselines without a length term."""
 
-_UNIT = frozenset({"reinforce", "reinforce_rtg", "rloo", "remax", "gae", "orz"})
+_UNIT = frozenset({"reinforce", "reinforce_rtg", "rloo", "remax", "gae", "orz", "flash_reinforce"})
 _STD_NORMALISED = frozenset({"grpo", "grpo_original", "dapo"})
 
 
