@@ -6,6 +6,11 @@ in and out, no torch, no vectorisation tricks. Every function is written straigh
 the seed's table "Advantage Estimations of Popular Policy Gradient Methods" or of docs/semantics.md.
 It shares no code with the engine (service/advserve) and must never import it.
 
+The parameters the library presets brought (reward clip, mask_gaps "step", std_scope "batch",
+whitening eps modes, mean-only and per-sequence whitening, unwhitened returns, KL as reward-to-go for
+the group estimators, flash_reinforce) are written the same way, from docs/semantics.md ("Library
+parameters"); their neutral values are in PAPER_DEFAULTS.
+
 Conventions
 -----------
 * ``mask`` [B, T] (0/1). The valid tokens of row i are ``valid_positions(mask, i)`` (ascending).
@@ -36,6 +41,15 @@ PAPER_DEFAULTS = dict(
     singleton_groups="zero",
     whiten_eps=0.0,
     whiten_ddof=0,
+    # neutral values of the parameters the openrlhf and trl presets set (docs/semantics.md)
+    reward_clip_low=None,
+    reward_clip_high=None,
+    mask_gaps="skip",
+    std_scope="group",
+    whiten_std=True,
+    whiten_eps_mode="inside",
+    whiten_scope="token",
+    returns_whitened=True,
 )
 
 ESTIMATORS = (
@@ -52,6 +66,8 @@ ESTIMATORS = (
     "dapo",
     "dr_grpo",
 )
+# estimators of the library presets beyond the seed's table (compute_advantages knows them too)
+LIBRARY_ESTIMATORS = ("flash_reinforce",)
 
 GROUP_ESTIMATORS = ("reinforce_pp_baseline", "rloo", "grpo", "grpo_original", "dapo", "dr_grpo")
 
@@ -102,6 +118,15 @@ def sign(x):
 
 def clip(x, lo, hi):
     return min(max(x, lo), hi)
+
+
+def clip_optional(x, lo, hi):
+    """x clamped to [lo, hi]; a bound of None is no bound."""
+    if lo is not None:
+        x = max(x, lo)
+    if hi is not None:
+        x = min(x, hi)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,35 +228,63 @@ def sequence_scores(mask, r):
     return [sum(float(r[i, t]) for t in valid_positions(mask, i)) for i in range(B)]
 
 
-def reward_to_go(mask, x, gamma):
-    """rtg_γ(x)_t = Σ_{t' ≥ t, valid} γ^{k(t') − k(t)} x_t' (k = index among valid tokens)."""
+def reward_to_go(mask, x, gamma, gaps="skip"):
+    """rtg_γ(x)_t = Σ_{t' ≥ t, valid} γ^{k(t') − k(t)} x_t' (k = index among valid tokens).
+
+    gaps="step" (OpenRLHF): every position is a step, k(t) = t, masked positions add 0."""
     B, T = mask.shape
     out = np.zeros((B, T), dtype=np.float64)
     for i in range(B):
         running = 0.0
-        for t in reversed(valid_positions(mask, i)):
-            running = float(x[i, t]) + gamma * running
-            out[i, t] = running
+        steps = reversed(range(T)) if gaps == "step" else reversed(valid_positions(mask, i))
+        for t in steps:
+            running = (float(x[i, t]) if mask[i, t] else 0.0) + gamma * running
+            if mask[i, t]:
+                out[i, t] = running
     return out
 
 
-def whiten(mask, x, eps=0.0, ddof=0):
-    """(x − μ)/sqrt(σ² + eps), μ and σ² over all valid tokens of the batch; σ = 0 and eps = 0 → 0."""
-    B, T = mask.shape
-    vals = [float(x[i, t]) for i in range(B) for t in valid_positions(mask, i)]
+def whiten_scale(vals, eps, ddof, eps_mode="inside", use_std=True):
+    """(μ, d) of whitening the list `vals`: (x − μ)/d. d by `eps_mode`: "inside" sqrt(σ² + eps),
+    "floor" sqrt(max(σ², eps)), "outside" σ + eps; `use_std` False: d = 1 (mean shift only).
+    d = 0 (σ = 0, eps = 0) is returned as None: the whitened values are 0. σ² of a single value
+    with ddof 1 is taken as 0."""
     mu = mean(vals)
+    if not use_std:
+        return mu, 1.0
     s = 0.0
     for v in vals:
         s += (v - mu) ** 2
-    var = s / (len(vals) - ddof)
+    var = s / (len(vals) - ddof) if len(vals) > ddof else 0.0
+    if eps_mode == "inside":
+        d = math.sqrt(var + eps)
+    elif eps_mode == "floor":
+        d = math.sqrt(max(var, eps))
+    elif eps_mode == "outside":
+        d = math.sqrt(var) + eps
+    else:
+        raise ValueError(eps_mode)
+    return mu, (d if d > 0.0 else None)
+
+
+def whiten(mask, x, eps=0.0, ddof=0, eps_mode="inside", use_std=True):
+    """(x − μ)/d (see whiten_scale), μ and σ² over all valid tokens of the batch; d = 0 → 0."""
+    B, T = mask.shape
+    vals = [float(x[i, t]) for i in range(B) for t in valid_positions(mask, i)]
+    mu, d = whiten_scale(vals, eps, ddof, eps_mode, use_std)
     out = np.zeros((B, T), dtype=np.float64)
-    if var == 0.0 and eps == 0.0:
+    if d is None:
         return out
-    d = math.sqrt(var + eps)
     for i in range(B):
         for t in valid_positions(mask, i):
             out[i, t] = (float(x[i, t]) - mu) / d
     return out
+
+
+def whiten_rows(per_row, eps=0.0, ddof=0, eps_mode="inside", use_std=True):
+    """Whitening over the B sequence values (TRL RLOO's normalize_advantages), every row counted."""
+    mu, d = whiten_scale(list(per_row), eps, ddof, eps_mode, use_std)
+    return [0.0 if d is None else (v - mu) / d for v in per_row]
 
 
 def broadcast(mask, per_row):
@@ -243,11 +296,14 @@ def broadcast(mask, per_row):
     return out
 
 
-def group_normalized(scores, group_ids, std_ddof, std_eps, singleton_groups, divide_by_std=True):
+def group_normalized(scores, group_ids, std_ddof, std_eps, singleton_groups, divide_by_std=True, std_scope="group"):
     """(R_i − mean_g R)/(std_g R + std_eps) per row (or R_i − mean_g R without the std).
-    All-equal group (std 0, eps 0) → 0. Singleton groups: "zero" → 0, "raw" → mean 0 / std 1,
-    "error" → raise."""
+    std_scope "batch" (TRL scale_rewards="batch"): the std of all B scores instead of the group's.
+    All-equal group → 0. Singleton groups: "zero" → 0, "raw" → mean 0 / std 1, "error" → raise."""
     out = [0.0] * len(scores)
+    batch_sd = None
+    if std_scope == "batch":
+        batch_sd = std(scores, std_ddof) if len(scores) > std_ddof else 0.0
     for _, rows in groups_of(group_ids).items():
         vals = [scores[i] for i in rows]
         if len(rows) == 1:
@@ -263,7 +319,11 @@ def group_normalized(scores, group_ids, std_ddof, std_eps, singleton_groups, div
             for i in rows:
                 out[i] = scores[i] - mu
             continue
-        sd = std(vals, std_ddof)
+        if all(v == vals[0] for v in vals):  # all equal: no signal (exactly 0, whatever the scope)
+            for i in rows:
+                out[i] = 0.0
+            continue
+        sd = std(vals, std_ddof) if batch_sd is None else batch_sd
         for i in rows:
             if sd + std_eps == 0.0:
                 out[i] = 0.0
@@ -320,26 +380,46 @@ def compute_advantages(
     else:
         kl = np.zeros((B, T))
     kl_sum = [sum(float(kl[i, t]) for t in valid_positions(mask, i)) for i in range(B)]
-    # r̃_t = m_t (r_t − β kl_t)
+    lo, hi = p["reward_clip_low"], p["reward_clip_high"]
+    gaps = p["mask_gaps"]
+
+    def clipped(x):  # the reward clip (OpenRLHF --reward.clip_range): outcome terms only, never KL
+        return clip_optional(x, lo, hi)
+
+    def whiten_tokens(x):
+        return whiten(mask, x, p["whiten_eps"], p["whiten_ddof"], p["whiten_eps_mode"], p["whiten_std"])
+
+    def kl_to_go():  # β Σ_{t' ≥ t} kl_t' (γ = 1: the same over gaps skipped or stepped)
+        return reward_to_go(mask, beta * kl, 1.0)
+
+    # r̃_t = m_t (clip(r_t) − β kl_t): the clip applies to the outcome score R before it is placed on
+    # the last token (`rewards`), or to every valid token's reward (`token_rewards`)
+    if rewards is not None:
+        r_clipped = token_reward_matrix(mask, [clipped(float(x)) for x in rewards])
+    else:
+        r_clipped = np.zeros((B, T))
+        for i in range(B):
+            for t in valid_positions(mask, i):
+                r_clipped[i, t] = clipped(float(r[i, t]))
     r_shaped = np.zeros((B, T))
     for i in range(B):
         for t in valid_positions(mask, i):
-            r_shaped[i, t] = float(r[i, t]) - beta * float(kl[i, t])
+            r_shaped[i, t] = float(r_clipped[i, t]) - beta * float(kl[i, t])
 
     if estimator == "reinforce":
         # R_i − β Σ_{all t'} kl_t' (same for all t)
         adv = broadcast(mask, [R[i] - beta * kl_sum[i] for i in range(B)])
         ret = adv.copy()
     elif estimator == "reinforce_rtg":
-        adv = reward_to_go(mask, r_shaped, gamma)
+        adv = reward_to_go(mask, r_shaped, gamma, gaps)
         ret = adv.copy()
     elif estimator == "reinforce_pp":
-        ret = reward_to_go(mask, r_shaped, gamma)
-        adv = whiten(mask, ret, p["whiten_eps"], p["whiten_ddof"]) if p["whiten"] else ret.copy()
+        ret = reward_to_go(mask, r_shaped, gamma, gaps)
+        adv = whiten_tokens(ret) if p["whiten"] else ret.copy()
     elif estimator == "reinforce_pp_baseline":
         groups = groups_of(group_ids)
         if p["kl_placement"] == "reward_to_go":
-            rtg = reward_to_go(mask, r_shaped, 1.0)
+            rtg_r = reward_to_go(mask, r, 1.0)
             base = [0.0] * B
             for _, rows in groups.items():
                 mu = mean([R[i] for i in rows])
@@ -351,11 +431,12 @@ def compute_advantages(
                     mu = 0.0
                 for i in rows:
                     base[i] = mu
+            kl_rtg = kl_to_go()
             x = np.zeros((B, T))
             for i in range(B):
                 for t in valid_positions(mask, i):
-                    x[i, t] = float(rtg[i, t]) - base[i]
-        else:  # "sequence": R̃_i − mean_g(R̃) broadcast
+                    x[i, t] = clipped(float(rtg_r[i, t]) - base[i]) - float(kl_rtg[i, t])
+        else:  # "sequence": clip(R̃_i − mean_g(R̃)) broadcast
             Rt = [R[i] - beta * kl_sum[i] for i in range(B)]
             dev = [0.0] * B
             for _, rows in groups.items():
@@ -365,12 +446,13 @@ def compute_advantages(
                         raise ReferenceError_("singleton group")
                     mu = 0.0
                 for i in rows:
-                    dev[i] = Rt[i] - mu
+                    dev[i] = clipped(Rt[i] - mu)
             x = broadcast(mask, dev)
-        adv = whiten(mask, x, p["whiten_eps"], p["whiten_ddof"]) if p["whiten"] else x
-        ret = adv.copy()
+        adv = whiten_tokens(x) if p["whiten"] else x
+        ret = adv.copy() if p["returns_whitened"] else x
     elif estimator == "rloo":
-        Rt = [R[i] - beta * kl_sum[i] for i in range(B)]
+        placement = p.get("kl_placement", "sequence")
+        Rt = [R[i] - beta * kl_sum[i] for i in range(B)] if placement == "sequence" else list(R)
         a = [0.0] * B
         for _, rows in groups_of(group_ids).items():
             M = len(rows)
@@ -382,7 +464,21 @@ def compute_advantages(
             for j in rows:
                 others = [Rt[l] for l in rows if l != j]
                 a[j] = Rt[j] - sum(others) / (M - 1)
+        a = [clipped(v) for v in a]
+        if p["whiten"] and p["whiten_scope"] == "sequence":
+            if placement == "reward_to_go" and beta != 0.0:
+                raise ReferenceError_("sequence-scope whitening needs a per-sequence advantage")
+            a = whiten_rows(a, p["whiten_eps"], p["whiten_ddof"], p["whiten_eps_mode"], p["whiten_std"])
         adv = broadcast(mask, a)
+        if placement == "reward_to_go":
+            adv = adv - kl_to_go()
+        if p["whiten"] and p["whiten_scope"] == "token":
+            adv = whiten_tokens(adv)
+        ret = adv.copy()
+    elif estimator == "flash_reinforce":
+        # OpenRLHF's FlashREINFORCE: the mean of all B scores as baseline, KL as reward-to-go
+        mu = mean(R)
+        adv = broadcast(mask, [clipped(R[i] - mu) for i in range(B)]) - kl_to_go()
         ret = adv.copy()
     elif estimator == "remax":
         ret = reward_to_go(mask, r_shaped, 1.0)
@@ -396,29 +492,41 @@ def compute_advantages(
         for i in range(B):
             next_v = 0.0  # V after the last token = 0
             next_a = 0.0
-            for t in reversed(valid_positions(mask, i)):
-                v = float(values[i, t])
+            # "skip": the recursion walks the valid tokens; "step" (OpenRLHF): every position, a masked
+            # one with r = V = 0
+            steps = range(T) if (gaps == "step" and estimator == "gae") else valid_positions(mask, i)
+            for t in reversed(steps):
+                v = float(values[i, t]) if mask[i, t] else 0.0
                 delta = float(r_shaped[i, t]) + gamma * next_v - v
                 a = delta + gamma * lam * next_a
-                adv[i, t] = a
-                ret[i, t] = a + v
+                if mask[i, t]:
+                    adv[i, t] = a
+                    ret[i, t] = a + v
                 next_v, next_a = v, a
+        if p.get("whiten"):
+            adv = whiten_tokens(adv)
     elif estimator in ("grpo", "grpo_original"):
         placement = p["kl_placement"]
-        scores = R if placement == "token" else [R[i] - beta * kl_sum[i] for i in range(B)]
-        base = group_normalized(scores, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"])
+        scores = [R[i] - beta * kl_sum[i] for i in range(B)] if placement == "sequence" else R
+        base = group_normalized(scores, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"],
+                                std_scope=p["std_scope"])
+        base = [clipped(v) for v in base]
+        kl_rtg = kl_to_go() if placement == "reward_to_go" else None
         adv = np.zeros((B, T))
         for i in range(B):
             for t in valid_positions(mask, i):
                 a = base[i]
                 if placement == "token" and beta != 0.0:
                     a += grpo_token_kl_term(float(old[i, t]), float(ref[i, t]), p["kl_estimator"], beta, p["kl_clamp"])
+                if kl_rtg is not None:
+                    a -= float(kl_rtg[i, t])
                 if estimator == "grpo_original":
                     a /= L[i]
                 adv[i, t] = a
         ret = adv.copy()
     elif estimator == "dapo":
-        base = group_normalized(R, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"])
+        base = group_normalized(R, group_ids, p["std_ddof"], p["std_eps"], p["singleton_groups"],
+                                std_scope=p["std_scope"])
         mean_len = [0.0] * B
         for _, rows in groups_of(group_ids).items():
             ml = mean([float(L[i]) for i in rows])
@@ -427,8 +535,12 @@ def compute_advantages(
         adv = broadcast(mask, [base[i] / mean_len[i] for i in range(B)])
         ret = adv.copy()
     elif estimator == "dr_grpo":
-        base = group_normalized(R, group_ids, 0, 0.0, p["singleton_groups"], divide_by_std=False)
-        adv = broadcast(mask, base)
+        placement = p.get("kl_placement", "sequence")
+        scores = [R[i] - beta * kl_sum[i] for i in range(B)] if placement == "sequence" else R
+        base = group_normalized(scores, group_ids, 0, 0.0, p["singleton_groups"], divide_by_std=False)
+        adv = broadcast(mask, [clipped(v) for v in base])
+        if placement == "reward_to_go":
+            adv = adv - kl_to_go()
         ret = adv.copy()
     else:
         raise ValueError(estimator)
@@ -740,4 +852,5 @@ NEEDS = {
     "grpo_original": ("group_ids",),
     "dapo": ("group_ids",),
     "dr_grpo": ("group_ids",),
+    "flash_reinforce": (),
 }

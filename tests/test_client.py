@@ -132,8 +132,8 @@ def test_importing_the_client_loads_neither_torch_nor_the_server():
 
 CATALOG = advserve.catalog()
 ESTIMATORS = {e["name"]: e for e in CATALOG["estimators"]}
-CASES = [(name, "paper") for name in ESTIMATORS] + \
-        [(name, "verl") for name, e in ESTIMATORS.items() if "defaults" in e["presets"]["verl"]]
+CASES = [(name, preset["name"]) for preset in CATALOG["presets"] for name, e in ESTIMATORS.items()
+         if "defaults" in e["presets"][preset["name"]]]
 
 
 def advantage_batch(seed: int, estimator: str, preset: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 
 import advserve
+import reference as ref_impl
+from advserve.estimators import ESTIMATORS
+from advserve.presets import OPENRLHF
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "openrlhf_0.11.2.json"
 DATA = json.loads(GOLDEN.read_text())
@@ -57,6 +60,91 @@ def test_golden_metadata():
     names = [c["case"] for c in DATA["advantages"]] + [c["case"] for c in DATA["losses"]]
     assert len(names) == len(set(names))
     assert DATA["advantages"] and DATA["losses"]
+
+
+# --------------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------------
+
+ADV_CASES = DATA["advantages"]
+# proposed parameters advserve does without: OpenRLHF computes the KL estimator and the whitening
+# statistics in float32, advserve in the request's dtype; in float64 the results agree to 3e-7, inside
+# the cases' tol of 1e-6, and a float32 request is OpenRLHF's computation (test_advantages_float32)
+_DROPPED = {"kl_dtype": "float32", "whiten_dtype": "float32"}
+_EPS_MODE = {"clamp": "floor", "add": "inside"}  # proposed whiten_eps_mode values -> final ones
+
+
+def _advantage_params(case: dict) -> dict:
+    """The golden's parameter table in advserve's final names."""
+    accepted = set(ESTIMATORS[case["estimator"]].params)
+    out = {}
+    for name, value in case["params"].items():
+        if name in _DROPPED:
+            assert value == _DROPPED[name], (name, value)
+        elif name == "whiten_eps_mode":
+            out[name] = _EPS_MODE[value]
+        elif name == "returns_pre_whiten":
+            out["returns_whitened"] = not value
+        elif name == "mask_gaps" and name not in accepted:
+            # mask_gaps exists where γ can be < 1 (gae, reinforce_pp, reinforce_rtg); OpenRLHF forces γ = 1
+            # for the other estimators, where "step" and "skip" give the same values
+            assert value == "step"
+        else:
+            out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
+def test_advantages_parameters_and_options(case):
+    """Every proposed parameter has its final name and the estimator takes it; the preset's options name the
+    estimator of OpenRLHF's --algo.advantage.estimator."""
+    params = _advantage_params(case)
+    assert set(params) <= set(ESTIMATORS[case["estimator"]].params)
+    assert case["estimator"] in OPENRLHF.estimators
+    option = OPENRLHF.options[f"--algo.advantage.estimator {case['openrlhf_estimator']}"]
+    assert f"estimator='{case['estimator']}'" in option, option
+
+
+# what the cases set on purpose; every other parameter of a case is OpenRLHF's default, so the preset's
+_CASE_OVERRIDES = {"kl_coef", "kl_estimator", "gamma", "lam", "whiten_std", "reward_clip_low", "reward_clip_high"}
+
+
+@pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
+def test_advantages_preset_defaults_are_openrlhf_defaults(case):
+    params = _advantage_params(case)
+    defaults = OPENRLHF.estimators[case["estimator"]]
+    differ = {k for k, v in params.items() if defaults[k] != v}
+    assert differ <= _CASE_OVERRIDES, {k: (params[k], defaults[k]) for k in differ - _CASE_OVERRIDES}
+
+
+@pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
+def test_advantages(case):
+    res = advserve.compute_advantages(case["estimator"], preset="openrlhf", params=_advantage_params(case),
+                                      dtype=case["dtype"], **_inputs(case["tensors"]))
+    _check_array(case, "advantages", res.advantages, case["expected"]["advantages"], case["tol"])
+    _check_array(case, "returns", res.returns, case["expected"]["returns"], case["tol"])
+
+
+@pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
+def test_advantages_float32(case):
+    """In float32 (OpenRLHF's precision for KL and whitening) within float32 rounding of the library."""
+    res = advserve.compute_advantages(case["estimator"], preset="openrlhf", params=_advantage_params(case),
+                                      dtype="float32", **_inputs(case["tensors"]))
+    scale = max(1.0, float(np.abs(case["expected"]["advantages"]).max()))
+    for name in ("advantages", "returns"):
+        np.testing.assert_allclose(np.asarray(getattr(res, name), np.float64), case["expected"][name], rtol=1e-5,
+                                   atol=1e-5 * scale, err_msg=f"{_case_doc(case)}: {name}")
+
+
+@pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
+def test_advantages_reference_loop(case):
+    """The naive float64 loops of tests/reference.py, which share no code with the engine, reproduce the
+    library's numbers too."""
+    params = {**OPENRLHF.estimators[case["estimator"]], **_advantage_params(case)}
+    want_a, want_r = ref_impl.compute_advantages(case["estimator"], **_inputs(case["tensors"]), **params)
+    tol = case["tol"]
+    _check_array(case, "advantages (reference)", want_a, case["expected"]["advantages"], tol)
+    _check_array(case, "returns (reference)", want_r, case["expected"]["returns"], tol)
 
 
 # --------------------------------------------------------------------------------------------------

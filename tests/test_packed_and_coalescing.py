@@ -18,6 +18,7 @@ import advserve
 from advserve.engine import Engine
 from advserve.estimators import ESTIMATORS
 from advserve.model import AdvantageRequest
+from advserve.presets import PRESETS
 from advserve.scheduler import Scheduler
 from advserve_client import framing
 from conftest import RunningServer
@@ -64,13 +65,15 @@ def pack(tensors: dict, mask: np.ndarray) -> dict:
 def test_packed_equals_padded_for_every_estimator(seed, b, t, gaps, estimator, kl):
     rng = np.random.default_rng(seed)
     batch = random_batch(rng, b, t, gaps)
+    preset = next(p.name for p in PRESETS.values() if estimator in p.estimators)  # paper, or a library's
     params = {"singleton_groups": "zero"} if estimator == "rloo" else {}
-    if kl and "kl_coef" in ESTIMATORS[estimator].params:
-        params["kl_coef"] = 0.1
-    tensors = select(estimator, batch, kl and "kl_coef" in params)
-    padded = advserve.compute_advantages(estimator, params=params, dtype="float64", **tensors)
+    if "kl_coef" in ESTIMATORS[estimator].params:
+        params["kl_coef"] = 0.1 if kl else 0.0
+    tensors = select(estimator, batch, params.get("kl_coef", 0.0) > 0)
+    padded = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", **tensors)
     packed_tensors, keep = pack(tensors, batch["response_mask"])
-    packed = advserve.compute_advantages(estimator, params=params, dtype="float64", layout="packed", **packed_tensors)
+    packed = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", layout="packed",
+                                         **packed_tensors)
     np.testing.assert_allclose(packed.advantages, padded.advantages[keep], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(packed.returns, padded.returns[keep], rtol=1e-12, atol=1e-12)
 

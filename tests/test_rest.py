@@ -58,9 +58,12 @@ def test_every_estimator_over_rest_equals_in_process(client, estimator):
     }
     spec = advserve.estimators.ESTIMATORS[estimator]
     tensors = {k: v for k, v in tensors.items() if k in spec.requires | {"rewards", "response_mask"}}
-    local = advserve.compute_advantages(estimator, dtype="float64", **tensors)
+    preset = next(p for p in advserve.presets.PRESETS.values() if estimator in p.estimators)  # paper, or a library's
+    params = {"kl_coef": 0.0} if "kl_coef" in spec.params else {}
+    local = advserve.compute_advantages(estimator, preset=preset.name, params=params, dtype="float64", **tensors)
     wire = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
-    res = post(client, "/v1/advantages", {"estimator": estimator, "dtype": "float64", "tensors": wire})
+    res = post(client, "/v1/advantages", {"estimator": estimator, "preset": preset.name, "params": params,
+                                          "dtype": "float64", "tensors": wire})
     assert res.status_code == 200, res.text
     np.testing.assert_allclose(res.json()["tensors"]["advantages"], local.advantages, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.json()["tensors"]["returns"], local.returns, rtol=0, atol=1e-12)
@@ -94,13 +97,23 @@ def test_catalog(client):
     catalog = client.get("/v1/estimators").json()
     names = {e["name"] for e in catalog["estimators"]}
     assert names == {"reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae",
-                     "orz", "grpo", "grpo_original", "dapo", "dr_grpo"}
+                     "orz", "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce"}
     grpo = next(e for e in catalog["estimators"] if e["name"] == "grpo")
     assert grpo["presets"]["paper"]["defaults"]["std_ddof"] == 0
     assert grpo["presets"]["verl"]["defaults"]["std_eps"] == 1e-6
     assert "group_ids" in grpo["tensors"]["required"]
     dapo = next(e for e in catalog["estimators"] if e["name"] == "dapo")
     assert "token-mean" in dapo["presets"]["verl"]["unavailable"]
+    # the library presets: their defaults, and their options translated into requests
+    assert grpo["presets"]["openrlhf"]["defaults"]["std_eps"] == 1e-9
+    assert grpo["presets"]["trl"]["defaults"]["std_eps"] == 1e-4
+    assert grpo["params"]["std_scope"]["choices"] == ["group", "batch"]
+    flash = next(e for e in catalog["estimators"] if e["name"] == "flash_reinforce")
+    assert "openrlhf" in flash["presets"]["paper"]["unavailable"]
+    presets = {p["name"]: p for p in catalog["presets"]}
+    assert presets["openrlhf"]["library"] == "openrlhf 0.11.2" and presets["trl"]["library"] == "trl 1.16.0"
+    assert presets["openrlhf"]["options"]["--algo.advantage.estimator group_norm"] == "estimator='grpo'"
+    assert "std_scope='batch'" in presets["trl"]["options"]["GRPOConfig.scale_rewards='batch'"]
     assert set(catalog["losses"]) == {"policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction"}
 
 

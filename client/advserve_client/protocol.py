@@ -14,7 +14,7 @@ from ._pb import advserve_pb2 as pb
 from .framing import ITEMSIZE, FramingError, RawTensor
 
 ESTIMATORS = ("reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae", "orz",
-              "grpo", "grpo_original", "dapo", "dr_grpo")
+              "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce")
 DTYPE_NAMES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64", pb.DATA_TYPE_FLOAT16: "float16",
                pb.DATA_TYPE_BFLOAT16: "bfloat16", pb.DATA_TYPE_INT32: "int32", pb.DATA_TYPE_INT64: "int64",
                pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_BOOL: "bool"}
@@ -33,6 +33,10 @@ _ENUMS = {
     "kl_estimator": (pb.KLEstimator, "KL_ESTIMATOR_"),
     "kl_placement": (pb.KLPlacement, "KL_PLACEMENT_"),
     "singleton_groups": (pb.SingletonGroups, "SINGLETON_GROUPS_"),
+    "mask_gaps": (pb.MaskGaps, "MASK_GAPS_"),
+    "std_scope": (pb.StdScope, "STD_SCOPE_"),
+    "whiten_eps_mode": (pb.WhitenEpsMode, "WHITEN_EPS_MODE_"),
+    "whiten_scope": (pb.WhitenScope, "WHITEN_SCOPE_"),
     "mode": (pb.PolicyLossMode, "POLICY_LOSS_MODE_"),
     "agg": (pb.Aggregation, "AGGREGATION_"),
     "estimator_kl": (pb.KLEstimator, "KL_ESTIMATOR_"),
@@ -49,7 +53,8 @@ _ENUMS = {
 _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clamp": "no_ratio_clamp",
              "clamp": "no_clamp", "clip": "no_clip", "loss_scale_factor": "no_loss_scale_factor",
              "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
-             "high": "no_high", "log_clamp": "no_log_clamp"}
+             "high": "no_high", "log_clamp": "no_log_clamp", "reward_clip_low": "no_reward_clip_low",
+             "reward_clip_high": "no_reward_clip_high"}
 
 
 def _enum_kind(message: Any, field: str) -> str:

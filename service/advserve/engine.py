@@ -88,7 +88,8 @@ class Engine:
             required=required,
             dtype=dtype,
             device=self.device,
-            context=f"estimator {estimator.name!r}",
+            context=f"estimator {estimator.name!r}" + (
+                f" with kl_coef {params['kl_coef']} > 0" if params.get("kl_coef", 0) > 0 else ""),
             layout=request.layout or "padded",
             max_tokens=self.max_tokens,
         )
@@ -123,9 +124,19 @@ class Engine:
                 raise InvalidArgument(
                     f"group {label!r} has a single response; {estimator.name!r} needs at least 2 per group "
                     "(or set params.singleton_groups to 'zero' or 'raw')", field="tensors.group_ids")
-        if params.get("whiten") and params.get("whiten_ddof") == 1 and batch.tokens < 2:
+        whiten_tokens = params.get("whiten") and params.get("whiten_scope", "token") == "token"
+        if whiten_tokens and params.get("whiten_ddof") == 1 and batch.tokens < 2:
             raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
                                   field="tensors.response_mask")
+        if (params.get("whiten") and params.get("whiten_scope") == "sequence"
+                and params.get("kl_placement") == "reward_to_go" and params.get("kl_coef", 0) > 0):
+            raise InvalidArgument("whiten_scope 'sequence' whitens one advantage per sequence, but kl_placement "
+                                  "'reward_to_go' makes it vary along the sequence: use kl_placement 'sequence' "
+                                  "or whiten_scope 'token'", field="params.whiten_scope")
+        low, high = params.get("reward_clip_low"), params.get("reward_clip_high")
+        if low is not None and high is not None and low > high:
+            raise InvalidArgument(f"reward_clip_low ({low}) must be <= reward_clip_high ({high})",
+                                  field="params.reward_clip_low")
 
     # --- losses ---------------------------------------------------------------------------------
 
@@ -314,8 +325,8 @@ class PreparedAdvantages:
     @property
     def coalescing_key(self) -> tuple | None:
         """Requests with equal keys can share one device batch; None when the estimator's result
-        depends on the whole batch (whitening), so it must run alone."""
-        if self.params.get("whiten"):
+        depends on the whole batch (whitening, a batch std or mean), so it must run alone."""
+        if self.estimator.uses_whole_batch(self.params):
             return None
         return (self.estimator.name, self.preset, tuple(sorted(self.params.items())), self.dtype,
                 tuple(sorted(self.batch.tensors)), self.batch.group_index is not None)

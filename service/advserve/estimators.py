@@ -12,10 +12,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .functional.groups import Groups, group_normalized_advantages, leave_one_out_advantages
+from .functional.groups import STD_SCOPES, Groups, group_normalized_advantages, leave_one_out_advantages
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
-from .functional.masks import place_on_last_token, whiten
-from .functional.scan import gae, reward_to_go
+from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten
+from .functional.scan import MASK_GAPS, gae, reward_to_go
 from .params import ParamSpec
 
 
@@ -72,21 +72,39 @@ PARAMS: dict[str, ParamSpec] = {
         ParamSpec("std_eps", float, "ε added to the group std", minimum=0.0),
         ParamSpec("singleton_groups", str, "size-1 groups: 'zero' advantage, 'raw' (mean 0, std 1), or 'error'",
                   choices=("zero", "raw", "error")),
+        ParamSpec("std_scope", str, "where the GRPO std is taken: the 'group' or the whole 'batch' (TRL "
+                  "scale_rewards='batch'); the mean is always the group's", choices=STD_SCOPES),
         ParamSpec("whiten", bool, "whiten advantages over all valid tokens of the batch"),
+        ParamSpec("whiten_std", bool, "divide by the std when whitening; false: only subtract the mean "
+                  "(OpenRLHF no_std_norm)"),
         ParamSpec("whiten_ddof", int, "delta degrees of freedom of the whitening variance", choices=(0, 1)),
-        ParamSpec("whiten_eps", float, "ε inside the whitening rsqrt(var + ε)", minimum=0.0),
+        ParamSpec("whiten_eps", float, "ε of the whitening scale (where: whiten_eps_mode)", minimum=0.0),
+        ParamSpec("whiten_eps_mode", str, "whitening scale: 'inside' sqrt(var + ε), 'floor' sqrt(max(var, ε)) "
+                  "(OpenRLHF), 'outside' std + ε (TRL)", choices=WHITEN_EPS_MODES),
+        ParamSpec("whiten_scope", str, "whiten over the batch's valid 'token's, or over its B 'sequence' "
+                  "advantages (TRL RLOO normalize_advantages)", choices=("token", "sequence")),
+        ParamSpec("returns_whitened", bool, "returns = the whitened advantages (true), or the advantages before "
+                  "whitening (false, OpenRLHF)"),
+        ParamSpec("reward_clip_low", float, "lower bound of the outcome reward after its baseline (OpenRLHF "
+                  "--reward.clip_range); null: none", nullable=True),
+        ParamSpec("reward_clip_high", float, "upper bound of the outcome reward after its baseline; null: none",
+                  nullable=True),
+        ParamSpec("mask_gaps", str, "zeros inside a row's mask: 'skip' (the recursion carries across them) or "
+                  "'step' (zero-valued steps that still discount, OpenRLHF)", choices=MASK_GAPS),
     )
 }
 
 KL_PARAMS = ("kl_coef", "kl_estimator", "kl_clamp")
-WHITEN_PARAMS = ("whiten", "whiten_ddof", "whiten_eps")
-GROUP_STD_PARAMS = ("std_ddof", "std_eps", "singleton_groups")
+WHITEN_PARAMS = ("whiten", "whiten_std", "whiten_ddof", "whiten_eps", "whiten_eps_mode")
+GROUP_STD_PARAMS = ("std_ddof", "std_eps", "std_scope", "singleton_groups")
+REWARD_CLIP_PARAMS = ("reward_clip_low", "reward_clip_high")
 
 
 @dataclass(frozen=True)
 class Estimator:
     """A catalog entry. `requires`: tensors always needed besides response_mask and the rewards;
-    `optional`: tensors accepted (KL inputs, needed when kl_coef > 0)."""
+    `optional`: tensors accepted (KL inputs, needed when kl_coef > 0); `batch_baseline`: the
+    baseline is a statistic of the whole batch."""
 
     name: str
     fn: EstimatorFn
@@ -97,10 +115,16 @@ class Estimator:
     requires: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    batch_baseline: bool = False
 
     @property
     def uses_groups(self) -> bool:
         return "group_ids" in self.requires
+
+    def uses_whole_batch(self, params: Params) -> bool:
+        """A row's result depends on rows outside its group (whitening, a batch std or a batch mean),
+        so the request cannot share a device batch with another."""
+        return self.batch_baseline or bool(params.get("whiten")) or params.get("std_scope") == "batch"
 
     def param_specs(self) -> dict[str, ParamSpec]:
         specs = {name: PARAMS[name] for name in self.params}
@@ -121,10 +145,40 @@ def _token_kl(x: AdvantageInputs, p: Params) -> Tensor | None:
     return (p["kl_coef"] * kl).mul_(x.valid)  # inputs are 0 on masked positions, so kl is finite there
 
 
-def _shaped_rewards(x: AdvantageInputs, p: Params) -> Tensor:
-    """r̃_t = r_t − β kl_t [B, T]."""
+def _shaped_rewards(x: AdvantageInputs, p: Params, token_rewards: Tensor | None = None) -> Tensor:
+    """r̃_t = r_t − β kl_t [B, T]; r: `token_rewards`, by default the batch's."""
+    rewards = x.token_rewards if token_rewards is None else token_rewards
     penalty = _token_kl(x, p)
-    return x.token_rewards if penalty is None else x.token_rewards - penalty
+    return rewards if penalty is None else rewards - penalty
+
+
+def _reward_clip(p: Params) -> tuple[float | None, float | None] | None:
+    """(low, high) of the reward clip, or None when the estimator has none or both bounds are null."""
+    low, high = p.get("reward_clip_low"), p.get("reward_clip_high")
+    return None if low is None and high is None else (low, high)
+
+
+def _clip(outcome: Tensor, p: Params) -> Tensor:
+    """The outcome advantage [B] (after its baseline) clamped to [reward_clip_low, reward_clip_high]."""
+    bounds = _reward_clip(p)
+    return outcome if bounds is None else outcome.clamp(*bounds)
+
+
+def _clipped_token_rewards(x: AdvantageInputs, p: Params) -> Tensor:
+    """r_t [B, T] with the reward clip: on the outcome score R before it is placed on the last token
+    (`rewards`), or on every valid token's reward (`token_rewards`)."""
+    bounds = _reward_clip(p)
+    if bounds is None:
+        return x.token_rewards
+    if x.given_rewards is not None:
+        return place_on_last_token(x.scores.clamp(*bounds), x.mask)
+    return x.given_token_rewards.clamp(*bounds).mul_(x.valid)
+
+
+def _minus_kl_to_go(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
+    """adv [B, T] − β Σ_{t' ≥ t} kl_t' (KL placed as reward-to-go, γ = 1: gaps add nothing either way)."""
+    penalty = _token_kl(x, p)
+    return adv if penalty is None else adv - reward_to_go(penalty, x.mask, 1.0, "step")
 
 
 def _broadcast(per_sequence: Tensor, valid: Tensor) -> Tensor:
@@ -132,8 +186,13 @@ def _broadcast(per_sequence: Tensor, valid: Tensor) -> Tensor:
     return per_sequence.unsqueeze(1) * valid
 
 
+def _whiten(adv: Tensor, valid: Tensor, p: Params) -> Tensor:
+    return whiten(adv, valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"], eps_mode=p["whiten_eps_mode"],
+                  use_std=p["whiten_std"])
+
+
 def _maybe_whiten(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
-    return whiten(adv, x.valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"]) if p["whiten"] else adv
+    return _whiten(adv, x.valid, p) if p["whiten"] else adv
 
 
 def _group_mean_baseline(scores: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
@@ -157,33 +216,56 @@ def reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 
 def reinforce_rtg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A_t = Σ_{t' ≥ t} γ^(t'−t) (r_t' − β kl_t') (REINFORCE with the KL trick)."""
-    adv = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"])
+    adv = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"], p["mask_gaps"])
     return adv, adv
 
 
 def reinforce_pp(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
-    """A = whiten(reward-to-go of r − β kl) over the batch; returns = the reward-to-go."""
-    returns = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"])
+    """A = whiten(reward-to-go of clip(r) − β kl) over the batch; returns = the reward-to-go."""
+    returns = reward_to_go(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.mask, p["gamma"], p["mask_gaps"])
     return _maybe_whiten(returns, x, p), returns
 
 
 def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
-    """A = whiten(G_t − mean_g R) ('reward_to_go') or whiten(R̃ − mean_g R̃) broadcast ('sequence')."""
-    shaped = _shaped_rewards(x, p)
+    """A = whiten(clip(G_t − mean_g R) − β Σ_{t'≥t} kl_t') ('reward_to_go') or whiten(clip(R̃ − mean_g R̃))
+    broadcast ('sequence'); returns = A, or the advantage before whitening (`returns_whitened` false)."""
     if p["kl_placement"] == "sequence":
-        total = shaped.sum(dim=1)
-        adv = _broadcast(total - _group_mean_baseline(total, x, p), x.valid)
-    else:
+        total = _shaped_rewards(x, p).sum(dim=1)
+        adv = _broadcast(_clip(total - _group_mean_baseline(total, x, p), p), x.valid)
+    elif _reward_clip(p) is None:
         baseline = _group_mean_baseline(x.scores, x, p)
-        adv = (reward_to_go(shaped, x.mask, 1.0) - baseline.unsqueeze(1)).mul_(x.valid)
-    adv = _maybe_whiten(adv, x, p)
-    return adv, adv
+        adv = (reward_to_go(_shaped_rewards(x, p), x.mask, 1.0) - baseline.unsqueeze(1)).mul_(x.valid)
+    else:  # the clip acts on the outcome part only, before the KL reward-to-go (OpenRLHF's compute_reward)
+        baseline = _group_mean_baseline(x.scores, x, p)
+        outcome = (reward_to_go(x.token_rewards, x.mask, 1.0) - baseline.unsqueeze(1)).clamp(*_reward_clip(p))
+        adv = _minus_kl_to_go(outcome.mul_(x.valid), x, p)
+    whitened = _maybe_whiten(adv, x, p)
+    return whitened, (whitened if p["returns_whitened"] else adv)
 
 
 def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
-    """A = R̃_i − mean_{l≠i} R̃_l with R̃ = R − β Σ_t kl_t."""
-    total = _shaped_rewards(x, p).sum(dim=1)
-    adv = _broadcast(leave_one_out_advantages(total, x.groups, singleton_groups=p["singleton_groups"]), x.valid)
+    """A = clip(R̃_i − mean_{l≠i} R̃_l) with R̃ = R − β Σ_t kl_t ('sequence'), or
+    clip(R_i − mean_{l≠i} R_l) − β Σ_{t'≥t} kl_t' ('reward_to_go'); then optionally whitened over
+    the batch's tokens or its B sequence values."""
+    placement = p["kl_placement"]
+    scores = _shaped_rewards(x, p).sum(dim=1) if placement == "sequence" else x.scores
+    per_seq = _clip(leave_one_out_advantages(scores, x.groups, singleton_groups=p["singleton_groups"]), p)
+    if p["whiten"] and p["whiten_scope"] == "sequence":
+        per_seq = _whiten(per_seq, torch.ones_like(per_seq), p)
+    adv = _broadcast(per_seq, x.valid)
+    if placement == "reward_to_go":
+        adv = _minus_kl_to_go(adv, x, p)
+    if p["whiten"] and p["whiten_scope"] == "token":
+        adv = _whiten(adv, x.valid, p)
+    return adv, adv
+
+
+def flash_reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """A_t = clip(R_i − mean_batch R) − β Σ_{t'≥t} kl_t' (OpenRLHF's FlashREINFORCE: the mean score of
+    the whole batch as baseline, no groups, no whitening). An all-equal batch gives exactly 0."""
+    scores = x.scores
+    centered = torch.where(scores.amax() == scores.amin(), 0, scores - scores.mean())
+    adv = _minus_kl_to_go(_broadcast(_clip(centered, p), x.valid), x, p)
     return adv, adv
 
 
@@ -194,8 +276,9 @@ def remax(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 
 
 def gae_estimator(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
-    """GAE with δ_t = r_t − β kl_t + γ V_{t+1} − V_t; returns = A + V (before whitening)."""
-    adv, returns = gae(_shaped_rewards(x, p), x.values, x.mask, p["gamma"], p["lam"])
+    """GAE with δ_t = clip(r_t) − β kl_t + γ V_{t+1} − V_t; returns = A + V (before whitening)."""
+    shaped = _shaped_rewards(x, p, _clipped_token_rewards(x, p))
+    adv, returns = gae(shaped, x.values, x.mask, p["gamma"], p["lam"], p["mask_gaps"])
     return _maybe_whiten(adv, x, p), returns
 
 
@@ -206,19 +289,23 @@ def orz(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 
 
 def _grpo_family(x: AdvantageInputs, p: Params, *, scale_by_std: bool) -> Tensor:
-    """Group-normalized advantage [B, T] with the KL term of `kl_placement` (before length factors)."""
+    """Group-normalized advantage [B, T], clipped, with the KL term of `kl_placement` (before length
+    factors): 'sequence' R − β Σ_t kl_t before the statistics, 'token' GRPO's per-token term,
+    'reward_to_go' − β Σ_{t'≥t} kl_t' after them (OpenRLHF)."""
     placement = p.get("kl_placement", "sequence")
     penalty = _token_kl(x, p) if placement == "sequence" else None
     scores = x.scores if penalty is None else x.scores - penalty.sum(dim=1)
     per_seq = group_normalized_advantages(
-        scores, x.groups, scale_by_std=scale_by_std,
-        std_ddof=p.get("std_ddof", 0), std_eps=p.get("std_eps", 0.0), singleton_groups=p["singleton_groups"],
+        scores, x.groups, scale_by_std=scale_by_std, std_ddof=p.get("std_ddof", 0), std_eps=p.get("std_eps", 0.0),
+        singleton_groups=p["singleton_groups"], std_scope=p.get("std_scope", "group"),
     )
-    adv = _broadcast(per_seq, x.valid)
+    adv = _broadcast(_clip(per_seq, p), x.valid)
     if placement == "token" and p["kl_coef"] != 0:
         # −β ∂kl/∂logπ at the behaviour policy: β(π_ref/π_old − 1) for k3, the seed's GRPO column
         _, grad = kl_and_grad(x.old_logprobs, x.ref_logprobs, p["kl_estimator"], p["kl_clamp"])
         adv = adv - (p["kl_coef"] * grad).mul_(x.valid)
+    elif placement == "reward_to_go":
+        adv = _minus_kl_to_go(adv, x, p)
     return adv
 
 
@@ -256,30 +343,35 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("reinforce", reinforce, KL_PARAMS, "REINFORCE, KL over the whole trajectory",
                   "A_t = r − β Σ_{t'=0}^{T−1} log π_old/π_ref", "Williams 1992; seed eq. (7)",
                   optional=KL_TENSORS),
-        Estimator("reinforce_rtg", reinforce_rtg, ("gamma", *KL_PARAMS), "REINFORCE with the KL trick (reward-to-go KL)",
+        Estimator("reinforce_rtg", reinforce_rtg, ("gamma", "mask_gaps", *KL_PARAMS),
+                  "REINFORCE with the KL trick (reward-to-go KL)",
                   "A_t = r − β Σ_{t'=t}^{T−1} log π_old/π_ref", "seed eq. (9), Theorem 3", optional=KL_TENSORS),
-        Estimator("reinforce_pp", reinforce_pp, ("gamma", *KL_PARAMS, *WHITEN_PARAMS),
+        Estimator("reinforce_pp", reinforce_pp, ("gamma", "mask_gaps", *KL_PARAMS, *REWARD_CLIP_PARAMS, *WHITEN_PARAMS),
                   "REINFORCE++: reward-to-go KL, global batch normalization",
                   "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t')", "arXiv:2501.03262", optional=KL_TENSORS),
         Estimator("reinforce_pp_baseline", reinforce_pp_baseline,
-                  (*KL_PARAMS, "kl_placement", "singleton_groups", *WHITEN_PARAMS),
+                  (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
+                   "returns_whitened"),
                   "REINFORCE++-baseline: group-mean baseline, then batch whitening",
                   "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t' − mean_g r)", "arXiv:2501.03262",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("reward_to_go", "sequence")}),
-        Estimator("rloo", rloo, (*KL_PARAMS, "singleton_groups"), "REINFORCE leave-one-out",
+        Estimator("rloo", rloo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
+                                 "whiten_scope"), "REINFORCE leave-one-out",
                   "A = R_ij − 1/(M−1) Σ_{l≠j} R_il, R = r − β Σ_t kl_t", "arXiv:2402.14740",
-                  requires=GROUPED, optional=KL_TENSORS),
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")}),
         Estimator("remax", remax, KL_PARAMS, "ReMax: greedy-decode reward as baseline",
                   "A_t = r − r(x, ŷ_greedy) − β Σ_{t'≥t} kl_t'", "arXiv:2310.10505",
                   requires=frozenset({"greedy_rewards"}), optional=KL_TENSORS),
-        Estimator("gae", gae_estimator, ("gamma", "lam", *KL_PARAMS, *WHITEN_PARAMS), "PPO with GAE",
+        Estimator("gae", gae_estimator, ("gamma", "lam", "mask_gaps", *KL_PARAMS, *REWARD_CLIP_PARAMS, *WHITEN_PARAMS),
+                  "PPO with GAE",
                   "A_t = Σ_{t'≥t} (γλ)^{t'−t} δ_t', δ_t = 1{t=T−1} r − β kl_t + γ V_{t+1} − V_t",
                   "arXiv:1506.02438; arXiv:1707.06347", requires=frozenset({"values"}), optional=KL_TENSORS),
         Estimator("orz", orz, WHITEN_PARAMS, "Open-Reasoner-Zero: PPO with γ = λ = 1, no KL",
                   "A_t = r − V_t", "arXiv:2503.24290", requires=frozenset({"values"})),
-        Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS), "GRPO (R1 version)",
+        Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, *GROUP_STD_PARAMS), "GRPO (R1 version)",
                   "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
-                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")}),
+                  requires=GROUPED, optional=KL_TENSORS,
+                  choices={"kl_placement": ("token", "sequence", "reward_to_go")}),
         Estimator("grpo_original", grpo_original, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS),
                   "GRPO (original, 1/|o| length normalization)",
                   "A = 1/T_ij [(r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)]", "arXiv:2402.03300",
@@ -287,7 +379,12 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("dapo", dapo, (*KL_PARAMS, *GROUP_STD_PARAMS), "DAPO (token-mean within the group)",
                   "A = 1/mean_j(T_ij) · (r − mean(R_i))/std(R_i)", "arXiv:2503.14476",
                   requires=GROUPED, optional=KL_TENSORS),
-        Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "singleton_groups"), "Dr.GRPO (no std, no length normalization)",
-                  "A = r − mean(R_i)", "arXiv:2503.20783", requires=GROUPED, optional=KL_TENSORS),
+        Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups"),
+                  "Dr.GRPO (no std, no length normalization)", "A = r − mean(R_i)", "arXiv:2503.20783",
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")}),
+        Estimator("flash_reinforce", flash_reinforce, (*KL_PARAMS, *REWARD_CLIP_PARAMS),
+                  "FlashREINFORCE: the batch's mean score as baseline, reward-to-go KL (OpenRLHF)",
+                  "A_t = r − mean_batch(r) − β Σ_{t'≥t} kl_t'", "OpenRLHF 0.11 (--algo.advantage.estimator "
+                  "flash_reinforce)", optional=KL_TENSORS, batch_baseline=True),
     )
 }

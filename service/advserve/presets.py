@@ -37,6 +37,10 @@ _NEUTRAL_POLICY = {"ratio_cap": None, "cispo_cap": None, "cispo_level": "token",
 _NEUTRAL_KL = {"agg": None, "unbiased_gradient": False, "importance_weighted": False}
 _NEUTRAL_ROLLOUT = {"log_clamp": 20.0, "gating": "ratio", "weight": "unit"}  # 20: verl's SAFETY_BOUND
 
+# values of the estimator parameters that only the library presets change: the behaviour before them
+_NO_REWARD_CLIP = {"reward_clip_low": None, "reward_clip_high": None}
+_SKIP_GAPS = {"mask_gaps": "skip"}
+
 # library options -> the loss request that reproduces them (shown by GET /v1/estimators; the estimator
 # rows are in each preset's estimator table of options)
 _ORLHF_LOSS_OPTIONS = {
@@ -97,8 +101,8 @@ _TRL_LOSS_OPTIONS = {
 # --- paper: the seed's table of token advantages, to the letter ---------------------------------
 
 _PAPER_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": None}
-_PAPER_WHITEN = {"whiten": True, "whiten_ddof": 0, "whiten_eps": 0.0}
-_PAPER_STD = {"std_ddof": 0, "std_eps": 0.0, "singleton_groups": "zero"}
+_PAPER_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 0, "whiten_eps": 0.0, "whiten_eps_mode": "inside"}
+_PAPER_STD = {"std_ddof": 0, "std_eps": 0.0, "std_scope": "group", "singleton_groups": "zero"}
 _PAPER_GRPO = _merge(_PAPER_KL, {"kl_estimator": "k3", "kl_placement": "token"}, _PAPER_STD)
 
 PAPER = Preset(
@@ -107,18 +111,20 @@ PAPER = Preset(
     "KL where the seed's table puts it; undefined values (std 0) give 0.",
     estimators={
         "reinforce": _PAPER_KL,
-        "reinforce_rtg": _merge({"gamma": 1.0}, _PAPER_KL),
-        "reinforce_pp": _merge({"gamma": 1.0}, _PAPER_KL, _PAPER_WHITEN),
+        "reinforce_rtg": _merge({"gamma": 1.0}, _SKIP_GAPS, _PAPER_KL),
+        "reinforce_pp": _merge({"gamma": 1.0}, _SKIP_GAPS, _PAPER_KL, _NO_REWARD_CLIP, _PAPER_WHITEN),
         "reinforce_pp_baseline": _merge(_PAPER_KL, {"kl_placement": "reward_to_go", "singleton_groups": "zero"},
-                                        _PAPER_WHITEN),
-        "rloo": _merge(_PAPER_KL, {"singleton_groups": "error"}),
+                                        _NO_REWARD_CLIP, _PAPER_WHITEN, {"returns_whitened": True}),
+        "rloo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "error"}, _NO_REWARD_CLIP,
+                       _PAPER_WHITEN, {"whiten": False, "whiten_scope": "token"}),
         "remax": _PAPER_KL,
-        "gae": _merge({"gamma": 1.0, "lam": 0.95}, _PAPER_KL, _PAPER_WHITEN, {"whiten": False}),
+        "gae": _merge({"gamma": 1.0, "lam": 0.95}, _SKIP_GAPS, _PAPER_KL, _NO_REWARD_CLIP, _PAPER_WHITEN,
+                      {"whiten": False}),
         "orz": _merge(_PAPER_WHITEN, {"whiten": False}),
-        "grpo": _PAPER_GRPO,
+        "grpo": _merge(_PAPER_GRPO, _NO_REWARD_CLIP),
         "grpo_original": _PAPER_GRPO,
         "dapo": _merge(_PAPER_KL, _PAPER_STD),
-        "dr_grpo": _merge(_PAPER_KL, {"singleton_groups": "zero"}),
+        "dr_grpo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "zero"}, _NO_REWARD_CLIP),
     },
     losses={
         "policy_loss": _merge({"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
@@ -130,28 +136,34 @@ PAPER = Preset(
         "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
                                      _NEUTRAL_ROLLOUT),
     },
+    unavailable={
+        "flash_reinforce": "not in the seed's table (OpenRLHF's batch-mean baseline): use preset 'openrlhf'",
+    },
 )
 
 # --- verl 0.9.1 (verl.trainer.ppo.core_algos) ---------------------------------------------------
 
 _VERL_K3_CLAMP = DependsOn("kl_estimator", {"k3": 10.0}, None)  # kl_penalty clamps low_var_kl only
 _VERL_KL = {"kl_coef": 0.0, "kl_estimator": "k1", "kl_clamp": _VERL_K3_CLAMP}  # use_kl_in_reward, kl_penalty="kl"
-_VERL_WHITEN = {"whiten": True, "whiten_ddof": 1, "whiten_eps": 1e-8}  # verl_F.masked_whiten
-_VERL_STD = {"std_ddof": 1, "std_eps": 1e-6, "singleton_groups": "raw"}  # torch.std; mean 0, std 1 for n = 1
+_VERL_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 1, "whiten_eps": 1e-8,
+                "whiten_eps_mode": "inside"}  # verl_F.masked_whiten
+_VERL_STD = {"std_ddof": 1, "std_eps": 1e-6, "std_scope": "group",
+             "singleton_groups": "raw"}  # torch.std; mean 0, std 1 for n = 1
 
 VERL = Preset(
     name="verl",
     description="verl 0.9.1 (verl.trainer.ppo.core_algos): unbiased group std + 1e-6, size-1 groups keep "
     "the raw score, whitened GAE and REINFORCE++, KL-in-reward on token rewards, dual-clip PPO (c = 3).",
     estimators={
-        "gae": _merge({"gamma": 1.0, "lam": 1.0}, _VERL_KL, _VERL_WHITEN),
+        "gae": _merge({"gamma": 1.0, "lam": 1.0}, _SKIP_GAPS, _VERL_KL, _NO_REWARD_CLIP, _VERL_WHITEN),
         "orz": _VERL_WHITEN,
-        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _VERL_STD),
-        "dr_grpo": _merge(_VERL_KL, {"singleton_groups": "raw"}),
-        "rloo": _merge(_VERL_KL, {"singleton_groups": "raw"}),
-        "reinforce_pp": _merge({"gamma": 1.0}, _VERL_KL, _VERL_WHITEN),
+        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _NO_REWARD_CLIP, _VERL_STD),
+        "dr_grpo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}, _NO_REWARD_CLIP),
+        "rloo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}, _NO_REWARD_CLIP,
+                       _VERL_WHITEN, {"whiten": False, "whiten_scope": "token"}),
+        "reinforce_pp": _merge({"gamma": 1.0}, _SKIP_GAPS, _VERL_KL, _NO_REWARD_CLIP, _VERL_WHITEN),
         "reinforce_pp_baseline": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
-                                        _VERL_WHITEN),
+                                        _NO_REWARD_CLIP, _VERL_WHITEN, {"returns_whitened": True}),
         "remax": _VERL_KL,
     },
     losses={
@@ -174,16 +186,73 @@ VERL = Preset(
         "grpo_original": "in verl the 1/|o| factor is the loss aggregation: use grpo with "
         "policy_loss.agg='seq-mean-token-mean'",
         "dapo": "in verl DAPO is grpo with policy_loss.agg='token-mean' and clip_high=0.28",
+        "flash_reinforce": "verl has no batch-mean baseline estimator (OpenRLHF's FlashREINFORCE): use preset "
+        "'openrlhf'",
     },
 )
 
 # --- OpenRLHF 0.11.2 (docs/research/openrlhf.md) --------------------------------------------------
 
+# RemoteExperienceMaker.compute_advantages_and_returns: the group baseline on the scalar reward,
+# then compute_reward (clip to --reward.clip_range, place on the last token, −β·kl on every token),
+# then cumulative returns (γ forced to 1 but for reinforce) or GAE over every position, then
+# whitening (gae, reinforce, reinforce_baseline) with population variance and rsqrt(max(var, 1e-8))
+_ORLHF_KL = {"kl_coef": 0.01, "kl_estimator": "k1", "kl_clamp": 10.0}  # --algo.kl.*; every estimator clamped ±10
+_ORLHF_CLIP = {"reward_clip_low": -10.0, "reward_clip_high": 10.0}  # --reward.clip_range
+_ORLHF_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 0, "whiten_eps": 1e-8, "whiten_eps_mode": "floor"}
+_ORLHF_GROUP = {"kl_placement": "reward_to_go", "singleton_groups": "error"}  # n_samples_per_prompt > 1 asserted
+
+# OpenRLHF's options (cli/train_ppo_ray.py) -> the advantage request that reproduces them
+_ORLHF_ESTIMATOR_OPTIONS = {
+    "--algo.advantage.estimator gae": "estimator='gae' (with values)",
+    "--algo.advantage.estimator reinforce": "estimator='reinforce_pp'",
+    "--algo.advantage.estimator reinforce_baseline": "estimator='reinforce_pp_baseline'",
+    "--algo.advantage.estimator rloo": "estimator='rloo'",
+    "--algo.advantage.estimator group_norm": "estimator='grpo'",
+    "--algo.advantage.estimator dr_grpo": "estimator='dr_grpo'",
+    "--algo.advantage.estimator flash_reinforce": "estimator='flash_reinforce'",
+    "--algo.advantage.gamma G": "params.gamma=G (gae, reinforce_pp; OpenRLHF forces 1 for the other estimators)",
+    "--algo.advantage.lambd L": "params.lam=L (gae)",
+    "--algo.advantage.no_std_norm": "params.whiten_std=false (gae, reinforce_pp, reinforce_pp_baseline)",
+    "--reward.clip_range LO HI": "params.reward_clip_low=LO, params.reward_clip_high=HI",
+    "--algo.kl.init_coef B": "params.kl_coef=B (KL in the reward); with --algo.kl.use_loss: kl_loss.coef=B and "
+    "params.kl_coef=0",
+    "--algo.kl.estimator E": "params.kl_estimator=E (KL in the reward); with --algo.kl.use_loss: kl_loss.estimator=E",
+    "--algo.kl.target T": "adaptive KL: send the controller's current β as params.kl_coef (advserve keeps no state)",
+    "--rollout.n_samples_per_prompt N": "group_ids: the N samples of a prompt share an id (any order; OpenRLHF "
+    "needs N > 1 for rloo, reinforce_baseline, group_norm, dr_grpo: singleton_groups='error')",
+}
+
 OPENRLHF = Preset(
     name="openrlhf",
-    description="OpenRLHF 0.11.2 (openrlhf.trainer.ppo_utils.experience_maker, openrlhf.models.loss).",
+    description="OpenRLHF 0.11.2 (openrlhf.trainer.ppo_utils.experience_maker, openrlhf.models.loss): "
+    "KL (k1, β = 0.01, clamped ±10) in the reward as reward-to-go, reward clip ±10 after the baseline, "
+    "group_norm with unbiased std + 1e-9, whitening with rsqrt(max(var, 1e-8)), interior mask zeros as steps.",
     library="openrlhf 0.11.2",
-    estimators={},
+    estimators={
+        "gae": _merge({"gamma": 1.0, "lam": 1.0, "mask_gaps": "step"}, _ORLHF_KL, _ORLHF_CLIP, _ORLHF_WHITEN),
+        "reinforce_pp": _merge({"gamma": 1.0, "mask_gaps": "step"}, _ORLHF_KL, _ORLHF_CLIP, _ORLHF_WHITEN),
+        # returns: the cumulative return before whitening
+        "reinforce_pp_baseline": _merge(_ORLHF_KL, _ORLHF_GROUP, _ORLHF_CLIP, _ORLHF_WHITEN,
+                                        {"returns_whitened": False}),
+        "rloo": _merge(_ORLHF_KL, _ORLHF_GROUP, _ORLHF_CLIP, _ORLHF_WHITEN, {"whiten": False, "whiten_scope": "token"}),
+        "grpo": _merge(_ORLHF_KL, _ORLHF_GROUP, _ORLHF_CLIP,
+                       {"std_ddof": 1, "std_eps": 1e-9, "std_scope": "group"}),  # group_norm: torch.std + 1e-9
+        "dr_grpo": _merge(_ORLHF_KL, _ORLHF_GROUP, _ORLHF_CLIP),
+        "flash_reinforce": _merge(_ORLHF_KL, _ORLHF_CLIP),
+    },
+    unavailable={
+        "reinforce": "OpenRLHF's 'reinforce' is advserve's reinforce_pp (reward-to-go, whitened); there is no "
+        "whole-trajectory REINFORCE",
+        "reinforce_rtg": "OpenRLHF always normalizes 'reinforce': use reinforce_pp (whiten=false for the plain "
+        "reward-to-go)",
+        "remax": "OpenRLHF has no ReMax estimator",
+        "orz": "use gae (γ = λ = 1 is OpenRLHF's default; OpenRLHF always whitens GAE)",
+        "grpo_original": "in OpenRLHF the 1/|o| factor is the loss aggregation: grpo (group_norm) with "
+        "--actor.loss_agg_mode seq-mean-token-mean (policy_loss.agg='seq-mean-token-mean')",
+        "dapo": "in OpenRLHF DAPO is group_norm (grpo) with --actor.eps_clip_low_high 0.2 0.28 and token-mean",
+    },
+    options=_merge(_ORLHF_ESTIMATOR_OPTIONS, _ORLHF_LOSS_OPTIONS),
     losses={
         # PolicyLoss: ±20 log-ratio clamp for ppo, none for gspo, which also forces per-sequence
         # aggregation and passes its gradient through the mean; dual clip applies to both
@@ -201,16 +270,61 @@ OPENRLHF = Preset(
         "rollout_correction": {"level": "token", "mode": "mask", "low": 0.5, "high": 5.0, "log_clamp": None,
                                "gating": "ratio", "weight": "token"},
     },
-    options=_ORLHF_LOSS_OPTIONS,
 )
 
 # --- TRL 1.16.0 (docs/research/trl.md) ----------------------------------------------------------
 
+# GRPOTrainer._generate_and_score_completions: contiguous groups of num_generations, nanstd (unbiased)
+# + 1e-4 outside the sqrt, std forced to 0 for num_generations = 1 (A = 0); no KL in the advantage
+# (β goes into the loss). RLOOTrainer: R − β Σ_t (old − ref) before the leave-one-out baseline,
+# normalize_advantages over the B sequence values.
+_TRL_GRPO_KL = {"kl_coef": 0.0, "kl_estimator": "k3", "kl_clamp": None, "kl_placement": "sequence"}
+
+# TRL's options (GRPOConfig, RLOOConfig) -> the advantage request that reproduces them
+_TRL_ESTIMATOR_OPTIONS = {
+    "GRPOConfig.scale_rewards='group'": "estimator='grpo' (True is the same)",
+    "GRPOConfig.scale_rewards='batch'": "estimator='grpo', params.std_scope='batch'",
+    "GRPOConfig.scale_rewards='none'": "estimator='dr_grpo' (False is the same)",
+    "GRPOConfig.num_generations=N": "group_ids: the N completions of a prompt share an id (any order, any size)",
+    "GRPOConfig.reward_weights=[w_k]": "rewards = Σ_k w_k r_k, computed by the caller",
+    "GRPOConfig.multi_objective_aggregation='normalize_then_sum'": "not supported (needs per-function rewards)",
+    "RLOOConfig.beta=B": "estimator='rloo', params.kl_coef=B (k1 summed over the completion, before the baseline)",
+    "RLOOConfig.normalize_advantages=True": "estimator='rloo', params.whiten=true (over the B sequence advantages)",
+    "RLOOConfig.reward_clip_range=(LO, HI)": "clamp rewards to [LO, HI] before sending them (TRL clips the raw "
+    "score, before the KL and the baseline)",
+    "RLOOConfig.num_generations=N": "group_ids: the N completions of a prompt share an id",
+}
+
 TRL = Preset(
     name="trl",
-    description="TRL 1.16.0 (trl.trainer.grpo_trainer.GRPOTrainer, trl.trainer.rloo_trainer.RLOOTrainer).",
+    description="TRL 1.16.0 (trl.trainer.grpo_trainer.GRPOTrainer, trl.trainer.rloo_trainer.RLOOTrainer): "
+    "GRPO with unbiased std + 1e-4 (group or batch std), Dr. GRPO, RLOO with β·Σ k1 in the score; "
+    "the loss_type aggregations, β·k3 in the loss.",
     library="trl 1.16.0",
-    estimators={},
+    estimators={
+        "grpo": _merge(_TRL_GRPO_KL, _NO_REWARD_CLIP,
+                       {"std_ddof": 1, "std_eps": 1e-4, "std_scope": "group", "singleton_groups": "zero"}),
+        "dr_grpo": _merge(_TRL_GRPO_KL, _NO_REWARD_CLIP, {"singleton_groups": "zero"}),  # scale_rewards="none"
+        "rloo": _merge({"kl_coef": 0.05, "kl_estimator": "k1", "kl_clamp": None, "kl_placement": "sequence",
+                        "singleton_groups": "zero"}, _NO_REWARD_CLIP,
+                       {"whiten": False, "whiten_std": True, "whiten_scope": "sequence", "whiten_ddof": 1,
+                        "whiten_eps": 1e-4, "whiten_eps_mode": "outside"}),  # normalize_advantages
+    },
+    unavailable={
+        "reinforce": "TRL has no REINFORCE estimator (use rloo or grpo)",
+        "reinforce_rtg": "TRL has no reward-to-go estimator",
+        "reinforce_pp": "TRL has no REINFORCE++ estimator",
+        "reinforce_pp_baseline": "TRL has no token-whitened REINFORCE++-baseline; the closest is grpo with "
+        "std_scope='batch' (scale_rewards='batch'), which whitens sequence scores, not tokens",
+        "remax": "TRL has no ReMax estimator",
+        "gae": "TRL's PPOTrainer (GAE) is not covered by this preset: use preset 'openrlhf' or 'verl'",
+        "orz": "TRL's PPOTrainer (GAE) is not covered by this preset: use preset 'openrlhf' or 'verl'",
+        "grpo_original": "in TRL the 1/|o| factor is the loss: grpo with loss_type='grpo' "
+        "(policy_loss.agg='seq-mean-token-mean')",
+        "dapo": "in TRL DAPO is grpo with loss_type='dapo' (the default token-mean) and epsilon_high=0.28",
+        "flash_reinforce": "TRL has no batch-mean baseline estimator: use preset 'openrlhf'",
+    },
+    options=_merge(_TRL_ESTIMATOR_OPTIONS, _TRL_LOSS_OPTIONS),
     losses={
         # GRPOTrainer._compute_loss: loss_type "dapo" (token mean), epsilon 0.2, no log-ratio clamp,
         # Dr. GRPO's C = max_completion_length (512), grpo/dr_grpo divide by all B rows; cispo caps
@@ -228,7 +342,6 @@ TRL = Preset(
         "rollout_correction": _merge(_NEUTRAL_ROLLOUT, {"level": "sequence", "mode": "mask", "low": None,
                                                         "high": 3.0, "log_clamp": None}),
     },
-    options=_TRL_LOSS_OPTIONS,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, VERL, OPENRLHF, TRL)}

@@ -36,6 +36,7 @@ class Estimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESTIMATOR_GRPO_ORIGINAL: _ClassVar[Estimator]
     ESTIMATOR_DAPO: _ClassVar[Estimator]
     ESTIMATOR_DR_GRPO: _ClassVar[Estimator]
+    ESTIMATOR_FLASH_REINFORCE: _ClassVar[Estimator]
 
 class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -72,6 +73,31 @@ class SingletonGroups(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SINGLETON_GROUPS_ZERO: _ClassVar[SingletonGroups]
     SINGLETON_GROUPS_RAW: _ClassVar[SingletonGroups]
     SINGLETON_GROUPS_ERROR: _ClassVar[SingletonGroups]
+
+class MaskGaps(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MASK_GAPS_UNSPECIFIED: _ClassVar[MaskGaps]
+    MASK_GAPS_SKIP: _ClassVar[MaskGaps]
+    MASK_GAPS_STEP: _ClassVar[MaskGaps]
+
+class StdScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STD_SCOPE_UNSPECIFIED: _ClassVar[StdScope]
+    STD_SCOPE_GROUP: _ClassVar[StdScope]
+    STD_SCOPE_BATCH: _ClassVar[StdScope]
+
+class WhitenEpsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WHITEN_EPS_MODE_UNSPECIFIED: _ClassVar[WhitenEpsMode]
+    WHITEN_EPS_MODE_INSIDE: _ClassVar[WhitenEpsMode]
+    WHITEN_EPS_MODE_FLOOR: _ClassVar[WhitenEpsMode]
+    WHITEN_EPS_MODE_OUTSIDE: _ClassVar[WhitenEpsMode]
+
+class WhitenScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WHITEN_SCOPE_UNSPECIFIED: _ClassVar[WhitenScope]
+    WHITEN_SCOPE_TOKEN: _ClassVar[WhitenScope]
+    WHITEN_SCOPE_SEQUENCE: _ClassVar[WhitenScope]
 
 class PolicyLossMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -136,6 +162,7 @@ ESTIMATOR_GRPO: Estimator
 ESTIMATOR_GRPO_ORIGINAL: Estimator
 ESTIMATOR_DAPO: Estimator
 ESTIMATOR_DR_GRPO: Estimator
+ESTIMATOR_FLASH_REINFORCE: Estimator
 PRESET_UNSPECIFIED: Preset
 PRESET_PAPER: Preset
 PRESET_VERL: Preset
@@ -157,6 +184,19 @@ SINGLETON_GROUPS_UNSPECIFIED: SingletonGroups
 SINGLETON_GROUPS_ZERO: SingletonGroups
 SINGLETON_GROUPS_RAW: SingletonGroups
 SINGLETON_GROUPS_ERROR: SingletonGroups
+MASK_GAPS_UNSPECIFIED: MaskGaps
+MASK_GAPS_SKIP: MaskGaps
+MASK_GAPS_STEP: MaskGaps
+STD_SCOPE_UNSPECIFIED: StdScope
+STD_SCOPE_GROUP: StdScope
+STD_SCOPE_BATCH: StdScope
+WHITEN_EPS_MODE_UNSPECIFIED: WhitenEpsMode
+WHITEN_EPS_MODE_INSIDE: WhitenEpsMode
+WHITEN_EPS_MODE_FLOOR: WhitenEpsMode
+WHITEN_EPS_MODE_OUTSIDE: WhitenEpsMode
+WHITEN_SCOPE_UNSPECIFIED: WhitenScope
+WHITEN_SCOPE_TOKEN: WhitenScope
+WHITEN_SCOPE_SEQUENCE: WhitenScope
 POLICY_LOSS_MODE_UNSPECIFIED: PolicyLossMode
 POLICY_LOSS_MODE_PPO_CLIP: PolicyLossMode
 POLICY_LOSS_MODE_GSPO: PolicyLossMode
@@ -207,7 +247,7 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdvantageParams(_message.Message):
-    __slots__ = ("gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "no_kl_clamp", "kl_placement", "std_ddof", "std_eps", "singleton_groups", "whiten", "whiten_ddof", "whiten_eps")
+    __slots__ = ("gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "no_kl_clamp", "kl_placement", "std_ddof", "std_eps", "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "reward_clip_low", "no_reward_clip_low", "reward_clip_high", "no_reward_clip_high", "mask_gaps", "std_scope", "whiten_std", "whiten_eps_mode", "whiten_scope", "returns_whitened")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     LAM_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +261,16 @@ class AdvantageParams(_message.Message):
     WHITEN_FIELD_NUMBER: _ClassVar[int]
     WHITEN_DDOF_FIELD_NUMBER: _ClassVar[int]
     WHITEN_EPS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_CLIP_LOW_FIELD_NUMBER: _ClassVar[int]
+    NO_REWARD_CLIP_LOW_FIELD_NUMBER: _ClassVar[int]
+    REWARD_CLIP_HIGH_FIELD_NUMBER: _ClassVar[int]
+    NO_REWARD_CLIP_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MASK_GAPS_FIELD_NUMBER: _ClassVar[int]
+    STD_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    WHITEN_STD_FIELD_NUMBER: _ClassVar[int]
+    WHITEN_EPS_MODE_FIELD_NUMBER: _ClassVar[int]
+    WHITEN_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_WHITENED_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     lam: float
     kl_coef: float
@@ -234,7 +284,17 @@ class AdvantageParams(_message.Message):
     whiten: bool
     whiten_ddof: int
     whiten_eps: float
-    def __init__(self, gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., kl_estimator: _Optional[_Union[KLEstimator, str]] = ..., kl_clamp: _Optional[float] = ..., no_kl_clamp: _Optional[bool] = ..., kl_placement: _Optional[_Union[KLPlacement, str]] = ..., std_ddof: _Optional[int] = ..., std_eps: _Optional[float] = ..., singleton_groups: _Optional[_Union[SingletonGroups, str]] = ..., whiten: _Optional[bool] = ..., whiten_ddof: _Optional[int] = ..., whiten_eps: _Optional[float] = ...) -> None: ...
+    reward_clip_low: float
+    no_reward_clip_low: bool
+    reward_clip_high: float
+    no_reward_clip_high: bool
+    mask_gaps: MaskGaps
+    std_scope: StdScope
+    whiten_std: bool
+    whiten_eps_mode: WhitenEpsMode
+    whiten_scope: WhitenScope
+    returns_whitened: bool
+    def __init__(self, gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., kl_estimator: _Optional[_Union[KLEstimator, str]] = ..., kl_clamp: _Optional[float] = ..., no_kl_clamp: _Optional[bool] = ..., kl_placement: _Optional[_Union[KLPlacement, str]] = ..., std_ddof: _Optional[int] = ..., std_eps: _Optional[float] = ..., singleton_groups: _Optional[_Union[SingletonGroups, str]] = ..., whiten: _Optional[bool] = ..., whiten_ddof: _Optional[int] = ..., whiten_eps: _Optional[float] = ..., reward_clip_low: _Optional[float] = ..., no_reward_clip_low: _Optional[bool] = ..., reward_clip_high: _Optional[float] = ..., no_reward_clip_high: _Optional[bool] = ..., mask_gaps: _Optional[_Union[MaskGaps, str]] = ..., std_scope: _Optional[_Union[StdScope, str]] = ..., whiten_std: _Optional[bool] = ..., whiten_eps_mode: _Optional[_Union[WhitenEpsMode, str]] = ..., whiten_scope: _Optional[_Union[WhitenScope, str]] = ..., returns_whitened: _Optional[bool] = ...) -> None: ...
 
 class ComputeAdvantagesRequest(_message.Message):
     __slots__ = ("estimator", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 SINGLETON_POLICIES = ("zero", "raw", "error")
+STD_SCOPES = ("group", "batch")
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,25 @@ def group_normalized_advantages(
     std_ddof: int,
     std_eps: float,
     singleton_groups: str,
+    std_scope: str = "group",
 ) -> Tensor:
     """GRPO: (R_i − mean_g R) / (std_g R + eps); Dr.GRPO (`scale_by_std`=False): R_i − mean_g R.
 
     scores [B] -> [B]. A group whose scores are all equal gives 0 (std 0, the seed's undefined case).
-    Size-1 groups follow `singleton_groups`: "zero" -> 0; "raw" -> mean 0 and std 1 (verl), i.e.
-    R/(1 + eps) (R for Dr.GRPO); "error" is checked by the caller.
+    `std_scope` "batch" (TRL's scale_rewards="batch"): the std is that of all B scores (with
+    `std_ddof`), the mean stays the group's. Size-1 groups follow `singleton_groups`: "zero" -> 0;
+    "raw" -> mean 0 and std 1 (verl), i.e. R/(1 + eps) (R for Dr.GRPO); "error" is checked by the caller.
     """
     centered, _ = centered_scores(scores, groups)
     if scale_by_std:
-        denom = group_std(centered, groups, std_ddof)[groups.index] + std_eps
+        if std_scope == "batch":
+            deviation = scores - scores.mean()  # a single score has std 0
+            std = (torch.dot(deviation, deviation) / max(scores.shape[0] - std_ddof, 1)).sqrt()
+            denom = std.expand_as(centered) + std_eps
+        elif std_scope == "group":
+            denom = group_std(centered, groups, std_ddof)[groups.index] + std_eps
+        else:
+            raise ValueError(f"unknown std_scope {std_scope!r}; valid: {', '.join(STD_SCOPES)}")
         advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
     else:
         advantages = centered

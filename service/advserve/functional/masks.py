@@ -52,19 +52,34 @@ def masked_moments(x: Tensor, mask: Tensor, n: int) -> dict[str, float]:
     return {"mean": mean, "std": var**0.5, "min": low, "max": high}
 
 
-def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float) -> Tensor:
-    """Batch whitening over all valid tokens: (x − μ) / sqrt(σ² + eps), 0 at masked positions.
+WHITEN_EPS_MODES = ("inside", "floor", "outside")
 
-    x [B, T] (0 at masked positions), valid [B, T] the 0/1 mask in x's dtype. μ and σ² are taken over
-    every valid position (token-weighted), σ² with `ddof` (0: population, 1: unbiased). When
-    σ² + eps == 0 (all values equal, eps 0) the result is 0.
+
+def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "inside", use_std: bool = True) -> Tensor:
+    """Batch whitening over all valid positions: (x − μ) / d, 0 at masked positions.
+
+    x [B, T] (0 at masked positions), valid [B, T] the 0/1 mask in x's dtype; or x [B] and valid [B]
+    to whiten one value per sequence. μ and σ² are taken over every valid position (token-weighted),
+    σ² with `ddof` (0: population, 1: unbiased; a single value has σ² = 0). The scale d by
+    `eps_mode`: "inside" sqrt(σ² + eps) (verl), "floor" sqrt(max(σ², eps)) (OpenRLHF),
+    "outside" σ + eps (TRL). `use_std` False: d = 1, only the mean is subtracted (OpenRLHF's
+    no_std_norm). When d == 0 (all values equal, eps 0) the result is 0.
     """
     n = valid.sum()
     mean = x.sum() / n.clamp_min(1)
     centered = (x - mean).mul_(valid)
+    if not use_std:
+        return centered
     flat = centered.reshape(-1)
     var = torch.dot(flat, flat) / (n - ddof).clamp_min(1)
-    denom = (var + eps).sqrt()
+    if eps_mode == "inside":
+        denom = (var + eps).sqrt()
+    elif eps_mode == "floor":
+        denom = var.clamp_min(eps).sqrt()
+    elif eps_mode == "outside":
+        denom = var.sqrt() + eps
+    else:
+        raise ValueError(f"unknown whitening eps_mode {eps_mode!r}; valid: {', '.join(WHITEN_EPS_MODES)}")
     return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
 
 

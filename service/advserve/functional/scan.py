@@ -6,9 +6,11 @@ chunks by the same scan applied recursively to the chunk totals with discount c^
 is log_C(T); no power of c is ever divided by, so nothing overflows for any T (the cumsum trick
 x·c^−t does in float32 past T≈1.5k).
 
-Multi-turn rows have zeros inside the mask (observation tokens). The recursions skip them and carry
-the running value across, which is the same as running over the row's valid tokens packed to the
-left; `Compactor` does that packing when, and only when, a mask has interior gaps.
+Multi-turn rows have zeros inside the mask (observation tokens). By default (`gaps="skip"`) the
+recursions skip them and carry the running value across, which is the same as running over the
+row's valid tokens packed to the left; `Compactor` does that packing when, and only when, a mask has
+interior gaps. `gaps="step"` (OpenRLHF) instead treats every position as a step: a masked position
+adds a zero reward (and value 0) and still discounts by γ (γλ for GAE); no packing is needed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from .masks import is_right_padded
 
+MASK_GAPS = ("skip", "step")
 CHUNK = 16  # measured on 2 cores at [256, 4096]: 16 ≈ 0.75 ms, 32 ≈ 0.85 ms, 64 ≈ 1.2 ms
 
 
@@ -62,12 +65,17 @@ class Compactor:
     """Moves each row's valid tokens to the left (and back), so recursions skip interior gaps.
 
     mask [B, T] bool; inputs are 0 at masked positions (the engine's invariant). For right-padded
-    masks both directions are the identity: no copy.
+    masks both directions are the identity: no copy. `gaps="step"` keeps every position where it is
+    (the zeros at masked positions are the zero-valued steps); unpacking then zeroes masked positions.
     """
 
-    def __init__(self, mask: Tensor):
+    def __init__(self, mask: Tensor, gaps: str = "skip"):
+        if gaps not in MASK_GAPS:
+            raise ValueError(f"unknown mask_gaps {gaps!r}; valid: {', '.join(MASK_GAPS)}")
         self.mask = mask
-        self.identity = is_right_padded(mask)
+        right_padded = is_right_padded(mask)
+        self.identity = right_padded or gaps == "step"
+        self.zero_masked = not right_padded and gaps == "step"
         if not self.identity:
             position = mask.long().cumsum(dim=1) - 1
             # masked tokens go to a dump column T, dropped after the scatter
@@ -84,28 +92,36 @@ class Compactor:
 
     def unpack(self, packed: Tensor) -> Tensor:
         """Inverse of `pack`; masked positions become 0 (a packed row is 0 after its valid tokens)."""
+        if self.zero_masked:
+            return packed.mul_(self.mask)
         if self.identity:
             return packed
         return packed.gather(1, self.source).mul_(self.mask)
 
 
-def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float, gaps: str = "skip") -> Tensor:
     """G_t = Σ_{t' ≥ t, valid} γ^(k(t')−k(t)) r_t' over valid tokens (k: index among valid tokens).
 
     token_rewards [B, T] (0 at masked positions), mask [B, T] bool -> [B, T], 0 at masked positions.
+    `gaps="step"`: k(t) = t, so a masked position inside the row still discounts by γ (OpenRLHF's
+    get_cumulative_returns); with γ = 1 both give the same values.
     """
-    compactor = Compactor(mask)
+    compactor = Compactor(mask, gaps)
     return compactor.unpack(reverse_discounted_cumsum(compactor.pack(token_rewards), gamma))
 
 
-def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+        gaps: str = "skip") -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over valid tokens (Schulman et al. 2015, arXiv:1506.02438).
 
     token_rewards, values [B, T] (0 at masked positions), mask [B, T] bool -> (advantages, returns) [B, T].
     δ_t = r_t + γ V_next(t) − V_t, A_t = δ_t + γλ A_next(t), returns = A + V, where next(t) is the
     next valid token of the row and V after the last valid token is 0. Masked positions give 0.
+    `gaps="step"` (OpenRLHF): next(t) = t + 1 and a masked position is a step with r = V = 0, so the
+    token before a gap bootstraps from V = 0 and each gap position decays the sum by γλ; with
+    γ = λ = 1 the sum telescopes to the same values as "skip".
     """
-    compactor = Compactor(mask)
+    compactor = Compactor(mask, gaps)
     v = compactor.pack(values)
     delta = compactor.pack(token_rewards).sub_(v)
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)  # + γ V_next; V past the last valid token is 0
