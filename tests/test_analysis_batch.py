@@ -301,6 +301,27 @@ def test_default_estimators_are_those_the_tensors_allow():
                                                                     "reinforce_pp_baseline"}
 
 
+def test_estimators_whose_default_kl_needs_logprobs_are_left_out_unless_given():
+    base = issue_batch()
+    with pytest.raises(advserve.InvalidArgument) as caught:
+        advserve.analyze(preset="openrlhf", **base)  # every openrlhf estimator has kl_coef > 0 by default
+    assert caught.value.field == "tensors" and "old_logprobs" in caught.value.message
+    kl = dict(old_logprobs=np.full((32, 3), -1.0), ref_logprobs=np.full((32, 3), -1.0))
+    out = advserve.analyze(preset="openrlhf", **base, **kl)
+    assert "flash_reinforce" in out["estimators"] and out["analysis"]["flash_reinforce"]["weights"] == [1.0, 1.0]
+    only = advserve.analyze(preset="openrlhf", params={"grpo": {"kl_coef": 0.0}}, **base)
+    assert only["estimators"] == ["grpo"]
+
+
+def test_grpo_with_the_batch_std_scope_is_only_scaled():
+    """std_scope 'batch' (TRL's scale_rewards='batch'): every group divided by the std of all B scores."""
+    batch = issue_batch()
+    out = advserve.analyze(["grpo"], params={"grpo": {"std_scope": "batch"}}, dtype="float64", **batch)
+    entry = out["analysis"]["grpo"]
+    assert entry["weights"] == pytest.approx([1 / batch["rewards"].std()] * 2, rel=1e-12)
+    assert entry["weights_exact"] is None and entry["summary"]["max_over_min"] == pytest.approx(1.0)
+
+
 def test_params_per_estimator():
     out = advserve.analyze(["grpo", "dapo"], params={"grpo": {"std_ddof": 1}}, **issue_batch())
     assert out["analysis"]["grpo"]["params"]["std_ddof"] == 1 and out["analysis"]["dapo"]["params"]["std_ddof"] == 0

@@ -93,10 +93,20 @@ class PreparedAnalysis:
 def _select(engine: Engine, request: AnalysisRequest, given: set[str]) -> tuple[str, list[str]]:
     preset = engine.preset(request.preset)
     if request.estimators is None:
-        names = [name for name in preset.estimators if ESTIMATORS[name].requires <= given]
+        overrides = request.params if isinstance(request.params, Mapping) else {}
+
+        def applies(name: str) -> bool:
+            """Its tensors are given: the required ones, and the KL inputs when its kl_coef is > 0."""
+            given_params = overrides.get(name) if isinstance(overrides.get(name), Mapping) else {}
+            beta = given_params.get("kl_coef", preset.estimators[name].get("kl_coef", 0))
+            needs_kl = isinstance(beta, (int, float)) and beta > 0
+            return ESTIMATORS[name].requires <= given and (not needs_kl or {"old_logprobs", "ref_logprobs"} <= given)
+
+        names = [name for name in preset.estimators if applies(name)]
         if not names:
-            raise InvalidArgument(f"no estimator of preset {preset.name!r} applies to the given tensors",
-                                  field="tensors")
+            raise InvalidArgument(f"no estimator of preset {preset.name!r} applies to the given tensors (those with "
+                                  "kl_coef > 0 by default also need old_logprobs and ref_logprobs); name the "
+                                  "estimators or give the tensors", field="tensors")
         return preset.name, names
     if isinstance(request.estimators, (str, bytes)) or not isinstance(request.estimators, Sequence):
         raise InvalidArgument("estimators must be a list of estimator names", field="estimators")
