@@ -15,6 +15,210 @@ import advserve
 import reference as ref_impl
 
 # --------------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------------
+
+PRESETS = ("paper", "verl", "openrlhf", "trl")
+
+
+def advantages(estimator, preset, params=None, **tensors):
+    res = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", **tensors)
+    return np.asarray(res.advantages), np.asarray(res.returns), res.params
+
+
+def rows(a):
+    """The per-row value of a broadcast advantage (first token of each row)."""
+    return a[:, 0]
+
+
+def test_advantages_groups_any_ids_in_every_preset():
+    # OpenRLHF and TRL reshape rewards into (-1, n): contiguous, equal-sized groups. advserve takes any ids in
+    # any order and any sizes in every preset; permuting the rows permutes the advantages
+    r = np.array([1.0, 0.0, 3.0, 2.0, 0.5])
+    ids = np.array(["b", "a", "b", "a", "a"])
+    perm = np.array([1, 3, 4, 0, 2])  # contiguous blocks a, a, a, b, b
+    m = np.ones((5, 1), bool)
+    for preset in ("verl", "openrlhf", "trl"):
+        a, _, _ = advantages("grpo", preset, {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)
+        b, _, _ = advantages("grpo", preset, {"kl_coef": 0.0}, rewards=r[perm], response_mask=m, group_ids=ids[perm])
+        np.testing.assert_allclose(a[perm], b, rtol=1e-15, err_msg=preset)
+
+
+def test_advantages_size_1_groups_paper_0_verl_raw_openrlhf_error_trl_0():
+    r, m, ids = np.array([2.0, 1.0, 3.0]), np.ones((3, 1), bool), np.array([0, 1, 1])  # row 0 alone
+    got = {p: rows(advantages("grpo", p, {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)[0])[0]
+           for p in ("paper", "verl", "trl")}
+    assert got == {"paper": 0.0, "verl": pytest.approx(2.0 / (1 + 1e-6)), "trl": 0.0}
+    with pytest.raises(advserve.InvalidArgument):  # OpenRLHF asserts n_samples_per_prompt > 1
+        advantages("grpo", "openrlhf", {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)
+    # RLOO: paper refuses, verl keeps R, TRL gives 0, OpenRLHF refuses
+    with pytest.raises(advserve.InvalidArgument):
+        advantages("rloo", "paper", rewards=r, response_mask=m, group_ids=ids)
+    assert rows(advantages("rloo", "verl", rewards=r, response_mask=m, group_ids=ids)[0])[0] == 2.0
+    assert rows(advantages("rloo", "trl", {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)[0])[0] == 0.0
+
+
+def test_advantages_group_std_and_epsilon():
+    # a pair (0, d), d = 1e-3: population std d/2 (paper), unbiased std d/√2 with ε 1e-6 (verl), 1e-9
+    # (OpenRLHF), 1e-4 (TRL), always outside the sqrt
+    d = 1e-3
+    r, m, ids = np.array([0.0, d]), np.ones((2, 1), bool), np.array([0, 0])
+    want = {"paper": 1.0, "verl": (d / 2) / (d / math.sqrt(2) + 1e-6),
+            "openrlhf": (d / 2) / (d / math.sqrt(2) + 1e-9), "trl": (d / 2) / (d / math.sqrt(2) + 1e-4)}
+    for preset, value in want.items():
+        a = rows(advantages("grpo", preset, {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)[0])
+        np.testing.assert_allclose(a, [-value, value], rtol=1e-12, err_msg=preset)
+    assert want["trl"] < 0.88 * want["openrlhf"]  # noticeably different for near-equal rewards
+
+
+def test_advantages_trl_batch_std_openrlhf_and_verl_group_std():
+    # TRL's scale_rewards="batch": the group mean over the std of the whole batch (ddof 1)
+    r, m, ids = np.array([0.0, 2.0, 10.0, 20.0]), np.ones((4, 1), bool), np.array([0, 0, 1, 1])
+    batch_std = np.std(r, ddof=1)
+    a = rows(advantages("grpo", "trl", {"std_scope": "batch"}, rewards=r, response_mask=m, group_ids=ids)[0])
+    np.testing.assert_allclose(a, np.array([-1.0, 1.0, -5.0, 5.0]) / (batch_std + 1e-4), rtol=1e-12)
+    # the default: each group's own std, sqrt(2) and 5·sqrt(2)
+    group = rows(advantages("grpo", "trl", rewards=r, response_mask=m, group_ids=ids)[0])
+    s2 = math.sqrt(2.0)
+    np.testing.assert_allclose(group, [-1 / (s2 + 1e-4), 1 / (s2 + 1e-4), -5 / (5 * s2 + 1e-4), 5 / (5 * s2 + 1e-4)],
+                               rtol=1e-12)
+
+
+def test_advantages_all_equal_group_is_exactly_0_in_every_preset():
+    # TRL divides the rounding residue of an inexact mean by 1e-4 (±1e-12 for 0.1s); advserve gives exactly 0
+    r, m, ids = np.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7]), np.ones((6, 1), bool), np.array([0, 0, 0, 1, 1, 1])
+    for preset in PRESETS:
+        a = advantages("grpo", preset, {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)[0]
+        assert np.all(a == 0.0), preset
+
+
+def test_advantages_reward_clip_openrlhf_10_after_the_baseline():
+    # RLOO of the pair (0, 30): ∓30; OpenRLHF clips the baseline-subtracted reward to ±10
+    r, m, ids = np.array([0.0, 30.0]), np.ones((2, 1), bool), np.array([0, 0])
+    for preset, want in (("paper", 30.0), ("verl", 30.0), ("trl", 30.0), ("openrlhf", 10.0)):
+        a = rows(advantages("rloo", preset, {"kl_coef": 0.0}, rewards=r, response_mask=m, group_ids=ids)[0])
+        np.testing.assert_allclose(a, [-want, want], rtol=1e-15, err_msg=preset)
+    # after the baseline, not before: rewards (100, 101) are far beyond 10 but their advantages are ±1
+    a = advantages("rloo", "openrlhf", {"kl_coef": 0.0}, rewards=np.array([100.0, 101.0]), response_mask=m,
+                   group_ids=ids)[0]
+    np.testing.assert_allclose(rows(a), [-1.0, 1.0], rtol=1e-15)
+
+
+def _kl_batch():
+    """Two rows of 3 tokens, group (1, 0); old − ref = (0.1, 0.2, 0.3) and (0.4, 0.5, 0.6)."""
+    old = -np.ones((2, 3))
+    return dict(rewards=np.array([1.0, 0.0]), response_mask=np.ones((2, 3), bool), group_ids=np.array([0, 0]),
+                old_logprobs=old, ref_logprobs=old - np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
+
+
+def test_advantages_kl_in_the_reward_is_on_by_default_only_in_openrlhf_and_trl_rloo():
+    b = _kl_batch()
+    beta = {p: advantages("rloo", p, params=None if p != "paper" else {"singleton_groups": "zero"},
+                          **b)[2]["kl_coef"] for p in PRESETS}
+    assert beta == {"paper": 0.0, "verl": 0.0, "openrlhf": 0.01, "trl": 0.05}
+    # TRL RLOO: R̃ = R − 0.05 Σ_t k1 = (1 − 0.03, 0 − 0.075), leave-one-out: ±1.045
+    a = rows(advantages("rloo", "trl", **b)[0])
+    np.testing.assert_allclose(a, [0.97 - (-0.075), -0.075 - 0.97], rtol=1e-12)
+
+
+def test_advantages_where_kl_in_the_reward_lands():
+    # β = 1, k1 per token (0.1, 0.2, 0.3 | 0.4, 0.5, 0.6), Dr.GRPO of (1, 0) = ±0.5
+    b = _kl_batch()
+    p = dict(kl_coef=1.0, kl_estimator="k1", kl_clamp=None)
+    # verl: the KL is summed into R before the baseline: R̃ = (0.4, −1.5), ±0.95 on every token
+    a = advantages("dr_grpo", "verl", p, **b)[0]
+    np.testing.assert_allclose(a, [[0.95] * 3, [-0.95] * 3], rtol=1e-12)
+    # OpenRLHF: after the baseline, as reward-to-go: 0.5 − (0.6, 0.5, 0.3), −0.5 − (1.5, 1.1, 0.6)
+    a = advantages("dr_grpo", "openrlhf", p, **b)[0]
+    np.testing.assert_allclose(a, [[-0.1, 0.0, 0.2], [-2.0, -1.6, -1.1]], rtol=1e-12, atol=1e-15)
+    # paper GRPO: the seed's per-token term −β ∂kl/∂logπ = −β for k1, on the normalized ±1
+    a = advantages("grpo", "paper", p, **b)[0]
+    np.testing.assert_allclose(a, [[0.0] * 3, [-2.0] * 3], rtol=1e-12, atol=1e-15)
+
+
+def test_advantages_kl_clamp_openrlhf_every_estimator_verl_k3_only():
+    # k1 with old − ref = 30 on one token, β = 0.1: OpenRLHF clamps it to 10 (so −1 of R̃); verl and paper
+    # take 30 (−3)
+    b = _kl_batch()
+    b["ref_logprobs"] = b["ref_logprobs"].copy()
+    b["ref_logprobs"][0, 0] = b["old_logprobs"][0, 0] - 30.0
+    p = dict(kl_coef=0.1, kl_estimator="k1", kl_placement="sequence", singleton_groups="zero")
+    kl_rest = 0.1 * (0.2 + 0.3)
+    tensors = dict(b)
+    got = {preset: rows(advantages("rloo", preset, dict(p, kl_clamp=None) if preset == "paper" else p, **tensors)[0])
+           for preset in ("paper", "verl", "openrlhf")}
+    r1 = 0.0 - 0.1 * (0.4 + 0.5 + 0.6)
+    for preset, k in (("paper", 30.0), ("verl", 30.0), ("openrlhf", 10.0)):
+        r0 = 1.0 - 0.1 * k - kl_rest
+        np.testing.assert_allclose(got[preset], [r0 - r1, r1 - r0], rtol=1e-12, err_msg=preset)
+
+
+def test_advantages_whitening_which_estimators_and_how():
+    # which: GAE is whitened in verl and OpenRLHF, not in the paper preset (nor in TRL, which has no GAE)
+    for preset, whiten in (("paper", False), ("verl", True), ("openrlhf", True)):
+        assert advantages("gae", preset, {"kl_coef": 0.0}, rewards=np.array([1.0]), response_mask=np.ones((1, 2), bool),
+                          values=np.zeros((1, 2)))[2]["whiten"] is whiten
+    # how: returns 1, 2, 3, 6 (one token each), mean 3, squared deviations 14
+    r, m = np.array([1.0, 2.0, 3.0, 6.0]), np.ones((4, 1), bool)
+    scale = {"paper": math.sqrt(14 / 4),                 # population variance, no ε
+             "verl": math.sqrt(14 / 3 + 1e-8),           # unbiased, rsqrt(var + 1e-8)
+             "openrlhf": math.sqrt(max(14 / 4, 1e-8))}   # population, rsqrt(max(var, 1e-8))
+    for preset, d in scale.items():
+        a = advantages("reinforce_pp", preset, {"kl_coef": 0.0}, rewards=r, response_mask=m)[0]
+        np.testing.assert_allclose(a[:, 0], (r - 3.0) / d, rtol=1e-12, err_msg=preset)
+    # max(var, ε) and var + ε part where var is small: values ±1e-5 (var 1e-10)
+    tiny = np.array([-1e-5, 1e-5])
+    a_verl = advantages("reinforce_pp", "verl", {"kl_coef": 0.0}, rewards=tiny, response_mask=np.ones((2, 1), bool))[0]
+    a_orl = advantages("reinforce_pp", "openrlhf", {"kl_coef": 0.0}, rewards=tiny, response_mask=np.ones((2, 1), bool))[0]
+    np.testing.assert_allclose(a_verl[:, 0], tiny / math.sqrt(2e-10 + 1e-8), rtol=1e-12)
+    np.testing.assert_allclose(a_orl[:, 0], tiny / math.sqrt(1e-8), rtol=1e-12)
+
+
+def test_advantages_reinforce_pp_baseline_returns_and_kl_placement():
+    # group (1, 3) of one-token rows: outcome advantages ∓1, whitened ∓1 (paper, OpenRLHF: population var 1);
+    # OpenRLHF returns the unwhitened reward-to-go, paper and verl return A
+    r, m, ids = np.array([1.0, 3.0]), np.ones((2, 1), bool), np.array([0, 0])
+    eps = {"whiten_eps": 3.0, "kl_coef": 0.0}
+    _, ret_paper, _ = advantages("reinforce_pp_baseline", "paper", eps, rewards=r, response_mask=m, group_ids=ids)
+    _, ret_orl, p = advantages("reinforce_pp_baseline", "openrlhf", dict(eps, whiten_eps_mode="inside"), rewards=r,
+                               response_mask=m, group_ids=ids)
+    np.testing.assert_allclose(ret_paper[:, 0], [-0.5, 0.5], rtol=1e-12)  # ∓1/sqrt(1 + 3)
+    np.testing.assert_allclose(ret_orl[:, 0], [-1.0, 1.0], rtol=1e-12)
+    assert p["kl_placement"] == "reward_to_go"
+    assert advantages("reinforce_pp_baseline", "verl", rewards=r, response_mask=m, group_ids=ids)[2]["kl_placement"] \
+        == "sequence"
+
+
+def test_advantages_interior_mask_gaps_verl_skips_openrlhf_steps():
+    # one row, tokens 0 and 2 valid, reward 1, γ = 0.5: skipping the gap G_0 = 0.5, stepping through it 0.25
+    # (before whitening: the returns of reinforce_pp)
+    m = np.array([[1, 0, 1], [1, 1, 1]], dtype=bool)
+    r = np.array([1.0, 0.0])
+    _, skip, _ = advantages("reinforce_pp", "verl", {"gamma": 0.5}, rewards=r, response_mask=m)
+    _, step, _ = advantages("reinforce_pp", "openrlhf", {"gamma": 0.5, "kl_coef": 0.0}, rewards=r, response_mask=m)
+    assert skip[0, 0] == pytest.approx(0.5) and step[0, 0] == pytest.approx(0.25)
+
+
+def test_advantages_gae_defaults():
+    got = {p: advantages("gae", p, {"kl_coef": 0.0}, rewards=np.array([1.0]), response_mask=np.ones((1, 2), bool),
+                         values=np.zeros((1, 2)))[2] for p in ("paper", "verl", "openrlhf")}
+    assert {p: (g["gamma"], g["lam"]) for p, g in got.items()} == {"paper": (1.0, 0.95), "verl": (1.0, 1.0),
+                                                                    "openrlhf": (1.0, 1.0)}
+
+
+def test_advantages_trl_rloo_normalizes_over_sequences():
+    # RLOO of (1, 3) and (0, 4): −2, 2, −4, 4; rows of 1 to 4 tokens. TRL (normalize_advantages) whitens the 4
+    # sequence values (unbiased std + 1e-4); token whitening (whiten_scope "token") weights rows by length
+    mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=bool)
+    t = dict(rewards=np.array([1.0, 3.0, 0.0, 4.0]), response_mask=mask, group_ids=np.array([0, 0, 1, 1]))
+    seq = rows(advantages("rloo", "trl", {"kl_coef": 0.0, "whiten": True}, **t)[0])
+    np.testing.assert_allclose(seq, np.array([-2.0, 2.0, -4.0, 4.0]) / (math.sqrt(40 / 3) + 1e-4), rtol=1e-12)
+    tok = advantages("rloo", "trl", {"kl_coef": 0.0, "whiten": True, "whiten_scope": "token"}, **t)[0]
+    vals = np.array([-2.0] * 4 + [2.0] + [-4.0] * 2 + [4.0] * 3)  # mean −0.2 over the 10 tokens
+    np.testing.assert_allclose(tok[mask], (vals - vals.mean()) / (vals.std(ddof=1) + 1e-4), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------------
 
