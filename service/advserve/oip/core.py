@@ -409,7 +409,9 @@ def protocol_error(error: AdvserveError) -> AdvserveError:
             new = f"parameters.{old}"
     if new == old:
         return error
-    message = error.message.replace(old, new, 1) if error.message.startswith(old) else error.message
+    renames_the_subject = "." in old or old in _PARAMETER_FIELDS  # "params.gamma must be ...", "dtype must be ..."
+    message = error.message.replace(old, new, 1) if renames_the_subject and error.message.startswith(old) \
+        else error.message
     renamed = error.__class__.__new__(error.__class__)  # the same class (and retry_after_s, if any)
     renamed.__dict__.update(error.__dict__)
     renamed.message, renamed.field, renamed.args = message, new, (message,)
