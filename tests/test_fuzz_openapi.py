@@ -88,14 +88,16 @@ def test_fuzz_compute_endpoints(fuzz_server, api_schema, path, mode):
 # --- guided bodies -------------------------------------------------------------------------------
 
 ESTIMATORS = ["reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae", "orz",
-              "grpo", "grpo_original", "dapo", "dr_grpo"]
+              "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce"]
 GROUPED = {"reinforce_pp_baseline", "rloo", "grpo", "grpo_original", "dapo", "dr_grpo"}
 ADVANTAGE_TENSORS = ["rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs",
                      "ref_logprobs", "greedy_rewards", "cu_seqlens"]
 LOSS_TENSORS = ["logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values",
                 "returns", "entropy", "rollout_logprobs", "cu_seqlens"]
 ADVANTAGE_PARAMS = ["gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "kl_placement", "std_ddof", "std_eps",
-                    "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "bogus"]
+                    "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "reward_clip_low", "reward_clip_high",
+                    "mask_gaps", "std_scope", "whiten_std", "whiten_eps_mode", "whiten_scope", "returns_whitened",
+                    "bogus"]
 LOSS_TERMS = {"policy_loss": ["mode", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "agg", "loss_scale_factor",
                               "ratio_cap", "cispo_cap", "cispo_level", "sequence_ratio_gradient", "seq_denominator"],
               "kl_loss": ["coef", "estimator", "clamp", "agg", "unbiased_gradient", "importance_weighted"],
@@ -107,7 +109,8 @@ TERM_TENSORS = {"policy_loss": ["logprobs", "old_logprobs", "advantages"], "kl_l
 WORDS = ["k1", "k2", "k3", "abs", "token", "sequence", "reward_to_go", "zero", "raw", "error", "ppo_clip", "gspo",
          "cispo", "reinforce", "token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
          "seq-mean-token-sum-norm", "truncate", "mask", "sequence_mean", "binary_kl", "tv", "unit", "token_trick",
-         "through_mean", "nonempty", "all", "", "x"]
+         "through_mean", "nonempty", "all", "skip", "step", "group", "batch", "inside", "floor", "outside", "",
+         "x"]
 
 # JSON cannot carry NaN or Inf (the binary cases send them as raw bytes)
 numbers = st.one_of(st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False), st.floats(-2, 2),
@@ -166,7 +169,7 @@ def guided_document(draw, endpoint: str):
     coherent = draw(st.integers(0, 3)) > 0
     document: dict = {}
     if draw(st.integers(0, 2)) == 0:
-        document["preset"] = draw(st.sampled_from(["paper", "verl", "paper", "verl", "nope"]))
+        document["preset"] = draw(st.sampled_from(["paper", "verl", "openrlhf", "trl", "nope"]))
     if draw(st.integers(0, 3)) == 0:
         document["dtype"] = draw(st.sampled_from(["float32", "float64"]))
     packed = draw(st.integers(0, 3)) == 0
