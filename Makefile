@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: venv serve test lint bench proto clean loadtest
+.PHONY: venv serve test lint bench proto clean loadtest analysis
 
 venv: $(BIN)/advserve
 
@@ -28,6 +28,10 @@ bench: venv
 
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
+
+# the exact-gradient study in full mode (minutes): regenerates the plots and numbers under docs/analysis/
+analysis: venv
+	$(BIN)/advserve analyze --full --out docs/analysis
 
 clean:
 	rm -rf $(VENV) build *.egg-info service/*.egg-info .pytest_cache .hypothesis
