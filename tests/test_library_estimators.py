@@ -409,3 +409,61 @@ def test_batch_wide_statistics_are_never_coalesced(estimator, preset, params, al
     job = Engine("cpu").prepare_advantages(AdvantageRequest(estimator=estimator, preset=preset, params=params,
                                                             tensors=tensors))
     assert (job.coalescing_key is None) == alone
+
+
+# --------------------------------------------------------------------------------------------------
+# layout invariances under the library presets (hypothesis)
+# --------------------------------------------------------------------------------------------------
+
+LIBRARY_CASES = [(p, e) for p in ("openrlhf", "trl") for e in advserve.presets.PRESETS[p].estimators]
+
+
+def library_request(b, preset, estimator, kl):
+    params = {"kl_coef": 0.1 if kl else 0.0, "singleton_groups": "zero"}
+    if estimator == "gae":
+        params.update(gamma=0.9, lam=0.8)  # γ < 1: the gap steps matter
+    if estimator in ("flash_reinforce", "gae", "reinforce_pp"):
+        del params["singleton_groups"]
+    names = ["response_mask", "rewards", *NEEDS.get(estimator, ())]
+    if estimator not in UNGROUPED:
+        names.append("group_ids")
+    if kl:
+        names += ["old_logprobs", "ref_logprobs"]
+    return params, {k: b[k] for k in names}
+
+
+@SETTINGS
+@given(b=batches(), case=st.sampled_from(LIBRARY_CASES), kl=st.booleans(), extra=st.integers(1, 3))
+def test_library_presets_right_padding_changes_nothing(b, case, kl, extra):
+    preset, estimator = case
+    params, t = library_request(b, preset, estimator, kl)
+    a, r, _ = adv(estimator, preset, params, **t)
+    padded = {k: (np.pad(v, ((0, 0), (0, extra))) if isinstance(v, np.ndarray) and v.ndim == 2 else v)
+              for k, v in t.items()}
+    a2, r2, _ = adv(estimator, preset, params, **padded)
+    np.testing.assert_allclose(a2[:, :a.shape[1]], a, **TOL)
+    np.testing.assert_allclose(r2[:, :r.shape[1]], r, **TOL)
+    assert np.all(a2[:, a.shape[1]:] == 0.0)
+
+
+@SETTINGS
+@given(b=batches(), case=st.sampled_from(LIBRARY_CASES), kl=st.booleans(), data=st.data())
+def test_library_presets_row_permutation_permutes_outputs(b, case, kl, data):
+    preset, estimator = case
+    params, t = library_request(b, preset, estimator, kl)
+    perm = np.array(data.draw(st.permutations(range(len(b["rewards"])))))
+    a, r, _ = adv(estimator, preset, params, **t)
+    a2, r2, _ = adv(estimator, preset, params, **{k: v[perm] for k, v in t.items()})
+    np.testing.assert_allclose(a2, a[perm], **TOL)
+    np.testing.assert_allclose(r2, r[perm], **TOL)
+
+
+@SETTINGS
+@given(b=batches(), case=st.sampled_from(LIBRARY_CASES), kl=st.booleans())
+def test_library_presets_float32_close_to_float64(b, case, kl):
+    preset, estimator = case
+    params, t = library_request(b, preset, estimator, kl)
+    a64, _, _ = adv(estimator, preset, params, **t)
+    a32, _, _ = adv(estimator, preset, params, dtype="float32", **t)
+    scale = max(1.0, float(np.abs(a64).max()))
+    np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-4 * scale)
