@@ -185,7 +185,7 @@ BAD_LOSSES = [
     ({"tensors": {"logprobs": [[0.0]], "old_logprobs": [[0.0]], "advantages": [[1.0]], "response_mask": [[1]]},
       "num_tokens": -3}, 400, "num_tokens"),
     ({"tensors": {"logprobs": [[0.0]], "old_logprobs": [[0.0]], "advantages": [[1.0]], "response_mask": [[1]]},
-      "rollout_correction": {"mode": "mask"}}, 400, "rollout_correction.low"),
+      "rollout_correction": {"mode": "mask", "low": 3.0, "high": 2.0}}, 400, "rollout_correction.low"),
     ({"tensors": {"response_mask": [[1]]}, "policy_loss": False}, 400, "policy_loss"),
 ]
 
