@@ -116,6 +116,10 @@ def test_advantages_kl_in_the_reward_is_on_by_default_only_in_openrlhf_and_trl_r
     beta = {p: advantages("rloo", p, params=None if p != "paper" else {"singleton_groups": "zero"},
                           **b)[2]["kl_coef"] for p in PRESETS}
     assert beta == {"paper": 0.0, "verl": 0.0, "openrlhf": 0.01, "trl": 0.05}
+    # GRPO: TRL puts β in the loss only (GRPOConfig.beta is kl_loss.coef), OpenRLHF in the reward by default
+    grpo = {p: advantages("grpo", p, **b)[2] for p in PRESETS}
+    assert {p: g["kl_coef"] for p, g in grpo.items()} == {"paper": 0.0, "verl": 0.0, "openrlhf": 0.01, "trl": 0.0}
+    assert grpo["openrlhf"]["kl_placement"] == "reward_to_go" and grpo["verl"]["kl_placement"] == "sequence"
     # TRL RLOO: R̃ = R − 0.05 Σ_t k1 = (1 − 0.03, 0 − 0.075), leave-one-out: ±1.045
     a = rows(advantages("rloo", "trl", **b)[0])
     np.testing.assert_allclose(a, [0.97 - (-0.075), -0.075 - 0.97], rtol=1e-12)
