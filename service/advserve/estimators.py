@@ -237,8 +237,12 @@ def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor
         adv = (reward_to_go(_shaped_rewards(x, p), x.mask, 1.0) - baseline.unsqueeze(1)).mul_(x.valid)
     else:  # the clip acts on the outcome part only, before the KL reward-to-go (OpenRLHF's compute_reward)
         baseline = _group_mean_baseline(x.scores, x, p)
-        outcome = (reward_to_go(x.token_rewards, x.mask, 1.0) - baseline.unsqueeze(1)).clamp(*_reward_clip(p))
-        adv = _minus_kl_to_go(outcome.mul_(x.valid), x, p)
+        if x.given_rewards is not None:  # R sits on the last valid token: its reward-to-go is R on every token
+            outcome = _broadcast((x.scores - baseline).clamp(*_reward_clip(p)), x.valid)
+        else:
+            outcome = (reward_to_go(x.token_rewards, x.mask, 1.0) - baseline.unsqueeze(1)).clamp(*_reward_clip(p))
+            outcome.mul_(x.valid)
+        adv = _minus_kl_to_go(outcome, x, p)
     whitened = _maybe_whiten(adv, x, p)
     return whitened, (whitened if p["returns_whitened"] else adv)
 
