@@ -460,7 +460,7 @@ def run_study(
 ) -> StudyResult:
     """Sample, compute every estimator's gradients through the engine, and compare (module docstring).
 
-    progress(done, total, label) is called after each block of batches.
+    progress(done, total, label) is called when a group size starts and after each block of batches.
     """
     config.validate()
     start = time.perf_counter()
@@ -472,6 +472,8 @@ def run_study(
     for m in config.group_sizes:
         sums = {e: torch.zeros(config.blocks, grad.numel(), dtype=torch.float64) for e in config.estimators}
         constant_groups = 0
+        if progress is not None:
+            progress(done, total, f"M={m}")  # the stage starts
         for block in range(config.blocks):
             batch = _sample_block(toy, m, per_block, _generator(config.seed, m, block))
             group_rewards = batch.responses.rewards.view(-1, m)

@@ -215,7 +215,7 @@ def plot_group_sizes(result: StudyResult, path: Path) -> Path:
     sizes = sorted(result.config["group_sizes"])
     names = list(dict.fromkeys(r.estimator for r in result.results))
     colors = _colors(names)
-    fig, (ax_cos, ax_scale) = plt.subplots(1, 2, figsize=(14, 5.2))
+    fig, (ax_cos, ax_scale) = plt.subplots(1, 2, figsize=(15.5, 5.2))
     spread = 0.12
     for i, name in enumerate(names):
         rows = sorted((r for r in result.results if r.estimator == name), key=lambda r: r.group_size)
@@ -240,7 +240,7 @@ def plot_group_sizes(result: StudyResult, path: Path) -> Path:
     ax_cos.set_title("direction: points Monte Carlo (95%), lines exact E ĝ (solid) or closed form (dashed)",
                      fontsize=9)
     ax_scale.set_title("scale: the implicit learning rate relative to ∇J", fontsize=9)
-    ax_scale.legend(fontsize=7, ncol=2, loc="upper left")
+    ax_scale.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.suptitle(f"Gradient of each estimator against the exact ∇J ({result.config['replicates']} batches per M)",
                  fontsize=12)
     fig.tight_layout()
