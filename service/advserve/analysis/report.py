@@ -120,7 +120,7 @@ def format_report(result: StudyResult) -> str:
     rows = [r for r in result.results if r.group_size == m]
     lines += ["", f"implied weight per prompt at M = {m}: Monte Carlo ± 95% half-width / exact E ĝ / closed form"]
     head = f"{'estimator':<22}" + "".join(
-        f"{f'p={p:.3f} T̄={t:.1f}':>25}" for p, t in zip(prob["pass_rate"], prob["mean_length"]))
+        f"{f'p={p:.3f} T={t:.1f}':>25}" for p, t in zip(prob["pass_rate"], prob["mean_length"]))
     lines += [head, "-" * len(head)]
     for r in rows:
         cells = []
