@@ -10,56 +10,18 @@ where OpenRLHF computes in float32 (KL, whitening), 1e-12 otherwise.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import pathlib
 
 import numpy as np
 import pytest
 
 import advserve
+import golden_cases
 import reference as ref_impl
 from advserve.estimators import ESTIMATORS
 from advserve.presets import OPENRLHF
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "openrlhf_0.11.2.json"
-DATA = json.loads(GOLDEN.read_text())
+DATA = golden_cases.load("openrlhf_0.11.2.json", "openrlhf", "0.11.2")
 LOSS_CASES = {c["case"]: c for c in DATA["losses"]}
-
-
-def _inputs(tensors: dict) -> dict:
-    out = {}
-    for name, value in tensors.items():
-        if name == "group_ids" and any(isinstance(g, str) for g in value):
-            out[name] = list(value)
-        else:
-            out[name] = np.asarray(value)
-    return out
-
-
-def _case_doc(case: dict) -> str:
-    return f"{case['case']}" + (f" (note: {case['note']})" if "note" in case else "")
-
-
-def _check_array(case, field, got, expected, tol):
-    assert got is not None, f"{case['case']}: {field} is None, expected an array"
-    got = np.asarray(got, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert got.shape == expected.shape, f"{case['case']}: {field} shape {got.shape} != {expected.shape}"
-    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol, err_msg=f"{_case_doc(case)}: {field}")
-
-
-def _check_scalar(case, field, got, expected, tol):
-    assert got is not None, f"{case['case']}: {field} is None, expected {expected!r}"
-    assert math.isclose(float(got), expected, rel_tol=tol, abs_tol=tol), (
-        f"{_case_doc(case)}: {field}: expected {expected!r}, got {got!r} (diff {float(got) - expected:.3g})")
-
-
-def test_golden_metadata():
-    assert DATA["library"] == "openrlhf" and DATA["version"] == "0.11.2"
-    names = [c["case"] for c in DATA["advantages"]] + [c["case"] for c in DATA["losses"]]
-    assert len(names) == len(set(names))
-    assert DATA["advantages"] and DATA["losses"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,20 +82,19 @@ def test_advantages_preset_defaults_are_openrlhf_defaults(case):
 @pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
 def test_advantages(case):
     res = advserve.compute_advantages(case["estimator"], preset="openrlhf", params=_advantage_params(case),
-                                      dtype=case["dtype"], **_inputs(case["tensors"]))
-    _check_array(case, "advantages", res.advantages, case["expected"]["advantages"], case["tol"])
-    _check_array(case, "returns", res.returns, case["expected"]["returns"], case["tol"])
+                                      dtype=case["dtype"], **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_advantages(case, res, case["tol"])
 
 
 @pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
 def test_advantages_float32(case):
     """In float32 (OpenRLHF's precision for KL and whitening) within float32 rounding of the library."""
     res = advserve.compute_advantages(case["estimator"], preset="openrlhf", params=_advantage_params(case),
-                                      dtype="float32", **_inputs(case["tensors"]))
+                                      dtype="float32", **golden_cases.inputs(case["tensors"]))
     scale = max(1.0, float(np.abs(case["expected"]["advantages"]).max()))
     for name in ("advantages", "returns"):
         np.testing.assert_allclose(np.asarray(getattr(res, name), np.float64), case["expected"][name], rtol=1e-5,
-                                   atol=1e-5 * scale, err_msg=f"{_case_doc(case)}: {name}")
+                                   atol=1e-5 * scale, err_msg=f"{golden_cases.describe(case)}: {name}")
 
 
 @pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
@@ -141,10 +102,10 @@ def test_advantages_reference_loop(case):
     """The naive float64 loops of tests/reference.py, which share no code with the engine, reproduce the
     library's numbers too."""
     params = {**OPENRLHF.estimators[case["estimator"]], **_advantage_params(case)}
-    want_a, want_r = ref_impl.compute_advantages(case["estimator"], **_inputs(case["tensors"]), **params)
+    want_a, want_r = ref_impl.compute_advantages(case["estimator"], **golden_cases.inputs(case["tensors"]), **params)
     tol = case["tol"]
-    _check_array(case, "advantages (reference)", want_a, case["expected"]["advantages"], tol)
-    _check_array(case, "returns (reference)", want_r, case["expected"]["returns"], tol)
+    golden_cases.check_array(case, "advantages (reference)", want_a, case["expected"]["advantages"], tol)
+    golden_cases.check_array(case, "returns (reference)", want_r, case["expected"]["returns"], tol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,28 +123,11 @@ def _loss_request(case: dict) -> dict:
     return request
 
 
-def _check_losses(case: dict, res, tol: float) -> None:
-    exp = case["expected"]
-    _check_scalar(case, "loss", res.loss, exp["loss"], tol)
-    for name, value in exp["components"].items():
-        got = res.components.get(name)
-        if value is None:
-            assert got is None, f"{case['case']}: components[{name!r}] should be None (term absent), got {got!r}"
-        else:
-            _check_scalar(case, f"components[{name!r}]", got, value, tol)
-    _check_array(case, "grad_logprobs", res.grad_logprobs, exp["grad_logprobs"], tol)
-    for name in ("grad_values", "grad_entropy"):
-        if exp[name] is None:
-            assert getattr(res, name) is None, f"{case['case']}: {name} should be None (term absent)"
-        else:
-            _check_array(case, name, getattr(res, name), exp[name], tol)
-
-
 @pytest.mark.parametrize("case", DATA["losses"], ids=[c["case"] for c in DATA["losses"]])
 def test_losses(case):
     res = advserve.compute_losses(preset="openrlhf", dtype=case["dtype"], **_loss_request(case),
-                                  **_inputs(case["tensors"]))
-    _check_losses(case, res, case["tol"])
+                                  **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_losses(case, res, case["tol"])
 
 
 # The preset's defaults alone reproduce OpenRLHF's defaults: each case below sends only what its
@@ -214,8 +158,8 @@ DEFAULT_REQUESTS = {
 def test_losses_from_preset_defaults(name):
     case = LOSS_CASES[name]
     res = advserve.compute_losses(preset="openrlhf", dtype=case["dtype"], **DEFAULT_REQUESTS[name],
-                                  **_inputs(case["tensors"]))
-    _check_losses(case, res, case["tol"])
+                                  **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_losses(case, res, case["tol"])
 
 
 def test_losses_gspo_gradient_through_the_mean_is_what_openrlhf_computes():
@@ -223,8 +167,8 @@ def test_losses_gspo_gradient_through_the_mean_is_what_openrlhf_computes():
     case = LOSS_CASES["gspo/seq"]
     request = _loss_request(case)
     request["policy_loss"]["sequence_ratio_gradient"] = "token_trick"
-    res = advserve.compute_losses(preset="openrlhf", dtype="float64", **request, **_inputs(case["tensors"]))
-    _check_scalar(case, "loss", res.loss, case["expected"]["loss"], 1e-12)
+    res = advserve.compute_losses(preset="openrlhf", dtype="float64", **request, **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_scalar(case, "loss", res.loss, case["expected"]["loss"], 1e-12)
     diff = np.abs(np.asarray(res.grad_logprobs) - np.asarray(case["expected"]["grad_logprobs"])).max()
     assert diff > 1e-4
 
@@ -235,5 +179,5 @@ def test_losses_float32_kl_within_the_golden_tolerance():
     for name in ("kl_loss/k1", "kl_loss/k2", "kl_loss/k3", "kl_loss/k3-unbiased-gradient", "all-terms"):
         case = LOSS_CASES[name]
         res = advserve.compute_losses(preset="openrlhf", dtype="float32", **_loss_request(case),
-                                      **_inputs(case["tensors"]))
-        _check_losses(case, res, 2e-6)
+                                      **golden_cases.inputs(case["tensors"]))
+        golden_cases.check_losses(case, res, 2e-6)

@@ -10,57 +10,20 @@ response_mask. Everything is float64 and agrees to rounding.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
 
 import advserve
+import golden_cases
 import reference as ref_impl
 from advserve.estimators import ESTIMATORS
 from advserve.presets import TRL
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "trl_1.16.0.json"
-DATA = json.loads(GOLDEN.read_text())
+DATA = golden_cases.load("trl_1.16.0.json", "trl", "1.16.0")
 LOSS_CASES = {c["case"]: c for c in DATA["losses"]}
 TOL = 1e-10
-
-
-def _inputs(tensors: dict) -> dict:
-    out = {}
-    for name, value in tensors.items():
-        if name == "group_ids" and any(isinstance(g, str) for g in value):
-            out[name] = list(value)
-        else:
-            out[name] = np.asarray(value)
-    return out
-
-
-def _case_doc(case: dict) -> str:
-    return f"{case['case']} {case.get('trl_config', '')}" + (f" (note: {case['note']})" if "note" in case else "")
-
-
-def _check_array(case, field, got, expected, tol):
-    assert got is not None, f"{case['case']}: {field} is None, expected an array"
-    got = np.asarray(got, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert got.shape == expected.shape, f"{case['case']}: {field} shape {got.shape} != {expected.shape}"
-    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol, err_msg=f"{_case_doc(case)}: {field}")
-
-
-def _check_scalar(case, field, got, expected, tol):
-    assert got is not None, f"{case['case']}: {field} is None, expected {expected!r}"
-    assert math.isclose(float(got), expected, rel_tol=tol, abs_tol=tol), (
-        f"{_case_doc(case)}: {field}: expected {expected!r}, got {got!r} (diff {float(got) - expected:.3g})")
-
-
-def test_golden_metadata():
-    assert DATA["library"] == "trl" and DATA["version"] == "1.16.0"
-    names = [c["case"] for c in DATA["advantages"]] + [c["case"] for c in DATA["losses"]]
-    assert len(names) == len(set(names))
-    assert DATA["advantages"] and DATA["losses"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,9 +74,8 @@ def test_advantages(case):
     assert set(params) <= set(ESTIMATORS[case["estimator"]].params) and case["estimator"] in TRL.estimators
     tol = ADV_TOL.get(case["case"], 1e-12)
     res = advserve.compute_advantages(case["estimator"], preset="trl", params=params, dtype=case["dtype"],
-                                      **_inputs(case["tensors"]))
-    _check_array(case, "advantages", res.advantages, case["expected"]["advantages"], tol)
-    _check_array(case, "returns", res.returns, case["expected"]["returns"], tol)
+                                      **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_advantages(case, res, tol)
 
 
 @pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
@@ -122,8 +84,8 @@ def test_advantages_from_the_trl_configuration(case):
     estimator, params = _request_from_trl_config(case)
     assert estimator == case["estimator"]
     res = advserve.compute_advantages(estimator, preset="trl", params=params, dtype=case["dtype"],
-                                      **_inputs(case["tensors"]))
-    _check_array(case, "advantages", res.advantages, case["expected"]["advantages"], ADV_TOL.get(case["case"], 1e-12))
+                                      **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_array(case, "advantages", res.advantages, case["expected"]["advantages"], ADV_TOL.get(case["case"], 1e-12))
 
 
 @pytest.mark.parametrize("case", ADV_CASES, ids=[c["case"] for c in ADV_CASES])
@@ -131,10 +93,10 @@ def test_advantages_reference_loop(case):
     """The naive float64 loops of tests/reference.py, which share no code with the engine, reproduce the
     library's numbers too."""
     params = {**TRL.estimators[case["estimator"]], **_advantage_params(case)}
-    want_a, want_r = ref_impl.compute_advantages(case["estimator"], **_inputs(case["tensors"]), **params)
+    want_a, want_r = ref_impl.compute_advantages(case["estimator"], **golden_cases.inputs(case["tensors"]), **params)
     tol = max(ADV_TOL.get(case["case"], 1e-12), 1e-12)
-    _check_array(case, "advantages (reference)", want_a, case["expected"]["advantages"], tol)
-    _check_array(case, "returns (reference)", want_r, case["expected"]["returns"], tol)
+    golden_cases.check_array(case, "advantages (reference)", want_a, case["expected"]["advantages"], tol)
+    golden_cases.check_array(case, "returns (reference)", want_r, case["expected"]["returns"], tol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,27 +114,10 @@ def _loss_request(case: dict) -> dict:
     return request
 
 
-def _check_losses(case: dict, res, tol: float = TOL) -> None:
-    exp = case["expected"]
-    _check_scalar(case, "loss", res.loss, exp["loss"], tol)
-    for name, value in exp["components"].items():
-        got = res.components.get(name)
-        if value is None:
-            assert got is None, f"{case['case']}: components[{name!r}] should be None (term absent), got {got!r}"
-        else:
-            _check_scalar(case, f"components[{name!r}]", got, value, tol)
-    _check_array(case, "grad_logprobs", res.grad_logprobs, exp["grad_logprobs"], tol)
-    for name in ("grad_values", "grad_entropy"):
-        if exp[name] is None:
-            assert getattr(res, name) is None, f"{case['case']}: {name} should be None (term absent)"
-        else:
-            _check_array(case, name, getattr(res, name), exp[name], tol)
-
-
 @pytest.mark.parametrize("case", DATA["losses"], ids=[c["case"] for c in DATA["losses"]])
 def test_losses(case):
-    res = advserve.compute_losses(preset="trl", dtype=case["dtype"], **_loss_request(case), **_inputs(case["tensors"]))
-    _check_losses(case, res)
+    res = advserve.compute_losses(preset="trl", dtype=case["dtype"], **_loss_request(case), **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_losses(case, res, TOL)
 
 
 # The preset's defaults alone reproduce GRPOConfig's defaults: each request below sets only what the
@@ -216,8 +161,8 @@ DEFAULT_REQUESTS = {
 def test_losses_from_preset_defaults(name):
     case = LOSS_CASES[name]
     res = advserve.compute_losses(preset="trl", dtype=case["dtype"], **DEFAULT_REQUESTS[name],
-                                  **_inputs(case["tensors"]))
-    _check_losses(case, res)
+                                  **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_losses(case, res, TOL)
 
 
 def test_losses_sequence_level_ratio_passes_its_gradient_through_the_mean():
@@ -226,8 +171,8 @@ def test_losses_sequence_level_ratio_passes_its_gradient_through_the_mean():
     case = LOSS_CASES["grpo/sequence-level-beta-bias-corrected"]
     request = _loss_request(case)
     request["policy_loss"]["sequence_ratio_gradient"] = "token_trick"
-    res = advserve.compute_losses(preset="trl", dtype="float64", **request, **_inputs(case["tensors"]))
-    _check_scalar(case, "loss", res.loss, case["expected"]["loss"], TOL)  # same value
+    res = advserve.compute_losses(preset="trl", dtype="float64", **request, **golden_cases.inputs(case["tensors"]))
+    golden_cases.check_scalar(case, "loss", res.loss, case["expected"]["loss"], TOL)  # same value
     diff = np.abs(np.asarray(res.grad_logprobs) - np.asarray(case["expected"]["grad_logprobs"])).max()
     assert diff > 1e-6  # the KL's ratio gradient kl_t·∂s_i differs
 
@@ -235,7 +180,7 @@ def test_losses_sequence_level_ratio_passes_its_gradient_through_the_mean():
 def test_losses_trl_has_no_log_ratio_clamp():
     # with log-ratios beyond ±20 TRL's ratio overflows to what exp gives; verl's ±20 clamp would not
     case = LOSS_CASES["dapo/token-defaults-mask-gaps"]
-    tensors = _inputs(case["tensors"])
+    tensors = golden_cases.inputs(case["tensors"])
     tensors["logprobs"] = tensors["logprobs"] + 21.0 * tensors["response_mask"]
     trl = advserve.compute_losses(preset="trl", dtype="float64", **tensors)
     clamped = advserve.compute_losses(preset="trl", dtype="float64", policy_loss={"ratio_clamp": 20.0}, **tensors)
