@@ -22,7 +22,7 @@ from advserve_client._pb import advserve_pb2, advserve_pb2_grpc
 from advserve_client.framing import FramingError, RawTensor
 
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
+from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Unavailable
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .runtime import Runtime
@@ -115,19 +115,11 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
         try:
             self.runtime.authenticate(metadata.get("authorization"))
             with self.runtime.serving():
-                if size > self.admission.capacity:
-                    raise PayloadTooLarge(f"request of {size} bytes exceeds the server's admission capacity of "
-                                          f"{self.admission.capacity} bytes", field="body")
-                if not self.admission.try_acquire(size):
-                    raise Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
-                                     f"{self.admission.capacity}; retry later")
-                try:
+                with self.admission.held(size):
                     response = await handler(request, call)
                     if call.phases:
                         context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
                     return response
-                finally:
-                    self.admission.release(size)
         except AdvserveError as exc:
             status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
             await _abort(context, exc)

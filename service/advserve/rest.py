@@ -29,7 +29,7 @@ from . import __version__
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .config import Settings
 from .device import to_host
-from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
+from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, PayloadTooLarge, Unavailable
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
@@ -333,19 +333,13 @@ class AdmissionControl:
             kind = "binary" if limit == self.max_body_bytes else "JSON (use the binary framing for large batches)"
             return PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
 
-        def overloaded() -> Unavailable:
-            return Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
-                              f"{self.admission.capacity}; retry later")
-
         if declared.isdigit():
             size = int(declared)
-            error = too_large() if size > limit else None
-            if error is None and size > self.admission.capacity:
-                error = PayloadTooLarge(f"request body of {size} bytes exceeds the server's admission capacity "
-                                        f"of {self.admission.capacity} bytes", field="body")
-            if error is None and not self.admission.try_acquire(size):
-                error = overloaded()
-            if error is not None:
+            try:
+                if size > limit:
+                    raise too_large()
+                self.admission.acquire(size)
+            except AdvserveError as error:
                 self.runtime.metrics.rejections.labels(transport, error.code).inc()
                 return await error_response(error)(scope, receive, send)
             held = size
@@ -364,8 +358,7 @@ class AdmissionControl:
                     if seen > self.admission.capacity:
                         raise PayloadTooLarge(f"request body exceeds the server's admission capacity of "
                                               f"{self.admission.capacity} bytes", field="body")
-                    if not self.admission.try_acquire(seen - held):
-                        raise overloaded()
+                    self.admission.acquire(seen - held)
                     held = seen
             return message
 

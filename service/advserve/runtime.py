@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .engine import Engine
-from .errors import Unauthenticated, Unavailable
+from .errors import Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
 from .observability import Metrics
 from .scheduler import Scheduler
 
@@ -32,6 +32,24 @@ class Admission:
 
     def release(self, nbytes: int) -> None:
         self.in_flight -= nbytes
+
+    def acquire(self, nbytes: int) -> None:
+        """Take `nbytes` or raise: PayloadTooLarge if they can never fit, Overloaded if not now."""
+        if nbytes > self.capacity:
+            raise PayloadTooLarge(f"request of {nbytes} bytes exceeds the server's admission capacity of "
+                                  f"{self.capacity} bytes", field="body")
+        if not self.try_acquire(nbytes):
+            raise Overloaded(f"server busy: {self.in_flight} request bytes in flight of {self.capacity}; "
+                             f"retry later")
+
+    @contextlib.contextmanager
+    def held(self, nbytes: int):
+        """`acquire` for the duration of the block."""
+        self.acquire(nbytes)
+        try:
+            yield
+        finally:
+            self.release(nbytes)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._oip_pb import grpc_service_pb2 as pb
 from .._oip_pb import grpc_service_pb2_grpc as pb_grpc
-from ..errors import STATUS, AdvserveError, InvalidArgument, Overloaded, PayloadTooLarge
+from ..errors import STATUS, AdvserveError, InvalidArgument
 from ..grpc_server import _abort, _Call
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime
@@ -174,18 +174,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.runtime.authenticate(metadata.get("authorization"))
             with self.runtime.serving():
-                if size > self.admission.capacity:
-                    raise PayloadTooLarge(f"request of {size} bytes exceeds the server's admission capacity of "
-                                          f"{self.admission.capacity} bytes", field="body")
-                if not self.admission.try_acquire(size):
-                    raise Overloaded(f"server busy: {self.admission.in_flight} request bytes in flight of "
-                                     f"{self.admission.capacity}; retry later")
-                try:
+                with self.admission.held(size):
                     response = await self._infer(request, call, size)
                     context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
                     return response
-                finally:
-                    self.admission.release(size)
         except AdvserveError as exc:
             status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
             await abort(context, exc)

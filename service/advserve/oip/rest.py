@@ -30,8 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, Overloaded,
-                      PayloadTooLarge, Unavailable)
+from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, PayloadTooLarge, Unavailable)
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime
 from .core import (MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput,
@@ -334,9 +333,7 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
                 if headers.get("content-encoding", "identity").strip().lower() != "identity":
                     raw = await off_loop(lambda: decompress(body, headers.get("content-encoding"), limit), len(body))
                     if len(raw) > len(body):  # the decompressed bytes are admitted too
-                        if not runtime.admission.try_acquire(len(raw) - len(body)):
-                            raise Overloaded(f"server busy: {runtime.admission.in_flight} request bytes in flight of "
-                                             f"{runtime.admission.capacity}; retry later")
+                        runtime.admission.acquire(len(raw) - len(body))
                         extra_held = len(raw) - len(body)
                 prepared = await off_loop(
                     lambda: service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service)),
