@@ -29,9 +29,11 @@ unbiased gradient of such a prompt is itself 0 (E[∇log π · r] = 0 when r is 
 weight 0 for the whitened estimators (the engine whitens a constant batch to 0). A group of size 1 has
 (M−1)/M = 0 (the `paper` preset's singleton policy: advantage 0).
 
-The seed's original GRPO has 1/T_ij per response; E[r ∇log π / T] is not a multiple of g(x) unless all
-lengths are equal, so it is summarised per prompt by the mean per-response factor mean_j(1/T_ij) =
-1/T_h (the harmonic mean length), which equals 1/T̄ when the lengths are equal.
+The seed's original GRPO has 1/T_ij per response; its expected gradient E[(r − p) ∇log π / T] =
+E[r ∇log π / T] − p ∇E[1/T] is not a multiple of g(x) unless all lengths are equal (the seed's last
+step drops the p ∇E[1/T] term, which is not 0 when the policy controls the length). It is summarised
+per prompt by the mean per-response factor mean_j(1/T_ij) = 1/T_h (the harmonic mean length): exact
+for equal lengths, an approximation otherwise (see docs/analysis.md, the exact-gradient study).
 """
 
 from __future__ import annotations
