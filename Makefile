@@ -25,6 +25,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_transport.py
+	$(BIN)/python bench/bench_oip.py
 
 proto: venv
 	$(BIN)/python scripts/gen_proto.py

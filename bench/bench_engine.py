@@ -17,6 +17,18 @@ Rows (full sizes; --quick shrinks them):
     plus the broadcast of each sequence's advantage over its tokens).
   * compute_losses(preset="verl"): ppo_clip (dual clip), token-mean, plus kl_loss k3, at [256, 4096],
     against the same loss written in torch and differentiated by autograd (forward + backward).
+  * gae_openrlhf: compute_advantages("gae", preset="openrlhf", params={"lam": 0.95}) at [256, 4096] with
+    10% interior mask gaps: outcome rewards [B] (clipped to ±10, placed on the last valid token), KL in the
+    reward (k1, beta 0.01, clamped ±10, from old_logprobs and ref_logprobs), mask gaps as steps ("step":
+    a gap has reward 0 and V = 0 but discounts), whitening over the batch with rsqrt(max(var, 1e-8)),
+    against OpenRLHF 0.11.2 as it writes it: compute_approx_kl, compute_reward, get_advantages_and_returns
+    (vectorised over rows, a loop over T) and the whitening of compute_advantages_and_returns. lam 0.95
+    (OpenRLHF's --algo.advantage.lambd) so that the gaps' step semantics matter: at gamma = lam = 1
+    "step" and "skip" give the same values.
+  * grpo_trl_batch: compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}) over 4096
+    sequences in contiguous groups of 16 (int64 ids), mask [4096, 1024], against TRL 1.16.0's
+    scale_rewards="batch" block in torch (rewards.view(-1, n) nanmean, nanstd of the whole batch + 1e-4,
+    nan_to_num), plus the broadcast of each sequence's advantage over its tokens (* mask).
 
 Every reference runs in this process, right after the engine, so the ratios are comparable even
 when absolute times drift. Timing: warm-up calls, then the median (p50) of N repeats with
@@ -53,7 +65,7 @@ from advserve.testing import cpu_model, wait_for_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4
-CASES = ("gae", "gae_gaps", "grpo", "losses")
+CASES = ("gae", "gae_gaps", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,6 +277,71 @@ def loss_autograd(logprobs, old_logprobs, advantages, ref_logprobs, response_mas
     return loss.detach(), logp.grad
 
 
+def openrlhf_gae_loop(rewards, values, response_mask, old_logprobs, ref_logprobs, gamma: float, lam: float,
+                      kl_coef: float = 0.01, reward_clip: float = 10.0):
+    """OpenRLHF 0.11.2 as it writes it, for estimator gae: compute_approx_kl (k1, clamp ±10, in float32),
+    compute_reward (reward clip, the outcome scattered on the last valid token, - kl_coef * kl),
+    get_advantages_and_returns (rewards and values times the mask, a loop over all T positions with
+    [B] slices: a masked position is a step with reward 0 and V = 0) and the batch whitening of
+    compute_advantages_and_returns (population variance, rsqrt(var.clamp(min=1e-8))). Returns
+    (advantages, returns); values at masked positions are whatever OpenRLHF leaves there."""
+    with torch.no_grad():
+        action_mask = response_mask.bool()
+        kl = (old_logprobs.float() - ref_logprobs.float()).clamp(min=-10, max=10)
+        r = rewards.clamp(min=-reward_clip, max=reward_clip)
+        kl_reward = -kl_coef * kl
+        eos_indices = action_mask.size(1) - 1 - action_mask.long().fliplr().argmax(dim=1, keepdim=True)
+        last_reward = torch.zeros_like(kl).scatter_(dim=1, index=eos_indices, src=r.unsqueeze(1).to(kl.dtype))
+        reward = last_reward + kl_reward
+
+        lastgaelam = 0
+        advantages_reversed = []
+        response_length = reward.size(1)
+        values = action_mask * values
+        reward = action_mask * reward
+        for t in reversed(range(response_length)):
+            nextvalues = values[:, t + 1] if t < response_length - 1 else 0.0
+            delta = reward[:, t] + gamma * nextvalues - values[:, t]
+            lastgaelam = delta + gamma * lam * lastgaelam
+            advantages_reversed.append(lastgaelam)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        returns = advantages + values
+
+        all_advantages = advantages.flatten().float()
+        all_action_masks = action_mask.flatten()
+        num_actions = all_action_masks.sum()
+        mean = (all_advantages * all_action_masks).sum() / num_actions
+        var = ((all_advantages - mean).pow(2) * all_action_masks).sum() / num_actions
+        rstd = var.clamp(min=1e-8).rsqrt()
+        advantages = (advantages - mean) * rstd
+    return advantages, returns
+
+
+def trl_nanstd(tensor: torch.Tensor) -> torch.Tensor:
+    """trl.trainer.utils.nanstd over all dimensions (TRL 1.16.0)."""
+    mean = torch.nanmean(tensor, dim=None, keepdim=True)
+    variance = torch.nanmean((tensor - mean) ** 2, dim=None, keepdim=True)
+    count = torch.sum(~torch.isnan(tensor), dim=None, keepdim=True)
+    correction = count / (count - 1)
+    correction = torch.where(count > 1, correction, torch.full_like(correction, float("nan")))
+    variance *= correction
+    return torch.sqrt(variance).squeeze()
+
+
+def trl_grpo_batch(rewards, response_mask, num_generations: int):
+    """TRL 1.16.0 GRPOTrainer._generate_and_score_completions, scale_rewards="batch" (sum_then_normalize):
+    the group mean from rewards.view(-1, num_generations) (contiguous groups), the std of the whole batch,
+    (r - mean) / (std + 1e-4), nan_to_num; then each sequence's advantage broadcast over its tokens, as the
+    engine returns it (TRL does that in the loss: advantages.unsqueeze(1) * per-token terms)."""
+    with torch.no_grad():
+        mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
+        mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+        std_rewards = trl_nanstd(rewards).expand_as(rewards)
+        advantages = (rewards - mean_grouped_rewards) / (std_rewards + 1e-4)
+        advantages = torch.nan_to_num(advantages, nan=0.0)
+        return advantages.unsqueeze(1) * response_mask
+
+
 # --- rows ----------------------------------------------------------------------------------------
 
 
@@ -366,6 +443,69 @@ def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
     }
 
 
+def gae_openrlhf_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
+    x = gae_inputs(batch, length, gen, gaps=0.1)
+    mask = x["response_mask"]
+    rewards = (torch.rand(batch, generator=gen) < 0.5).float()  # the 0/1 outcome, [B]
+    old = -torch.rand(batch, length, generator=gen) * 3
+    ref_lp = old + 0.2 * torch.randn(batch, length, generator=gen)
+    gamma, lam = 1.0, 0.95
+    tensors = {"rewards": rewards, "values": x["values"], "response_mask": mask, "old_logprobs": old,
+               "ref_logprobs": ref_lp}
+
+    def engine():
+        return advserve.compute_advantages("gae", preset="openrlhf", params={"gamma": gamma, "lam": lam}, **tensors)
+
+    def loop():
+        return openrlhf_gae_loop(rewards, x["values"], mask, old, ref_lp, gamma, lam)
+
+    valid = mask.bool()
+    ref_adv, ref_ret = loop()
+    ref_adv, ref_ret = torch.where(valid, ref_adv, 0), torch.where(valid, ref_ret, 0)
+    out = engine()
+    checks = [compare("advantages", out.advantages, ref_adv), compare("returns", out.returns, ref_ret)]
+    t_engine = timeit(engine, cfg["repeats"])
+    t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
+    return {
+        "row": "gae openrlhf, 10% gaps", "impl": "advserve.compute_advantages", "size": f"{batch}x{length}",
+        "dtype": "float32", "engine": t_engine, "reference": t_loop,
+        "reference_impl": "OpenRLHF 0.11.2 compute_reward + get_advantages_and_returns (loop over T, [B] slices) "
+                          "+ whitening rsqrt(max(var, 1e-8))",
+        "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+        "params": out.params,
+        "semantics": "gamma 1, lam 0.95, mask_gaps step, KL k1 beta 0.01 in the reward, reward clip ±10, whitened",
+    }
+
+
+def grpo_trl_batch_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
+    groups = batch // group_size
+    pass_rate = torch.rand(groups, generator=gen)
+    rewards = (torch.rand(groups, group_size, generator=gen) < pass_rate.unsqueeze(1)).float().reshape(-1)
+    group_ids = torch.arange(batch) // group_size  # contiguous blocks, as TRL lays its groups out
+    mask = right_padded_mask(batch, length, gen)
+
+    def engine():
+        return advserve.compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}, rewards=rewards,
+                                           response_mask=mask, group_ids=group_ids)
+
+    def reference():
+        return trl_grpo_batch(rewards, mask, group_size)
+
+    ref = reference()
+    out = engine()
+    checks = [compare("advantages", out.advantages, ref), compare("returns", out.returns, ref)]
+    t_engine = timeit(engine, cfg["repeats"])
+    t_ref = timeit(reference, cfg["repeats"])
+    return {
+        "row": "grpo trl batch std, M=16", "impl": "advserve.compute_advantages", "size": f"{batch}x{length}",
+        "dtype": "float32", "engine": t_engine, "reference": t_ref,
+        "reference_impl": "TRL 1.16.0 scale_rewards='batch' in torch: view(-1, n) nanmean, nanstd + 1e-4, "
+                          "broadcast * mask",
+        "ratio": t_ref["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+        "groups": groups, "group_ids": "int64, contiguous blocks of 16",
+    }
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -399,10 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"repeats": args.repeats or (5 if args.quick else 21),
            "loop_repeats": max(3, args.loop_repeats or (3 if args.quick else 7))}
     if args.quick:
-        sizes = {"gae": (64, 1024), "grpo": [(1024, 16, 1), (1024, 16, 256)], "loss": (64, 1024), "copy_mib": 32}
+        sizes = {"gae": (64, 1024), "grpo": [(1024, 16, 1), (1024, 16, 256)], "loss": (64, 1024), "copy_mib": 32,
+                 "gae_openrlhf": (64, 1024), "grpo_trl_batch": (1024, 16, 256)}
     else:
         sizes = {"gae": (256, 4096), "grpo": [(4096, 16, 1), (4096, 16, 1024)], "loss": (256, 4096),
-                 "copy_mib": 256}
+                 "copy_mib": 256, "gae_openrlhf": (256, 4096), "grpo_trl_batch": (4096, 16, 1024)}
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
 
@@ -443,8 +584,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += gae_rows(*sizes["gae"], 0.1, cfg, gen, bandwidth)
         elif case == "grpo":
             rows += [grpo_row(*size, cfg, gen, rng) for size in sizes["grpo"]]
-        else:
+        elif case == "losses":
             rows.append(loss_row(*sizes["loss"], cfg, gen))
+        elif case == "gae_openrlhf":
+            rows.append(gae_openrlhf_row(*sizes["gae_openrlhf"], cfg, gen))
+        else:
+            rows.append(grpo_trl_batch_row(*sizes["grpo_trl_batch"], cfg, gen))
     busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)
 
     print_table(rows)
@@ -453,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
     print()
     print("ref: GAE/GRPO = verl-style Python loop in this process; losses = the same loss by torch autograd "
-          f"(forward + backward). rel = max|diff| / max|ref| (worst output), limit {REL_TOLERANCE:.0e}. faults = minor "
+          "(forward + backward); gae openrlhf = OpenRLHF 0.11.2's own code (loop over T); grpo trl = TRL 1.16.0's "
+          f"own torch code (view(-1, n), vectorised). rel = max|diff| / max|ref| (worst output), limit {REL_TOLERANCE:.0e}. faults = minor "
           "page faults per impl call (median). Targets are reported, not enforced.")
     print(f"GAE memory bound ({bandwidth['gb_per_s']:.1f} GB/s copy): bytes over all B*T (padded) tokens, "
           "read r, V, mask + write advantages, returns")

@@ -17,7 +17,8 @@ def test_bench_engine_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "correctness: all checks within" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses"}
+    assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses",
+                                                      "gae openrlhf", "grpo trl batch std"}
     assert all(c["rel"] <= 1e-4 for r in rows for c in r["checks"])
 
 
@@ -28,3 +29,13 @@ def test_bench_transport_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "correctness: every checked response matched" in proc.stdout
     assert out.exists()
+
+
+def test_bench_oip_quick(tmp_path):
+    out = tmp_path / "oip.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_oip.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "correctness: every answer matched the in-process result" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["correct"] and {"large", "small"} <= result.keys()
