@@ -40,13 +40,9 @@ affects it. Results go to bench/results/oip.json (git-ignored).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import shlex
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,12 +50,12 @@ from typing import Any, Callable
 
 import grpc
 
-from advserve.testing import ServerProcess, cpu_model, wait_for_quiet
+from _common import (  # noqa: E402 (bench/ on sys.path)
+    REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, stats_ms)
+from advserve.testing import ServerProcess, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "oip.json"
-REL_TOLERANCE = 1e-5
-MIB = 1 << 20
 PATHS = ("native-http", "oip-http", "client-http", "triton-http", "client-grpc", "triton-grpc")
 # (OIP path, native path, what the ratio compares)
 RATIOS = (("oip-http", "native-http", "HTTP, raw httpx: OIP binary extension / native framing"),
@@ -84,86 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    import advserve
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu_model": cpu_model(), "nproc": usable, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(), "advserve": advserve.__version__,
-            "httpx": version("httpx"), "uvicorn": version("uvicorn"), "fastapi": version("fastapi"),
-            "grpcio": version("grpcio"), "protobuf": version("protobuf"), "tritonclient": version("tritonclient"),
-            "geventhttpclient": version("geventhttpclient"),
-            "mem_total_mib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB}
-
-
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def parse_server_timing(value: str | None) -> dict[str, float]:
-    """{'decode': ms, 'queue': ms, 'compute': ms, 'encode': ms} from a Server-Timing value."""
-    out: dict[str, float] = {}
-    for part in (value or "").split(","):
-        name, _, rest = part.strip().partition(";")
-        if rest.startswith("dur="):
-            try:
-                out[name] = float(rest[4:])
-            except ValueError:
-                pass
-    return out
-
-
-def compare(what: str, got, ref) -> dict[str, Any]:
-    import numpy as np
-
-    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    if got.shape != ref.shape:
-        return {"what": what, "ok": False, "error": f"shape {list(got.shape)} != {list(ref.shape)}"}
-    diff = float(np.abs(got - ref).max()) if got.size else 0.0
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    rel = diff / scale if scale > 0 else diff
-    return {"what": what, "max_abs_diff": diff, "rel": rel,
-            "ok": bool(rel <= REL_TOLERANCE and np.isfinite(got).all())}
-
-
-def stats_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
-    return {"n": len(values), "p50": statistics.median(values), "p95": p95, "min": ordered[0], "max": ordered[-1]}
-
-
-def median_timing(timings: list[dict[str, float]]) -> dict[str, float]:
-    known = ["decode", "queue", "compute", "encode"]
-    seen = {k for t in timings for k in t}
-    keys = [k for k in known if k in seen] + sorted(seen - set(known))
-    return {k: statistics.median([t[k] for t in timings if k in t]) for k in keys}
-
-
-def fmt_timing(t: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in t.items()) + " ms" if t else "n/a"
-
-
-class Failures:
-    def __init__(self):
-        self.items: list[str] = []
-
-    def add(self, message: str) -> None:
-        self.items.append(message)
-        print(f"  FAILURE: {message}", flush=True)
 
 
 class CallFailed(Exception):
@@ -536,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
            "budgets_s": {"large": 10 if quick else 150, "small": 5 if quick else 60}}
     import numpy as np
 
-    info = machine()
+    info = machine("httpx", "uvicorn", "fastapi", "grpcio", "protobuf", "tritonclient", "geventhttpclient")
     print(f"machine: {info['cpu_model']}, nproc {info['nproc']}, {info['mem_total_mib']} MiB RAM, "
           f"python {info['python']}, torch {info['torch']} ({info['torch_num_threads']} threads)")
     print(f"software: advserve {info['advserve']}, fastapi {info['fastapi']}, uvicorn {info['uvicorn']}, "

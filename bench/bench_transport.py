@@ -37,10 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import importlib.metadata
 import json
-import os
-import platform
 import random
 import resource
 import shlex
@@ -52,13 +49,13 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
-from advserve.testing import ServerProcess, cpu_model, wait_for_quiet
+from _common import (  # noqa: E402 (bench/ on sys.path)
+    MIB, REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, stats_ms)
+from advserve.testing import ServerProcess, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "transport.json"
-REL_TOLERANCE = 1e-5
 ECHO_TARGET = 1.5
-MIB = 1 << 20
 # the allocator setting advserve applies to itself at start (advserve.cli.tune_allocator), given to the
 # echo server too so that both servers pay the same page-fault costs for large bodies
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
@@ -135,30 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    import advserve
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu_model": cpu_model(), "nproc": usable, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(), "advserve": advserve.__version__,
-            "httpx": version("httpx"), "uvicorn": version("uvicorn"), "h11": version("h11"),
-            "uvloop": version("uvloop"), "httptools": version("httptools"), "fastapi": version("fastapi"),
-            "mem_total_mib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB}
-
-
 # --- servers ------------------------------------------------------------------------------------
 
 
@@ -204,65 +177,6 @@ def unframe(response) -> tuple[dict[str, Any], dict[str, Any]]:
 
     document, raw = framing.decode(response.content, response.headers.get(framing.HEADER_LENGTH))
     return document, {k: v.to_numpy() if hasattr(v, "to_numpy") else v for k, v in raw.items()}
-
-
-def server_timing(headers) -> dict[str, float]:
-    """{'decode': ms, 'queue': ms, 'compute': ms, 'encode': ms} from a Server-Timing header."""
-    out: dict[str, float] = {}
-    for part in headers.get("server-timing", "").split(","):
-        name, _, rest = part.strip().partition(";")
-        if rest.startswith("dur="):
-            try:
-                out[name] = float(rest[4:])
-            except ValueError:
-                pass
-    return out
-
-
-def compare(what: str, got, ref) -> dict[str, Any]:
-    import numpy as np
-
-    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    if got.shape != ref.shape:
-        return {"what": what, "ok": False, "error": f"shape {list(got.shape)} != {list(ref.shape)}"}
-    diff = float(np.abs(got - ref).max()) if got.size else 0.0
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    rel = diff / scale if scale > 0 else diff
-    return {"what": what, "max_abs_diff": diff, "rel": rel,
-            "ok": bool(rel <= REL_TOLERANCE and np.isfinite(got).all())}
-
-
-def stats_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
-    return {"n": len(values), "p50": statistics.median(values), "p95": p95, "min": ordered[0], "max": ordered[-1]}
-
-
-def median_timing(timings: list[dict[str, float]]) -> dict[str, float]:
-    known = ["decode", "queue", "compute", "encode"]
-    seen = {k for t in timings for k in t}
-    keys = [k for k in known if k in seen] + sorted(seen - set(known))
-    return {k: statistics.median([t[k] for t in timings if k in t]) for k in keys}
-
-
-def fmt_timing(t: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in t.items()) + " ms"
-
-
-class Failures:
-    def __init__(self):
-        self.items: list[str] = []
-
-    def add(self, message: str) -> None:
-        self.items.append(message)
-        print(f"  FAILURE: {message}", flush=True)
-
-    def check(self, where: str, result: dict[str, Any]) -> None:
-        if not result["ok"]:
-            detail = result.get("error") or f"rel {result['rel']:.2e}"
-            self.add(f"{where}: {result['what']}: {detail}")
 
 
 def expect_200(failures: Failures, where: str, response) -> bool:
@@ -369,7 +283,7 @@ def part_e2e(server: Server, echo: Server, batch: int, length: int, reps: int, j
                 _, got = unframe(r)
                 got["grad_logprobs"].sum()  # touch it
                 t3 = time.perf_counter()
-                timing = server_timing(r.headers)
+                timing = parse_server_timing(r.headers.get("server-timing"))
                 timings.append(timing)
                 total.append((t2 - t1) * 1e3)
                 client_total.append((t3 - t0) * 1e3)
@@ -411,7 +325,7 @@ def part_e2e(server: Server, echo: Server, batch: int, length: int, reps: int, j
                 t3 = time.perf_counter()
                 jtotal.append((t2 - t1) * 1e3)
                 jclient.append((t3 - t0) * 1e3)
-                jtimings.append(server_timing(r.headers))
+                jtimings.append(parse_server_timing(r.headers.get("server-timing")))
         out["json"] = {"request_bytes": len(jbody), "response_bytes": jresponse_bytes, "total_ms": stats_ms(jtotal),
                        "client_total_ms": stats_ms(jclient), "server_timing_ms": median_timing(jtimings)}
         if jtotal and total:
@@ -500,7 +414,7 @@ def part_layout(server: Server, batch: int, length: int, reps: int, rng, failure
                     elapsed = (time.perf_counter() - t0) * 1e3
                     if expect_200(failures, f"[2] {name} {layout}", r):
                         times[layout].append(elapsed)
-                        timings[layout].append(server_timing(r.headers))
+                        timings[layout].append(parse_server_timing(r.headers.get("server-timing")))
             for layout in ("padded", "packed"):
                 row[layout]["total_ms"] = stats_ms(times[layout])
                 row[layout]["server_timing_ms"] = median_timing(timings[layout])
@@ -582,7 +496,7 @@ async def _load(server: Server, pool, total: int, concurrency: int, time_budget_
                 latencies.append((time.perf_counter() - t0) * 1e3)
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
-                    timings.append(server_timing(r.headers))
+                    timings.append(parse_server_timing(r.headers.get("server-timing")))
                     if i % sample_every == 0:
                         samples.append((i, r))
                 elif len(samples) < 1000:
@@ -854,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     import numpy as np
 
-    info = machine()
+    info = machine("httpx", "uvicorn", "h11", "uvloop", "httptools", "fastapi")
     print(f"machine: {info['cpu_model']}, nproc {info['nproc']}, {info['mem_total_mib']} MiB RAM, "
           f"python {info['python']}, "
           f"torch {info['torch']} ({info['torch_num_threads']} threads)")
