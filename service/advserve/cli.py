@@ -74,16 +74,16 @@ def add_analyze_parser(commands) -> None:
         description="Sample a small tabular softmax policy whose objective J and gradient ∇J are exact "
         "(enumeration), compute every outcome-reward estimator's policy-loss gradient through the engine "
         "as a trainer would, and compare its mean with ∇J and with the closed forms of the seed's bias "
-        "table: cosine, relative scale and per-prompt implied weights with 95%% intervals. Prints the "
+        "table: cosine, relative scale and per-prompt implied weights with 95% intervals. Prints the "
         "tables (a progress bar on a terminal while sampling) and writes OUT/study.json (every number) "
         "and the plots OUT/weights.png and OUT/group_size.png. Deterministic under --seed. "
         "See docs/analysis.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = analyze.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="CI size: M in {4, 8}, 600 batches per M (seconds)")
+                      help="CI size: M in {4, 8}, 600 batches per M (seconds); the default%(default).0s")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="docs size: M in {2, 4, 8, 16, 32}, 8000 batches per M (minutes)")
+                      help="docs size: M in {2, 4, 8, 16, 32}, 8000 batches per M (minutes)%(default).0s")
     analyze.set_defaults(mode="quick")
     analyze.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch.Generator)")
     analyze.add_argument("--out", type=Path, default=Path("advserve-analysis"),
