@@ -352,10 +352,11 @@ def test_library_parameters_over_every_transport(transports, spec):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ("openrlhf", "trl"))
-def test_loss_options_name_real_parameters(preset):
+@pytest.mark.parametrize("preset,least", [("openrlhf", 20), ("trl", 20), ("verl", 8)])
+def test_loss_options_name_real_parameters(preset, least):
     import re
 
+    from advserve.estimators import PARAMS
     from advserve.loss_specs import LOSS_TERMS
     from advserve.presets import PRESETS
 
@@ -366,7 +367,11 @@ def test_loss_options_name_real_parameters(preset):
                                      request):
             assert name in LOSS_TERMS[term], (option, term, name)
             named += 1
-    assert named >= 20
+        for name in re.findall(r"\bparams\.(\w+)", request):
+            assert name in PARAMS, (option, name)
+        for name in re.findall(r"\bestimator='(\w+)'", request):
+            assert name in PRESETS[preset].estimators, (option, name)
+    assert named >= least
     if preset == "trl":
         for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"):
             assert f"GRPOConfig.loss_type='{loss_type}'" in options

@@ -150,8 +150,35 @@ _VERL_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 1, "whiten_ep
 _VERL_STD = {"std_ddof": 1, "std_eps": 1e-6, "std_scope": "group",
              "singleton_groups": "raw"}  # torch.std; mean 0, std 1 for n = 1
 
+# verl 0.9.1 config keys (the ones tests/golden/make_verl_golden.py drives the library with) -> advserve
+_VERL_OPTIONS = {
+    "algorithm.adv_estimator=gae": "estimator='gae' (with values); γ = λ = 1 without a critic is 'orz'",
+    "algorithm.adv_estimator=grpo": "estimator='grpo'",
+    "algorithm.adv_estimator=grpo, algorithm.norm_adv_by_std_in_grpo=False": "estimator='dr_grpo'",
+    "algorithm.adv_estimator=rloo": "estimator='rloo'",
+    "algorithm.adv_estimator=reinforce_plus_plus": "estimator='reinforce_pp'",
+    "algorithm.adv_estimator=reinforce_plus_plus_baseline": "estimator='reinforce_pp_baseline'",
+    "algorithm.adv_estimator=remax": "estimator='remax' (with greedy_rewards)",
+    "algorithm.gamma, algorithm.lam": "params.gamma, params.lam (1.0, 1.0)",
+    "algorithm.use_kl_in_reward=True, algorithm.kl_ctrl.kl_coef=B": "params.kl_coef=B (send old_logprobs, ref_logprobs)",
+    "algorithm.kl_penalty=kl / mse / low_var_kl / abs": "params.kl_estimator='k1' / 'k2' / 'k3' / 'abs' (k3 clamped ±10)",
+    "actor.clip_ratio, actor.clip_ratio_low, actor.clip_ratio_high": "policy_loss.clip_low, clip_high (0.2, 0.2)",
+    "actor.clip_ratio_c=C": "policy_loss.dual_clip=C (3.0)",
+    "actor.loss_agg_mode=M": "policy_loss.agg=M (token-mean; the kl and entropy terms follow it)",
+    "actor.loss_scale_factor=C": "policy_loss.loss_scale_factor=C (seq-mean-token-sum-norm)",
+    "actor.policy_loss.loss_mode=vanilla / gspo / cispo": "policy_loss.mode='ppo_clip' / 'gspo' / 'cispo'",
+    "actor.use_kl_loss=True, actor.kl_loss_coef=B, actor.kl_loss_type=T":
+        "kl_loss={'coef': B, 'estimator': T as in kl_penalty} (k3 clamped ±10)",
+    "actor.entropy_coeff=C": "entropy_bonus.coef=C",
+    "critic.cliprange_value=C": "value_loss.clip=C (0.5)",
+    "rollout_corr_helper: rollout_is=token / sequence, rollout_is_threshold=H or 'L_H'":
+        "rollout_correction.level, mode='truncate' (high=H) or 'mask' (low=L, high=H)",
+}
+
 VERL = Preset(
     name="verl",
+    library="verl 0.9.1",
+    options=_VERL_OPTIONS,
     description="verl 0.9.1 (verl.trainer.ppo.core_algos): unbiased group std + 1e-6, size-1 groups keep "
     "the raw score, whitened GAE and REINFORCE++, KL-in-reward on token rewards, dual-clip PPO (c = 3).",
     estimators={
