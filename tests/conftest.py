@@ -21,11 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RunningServer(ServerProcess):
-    """`advserve serve` on free loopback ports, started and live when constructed (advserve.testing)."""
+    """`advserve serve` on free loopback ports, started and live when constructed (advserve.testing).
+    Every one still running at the end of the session is stopped, and every log file deleted."""
+
+    started: list["RunningServer"] = []
 
     def __init__(self, *args: str, **kwargs):
         super().__init__(*args, **kwargs)
+        RunningServer.started.append(self)
         self.start()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_server_logs():
+    yield
+    for server in RunningServer.started:
+        server.stop()
+        server.remove_log()
 
 
 @pytest.fixture(scope="session")

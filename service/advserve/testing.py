@@ -140,6 +140,10 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=15)
 
+    def remove_log(self) -> None:
+        """Delete the log file (after `stop`, once nobody needs the output)."""
+        self.log_path.unlink(missing_ok=True)
+
     def output(self) -> str:
         """Everything the server printed so far."""
         try:
