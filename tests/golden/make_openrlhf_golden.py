@@ -423,37 +423,44 @@ def tolist(x):
     return None if x is None else x.detach().cpu().tolist()
 
 
+def advantage_record(name, est, params, tensors, chunks, note):
+    """One advantage case of the golden file, OpenRLHF's answer. Also used by tests/golden/fuzz_libraries.py."""
+    full = openrlhf_params(est, params)
+    a, r = openrlhf_advantages(est, full, tensors, chunks)
+    assert torch.isfinite(a).all() and torch.isfinite(r).all(), name
+    float32_path = full["kl_coef"] > 0 or full.get("whiten", False)
+    case = {"case": name, "estimator": est, "openrlhf_estimator": ORLHF_ADV[est], "params": full,
+            "proposed_new": sorted(k for k in full if k in NEW_PARAMS) + ([] if est != "flash_reinforce" else
+                                                                           ["estimator:flash_reinforce"]),
+            "dtype": "float64", "tol": 1e-6 if float32_path else 1e-12, "micro_batches": chunks,
+            "tensors": tensors, "expected": {"advantages": tolist(a), "returns": tolist(r)}}
+    if note:
+        case["note"] = note
+    return case
+
+
+def loss_record(name, request, note, tensors):
+    """One loss case of the golden file, OpenRLHF's answer. Also used by tests/golden/fuzz_libraries.py."""
+    e = openrlhf_losses(request, tensors)
+    assert math.isfinite(e["loss"]), name
+    new = sorted(f"{t}.{k}" for t, sub in request.items() if isinstance(sub, dict) for k in sub
+                 if (t, k) in NEW_LOSS_PARAMS)
+    if request["policy_loss"]["mode"] == "gspo" and request["policy_loss"].get("dual_clip") is not None:
+        new.append("policy_loss.gspo_dual_clip (dual clip applies to gspo)")
+    case = {"case": name, "dtype": "float64", "tol": 1e-6 if "kl_loss" in request else 1e-12,
+            "request": request, "proposed_new": new, "tensors": tensors,
+            "expected": {"loss": e["loss"], "components": e["components"],
+                         "grad_logprobs": tolist(e["grad_logprobs"]), "grad_values": tolist(e["grad_values"]),
+                         "grad_entropy": tolist(e["grad_entropy"])}}
+    if note:
+        case["note"] = note
+    return case
+
+
 def main():
     build_cases()
-    adv_out, loss_out = [], []
-    for name, est, params, tensors, chunks, note in ADV_CASES:
-        full = openrlhf_params(est, params)
-        a, r = openrlhf_advantages(est, full, tensors, chunks)
-        assert torch.isfinite(a).all() and torch.isfinite(r).all(), name
-        float32_path = full["kl_coef"] > 0 or full.get("whiten", False)
-        case = {"case": name, "estimator": est, "openrlhf_estimator": ORLHF_ADV[est], "params": full,
-                "proposed_new": sorted(k for k in full if k in NEW_PARAMS) + ([] if est != "flash_reinforce" else
-                                                                               ["estimator:flash_reinforce"]),
-                "dtype": "float64", "tol": 1e-6 if float32_path else 1e-12, "micro_batches": chunks,
-                "tensors": tensors, "expected": {"advantages": tolist(a), "returns": tolist(r)}}
-        if note:
-            case["note"] = note
-        adv_out.append(case)
-    for name, request, note, tensors in LOSS_CASES:
-        e = openrlhf_losses(request, tensors)
-        assert math.isfinite(e["loss"]), name
-        new = sorted(f"{t}.{k}" for t, sub in request.items() if isinstance(sub, dict) for k in sub
-                     if (t, k) in NEW_LOSS_PARAMS)
-        if request["policy_loss"]["mode"] == "gspo" and request["policy_loss"].get("dual_clip") is not None:
-            new.append("policy_loss.gspo_dual_clip (dual clip applies to gspo)")
-        case = {"case": name, "dtype": "float64", "tol": 1e-6 if "kl_loss" in request else 1e-12,
-                "request": request, "proposed_new": new, "tensors": tensors,
-                "expected": {"loss": e["loss"], "components": e["components"],
-                             "grad_logprobs": tolist(e["grad_logprobs"]), "grad_values": tolist(e["grad_values"]),
-                             "grad_entropy": tolist(e["grad_entropy"])}}
-        if note:
-            case["note"] = note
-        loss_out.append(case)
+    adv_out = [advantage_record(*c) for c in ADV_CASES]
+    loss_out = [loss_record(*c) for c in LOSS_CASES]
     doc = {"library": "openrlhf", "version": VERSION, "torch": torch.__version__,
            "generated": datetime.date.today().isoformat(), "generator": "tests/golden/make_openrlhf_golden.py",
            "preset": "openrlhf (proposed; see docs/research/openrlhf.md)",

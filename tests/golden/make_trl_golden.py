@@ -468,52 +468,57 @@ def finite(x):
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
+def advantage_record(name, est, params, proposed, trl_cfg, note, tensors, fn):
+    """One advantage case of the golden file, TRL's answer. Also used by tests/golden/fuzz_libraries.py."""
+    m = torch.tensor(tensors["response_mask"], dtype=DT)
+    a = fn(tensors)
+    assert a.dtype == DT and a.shape == (m.shape[0],), (name, a.dtype, a.shape)
+    if est in ("grpo", "dr_grpo"):
+        r = ref_grpo_adv(tensors["rewards"], trl_cfg["num_generations"], trl_cfg["scale_rewards"])
+        assert np.allclose(a.numpy(), r, atol=1e-9), (name, a, r)
+    adv = a[:, None] * m
+    assert finite(adv), name
+    case = {"case": name, "estimator": est, "params": params, "dtype": "float64",
+            "tensors": {k: (list(v) if k == "group_ids" else tolist(v)) for k, v in tensors.items()},
+            "expected": {"advantages": tolist(adv), "returns": tolist(adv)},
+            "trl_config": trl_cfg, "proposed_new_params": proposed}
+    if note:
+        case["note"] = note
+    return case
+
+
+def loss_record(name, request, proposed, cfg, note, tensors):
+    """One loss case of the golden file, TRL's answer. Also used by tests/golden/fuzz_libraries.py."""
+    loss, g_lp, g_ent, tr = trl_grpo_loss(cfg, tensors)
+    assert finite(loss) and finite(g_lp), name
+    comps = {"policy": None, "kl": None, "value": None, "entropy": None}
+    m = torch.tensor(tensors["response_mask"], dtype=DT)
+    ent_part = 0.0
+    if cfg.get("entropy_coef", 0.0):
+        e = torch.tensor(tensors["entropy"], dtype=DT)
+        comps["entropy"] = float((e * m).sum() / m.sum().clamp(min=1.0))
+        ent_part = cfg["entropy_coef"] * comps["entropy"]
+    if cfg.get("beta", 0.0):
+        p_loss, _, _, _ = trl_grpo_loss(dict(cfg, entropy_coef=0.0), tensors, beta_override=0.0)
+        comps["policy"] = float(p_loss)
+        comps["kl"] = (float(loss) + ent_part - float(p_loss)) / cfg["beta"]
+    else:
+        comps["policy"] = float(loss) + ent_part
+    case = {"case": name, "dtype": "float64", "request": request,
+            "tensors": {k: tolist(v) for k, v in tensors.items() if not k.startswith("_")},
+            "expected": {"loss": float(loss), "components": comps, "grad_logprobs": tolist(g_lp * m),
+                         "grad_values": None, "grad_entropy": None if g_ent is None else tolist(g_ent * m)},
+            "trl_config": cfg, "proposed_new_params": proposed}
+    if note:
+        case["note"] = note
+    return case
+
+
 def main():
     build_advantage_cases()
     build_loss_cases()
-    adv_out = []
-    for name, est, params, proposed, trl_cfg, note, tensors, fn in ADV_CASES:
-        m = torch.tensor(tensors["response_mask"], dtype=DT)
-        a = fn(tensors)
-        assert a.dtype == DT and a.shape == (m.shape[0],), (name, a.dtype, a.shape)
-        if est in ("grpo", "dr_grpo"):
-            r = ref_grpo_adv(tensors["rewards"], trl_cfg["num_generations"], trl_cfg["scale_rewards"])
-            assert np.allclose(a.numpy(), r, atol=1e-9), (name, a, r)
-        adv = a[:, None] * m
-        assert finite(adv), name
-        case = {"case": name, "estimator": est, "params": params, "dtype": "float64",
-                "tensors": {k: (list(v) if k == "group_ids" else tolist(v)) for k, v in tensors.items()},
-                "expected": {"advantages": tolist(adv), "returns": tolist(adv)},
-                "trl_config": trl_cfg, "proposed_new_params": proposed}
-        if note:
-            case["note"] = note
-        adv_out.append(case)
-
-    loss_out = []
-    for name, request, proposed, cfg, note, tensors in LOSS_CASES:
-        loss, g_lp, g_ent, tr = trl_grpo_loss(cfg, tensors)
-        assert finite(loss) and finite(g_lp), name
-        comps = {"policy": None, "kl": None, "value": None, "entropy": None}
-        m = torch.tensor(tensors["response_mask"], dtype=DT)
-        ent_part = 0.0
-        if cfg.get("entropy_coef", 0.0):
-            e = torch.tensor(tensors["entropy"], dtype=DT)
-            comps["entropy"] = float((e * m).sum() / m.sum().clamp(min=1.0))
-            ent_part = cfg["entropy_coef"] * comps["entropy"]
-        if cfg.get("beta", 0.0):
-            p_loss, _, _, _ = trl_grpo_loss(dict(cfg, entropy_coef=0.0), tensors, beta_override=0.0)
-            comps["policy"] = float(p_loss)
-            comps["kl"] = (float(loss) + ent_part - float(p_loss)) / cfg["beta"]
-        else:
-            comps["policy"] = float(loss) + ent_part
-        case = {"case": name, "dtype": "float64", "request": request,
-                "tensors": {k: tolist(v) for k, v in tensors.items() if not k.startswith("_")},
-                "expected": {"loss": float(loss), "components": comps, "grad_logprobs": tolist(g_lp * m),
-                             "grad_values": None, "grad_entropy": None if g_ent is None else tolist(g_ent * m)},
-                "trl_config": cfg, "proposed_new_params": proposed}
-        if note:
-            case["note"] = note
-        loss_out.append(case)
+    adv_out = [advantage_record(*c) for c in ADV_CASES]
+    loss_out = [loss_record(*c) for c in LOSS_CASES]
 
     doc = {
         "library": "trl",

@@ -1063,59 +1063,65 @@ def finite(x):
     return x is None or np.isfinite(np.asarray(tolist(x) if isinstance(x, torch.Tensor) else x, dtype=float)).all()
 
 
+def advantage_record(name, est, params, dtype, note, tensors, problems):
+    """One advantage case of the golden file: verl's answer (and a check against the docs reference,
+    appended to `problems`). Also used by tests/golden/fuzz_libraries.py."""
+    adv, ret = verl_advantages(est, params, tensors, dtype)
+    assert finite(adv) and finite(ret), name
+    ra, rr = ref_advantages(est, params, tensors)
+    tol = 1e-6 if dtype == "float64" else 1e-4
+    if not (_close(adv, ra, tol) and _close(ret, rr, tol)):
+        problems.append(f"{name}: verl differs from docs reference beyond {tol}")
+    case = {
+        "case": name,
+        "estimator": est,
+        "params": params,
+        "dtype": dtype,
+        "tensors": {k: (list(v) if k == "group_ids" else tolist(v)) for k, v in tensors.items()},
+        "expected": {"advantages": tolist(adv), "returns": tolist(ret)},
+    }
+    if note:
+        case["note"] = note
+    return case
+
+
+def loss_record(name, request, note, tensors, problems):
+    """One loss case of the golden file (float64): verl's answer, checked against the docs reference."""
+    got = verl_losses(request, tensors, "float64")
+    ref = ref_losses(request, tensors)
+    assert finite(got["loss"]) and finite(got["grad_logprobs"]), name
+    ok = _close(got["loss"], ref["loss"], 1e-9) and _close(got["grad_logprobs"], ref["grad_logprobs"], 1e-9)
+    for k in ("grad_values", "grad_entropy"):
+        ok = ok and ((got[k] is None) == (ref[k] is None)) and (got[k] is None or _close(got[k], ref[k], 1e-9))
+    for k, v in got["components"].items():
+        ok = ok and ((v is None) == (ref["components"][k] is None)) and (v is None or _close(v, ref["components"][k], 1e-9))
+    if not ok:
+        problems.append(f"{name}: verl differs from docs reference beyond 1e-9")
+    case = {
+        "case": name,
+        "dtype": "float64",
+        "request": request,
+        "tensors": {k: tolist(v) for k, v in tensors.items()},
+        "expected": {
+            "loss": got["loss"],
+            "components": got["components"],
+            "grad_logprobs": tolist(got["grad_logprobs"]),
+            "grad_values": None if got["grad_values"] is None else tolist(got["grad_values"]),
+            "grad_entropy": None if got["grad_entropy"] is None else tolist(got["grad_entropy"]),
+        },
+    }
+    if note:
+        case["note"] = note
+    return case
+
+
 def main():
     build_advantage_cases()
     build_loss_cases()
     problems = []
 
-    adv_out = []
-    for name, est, params, dtype, note, tensors in ADV_CASES:
-        adv, ret = verl_advantages(est, params, tensors, dtype)
-        assert finite(adv) and finite(ret), name
-        ra, rr = ref_advantages(est, params, tensors)
-        tol = 1e-6 if dtype == "float64" else 1e-4
-        if not (_close(adv, ra, tol) and _close(ret, rr, tol)):
-            problems.append(f"{name}: verl differs from docs reference beyond {tol}")
-        case = {
-            "case": name,
-            "estimator": est,
-            "params": params,
-            "dtype": dtype,
-            "tensors": {k: (list(v) if k == "group_ids" else tolist(v)) for k, v in tensors.items()},
-            "expected": {"advantages": tolist(adv), "returns": tolist(ret)},
-        }
-        if note:
-            case["note"] = note
-        adv_out.append(case)
-
-    loss_out = []
-    for name, request, note, tensors in LOSS_CASES:
-        got = verl_losses(request, tensors, "float64")
-        ref = ref_losses(request, tensors)
-        assert finite(got["loss"]) and finite(got["grad_logprobs"]), name
-        ok = _close(got["loss"], ref["loss"], 1e-9) and _close(got["grad_logprobs"], ref["grad_logprobs"], 1e-9)
-        for k in ("grad_values", "grad_entropy"):
-            ok = ok and ((got[k] is None) == (ref[k] is None)) and (got[k] is None or _close(got[k], ref[k], 1e-9))
-        for k, v in got["components"].items():
-            ok = ok and ((v is None) == (ref["components"][k] is None)) and (v is None or _close(v, ref["components"][k], 1e-9))
-        if not ok:
-            problems.append(f"{name}: verl differs from docs reference beyond 1e-9")
-        case = {
-            "case": name,
-            "dtype": "float64",
-            "request": request,
-            "tensors": {k: tolist(v) for k, v in tensors.items()},
-            "expected": {
-                "loss": got["loss"],
-                "components": got["components"],
-                "grad_logprobs": tolist(got["grad_logprobs"]),
-                "grad_values": None if got["grad_values"] is None else tolist(got["grad_values"]),
-                "grad_entropy": None if got["grad_entropy"] is None else tolist(got["grad_entropy"]),
-            },
-        }
-        if note:
-            case["note"] = note
-        loss_out.append(case)
+    adv_out = [advantage_record(*c, problems) for c in ADV_CASES]
+    loss_out = [loss_record(*c, problems) for c in LOSS_CASES]
 
     names = [c["case"] for c in adv_out] + [c["case"] for c in loss_out]
     assert len(names) == len(set(names)), "duplicate case names"
