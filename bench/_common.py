@@ -8,9 +8,9 @@ import importlib.metadata
 import os
 import platform
 import statistics
-from typing import Any
+from typing import Any, Callable
 
-from advserve.testing import cpu_model
+from advserve.testing import cpu_model, wait_for_quiet
 
 REL_TOLERANCE = 1e-5  # max |got − ref| / max |ref| for an answer to count as equal to the in-process one
 MIB = 1 << 20
@@ -100,3 +100,18 @@ class Failures:
         if not result["ok"]:
             detail = result.get("error") or f"rel {result['rel']:.2e}"
             self.add(f"{where}: {result['what']}: {detail}")
+
+
+def settler(loads: dict[str, Any], max_wait_s: float, once: bool) -> Callable[[str], None]:
+    """A function to call before each timed part: it waits for a quiet CPU (recording the load in
+    `loads[part]`) and warns when it never came; `once`: only before the first part (quick runs)."""
+
+    def settle(part: str) -> None:
+        if once and loads:
+            return
+        loads[part] = w = wait_for_quiet(max_wait_s)
+        if not w["quiet"]:
+            print(f"  warning: other processes keep {100 * w['load']:.0f}% of the CPUs busy before {part!r} "
+                  f"(waited {w['waited_s']:.0f} s); timings are contended", flush=True)
+
+    return settle

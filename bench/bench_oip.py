@@ -51,8 +51,8 @@ from typing import Any, Callable
 import grpc
 
 from _common import (  # noqa: E402 (bench/ on sys.path)
-    REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, stats_ms)
-from advserve.testing import ServerProcess, wait_for_quiet
+    REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler, stats_ms)
+from advserve.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "oip.json"
@@ -465,14 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     failures = Failures()
     loads: dict[str, Any] = {}
-
-    def settle(part: str) -> None:
-        if quick and loads:
-            return
-        loads[part] = w = wait_for_quiet(cfg["max_wait_s"])
-        if not w["quiet"]:
-            print(f"  warning: other processes keep {100 * w['load']:.0f}% of the CPUs busy before {part!r} "
-                  f"(waited {w['waited_s']:.0f} s); timings are contended", flush=True)
+    settle = settler(loads, cfg["max_wait_s"], once=quick)
 
     server = ServerProcess(name="oip-bench")
     results: dict[str, Any] = {"machine": info, "mode": "quick" if quick else "full", "parts": sorted(parts),

@@ -50,8 +50,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 from _common import (  # noqa: E402 (bench/ on sys.path)
-    MIB, REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, stats_ms)
-from advserve.testing import ServerProcess, wait_for_quiet
+    MIB, REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler,
+    stats_ms)
+from advserve.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "transport.json"
@@ -782,14 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     failures = Failures()
     loads: dict[str, Any] = {}
-
-    def settle(part: str) -> None:
-        if quick and loads:
-            return
-        loads[part] = w = wait_for_quiet(cfg["max_wait_s"])
-        if not w["quiet"]:
-            print(f"  warning: other processes keep {100 * w['load']:.0f}% of the CPUs busy before {part!r} "
-                  f"(waited {w['waited_s']:.0f} s); timings are contended", flush=True)
+    settle = settler(loads, cfg["max_wait_s"], once=quick)
 
     servers: list[Server] = []
     if parts & {"1", "2"}:
