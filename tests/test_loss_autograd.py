@@ -637,3 +637,31 @@ def test_library_preset_defaults_everything_on(preset, seed):
                                   entropy_bonus={"coef": 0.01}, rollout_correction={}, dtype="float64",
                                   **needed(b, True, True, True, True, True))
     check(res, *want)
+
+
+@pytest.mark.parametrize("clip_ties", ["pass", "split"])
+def test_value_clip_ties_match_autograd_of_each_convention(clip_ties):
+    """Values exactly on old_values ± clip (as bf16-rounded predictions often are): 'split' is autograd of
+    verl's clip_by_value, torch.max(torch.min(v, v_old + c), v_old − c); 'pass' autograd of torch.clamp."""
+    rng = np.random.default_rng(7)
+    B, T, c = 6, 9, 0.5
+    old = np.round(rng.normal(size=(B, T)) * 4) / 4
+    step = rng.choice([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0], size=(B, T))  # ±0.5: exactly on ±c
+    values, returns = old + step, old + rng.normal(size=(B, T))
+    mask = rng.random((B, T)) < 0.9
+    tie = (np.abs(step) == c) & mask
+    assert tie.sum() >= 5
+    res = advserve.compute_losses(preset="verl", dtype="float64", policy_loss=False,
+                                  value_loss={"coef": 1.0, "clip": c, "clip_ties": clip_ties, "agg": "token-mean"},
+                                  values=values, old_values=old, returns=returns, response_mask=mask)
+    v = torch.tensor(values, requires_grad=True)
+    vo, G, m = torch.tensor(old), torch.tensor(returns), torch.tensor(mask, dtype=torch.float64)
+    if clip_ties == "split":
+        vc = torch.max(torch.min(v, vo + c), vo - c)
+    else:
+        vc = torch.clamp(v, vo - c, vo + c)
+    ell = 0.5 * torch.max((v - G) ** 2, (vc - G) ** 2)
+    loss = (ell * m).sum() / m.sum()
+    loss.backward()
+    assert res.loss == pytest.approx(float(loss.detach()), rel=1e-12)
+    np.testing.assert_allclose(res.grad_values, v.grad.numpy(), rtol=1e-12, atol=1e-15)

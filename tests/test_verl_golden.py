@@ -47,15 +47,16 @@ assert FUZZ["library"] == "verl" and FUZZ["version"] == "0.9.1"
 @pytest.mark.parametrize("case", FUZZ["losses"], ids=[c["case"] for c in FUZZ["losses"]])
 def test_verl_value_clip_exact_tie(case):
     """A token with values exactly old_values ± clip: verl's clip_by_value (torch.max(torch.min(v, old + c),
-    old − c)) and the tied outer max give v ¾ of the gradient there; advserve gives all of it (torch.clamp's
-    and OpenRLHF's convention; docs/semantics.md "Losses", value_loss). Everything else is verl's number."""
+    old − c)) and the tied outer max give v ¾ of the gradient there; the verl preset's
+    value_loss.clip_ties='split' reproduces it, and 'pass' (torch.clamp's convention) gives all of it."""
     tensors = golden_cases.inputs(case["tensors"])
     clip = case["request"]["value_loss"]["clip"]
     tie = (tensors["values"] == tensors["old_values"] + clip) | (tensors["values"] == tensors["old_values"] - clip)
     tie &= tensors["response_mask"] > 0
     assert tie.any()
     res = advserve.compute_losses(preset="verl", dtype=case["dtype"], **case["request"], **tensors)
-    got, want = np.asarray(res.grad_values), np.asarray(case["expected"]["grad_values"])
-    assert np.all(np.abs(got[tie] - want[tie]) > 1e-6)  # a real difference, where it is documented
-    documented = {**case, "expected": {**case["expected"], "grad_values": np.where(tie, want / 0.75, want).tolist()}}
-    golden_cases.check_losses(documented, res, TOL[case["dtype"]])
+    golden_cases.check_losses(case, res, TOL[case["dtype"]])
+    request = {**case["request"], "value_loss": {**case["request"]["value_loss"], "clip_ties": "pass"}}
+    passing = advserve.compute_losses(preset="verl", dtype=case["dtype"], **request, **tensors)
+    want = np.asarray(case["expected"]["grad_values"])
+    np.testing.assert_allclose(np.asarray(passing.grad_values)[tie], want[tie] / 0.75, rtol=1e-12, atol=1e-15)

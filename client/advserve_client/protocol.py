@@ -47,6 +47,7 @@ _ENUMS = {
     "cispo_level": (pb.CispoLevel, "CISPO_LEVEL_"),
     "sequence_ratio_gradient": (pb.SequenceRatioGradient, "SEQUENCE_RATIO_GRADIENT_"),
     "seq_denominator": (pb.SeqDenominator, "SEQ_DENOMINATOR_"),
+    "clip_ties": (pb.ClipTies, "CLIP_TIES_"),
     "bias": (pb.Bias, "BIAS_"),
 }
 # nullable parameters: message field -> the bool field that means "null" (off)

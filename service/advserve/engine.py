@@ -229,7 +229,7 @@ class Engine:
                 metrics["kl_mean"] = mean_over(kl_t, batch.tokens)
             if "value_loss" in terms:
                 p = terms["value_loss"]
-                loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"])
+                loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"], p["clip_ties"])
                 w = weights(p["agg"])
                 value = (w * loss_v).sum()
                 total = total + p["coef"] * value

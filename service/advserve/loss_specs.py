@@ -67,6 +67,9 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
         for s in (
             ParamSpec("coef", float, "coefficient of the value loss", minimum=0.0),
             ParamSpec("clip", float, "value clip range around old_values; null: unclipped", nullable=True, minimum=0.0),
+            ParamSpec("clip_ties", str, "gradient where values sit exactly on a clip bound: 'pass' all of it "
+                      "(torch.clamp, OpenRLHF), 'split' half per tied min/max (verl's clip_by_value: ¾ (v − G))",
+                      choices=("pass", "split")),
             _term_agg("value"),
         )
     },

@@ -131,7 +131,7 @@ PAPER = Preset(
                                "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
                               _NEUTRAL_POLICY),
         "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": None}, _NEUTRAL_KL),
-        "value_loss": {"coef": 1.0, "clip": None, "agg": None},
+        "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
         "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
                                      _NEUTRAL_ROLLOUT),
@@ -170,7 +170,7 @@ _VERL_OPTIONS = {
     "actor.use_kl_loss=True, actor.kl_loss_coef=B, actor.kl_loss_type=T":
         "kl_loss={'coef': B, 'estimator': T as in kl_penalty} (k3 clamped ±10)",
     "actor.entropy_coeff=C": "entropy_bonus.coef=C",
-    "critic.cliprange_value=C": "value_loss.clip=C (0.5)",
+    "critic.cliprange_value=C": "value_loss.clip=C (0.5; verl's gradient at an exact clip bound: clip_ties='split')",
     "rollout_corr_helper: rollout_is=token / sequence, rollout_is_threshold=H or 'L_H'":
         "rollout_correction.level, mode='truncate' (high=H) or 'mask' (low=L, high=H)",
 }
@@ -201,7 +201,7 @@ VERL = Preset(
                                "loss_scale_factor": None}, _NEUTRAL_POLICY),
         "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
                           _NEUTRAL_KL),
-        "value_loss": {"coef": 1.0, "clip": 0.5, "agg": None},
+        "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "split", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
         "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
                                      _NEUTRAL_ROLLOUT),
@@ -291,7 +291,7 @@ OPENRLHF = Preset(
         # compute_approx_kl clamps every estimator to ±10; the actor aggregates the KL and entropy
         # terms per token (aggregate_loss's default), the critic its value loss too
         "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.01, "estimator": "k1", "clamp": 10.0, "agg": "token-mean"}),
-        "value_loss": {"coef": 1.0, "clip": 0.5, "agg": "token-mean"},
+        "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "pass", "agg": "token-mean"},
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
         # is_correction_*: mode mask, threshold [0.5, 5.0], no log clamp; survivors keep their token ratio
         "rollout_correction": {"level": "token", "mode": "mask", "low": 0.5, "high": 5.0, "log_clamp": None,
@@ -362,7 +362,7 @@ TRL = Preset(
             "cispo_cap": DependsOn("mode", {"cispo": 0.2}, None), "sequence_ratio_gradient": "through_mean"}),
         # β·k3 inside the per-token loss (the policy's aggregation), × ρ (use_bias_correction_kl)
         "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.0, "estimator": "k3", "clamp": None, "importance_weighted": True}),
-        "value_loss": {"coef": 1.0, "clip": None, "agg": None},
+        "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         # the entropy bonus is a local token mean whatever loss_type says
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
         # vllm_importance_sampling_mode "sequence_mask", clip_min None, clip_max 3.0, no log clamp

@@ -42,8 +42,9 @@ only there, each with a comment at the code pointing at its documentation:
   (measured by emulating them on advserve's unwhitened A, or bounded where var < 1e-6).
 * float32 conditioning: verl float32 requests, and OpenRLHF's float32 KL-in-reward chain, get twice advserve's
   own float32-vs-float64 difference; verl float32 GRPO also ε32·max|S_g|/(σ_g + 1e-6) per group.
-* verl's value-clip gradient at an exact tie v = v_old ± clip is ¾ of advserve's (docs/semantics.md
-  "Losses"; regression cases tests/golden/verl_0.9.1_fuzz.json, test_verl_golden.py).
+(Found here and since reproduced, no longer an allowance: verl's value-clip gradient at an exact tie
+v = v_old ± clip is ¾ (v − G): the verl preset's value_loss.clip_ties="split"; regression cases
+tests/golden/verl_0.9.1_fuzz.json, test_verl_golden.py.)
 
 Results (library venvs of 2026-11-25: verl 0.9.1, OpenRLHF 0.11.2, TRL 1.16.0, torch 2.13.0+cpu), each
 ``--cases 500 --seed S`` for S = 1, 2, 3, 4:
@@ -691,18 +692,6 @@ class Comparer:
         main = {k: v for k, v in tensors.items() if not (split_entropy is not None and k == "entropy")}
         res = self.advserve.compute_losses(preset=L, dtype=case["dtype"], **request, **main)
         loss, comps, grad_entropy, grad_values = res.loss, dict(res.components), res.grad_entropy, res.grad_values
-        if L == "verl" and request.get("value_loss", {}).get("clip") is not None:
-            # verl's clip_by_value is torch.max(torch.min(v, old + c), old − c): at an exact tie v = old ± c torch
-            # gives v half the gradient of min/max, and the outer max((v − G)², (v_c − G)²), tied too, half of
-            # each branch: ¾ of the gradient. advserve passes the full gradient there (torch.clamp's and
-            # OpenRLHF's convention): docs/semantics.md "Losses" (value_loss), README "Presets". Exact ties only.
-            import numpy as np
-
-            c = request["value_loss"]["clip"]
-            v, old = tensors["values"].astype(np.float64), tensors["old_values"].astype(np.float64)
-            tie = (v == old + c) | (v == old - c)
-            if tie.any():
-                grad_values = np.where(tie, 0.75 * np.asarray(grad_values, np.float64), grad_values)
         if split_entropy is not None:
             own = {k: v for k, v in request.items() if k not in ("num_tokens", "kl_loss")}
             ent = self.advserve.compute_losses(preset=L, dtype=case["dtype"], entropy_bonus=split_entropy, **own,

@@ -134,6 +134,12 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_SEQ_MEAN_TOKEN_SUM: _ClassVar[Aggregation]
     AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: _ClassVar[Aggregation]
 
+class ClipTies(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CLIP_TIES_UNSPECIFIED: _ClassVar[ClipTies]
+    CLIP_TIES_PASS: _ClassVar[ClipTies]
+    CLIP_TIES_SPLIT: _ClassVar[ClipTies]
+
 class Bias(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BIAS_UNSPECIFIED: _ClassVar[Bias]
@@ -217,6 +223,9 @@ AGGREGATION_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_MEAN: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: Aggregation
+CLIP_TIES_UNSPECIFIED: ClipTies
+CLIP_TIES_PASS: ClipTies
+CLIP_TIES_SPLIT: ClipTies
 BIAS_UNSPECIFIED: Bias
 BIAS_UNBIASED: Bias
 BIAS_SCALED: Bias
@@ -441,18 +450,20 @@ class KLLoss(_message.Message):
     def __init__(self, coef: _Optional[float] = ..., estimator: _Optional[_Union[KLEstimator, str]] = ..., clamp: _Optional[float] = ..., no_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., unbiased_gradient: _Optional[bool] = ..., importance_weighted: _Optional[bool] = ...) -> None: ...
 
 class ValueLoss(_message.Message):
-    __slots__ = ("coef", "clip", "no_clip", "agg", "no_agg")
+    __slots__ = ("coef", "clip", "no_clip", "agg", "no_agg", "clip_ties")
     COEF_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     NO_CLIP_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     NO_AGG_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TIES_FIELD_NUMBER: _ClassVar[int]
     coef: float
     clip: float
     no_clip: bool
     agg: Aggregation
     no_agg: bool
-    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ...) -> None: ...
+    clip_ties: ClipTies
+    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., clip_ties: _Optional[_Union[ClipTies, str]] = ...) -> None: ...
 
 class EntropyBonus(_message.Message):
     __slots__ = ("coef", "agg", "no_agg")

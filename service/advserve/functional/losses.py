@@ -30,6 +30,13 @@ def _maximum_grad(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> Tensor:
     return torch.where(a > b, da, torch.where(b > a, db, 0.5 * (da + db)))
 
 
+def _tie_split(x: Tensor, bound: Tensor, below: bool) -> Tensor:
+    """∂/∂x of torch.minimum(x, bound) (below=True) or torch.maximum(x, bound): 1 where x is the
+    strict winner, ½ at a tie, 0 where the bound wins."""
+    wins = x < bound if below else x > bound
+    return torch.where(wins, 1.0, torch.where(x == bound, 0.5, 0.0)).to(x.dtype)
+
+
 def _clamped(x: Tensor, low: float | None, high: float | None) -> tuple[Tensor, Tensor]:
     """(clamp(x, low, high), 1 where the clamp passes the gradient else 0)."""
     if low is None and high is None:
@@ -207,18 +214,25 @@ def kl_loss(
     return value * ratio.value, grad + through_ratio, None
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
+               clip_ties: str = "pass") -> tuple[Tensor, Tensor]:
     """½ max((v − G)², (clip(v, v_old ± clip) − G)²) per token and its gradient in v, [B, T].
 
-    `clip` None: ½ (v − G)².
+    `clip` None: ½ (v − G)². `clip_ties`: the gradient the clip passes where v sits exactly on a bound:
+    "pass" all of it (torch.clamp), "split" half at each tied min/max, as verl's
+    max(min(v, v_old + c), v_old − c) under autograd (with the tied outer max: ¾ (v − G) there).
     """
     unclipped = (values - returns).square()
     d_unclipped = values - returns
     if clip is None:
         return 0.5 * unclipped, d_unclipped
     low, high = old_values - clip, old_values + clip
-    clipped_v = torch.maximum(torch.minimum(values, high), low)
-    passes = ((values >= low) & (values <= high)).to(values.dtype)
+    capped = torch.minimum(values, high)
+    clipped_v = torch.maximum(capped, low)
+    if clip_ties == "split":
+        passes = _tie_split(values, high, below=True) * _tie_split(capped, low, below=False)
+    else:
+        passes = ((values >= low) & (values <= high)).to(values.dtype)
     clipped = (clipped_v - returns).square()
     d_clipped = (clipped_v - returns) * passes
     loss = 0.5 * torch.maximum(unclipped, clipped)
