@@ -115,3 +115,41 @@ def settler(loads: dict[str, Any], max_wait_s: float, once: bool) -> Callable[[s
                   f"(waited {w['waited_s']:.0f} s); timings are contended", flush=True)
 
     return settle
+
+
+def finish(servers: list, failures: Failures, loads: dict[str, Any], commands: dict[str, str],
+           results: dict[str, Any], out, started: float, correct_line: str) -> int:
+    """The end of a server benchmark: server logs (kept only if they report errors), the commands run,
+    the background load, the JSON results at `out`, and the exit status (1 for any failure)."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    for server in servers:
+        problems = server.problems()
+        if problems:
+            failures.add(f"server {server.name} logged errors (log {server.log_path}):\n    "
+                         + "\n    ".join(problems[:20]))
+        else:
+            Path(server.log_path).unlink(missing_ok=True)
+    elapsed = time.perf_counter() - started
+    print("\ncommands (each port a free loopback port picked at run time):")
+    for name, line in commands.items():
+        print(f"  {name:<14} {line}")
+    busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)
+    if busiest is not None:
+        print(f"background CPU load before the parts (other processes): max {100 * busiest:.0f}%"
+              f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
+    results.update({"commands": commands, "failures": failures.items, "correct": not failures.items,
+                    "elapsed_s": elapsed, "background_load": loads, "rel_tolerance": REL_TOLERANCE})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {out} ({elapsed:.1f} s)")
+    if failures.items:
+        print(f"\n{len(failures.items)} FAILURE(S):", file=sys.stderr)
+        for item in failures.items:
+            print(f"  {item}", file=sys.stderr)
+        return 1
+    print(f"correctness: {correct_line} (rel <= {REL_TOLERANCE:g})")
+    return 0

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import grpc
 
 from _common import (  # noqa: E402 (bench/ on sys.path)
-    REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler, stats_ms)
+    Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler, stats_ms, finish)
 from advserve.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -502,36 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             paths.close()
         server.stop()
         signal.signal(signal.SIGTERM, previous)
-    problems = server.problems()
-    if problems:
-        failures.add(f"the server logged errors (log {server.log_path}):\n    " + "\n    ".join(problems[:20]))
-    else:
-        Path(server.log_path).unlink(missing_ok=True)
-
-    elapsed = time.perf_counter() - started
     print_summary(results)
     commands = {"bench": shlex.join([".venv/bin/python", "bench/bench_oip.py",
                                      *(sys.argv[1:] if argv is None else argv)]),
                 "server": server.command_line()}
-    print("\ncommands (each port a free loopback port picked at run time):")
-    for name, line in commands.items():
-        print(f"  {name:<7} {line}")
-    busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)
-    if busiest is not None:
-        print(f"background CPU load before the parts (other processes): max {100 * busiest:.0f}%"
-              f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
-    results.update({"commands": commands, "failures": failures.items, "correct": not failures.items,
-                    "elapsed_s": elapsed, "background_load": loads, "rel_tolerance": REL_TOLERANCE})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.out} ({elapsed:.1f} s)")
-    if failures.items:
-        print(f"\n{len(failures.items)} FAILURE(S):", file=sys.stderr)
-        for item in failures.items:
-            print(f"  {item}", file=sys.stderr)
-        return 1
-    print(f"correctness: every answer matched the in-process result (rel <= {REL_TOLERANCE:g}); every status 200")
-    return 0
+    return finish([server], failures, loads, commands, results, args.out, started,
+                  "every answer matched the in-process result; every status 200")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import random
 import resource
 import shlex
@@ -50,8 +49,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 from _common import (  # noqa: E402 (bench/ on sys.path)
-    MIB, REL_TOLERANCE, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler,
-    stats_ms)
+    MIB, Failures, compare, fmt_timing, machine, median_timing, parse_server_timing, settler,
+    stats_ms, finish)
 from advserve.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -838,39 +837,12 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.stop()
         signal.signal(signal.SIGTERM, previous)
-    for server in servers:
-        problems = server.problems()
-        if problems:
-            failures.add(f"server {server.name} logged errors (log {server.log_path}):\n    "
-                         + "\n    ".join(problems[:20]))
-        else:
-            Path(server.log_path).unlink(missing_ok=True)
-
-    elapsed = time.perf_counter() - started
     print_summary(results, cfg)
-    commands = {"bench": shlex.join([".venv/bin/python", "bench/bench_transport.py", *sys.argv[1:]] if argv is None
-                                    else [".venv/bin/python", "bench/bench_transport.py", *argv]),
+    commands = {"bench": shlex.join([".venv/bin/python", "bench/bench_transport.py",
+                                     *(sys.argv[1:] if argv is None else argv)]),
                 **{s.name: s.command_line() for s in servers}}
-    print("\ncommands (each port a free loopback port picked at run time):")
-    for name, line in commands.items():
-        print(f"  {name:<14} {line}")
-    busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)
-    if busiest is not None:
-        print(f"background CPU load before the parts (other processes): max {100 * busiest:.0f}%"
-              f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
-    results.update({"commands": commands, "failures": failures.items, "correct": not failures.items,
-                    "elapsed_s": elapsed, "background_load": loads})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.out} ({elapsed:.1f} s)")
-    if failures.items:
-        print(f"\n{len(failures.items)} FAILURE(S):", file=sys.stderr)
-        for item in failures.items:
-            print(f"  {item}", file=sys.stderr)
-        return 1
-    print(f"correctness: every checked response matched the in-process result (rel <= {REL_TOLERANCE:g}); "
-          "statuses as expected")
-    return 0
+    return finish(servers, failures, loads, commands, results, args.out, started,
+                  "every checked response matched the in-process result; statuses as expected")
 
 
 def print_summary(results: dict[str, Any], cfg: dict[str, Any]) -> None:
