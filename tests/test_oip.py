@@ -497,6 +497,11 @@ def test_auth_body_limits_and_metrics():
         big_json = {"inputs": [{"name": "rewards", "datatype": "FP32", "shape": [1000], "data": [0.5] * 1000}]}
         response = httpx.post(f"{server.url}/v2/models/grpo/infer", json=big_json, headers=auth, timeout=30)
         assert response.status_code == 413 and "JSON" in response.json()["error"]
+        # a JSON body is JSON whatever its Content-Type says: without Triton's header-length header the
+        # JSON limit applies (an octet-stream label must not buy it the binary limit)
+        response = httpx.post(f"{server.url}/v2/models/grpo/infer", content=json.dumps(big_json).encode(),
+                              headers={**auth, "content-type": "application/octet-stream"}, timeout=30)
+        assert response.status_code == 413 and "JSON" in response.json()["error"]
         big_binary = np.zeros(30000, np.float32)
         with pytest.raises(InferenceServerException) as err:
             infer("http-binary", clients, "grpo", {"rewards": big_binary, "response_mask": np.ones((30000, 1), bool),

@@ -325,7 +325,10 @@ class AdmissionControl:
             return await error_response(error)(scope, receive, send)
         if not compute:
             return await self.app(scope, receive, send)
-        limit = self.max_body_bytes if _is_binary(headers) else self.max_json_bytes
+        # binary as each endpoint parses it: /v2 only with Triton's header-length header (a JSON body
+        # under an octet-stream Content-Type is still JSON, and gets the JSON limit)
+        binary = HEADER_LENGTH.lower() in headers if oip else _is_binary(headers)
+        limit = self.max_body_bytes if binary else self.max_json_bytes
         declared = headers.get("content-length", "")
         held = 0
 
