@@ -33,7 +33,7 @@ from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Pa
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
-from .runtime import Runtime
+from .runtime import Runtime, off_loop
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve")
@@ -202,7 +202,6 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResp
 
 # --- tensors on the wire ------------------------------------------------------------------------
 
-INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 
 
 def _is_binary(headers) -> bool:
@@ -429,11 +428,6 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     binary_200 = {"content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
                   "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}
     json_object = {200: {"description": "a JSON object", "content": {"application/json": {"schema": {"type": "object"}}}}}
-
-    async def off_loop(fn, size: int):
-        """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
-        requests are cheaper decoded and encoded right here on the event loop."""
-        return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
 
     async def serve(request: Request, model: type[BaseModel], endpoint: str, prepare, compute,
                     document_of) -> Response:

@@ -16,6 +16,15 @@ from .observability import Metrics
 from .scheduler import Scheduler
 
 
+INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
+
+
+async def off_loop(fn, size: int):
+    """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
+    requests are cheaper decoded and encoded right here on the event loop."""
+    return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
+
+
 class Admission:
     """Bytes of request bodies in flight, bounded: a request that does not fit is turned away (503)
     before its body is read, instead of growing memory. Only touched on the event loop."""

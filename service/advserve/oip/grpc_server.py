@@ -25,14 +25,13 @@ from .._oip_pb import grpc_service_pb2_grpc as pb_grpc
 from ..errors import STATUS, AdvserveError, InvalidArgument
 from ..grpc_server import _abort, _Call
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import Runtime
+from ..runtime import Runtime, off_loop
 from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput, error_message
 from .tensors import DATATYPES, from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 TRANSPORT = "oip_grpc"
-INLINE_LIMIT = 256 << 10
 # the typed field of InferTensorContents holding each datatype (FP16 and BF16 travel raw only)
 CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "INT8": "int_contents", "INT16": "int_contents",
                   "INT32": "int_contents", "INT64": "int64_contents", "FP32": "fp32_contents",
@@ -202,7 +201,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         def decode():
             return self.service.prepare(request_from_pb(request, self.service))
 
-        prepared = await asyncio.to_thread(decode) if size >= INLINE_LIMIT else decode()
+        prepared = await off_loop(decode, size)
         call.batch = prepared.batch
         if prepared.timeout_s is not None:
             remaining = prepared.timeout_s - (time.perf_counter() - call.arrived)
@@ -213,8 +212,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response_to_pb(self.service.respond(prepared, result))
 
 
-def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server, service: OipService | None = None) -> OipService:
-    """Register the OIP service on `server` (the native gRPC server); returns the OipService."""
-    service = service or OipService(runtime.engine, runtime.scheduler)
+def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server) -> None:
+    """Register the OIP service on `server` (the native gRPC server)."""
+    service = OipService(runtime.engine, runtime.scheduler)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(runtime, service), server)
-    return service

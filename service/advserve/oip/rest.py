@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, PayloadTooLarge, Unavailable)
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import Runtime
+from ..runtime import Runtime, off_loop
 from .core import (MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput,
                    error_message)
 from .tensors import DATATYPES, from_json, from_raw
@@ -41,7 +41,6 @@ log = logging.getLogger("advserve.oip")
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 TRANSPORT = "oip_http"
-INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 
 
@@ -241,8 +240,8 @@ _INFER_200 = {200: {"description": "the outputs", "content": {
     BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
-    """Mount the /v2 routes on `app` over `runtime`; returns the service (shared with gRPC)."""
+def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
+    """Mount the /v2 routes on `app` over `runtime`."""
     service = OipService(runtime.engine, runtime.scheduler)
     settings = runtime.settings
     tags = ["oip"]
@@ -313,9 +312,6 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
         return oip_error_response(NotFound(f"advserve does not serve /v2/{path}: the Open Inference Protocol's "
                                            "health, metadata and inference endpoints only (docs/oip.md)", field="path"))
 
-    async def off_loop(fn, size: int):
-        return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
-
     async def serve_infer(request: Request, model_name: str, version: str) -> Response:
         arrived = time.perf_counter()
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
@@ -373,9 +369,6 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> OipService:
             bytes_in=len(body), bytes_out=len(response.body), phases=phases,
             batch=prepared.batch if prepared else None, request_id=rid, started=arrived, error=error)
         return response
-
-    app.state.oip = service
-    return service
 
 
 def _result_tensors(result: Any) -> list:
