@@ -8,6 +8,7 @@ a client leaves there (NaN included) cannot leak into a result.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -72,8 +73,9 @@ class Batch:
         """A [B, T] result in the caller's layout: as is, or flat [N] for a packed request."""
         return padded if padded is None or self.layout is None else self.layout.to_packed(padded)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> int:
+        """Valid tokens in the batch (read once: a device sync on CUDA)."""
         return int(self.lengths.sum())
 
     @property

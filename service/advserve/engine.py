@@ -322,7 +322,7 @@ class PreparedAdvantages:
     dtype: torch.dtype
     batch: Batch
 
-    @property
+    @functools.cached_property
     def coalescing_key(self) -> tuple | None:
         """Requests with equal keys can share one device batch; None when the estimator's result
         depends on the whole batch (whitening, a batch std or mean), so it must run alone."""

@@ -37,10 +37,10 @@ def _tie_split(x: Tensor, bound: Tensor, below: bool) -> Tensor:
     return torch.where(wins, 1.0, torch.where(x == bound, 0.5, 0.0)).to(x.dtype)
 
 
-def _clamped(x: Tensor, low: float | None, high: float | None) -> tuple[Tensor, Tensor]:
-    """(clamp(x, low, high), 1 where the clamp passes the gradient else 0)."""
+def _clamped(x: Tensor, low: float | None, high: float | None) -> tuple[Tensor, Tensor | None]:
+    """(clamp(x, low, high), 1 where the clamp passes the gradient else 0; None without bounds)."""
     if low is None and high is None:
-        return x, torch.ones_like(x)
+        return x, None
     passes = torch.ones_like(x, dtype=torch.bool)
     if low is not None:
         passes &= x >= low
@@ -67,7 +67,7 @@ def importance_ratio(logp: Tensor, old: Tensor, log_clamp: float | None) -> tupl
     """ρ = exp(clamp(logp − old, ±log_clamp)) and ∂ρ/∂logp, both [B, T]."""
     log_ratio, passes = _clamped(logp - old, -log_clamp if log_clamp is not None else None, log_clamp)
     ratio = log_ratio.exp()
-    return ratio, ratio * passes
+    return ratio, ratio if passes is None else ratio * passes  # (read only: the two may be one tensor)
 
 
 def sequence_log_ratio(logp: Tensor, old: Tensor, mask: Tensor) -> Tensor:
@@ -105,7 +105,7 @@ def policy_ratio(
         log_s = sequence_log_ratio(logp, old, mask).unsqueeze(1).expand_as(logp)
         log_s, passes = _clamped(log_s, None, ratio_clamp)
         s = log_s.exp()
-        return Ratio(s, s * passes, spread=sequence_ratio_gradient == "through_mean")
+        return Ratio(s, s if passes is None else s * passes, spread=sequence_ratio_gradient == "through_mean")
     ratio, dratio = importance_ratio(logp, old, ratio_clamp)
     return Ratio(ratio, dratio)
 
