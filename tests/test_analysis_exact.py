@@ -193,7 +193,12 @@ def test_dapo_and_grpo_original_limits(toy):
 
 
 def test_whitening_std(toy):
-    assert montecarlo.whitening_std(toy, "reinforce_pp", 8) == toy.token_reward_moments[1]
+    # σ of r over tokens (prompts uniform, each response's tokens carrying its reward), by enumeration
+    e = toy.enumeration
+    weight = toy.sequence_probs(toy.theta).detach() * e.lengths  # [P, Y] token mass
+    mean = (weight * e.rewards).sum() / weight.sum()
+    sigma = float(((weight * (e.rewards - mean) ** 2).sum() / weight.sum()).sqrt())
+    assert montecarlo.whitening_std(toy, "reinforce_pp", 8) == pytest.approx(sigma, rel=1e-12)
     # σ of r − mean_g r: smaller than the reward's own σ, growing toward it with M
     sigmas = [montecarlo.whitening_std(toy, "reinforce_pp_baseline", m) for m in (2, 4, 8, 64)]
     assert sigmas == sorted(sigmas) and sigmas[-1] < toy.token_reward_moments[1]

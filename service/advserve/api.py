@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
+from .analysis.batch import AnalysisRequest
+from .analysis.batch import analyze as analyze_batch
 from .device import to_host
 from .engine import Engine
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
@@ -117,7 +118,7 @@ def analyze(
     """
     request = AnalysisRequest(tensors=tensors, estimators=estimators, preset=preset, params=params, dtype=dtype,
                               layout=layout)
-    return run_analysis(_engine(device), prepare_analysis(_engine(device), request))
+    return analyze_batch(_engine(device), request)
 
 
 def catalog() -> dict[str, Any]:
