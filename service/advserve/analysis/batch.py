@@ -55,7 +55,7 @@ from ..batch import Batch, build_batch
 from ..engine import REWARD_TENSORS, Engine, PreparedAdvantages, advantage_inputs
 from ..errors import InvalidArgument, NotFound
 from ..estimators import ESTIMATORS
-from ..functional.groups import Groups, centered_scores, group_std
+from ..functional.groups import Groups, centered_scores, group_std, group_std_divisor
 from ..model import AdvantageRequest
 from .theory import ESTIMATOR_BIAS, EXACT_GROUP_ESTIMATORS, WEIGHT_FORMULAS, asymptotic_prompt_weight, \
     exact_group_weight
@@ -215,17 +215,6 @@ def _whitening_scale(engine: Engine, job: PreparedAdvantages, whitened: Tensor, 
     return float(whitened[mask].to(F64).std(correction=0)) / spread if spread > 0 else 0.0
 
 
-def _group_denominator(params: Mapping[str, Any], scores: Tensor, centered: Tensor, groups: Groups) -> Tensor:
-    """The engine's GRPO divisor per group [G]: std_g(R; std_ddof) + std_eps, or with std_scope
-    'batch' (TRL) the std of all B scores + std_eps for every group."""
-    ddof, eps = params.get("std_ddof", 0), params.get("std_eps", 0.0)
-    if params.get("std_scope", "group") == "batch":
-        deviation = scores - scores.mean()
-        std = (deviation.dot(deviation) / max(scores.shape[0] - ddof, 1)).sqrt()
-        return std.expand(groups.count) + eps
-    return group_std(centered, groups, ddof) + eps
-
-
 def _summary(weights: Tensor, signal: Tensor, tokens: Tensor) -> dict[str, float | None]:
     """Statistics of the weights [G] over the groups with signal (tokens [G]: valid tokens per group)."""
     w, n = weights[signal], tokens[signal]
@@ -305,7 +294,10 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
         lengths_for = harmonic_length if name == "grpo_original" else mean_length
         weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for,
                                            reward_std=1.0 if scale is None else (1 / scale if scale else 0.0),
-                                           group_reward_std=_group_denominator(params, scores, centered, groups))
+                                           group_reward_std=group_std_divisor(
+                                               scores, centered, groups, std_ddof=params.get("std_ddof", 0),
+                                               std_eps=params.get("std_eps", 0.0),
+                                               std_scope=params.get("std_scope", "group")))
         if scale is not None and name not in ("reinforce_pp", "reinforce_pp_baseline"):  # whitening on top
             weights = weights * scale
         exact = None

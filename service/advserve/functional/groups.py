@@ -66,6 +66,19 @@ def group_std(centered: Tensor, groups: Groups, ddof: int) -> Tensor:
     return torch.where(n > ddof, var.sqrt(), 0)
 
 
+def group_std_divisor(scores: Tensor, centered: Tensor, groups: Groups, *, std_ddof: int, std_eps: float,
+                      std_scope: str = "group") -> Tensor:
+    """GRPO's divisor per group [G]: std_g(R; std_ddof) + std_eps, or with `std_scope` "batch" (TRL's
+    scale_rewards="batch") the std of all B scores + std_eps for every group. scores, centered [B]."""
+    if std_scope == "batch":
+        deviation = scores - scores.mean()  # a single score has std 0
+        std = (torch.dot(deviation, deviation) / max(scores.shape[0] - std_ddof, 1)).sqrt()
+        return std.expand(groups.count) + std_eps
+    if std_scope == "group":
+        return group_std(centered, groups, std_ddof) + std_eps
+    raise ValueError(f"unknown std_scope {std_scope!r}; valid: {', '.join(STD_SCOPES)}")
+
+
 def group_normalized_advantages(
     scores: Tensor,
     groups: Groups,
@@ -85,14 +98,8 @@ def group_normalized_advantages(
     """
     centered, _ = centered_scores(scores, groups)
     if scale_by_std:
-        if std_scope == "batch":
-            deviation = scores - scores.mean()  # a single score has std 0
-            std = (torch.dot(deviation, deviation) / max(scores.shape[0] - std_ddof, 1)).sqrt()
-            denom = std.expand_as(centered) + std_eps
-        elif std_scope == "group":
-            denom = group_std(centered, groups, std_ddof)[groups.index] + std_eps
-        else:
-            raise ValueError(f"unknown std_scope {std_scope!r}; valid: {', '.join(STD_SCOPES)}")
+        denom = group_std_divisor(scores, centered, groups, std_ddof=std_ddof, std_eps=std_eps,
+                                  std_scope=std_scope)[groups.index]
         advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
     else:
         advantages = centered
