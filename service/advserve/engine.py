@@ -20,7 +20,7 @@ from .functional.masks import aggregation_weights, masked_moments
 from .functional.rollout import rollout_weights
 from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
-from .params import DependsOn, resolve_params
+from .params import DependsOn, preset_default, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 REWARD_TENSORS = ("rewards", "token_rewards")
@@ -291,7 +291,8 @@ class Engine:
                 },
                 "params": {name: spec.describe() for name, spec in e.param_specs().items()},
                 "presets": {
-                    p.name: ({"defaults": {k: default(v) for k, v in p.estimators[e.name].items()}}
+                    p.name: ({"defaults": {k: default(preset_default(spec, p.estimators[e.name]))
+                                           for k, spec in e.param_specs().items()}}
                              if e.name in p.estimators else {"unavailable": p.unavailable.get(e.name, "")})
                     for p in PRESETS.values()
                 },
@@ -300,7 +301,8 @@ class Engine:
             term: {
                 "tensors": list(TERM_TENSORS[term]),
                 "params": {name: spec.describe() for name, spec in specs.items()},
-                "defaults": {p.name: {k: default(v) for k, v in p.losses[term].items()} for p in PRESETS.values()},
+                "defaults": {p.name: {k: default(preset_default(spec, p.losses[term])) for k, spec in specs.items()}
+                             for p in PRESETS.values()},
             }
             for term, specs in LOSS_TERMS.items()
         }

@@ -5,6 +5,7 @@ parameters to (advantages, returns). Formulas live in `functional/`; presets (de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -16,7 +17,7 @@ from .functional.groups import STD_SCOPES, Groups, group_normalized_advantages, 
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
 from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten
 from .functional.scan import MASK_GAPS, gae, reward_to_go
-from .params import ParamSpec
+from .params import ParamSpec, neutral
 
 
 @dataclass
@@ -85,12 +86,12 @@ PARAMS: dict[str, ParamSpec] = {
                   "advantages (TRL RLOO normalize_advantages)", choices=("token", "sequence")),
         ParamSpec("returns_whitened", bool, "returns = the whitened advantages (true), or the advantages before "
                   "whitening (false, OpenRLHF)"),
-        ParamSpec("reward_clip_low", float, "lower bound of the outcome reward after its baseline (OpenRLHF "
-                  "--reward.clip_range); null: none", nullable=True),
-        ParamSpec("reward_clip_high", float, "upper bound of the outcome reward after its baseline; null: none",
-                  nullable=True),
-        ParamSpec("mask_gaps", str, "zeros inside a row's mask: 'skip' (the recursion carries across them) or "
-                  "'step' (zero-valued steps that still discount, OpenRLHF)", choices=MASK_GAPS),
+        neutral("reward_clip_low", float, "lower bound of the outcome reward after its baseline (OpenRLHF "
+                "--reward.clip_range); null: none", None, nullable=True),
+        neutral("reward_clip_high", float, "upper bound of the outcome reward after its baseline; null: none",
+                None, nullable=True),
+        neutral("mask_gaps", str, "zeros inside a row's mask: 'skip' (the recursion carries across them) or "
+                "'step' (zero-valued steps that still discount, OpenRLHF)", "skip", choices=MASK_GAPS),
     )
 }
 
@@ -129,8 +130,7 @@ class Estimator:
     def param_specs(self) -> dict[str, ParamSpec]:
         specs = {name: PARAMS[name] for name in self.params}
         for name, choices in self.choices.items():
-            spec = specs[name]
-            specs[name] = ParamSpec(spec.name, spec.kind, spec.doc, choices, spec.nullable, spec.minimum, spec.maximum)
+            specs[name] = dataclasses.replace(specs[name], choices=choices)
         return specs
 
 

@@ -9,15 +9,15 @@ from .functional.kl import KL_ESTIMATORS
 from .functional.losses import POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS
 from .functional.masks import AGG_MODES
 from .functional.rollout import ROLLOUT_GATINGS, ROLLOUT_LEVELS, ROLLOUT_WEIGHTS
-from .params import ParamSpec
+from .params import ParamSpec, neutral
 
 _POSITIVE = {"minimum": 0.0, "exclusive_minimum": True}
 SEQ_DENOMINATORS = ("nonempty", "all")
 
 
 def _term_agg(term: str) -> ParamSpec:
-    return ParamSpec("agg", str, f"aggregation of the {term} term; null: the policy term's agg (with its "
-                     "loss_scale_factor and seq_denominator)", choices=AGG_MODES, nullable=True)
+    return neutral("agg", str, f"aggregation of the {term} term; null: the policy term's agg (with its "
+                   "loss_scale_factor and seq_denominator)", None, choices=AGG_MODES, nullable=True)
 
 
 LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
@@ -32,21 +32,21 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
                       "null: off", nullable=True, minimum=1.0, exclusive_minimum=True),
             ParamSpec("ratio_clamp", float, "bound on log(ratio) before exp (gspo: upper bound only); null: none",
                       nullable=True, **_POSITIVE),
-            ParamSpec("ratio_cap", float, "δ: the unclipped branch of ppo_clip/gspo uses min(ρ, δ), for both signs "
-                      "of A (TRL's delta); null: none", nullable=True, **_POSITIVE),
-            ParamSpec("cispo_cap", float, "absolute cap of the cispo weight, min(ρ, cap) with no floor (TRL's "
-                      "epsilon_high); null: clip(ρ, 1 − clip_low, 1 + clip_high)", nullable=True, **_POSITIVE),
-            ParamSpec("cispo_level", str, "cispo's ratio per token, or the sequence ratio exp(mean_t(lp − old))",
-                      choices=("token", "sequence")),
-            ParamSpec("sequence_ratio_gradient", str, "how a sequence ratio passes its gradient: token_trick "
-                      "(verl: sg(s)·exp(lp − sg(lp)), each token its own) or through_mean (OpenRLHF, TRL)",
-                      choices=SEQUENCE_RATIO_GRADIENTS),
+            neutral("ratio_cap", float, "δ: the unclipped branch of ppo_clip/gspo uses min(ρ, δ), for both signs "
+                    "of A (TRL's delta); null: none", None, nullable=True, **_POSITIVE),
+            neutral("cispo_cap", float, "absolute cap of the cispo weight, min(ρ, cap) with no floor (TRL's "
+                    "epsilon_high); null: clip(ρ, 1 − clip_low, 1 + clip_high)", None, nullable=True, **_POSITIVE),
+            neutral("cispo_level", str, "cispo's ratio per token, or the sequence ratio exp(mean_t(lp − old))",
+                    "token", choices=("token", "sequence")),
+            neutral("sequence_ratio_gradient", str, "how a sequence ratio passes its gradient: token_trick "
+                    "(verl: sg(s)·exp(lp − sg(lp)), each token its own) or through_mean (OpenRLHF, TRL)",
+                    "token_trick", choices=SEQUENCE_RATIO_GRADIENTS),
             ParamSpec("agg", str, "aggregation of per-token losses (also of the kl, value and entropy terms whose "
                       "agg is null)", choices=AGG_MODES),
             ParamSpec("loss_scale_factor", float, "constant divisor C of seq-mean-token-sum-norm; null: padded width T",
                       nullable=True, **_POSITIVE),
-            ParamSpec("seq_denominator", str, "S of the seq-mean modes when num_sequences is not given: rows with a "
-                      "valid token (nonempty) or all rows (all: TRL)", choices=SEQ_DENOMINATORS),
+            neutral("seq_denominator", str, "S of the seq-mean modes when num_sequences is not given: rows with a "
+                    "valid token (nonempty) or all rows (all: TRL)", "nonempty", choices=SEQ_DENOMINATORS),
         )
     },
     "kl_loss": {
@@ -56,10 +56,10 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             ParamSpec("estimator", str, "KL estimator of logprobs vs ref_logprobs", choices=KL_ESTIMATORS),
             ParamSpec("clamp", float, "clamp of the KL estimate to [−c, c]; null: none", nullable=True, **_POSITIVE),
             _term_agg("kl"),
-            ParamSpec("unbiased_gradient", bool, "keep the estimator's value, use the gradient w·(lp − ref) with "
-                      "w = sg(min(e^(lp − old), 10)) (OpenRLHF); needs old_logprobs"),
-            ParamSpec("importance_weighted", bool, "multiply each kl_t by the policy's ratio ρ_t, differentiable "
-                      "(TRL's use_bias_correction_kl); needs old_logprobs"),
+            neutral("unbiased_gradient", bool, "keep the estimator's value, use the gradient w·(lp − ref) with "
+                    "w = sg(min(e^(lp − old), 10)) (OpenRLHF); needs old_logprobs", False),
+            neutral("importance_weighted", bool, "multiply each kl_t by the policy's ratio ρ_t, differentiable "
+                    "(TRL's use_bias_correction_kl); needs old_logprobs", False),
         )
     },
     "value_loss": {
@@ -89,13 +89,13 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
                       choices=("truncate", "mask")),
             ParamSpec("low", float, "lower bound of the gated statistic; null: none", nullable=True, minimum=0.0),
             ParamSpec("high", float, "upper bound of the gated statistic; null: none", nullable=True, **_POSITIVE),
-            ParamSpec("log_clamp", float, "bound on the log-weight before exp; null: none", nullable=True,
-                      **_POSITIVE),
-            ParamSpec("gating", str, "statistic compared with [low, high]: the ratio, or the sampled token's "
-                      "binary_kl / tv between the rollout and old policies (mask mode, upper bound only)",
-                      choices=ROLLOUT_GATINGS),
-            ParamSpec("weight", str, "what a surviving token is multiplied by in mask mode: its unit's ratio, or its "
-                      "own token ratio (OpenRLHF)", choices=ROLLOUT_WEIGHTS),
+            neutral("log_clamp", float, "bound on the log-weight before exp (20: verl's SAFETY_BOUND); null: none",
+                    20.0, nullable=True, **_POSITIVE),
+            neutral("gating", str, "statistic compared with [low, high]: the ratio, or the sampled token's "
+                    "binary_kl / tv between the rollout and old policies (mask mode, upper bound only)",
+                    "ratio", choices=ROLLOUT_GATINGS),
+            neutral("weight", str, "what a surviving token is multiplied by in mask mode: its unit's ratio, or its "
+                    "own token ratio (OpenRLHF)", "unit", choices=ROLLOUT_WEIGHTS),
         )
     },
 }

@@ -25,6 +25,8 @@ class ParamSpec:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    default: Any = None  # used where a preset's table omits the parameter (only when `has_default`)
+    has_default: bool = False
 
     def check(self, value: Any, field: str) -> Any:
         """Return `value` converted to this parameter's type, or raise InvalidArgument naming `field`."""
@@ -82,6 +84,22 @@ class DependsOn:
         return {"depends_on": self.param, "values": dict(self.values), "otherwise": self.otherwise}
 
 
+def neutral(name: str, kind: type, doc: str, default: Any, **kwargs: Any) -> ParamSpec:
+    """A parameter with a default of its own: the behaviour before a library preset needed it, used by
+    every preset whose table does not name it."""
+    return ParamSpec(name, kind, doc, default=default, has_default=True, **kwargs)
+
+
+def preset_default(spec: ParamSpec, defaults: Mapping[str, Any]) -> Any:
+    """The preset table's default for `spec`, else the parameter's own (a preset table lacking a
+    parameter without one is a bug in presets.py)."""
+    if spec.name in defaults:
+        return defaults[spec.name]
+    if not spec.has_default:
+        raise KeyError(f"the preset table has no default for {spec.name!r}")
+    return spec.default
+
+
 def resolve_params(
     specs: Mapping[str, ParamSpec], defaults: Mapping[str, Any], given: Mapping[str, Any] | None, field: str
 ) -> dict[str, Any]:
@@ -100,12 +118,13 @@ def resolve_params(
     resolved: dict[str, Any] = {}
     deferred = []
     for name, spec in specs.items():
+        default = preset_default(spec, defaults)
         if name in given:
             resolved[name] = spec.check(given[name], f"{field}.{name}")
-        elif isinstance(defaults[name], DependsOn):
+        elif isinstance(default, DependsOn):
             deferred.append(name)
         else:
-            resolved[name] = defaults[name]
+            resolved[name] = default
     for name in deferred:
-        resolved[name] = defaults[name].resolve(resolved)
+        resolved[name] = preset_default(specs[name], defaults).resolve(resolved)
     return resolved

@@ -1,7 +1,8 @@
 """Presets: tables of defaults, one per library whose numbers advserve reproduces.
 
-A preset maps each estimator it offers to a complete set of parameter defaults, and gives the
-defaults of every loss term. Estimators a library does not have are listed with a hint instead.
+A preset maps each estimator it offers to its parameter defaults, and gives the defaults of every
+loss term; a parameter with a default of its own (`params.neutral`: what only a library preset
+changes, e.g. reward clipping) may be left out of a table. Estimators a library does not have are listed with a hint instead.
 Adding a preset (OpenRLHF, TRL) is adding one `Preset` here plus its golden tests.
 """
 
@@ -30,16 +31,6 @@ def _merge(*tables: Mapping[str, Any]) -> dict[str, Any]:
         out.update(table)
     return out
 
-
-# values of the loss parameters that only the library presets change: the behaviour before them
-_NEUTRAL_POLICY = {"ratio_cap": None, "cispo_cap": None, "cispo_level": "token", "sequence_ratio_gradient": "token_trick",
-                   "seq_denominator": "nonempty"}
-_NEUTRAL_KL = {"agg": None, "unbiased_gradient": False, "importance_weighted": False}
-_NEUTRAL_ROLLOUT = {"log_clamp": 20.0, "gating": "ratio", "weight": "unit"}  # 20: verl's SAFETY_BOUND
-
-# values of the estimator parameters that only the library presets change: the behaviour before them
-_NO_REWARD_CLIP = {"reward_clip_low": None, "reward_clip_high": None}
-_SKIP_GAPS = {"mask_gaps": "skip"}
 
 # library options -> the loss request that reproduces them (shown by GET /v1/estimators; the estimator
 # rows are in each preset's estimator table of options)
@@ -111,30 +102,28 @@ PAPER = Preset(
     "KL where the seed's table puts it; undefined values (std 0) give 0.",
     estimators={
         "reinforce": _PAPER_KL,
-        "reinforce_rtg": _merge({"gamma": 1.0}, _SKIP_GAPS, _PAPER_KL),
-        "reinforce_pp": _merge({"gamma": 1.0}, _SKIP_GAPS, _PAPER_KL, _NO_REWARD_CLIP, _PAPER_WHITEN),
+        "reinforce_rtg": _merge({"gamma": 1.0}, _PAPER_KL),
+        "reinforce_pp": _merge({"gamma": 1.0}, _PAPER_KL, _PAPER_WHITEN),
         "reinforce_pp_baseline": _merge(_PAPER_KL, {"kl_placement": "reward_to_go", "singleton_groups": "zero"},
-                                        _NO_REWARD_CLIP, _PAPER_WHITEN, {"returns_whitened": True}),
-        "rloo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "error"}, _NO_REWARD_CLIP,
+                                        _PAPER_WHITEN, {"returns_whitened": True}),
+        "rloo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "error"},
                        _PAPER_WHITEN, {"whiten": False, "whiten_scope": "token"}),
         "remax": _PAPER_KL,
-        "gae": _merge({"gamma": 1.0, "lam": 0.95}, _SKIP_GAPS, _PAPER_KL, _NO_REWARD_CLIP, _PAPER_WHITEN,
+        "gae": _merge({"gamma": 1.0, "lam": 0.95}, _PAPER_KL, _PAPER_WHITEN,
                       {"whiten": False}),
         "orz": _merge(_PAPER_WHITEN, {"whiten": False}),
-        "grpo": _merge(_PAPER_GRPO, _NO_REWARD_CLIP),
+        "grpo": _PAPER_GRPO,
         "grpo_original": _PAPER_GRPO,
         "dapo": _merge(_PAPER_KL, _PAPER_STD),
-        "dr_grpo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "zero"}, _NO_REWARD_CLIP),
+        "dr_grpo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "zero"}),
     },
     losses={
-        "policy_loss": _merge({"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+        "policy_loss": {"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
                                "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
-                              _NEUTRAL_POLICY),
-        "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": None}, _NEUTRAL_KL),
+        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
-        "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
-                                     _NEUTRAL_ROLLOUT),
+        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
     },
     unavailable={
         "flash_reinforce": "not in the seed's table (OpenRLHF's batch-mean baseline): use preset 'openrlhf'",
@@ -182,29 +171,27 @@ VERL = Preset(
     description="verl 0.9.1 (verl.trainer.ppo.core_algos): unbiased group std + 1e-6, size-1 groups keep "
     "the raw score, whitened GAE and REINFORCE++, KL-in-reward on token rewards, dual-clip PPO (c = 3).",
     estimators={
-        "gae": _merge({"gamma": 1.0, "lam": 1.0}, _SKIP_GAPS, _VERL_KL, _NO_REWARD_CLIP, _VERL_WHITEN),
+        "gae": _merge({"gamma": 1.0, "lam": 1.0}, _VERL_KL, _VERL_WHITEN),
         "orz": _VERL_WHITEN,
-        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _NO_REWARD_CLIP, _VERL_STD),
-        "dr_grpo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}, _NO_REWARD_CLIP),
-        "rloo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}, _NO_REWARD_CLIP,
+        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _VERL_STD),
+        "dr_grpo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}),
+        "rloo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
                        _VERL_WHITEN, {"whiten": False, "whiten_scope": "token"}),
-        "reinforce_pp": _merge({"gamma": 1.0}, _SKIP_GAPS, _VERL_KL, _NO_REWARD_CLIP, _VERL_WHITEN),
+        "reinforce_pp": _merge({"gamma": 1.0}, _VERL_KL, _VERL_WHITEN),
         "reinforce_pp_baseline": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
-                                        _NO_REWARD_CLIP, _VERL_WHITEN, {"returns_whitened": True}),
+                                        _VERL_WHITEN, {"returns_whitened": True}),
         "remax": _VERL_KL,
     },
     losses={
         # verl's gspo has no dual clip (compute_policy_loss_gspo ignores clip_ratio_c)
-        "policy_loss": _merge({"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2,
+        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2,
                                "dual_clip": DependsOn("mode", {"gspo": None}, 3.0),
                                "ratio_clamp": DependsOn("mode", {"gspo": 10.0}, 20.0), "agg": "token-mean",
-                               "loss_scale_factor": None}, _NEUTRAL_POLICY),
-        "kl_loss": _merge({"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
-                          _NEUTRAL_KL),
+                               "loss_scale_factor": None},
+        "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
         "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "split", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
-        "rollout_correction": _merge({"level": "token", "mode": "truncate", "low": None, "high": 2.0},
-                                     _NEUTRAL_ROLLOUT),
+        "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
     },
     unavailable={
         "reinforce": "verl has no plain REINFORCE estimator; use reinforce_pp with whiten=false for the "
@@ -283,14 +270,14 @@ OPENRLHF = Preset(
     losses={
         # PolicyLoss: ±20 log-ratio clamp for ppo, none for gspo, which also forces per-sequence
         # aggregation and passes its gradient through the mean; dual clip applies to both
-        "policy_loss": _merge(_NEUTRAL_POLICY, {
+        "policy_loss": {
             "mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
             "ratio_clamp": DependsOn("mode", {"gspo": None}, 20.0),
             "agg": DependsOn("mode", {"gspo": "seq-mean-token-mean"}, "token-mean"), "loss_scale_factor": None,
-            "sequence_ratio_gradient": "through_mean"}),
+            "sequence_ratio_gradient": "through_mean"},
         # compute_approx_kl clamps every estimator to ±10; the actor aggregates the KL and entropy
         # terms per token (aggregate_loss's default), the critic its value loss too
-        "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.01, "estimator": "k1", "clamp": 10.0, "agg": "token-mean"}),
+        "kl_loss": {"coef": 0.01, "estimator": "k1", "clamp": 10.0, "agg": "token-mean"},
         "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "pass", "agg": "token-mean"},
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
         # is_correction_*: mode mask, threshold [0.5, 5.0], no log clamp; survivors keep their token ratio
@@ -329,11 +316,11 @@ TRL = Preset(
     "the loss_type aggregations, β·k3 in the loss.",
     library="trl 1.16.0",
     estimators={
-        "grpo": _merge(_TRL_GRPO_KL, _NO_REWARD_CLIP,
+        "grpo": _merge(_TRL_GRPO_KL,
                        {"std_ddof": 1, "std_eps": 1e-4, "std_scope": "group", "singleton_groups": "zero"}),
-        "dr_grpo": _merge(_TRL_GRPO_KL, _NO_REWARD_CLIP, {"singleton_groups": "zero"}),  # scale_rewards="none"
+        "dr_grpo": _merge(_TRL_GRPO_KL, {"singleton_groups": "zero"}),  # scale_rewards="none"
         "rloo": _merge({"kl_coef": 0.05, "kl_estimator": "k1", "kl_clamp": None, "kl_placement": "sequence",
-                        "singleton_groups": "zero"}, _NO_REWARD_CLIP,
+                        "singleton_groups": "zero"},
                        {"whiten": False, "whiten_std": True, "whiten_scope": "sequence", "whiten_ddof": 1,
                         "whiten_eps": 1e-4, "whiten_eps_mode": "outside"}),  # normalize_advantages
     },
@@ -356,18 +343,18 @@ TRL = Preset(
         # GRPOTrainer._compute_loss: loss_type "dapo" (token mean), epsilon 0.2, no log-ratio clamp,
         # Dr. GRPO's C = max_completion_length (512), grpo/dr_grpo divide by all B rows; cispo caps
         # min(ρ, epsilon_high) with epsilon_high = epsilon = 0.2; sequence level through the mean
-        "policy_loss": _merge(_NEUTRAL_POLICY, {
+        "policy_loss": {
             "mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "ratio_clamp": None,
             "agg": "token-mean", "loss_scale_factor": 512.0, "seq_denominator": "all",
-            "cispo_cap": DependsOn("mode", {"cispo": 0.2}, None), "sequence_ratio_gradient": "through_mean"}),
+            "cispo_cap": DependsOn("mode", {"cispo": 0.2}, None), "sequence_ratio_gradient": "through_mean"},
         # β·k3 inside the per-token loss (the policy's aggregation), × ρ (use_bias_correction_kl)
-        "kl_loss": _merge(_NEUTRAL_KL, {"coef": 0.0, "estimator": "k3", "clamp": None, "importance_weighted": True}),
+        "kl_loss": {"coef": 0.0, "estimator": "k3", "clamp": None, "importance_weighted": True},
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         # the entropy bonus is a local token mean whatever loss_type says
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
         # vllm_importance_sampling_mode "sequence_mask", clip_min None, clip_max 3.0, no log clamp
-        "rollout_correction": _merge(_NEUTRAL_ROLLOUT, {"level": "sequence", "mode": "mask", "low": None,
-                                                        "high": 3.0, "log_clamp": None}),
+        "rollout_correction": {"level": "sequence", "mode": "mask", "low": None,
+                                                        "high": 3.0, "log_clamp": None},
     },
 )
 
