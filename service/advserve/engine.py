@@ -182,11 +182,12 @@ class Engine:
 
         def add_grad(grad: Tensor, spread: bool) -> None:
             nonlocal grad_logprobs
-            grad_logprobs += spread_over_row(grad, mask) if spread else grad
+            grad_logprobs += spread_over_row(grad, mask, batch.lengths) if spread else grad
 
         def ratio() -> Ratio:
             return policy_ratio(pol["mode"], t["logprobs"], t["old_logprobs"], mask, ratio_clamp=pol["ratio_clamp"],
-                                cispo_level=pol["cispo_level"], sequence_ratio_gradient=pol["sequence_ratio_gradient"])
+                                cispo_level=pol["cispo_level"], sequence_ratio_gradient=pol["sequence_ratio_gradient"],
+                                lengths=batch.lengths)
 
         with torch.no_grad():
             rho = None
@@ -202,7 +203,7 @@ class Engine:
                     is_weight, outside = rollout_weights(
                         t["old_logprobs"], t["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
                         low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"],
-                        weight=rc["weight"])
+                        weight=rc["weight"], lengths=batch.lengths)
                     metrics["rollout_is_weight_mean"] = mean_over(is_weight, batch.tokens)
                     metrics["rollout_is_weight_max"] = float(is_weight.max()) if batch.tokens else 0.0
                     metrics["rollout_is_fraction_outside"] = fraction(outside, batch.tokens)

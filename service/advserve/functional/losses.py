@@ -70,19 +70,25 @@ def importance_ratio(logp: Tensor, old: Tensor, log_clamp: float | None) -> tupl
     return ratio, ratio if passes is None else ratio * passes  # (read only: the two may be one tensor)
 
 
-def sequence_log_ratio(logp: Tensor, old: Tensor, mask: Tensor) -> Tensor:
-    """GSPO's log s_i = mean over valid tokens of (logp − old), [B, T] -> [B] (0 for empty rows)."""
-    lengths = mask.sum(dim=1).clamp_min(1)
-    return torch.where(mask, logp - old, 0).sum(dim=1) / lengths
+def _row_lengths(mask: Tensor, lengths: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """max(L_i, 1) [B, 1] in `dtype`, from `lengths` [B] when the caller has them, else from mask."""
+    counts = mask.sum(dim=1) if lengths is None else lengths
+    return counts.to(dtype).clamp_min(1).unsqueeze(1)
 
 
-def spread_over_row(x: Tensor, mask: Tensor) -> Tensor:
+def sequence_log_ratio(logp: Tensor, old: Tensor, mask: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """GSPO's log s_i = mean over valid tokens of (logp − old), [B, T] -> [B] (0 for empty rows).
+    lengths [B]: valid tokens per row, if known (else counted from mask)."""
+    return torch.where(mask, logp - old, 0).sum(dim=1) / _row_lengths(mask, lengths, logp.dtype).squeeze(1)
+
+
+def spread_over_row(x: Tensor, mask: Tensor, lengths: Tensor | None = None) -> Tensor:
     """The gradient through a row mean: m_u · Σ_t x_t / max(L_i, 1) for every token u, [B, T] -> [B, T].
 
-    x [B, T] is 0 at masked positions (the caller's weights are), mask [B, T] bool.
+    x [B, T] is 0 at masked positions (the caller's weights are), mask [B, T] bool, lengths [B] the
+    valid tokens per row if known (else counted from mask).
     """
-    lengths = mask.sum(dim=1, keepdim=True).clamp_min(1)
-    return torch.where(mask, x.sum(dim=1, keepdim=True) / lengths, 0)
+    return torch.where(mask, x.sum(dim=1, keepdim=True) / _row_lengths(mask, lengths, x.dtype), 0)
 
 
 def policy_ratio(
@@ -94,6 +100,7 @@ def policy_ratio(
     ratio_clamp: float | None,
     cispo_level: str = "token",
     sequence_ratio_gradient: str = "token_trick",
+    lengths: Tensor | None = None,
 ) -> Ratio:
     """The ratio a policy mode uses, [B, T].
 
@@ -102,7 +109,7 @@ def policy_ratio(
     sequence-level cispo, its gradient passed per `sequence_ratio_gradient`.
     """
     if mode == "gspo" or (mode == "cispo" and cispo_level == "sequence"):
-        log_s = sequence_log_ratio(logp, old, mask).unsqueeze(1).expand_as(logp)
+        log_s = sequence_log_ratio(logp, old, mask, lengths).unsqueeze(1).expand_as(logp)
         log_s, passes = _clamped(log_s, None, ratio_clamp)
         s = log_s.exp()
         return Ratio(s, s if passes is None else s * passes, spread=sequence_ratio_gradient == "through_mean")

@@ -25,13 +25,14 @@ def _exp(log_w: Tensor, log_clamp: float | None) -> Tensor:
     return (log_w if log_clamp is None else log_w.clamp(-log_clamp, log_clamp)).exp()
 
 
-def _per_unit(x: Tensor, mask: Tensor, level: str) -> Tensor:
+def _per_unit(x: Tensor, mask: Tensor, level: str, lengths: Tensor | None) -> Tensor:
     """x [B, T] (0 at masked positions) per token, or its row sum / row mean on every position."""
     if level == "token":
         return x
     total = x.sum(dim=1, keepdim=True)
     if level == "sequence_mean":
-        total = total / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        counts = mask.sum(dim=1) if lengths is None else lengths
+        total = total / counts.to(x.dtype).clamp_min(1).unsqueeze(1)
     return total.expand_as(x)
 
 
@@ -59,20 +60,21 @@ def rollout_weights(
     log_clamp: float | None,
     gating: str = "ratio",
     weight: str = "unit",
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(w, outside), both [B, T]: the weight multiplying each token's policy loss (0 at masked
     positions) and where a valid token's unit fell outside [low, high].
 
-    old, rollout [B, T] log-probs, mask [B, T] bool. Log-ratios d_t = old_t − rollout_t; a unit's
+    old, rollout [B, T] log-probs, mask [B, T] bool, lengths [B] valid tokens per row (if known). Log-ratios d_t = old_t − rollout_t; a unit's
     ratio is exp(clamp(Σ d or mean d or d_t, ±log_clamp)) (`log_clamp` None: no clamp).
     truncate (gating "ratio"): w = clamp(ratio, low, high). mask: w = 1[low ≤ stat ≤ high] · (the
     unit's ratio, or exp(clamp(d_t, ±log_clamp)) with `weight` "token"); a bound of None is no bound.
     """
     log_w = torch.where(mask, old - rollout, 0)
     if gating == "ratio":
-        stat = _exp(_per_unit(log_w, mask, level), log_clamp)
+        stat = _exp(_per_unit(log_w, mask, level, lengths), log_clamp)
     else:
-        stat = _per_unit(torch.where(mask, divergence(old, rollout, gating), 0), mask, level)
+        stat = _per_unit(torch.where(mask, divergence(old, rollout, gating), 0), mask, level, lengths)
     keep = torch.ones_like(mask)
     if high is not None:
         keep &= stat <= high
