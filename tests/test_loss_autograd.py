@@ -665,3 +665,16 @@ def test_value_clip_ties_match_autograd_of_each_convention(clip_ties):
     loss.backward()
     assert res.loss == pytest.approx(float(loss.detach()), rel=1e-12)
     np.testing.assert_allclose(res.grad_values, v.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_value_clip_fraction_counts_the_valid_tokens_where_the_clipped_branch_is_larger():
+    rng = np.random.default_rng(11)
+    B, T, c = 5, 8, 0.2
+    old, values, returns = rng.normal(size=(3, B, T))
+    mask = rng.random((B, T)) < 0.8
+    res = advserve.compute_losses(policy_loss=False, value_loss={"coef": 1.0, "clip": c}, dtype="float64",
+                                  values=values, old_values=old, returns=returns, response_mask=mask)
+    clipped = np.clip(values, old - c, old + c)
+    beyond = ((clipped - returns) ** 2 > (values - returns) ** 2) & mask
+    assert 0 < beyond.sum() < mask.sum()
+    assert res.metrics["value_clip_fraction"] == pytest.approx(beyond.sum() / mask.sum(), rel=1e-12)

@@ -230,15 +230,14 @@ class Engine:
                 metrics["kl_mean"] = mean_over(kl_t, batch.tokens)
             if "value_loss" in terms:
                 p = terms["value_loss"]
-                loss_v, dv = value_loss(t["values"], t["old_values"], t["returns"], p["clip"], p["clip_ties"])
+                loss_v, dv, beyond = value_loss(t["values"], t["old_values"], t["returns"], p["clip"],
+                                                p["clip_ties"])
                 w = weights(p["agg"])
                 value = (w * loss_v).sum()
                 total = total + p["coef"] * value
                 grad_values = (p["coef"] * w) * dv
                 components["value"] = float(value)
-                if p["clip"] is not None:
-                    clipped = t["values"].clamp(t["old_values"] - p["clip"], t["old_values"] + p["clip"])
-                    beyond = (clipped - t["returns"]).square() > (t["values"] - t["returns"]).square()
+                if beyond is not None:
                     metrics["value_clip_fraction"] = fraction(beyond, batch.tokens)
             if "entropy_bonus" in terms:
                 p = terms["entropy_bonus"]

@@ -222,8 +222,9 @@ def kl_loss(
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
-               clip_ties: str = "pass") -> tuple[Tensor, Tensor]:
-    """½ max((v − G)², (clip(v, v_old ± clip) − G)²) per token and its gradient in v, [B, T].
+               clip_ties: str = "pass") -> tuple[Tensor, Tensor, Tensor | None]:
+    """½ max((v − G)², (clip(v, v_old ± clip) − G)²) per token, its gradient in v, and where the clipped
+    branch is the larger (the clip fraction's numerator; None without a clip), all [B, T].
 
     `clip` None: ½ (v − G)². `clip_ties`: the gradient the clip passes where v sits exactly on a bound:
     "pass" all of it (torch.clamp), "split" half at each tied min/max, as verl's
@@ -232,7 +233,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float 
     unclipped = (values - returns).square()
     d_unclipped = values - returns
     if clip is None:
-        return 0.5 * unclipped, d_unclipped
+        return 0.5 * unclipped, d_unclipped, None
     low, high = old_values - clip, old_values + clip
     capped = torch.minimum(values, high)
     clipped_v = torch.maximum(capped, low)
@@ -243,4 +244,4 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float 
     clipped = (clipped_v - returns).square()
     d_clipped = (clipped_v - returns) * passes
     loss = 0.5 * torch.maximum(unclipped, clipped)
-    return loss, _maximum_grad(unclipped, clipped, d_unclipped, d_clipped)
+    return loss, _maximum_grad(unclipped, clipped, d_unclipped, d_clipped), clipped > unclipped
