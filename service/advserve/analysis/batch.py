@@ -244,18 +244,21 @@ def _exact_weights(name: str, pass_rate: Tensor, sizes: Tensor, signal: Tensor, 
 
 
 def _sign_matrices(signs: list[Tensor]) -> tuple[list[list[float]], list[list[float]]]:
-    """(disagreement, opposition) shares over the tokens of the sign vectors (int8 [N] each)."""
-    count = len(signs)
-    tokens = max(signs[0].numel(), 1)
-    disagree = [[0.0] * count for _ in range(count)]
-    oppose = [[0.0] * count for _ in range(count)]
-    for a in range(count):
-        for b in range(a + 1, count):  # a loop over estimator pairs, each one pass over the tokens
-            differ = float(torch.count_nonzero(signs[a] != signs[b])) / tokens
-            opposite = float(torch.count_nonzero(signs[a] * signs[b] < 0)) / tokens
-            disagree[a][b] = disagree[b][a] = differ
-            oppose[a][b] = oppose[b][a] = opposite
-    return disagree, oppose
+    """(disagreement, opposition) shares over the tokens of the sign vectors (int8 [N] each, in −1, 0, 1).
+
+    With one-hot indicators P = [s > 0], Z = [s = 0], Q = [s < 0] ([E, N] each), the share of tokens
+    where estimators a and b agree is (P Pᵀ + Z Zᵀ + Q Qᵀ)_ab / N and where they oppose (P Qᵀ + Q Pᵀ)_ab / N:
+    three matrix products for all pairs at once (exact counts in float64).
+    """
+    stacked = torch.stack(signs)  # [E, N]
+    tokens = stacked.shape[1]
+    if tokens == 0:
+        empty = [[0.0] * len(signs) for _ in signs]
+        return empty, [row[:] for row in empty]
+    positive, zero, negative = ((stacked == v).to(torch.float64) for v in (1, 0, -1))
+    agree = positive @ positive.T + zero @ zero.T + negative @ negative.T
+    opposite = positive @ negative.T + negative @ positive.T
+    return (1 - agree / tokens).tolist(), (opposite / tokens).tolist()
 
 
 def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
