@@ -258,7 +258,7 @@ def _sign_matrices(signs: list[Tensor]) -> tuple[list[list[float]], list[list[fl
     positive, zero, negative = ((stacked == v).to(torch.float64) for v in (1, 0, -1))
     agree = positive @ positive.T + zero @ zero.T + negative @ negative.T
     opposite = positive @ negative.T + negative @ positive.T
-    return (1 - agree / tokens).tolist(), (opposite / tokens).tolist()
+    return ((tokens - agree) / tokens).tolist(), (opposite / tokens).tolist()
 
 
 def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
