@@ -676,3 +676,19 @@ def test_fuzz_oip_infer(oip_server):
         assert 400 in seen, (kind, seen)
     with httpx.Client(base_url=oip_server.url, timeout=30) as client:
         assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_null_text_for_a_nullable_string_parameter(http, grpc_client):
+    """"null" for kl_loss.agg (a nullable string: openrlhf's default is token-mean) means null, the
+    policy term's aggregation, as the JSON null of the native API."""
+    arrays = loss_arrays()
+    arrays.pop("values"), arrays.pop("old_values"), arrays.pop("returns")
+    parameters = {"preset": "openrlhf", "policy_loss.agg": "seq-mean-token-mean", "kl_loss.agg": "null"}
+    local = advserve.compute_losses(preset="openrlhf", policy_loss={"agg": "seq-mean-token-mean"},
+                                    kl_loss={"agg": None}, **arrays)
+    token_mean = advserve.compute_losses(preset="openrlhf", policy_loss={"agg": "seq-mean-token-mean"},
+                                         kl_loss={}, **arrays)
+    assert local.loss != token_mean.loss  # the parameter matters here
+    for transport in ("http-binary", "grpc"):
+        result = infer(transport, (http, grpc_client), "losses", arrays, {**parameters, "kl_loss": True})
+        assert result.as_numpy("loss")[0] == pytest.approx(local.loss, rel=1e-6)

@@ -300,19 +300,22 @@ def read_parameters(model: Model, given: Mapping[str, Any]) -> tuple[dict[str, A
             valid = ", ".join(sorted(model.parameters))
             raise InvalidArgument(f"unknown parameter {name!r} for model {model.name!r}; valid: {valid}",
                                   field=f"parameters.{name}")
-        params[name] = _typed(name, value, *kind)
+        params[name] = _typed(value, *kind)
     return params, timeout_s
 
 
-def _typed(name: str, value: Any, kind: str, nullable: bool) -> Any:
-    if isinstance(value, str) and kind != "str":
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        if parsed is None or isinstance(parsed, (bool, int, float)):
-            return parsed
-    return value
+def _typed(value: Any, kind: str, nullable: bool) -> Any:
+    """A string parameter value as JSON text where the parameter is not a string ("0.28", "true",
+    "null"); for a nullable string parameter, "null" is null. Anything else as given."""
+    if not isinstance(value, str):
+        return value
+    if kind == "str":
+        return None if nullable and value == "null" else value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    return parsed if parsed is None or isinstance(parsed, (bool, int, float)) else value
 
 
 def _protocol_parameter(name: str, value: Any, timeout_s: float | None) -> float | None:
