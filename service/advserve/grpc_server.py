@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -163,10 +164,12 @@ class _Call:
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
 
-    async def compute(self, job: Awaitable[Any]) -> Any:
-        """The job's result within the tighter of the caller's deadline and the request timeout."""
+    async def compute(self, job: Awaitable[Any], timeout_s: float | None = None) -> Any:
+        """The job's result within the tightest of the caller's deadline, the request timeout and
+        `timeout_s` (a protocol's own, from the request's arrival)."""
         self.phases["decode"] = time.perf_counter() - self.arrived
-        budget = self.runtime.settings.request_timeout_s - (time.perf_counter() - self.arrived)
+        elapsed = time.perf_counter() - self.arrived
+        budget = min(self.runtime.settings.request_timeout_s, math.inf if timeout_s is None else timeout_s) - elapsed
         remaining = self.context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining)

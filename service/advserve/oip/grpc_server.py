@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import grpc
@@ -203,11 +202,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         prepared = await off_loop(decode, size)
         call.batch = prepared.batch
-        if prepared.timeout_s is not None:
-            remaining = prepared.timeout_s - (time.perf_counter() - call.arrived)
-            result = await call.compute(asyncio.wait_for(self.service.compute(prepared), max(remaining, 0.001)))
-        else:
-            result = await call.compute(self.service.compute(prepared))
+        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s)
         with call.phase("encode"):
             return response_to_pb(self.service.respond(prepared, result))
 
