@@ -31,7 +31,7 @@ from ..engine import Engine
 from ..errors import AdvserveError, InvalidArgument, NotFound
 from ..model import AdvantageRequest, LossRequest
 from ..scheduler import Scheduler
-from .tensors import FLOATS, INTEGERS, OUTPUT_DATATYPES, check_datatype, check_shape, host_array
+from .tensors import FLOATS, INTEGERS, OUTPUT_DATATYPES, Datatype, check_datatype, check_shape, host_array
 
 SERVER_NAME = "advserve"
 PLATFORM = "advserve"
@@ -200,14 +200,16 @@ class OipService:
                            field="model_version")
         return model
 
-    def check_input(self, model: Model, item: InferInput) -> None:
-        """The input's name, datatype and shape against the model, before its data is decoded."""
+    def check_input(self, model: Model, item: InferInput) -> Datatype:
+        """The input's name, datatype and shape against the model, before its data is decoded; returns
+        the input's datatype."""
         spec = model.inputs.get(item.name)
         if spec is None:
             raise InvalidArgument(f"model {model.name!r} has no input {item.name!r}; inputs: "
                                   f"{', '.join(model.inputs)}", field=f"inputs.{item.name}")
-        check_datatype(item.name, item.datatype, spec.accepts)
+        datatype = check_datatype(item.name, item.datatype, spec.accepts)
         item.shape = check_shape(item.name, item.shape)
+        return datatype
 
     def prepare(self, request: InferRequest) -> Prepared:
         """Everything but the math (in a transport's thread): model, parameters, tensors, outputs."""

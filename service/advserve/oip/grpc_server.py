@@ -26,7 +26,7 @@ from ..grpc_server import _abort, _Call
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime, off_loop
 from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput, error_message
-from .tensors import DATATYPES, from_json, from_raw
+from .tensors import from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -64,12 +64,11 @@ def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> Infer
     inputs = []
     for index, tensor in enumerate(request.inputs):
         item = InferInput(tensor.name, tensor.datatype, tuple(tensor.shape))
-        service.check_input(model, item)
+        datatype = service.check_input(model, item)
         if tensor.parameters:
             key = sorted(tensor.parameters)[0]
             what = "shared memory is not supported" if key.startswith("shared_memory") else "unknown parameter"
             raise InvalidArgument(f"input {tensor.name!r}: {what} ({key!r})", field=f"inputs.{tensor.name}")
-        datatype = DATATYPES[item.datatype]
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(f"input {tensor.name!r} has contents, but raw_input_contents is used",

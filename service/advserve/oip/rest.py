@@ -35,7 +35,7 @@ from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime, off_loop
 from .core import (MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput,
                    error_message)
-from .tensors import DATATYPES, from_json, from_raw
+from .tensors import from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
 HEADER_LENGTH = "inference-header-content-length"
@@ -132,8 +132,7 @@ def parse_request(body: bytes, header_length: str | None, model_name: str, versi
             raise InvalidArgument(f"inputs[{index}] must be an object with a string name", field=f"inputs[{index}]")
         name = entry["name"]
         item = InferInput(name, entry.get("datatype"), entry.get("shape"))
-        service.check_input(model, item)
-        datatype = DATATYPES[item.datatype]
+        datatype = service.check_input(model, item)
         params = _object(entry.get("parameters"), f"inputs.{name}.parameters", f"inputs.{name}")
         extra = sorted(set(params) - {"binary_data_size"})
         if extra:
