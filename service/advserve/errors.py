@@ -63,6 +63,15 @@ class PayloadTooLarge(AdvserveError):
     code = "payload_too_large"
 
 
+def error_message(error: AdvserveError) -> str:
+    """The one-string form of an error (gRPC status details, the OIP body): the message, led by the
+    field it names unless it already starts with it."""
+    field, message = error.field, error.message
+    if field and not (message.startswith(field) and message[len(field):][:1] in ("", " ", ":", ",")):
+        return f"{field}: {message}"
+    return message
+
+
 # code -> (HTTP status, gRPC status code name). The one table both transports read, so they cannot
 # drift; tests walk it over both.
 STATUS: dict[str, tuple[int, str]] = {

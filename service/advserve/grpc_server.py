@@ -23,7 +23,7 @@ from advserve_client._pb import advserve_pb2, advserve_pb2_grpc
 from advserve_client.framing import FramingError, RawTensor
 
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Unavailable
+from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Unavailable, error_message
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .runtime import Runtime
@@ -195,9 +195,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: AdvserveError) -> Non
         metadata.append(("advserve-error-field", error.field))
     if isinstance(error, Unavailable):
         metadata.append(("retry-after", str(max(1, round(error.retry_after_s)))))
-    message = f"{error.field}: {error.message}" if error.field and not error.message.startswith(error.field) \
-        else error.message
-    await context.abort(grpc.StatusCode[code_name], message, trailing_metadata=tuple(metadata))
+    await context.abort(grpc.StatusCode[code_name], error_message(error), trailing_metadata=tuple(metadata))
 
 
 def catalog_to_pb(catalog: dict[str, Any]) -> advserve_pb2.ListEstimatorsResponse:

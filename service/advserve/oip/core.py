@@ -18,6 +18,7 @@ engine's `AdvserveError`s with fields renamed to the protocol's words (`inputs.<
 from __future__ import annotations
 
 import dataclasses
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -417,19 +418,10 @@ def protocol_error(error: AdvserveError) -> AdvserveError:
     renames_the_subject = "." in old or old in _PARAMETER_FIELDS  # "params.gamma must be ...", "dtype must be ..."
     message = error.message.replace(old, new, 1) if renames_the_subject and error.message.startswith(old) \
         else error.message
-    renamed = error.__class__.__new__(error.__class__)  # the same class (and retry_after_s, if any)
-    renamed.__dict__.update(error.__dict__)
+    renamed = copy.copy(error)  # the same class (and retry_after_s, if any)
     renamed.message, renamed.field, renamed.args = message, new, (message,)
     return renamed
 
 
-def error_message(error: AdvserveError) -> str:
-    """The protocol's one error string: the message, led by the field it names."""
-    field, message = error.field, error.message
-    if field and not (message.startswith(field) and message[len(field):][:1] in ("", " ", ":", ",")):
-        return f"{field}: {message}"
-    return message
-
-
 __all__ = ["InferInput", "InferOutput", "InferRequest", "InferResponse", "Model", "OipService",
-           "Prepared", "RequestedOutput", "error_message", "protocol_error"]
+           "Prepared", "RequestedOutput", "protocol_error"]

@@ -25,7 +25,7 @@ from ..errors import STATUS, AdvserveError, InvalidArgument
 from ..grpc_server import _abort, _Call
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime, off_loop
-from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput, error_message
+from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
 from .tensors import from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
@@ -116,14 +116,6 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-async def abort(context: grpc.aio.ServicerContext, error: AdvserveError) -> None:
-    """End the call as the native service does (`grpc_server._abort`), the message led by its field."""
-    formatted = error.__class__.__new__(error.__class__)
-    formatted.__dict__.update(error.__dict__)
-    formatted.message = error_message(error)
-    await _abort(context, formatted)
-
-
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime, service: OipService):
         self.runtime = runtime
@@ -159,7 +151,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.runtime.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
             return fn()
         except AdvserveError as exc:
-            await abort(context, exc)
+            await _abort(context, exc)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
@@ -177,7 +169,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     return response
         except AdvserveError as exc:
             status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
-            await abort(context, exc)
+            await _abort(context, exc)
         except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
             if isinstance(exc, asyncio.CancelledError):
                 status, error = "CANCELLED", "cancelled"
@@ -187,7 +179,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             status, error = "INTERNAL", "internal"
             log.exception("internal error in OIP ModelInfer of %r (request id %s)", request.model_name,
                           call.request_id)
-            await abort(context, AdvserveError("internal error"))
+            await _abort(context, AdvserveError("internal error"))
         finally:
             self.runtime.metrics.observe(
                 transport=TRANSPORT, endpoint=model.kind if model else "infer",

@@ -30,11 +30,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, PayloadTooLarge, Unavailable)
+from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, PayloadTooLarge, Unavailable,
+                      error_message)
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
 from ..runtime import Runtime, off_loop
-from .core import (MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput,
-                   error_message)
+from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
 from .tensors import from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
