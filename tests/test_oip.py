@@ -441,6 +441,13 @@ def test_bad_raw_contents_over_grpc(oip_server):
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(request, timeout=30)
         assert err.value.details().startswith("raw_input_contents has 2 entries for 3 inputs")
+        bad_bool = bytearray(MASK.tobytes())
+        bad_bool[3] = 2
+        request.raw_input_contents.extend([np.zeros(5, np.int64).tobytes()])
+        request.raw_input_contents[1] = bytes(bad_bool)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, timeout=30)
+        assert err.value.details() == "inputs.response_mask: tensor 'response_mask': bool bytes must be 0 or 1"
         # typed contents instead of raw bytes are accepted
         typed = triton_pb.ModelInferRequest(model_name="grpo")
         typed.inputs.add(name="rewards", datatype="FP64", shape=[5]).contents.fp64_contents.extend([1, 0, 1, 0, 1])

@@ -18,19 +18,24 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": t
 WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
-    """A torch view of a framed buffer: no copy (the engine never writes into its inputs)."""
-    dtype = TORCH_DTYPES[raw.dtype]
-    if raw.nbytes == 0:
-        return torch.empty(raw.shape, dtype=dtype)
+def buffer_to_torch(data, dtype: torch.dtype, shape: tuple[int, ...], name: str, field: str) -> torch.Tensor:
+    """A torch view of little-endian bytes holding exactly `shape` of `dtype`: no copy (the engine never
+    writes into its inputs). Bool bytes must be 0 or 1 (InvalidArgument naming `field`)."""
+    if memoryview(data).nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the body is read-only bytes; nothing writes to it
-        if raw.dtype == "bool":
-            as_bytes = torch.frombuffer(raw.data, dtype=torch.uint8)
+        if dtype == torch.bool:
+            as_bytes = torch.frombuffer(data, dtype=torch.uint8)
             if int(as_bytes.max()) > 1:
-                raise InvalidArgument(f"tensor {name!r}: bool bytes must be 0 or 1", field=f"tensors.{name}")
-            return as_bytes.view(torch.bool).view(raw.shape)
-        return torch.frombuffer(raw.data, dtype=dtype).view(raw.shape)
+                raise InvalidArgument(f"tensor {name!r}: bool bytes must be 0 or 1", field=field)
+            return as_bytes.view(torch.bool).view(shape)
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
+    """A torch view of a framed buffer (`buffer_to_torch`)."""
+    return buffer_to_torch(raw.data, TORCH_DTYPES[raw.dtype], raw.shape, name, f"tensors.{name}")
 
 
 def torch_to_raw(tensor: torch.Tensor) -> RawTensor:

@@ -11,7 +11,6 @@ serialization). Errors name the input (`inputs.<name>`).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 from ..device import to_host
 from ..errors import InvalidArgument
+from ..wire import buffer_to_torch
 
 MAX_RANK = 8
 MAX_ELEMENTS = 2**62
@@ -89,16 +89,7 @@ def from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], data: bytes 
     if view.nbytes != expected:
         raise InvalidArgument(f"input {name!r}: {view.nbytes} bytes of data but shape {list(shape)} of "
                               f"{datatype.name} needs {expected}", field=field(name))
-    if count == 0:
-        return torch.empty(shape, dtype=datatype.torch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only bytes: the engine never writes into its inputs
-        if datatype.name == "BOOL":
-            as_bytes = torch.frombuffer(view, dtype=torch.uint8)
-            if int(as_bytes.max()) > 1:
-                raise InvalidArgument(f"input {name!r}: BOOL bytes must be 0 or 1", field=field(name))
-            return as_bytes.view(torch.bool).view(shape)
-        return torch.frombuffer(view, dtype=datatype.torch).view(shape)
+    return buffer_to_torch(view, datatype.torch, shape, name, field(name))
 
 
 def from_bytes_elements(name: str, view: memoryview, count: int) -> np.ndarray:
