@@ -295,13 +295,13 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
 
         scale = _whitening_scale(engine, job, advantages, mask) if params.get("whiten") else None
         lengths_for = harmonic_length if name == "grpo_original" else mean_length
-        weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for,
-                                           reward_std=1.0 if scale is None else (1 / scale if scale else 0.0),
+        # reward_std 1: the whitening's 1/σ is the measured scale, applied to every estimator below
+        weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for, reward_std=1.0,
                                            group_reward_std=group_std_divisor(
                                                scores, centered, groups, std_ddof=params.get("std_ddof", 0),
                                                std_eps=params.get("std_eps", 0.0),
                                                std_scope=params.get("std_scope", "group")))
-        if scale is not None and name not in ("reinforce_pp", "reinforce_pp_baseline"):  # whitening on top
+        if scale is not None:
             weights = weights * scale
         exact = None
         if binary and name in EXACT_GROUP_ESTIMATORS and params.get("std_scope", "group") == "group":
