@@ -220,8 +220,11 @@ def test_sign_matrices_count_the_engines_advantages_token_by_token():
         if name in ("reinforce", "gae"):
             tensors.pop("group_ids")
         adv = advserve.compute_advantages(name, dtype="float64", **tensors).advantages
-        signs[name] = [float(np.sign(adv[i, t])) for i in range(mask.shape[0]) for t in range(mask.shape[1])
-                       if mask[i, t]]
+        # the documented rule: within 1024 ulps of the largest |A| counts as 0 (rounding residue)
+        tolerance = 1024 * np.finfo(np.float64).eps * max(abs(adv[i, t]) for i in range(mask.shape[0])
+                                                          for t in range(mask.shape[1]) if mask[i, t])
+        signs[name] = [float(np.sign(adv[i, t])) if abs(adv[i, t]) > tolerance else 0.0
+                       for i in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[i, t]]
     n = int(mask.sum())
     for a, name_a in enumerate(names):
         for b, name_b in enumerate(names):
@@ -287,6 +290,21 @@ def test_properties(batch, data):
     again = advserve.analyze(dtype="float64", **permuted)
     if again["groups"]["ids"] == out["groups"]["ids"]:
         assert_close_documents(again, out)
+
+
+def test_rounding_residue_of_a_zero_advantage_has_no_sign():
+    """Equal lengths, groups [1, 0] and [1, 1]: after REINFORCE++-baseline's batch whitening the
+    no-signal group's advantage is −μ/σ with μ = 0 exactly but a floating-point sum of ±1 terms; it
+    counts as 0 whatever the layout or row order (the falsifying case of test_properties, seed 2)."""
+    rewards = np.array([1.0, 0.0, 1.0, 1.0, 0.3, 0.7])
+    mask = np.ones((6, 3), dtype=bool)
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    outs = [advserve.analyze(["reinforce", "reinforce_pp_baseline"], dtype="float64", rewards=rewards[order],
+                             response_mask=mask, group_ids=groups[order])
+            for order in (np.arange(6), np.array([0, 2, 1, 3, 5, 4]))]
+    for out in outs:
+        assert out["analysis"]["reinforce_pp_baseline"]["zero_advantage_fraction"] == pytest.approx(1 / 3)
+    assert outs[0]["sign_disagreement"] == outs[1]["sign_disagreement"]
 
 
 def test_default_estimators_are_those_the_tensors_allow():

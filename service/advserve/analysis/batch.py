@@ -33,9 +33,14 @@ equal). Per estimator:
   when min is 0).
 - `zero_advantage_fraction`: the share of groups whose advantages (from the engine) are all 0.
 
+An advantage counts as 0 here when it is within `ROUNDING_ULPS` ulps (of the compute dtype) of the
+batch's largest |A|: the rounding residue of a value that is exactly 0 in exact arithmetic (a
+no-signal group after batch whitening is −μ/σ with μ a sum that is 0 only up to rounding, and its
+sign would otherwise depend on the summation order, i.e. on the layout or the order of the rows).
+
 And across estimators, over the batch's valid tokens, with the engine's advantages (KL included):
 `sign_disagreement[a][b]`: the share of tokens where sign(A_a) ≠ sign(A_b), the sign taking three
-values (−, 0, +: a zero advantage is its own sign, so 0 against + counts as a disagreement);
+values (−, 0, +: a zero advantage, as above, is its own sign, so 0 against + counts as a disagreement);
 `sign_opposition[a][b]`: the share where A_a · A_b < 0 (strictly opposite directions).
 
 Everything is vectorised: one batched engine call per estimator (two for a whitened one), segment
@@ -243,6 +248,17 @@ def _exact_weights(name: str, pass_rate: Tensor, sizes: Tensor, signal: Tensor, 
     return out
 
 
+ROUNDING_ULPS = 1024
+
+
+def numerical_sign(advantages: Tensor, mask: Tensor) -> Tensor:
+    """sign(A) [B, T] int8 in −1, 0, 1, with |A| <= ROUNDING_ULPS · eps · max|A| (over the valid
+    tokens) counted as 0 (see the module docstring); 0 at masked positions."""
+    magnitude = advantages.abs().masked_fill(~mask, 0)
+    tolerance = ROUNDING_ULPS * torch.finfo(advantages.dtype).eps * magnitude.max()
+    return torch.where(magnitude > tolerance, torch.sign(advantages), 0).to(torch.int8)
+
+
 def _sign_matrices(signs: list[Tensor]) -> tuple[list[list[float]], list[list[float]]]:
     """(disagreement, opposition) shares over the tokens of the sign vectors (int8 [N] each, in −1, 0, 1).
 
@@ -289,8 +305,9 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
     for job in prepared.jobs:
         name, params = job.estimator.name, job.params
         advantages = _advantages(engine, job)
-        signs.append(torch.sign(advantages[mask]).to(torch.int8))
-        nonzero_rows = (advantages != 0).logical_and_(mask).any(dim=1).to(F64)
+        sign = numerical_sign(advantages, mask)
+        signs.append(sign[mask])
+        nonzero_rows = (sign != 0).any(dim=1).to(F64)
         zero_groups = groups.sum(nonzero_rows) == 0
 
         scale = _whitening_scale(engine, job, advantages, mask) if params.get("whiten") else None
