@@ -475,10 +475,20 @@ def test_no_policy_term():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_paper_default_policy_is_reinforce_seq_mean_token_sum(seed):
-    # paper: ℓ = −Aρ (the seed's surrogate (5)), seq-mean-token-sum (eq. (14)); no ratio clamp binds
-    # for these small log-ratios.
-    run_case("paper", seed, None, engine_policy=None, torch_pol=dict(mode="reinforce", agg="seq-mean-token-sum"))
+def test_paper_default_policy_is_ppo_clip_seq_mean_token_sum(seed):
+    # paper: PPO's clipped surrogate, clip 0.2/0.2, no dual clip, no ratio clamp, aggregated as the
+    # seed's eq. (14) (seq-mean-token-sum); the batch has ratios far outside [0.8, 1.2]
+    want = dict(mode="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, ratio_clamp=None,
+                agg="seq-mean-token-sum")
+    run_case("paper", seed, None, engine_policy=None, torch_pol=want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_paper_reinforce_by_name_seq_mean_token_sum(seed):
+    # the seed's unclipped surrogate (5), ℓ = −Aρ, is mode 'reinforce'; no ratio clamp binds for these
+    # small log-ratios
+    run_case("paper", seed, None, engine_policy=dict(mode="reinforce"),
+             torch_pol=dict(mode="reinforce", agg="seq-mean-token-sum"))
 
 
 @pytest.mark.parametrize("seed", SEEDS)

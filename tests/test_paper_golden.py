@@ -451,14 +451,15 @@ def test_token_rewards_input():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_loss_paper_default_reinforce_seq_mean_token_sum():
-    # paper default: ℓ = −Aρ (surrogate (5)), seq-mean-token-sum (eq. (14)).
+def test_loss_reinforce_seq_mean_token_sum():
+    # mode reinforce: ℓ = −Aρ (surrogate (5)), the paper preset's seq-mean-token-sum (eq. (14)).
     # ρ = 1, A = [[1, 1, ·], [−1, ·, ·]] → ℓ = [[−1, −1], [1]]; S = 2 → loss = (−1 − 1 + 1)/2 = −0.5
     # grad = −Aρ/S = [[−0.5, −0.5, 0], [0.5, 0, 0]]
     m = np.array([[1, 1, 0], [1, 0, 0]], dtype=bool)
     lp = np.full((2, 3), -1.0)
     A = np.array([[1.0, 1.0, 5.0], [-1.0, 5.0, 5.0]])
-    res = losses(logprobs=lp, old_logprobs=lp.copy(), advantages=A, response_mask=m)
+    res = losses(policy_loss=dict(mode="reinforce"), logprobs=lp, old_logprobs=lp.copy(), advantages=A,
+                 response_mask=m)
     assert res.loss == pytest.approx(-0.5, abs=1e-12)
     assert_close(res.grad_logprobs, [[-0.5, -0.5, 0], [0.5, 0, 0]])
 

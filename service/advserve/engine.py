@@ -18,7 +18,7 @@ from .functional.groups import Groups
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, masked_moments
 from .functional.rollout import rollout_weights
-from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms
+from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms, echoed_params
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, preset_default, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
@@ -252,7 +252,7 @@ class Engine:
             raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
                                   "too large); bound it with policy_loss.ratio_clamp", field="tensors.logprobs")
         return LossResult(preset.name, float(total), components, metrics, batch.output(grad_logprobs),
-                          batch.output(grad_values), batch.output(grad_entropy), params=terms)
+                          batch.output(grad_values), batch.output(grad_entropy), params=echoed_params(terms))
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:

@@ -100,6 +100,36 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
     },
 }
 
+# The policy_loss parameters each mode reads, besides POLICY_COMMON_PARAMS (the aggregation's, read by
+# every mode). A response echoes only these. Setting one of REFUSED_FOR_OTHER_MODES for a mode that
+# does not read it is an error; the others are accepted and not read (a preset's clip_low under reinforce).
+POLICY_COMMON_PARAMS = ("mode", "agg", "loss_scale_factor", "seq_denominator")
+POLICY_MODE_PARAMS: dict[str, tuple[str, ...]] = {
+    "ppo_clip": ("clip_low", "clip_high", "dual_clip", "ratio_clamp", "ratio_cap"),
+    "gspo": ("clip_low", "clip_high", "dual_clip", "ratio_clamp", "ratio_cap", "sequence_ratio_gradient"),
+    # sequence_ratio_gradient: at cispo_level "sequence"; clip_low/clip_high: without a cispo_cap
+    "cispo": ("clip_low", "clip_high", "ratio_clamp", "cispo_cap", "cispo_level", "sequence_ratio_gradient"),
+    "reinforce": ("ratio_clamp",),
+}
+REFUSED_FOR_OTHER_MODES = ("cispo_cap", "ratio_cap")
+
+
+def modes_reading(name: str) -> tuple[str, ...]:
+    """The policy_loss modes that read parameter `name` (POLICY_MODE_PARAMS)."""
+    return tuple(mode for mode, names in POLICY_MODE_PARAMS.items() if name in POLICY_COMMON_PARAMS + names)
+
+
+def echoed_params(terms: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The resolved parameters a response reports: every term's, the policy term's reduced to those
+    its mode reads (a reinforce loss reports no clip_low/clip_high, a ppo_clip loss no cispo_*)."""
+    out = {term: dict(params) for term, params in terms.items()}
+    policy = out.get("policy_loss")
+    if policy is not None:
+        used = POLICY_COMMON_PARAMS + POLICY_MODE_PARAMS[policy["mode"]]
+        out["policy_loss"] = {name: value for name, value in policy.items() if name in used}
+    return out
+
+
 # tensors each term needs (besides response_mask); kl_loss also needs old_logprobs with
 # unbiased_gradient or importance_weighted
 TERM_TENSORS: dict[str, tuple[str, ...]] = {
@@ -120,7 +150,8 @@ def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str,
     policy, set_policy = terms.get("policy_loss"), given.get("policy_loss", {})
     if policy is not None:
         mode = policy["mode"]
-        for name, modes in (("cispo_cap", ("cispo",)), ("ratio_cap", ("ppo_clip", "gspo"))):
+        for name in REFUSED_FOR_OTHER_MODES:
+            modes = modes_reading(name)
             if set_policy.get(name) is not None and mode not in modes:
                 raise InvalidArgument(f"policy_loss.{name} applies to mode {' or '.join(modes)}, not {mode!r}",
                                       field=f"policy_loss.{name}")

@@ -68,7 +68,9 @@ class LossRequest:
 
 @dataclass(frozen=True)
 class LossResult:
-    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy; gradients [B, T]."""
+    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy; gradients [B, T]; params:
+    the resolved parameters of each term that was on, the policy term's those its mode reads
+    (loss_specs.POLICY_MODE_PARAMS)."""
 
     preset: str
     loss: float

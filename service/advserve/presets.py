@@ -118,8 +118,11 @@ PAPER = Preset(
         "dr_grpo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "zero"}),
     },
     losses={
-        "policy_loss": {"mode": "reinforce", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                               "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
+        # PPO's clipped surrogate (clip 0.2/0.2) aggregated as the seed's eq. (14) prescribes for every
+        # method of its table: the tokens of a response summed, the responses averaged (docs/semantics.md);
+        # the seed's unclipped surrogate (5) is mode 'reinforce'
+        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                        "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
         "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
