@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
-# The one install script of advserve: `make venv` (with --dev) and the Dockerfile's builder stage (without)
-# both run it, so the development venv and the image cannot drift apart.
+# The one install script of advserve: `make venv` / `make serve` (--editable), `make test` (--dev) and the
+# Dockerfile's builder stage (neither) all run it, so the development venv and the image cannot drift apart.
 set -euo pipefail
 
 usage() {
-    cat <<'EOF'
-Usage: scripts/install.sh <venv-dir> [--dev]
+    cat <<'USAGE'
+Usage: scripts/install.sh <venv-dir> [--editable | --dev]
 
 Creates the virtual environment <venv-dir> if it is missing, upgrades its pip and installs advserve and
-its client (./client) with the exact versions of constraints.txt.
+its client (./client) with the exact versions of constraints.txt: the runtime only (the server, its
+dependencies, torch and the client), unless --dev.
 
-  --dev         editable installs of ./client and . with the [test] extras (what `make venv` does)
-                default: regular (non-editable) installs, no test extras (what the image does)
+  --editable    editable installs of ./client and . (what `make venv` and `make serve` do)
+  --dev         --editable plus the [test] extras: pytest, ruff, hypothesis, locust, schemathesis,
+                tritonclient, matplotlib, ... (what `make test` does; run after --editable it only adds
+                the extras)
+                default: regular (non-editable) installs of the runtime (what the image does)
   -h, --help    show this help and exit
 
 Environment:
   PYTHON           the interpreter that creates the venv when it is missing (default: python3)
   TORCH_INDEX_URL  when set, torch (at the version constraints.txt pins) is installed first from this
-                   package index alone, e.g. https://download.pytorch.org/whl/cpu for the CPU build;
-                   empty (default): torch comes from pip's usual index like everything else (on PyPI
-                   for Linux x86_64 that is the CUDA build)
+                   package index alone: https://download.pytorch.org/whl/cpu for the CPU build,
+                   https://download.pytorch.org/whl/cu128 for CUDA 12.8, ... (`make ... TORCH=cpu` sets
+                   it); empty (default): torch comes from pip's usual index like everything else (on
+                   PyPI for Linux x86_64 that is the CUDA build)
   PIP_*            honoured by pip as usual (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_CACHE_DIR, ...)
-EOF
+USAGE
 }
 
 venv=""
-dev=0
+mode=runtime
 for arg in "$@"; do
     case "$arg" in
         -h | --help) usage; exit 0 ;;
-        --dev) dev=1 ;;
+        --editable) [[ "$mode" == dev ]] || mode=editable ;;
+        --dev) mode=dev ;;
         -*) echo "install.sh: unknown option $arg" >&2; usage >&2; exit 2 ;;
         *)
             if [[ -n "$venv" ]]; then
@@ -50,6 +56,7 @@ fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [[ ! -x "$venv/bin/python" ]]; then
+    echo "install.sh: creating $venv"
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip)
@@ -58,11 +65,22 @@ pip=("$venv/bin/python" -m pip)
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     # torch alone from that index, pinned by constraints.txt (`torch==X` also matches the index's `X+cpu`);
     # the install below then finds it satisfied and leaves it.
+    echo "install.sh: torch from $TORCH_INDEX_URL"
     "${pip[@]}" install --quiet -c constraints.txt --index-url "$TORCH_INDEX_URL" torch
 fi
 
-if ((dev)); then
-    "${pip[@]}" install --quiet -c constraints.txt -e ./client -e '.[test]'
-else
-    "${pip[@]}" install --quiet -c constraints.txt ./client .
-fi
+case "$mode" in
+    runtime)
+        echo "install.sh: advserve and its client (runtime) into $venv"
+        "${pip[@]}" install --quiet -c constraints.txt ./client .
+        ;;
+    editable)
+        echo "install.sh: advserve and its client (runtime, editable) into $venv"
+        "${pip[@]}" install --quiet -c constraints.txt -e ./client -e .
+        ;;
+    dev)
+        echo "install.sh: advserve and its client (editable) with the test tools into $venv"
+        "${pip[@]}" install --quiet -c constraints.txt -e ./client -e '.[test]'
+        ;;
+esac
+echo "install.sh: done ($("$venv/bin/python" -m pip list --format=freeze | wc -l) packages)"

@@ -81,15 +81,39 @@ def test_image_and_make_venv_install_through_the_same_script():
     assert "--from=builder /opt/venv /opt/venv" in args_of("COPY", final)
     assert all("install.sh" not in run for run in args_of("RUN", final))  # the final stage installs nothing
 
-    makefile = (ROOT / "Makefile").read_text().splitlines()
-    start = next(i for i, line in enumerate(makefile) if line.startswith("$(BIN)/advserve:"))
+    # `make venv` (the runtime, what the image gets) and `make test` (plus the test tools) run the same script
+    makefile = (ROOT / "Makefile").read_text()
+    install = re.search(r"^INSTALL := (.*)$", makefile, re.M)
+    assert install and "scripts/install.sh '$(VENV)'" in install.group(1), "INSTALL runs scripts/install.sh"
+    for target, option in (("$(RUNTIME)", "--editable"), ("$(DEV)", "--dev")):
+        recipe = make_recipe(makefile, target)
+        assert recipe == [f"$(INSTALL) {option}", "touch $@"], (target, recipe)
+    assert "pip install" not in makefile
+    assert re.search(r"^venv: \$\(RUNTIME\)$", makefile, re.M) and re.search(r"^serve: venv$", makefile, re.M)
+    assert re.search(r"^test: dev lint$", makefile, re.M)
+
+
+def make_recipe(makefile: str, target: str) -> list[str]:
+    """The recipe lines of `target:` in a Makefile (tab-indented lines after the rule)."""
+    lines = makefile.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(target + ":"))
     recipe = []
-    for line in makefile[start + 1:]:
+    for line in lines[start + 1:]:
         if not line.startswith("\t"):
             break
         recipe.append(line.strip())
-    assert any("scripts/install.sh" in line and "--dev" in line for line in recipe), recipe
-    assert not [line for line in recipe if "pip install" in line], recipe
+    return recipe
+
+
+def test_install_script_runtime_mode_leaves_out_the_test_tools():
+    """The image's install (no option) and `make venv`'s (--editable) are the runtime; only --dev adds [test]."""
+    script = INSTALL.read_text()
+    calls = dict(re.findall(r"^\s+(runtime|editable|dev)\)\n(?:.*\n)*?\s+\"\$\{pip\[@\]\}\" install (.*)$", script, re.M))
+    assert set(calls) == {"runtime", "editable", "dev"}, calls
+    assert "[test]" not in calls["runtime"] and "[test]" not in calls["editable"] and "-e" not in calls["runtime"]
+    assert "'.[test]'" in calls["dev"]
+    help_text = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, timeout=30)
+    assert help_text.returncode == 0 and "--editable" in help_text.stdout and "--dev" in help_text.stdout
 
 
 def test_builder_copies_only_files_that_exist_and_are_not_ignored():
