@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="start the REST and gRPC server",
-        description="Serve the REST API (POST /v1/advantages, POST /v1/losses, GET /v1/estimators, /health/live, "
-        "/health/ready, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection), "
+        description="Serve the REST API (POST /v1/advantages, POST /v1/losses, POST /v1/analysis, GET /v1/estimators, "
+        "/health/live, /health/ready, /metrics, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection), "
         "and the Open Inference Protocol (KServe v2 / Triton: /v2 over HTTP, inference.GRPCInferenceService on "
         "the gRPC port; docs/oip.md). Every flag can also be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -77,17 +77,16 @@ def add_analyze_parser(commands) -> None:
         "table: cosine, relative scale and per-prompt implied weights with 95% intervals. Prints the "
         "tables (a progress bar on a terminal while sampling) and writes OUT/study.json (every number) "
         "and the plots OUT/weights.png and OUT/group_size.png. Deterministic under --seed. "
-        "See docs/analysis.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "See docs/analysis.md.")
     mode = analyze.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="CI size: M in {4, 8}, 600 batches per M (seconds); the default%(default).0s")
+                      help="CI size: M in {4, 8}, 600 batches per M (seconds); the default")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="docs size: M in {2, 4, 8, 16, 32}, 8000 batches per M (minutes)%(default).0s")
+                      help="docs size: M in {2, 4, 8, 16, 32}, 8000 batches per M (minutes)")
     analyze.set_defaults(mode="quick")
-    analyze.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch.Generator)")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch.Generator); default: 0")
     analyze.add_argument("--out", type=Path, default=Path("advserve-analysis"),
-                         help="directory for study.json and the PNG plots")
+                         help="directory for study.json and the PNG plots; default: advserve-analysis")
     analyze.add_argument("--group-sizes", type=int, nargs="+", metavar="M",
                          help="group sizes M (>= 2) instead of the mode's")
     analyze.add_argument("--replicates", type=int, metavar="N",
@@ -98,7 +97,8 @@ def add_analyze_parser(commands) -> None:
                          help="a subset of: reinforce reinforce_rtg rloo remax gae orz reinforce_pp "
                          "reinforce_pp_baseline dr_grpo grpo grpo_original dapo (default: all)")
     analyze.add_argument("--no-plots", dest="plots", action="store_false",
-                         help="write study.json only (no matplotlib needed)")
+                         help="write study.json only (no matplotlib needed) and remove the plots of an earlier run from OUT; "
+                         "default: the plots are written")
 
 
 def analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from . import montecarlo, theory
 from .montecarlo import FULL, QUICK, EstimatorResult, StudyConfig, StudyResult
 from .toy import ToyProblem, default_problem
 
+PLOTS = ("weights.png", "group_size.png")  # the files `run` writes beside study.json
 MATPLOTLIB_HINT = ("the plots need matplotlib: pip install 'advserve[analysis]' (matplotlib==3.11.2), "
                    "or pass --no-plots")
 
@@ -146,11 +147,27 @@ def _pyplot():
     return plt
 
 
-def _colors(names) -> dict[str, tuple]:
+# Line style per family of the seed's bias table, and a colour and marker per estimator (12 of each, all
+# distinct: tab10 plus black and navy; markers that differ in shape, not only in size).
+FAMILY_STYLE = {"unbiased": "-", "scaled": "--", "reweighted": ":"}
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h", "p")
+
+
+def _styles(names) -> dict[str, tuple]:
+    """(colour, marker) of each estimator, distinct for up to 12 names."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    return {name: cmap(i % 20) for i, name in enumerate(names)}
+    palette = [matplotlib.colormaps["tab10"](i) for i in range(10)] + [(0.0, 0.0, 0.0, 1.0), (0.1, 0.1, 0.5, 1.0)]
+    return {name: (palette[i % len(palette)], _MARKERS[i % len(_MARKERS)]) for i, name in enumerate(names)}
+
+
+def overlapping(references: dict[str, list[float]], digits: int = 3) -> list[list[str]]:
+    """Estimators whose reference curves coincide (equal at every M when rounded to `digits`), in groups
+    of two or more, in the order of `references`: one line is drawn for each group, not one per member."""
+    by_curve: dict[tuple, list[str]] = {}
+    for name, values in references.items():
+        by_curve.setdefault(tuple(round(v, digits) for v in values), []).append(name)
+    return [names for names in by_curve.values() if len(names) > 1]
 
 
 def plot_weights(result: StudyResult, toy: ToyProblem, path: Path, group_size: int | None = None) -> Path:
@@ -210,39 +227,51 @@ def plot_weights(result: StudyResult, toy: ToyProblem, path: Path, group_size: i
 
 
 def plot_group_sizes(result: StudyResult, path: Path) -> Path:
-    """Cosine with ∇J and relative scale against the group size M, every estimator."""
+    """Cosine with ∇J and relative scale against the group size M, every estimator: one colour and marker
+    per estimator (Monte Carlo points with 95% intervals), the line style of its family (exact E ĝ or the
+    closed form), and estimators whose lines coincide drawn as one labelled line."""
     plt = _pyplot()
     sizes = sorted(result.config["group_sizes"])
     names = list(dict.fromkeys(r.estimator for r in result.results))
-    colors = _colors(names)
-    fig, (ax_cos, ax_scale) = plt.subplots(1, 2, figsize=(15.5, 5.2))
+    styles = _styles(names)
+    rows_of = {name: sorted((r for r in result.results if r.estimator == name), key=lambda r: r.group_size)
+               for name in names}
+    fig, axes = plt.subplots(1, 2, figsize=(15.5, 7.4))
     spread = 0.12
-    for i, name in enumerate(names):
-        rows = sorted((r for r in result.results if r.estimator == name), key=lambda r: r.group_size)
-        offset = 2 ** (spread * (i - (len(names) - 1) / 2) / len(names))  # dodge on the log axis
-        xs = [r.group_size * offset for r in rows]
-        color = colors[name]
-        for ax, key in ((ax_cos, "cosine"), (ax_scale, "scale")):
+    for ax, key in zip(axes, ("cosine", "scale")):
+        references = {name: [getattr(r.exact if r.exact is not None else r.closed_form, key) for r in rows]
+                      for name, rows in rows_of.items()}
+        shared = {name: group for group in overlapping(references) for name in group}
+        for i, name in enumerate(names):
+            rows, (color, marker) = rows_of[name], styles[name]
+            offset = 2 ** (spread * (i - (len(names) - 1) / 2) / len(names))  # dodge on the log axis
             est = [getattr(r, key) for r in rows]
-            ax.errorbar(xs, [e.value for e in est], yerr=[[e.value - e.low for e in est], [e.high - e.value for e in est]],
-                        fmt="o", color=color, ms=4, capsize=2, label=name)
-            reference = [getattr(r.exact if r.exact is not None else r.closed_form, key) for r in rows]
-            style = "-" if rows[0].exact is not None else "--"
-            ax.plot([r.group_size for r in rows], reference, style, color=color, lw=1)
-    ax_cos.set_ylabel("cosine(E ĝ, ∇J)")
-    ax_scale.set_ylabel("relative scale ⟨E ĝ, ∇J⟩ / ‖∇J‖²")
-    for ax in (ax_cos, ax_scale):
+            family = rows[0].bias
+            ax.errorbar([r.group_size * offset for r in rows], [e.value for e in est],
+                        yerr=[[e.value - e.low for e in est], [e.high - e.value for e in est]], fmt=marker,
+                        color=color, ms=5, capsize=2, label=f"{name} ({family})")
+            group = shared.get(name)
+            if group is None:
+                ax.plot([r.group_size for r in rows], references[name], FAMILY_STYLE[family], color=color, lw=1.2)
+            elif group[0] == name:  # one line for the group, in black, named in the legend
+                values = references[name]
+                where = (f"at {values[0]:.3g}" if len({round(v, 3) for v in values}) == 1 else "on one line")
+                ax.plot(sizes, values, "-", color="black", lw=2.2, alpha=0.45, zorder=0,
+                        label=f"{len(group)} estimators {where}: " + ", ".join(group))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(m) for m in sizes])
         ax.set_xlabel("group size M")
         ax.grid(alpha=0.3)
-    ax_scale.axhline(1.0, color="0.6", lw=0.8, ls=":")
-    ax_cos.set_title("direction: points Monte Carlo (95%), lines exact E ĝ (solid) or closed form (dashed)",
-                     fontsize=9)
-    ax_scale.set_title("scale: the implicit learning rate relative to ∇J", fontsize=9)
-    ax_scale.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.suptitle(f"Gradient of each estimator against the exact ∇J ({result.config['replicates']} batches per M)",
-                 fontsize=12)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    axes[1].axhline(1.0, color="0.6", lw=0.8, ls=":")
+    axes[0].set_ylabel("cosine(E ĝ, ∇J)")
+    axes[1].set_ylabel("relative scale ⟨E ĝ, ∇J⟩ / ‖∇J‖²")
+    axes[0].set_title("direction (1: the direction of ∇J)", fontsize=10)
+    axes[1].set_title("scale: the implicit learning rate relative to ∇J (1: unbiased)", fontsize=10)
+    fig.suptitle(f"Gradient of each estimator against the exact ∇J: M ∈ {{{', '.join(map(str, sizes))}}}, "
+                 f"{result.config['replicates']} batches per M\n"
+                 "points: Monte Carlo with 95% intervals; lines: exact E ĝ or the closed form, "
+                 "solid unbiased, dashed scaled, dotted reweighted", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,5 +330,8 @@ def run(config: StudyConfig, out: Path | None, *, plots: bool = True, stream: Te
         if plots:
             written.append(plot_weights(result, toy, out / "weights.png"))
             written.append(plot_group_sizes(result, out / "group_size.png"))
+        else:  # plots of an earlier run would sit beside this study.json and contradict it
+            for name in PLOTS:
+                (out / name).unlink(missing_ok=True)
         stream.write("wrote " + ", ".join(str(p) for p in written) + "\n")
     return result
