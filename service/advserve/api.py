@@ -22,6 +22,8 @@ from .analysis.batch import AnalysisRequest
 from .analysis.batch import analyze as analyze_batch
 from .device import to_host
 from .engine import Engine
+from .errors import InvalidArgument
+from .hints import keyword_hint
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
 
 
@@ -37,6 +39,14 @@ def _converter(tensors: Mapping[str, Any]):
             device = value.device
             return lambda t: None if t is None else t.to(device)
     return lambda t: None if t is None else to_host(t.detach()).numpy()
+
+
+def _refuse_params_as_tensors(tensors: Mapping[str, Any], kind: str, estimator: str | None = None) -> None:
+    """Keyword arguments are tensors: a parameter given as one (gamma=1) is an error naming where it goes."""
+    for name, value in tensors.items():
+        hint = keyword_hint(name, value, kind, estimator)
+        if hint is not None:
+            raise InvalidArgument(hint, field=name)
 
 
 def compute_advantages(
@@ -55,8 +65,10 @@ def compute_advantages(
     group_ids [B] (ints or strings), values [B, T], greedy_rewards [B], old_logprobs and
     ref_logprobs [B, T] (when kl_coef > 0). layout="packed": token tensors flat [N] with cu_seqlens
     [B + 1] (response_mask optional), results flat too. Returns `.advantages`, `.returns` [B, T], `.stats`,
-    `.params` (the resolved parameters). Raises `advserve.InvalidArgument` / `advserve.NotFound`.
+    `.params` (the resolved parameters). Parameters go in `params` (params={"gamma": 1}); one given as
+    a keyword argument is an error that says so. Raises `advserve.InvalidArgument` / `advserve.NotFound`.
     """
+    _refuse_params_as_tensors(tensors, "advantages", estimator)
     request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype,
                                layout=layout)
     result = _engine(device).compute_advantages(request)
@@ -80,14 +92,18 @@ def compute_losses(
 ) -> LossResult:
     """The loss, its components and metrics, and its gradients with respect to the inputs.
 
-    policy_loss: None for the preset's defaults, a dict of overrides, or False for no policy term.
+    policy_loss: None for the preset's defaults (paper: ppo_clip, clip 0.2/0.2, seq-mean-token-sum; the
+    seed's unclipped surrogate is {"mode": "reinforce"}), a dict of overrides, or False for no policy term.
     kl_loss, value_loss, entropy_bonus, rollout_correction: off unless given (a dict, {} = defaults).
     num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard.
     tensors: logprobs, old_logprobs, advantages, response_mask [B, T]; ref_logprobs (kl_loss);
     values, old_values, returns (value_loss); entropy (entropy_bonus); rollout_logprobs
     (rollout_correction). Returns `.loss`, `.components`, `.metrics`, `.grad_logprobs`,
-    `.grad_values`, `.grad_entropy` ([B, T] or None).
+    `.grad_values`, `.grad_entropy` ([B, T] or None), `.params` (each term's resolved parameters; the
+    policy term's those its mode reads). A loss parameter given as a keyword argument (clip_high=0.3)
+    is an error naming its term.
     """
+    _refuse_params_as_tensors(tensors, "losses")
     request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
                           value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
                           num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
@@ -116,6 +132,7 @@ def analyze(
     exact finite-group weight, normalised weights, summary statistics, share of zero-advantage
     groups) and the pairwise sign disagreement of the estimators' advantages.
     """
+    _refuse_params_as_tensors(tensors, "analysis")
     request = AnalysisRequest(tensors=tensors, estimators=estimators, preset=preset, params=params, dtype=dtype,
                               layout=layout)
     return analyze_batch(_engine(device), request)

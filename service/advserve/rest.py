@@ -193,10 +193,17 @@ def _error_response(error: AdvserveError) -> JSONResponse:
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
+    from .hints import field_hint  # where a misplaced top-level field (a parameter, a tensor) belongs
+
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = ".".join(location) or None
     message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    kind = {"AdvantagesBody": "advantages", "LossesBody": "losses", "AnalysisBody": "analysis"}.get(
+        getattr(exc, "title", None))
+    hint = field_hint(location[0], kind) if first.get("type") == "extra_forbidden" and len(location) == 1 else None
+    if hint is not None:
+        message = f"{field}: not a request field; {hint}"
     return _error_response(InvalidArgument(message, field=field))
 
 
