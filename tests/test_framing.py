@@ -447,13 +447,13 @@ def test_chunked_body_over_the_admission_capacity_is_a_413(tiny):
 
 def test_admission_capacity_full_is_a_503_with_retry_after(tiny):
     host, port = tiny.url.removeprefix("http://").split(":")
-    held = socket.create_connection((host, int(port)))  # declares 300 bytes and sends none: held in flight
+    held = socket.create_connection((host, int(port)))  # declares 300 bytes, sends 299: those are held in flight
     try:
         held.sendall(b"POST /v1/advantages HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                     b"Inference-Header-Content-Length: 10\r\nContent-Length: 300\r\n\r\n")
+                     b"Inference-Header-Content-Length: 10\r\nContent-Length: 300\r\n\r\n" + b" " * 299)
         with httpx.Client(base_url=tiny.url, timeout=30) as c:
             deadline = time.monotonic() + 10
-            while True:  # 300 held + 197 > 400
+            while True:  # 299 held + 197 > 400
                 res = c.post("/v1/advantages", content=WORKED_BODY, headers=WORKED_HEADERS)
                 if res.status_code != 200 or time.monotonic() > deadline:
                     break

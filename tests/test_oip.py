@@ -468,6 +468,7 @@ def test_the_error_table_on_the_protocols_http_body(code):
     error_class = next(c for c in (domain_errors.InvalidArgument, domain_errors.NotFound, domain_errors.Overloaded,
                                    domain_errors.Unavailable, domain_errors.Unauthenticated,
                                    domain_errors.DeadlineExceeded, domain_errors.PayloadTooLarge,
+                                   domain_errors.RequestTimeout, domain_errors.MethodNotAllowed,
                                    domain_errors.AdvserveError) if c.code == code)
     response = oip_error_response(error_class("went wrong", field="inputs.x"))
     assert response.status_code == domain_errors.STATUS[code][0]

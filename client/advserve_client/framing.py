@@ -123,6 +123,8 @@ def decode(body: bytes | bytearray | memoryview, header_length: Any) -> tuple[di
         document = json.loads(bytes(view[:n]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise FramingError(f"the header (first {n} bytes) is not valid JSON: {exc}", "body") from None
+    except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: json's recursive parser gives up
+        raise FramingError(f"the header (first {n} bytes) is nested too deeply to parse", "body") from None
     if not isinstance(document, dict):
         raise FramingError("the header must be a JSON object", "body")
     described = document.pop("tensors", None)

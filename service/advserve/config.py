@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -33,13 +34,26 @@ class Settings:
     max_body_bytes: int = field(default=1 << 30, metadata={"help": "largest binary request body (bytes)"})
     max_json_bytes: int = field(default=64 << 20, metadata={"help": "largest JSON request body (bytes); JSON is "
                                                                     "for small batches, use the binary framing"})
+    max_inflate_ratio: int = field(default=1024, metadata={"help": "/v2 gzip/deflate bodies: most inflated bytes per "
+                                                                  "compressed byte (413 past it: a compression bomb)"})
     max_tokens: int = field(default=1 << 28, metadata={"help": "most tokens in one request (B·T; for a packed "
                                                                "request, its padded form): 413 above"})
     admission_bytes: int = field(default_factory=_default_admission_bytes, metadata={
         "help": "request bytes admitted in flight (decoding, queued, computing, encoding); past it: 503 + "
                 "Retry-After (default: a quarter of RAM, at most 8 GiB)"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "per-request deadline from arrival to the "
-                                                                    "result (504 / DEADLINE_EXCEEDED past it)"})
+                                                                    "answer: reading and decoding the body, the queue, "
+                                                                    "compute and encoding (a body not complete by "
+                                                                    "then: 408; later: 504 / DEADLINE_EXCEEDED)"})
+    body_idle_timeout_s: float = field(default=10.0, metadata={"help": "HTTP: longest wait for the next chunk of a "
+                                                                      "request body (408 request_timeout past it, "
+                                                                      "the connection closed)"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "HTTP: a connection must send a complete request "
+                                                                   "line and headers within this long of opening or "
+                                                                   "of its previous response, else it is closed"})
+    max_connections: int = field(default=256, metadata={"help": "HTTP connections open at once; past it a new "
+                                                               "connection is closed at once (each holds at most "
+                                                               "~320 KiB outside admission)"})
     auth_token: str = field(default="", metadata={"help": "require 'Authorization: Bearer <token>' on both "
                                                          "transports (health exempt); prefer the environment "
                                                          "variable or --auth-token-file to a flag", "secret": True})
@@ -47,8 +61,10 @@ class Settings:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve both transports over TLS"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={"help": "PEM CA bundle: require client certificates (mTLS)"})
-    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port (0: at /metrics "
-                                                           "on the HTTP port)"})
+    metrics_port: int = field(default=0, metadata={"help": "serve Prometheus metrics on this port, bound to "
+                                                           "127.0.0.1 only, plain HTTP and no auth (for a sidecar or "
+                                                           "node agent; 0: at /metrics on the HTTP port, with the "
+                                                           "HTTP port's auth and TLS)"})
     log_format: str = field(default="text", metadata={"help": "text or json (one JSON object per line)",
                                                       "choices": ("text", "json")})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM: readiness off, then up to this "
@@ -58,35 +74,38 @@ class Settings:
     max_wait_ms: float = field(default=0.0, metadata={"help": "how long the compute thread waits for more "
                                                               "requests to coalesce (0: only those already queued)"})
     max_batch_tokens: int = field(default=1 << 18, metadata={"help": "largest coalesced batch, in tokens (B·T)"})
+    memory_trim_idle_s: float = field(default=2.0, metadata={"help": "return freed heap memory to the system "
+                                                                    "(malloc_trim) once no request has been in "
+                                                                    "flight for this long (0: never)"})
 
     def validate(self) -> "Settings":
+        """This Settings, checked: every number finite and in its range, each problem naming its flag;
+        with --auth-token-file read into auth_token. Raises ValueError listing every problem."""
         problems = []
-        for name in ("http_port", "grpc_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                problems.append(f"{name} must be in 0..65535")
-        for name in ("max_body_bytes", "max_json_bytes", "max_tokens", "admission_bytes", "max_batch_tokens",
-                     "grpc_max_message_bytes"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.grpc_max_message_bytes >= 2**31:
-            problems.append("grpc_max_message_bytes must be below 2 GiB (protobuf's limit)")
+
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                problems.append(f"{flag(name)} must be an integer in [{low}, {high}], got {value!r}")
+        for name, low, high, low_inclusive in _FLOAT_RANGES:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not (low <= value if low_inclusive else low < value) or value > high):
+                interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+                problems.append(f"{flag(name)} must be a finite number in {interval}, got {value!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
-            problems.append("tls_cert and tls_key go together")
+            problems.append("tls_cert and tls_key go together (--tls-cert, --tls-key)")
         if self.tls_client_ca and not self.tls_cert:
-            problems.append("tls_client_ca needs tls_cert and tls_key")
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
-                problems.append(f"{name}: no such file {path!r}")
+                problems.append(f"{flag(name)}: no such file {path!r}")
         if self.auth_token and self.auth_token_file:
-            problems.append("give auth_token or auth_token_file, not both")
-        if not 0 <= self.metrics_port <= 65535:
-            problems.append("metrics_port must be in 0..65535")
-        for name in ("request_timeout_s", "shutdown_grace_s"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.max_wait_ms < 0:
-            problems.append("max_wait_ms must be >= 0")
+            problems.append("give --auth-token or --auth-token-file, not both")
         if problems:
             raise ValueError("; ".join(problems))
         if self.auth_token_file:
@@ -101,6 +120,23 @@ class Settings:
         shown = {f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
                  for f in fields(self)}
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_DAY_S = 86400.0
+# (setting, lowest, highest): the integers; ports 0 pick a free one (http, grpc) or mean "off" (metrics)
+_INT_RANGES = (
+    ("http_port", 0, 65535), ("grpc_port", 0, 65535), ("metrics_port", 0, 65535),
+    ("grpc_max_message_bytes", 1, 2**31 - 1),  # protobuf's limit: below 2 GiB
+    ("max_body_bytes", 1, 1 << 40), ("max_json_bytes", 1, 1 << 40), ("max_tokens", 1, 1 << 40),
+    ("admission_bytes", 1, 1 << 44), ("max_batch_tokens", 1, 1 << 40), ("max_connections", 1, 1 << 20),
+    ("max_inflate_ratio", 1, 1 << 20),
+)
+# (setting, lowest, highest, lowest allowed): the durations, in seconds or milliseconds
+_FLOAT_RANGES = (
+    ("request_timeout_s", 0.0, 7 * _DAY_S, False), ("shutdown_grace_s", 0.0, _DAY_S, False),
+    ("body_idle_timeout_s", 0.0, _DAY_S, False), ("header_timeout_s", 0.0, _DAY_S, False),
+    ("max_wait_ms", 0.0, 60_000.0, True), ("memory_trim_idle_s", 0.0, _DAY_S, True),
+)
 
 
 def env_name(name: str) -> str:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 
+MAX_MESSAGE_CHARS = 1000  # an error message longer than this is cut (it may echo a request's content)
+
+
+def truncate(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` itself when at most `limit` characters; else its first `limit` characters, an ellipsis and
+    the original length, so an error never echoes an unbounded part of a request back."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters, truncated)"
+
+
 class AdvserveError(Exception):
-    """Base of every error advserve raises on purpose. `code` is stable API; `field` names the input."""
+    """Base of every error advserve raises on purpose. `code` is stable API; `field` names the input.
+    The message and the field are truncated to MAX_MESSAGE_CHARS here, the one place every transport's
+    error passes, since either may quote request content (a shape, a name, a value)."""
 
     code = "internal"
 
     def __init__(self, message: str, *, field: str | None = None):
+        message = truncate(str(message))
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = truncate(field, 200) if isinstance(field, str) else field
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "field": self.field}
@@ -58,9 +72,22 @@ class DeadlineExceeded(AdvserveError):
 
 
 class PayloadTooLarge(AdvserveError):
-    """The request body exceeds the configured limit."""
+    """The request body exceeds the configured limit (or the memory to decode or compute it)."""
 
     code = "payload_too_large"
+
+
+class RequestTimeout(AdvserveError):
+    """The request's body did not arrive in time: nothing for --body-idle-timeout-s between two chunks,
+    or not complete within --request-timeout-s of the request's arrival."""
+
+    code = "request_timeout"
+
+
+class MethodNotAllowed(AdvserveError):
+    """The path exists but not with this HTTP method."""
+
+    code = "method_not_allowed"
 
 
 def error_message(error: AdvserveError) -> str:
@@ -82,5 +109,7 @@ STATUS: dict[str, tuple[int, str]] = {
     Overloaded.code: (503, "UNAVAILABLE"),
     Unavailable.code: (503, "UNAVAILABLE"),
     DeadlineExceeded.code: (504, "DEADLINE_EXCEEDED"),
+    RequestTimeout.code: (408, "DEADLINE_EXCEEDED"),
+    MethodNotAllowed.code: (405, "UNIMPLEMENTED"),
     AdvserveError.code: (500, "INTERNAL"),
 }

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import time
 from typing import Any, Callable, Literal, Union
 
+import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, Request
@@ -20,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from advserve_client import framing
@@ -29,11 +32,12 @@ from . import __version__
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .config import Settings
 from .device import to_host
-from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, PayloadTooLarge, Unavailable
+from .errors import (STATUS, AdvserveError, InvalidArgument, MethodNotAllowed, NotFound, PayloadTooLarge,
+                     RequestTimeout, Unavailable)
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
-from .runtime import Runtime, off_loop
+from .runtime import Abandoned, Deadline, Lease, Runtime, admitted, watch_disconnect
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve")
@@ -268,7 +272,7 @@ def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | 
         return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
     if not tensors:  # a document without a tensors part (POST /v1/analysis)
         return JSONResponse(document, headers=headers)
-    numpy = {name: to_host(t.detach()).numpy() for name, t in present.items()}
+    numpy = {name: np.ascontiguousarray(to_host(t.detach()).numpy()) for name, t in present.items()}  # orjson: C order
     return JSONResponse({**document, "tensors": numpy}, headers=headers)
 
 
@@ -296,16 +300,48 @@ def _batch_shape(prepared: Any) -> tuple[int, int] | None:
     return (int(shape[0]), int(shape[1])) if shape is not None and len(shape) == 2 else None
 
 
+def _failure_response(exc: BaseException, endpoint: str, rid: str, error_response) -> tuple[Response, str, str]:
+    """(response, status, error code) of a request that failed with `exc`: a domain error as the table
+    says; a pydantic validation error 400; input nested too deeply for a parser (RecursionError) 400 on
+    the body; MemoryError 413 on the body (the request needs more memory than the server has); the
+    caller gone 499 (nothing is sent); anything else is a bug: logged with the request id, 500."""
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return _validation_error(exc), "400", "invalid_argument"
+    if isinstance(exc, RecursionError):
+        exc = InvalidArgument("the request is nested too deeply to parse", field="body")
+    elif isinstance(exc, MemoryError):
+        exc = PayloadTooLarge("the request needs more memory than the server can give it; send a smaller batch",
+                              field="body")
+    if isinstance(exc, AdvserveError):
+        return error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
+    if isinstance(exc, (ClientDisconnect, Abandoned)):  # the caller went away: nothing to answer, not a bug
+        return Response(status_code=499), "499", "client_disconnected"
+    log.error("internal error on %s (request id %s)", endpoint, rid, exc_info=exc)
+    return error_response(AdvserveError("internal error")), "500", "internal"
+
+
 # --- admission ----------------------------------------------------------------------------------
 
 
 class AdmissionControl:
     """ASGI middleware, the door: bearer-token auth on everything but /health/* and /v2/health/* (401),
-    then on POST /v1/* and /v2/* (the Open Inference Protocol): refusal while draining (503), body size
-    limits (413; binary and JSON bodies have their own) and admission by bytes in flight (503 +
-    Retry-After), checked on the declared Content-Length before the body is read, and again while a
-    body without one streams in. The bytes are held until the response has been sent. A request turned
-    away here costs no compute. Errors on /v2 paths have the protocol's body, {"error": "..."}."""
+    then on POST /v1/* and /v2/* (the Open Inference Protocol): refusal while draining (503), and the
+    body, read here, in full, before the application runs:
+
+    - a declared Content-Length over the body limit (binary and JSON have their own) or over the
+      admission capacity: 413 at once; over the capacity free now: 503 + Retry-After at once. Nothing
+      is reserved on the declared length: bytes are admitted as they arrive (a chunk that does not
+      fit: 503), so a connection that declares much and sends little holds only what it sent;
+    - nothing for --body-idle-timeout-s between two chunks, or the body not complete within
+      --request-timeout-s of the request's arrival: 408 request_timeout;
+    - a response that leaves part of a body unread closes the connection (Connection: close).
+
+    The body (bytes, or a memoryview of one anonymous mapping for a large declared length: no copy,
+    its pages touched only as bytes arrive), the request's `Deadline` and its admission `Lease` are
+    handed to the routes in the ASGI scope ("advserve.body", "advserve.deadline", "advserve.lease");
+    the lease is released once the response has been sent (or, when a worker thread abandoned at the
+    deadline still uses the bytes, once it ends). A request turned away here costs no compute. Errors
+    on /v2 paths have the protocol's body, {"error": "..."}."""
 
     def __init__(self, app: Callable, runtime: Runtime):
         self.app = app
@@ -313,6 +349,7 @@ class AdmissionControl:
         self.admission = runtime.admission
         self.max_body_bytes = runtime.settings.max_body_bytes
         self.max_json_bytes = runtime.settings.max_json_bytes
+        self.idle_timeout_s = runtime.settings.body_idle_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -321,60 +358,186 @@ class AdmissionControl:
         oip = is_oip_path(scope["path"])
         transport, error_response = ("oip_http", oip_error_response) if oip else ("http", _error_response)
         compute = scope["method"] == "POST" and (scope["path"].startswith("/v1/") or oip)
+
+        async def refuse(error: AdvserveError, close: bool) -> None:
+            self.runtime.metrics.rejections.labels(transport, error.code).inc()
+            response = error_response(error)
+            if close:  # the rest of the body is not worth reading
+                response.headers["connection"] = "close"
+            await response(scope, receive, send)
+
         try:
             if not scope["path"].startswith(("/health/", "/v2/health/")):
                 self.runtime.authenticate(headers.get("authorization"))
             if compute and self.runtime.draining:
                 raise Unavailable("the server is shutting down; retry on another instance")
         except AdvserveError as error:
-            self.runtime.metrics.rejections.labels(transport, error.code).inc()
-            return await error_response(error)(scope, receive, send)
+            return await refuse(error, close=compute)
         if not compute:
             return await self.app(scope, receive, send)
         # binary as each endpoint parses it: /v2 only with Triton's header-length header (a JSON body
         # under an octet-stream Content-Type is still JSON, and gets the JSON limit)
         binary = HEADER_LENGTH.lower() in headers if oip else _is_binary(headers)
         limit = self.max_body_bytes if binary else self.max_json_bytes
-        declared = headers.get("content-length", "")
-        held = 0
-
-        def too_large() -> PayloadTooLarge:
-            kind = "binary" if limit == self.max_body_bytes else "JSON (use the binary framing for large batches)"
-            return PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
-
-        if declared.isdigit():
-            size = int(declared)
-            try:
-                if size > limit:
-                    raise too_large()
-                self.admission.acquire(size)
-            except AdvserveError as error:
-                self.runtime.metrics.rejections.labels(transport, error.code).inc()
-                return await error_response(error)(scope, receive, send)
-            held = size
-
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen, held
-            message = await receive()
-            if message["type"] == "http.request":
-                chunk = len(message.get("body", b""))
-                seen += chunk
-                if seen > limit:
-                    raise too_large()  # answered by the AdvserveError handler
-                if seen > held:  # no (or a wrong) Content-Length: admit as the bytes arrive
-                    if seen > self.admission.capacity:
-                        raise PayloadTooLarge(f"request body exceeds the server's admission capacity of "
-                                              f"{self.admission.capacity} bytes", field="body")
-                    self.admission.acquire(seen - held)
-                    held = seen
-            return message
-
+        kind = "binary" if binary else "JSON (use the binary framing for large batches)"
+        declared_text = headers.get("content-length", "")
+        declared = int(declared_text) if declared_text.isascii() and declared_text.isdigit() else None
+        deadline = self.runtime.deadline()
+        lease = self.admission.lease()
         try:
-            await self.app(scope, counted_receive, send)
+            with self.runtime.serving():
+                try:
+                    if declared is not None:
+                        if declared > limit:
+                            raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes",
+                                                  field="body")
+                        self.admission.check(declared)
+                    body = await self._read_body(receive, declared, limit, kind, lease, deadline)
+                except AdvserveError as error:
+                    return await refuse(error, close=declared is None or declared > _DRAINED_REST)
+                except ClientDisconnect:
+                    return
+                scope.update({"advserve.body": body, "advserve.deadline": deadline, "advserve.lease": lease,
+                              "advserve.receive": receive})
+                await self.app(scope, _after_body(body, receive), send)
+        except Unavailable as error:  # draining began between the check and `serving`
+            await refuse(error, close=True)
         finally:
-            self.admission.release(held)
+            lease.close()
+
+    async def _read_body(self, receive, declared: int | None, limit: int, kind: str, lease: Lease,
+                         deadline: Deadline) -> bytes | memoryview:
+        """The whole body, each chunk admitted as it arrives, under the idle timeout and the deadline."""
+        mapped = mmap.mmap(-1, declared) if declared is not None and declared >= MAPPED_BODY_BYTES else None
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            wait = min(self.idle_timeout_s, deadline.remaining())
+            if wait <= 0:
+                raise _body_timeout(deadline.timeout_s, "--request-timeout-s", seen)
+            try:
+                message = await _within(receive(), wait)
+            except asyncio.TimeoutError:
+                idle = deadline.remaining() > 0
+                raise _body_timeout(self.idle_timeout_s if idle else deadline.timeout_s,
+                                    "--body-idle-timeout-s" if idle else "--request-timeout-s", seen) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                if seen + len(chunk) > limit:
+                    raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
+                lease.grow(len(chunk))
+                if mapped is not None:
+                    mapped[seen:seen + len(chunk)] = chunk
+                else:
+                    chunks.append(chunk)
+                seen += len(chunk)
+            if not message.get("more_body", False):
+                break
+        if mapped is not None:
+            return memoryview(mapped)[:seen]
+        # joined in one synchronous step on the event loop: at most one body's transient copy at a time
+        # (a body under MAPPED_BODY_BYTES, or an upload without Content-Length)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+MAPPED_BODY_BYTES = 256 << 10  # a declared body at least this large is read into one anonymous mapping
+_DRAINED_REST = 64 << 10  # a refused body with at most this much declared is read and dropped (keep-alive)
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11: no task per wait
+
+
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, asyncio.TimeoutError after `seconds`."""
+    if _timeout is None:
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _timeout(seconds):
+        return await awaitable
+
+
+def _body_timeout(seconds: float, flag: str, seen: int) -> RequestTimeout:
+    return RequestTimeout(f"the request body did not arrive in time ({flag} {seconds:g}; {seen} bytes "
+                          f"received)", field="body")
+
+
+def _after_body(body: bytes | memoryview, receive):
+    """The application's receive: the body already read (once, as one message), then the connection's
+    own messages (http.disconnect)."""
+    delivered = False
+
+    async def replay():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+_FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+
+
+def guarded_protocol(settings: Settings) -> type:
+    """uvicorn's HTTP/1.1 (h11) protocol with two bounds uvicorn lacks. uvicorn arms no timer on a new
+    connection, and any byte disarms its keep-alive timer, so a connection that never sends a request
+    (or trickles its headers) stays open for ever: here a connection must complete its request line
+    and headers within --header-timeout-s of opening or of its previous response, else it is closed
+    (the body then has its own timeouts, AdmissionControl's). And at most --max-connections are open
+    at once: past that, a new connection is answered 503 (Retry-After: 1) and closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout_s, most = settings.header_timeout_s, settings.max_connections
+    busy = orjson.dumps({"error": {"code": "overloaded", "message": f"more than {most} connections open; retry "
+                                   "later", "field": None}})
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            full = len(self.connections) >= most
+            super().connection_made(transport)
+            if full:
+                transport.write(_FULL % (len(busy), busy))
+                transport.close()
+                return
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            self._stop_header_timer()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
+
+        def _stop_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are in: its body has its own timeouts
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request started
+                self._await_headers()
+            else:
+                self._stop_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 # --- the application ----------------------------------------------------------------------------
@@ -419,10 +582,27 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     async def _request_error(request: Request, exc: RequestValidationError):
         return _validation_error(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals (no such path, wrong method) in the API's error shape."""
+        path = request.url.path
+        if exc.status_code == 404:
+            error: AdvserveError = NotFound(f"no such path {path!r}; see /docs for the API", field="path")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {path!r} (allowed: "
+                                     f"{(exc.headers or {}).get('Allow', '?')})", field="method")
+        else:
+            error = InvalidArgument(str(exc.detail), field=None)
+        response = (oip_error_response if is_oip_path(path) else _error_response)(error)
+        response.status_code = exc.status_code
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error_response(AdvserveError("internal error"))
+        response, _, _ = _failure_response(exc, f"{request.method} {request.url.path}", "-",
+                                           oip_error_response if is_oip_path(request.url.path) else _error_response)
+        return response
 
     def body_schema(model: type[BaseModel]) -> dict:
         ref = {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -431,7 +611,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
                            "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}}
 
-    error_responses = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+    error_responses = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 503, 504)}
     binary_200 = {"content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
                   "the same document as JSON header + raw tensor buffers (docs/binary-framing.md)"}}}}
     json_object = {200: {"description": "a JSON object", "content": {"application/json": {"schema": {"type": "object"}}}}}
@@ -445,7 +625,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         response: Response | None = None
         try:
             with runtime.serving():
-                body = await request.body()  # the wire's time, not decode's
+                body, deadline, lease = await admitted(request, runtime)  # read by AdmissionControl
                 started = time.perf_counter()
                 headers = request.headers
 
@@ -453,16 +633,11 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                     parsed, tensors = decode_body(body, headers, model)
                     return prepare(parsed, tensors)
 
-                prepared = await off_loop(decode, len(body))
+                prepared = await deadline.off_loop(decode, len(body), lease)
                 phases["decode"] = time.perf_counter() - started
                 estimator = getattr(getattr(prepared, "estimator", None), "name", None)
                 batch = _batch_shape(prepared)
-                remaining = runtime.settings.request_timeout_s - (time.perf_counter() - arrived)
-                try:
-                    result, timing = await asyncio.wait_for(compute(prepared), timeout=max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"no result within the request timeout of "
-                                           f"{runtime.settings.request_timeout_s} s") from None
+                result, timing = await deadline.wait(compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
                 document, tensors = document_of(result)
@@ -471,18 +646,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                     return encode_response(document(), tensors, _wants_binary(headers, _is_binary(headers)), {})
 
                 output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
-                response = await off_loop(encode, output_size)
+                response = await deadline.off_loop(encode, output_size, lease)
                 phases["encode"] = time.perf_counter() - encode_started
                 response.headers["Server-Timing"] = server_timing(**phases)
-        except AdvserveError as exc:
-            response, status, error = _error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
-        except (ValidationError, RequestValidationError) as exc:
-            response, status, error = _validation_error(exc), "400", "invalid_argument"
-        except ClientDisconnect:  # the caller went away mid-upload: nothing to answer, nothing to log as a bug
-            response, status, error = Response(status_code=499), "499", "client_disconnected"
-        except Exception:  # noqa: BLE001 - a bug: logged with its request id, answered 500 without details
-            log.exception("internal error on %s (request id %s)", endpoint, rid)
-            response, status, error = _error_response(AdvserveError("internal error")), "500", "internal"
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer (or none, if the caller left)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise
+            response, status, error = _failure_response(exc, endpoint, rid, _error_response)
         response.headers[REQUEST_ID_HEADER] = rid
         runtime.metrics.observe(transport="http", endpoint=endpoint, estimator=estimator, status=status,
                                 bytes_in=len(body), bytes_out=len(response.body), phases=phases, batch=batch,

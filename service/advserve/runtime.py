@@ -1,17 +1,23 @@
-"""What the transports share: the engine, the compute thread, admission, metrics, and the server's
-lifecycle (accepting, draining for a graceful shutdown)."""
+"""What the transports share: the engine, the compute thread, admission (`Admission`, one request's
+`Lease`), the one deadline of a request (`Deadline`), metrics, and the server's lifecycle (accepting,
+draining for a graceful shutdown, giving freed memory back when idle)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import hmac
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
 
 from .config import Settings
 from .engine import Engine
-from .errors import Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
+from .errors import DeadlineExceeded, Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
 from .observability import Metrics
 from .scheduler import Scheduler
 
@@ -26,21 +32,36 @@ async def off_loop(fn, size: int):
 
 
 class Admission:
-    """Bytes of request bodies in flight, bounded: a request that does not fit is turned away (503)
-    before its body is read, instead of growing memory. Only touched on the event loop."""
+    """Bytes of requests in flight (bodies as they arrive, inflated bodies as they grow), bounded: what
+    does not fit is turned away (503 Overloaded; 413 if it never could) instead of growing memory.
+    Nothing is reserved on a client's word: a declared length is only checked against the free capacity
+    (`check`), the bytes are taken as they arrive (`Lease.grow`), so a connection that declares much and
+    sends little holds only what it sent. Thread-safe (a worker thread inflating a body charges it)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.in_flight = 0
+        self._lock = threading.Lock()
 
     def try_acquire(self, nbytes: int) -> bool:
-        if self.in_flight + nbytes > self.capacity:
-            return False
-        self.in_flight += nbytes
-        return True
+        with self._lock:
+            if self.in_flight + nbytes > self.capacity:
+                return False
+            self.in_flight += nbytes
+            return True
 
     def release(self, nbytes: int) -> None:
-        self.in_flight -= nbytes
+        with self._lock:
+            self.in_flight -= nbytes
+
+    def check(self, nbytes: int) -> None:
+        """Raise as `acquire` would for `nbytes`, taking nothing: the door's test of a declared length."""
+        if nbytes > self.capacity:
+            raise PayloadTooLarge(f"request of {nbytes} bytes exceeds the server's admission capacity of "
+                                  f"{self.capacity} bytes", field="body")
+        if self.in_flight + nbytes > self.capacity:
+            raise Overloaded(f"server busy: {self.in_flight} request bytes in flight of {self.capacity}; "
+                             f"retry later")
 
     def acquire(self, nbytes: int) -> None:
         """Take `nbytes` or raise: PayloadTooLarge if they can never fit, Overloaded if not now."""
@@ -60,6 +81,185 @@ class Admission:
         finally:
             self.release(nbytes)
 
+    def lease(self) -> "Lease":
+        """An empty Lease on this admission, for one request."""
+        return Lease(self)
+
+
+class Lease:
+    """The bytes one request holds, grown as they arrive or inflate (`grow`), given back once by
+    `close`: at once, or, when work the request handed to a thread outlives it (a decode abandoned at
+    the deadline), when the last such work ends (`keep_until`), since its memory is still in use.
+    Thread-safe."""
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.held = 0
+        self._pending: set = set()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def grow(self, nbytes: int) -> None:
+        """Take `nbytes` more; raises PayloadTooLarge (never fits) or Overloaded (not now)."""
+        if nbytes <= 0:
+            return
+        if self.held + nbytes > self.admission.capacity:
+            raise PayloadTooLarge(f"request of {self.held + nbytes} bytes exceeds the server's admission capacity "
+                                  f"of {self.admission.capacity} bytes", field="body")
+        self.admission.acquire(nbytes)
+        with self._lock:
+            self.held += nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        """Give `nbytes` back early (memory already freed)."""
+        nbytes = min(nbytes, self.held)
+        with self._lock:
+            self.held -= nbytes
+        self.admission.release(nbytes)
+
+    def keep_until(self, future: "asyncio.Future | concurrent.futures.Future") -> None:
+        """Hold the bytes, even past `close`, until `future` (work still using them) is done."""
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._work_done)
+
+    def _work_done(self, future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+            last = self._closed and not self._pending
+        if last:
+            self._release_all()
+
+    def close(self) -> None:
+        """Release everything held, now or when the work in `keep_until` ends."""
+        with self._lock:
+            self._closed = True
+            waiting = bool(self._pending)
+        if not waiting:
+            self._release_all()
+
+    def _release_all(self) -> None:
+        with self._lock:
+            held, self.held = self.held, 0
+        self.admission.release(held)
+
+
+class Abandoned(Exception):
+    """The caller went away (disconnected) while its request waited: nothing to answer."""
+
+
+@dataclass
+class Deadline:
+    """One request's deadline, from its arrival to its answer: reading and decoding the body, the
+    queue, compute and encoding all run against it (--request-timeout-s, or the caller's shorter
+    timeout). Shared by every transport: `Runtime.deadline()` starts one."""
+
+    timeout_s: float
+    at: float  # time.monotonic() when it passes
+
+    @classmethod
+    def start(cls, timeout_s: float) -> "Deadline":
+        return cls(timeout_s, time.monotonic() + timeout_s)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def within(self, timeout_s: float | None) -> "Deadline":
+        """This deadline, or the earlier one `timeout_s` after the same start (a caller's own timeout)."""
+        if timeout_s is None or timeout_s >= self.timeout_s:
+            return self
+        return Deadline(timeout_s, self.at - self.timeout_s + timeout_s)
+
+    def error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no result within the request timeout of {self.timeout_s:g} s")
+
+    def check(self) -> None:
+        """Raise DeadlineExceeded if the deadline has passed."""
+        if self.expired():
+            raise self.error()
+
+    async def wait(self, awaitable: Awaitable, *, abandon: Awaitable | None = None) -> Any:
+        """The result of `awaitable`, or DeadlineExceeded once the deadline passes (the awaitable is
+        cancelled: a queued compute job whose future is cancelled is skipped by the scheduler). With
+        `abandon` (e.g. the wait for the client's disconnect): Abandoned if it completes first."""
+        task = asyncio.ensure_future(awaitable)
+        watcher = asyncio.ensure_future(abandon) if abandon is not None else None
+        try:
+            done, _ = await asyncio.wait({task} | ({watcher} if watcher else set()),
+                                         timeout=max(self.remaining(), 0.0), return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if watcher is not None and watcher in done:
+                raise Abandoned()
+            raise self.error()
+        finally:
+            for pending in (task, watcher):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+
+    async def off_loop(self, fn: Callable[[], Any], size: int, lease: Lease | None = None) -> Any:
+        """`off_loop(fn, size)` against the deadline: in a worker thread (when `size` is worth the hop),
+        DeadlineExceeded when the deadline passes first. The thread cannot be stopped: it finishes on
+        its own, and `lease` keeps its bytes (still in use) until it does."""
+        self.check()
+        if size < INLINE_LIMIT:
+            result = fn()
+            self.check()
+            return result
+        future = asyncio.get_running_loop().run_in_executor(None, fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=max(self.remaining(), 0.0))
+        except asyncio.TimeoutError:
+            if lease is not None:
+                lease.keep_until(future)
+            future.add_done_callback(_ignore_outcome)
+            raise self.error() from None
+
+
+async def _disconnected(receive) -> None:
+    """Return once the client has gone (its connection closed)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def admitted(request, runtime: "Runtime") -> tuple[bytes | memoryview, Deadline, Lease | None]:
+    """(body, deadline, lease) of an HTTP request (a Starlette Request), as AdmissionControl read and
+    admitted it (the ASGI scope's "advserve.*"); without that middleware, the body read here, a fresh
+    deadline and no lease."""
+    scope = request.scope
+    if "advserve.body" not in scope:
+        deadline = runtime.deadline()
+        return await request.body(), deadline, None
+    return scope["advserve.body"], scope["advserve.deadline"], scope["advserve.lease"]
+
+
+def watch_disconnect(request):
+    """A coroutine that returns once the client of `request` has gone (None without AdmissionControl):
+    `Deadline.wait`'s `abandon`, so a queued job whose caller left is dropped."""
+    receive = request.scope.get("advserve.receive")
+    return _disconnected(receive) if receive is not None else None
+
+
+def _ignore_outcome(future) -> None:
+    """Retrieve an abandoned future's exception (so asyncio does not log it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def malloc_trim() -> bool:
+    """glibc's malloc_trim(0): give the freed pages of every heap arena back to the system (RSS falls);
+    False where that is not glibc."""
+    path = ctypes.util.find_library("c")
+    if not path:
+        return False
+    try:
+        return bool(ctypes.CDLL(path).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
 
 @dataclass
 class Runtime:
@@ -70,6 +270,8 @@ class Runtime:
     metrics: Metrics = field(init=False)
     draining: bool = False
     active: int = 0
+    served: int = 0  # requests that entered `serving`, ever
+    last_busy: float = field(default_factory=time.monotonic)
     _idle: asyncio.Event | None = None
 
     def __post_init__(self):
@@ -87,6 +289,33 @@ class Runtime:
     def ready(self) -> bool:
         return not self.draining
 
+    def deadline(self, timeout_s: float | None = None) -> Deadline:
+        """A request's Deadline from now: --request-timeout-s, or the caller's `timeout_s` if shorter."""
+        limit = self.settings.request_timeout_s
+        return Deadline.start(limit if timeout_s is None else min(limit, timeout_s))
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress, queued or holding admitted bytes."""
+        return self.active == 0 and self.scheduler.depth == 0 and self.admission.in_flight == 0
+
+    async def trim_memory_when_idle(self, idle_s: float, trim: Callable[[], Any] = malloc_trim) -> None:
+        """Forever: once the server has been idle for `idle_s` after serving anything since the last
+        trim, call `trim` (malloc_trim: the pages a burst left in the heap go back to the system; the
+        allocator keeps them otherwise, see docs/container.md). Checked every idle_s / 4."""
+        trimmed_at = self.served
+        idle_since = None
+        while True:
+            await asyncio.sleep(idle_s / 4)
+            if not self.idle:
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = max(idle_since or now, self.last_busy)
+            if self.served != trimmed_at and now - idle_since >= idle_s:
+                trimmed_at = self.served
+                await asyncio.to_thread(trim)
+
     def authenticate(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless `authorization` is "Bearer <token>" with the configured token
         (compared in constant time). No token configured: everyone is let in."""
@@ -103,10 +332,12 @@ class Runtime:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another instance", retry_after_s=1.0)
         self.active += 1
+        self.served += 1
         try:
             yield
         finally:
             self.active -= 1
+            self.last_busy = time.monotonic()
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
 

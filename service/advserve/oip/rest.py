@@ -21,19 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import mmap
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
-from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, NotFound, PayloadTooLarge, Unavailable,
-                      error_message)
+from ..errors import STATUS, AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable, error_message
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import Runtime, off_loop
+from ..runtime import INLINE_LIMIT, Runtime, admitted, watch_disconnect
 from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
 from .tensors import from_json, from_raw
 
@@ -81,24 +80,59 @@ def _object(value: Any, what: str, where: str) -> dict:
     return value
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body decoded per Content-Encoding (gzip, deflate or identity), at most `limit` bytes."""
+INFLATE_CHUNK = 1 << 20  # bytes inflated per step, each charged before it is kept
+
+
+def decompress(body: bytes | memoryview, encoding: str | None, limit: int, *, max_ratio: int = 1024,
+               charge: Callable[[int], None] | None = None) -> bytes | memoryview:
+    """The body decoded per Content-Encoding (gzip, deflate or identity).
+
+    Inflated INFLATE_CHUNK bytes at a time: each chunk is charged (`charge(n)`: the request's admission
+    lease, which raises Overloaded or PayloadTooLarge when it cannot grow) before it is kept, and the
+    inflated size may exceed neither `limit` nor `max_ratio` × the compressed size (413, field body:
+    a compression bomb stops there, having cost at most that much). Every member of a multi-member gzip
+    body (RFC 1952 §2.2, e.g. `cat a.gz b.gz`) is decoded; anything else after the end is a 400. The
+    result is a view of one anonymous mapping (virtual until written: no final copy)."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise InvalidArgument(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
                               field="Content-Encoding")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    size = memoryview(body).nbytes
+    allowed = min(limit, max_ratio * size)
+    if allowed == 0:
+        raise InvalidArgument(f"the {encoding} body is empty", field="Content-Encoding")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    out = mmap.mmap(-1, allowed)
+    inflater, data, kept = zlib.decompressobj(wbits), body, 0
     try:
-        out = inflater.decompress(body, limit + 1)
+        while True:
+            chunk = inflater.decompress(data, INFLATE_CHUNK)
+            data = inflater.unconsumed_tail
+            if chunk:
+                if kept + len(chunk) > allowed:
+                    if allowed < limit:
+                        raise PayloadTooLarge(f"the {encoding} body inflates to more than {max_ratio} times its "
+                                              f"{size} bytes (--max-inflate-ratio)", field="body")
+                    raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", field="body")
+                if charge is not None:
+                    charge(len(chunk))
+                out[kept:kept + len(chunk)] = chunk
+                kept += len(chunk)
+            if inflater.eof:
+                data = inflater.unused_data
+                if not data:
+                    break
+                if encoding != "gzip":
+                    raise InvalidArgument(f"{len(data)} bytes after the end of the deflate stream",
+                                          field="Content-Encoding")
+                inflater = zlib.decompressobj(wbits)  # the next gzip member
+            elif not chunk and not data:
+                raise InvalidArgument(f"the {encoding} body is truncated", field="Content-Encoding")
     except zlib.error as exc:
         raise InvalidArgument(f"the body is not valid {encoding} data: {exc}", field="Content-Encoding") from None
-    if len(out) > limit:
-        raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", field="body")
-    if not inflater.eof:
-        raise InvalidArgument(f"the {encoding} body is truncated", field="Content-Encoding")
-    return out
+    return memoryview(out)[:kept]
 
 
 def parse_request(body: bytes, header_length: str | None, model_name: str, version: str,
@@ -219,7 +253,7 @@ def encode_response(response: InferResponse, prepared: Prepared, headers: dict[s
 
 _ERRORS = {code: {"description": "an error", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
-    for code in (400, 401, 404, 413, 503, 504)}
+    for code in (400, 401, 404, 408, 413, 503, 504)}
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
 _TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
     "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -312,55 +346,45 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                                            "health, metadata and inference endpoints only (docs/oip.md)", field="path"))
 
     async def serve_infer(request: Request, model_name: str, version: str) -> Response:
+        from ..rest import _failure_response  # (the one mapping of failures to answers; rest imports this module)
+
         arrived = time.perf_counter()
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         phases: dict[str, float] = {}
-        body, status, error, prepared, extra_held = b"", "200", None, None, 0
+        body, status, error, prepared = b"", "200", None, None
         model = service.models.get(model_name)
         try:
             with runtime.serving():
-                body = await request.body()
+                body, deadline, lease = await admitted(request, runtime)  # read by AdmissionControl
                 started = time.perf_counter()
                 headers = request.headers
                 binary = HEADER_LENGTH in headers
                 limit = settings.max_body_bytes if binary else settings.max_json_bytes
-                raw = body
-                if headers.get("content-encoding", "identity").strip().lower() != "identity":
-                    raw = await off_loop(lambda: decompress(body, headers.get("content-encoding"), limit), len(body))
-                    if len(raw) > len(body):  # the decompressed bytes are admitted too
-                        runtime.admission.acquire(len(raw) - len(body))
-                        extra_held = len(raw) - len(body)
-                prepared = await off_loop(
-                    lambda: service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service)),
-                    len(raw))
+
+                def decode():
+                    raw = decompress(body, headers.get("content-encoding"), limit, max_ratio=settings.max_inflate_ratio,
+                                     charge=lease.grow if lease is not None else None)
+                    return service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service))
+
+                inflating = headers.get("content-encoding", "identity").strip().lower() != "identity"
+                prepared = await deadline.off_loop(decode, max(len(body), INLINE_LIMIT if inflating else 0), lease)
                 phases["decode"] = time.perf_counter() - started
-                timeout = settings.request_timeout_s
-                if prepared.timeout_s is not None:
-                    timeout = min(timeout, prepared.timeout_s)
-                remaining = timeout - (time.perf_counter() - arrived)
-                try:
-                    result, timing = await asyncio.wait_for(service.compute(prepared), timeout=max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"no result within the request timeout of {timeout:g} s") from None
+                deadline = deadline.within(prepared.timeout_s)
+                result, timing = await deadline.wait(service.compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
 
                 def encode():
                     return encode_response(service.respond(prepared, result), prepared, {})
 
-                response = await off_loop(encode, sum(t.numel() * t.element_size() for t in _result_tensors(result)))
+                output_size = sum(t.numel() * t.element_size() for t in _result_tensors(result))
+                response = await deadline.off_loop(encode, output_size, lease)
                 phases["encode"] = time.perf_counter() - encode_started
                 response.headers["Server-Timing"] = server_timing(**phases)
-        except AdvserveError as exc:
-            response, status, error = oip_error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
-        except ClientDisconnect:
-            response, status, error = Response(status_code=499), "499", "client_disconnected"
-        except Exception:  # noqa: BLE001 - a bug: logged with its request id, answered 500 without details
-            log.exception("internal error on OIP infer of %r (request id %s)", model_name, rid)
-            response, status, error = oip_error_response(AdvserveError("internal error")), "500", "internal"
-        finally:
-            if extra_held:
-                runtime.admission.release(extra_held)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer (or none, if the caller left)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise
+            response, status, error = _failure_response(exc, f"OIP infer of {model_name!r}", rid, oip_error_response)
         response.headers[REQUEST_ID_HEADER] = rid
         runtime.metrics.observe(
             transport=TRANSPORT, endpoint=model.kind if model else "infer",
