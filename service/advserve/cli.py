@@ -138,7 +138,7 @@ def serve(settings: Settings) -> None:
 
     from .errors import AdvserveError
     from .grpc_server import HEALTH_NAMES, start_grpc_server
-    from .rest import create_app
+    from .rest import create_app, guarded_protocol
     from .runtime import Runtime
 
     configure_logging(settings)
@@ -166,17 +166,21 @@ def serve(settings: Settings) -> None:
             grpc_server, health, grpc_port = await start_grpc_server(runtime)
         except (OSError, RuntimeError) as exc:
             sys.exit(f"advserve: cannot start gRPC on {settings.host}:{settings.grpc_port}: {exc}")
-        if settings.metrics_port:
+        if settings.metrics_port:  # plain HTTP without auth: loopback only, whatever --host says
             from prometheus_client import start_http_server
 
-            start_http_server(settings.metrics_port, addr=settings.host, registry=runtime.metrics.registry)
+            try:
+                start_http_server(settings.metrics_port, addr="127.0.0.1", registry=runtime.metrics.registry)
+            except OSError as exc:
+                sys.exit(f"advserve: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: {exc}")
         tls = {}
         if settings.tls_cert:
             tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
             if settings.tls_client_ca:
                 tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
-                                access_log=False, log_config=None, timeout_graceful_shutdown=5, **tls)
+                                access_log=False, log_config=None, timeout_graceful_shutdown=5,
+                                http=guarded_protocol(settings), **tls)
         server = Server(config)
         server.loop = asyncio.get_running_loop()
         server.drain_requested = asyncio.Event()
@@ -192,6 +196,8 @@ def serve(settings: Settings) -> None:
             server.should_exit = True
 
         drainer = asyncio.create_task(drain_on_signal())
+        trimmer = (asyncio.create_task(runtime.trim_memory_when_idle(settings.memory_trim_idle_s))
+                   if settings.memory_trim_idle_s > 0 else None)
         scheme = "https" if settings.tls_cert else "http"
         log.info("engine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
                  runtime.engine.device, scheme, settings.host, settings.http_port, settings.host, grpc_port,
@@ -201,6 +207,8 @@ def serve(settings: Settings) -> None:
             await server.serve()
         finally:
             drainer.cancel()
+            if trimmer is not None:
+                trimmer.cancel()
             await grpc_server.stop(grace=5)
             runtime.close()
 
