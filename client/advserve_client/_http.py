@@ -5,6 +5,7 @@ the typed errors of `errors`; retries and array conversions are the client's bus
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Any, AsyncIterator, Iterator, Mapping, cast
 
@@ -12,7 +13,8 @@ import httpx
 import numpy as np
 
 from . import framing
-from .errors import AdvserveError, DeadlineExceeded, InternalError, Unavailable, error_from, parse_retry_after
+from .errors import (AdvserveError, DeadlineExceeded, InternalError, InvalidArgument, Unavailable, error_from,
+                     parse_retry_after)
 from .framing import RawTensor
 
 JSON = "application/json"
@@ -41,9 +43,31 @@ def _encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]
         size = sum(memoryview(chunk).nbytes for chunk in chunks)
         return ({"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n), "content-length": str(size),
                  "accept": framing.CONTENT_TYPE}, chunks)
-    inline = {name: (t.to_numpy() if isinstance(t, RawTensor) else t) for name, t in tensors.items()}
+    _check_finite(document)
+    inline = {name: (_json_tensor(t.to_numpy()) if isinstance(t, RawTensor) else t) for name, t in tensors.items()}
     body = framing.dumps({**document, "tensors": inline})
     return {"content-type": JSON, "accept": JSON}, [body]
+
+
+def _json_tensor(array: np.ndarray) -> Any:
+    """A tensor as JSON: NaN and ±Inf (JSON has none) as null, which the server reads as NaN (ignored at
+    masked positions, refused at unmasked ones, as over every other transport)."""
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return array
+    values = array.astype(object)
+    values[~np.isfinite(array)] = None
+    return values.tolist()
+
+
+def _check_finite(document: Mapping[str, Any], prefix: str = "") -> None:
+    """JSON has no NaN or Inf: a non-finite parameter (`params.gamma`, `policy_loss.clip_high`,
+    `num_tokens`) is refused here as the server refuses it over the other transports."""
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _check_finite(value, f"{name}.")
+        elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            raise InvalidArgument(f"{name} must be finite, got {float(value)}", field=name)
 
 
 def _error(response: httpx.Response) -> AdvserveError:

@@ -1,0 +1,187 @@
+"""Every transport is the same function: for random batches, every estimator under every preset and every
+policy loss mode with any loss terms gives the same numbers over REST JSON, REST binary framing, native
+gRPC, /v2 HTTP (binary and JSON) and /v2 gRPC as the in-process API, and every invalid request the same
+error code and field.
+
+"The same numbers" is exact: every tensor bit for bit (dtype, shape, signed zeros), the loss, components,
+metrics, resolved parameters and statistics equal as floats. No transport changes a dtype, and JSON
+round-trips floats exactly (the server prints the shortest repr). What a transport does not carry is not
+compared (docs/oip.md: /v2 returns no statistics and no null parameters; client/README.md: gRPC returns
+group ids as strings; /v2 JSON has no NaN, so batches holding NaN/Inf garbage skip it).
+
+The batches, the transports' calls and the comparison are those of the differential fuzzer
+(scripts/fuzz_transports.py), driven here by Hypothesis (choices shrink; tensor contents come from a
+drawn seed). One session server (conftest's `server`) serves every transport; requests go one at a
+time (the fuzzer's smoke run at the end also sends concurrent bursts, which the server may coalesce).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import advserve
+from advserve_client import Client, InvalidArgument
+from advserve_client import _http as client_http
+from advserve_client.framing import RawTensor
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz_transports as fz  # noqa: E402
+
+# Examples per parametrized case; ~420 in all, each sent over the six transports (about a minute on two cores).
+ADVANTAGE_EXAMPLES = 6
+LOSS_EXAMPLES = 8
+INVALID_EXAMPLES = 6
+SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# variants that are wrong whatever else was drawn (wrong_shape, missing_tensor and unknown_tensor may hit
+# a tensor the request does not need: the transports must still agree)
+ALWAYS_INVALID = ("nan_unmasked", "inf_unmasked", "unknown_estimator", "unknown_preset", "unknown_param",
+                  "bad_param_value", "empty_batch", "singleton_refused", "bad_mask", "estimator_not_in_preset",
+                  "unknown_choice")
+
+
+@pytest.fixture(scope="module")
+def transports(server):
+    made = fz.Transports(server.url, server.grpc_address)
+    yield made
+    made.close()
+
+
+def same_everywhere(transports: fz.Transports, case: fz.Case) -> fz.Outcome:
+    """The in-process outcome, after checking that every transport gives it."""
+    expected = fz.in_process(case)
+    failures = {}
+    for name in transports.names:
+        if fz.applicable(name, case):
+            got = transports.call(name, case)
+            found = fz.differences(fz.expected_over(name, case, expected), got)
+            if found:
+                failures[name] = found
+    assert not failures, f"{case.describe()}\nin process: {expected.brief()}\n" + "\n".join(
+        f"{name}: {'; '.join(found[:4])}" for name, found in failures.items())
+    return expected
+
+
+PAIRS = fz.estimator_presets()
+
+
+@pytest.mark.parametrize("estimator,preset", PAIRS, ids=[f"{e}-{p}" for e, p in PAIRS])
+@settings(SLOW, max_examples=ADVANTAGE_EXAMPLES)
+@given(data=st.data())
+def test_every_estimator_is_the_same_function_over_every_transport(transports, estimator, preset, data):
+    same_everywhere(transports, fz.advantage_case(fz.HypothesisDraw(data), estimator, preset))
+
+
+LOSS_CASES = [(mode, preset) for mode in (*fz.MODES, None) for preset in fz.PRESETS]
+
+
+@pytest.mark.parametrize("mode,preset", LOSS_CASES, ids=[f"{m or 'any'}-{p}" for m, p in LOSS_CASES])
+@settings(SLOW, max_examples=LOSS_EXAMPLES)
+@given(data=st.data())
+def test_every_loss_is_the_same_function_over_every_transport(transports, mode, preset, data):
+    """mode None: any mode, or no policy term; the other terms on or off, with drawn parameters."""
+    same_everywhere(transports, fz.loss_case(fz.HypothesisDraw(data), mode, preset))
+
+
+@pytest.mark.parametrize("variant", fz.INVALID)
+@settings(SLOW, max_examples=INVALID_EXAMPLES)
+@given(data=st.data())
+def test_invalid_requests_get_the_same_error_everywhere(transports, variant, data):
+    expected = same_everywhere(transports, fz.invalid_case(fz.HypothesisDraw(data), variant))
+    if variant in ALWAYS_INVALID:
+        assert expected.error is not None and expected.error[0] in ("invalid_argument", "not_found"), expected.brief()
+        assert expected.error[1], f"the error names no field: {expected.message}"
+
+
+def test_the_generated_batches_cover_what_the_property_claims():
+    """The generators draw what the tests above promise (B 1-40, T 1-70 with T > 16 not a multiple of 16,
+    ragged, one-token and gapped rows, int and string ids, singleton and all-equal groups, both dtypes and
+    layouts), and most valid requests compute: the property is not vacuous."""
+    seen: dict[str, int] = {}
+
+    def note(key: str, yes: bool = True) -> None:
+        seen[key] = seen.get(key, 0) + bool(yes)
+
+    for seed in range(300):
+        draw = fz.RandomDraw(seed)
+        case = fz.advantage_case(draw) if seed % 3 else fz.loss_case(draw)
+        t = case.tensors
+        packed = case.document.get("layout") == "packed"
+        note("packed", packed)
+        mask = t.get("response_mask")
+        if not packed:
+            b, width = mask.shape
+            lengths = mask.sum(1)
+            note("T>16 not a multiple of 16", width > 16 and width % 16)
+            note("B>=30", b >= 30)
+            note("ragged", len(set(lengths.tolist())) > 1)
+            note("one-token row", (lengths == 1).any())
+            spans = width - np.argmax(mask[:, ::-1], axis=1)
+            note("interior gap", (mask.any(1) & (lengths < spans)).any())
+        ids = t.get("group_ids")
+        if ids is not None:
+            note("string ids", isinstance(ids, list))
+            note("int ids", isinstance(ids, np.ndarray))
+            counts = np.unique(np.asarray([str(i) for i in ids]), return_counts=True)[1]
+            note("singleton group", (counts == 1).any())
+            note("all equal", len(counts) == 1 and len(ids) > 1)
+        note("float32 inputs", any(getattr(v, "dtype", None) == np.float32 for v in t.values()))
+        note("float64 compute", case.document.get("dtype") == "float64")
+        note("masked garbage", case.non_finite())
+        note(f"{case.kind} computes", fz.in_process(case).error is None)
+        note(f"{case.kind} drawn")
+    for key in ("packed", "T>16 not a multiple of 16", "B>=30", "ragged", "one-token row", "interior gap",
+                "string ids", "int ids", "singleton group", "all equal", "float32 inputs", "float64 compute",
+                "masked garbage"):
+        assert seen.get(key, 0) >= 5, (key, seen)
+    for kind in ("advantages", "losses"):
+        assert seen[f"{kind} computes"] >= 0.6 * seen[f"{kind} drawn"], seen
+
+
+# --- the JSON client and non-finite numbers (JSON has no NaN) ----------------------------------------------
+
+
+def test_the_json_client_sends_nan_and_inf_as_null():
+    values = np.array([[0.5, 1.0, np.nan], [2.0, np.inf, -np.inf]], np.float32)
+    _, (body,) = client_http._encode({"estimator": "gae"}, {"values": RawTensor.from_numpy(values)}, binary=False)
+    assert body == b'{"estimator":"gae","tensors":{"values":[[0.5,1.0,null],[2.0,null,null]]}}'
+    with pytest.raises(InvalidArgument) as info:
+        client_http._encode({"policy_loss": {"clip_high": float("inf")}}, {}, binary=False)
+    assert info.value.field == "policy_loss.clip_high"
+
+
+def test_nan_garbage_and_nan_errors_read_the_same_in_json_mode(server):
+    """Ignored garbage at masked positions computes as it does in process; NaN at an unmasked position
+    and a non-finite parameter are the in-process errors, field and all."""
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+    values = np.where(mask, rng.normal(size=mask.shape), np.nan)
+    tensors = {"rewards": np.array([1.0, 0.0, 2.0]), "response_mask": mask, "values": values}
+    local = advserve.compute_advantages("gae", **tensors)
+    with Client(server.url, binary=False) as client:
+        result = client.compute_advantages("gae", **tensors)
+        np.testing.assert_array_equal(result.advantages, local.advantages)
+        for bad, field in ((dict(tensors, values=np.where(mask, np.nan, 0.0)), "tensors.values"),
+                           (dict(tensors, params={"gamma": float("nan")}), "params.gamma")):
+            with pytest.raises(advserve.InvalidArgument) as in_process:
+                advserve.compute_advantages("gae", **bad)
+            with pytest.raises(InvalidArgument) as over_json:
+                client.compute_advantages("gae", **bad)
+            assert in_process.value.field == over_json.value.field == field
+
+
+# --- the fuzzer, briefly ----------------------------------------------------------------------------------
+
+
+def test_fuzz_campaign_smoke(transports):
+    """The fuzzer's campaign, 20 requests per transport, some in concurrent bursts: no 5xx, no disagreement."""
+    summary = fz.run_campaign(transports, requests=20, seed=7, burst_share=0.3)
+    for name, tally in summary["transports"].items():
+        assert tally["requests"] + tally["skipped"] >= 20, name
+        assert tally["server_errors"] == 0 and tally["exceptions"] == 0 and not tally["kinds"], \
+            (name, tally["kinds"], tally["examples"])
