@@ -48,7 +48,7 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def error_message(body: bytes) -> str | None:
+def error_body_message(body: bytes) -> str | None:
     """The message of a JSON error body: `{"error": {"message": ...}}` (REST) or `{"error": "..."}`
     (the Open Inference Protocol); None for anything else (an empty 499)."""
     try:
