@@ -99,7 +99,8 @@ _PAPER_GRPO = _merge(_PAPER_KL, {"kl_estimator": "k3", "kl_placement": "token"},
 PAPER = Preset(
     name="paper",
     description="The seed document's formulas to the letter: population std, no epsilons, "
-    "KL where the seed's table puts it; undefined values (std 0) give 0.",
+    "KL where the seed's table puts it; undefined values (std 0) give 0. Policy loss: PPO clip 0.2/0.2 "
+    "summed over a response's tokens and averaged over responses (the seed's eq. (14)).",
     estimators={
         "reinforce": _PAPER_KL,
         "reinforce_rtg": _merge({"gamma": 1.0}, _PAPER_KL),
