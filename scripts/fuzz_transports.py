@@ -120,6 +120,11 @@ class Case:
                   for k, v in self.tensors.items()}
         return f"{self.kind} {self.variant} {json.dumps(self.document, default=str)} {shapes}"
 
+    def mixed_ids(self) -> bool:
+        """Group ids of more than one kind, or null: no /v2 tensor can hold them."""
+        ids = self.tensors.get("group_ids")
+        return isinstance(ids, list) and {type(i) for i in ids} != {str} and len(ids) > 0
+
     def non_finite(self) -> bool:
         return any(isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all()
                    for v in self.tensors.values())
@@ -381,7 +386,7 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
 
 INVALID = ("nan_unmasked", "inf_unmasked", "wrong_shape", "unknown_estimator", "unknown_preset", "unknown_param",
            "bad_param_value", "empty_batch", "missing_tensor", "unknown_tensor", "singleton_refused", "bad_mask",
-           "estimator_not_in_preset", "unknown_choice")
+           "estimator_not_in_preset", "unknown_choice", "mixed_ids")
 
 
 def _float_names(case: Case) -> list[str]:
@@ -409,6 +414,14 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
         ids = case.tensors["group_ids"]
         case.tensors["group_ids"] = (np.arange(len(ids), dtype=np.int64) if isinstance(ids, np.ndarray)
                                      else [f"s{i}" for i in range(len(ids))])
+        case.variant = variant
+        return case
+    if variant == "mixed_ids":  # ["a", 1, ...]: the wire has one kind per tensor; refused everywhere
+        estimator, preset = draw.choice([pair for pair in estimator_presets()
+                                         if "group_ids" in _estimator(pair[0])["tensors"]["required"]])
+        case = valid_case(draw, lambda: advantage_case(draw, estimator, preset))
+        ids = [str(i) for i in case.tensors["group_ids"]]  # strings, and every other one an int (one row: null)
+        case.tensors["group_ids"] = [n if n % 2 else i for n, i in enumerate(ids)] if len(ids) > 1 else [None]
         case.variant = variant
         return case
     if variant == "estimator_not_in_preset":
@@ -812,7 +825,10 @@ def expected_over(transport: str, case: Case, expected: Outcome) -> Outcome:
 
 
 def applicable(transport: str, case: Case) -> bool:
-    """/v2 JSON carries no NaN or Inf (docs/oip.md); every other transport carries every case."""
+    """/v2 JSON carries no NaN or Inf (docs/oip.md) and no /v2 tensor mixes ints and strings (one datatype
+    per input); the other transports carry every case (the native clients refuse mixed ids themselves)."""
+    if transport.startswith("v2") and case.mixed_ids():
+        return False
     return not (transport == "v2-json" and case.non_finite())
 
 

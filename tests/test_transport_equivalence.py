@@ -33,16 +33,16 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
 
-# Examples per parametrized case; ~420 in all, each sent over the six transports (about a minute on two cores).
-ADVANTAGE_EXAMPLES = 6
-LOSS_EXAMPLES = 8
-INVALID_EXAMPLES = 6
+# Examples per parametrized case; about 560 in all, each sent over the six transports (about a minute on two cores).
+ADVANTAGE_EXAMPLES = 8
+LOSS_EXAMPLES = 10
+INVALID_EXAMPLES = 8
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # variants that are wrong whatever else was drawn (wrong_shape, missing_tensor and unknown_tensor may hit
 # a tensor the request does not need: the transports must still agree)
 ALWAYS_INVALID = ("nan_unmasked", "inf_unmasked", "unknown_estimator", "unknown_preset", "unknown_param",
                   "bad_param_value", "empty_batch", "singleton_refused", "bad_mask", "estimator_not_in_preset",
-                  "unknown_choice")
+                  "unknown_choice", "mixed_ids")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
+
 from . import _grpc, _http, _retry
 from ._arrays import Outputs, wire_tensors
 from ._grpc import ADVANTAGES, ANALYSIS, LOSSES, AsyncGrpcTransport, GrpcTransport
 from ._http import AsyncHttpTransport, HttpTransport
 from ._retry import RetryPolicy
-from .errors import AdvserveError
+from .errors import AdvserveError, InvalidArgument
 
 Transport = Literal["http", "grpc"]
 TermSpec = Mapping[str, Any] | bool | None
@@ -75,6 +77,36 @@ class LossResult:
 
 def _document(**entries: Any) -> dict[str, Any]:
     return {key: value for key, value in entries.items() if value is not None}
+
+
+_ID_KINDS = ((bool, None), (np.bool_, None), (int, "integers"), (np.integer, "integers"), (str, "strings"),
+             (bytes, "strings"), (float, None), (np.floating, None), (type(None), None))
+
+
+def _id_kind(kind: type) -> str | None:
+    return next((name for base, name in _ID_KINDS if issubclass(kind, base)), None)
+
+
+def _check_group_ids(tensors: Mapping[str, Any]) -> None:
+    """Group ids given as Python objects (a list, or an object array) must be all integers or all strings,
+    as the server requires: the wire has one kind per tensor, and numpy would quietly turn [1, "1"] or
+    [1, None] into strings. A set of the ids' types, not a loop per row."""
+    ids = tensors.get("group_ids")
+    if isinstance(ids, np.ndarray) and ids.dtype == object:
+        ids = ids.reshape(-1).tolist()
+    if not isinstance(ids, (list, tuple)):
+        return
+    types = set(map(type, ids))
+    if types & {list, tuple}:
+        return  # nested: the server names the shape
+    kinds = {_id_kind(t) for t in types}
+    if None in kinds:
+        bad = next(t for t in types if _id_kind(t) is None)
+        what = {type(None): "null", float: "floats", bool: "booleans"}.get(bad, bad.__name__)
+        raise InvalidArgument(f"group_ids must be integers or strings, got {what}", field="tensors.group_ids")
+    if len(kinds) > 1:
+        raise InvalidArgument('group_ids mix integers and strings (is 1 the group of "1"?): give every id as one '
+                              "kind", field="tensors.group_ids")
 
 
 def _names(estimators: Sequence[str] | None) -> Any:
@@ -171,6 +203,7 @@ class Client(_Base):
         ref_logprobs [B, T] (when kl_coef > 0). layout="packed": token tensors flat [N] with
         cu_seqlens [B + 1]. Returns an `AdvantageResult` (.advantages, .returns, .stats, .params).
         """
+        _check_group_ids(tensors)
         document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
         answer, raw = self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
@@ -209,6 +242,7 @@ class Client(_Base):
         params: per-estimator overrides, {"grpo": {"std_eps": 1e-6}}. Returns the analysis document
         (the same over both transports; group ids as strings).
         """
+        _check_group_ids(tensors)
         document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
         answer, _ = self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
         return answer
@@ -250,6 +284,7 @@ class AsyncClient(_Base):
                                  params: Mapping[str, Any] | None = None, dtype: str | None = None,
                                  layout: str | None = None, **tensors: Any) -> AdvantageResult:
         """See `Client.compute_advantages`."""
+        _check_group_ids(tensors)
         document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
         answer, raw = await self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
@@ -272,6 +307,7 @@ class AsyncClient(_Base):
                       params: Mapping[str, Mapping[str, Any]] | None = None, dtype: str | None = None,
                       layout: str | None = None, **tensors: Any) -> dict[str, Any]:
         """See `Client.analyze`."""
+        _check_group_ids(tensors)
         document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
         answer, _ = await self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
         return answer
