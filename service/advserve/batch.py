@@ -3,14 +3,18 @@
 Every check names the offending tensor in `InvalidArgument.field` ("tensors.<name>"): unknown or
 missing names, ragged or non-numeric data, wrong rank, mismatched B or T, empty batches, masks that
 are not 0/1, NaN/Inf on unmasked positions. Masked positions of token tensors are set to 0, so what
-a client leaves there (NaN included) cannot leak into a result.
+a client leaves there (NaN included) cannot leak into a result. JSON has no NaN: a null in a numeric
+tensor reads as NaN (ignored where masked, refused where not, as binary NaN is). Group ids are
+factorized as Python objects, never widened to a fixed width, each at most MAX_GROUP_ID_LENGTH long.
+Running out of memory while converting a tensor is a PayloadTooLarge naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +32,11 @@ TOKEN_TENSORS = frozenset({
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
 ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_GROUP_ID_LENGTH = 1024  # characters of a string group id (bytes of a bytes one); longer ids are refused
+SHAPE_HINTS = {  # (tensor, rank given) -> (the tensor it was probably meant as, the hint)
+    ("rewards", 2): ("token_rewards", "per-token rewards [B, T] go in 'token_rewards'"),
+    ("token_rewards", 1): ("rewards", "one outcome reward per sequence [B] goes in 'rewards'"),
+}
 
 
 @dataclass
@@ -70,8 +79,11 @@ class Batch:
                      lengths=torch.cat([b.lengths for b in batches]), group_index=group_index, group_labels=labels)
 
     def output(self, padded: Tensor | None) -> Tensor | None:
-        """A [B, T] result in the caller's layout: as is, or flat [N] for a packed request."""
-        return padded if padded is None or self.layout is None else self.layout.to_packed(padded)
+        """A [B, T] result in the caller's layout, contiguous (a scan's result or a coalesced request's
+        rows may be a strided view, which encoders refuse): [B, T], or flat [N] for a packed request."""
+        if padded is None:
+            return None
+        return padded.contiguous() if self.layout is None else self.layout.to_packed(padded)
 
     @functools.cached_property
     def tokens(self) -> int:
@@ -87,56 +99,139 @@ def _field(name: str) -> str:
     return f"tensors.{name}"
 
 
+def _what(dtype: np.dtype | torch.dtype) -> str:
+    """A dtype in words for messages: "strings", "floats", "booleans", ... (no numpy codes)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype == torch.bool:
+            return "booleans"
+        return "complex numbers" if dtype.is_complex else "floats" if dtype.is_floating_point else "integers"
+    return {"U": "strings", "S": "bytes strings", "O": "mixed values", "c": "complex numbers", "f": "floats",
+            "b": "booleans", "i": "integers", "u": "integers", "M": "dates", "m": "time spans"}.get(dtype.kind,
+                                                                                                "raw records")
+
+
+@contextlib.contextmanager
+def _fits(name: str) -> Iterator[None]:
+    """Running out of memory while converting tensor `name` is the request's size: PayloadTooLarge."""
+    try:
+        yield
+    except MemoryError:
+        raise PayloadTooLarge(f"tensor {name!r} does not fit in the server's memory: send a smaller batch",
+                              field=_field(name)) from None
+
+
 def _to_array(name: str, value: Any) -> np.ndarray | Tensor:
+    """A numeric tensor as given (torch, numpy) or read from nested lists (JSON): null reads as NaN."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)):
+        array = value
+    elif isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgument(f"tensor {name!r} is ragged or not numeric: {exc}", field=_field(name)) from None
-        if array.dtype == object:
-            raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or holds mixed types",
-                                  field=_field(name))
-        return array
-    raise InvalidArgument(f"tensor {name!r} must be an array (nested list, numpy array or torch tensor), "
-                          f"got {type(value).__name__}", field=_field(name))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or not numeric",
+                                  field=_field(name)) from None
+        if array.dtype == object:  # null (JSON's NaN) among numbers; else ragged or mixed kinds
+            try:
+                array = np.asarray(value, dtype=np.float64)
+            except (ValueError, TypeError):
+                raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or holds values "
+                                      "other than numbers and null", field=_field(name)) from None
+    else:
+        raise InvalidArgument(f"tensor {name!r} must be an array (nested list, numpy array or torch tensor), "
+                              f"got {type(value).__name__}", field=_field(name))
+    if array.dtype.kind not in "biuf":
+        raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
+    return array
 
 
 def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(array, Tensor):
         if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
-            raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
+            raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
         return to_device(array, device).to(dtype)
-    if array.dtype.kind not in "biuf":
-        raise InvalidArgument(f"tensor {name!r} must be numeric, got dtype {array.dtype}", field=_field(name))
     return to_device(torch.as_tensor(array), device).to(dtype)  # converted where it is cheapest: on the device
 
 
 _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 
 
-def _group_index(value: np.ndarray | Tensor, device: torch.device) -> tuple[Tensor, list]:
-    """Dense group index [B] in order of first appearance, and the original ids in that order."""
+def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
+    """Dense group index [B] (long, on `device`) in order of first appearance, and the ids in that order.
+
+    `value` [B]: integers (list, numpy or torch) or strings (list, numpy str/bytes/object array, as
+    verl's non_tensor_batch["uid"]). Integer arrays are factorized by np.unique; anything else as
+    Python objects by dicts built in C (`_factorize`), so a long id is never copied into a fixed-width
+    array of B such ids. String ids are at most MAX_GROUP_ID_LENGTH long; integers and strings are
+    never mixed (is 1 the group of "1"? the transports would disagree)."""
+    field = _field("group_ids")
     if isinstance(value, Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise InvalidArgument("group_ids must be integers or strings", field=_field("group_ids"))
+            raise InvalidArgument(f"group_ids must be integers or strings, got {_what(value.dtype)}", field=field)
         value = value.detach().cpu().numpy()
-    if value.dtype == object:  # e.g. verl's non_tensor_batch["uid"]: a numpy array of Python str
-        value = np.asarray(value.tolist())
-    if value.ndim != 1:
-        raise InvalidArgument(f"group_ids must be 1-D [B], got shape {list(value.shape)}", field=_field("group_ids"))
-    if value.dtype.kind not in "iuUS":
-        raise InvalidArgument(f"group_ids must be integers or strings, got dtype {value.dtype}",
-                              field=_field("group_ids"))
-    labels, first, inverse = np.unique(value, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # group k = k-th id to appear
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    index = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=device)
-    return index, labels[order].tolist()
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise InvalidArgument(f"group_ids must be 1-D [B], got shape {list(value.shape)}", field=field)
+        if value.dtype.kind in "iu":
+            labels, first, inverse = np.unique(value, return_index=True, return_inverse=True)
+            order = np.argsort(first, kind="stable")  # group k = k-th id to appear
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            index = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=device)
+            return index, labels[order].tolist()
+        if value.dtype.kind in "US":  # fixed width already: its width is the longest id
+            _check_id_length(value.dtype.itemsize // (4 if value.dtype.kind == "U" else 1))
+        elif value.dtype != object:
+            raise InvalidArgument(f"group_ids must be integers or strings, got {_what(value.dtype)}", field=field)
+        value = value.tolist()
+    elif not isinstance(value, (list, tuple)):
+        raise InvalidArgument(f"group_ids must be an array [B] of integers or strings, got {type(value).__name__}",
+                              field=field)
+    index, labels = _factorize(value)
+    return torch.from_numpy(index).to(device), labels
+
+
+def _factorize(ids: list | tuple) -> tuple[np.ndarray, list]:
+    """Python ids [B] -> (group index [B] int64 in order of first appearance, the ids in that order).
+
+    Every step is a C-level builtin over the ids (set(map(type)), max(map(len)), dict.fromkeys, map of
+    a dict look-up): no Python loop per row, and each id is hashed once, whatever its length."""
+    field = _field("group_ids")
+    kinds = {_id_kind(t) for t in set(map(type, ids))}  # a handful of types, not B
+    if None in kinds:
+        bad = next(t for t in set(map(type, ids)) if _id_kind(t) is None)
+        what = {list: "nested lists", tuple: "nested lists", type(None): "null", float: "floats",
+                bool: "booleans"}.get(bad, bad.__name__)
+        if what == "nested lists":
+            raise InvalidArgument("group_ids must be 1-D [B], got nested lists", field=field)
+        raise InvalidArgument(f"group_ids must be integers or strings, got {what}", field=field)
+    if len(kinds) > 1:
+        raise InvalidArgument("group_ids mix integers and strings (is 1 the group of \"1\"?): give every id as "
+                              "one kind", field=field)
+    if kinds and kinds != {"int"}:
+        _check_id_length(max(map(len, ids)))
+    codes = dict(zip(dict.fromkeys(ids), range(len(ids))))  # id -> its group, numbered by first appearance
+    index = np.fromiter(map(codes.__getitem__, ids), dtype=np.int64, count=len(ids))
+    labels = list(codes)
+    if kinds == {"int"}:
+        labels = list(map(int, labels))  # numpy integers (an object array's) as plain ints
+    return index, labels
+
+
+def _id_kind(kind: type) -> str | None:
+    """"int", "str" or "bytes" for the type of a group id; None for anything else (bool is not an id)."""
+    if issubclass(kind, (bool, np.bool_)):
+        return None
+    if issubclass(kind, (int, np.integer)):
+        return "int"
+    return "str" if issubclass(kind, str) else "bytes" if issubclass(kind, bytes) else None
+
+
+def _check_id_length(longest: int) -> None:
+    if longest > MAX_GROUP_ID_LENGTH:
+        raise InvalidArgument(f"a group id is {longest} characters long; ids may have at most "
+                              f"{MAX_GROUP_ID_LENGTH}", field=_field("group_ids"))
 
 
 class PackedLayout:
@@ -150,7 +245,7 @@ class PackedLayout:
         field = _field("cu_seqlens")
         cu = cu_seqlens if isinstance(cu_seqlens, Tensor) else torch.as_tensor(cu_seqlens)
         if cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
-            raise InvalidArgument(f"cu_seqlens must be integers, got dtype {cu.dtype}", field=field)
+            raise InvalidArgument(f"cu_seqlens must be integers, got {_what(cu.dtype)}", field=field)
         if cu.ndim != 1 or cu.numel() < 2:
             raise InvalidArgument(f"cu_seqlens must be [B + 1] with B >= 1, got shape {list(cu.shape)}", field=field)
         cu = cu.to(device=device, dtype=torch.int64)
@@ -180,19 +275,21 @@ def _unpack(raw: Mapping[str, Any], device: torch.device, max_tokens: int) -> tu
     """Packed inputs -> the same tensors right-padded, and the layout to pack results back."""
     if raw.get("cu_seqlens") is None:
         raise InvalidArgument("layout 'packed' needs tensor 'cu_seqlens' [B + 1]", field=_field("cu_seqlens"))
-    layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device, max_tokens)
+    with _fits("cu_seqlens"):
+        layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device, max_tokens)
     padded: dict[str, Any] = {}
     for name, value in raw.items():
         if name == "cu_seqlens" or value is None:
             continue
-        array = _to_array(name, value)
-        if name not in TOKEN_TENSORS:
-            padded[name] = array
+        if name not in TOKEN_TENSORS:  # [B] as given: build_batch converts it
+            padded[name] = value
             continue
-        if tuple(array.shape) != (layout.tokens,):
-            raise InvalidArgument(f"tensor {name!r} must be flat [N] with N = cu_seqlens[-1] = {layout.tokens} in "
-                                  f"layout 'packed', got shape {list(array.shape)}", field=_field(name))
-        padded[name] = layout.to_padded(to_device(torch.as_tensor(array), device))
+        with _fits(name):
+            array = _to_array(name, value)
+            if tuple(array.shape) != (layout.tokens,):
+                raise InvalidArgument(f"tensor {name!r} must be flat [N] with N = cu_seqlens[-1] = {layout.tokens} "
+                                      f"in layout 'packed', got shape {list(array.shape)}", field=_field(name))
+            padded[name] = layout.to_padded(to_device(torch.as_tensor(array), device))
     if "response_mask" not in padded:  # every packed token is a response token unless a mask says otherwise
         columns = torch.arange(layout.width, device=device)
         padded["response_mask"] = columns < layout.lengths.unsqueeze(1)
@@ -209,8 +306,12 @@ def build_batch(
     context: str,
     layout: str = "padded",
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    needed_by: Mapping[str, str] | None = None,
+    hints: Mapping[str, str] | None = None,
 ) -> Batch:
-    """Validate `raw` (name -> array) and convert it. `context` names the caller in messages.
+    """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
+    `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
+    text) ends that message with how to do without it.
 
     layout "padded": token tensors [B, T]; "packed": token tensors flat [N] with cu_seqlens [B + 1]
     (response_mask optional: all packed tokens are valid by default). More than `max_tokens` tokens
@@ -231,35 +332,54 @@ def build_batch(
                                   field=_field(name))
     for name in sorted(required):
         if raw.get(name) is None:
-            raise InvalidArgument(f"{context} needs tensor {name!r}", field=_field(name))
+            hint = (hints or {}).get(name)
+            raise InvalidArgument(f"{(needed_by or {}).get(name, context)} needs tensor {name!r}"
+                                  f"{': ' + hint if hint else ''}", field=_field(name))
 
     packed = None
     if layout == "packed":
         raw, packed = _unpack(raw, device, max_tokens)
-    arrays = {name: _to_array(name, value) for name, value in raw.items() if value is not None}
-    batch_size, length = _check_shapes(arrays)
+    arrays: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is not None:
+            with _fits(name):  # group ids stay as given until factorized below
+                arrays[name] = value if name == "group_ids" else _to_array(name, value)
+    batch_size, length = _check_shapes({name: _shape(name, array) for name, array in arrays.items()}, allowed)
     if batch_size * max(length, 1) > max_tokens:
         raise PayloadTooLarge(f"{batch_size} x {length} tokens: more than the limit of {max_tokens} tokens per "
                               "request", field="tensors.response_mask")
 
-    mask, valid, lengths = _mask(arrays["response_mask"], dtype, device)
+    with _fits("response_mask"):
+        mask, valid, lengths = _mask(arrays["response_mask"], dtype, device)
 
     tensors: dict[str, Tensor] = {}
     group_index, group_labels = None, None
     for name, array in arrays.items():
         if name == "response_mask":
             continue
-        if name == "group_ids":
-            group_index, group_labels = _group_index(array, device)
-            continue
-        tensor = _numeric(name, array, dtype, device)
-        if name in TOKEN_TENSORS:
-            tensor = _zero_masked(name, tensor, mask, valid)  # the engine's invariant: 0 where the mask is 0
-        elif not _all_finite(tensor):
-            raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
+        with _fits(name):
+            if name == "group_ids":
+                group_index, group_labels = _group_index(array, device)
+                continue
+            tensor = _numeric(name, array, dtype, device)
+            if name in TOKEN_TENSORS:
+                tensor = _zero_masked(name, tensor, mask, valid)  # the engine's invariant: 0 where the mask is 0
+            elif not _all_finite(tensor):
+                raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
         tensors[name] = tensor
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
                  group_labels=group_labels, layout=packed)
+
+
+def _shape(name: str, array: Any) -> tuple[int, ...]:
+    """The shape of a converted tensor, or of group ids as given: a list's length (nesting inside it is
+    refused by `_group_index`)."""
+    if isinstance(array, (list, tuple)):
+        return (len(array),)
+    if not isinstance(array, (np.ndarray, Tensor)):
+        raise InvalidArgument(f"tensor {name!r} must be an array (list, numpy array or torch tensor), got "
+                              f"{type(array).__name__}", field=_field(name))
+    return tuple(array.shape)
 
 
 def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,7 +389,7 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
     """
     tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if tensor.dtype != torch.bool and (tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INT_TORCH)):
-        raise InvalidArgument(f"response_mask must be bool or numeric, got dtype {tensor.dtype}",
+        raise InvalidArgument(f"response_mask must be booleans or 0/1 numbers, got {_what(tensor.dtype)}",
                               field=_field("response_mask"))
     tensor = to_device(tensor, device)
     mask = tensor if tensor.dtype == torch.bool else tensor.bool()
@@ -309,16 +429,19 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _check_shapes(arrays: Mapping[str, np.ndarray | Tensor]) -> tuple[int, int]:
-    """Rank and size agreement: [B] for sequence tensors, [B, T] for token tensors; B, T >= 1."""
+def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] = ()) -> tuple[int, int]:
+    """Rank and size agreement: [B] for sequence tensors, [B, T] for token tensors; B, T >= 1. A rank
+    that fits another accepted tensor (`allowed`: [B, T] `rewards` for `token_rewards`) says so."""
     batch_size: tuple[int, str] | None = None
     length: tuple[int, str] | None = None
-    for name, array in arrays.items():
-        shape = tuple(array.shape)
+    for name, shape in shapes.items():
         want = 2 if name in TOKEN_TENSORS else 1
         if len(shape) != want:
             expected = "[B, T]" if want == 2 else "[B]"
-            raise InvalidArgument(f"tensor {name!r} must be {expected}, got shape {list(shape)}", field=_field(name))
+            other, hint = SHAPE_HINTS.get((name, len(shape)), (None, ""))
+            hint = f"; {hint}" if other in allowed else ""
+            raise InvalidArgument(f"tensor {name!r} must be {expected}, got shape {list(shape)}{hint}",
+                                  field=_field(name))
         if batch_size is None:
             batch_size = (shape[0], name)
         elif shape[0] != batch_size[0]:

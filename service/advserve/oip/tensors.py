@@ -5,11 +5,14 @@ typed `contents`) turned into what the engine takes (torch views, numpy arrays),
 Every size is checked before anything is allocated: the shape (non-negative integers, rank at most
 8), the byte count of raw data against prod(shape) x the element size, the element count of JSON
 data. BYTES elements are a 4-byte little-endian length and that many bytes each (Triton's
-serialization). Errors name the input (`inputs.<name>`).
+serialization), at most MAX_GROUP_ID_LENGTH bytes (strings: characters) each, and come out as
+numpy object arrays of Python bytes or str, never widened to a fixed width. Errors name the input
+(`inputs.<name>`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batch import MAX_GROUP_ID_LENGTH
 from ..device import to_host
 from ..errors import InvalidArgument
 from ..wire import buffer_to_torch
@@ -94,8 +98,10 @@ def from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], data: bytes 
 
 def from_bytes_elements(name: str, view: memoryview, count: int) -> np.ndarray:
     """`count` BYTES elements (each a uint32 little-endian length, then the bytes) -> a numpy array of
-    fixed-width bytes strings. Elements of one length (ids such as UUIDs, the usual case) are read
-    without a Python loop; others one by one (group ids are [B], not [B, T])."""
+    them, each at most MAX_GROUP_ID_LENGTH bytes. Elements of one length (ids such as UUIDs, the usual
+    case) are read without a Python loop, as fixed-width bytes of exactly that length; others one by
+    one, the format being sequential (each length says where the next element starts; group ids are
+    [B], not [B, T]), into an object array of bytes."""
     total = view.nbytes
     if count == 0:
         if total:
@@ -107,6 +113,7 @@ def from_bytes_elements(name: str, view: memoryview, count: int) -> np.ndarray:
             rows = np.frombuffer(view, dtype=np.uint8).reshape(count, 4 + width)
             lengths = rows[:, :4].copy().view("<u4").reshape(-1)
             if bool((lengths == width).all()):
+                _check_element_length(name, width)
                 return rows[:, 4:].copy().view(f"S{max(width, 1)}").reshape(-1) if width else np.zeros(count, "S1")
     elements, offset = [], 0
     for _ in range(count):
@@ -118,12 +125,58 @@ def from_bytes_elements(name: str, view: memoryview, count: int) -> np.ndarray:
         if offset + length > total:
             raise InvalidArgument(f"input {name!r}: BYTES element {len(elements)} runs past the end of the data",
                                   field=field(name))
+        _check_element_length(name, length)
         elements.append(bytes(view[offset:offset + length]))
         offset += length
     if offset != total:
         raise InvalidArgument(f"input {name!r}: {total - offset} bytes left after {count} BYTES elements",
                               field=field(name))
-    return np.array(elements, dtype=object).astype("S")
+    return _object_array(elements)
+
+
+def from_bytes_list(name: str, values: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """gRPC `bytes_contents` -> an object array of `shape` (no fixed-width copy), each element at most
+    MAX_GROUP_ID_LENGTH bytes."""
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidArgument(f"input {name!r}: bytes_contents has {len(values)} elements but shape {list(shape)} "
+                              f"needs {count}", field=field(name))
+    if values:
+        _check_element_length(name, max(map(len, values)))
+    return _object_array(values).reshape(shape)
+
+
+def _strings_from_json(name: str, data: list, shape: tuple[int, ...]) -> np.ndarray:
+    """JSON BYTES data (strings, flat or nested row-major) -> an object array of str of `shape`; each
+    at most MAX_GROUP_ID_LENGTH characters. C-level builtins only (map, chain): no loop per element."""
+    flat = data
+    for _ in range(MAX_RANK):
+        if set(map(type, flat)) != {list}:
+            break
+        flat = list(itertools.chain.from_iterable(flat))
+    if not set(map(type, flat)) <= {str}:
+        raise InvalidArgument(f"input {name!r}: BYTES data must hold strings (nested row-major lists of them)",
+                              field=field(name))
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise InvalidArgument(f"input {name!r}: data has {len(flat)} elements but shape {list(shape)} needs {count}",
+                              field=field(name))
+    if flat:
+        _check_element_length(name, max(map(len, flat)))
+    return _object_array(flat).reshape(shape)
+
+
+def _check_element_length(name: str, longest: int) -> None:
+    if longest > MAX_GROUP_ID_LENGTH:
+        raise InvalidArgument(f"input {name!r}: an element is {longest} long; BYTES elements (group ids) may have "
+                              f"at most {MAX_GROUP_ID_LENGTH}", field=field(name))
+
+
+def _object_array(values: list) -> np.ndarray:
+    """A 1-D object array holding `values` as they are (np.array would widen strings, or nest bytes)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def from_json(name: str, datatype: Datatype, shape: tuple[int, ...], data: Any) -> np.ndarray:
@@ -136,6 +189,8 @@ def from_json(name: str, datatype: Datatype, shape: tuple[int, ...], data: Any) 
     if not isinstance(data, list):
         raise InvalidArgument(f"input {name!r}: data must be a JSON array, got {type(data).__name__}",
                               field=field(name))
+    if datatype.name == "BYTES":
+        return _strings_from_json(name, data, shape)
     try:
         array = np.asarray(data)
     except (ValueError, TypeError):
@@ -146,10 +201,6 @@ def from_json(name: str, datatype: Datatype, shape: tuple[int, ...], data: Any) 
         raise InvalidArgument(f"input {name!r}: data has {array.size} elements but shape {list(shape)} needs {count}",
                               field=field(name))
     kind = array.dtype.kind if array.size else None
-    if datatype.name == "BYTES":
-        if kind not in (None, "U"):
-            raise InvalidArgument(f"input {name!r}: BYTES data must hold strings", field=field(name))
-        return array.astype(str).reshape(shape)
     expected = {"BOOL": "b"}.get(datatype.name, "iu" if datatype.name in INTEGERS else "iuf")
     if kind is not None and kind not in expected:
         what = {"b": "true/false", "iu": "integers"}.get(expected, "numbers")
