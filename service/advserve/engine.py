@@ -3,17 +3,18 @@ device, runs the math, and returns results. Every transport and the in-process A
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, build_batch
 from .device import resolve_device
-from .errors import InvalidArgument, NotFound
-from .estimators import ESTIMATORS, AdvantageInputs, Estimator
+from .errors import InvalidArgument, NotFound, PayloadTooLarge
+from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, masked_moments
@@ -76,8 +77,14 @@ class Engine:
 
         raw = request.tensors if isinstance(request.tensors, Mapping) else {}
         required = set(estimator.requires) | {"response_mask"}
+        context, hints = f"estimator {estimator.name!r}", {}
         if params.get("kl_coef", 0) > 0:
-            required |= {"old_logprobs", "ref_logprobs"}
+            required |= KL_TENSORS
+            given = isinstance(request.params, Mapping) and "kl_coef" in request.params
+            context += f" with kl_coef {params['kl_coef']} > 0" + (
+                "" if given else f" (the default of preset {preset.name!r})")
+            hints = dict.fromkeys(KL_TENSORS, "send old_logprobs and ref_logprobs [B, T] for the KL penalty, or set "
+                                              "params.kl_coef = 0 to leave it out")
         given_rewards = [name for name in REWARD_TENSORS if raw.get(name) is not None]
         if len(given_rewards) != 1:
             raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]",
@@ -88,21 +95,26 @@ class Engine:
             required=required,
             dtype=dtype,
             device=self.device,
-            context=f"estimator {estimator.name!r}" + (
-                f" with kl_coef {params['kl_coef']} > 0" if params.get("kl_coef", 0) > 0 else ""),
+            context=context,
             layout=request.layout or "padded",
             max_tokens=self.max_tokens,
+            hints=hints,
         )
         self._check_estimator_preconditions(estimator, params, batch)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
 
     def run_advantages(self, jobs: list[PreparedAdvantages]) -> list[AdvantageResult]:
-        """Compute prepared requests; several compatible ones (same `coalescing_key`) run as one device
-        batch: rows concatenated, groups kept apart, results split back exactly."""
+        """Compute prepared requests; several with one `coalescing_key` (not None) run as one device
+        batch: rows concatenated, groups kept apart, results split back, bit for bit what each gives
+        alone (`Estimator.coalescible`). Result tensors are contiguous; each job's stats come from its
+        own batch."""
         first = jobs[0]
+        if len(jobs) > 1 and (first.coalescing_key is None or any(j.coalescing_key != first.coalescing_key
+                                                                   for j in jobs)):
+            raise ValueError("run_advantages: only jobs of one (non-None) coalescing key share a batch")
         batch = first.batch if len(jobs) == 1 else Batch.concat([job.batch for job in jobs])
         inputs = advantage_inputs(batch, first.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), fits_in_memory():
             advantages, returns = first.estimator.fn(inputs, first.params)
         results, row = [], 0
         for job in jobs:
@@ -156,12 +168,19 @@ class Engine:
                 raise InvalidArgument(f"{name} must be a positive number", field=name)
 
         required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
+        needed_by: dict[str, str] = {}  # tensor -> the first term that needs it, for the message
+        for term, term_params in terms.items():
+            label = f"{term} ({term_params['mode']})" if term == "policy_loss" else term
+            for name in TERM_TENSORS[term]:
+                needed_by.setdefault(name, label)
         kl_params = terms.get("kl_loss")
         if kl_params and (kl_params["unbiased_gradient"] or kl_params["importance_weighted"]):
             required.add("old_logprobs")
+            option = "unbiased_gradient" if kl_params["unbiased_gradient"] else "importance_weighted"
+            needed_by.setdefault("old_logprobs", f"kl_loss (with {option})")
         batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
                             context="the requested loss terms", layout=request.layout or "padded",
-                            max_tokens=self.max_tokens)
+                            max_tokens=self.max_tokens, needed_by=needed_by)
         t, mask = batch.tensors, batch.mask
         # the policy's parameters also define the other terms' default aggregation (and the KL's ratio)
         pol = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
@@ -189,7 +208,7 @@ class Engine:
                                 cispo_level=pol["cispo_level"], sequence_ratio_gradient=pol["sequence_ratio_gradient"],
                                 lengths=batch.lengths)
 
-        with torch.no_grad():
+        with torch.no_grad(), fits_in_memory():
             rho = None
             if "policy_loss" in terms:
                 rho = ratio()
@@ -326,9 +345,11 @@ class PreparedAdvantages:
 
     @functools.cached_property
     def coalescing_key(self) -> tuple | None:
-        """Requests with equal keys can share one device batch; None when the estimator's result
-        depends on the whole batch (whitening, a batch std or mean), so it must run alone."""
-        if self.estimator.uses_whole_batch(self.params):
+        """Requests with equal keys can share one device batch and get exactly what each gets alone;
+        None (run alone) unless the estimator is `coalescible` with these parameters and the rewards
+        are outcome rewards [B] (token rewards are summed over T, and that sum's rounding depends on
+        the width)."""
+        if not self.estimator.coalescible(self.params) or "rewards" not in self.batch.tensors:
             return None
         return (self.estimator.name, self.preset, tuple(sorted(self.params.items())), self.dtype,
                 tuple(sorted(self.batch.tensors)), self.batch.group_index is not None)
@@ -336,6 +357,16 @@ class PreparedAdvantages:
     @property
     def tokens(self) -> int:
         return self.batch.mask.numel()
+
+
+@contextlib.contextmanager
+def fits_in_memory() -> Iterator[None]:
+    """Running out of memory while computing is the request's size: PayloadTooLarge, not a 500."""
+    try:
+        yield
+    except MemoryError:
+        raise PayloadTooLarge("the batch does not fit in the server's memory while computing: send a smaller "
+                              "batch", field="tensors.response_mask") from None
 
 
 def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:

@@ -105,7 +105,9 @@ REWARD_CLIP_PARAMS = ("reward_clip_low", "reward_clip_high")
 class Estimator:
     """A catalog entry. `requires`: tensors always needed besides response_mask and the rewards;
     `optional`: tensors accepted (KL inputs, needed when kl_coef > 0); `batch_baseline`: the
-    baseline is a statistic of the whole batch."""
+    baseline is a statistic of the whole batch; `exact_rows`: with kl_coef = 0 and outcome rewards
+    [B], a row's advantage is computed from its own reward and length and its group's sums only, by
+    operations whose every element rounds the same wherever the row sits (see `coalescible`)."""
 
     name: str
     fn: EstimatorFn
@@ -117,6 +119,7 @@ class Estimator:
     optional: frozenset[str] = frozenset()
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     batch_baseline: bool = False
+    exact_rows: bool = False
 
     @property
     def uses_groups(self) -> bool:
@@ -126,6 +129,22 @@ class Estimator:
         """A row's result depends on rows outside its group (whitening, a batch std or a batch mean),
         so the request cannot share a device batch with another."""
         return self.batch_baseline or bool(params.get("whiten")) or params.get("std_scope") == "batch"
+
+    def coalescible(self, params: Params) -> bool:
+        """True when a request's rows computed in one device batch with other requests' rows give the
+        same bits as computed alone (the caller also requires outcome rewards [B]): `exact_rows`, no
+        KL term and nothing batch-wide. Why each part holds:
+
+        * + − × ÷ √, comparisons, clamps and where are exactly rounded, the same in vector and scalar
+          code at any offset; a group's sums (index_add_ on the CPU) add its members in row order,
+          and other requests' rows are in other groups;
+        * R placed on the last valid token and summed over the row (reinforce, rloo) adds R to
+          zeros: exactly R (+0 for ±0) in any order and at any width;
+        * excluded: exp (the KL estimators, k3) rounds differently in vector and scalar code, i.e.
+          by offset; the scans' matrix products differ with the number of rows (a single row of 16
+          tokens takes another BLAS path: 1 ulp); whitening and batch means or stds use every row.
+        """
+        return self.exact_rows and params.get("kl_coef", 0) == 0 and not self.uses_whole_batch(params)
 
     def param_specs(self) -> dict[str, ParamSpec]:
         specs = {name: PARAMS[name] for name in self.params}
@@ -346,7 +365,7 @@ ESTIMATORS: dict[str, Estimator] = {
     for e in (
         Estimator("reinforce", reinforce, KL_PARAMS, "REINFORCE, KL over the whole trajectory",
                   "A_t = r − β Σ_{t'=0}^{T−1} log π_old/π_ref", "Williams 1992; seed eq. (7)",
-                  optional=KL_TENSORS),
+                  optional=KL_TENSORS, exact_rows=True),
         Estimator("reinforce_rtg", reinforce_rtg, ("gamma", "mask_gaps", *KL_PARAMS),
                   "REINFORCE with the KL trick (reward-to-go KL)",
                   "A_t = r − β Σ_{t'=t}^{T−1} log π_old/π_ref", "seed eq. (9), Theorem 3", optional=KL_TENSORS),
@@ -362,7 +381,8 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("rloo", rloo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
                                  "whiten_scope"), "REINFORCE leave-one-out",
                   "A = R_ij − 1/(M−1) Σ_{l≠j} R_il, R = r − β Σ_t kl_t", "arXiv:2402.14740",
-                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")}),
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
+                  exact_rows=True),
         Estimator("remax", remax, KL_PARAMS, "ReMax: greedy-decode reward as baseline",
                   "A_t = r − r(x, ŷ_greedy) − β Σ_{t'≥t} kl_t'", "arXiv:2310.10505",
                   requires=frozenset({"greedy_rewards"}), optional=KL_TENSORS),
@@ -375,17 +395,19 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, *GROUP_STD_PARAMS), "GRPO (R1 version)",
                   "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
                   requires=GROUPED, optional=KL_TENSORS,
-                  choices={"kl_placement": ("token", "sequence", "reward_to_go")}),
+                  choices={"kl_placement": ("token", "sequence", "reward_to_go")}, exact_rows=True),
         Estimator("grpo_original", grpo_original, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS),
                   "GRPO (original, 1/|o| length normalization)",
                   "A = 1/T_ij [(r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)]", "arXiv:2402.03300",
-                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")}),
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")},
+                  exact_rows=True),
         Estimator("dapo", dapo, (*KL_PARAMS, *GROUP_STD_PARAMS), "DAPO (token-mean within the group)",
                   "A = 1/mean_j(T_ij) · (r − mean(R_i))/std(R_i)", "arXiv:2503.14476",
-                  requires=GROUPED, optional=KL_TENSORS),
+                  requires=GROUPED, optional=KL_TENSORS, exact_rows=True),
         Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups"),
                   "Dr.GRPO (no std, no length normalization)", "A = r − mean(R_i)", "arXiv:2503.20783",
-                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")}),
+                  requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
+                  exact_rows=True),
         Estimator("flash_reinforce", flash_reinforce, (*KL_PARAMS, *REWARD_CLIP_PARAMS),
                   "FlashREINFORCE: the batch's mean score as baseline, reward-to-go KL (OpenRLHF)",
                   "A_t = r − mean_batch(r) − β Σ_{t'≥t} kl_t'", "OpenRLHF 0.11 (--algo.advantage.estimator "

@@ -3,9 +3,12 @@
 One thread owns the device and runs jobs in arrival order. Decoding and validation happen before a
 job is queued (in the transport's threads), so the compute thread only computes, and a bad request
 never reaches a batch. When the thread picks up an advantage job it also takes every queued job with
-the same coalescing key (same estimator, preset, parameters, dtype and tensors; estimators whose
-result depends on the whole batch, i.e. whitening, never coalesce) up to `max_batch_tokens`, waiting
-up to `max_wait_s` for more (default 0: only what already arrived), and runs them as one batch.
+the same coalescing key (same estimator, preset, parameters, dtype and tensors) up to
+`max_batch_tokens`, waiting up to `max_wait_s` for more (default 0: only what already arrived), and
+runs them as one batch. Only requests whose result is bit for bit the same in a shared batch as alone
+have a key (`PreparedAdvantages.coalescing_key`, `Estimator.coalescible`: the group estimators and
+REINFORCE/RLOO on outcome rewards without a KL term); the others run one by one, so what else is in
+flight never changes a result.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: 
     """
     compactor = Compactor(mask, gaps)
     v = compactor.pack(values)
-    delta = compactor.pack(token_rewards).sub_(v)
+    # a new tensor (not sub_): without gaps pack is the identity, and the caller's rewards must stay as given
+    delta = compactor.pack(token_rewards) - v
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)  # + γ V_next; V past the last valid token is 0
     advantages = compactor.unpack(reverse_discounted_cumsum(delta, gamma * lam))
     returns = advantages + (v if compactor.identity else compactor.unpack(v))
