@@ -3,43 +3,106 @@ health service and server reflection, on the same engine, compute thread and adm
 
 Each method only converts: proto -> the REST document (`advserve_client.protocol`) -> the domain
 request -> the engine, and back. Errors map through `errors.STATUS`, the table REST uses.
+
+Before any of that, the door (`Door`, `AuthGate`), shared with the Open Inference Protocol's service
+(advserve.oip.grpc_server), in this order:
+
+1. the bearer token, from the call's metadata, before a byte of the message is read: a call without it
+   is answered UNAUTHENTICATED and its message is never read (grpc.health.v1 and OIP's ServerLive /
+   ServerReady are open; everything else, reflection included, needs the token);
+2. admission before the message is read: the message's size is unknown until grpc core has all of it,
+   so the call first reserves what the largest message the server accepts could cost (RECEIVE_COST ×
+   the receive limit, `receive_limit`; waiting in arrival order up to --grpc-admission-wait-s for room,
+   then UNAVAILABLE with Retry-After), and once the bytes are in keeps RECEIVE_COST × their length.
+   A message over the receive limit is refused by grpc core from its length prefix, unread. Every
+   method takes its message as raw bytes (no deserializer), so nothing is parsed before this;
+3. parsing, off the event loop for large messages, under the request's one deadline (reading,
+   decoding, queue, compute and encoding: --request-timeout-s or the caller's shorter deadline);
+   bytes that are not the method's message are INVALID_ARGUMENT naming field "body", never INTERNAL.
+
+A busy port is an error at start (no SO_REUSEPORT: no second server can silently share the port);
+calls in progress are capped (--grpc-max-concurrent-rpcs) and so are streams per connection
+(--grpc-max-concurrent-streams). An unread stream holds at most grpc's 64 KiB flow-control window
+(BDP probing, which would grow it to megabytes, is off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
 import logging
 import math
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from advserve_client import protocol
-from advserve_client._pb import advserve_pb2, advserve_pb2_grpc
+from advserve_client._pb import advserve_pb2
 from advserve_client.framing import FramingError, RawTensor
 
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from .errors import STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Unavailable, error_message
+from .batch import DTYPES
+from .errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
+                     RequestTimeout, Unavailable, error_message)
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
-from .runtime import Runtime
+from .runtime import Lease, Runtime
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve.grpc")
 SERVICE = advserve_pb2.DESCRIPTOR.services_by_name["Advserve"].full_name
 OIP_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol (advserve.oip.grpc_server)
 HEALTH_NAMES = ("", SERVICE, OIP_SERVICE)  # the names the health service reports
+# methods open without the token: health (the gRPC health service, OIP's liveness and readiness)
+OPEN_METHODS = frozenset({f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch",
+                          f"/{OIP_SERVICE}/ServerLive", f"/{OIP_SERVICE}/ServerReady"})
+OWN_SERVICES = (f"/{SERVICE}/", f"/{OIP_SERVICE}/")  # registered through `Door` already
+
+RECEIVE_COST = 3
+"""Bytes of memory per byte of a request message while the server holds it, measured (the
+"decode cost" lines of scripts/hostile_grpc_probe.py): while grpc core assembles a message and hands
+it to Python, about 2.9 × its length at the peak (the HTTP/2 frames, the joined message, the Python
+bytes); decoded, the bytes, the parsed message (protobuf's own copy) and the tensors (a copy of each
+bytes field, which torch views) are about 3 × its length. Admission charges RECEIVE_COST × length."""
+
+COMPUTE_COST = 18
+"""Bytes of memory per token and per byte of the compute dtype while a batch is computed and its
+result encoded (temporaries, outputs, their wire copies), measured: policy losses 15 (float32) and
+17 (float64), GAE 6 and 8, GRPO 2 and 2.5. Charged before the job is queued (`compute_bytes`)."""
+
+DEFAULT_MAX_CONCURRENT_RPCS = 256  # calls in progress at once (settings.grpc_max_concurrent_rpcs)
+DEFAULT_MAX_CONCURRENT_STREAMS = 32  # calls at once on one connection (settings.grpc_max_concurrent_streams)
+DEFAULT_READ_TIMEOUT_S = 30.0  # the whole message must arrive within this (settings.grpc_read_timeout_s)
+POLL_S = 0.005  # how often the head of the admission line looks for room
+DEFAULT_ADMISSION_WAIT_S = 1.0  # longest wait for the reservation, then UNAVAILABLE (settings.grpc_admission_wait_s)
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message size limits on both directions and keepalive settings that tolerate common client pings."""
+def receive_limit(settings) -> int:
+    """The largest request message accepted: --grpc-max-message-bytes, at most what admission could
+    ever hold (admission_bytes // RECEIVE_COST); grpc core refuses a larger one from its length prefix,
+    before reading it (RESOURCE_EXHAUSTED)."""
+    return max(1, min(settings.grpc_max_message_bytes, settings.admission_bytes // RECEIVE_COST))
+
+
+def grpc_options(max_message_bytes: int, max_receive_bytes: int | None = None,
+                 max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS) -> list[tuple[str, int]]:
+    """Message size limits (send: `max_message_bytes`; receive: `max_receive_bytes`, default the same),
+    no SO_REUSEPORT (a busy port fails the bind), at most `max_concurrent_streams` calls per connection,
+    no BDP probing (a stream's flow-control window stays at 64 KiB until its message is read), and
+    keepalive settings that tolerate common client pings."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes if max_receive_bytes is None else max_receive_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.keepalive_time_ms", 60_000),                            # ping idle clients every minute
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -48,33 +111,295 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
+def _metadata(pairs: Any) -> dict[str, Any]:
+    return {key: value for key, value in pairs or ()}
+
+
+async def _first(messages: AsyncIterator[bytes]) -> bytes | None:
+    """The first message of a request stream; None when the client sent none (or grpc core refused
+    it). The stream's generator is closed at once: left suspended, it keeps the message alive after
+    the call (measured: the whole message, per call, for good)."""
+    iterator = messages.__aiter__()
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+    finally:
+        await iterator.aclose()
+
+
+class Door:
+    """What every gRPC method passes before its handler: see the module docstring (2 and 3)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        settings = runtime.settings
+        self.max_receive = receive_limit(settings)
+        self.reservation = RECEIVE_COST * self.max_receive
+        self.read_timeout_s = getattr(settings, "grpc_read_timeout_s", DEFAULT_READ_TIMEOUT_S)
+        self.admission_wait_s = getattr(settings, "grpc_admission_wait_s", DEFAULT_ADMISSION_WAIT_S)
+        self._line = asyncio.Lock()  # the calls waiting for their reservation, in arrival order (FIFO)
+        # one thread decodes every large message: each thread that allocates a message keeps its own
+        # malloc arena of freed pages, so a pool of decoders would multiply the peak RSS (measured)
+        self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="advserve-grpc-decode")
+
+    async def grow(self, lease: Lease, nbytes: int, deadline_s: float) -> None:
+        """Take `nbytes` more into `lease`, waiting in arrival order for admission to have room, at
+        most the admission wait (and `deadline_s`): then Overloaded (UNAVAILABLE, Retry-After);
+        PayloadTooLarge (RESOURCE_EXHAUSTED) at once if the request could never fit. Admission is
+        shared with REST and has no wake-up, so the call at the head of the line looks every POLL_S."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(0.0, min(self.admission_wait_s, deadline_s))
+        async with self._line:
+            while True:
+                try:
+                    lease.grow(nbytes)
+                    return
+                except Overloaded:
+                    if loop.time() >= give_up:
+                        raise
+                await asyncio.sleep(POLL_S)
+
+    async def receive(self, messages: AsyncIterator[bytes], lease: Lease, deadline_s: float) -> bytes:
+        """One message's bytes, admitted: the reservation for the largest message first (`grow`),
+        then RECEIVE_COST × its length. InvalidArgument (field body) when the client sent none;
+        RequestTimeout when it is not complete within the read timeout or `deadline_s` (seconds left
+        of the request's deadline)."""
+        started = time.perf_counter()
+        await self.grow(lease, self.reservation, deadline_s)
+        deadline_s -= time.perf_counter() - started
+        timeout = min(self.read_timeout_s, deadline_s)
+        try:
+            raw = await asyncio.wait_for(_first(messages), timeout=max(timeout, 0.0))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request message did not arrive within {timeout:g} s", field="body") from None
+        if raw is None:
+            raise InvalidArgument(f"no request message (or one over the limit of {self.max_receive} bytes)",
+                                  field="body")
+        lease.shrink(self.reservation - RECEIVE_COST * len(raw))
+        return raw
+
+    async def parse(self, raw: bytes, message_type: Any, call: "_Call") -> Any:
+        """The message of `message_type` in `raw`, parsed off the event loop when large, under the
+        deadline. InvalidArgument (field body) when the bytes are not one; PayloadTooLarge on MemoryError."""
+        try:
+            return await call.off_loop(lambda: message_type.FromString(raw), len(raw))
+        except DecodeError:
+            raise InvalidArgument(f"the body is not a valid {message_type.DESCRIPTOR.full_name} message",
+                                  field="body") from None
+        except MemoryError:
+            raise PayloadTooLarge("not enough memory to decode the request message", field="body") from None
+
+    def unary(self, message_type: Any, handler: Callable[[Any, "_Call"], Awaitable[Any]], *, endpoint: str,
+              transport: str = "grpc", compute: bool = True) -> grpc.RpcMethodHandler:
+        """The handler of a unary method: the door, then `handler(request, call)` -> the response.
+        `compute`: counted as a request in progress (refused while draining) and in the metrics."""
+        door = self
+
+        async def serve(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+            metadata = _metadata(context.invocation_metadata())
+            call = _Call(door, context, request_id(metadata.get(REQUEST_ID_HEADER)), transport, endpoint)
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+            status, error, response, failure = "OK", None, None, None
+            try:
+                with door.runtime.serving() if compute else contextlib.nullcontext():
+                    raw = await door.receive(messages, call.lease, call.remaining())
+                    call.size = len(raw)
+                    request = await door.parse(raw, message_type, call)
+                    del raw  # the parsed message has its own copy
+                    job, request = handler(request, call), None  # the handler drops it once converted
+                    response = await job
+                    if call.phases:
+                        context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
+                    return response
+            except Exception as exc:  # noqa: BLE001 - mapped by `_mapped`; a bug is logged there
+                failure = _mapped(exc, call)
+                status, error = STATUS.get(failure.code, STATUS[AdvserveError.code])[1], failure.code
+            except asyncio.CancelledError:  # the caller went away: its queued job is dropped with the wait
+                status, error = "CANCELLED", "cancelled"
+                raise
+            finally:
+                call.lease.close()
+                if compute:
+                    door.runtime.metrics.observe(
+                        transport=call.transport, endpoint=call.endpoint, estimator=call.estimator, status=status,
+                        bytes_in=call.size, bytes_out=response.ByteSize() if response is not None else 0,
+                        phases=call.phases, batch=call.batch, request_id=call.request_id, started=call.arrived,
+                        error=error)
+            await _abort(context, failure)  # outside the except block: the abort carries no traceback
+
+        return grpc.stream_unary_rpc_method_handler(serve, request_deserializer=None, response_serializer=_serialize)
+
+    def answer(self, respond: Callable[[], Any]) -> grpc.RpcMethodHandler:
+        """A unary method answered without reading its (empty, by contract) request: liveness and readiness."""
+
+        async def serve(messages, context):
+            return respond()
+
+        return grpc.stream_unary_rpc_method_handler(serve, request_deserializer=None, response_serializer=_serialize)
+
+    def refuse(self, error: AdvserveError, response_streaming: bool) -> grpc.RpcMethodHandler:
+        """A handler that ends the call with `error` without reading its message."""
+
+        async def serve(messages, context):
+            await _abort(context, error)
+
+        if response_streaming:
+            return grpc.stream_stream_rpc_method_handler(serve, request_deserializer=None,
+                                                         response_serializer=_serialize)
+        return grpc.stream_unary_rpc_method_handler(serve, request_deserializer=None, response_serializer=_serialize)
+
+    def foreign(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A handler registered by a library (health, reflection) behind the same door: health Check is
+        answered without reading its request (SERVING unless the server is draining); a unary request
+        is received and parsed as ours are; a request stream (reflection: small messages, token
+        required) is parsed message by message, each on its own admission."""
+        door = self
+        if method == f"/{health.SERVICE_NAME}/Check":
+            return self.answer(lambda: health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVING if door.runtime.ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING))
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+        async def request(messages, context, call):
+            if not handler.request_streaming:
+                raw = await door.receive(messages, call.lease, call.remaining())
+                return deserialize(raw)
+            return door.stream(messages, deserialize, call)
+
+        async def unary_response(messages, context):
+            call = _Call(door, context, "", "grpc", method)
+            try:
+                return await behaviour(await request(messages, context, call), context)
+            except (AdvserveError, DecodeError) as exc:
+                failure = _mapped(exc, call)
+            finally:
+                call.lease.close()
+            await _abort(context, failure)
+
+        async def stream_response(messages, context):
+            call = _Call(door, context, "", "grpc", method)
+            try:
+                result = behaviour(await request(messages, context, call), context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+                return
+            except (AdvserveError, DecodeError) as exc:
+                failure = _mapped(exc, call)
+            finally:
+                call.lease.close()
+            await _abort(context, failure)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream_response, request_deserializer=None,
+                                                         response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(unary_response, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
+
+    async def stream(self, messages: AsyncIterator[bytes], deserialize: Callable[[bytes], Any], call: "_Call"):
+        """The messages of a request stream, each parsed; RECEIVE_COST × its length held while the
+        handler works on it. Read without a reservation: a reflection stream idles between messages,
+        and an idle reservation would hold admission from everyone else."""
+        async for raw in messages:
+            held = RECEIVE_COST * len(raw)
+            call.lease.grow(held)
+            try:
+                message = deserialize(raw)
+                del raw
+                yield message
+            finally:
+                call.lease.shrink(held)
+
+
+class AuthGate(grpc.aio.ServerInterceptor):
+    """The bearer token before anything is read (OPEN_METHODS are exempt); foreign handlers (health,
+    reflection) put behind the `Door`."""
+
+    def __init__(self, door: Door):
+        self.door = door
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if details.method not in OPEN_METHODS:
+            try:
+                self.door.runtime.authenticate(_metadata(details.invocation_metadata).get("authorization"))
+            except AdvserveError as exc:
+                return self.door.refuse(exc, handler.response_streaming)
+        if details.method.startswith(OWN_SERVICES):
+            return handler
+        return self.door.foreign(details.method, handler)
+
+
+def _mapped(exc: Exception, call: "_Call") -> AdvserveError:
+    """The domain error a failed call answers with (`errors.STATUS`): malformed input is
+    INVALID_ARGUMENT naming its field, MemoryError RESOURCE_EXHAUSTED; anything else is a bug, logged
+    and answered INTERNAL without details. grpc.aio's own abort unwinding is re-raised (answered).
+    The tracebacks of `exc` and of the exceptions it chains are dropped: their frames hold the
+    request's message and tensors, which would otherwise live as long as the error does."""
+    if type(exc).__name__ == "AbortError":
+        raise exc
+    try:
+        return _domain_error(exc, call)
+    finally:
+        link: BaseException | None = exc
+        for _ in range(16):  # a chain is short; a cycle must not loop forever
+            if link is None:
+                break
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
+
+
+def _domain_error(exc: Exception, call: "_Call") -> AdvserveError:
+    if isinstance(exc, AdvserveError):
+        return exc
+    if isinstance(exc, FramingError):
+        return InvalidArgument(exc.message, field=exc.field)
+    if isinstance(exc, DecodeError):
+        return InvalidArgument("the body is not a valid request message", field="body")
+    if isinstance(exc, MemoryError):
+        return PayloadTooLarge("not enough memory for the request", field="body")
+    if isinstance(exc, ValueError):  # an enum value the proto does not define
+        return InvalidArgument(str(exc))
+    log.error("internal error in %s (request id %s)", call.endpoint, call.request_id, exc_info=exc)
+    return AdvserveError("internal error")
+
+
+class AdvserveServicer:
+    """The methods of advserve.v1.Advserve: each converts and delegates (`handlers` registers them)."""
+
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.engine = runtime.engine
         self.scheduler = runtime.scheduler
-        self.admission = runtime.admission
 
-    async def ComputeAdvantages(self, request, context):
-        return await self._serve(request, context, "advantages", self._advantages)
-
-    async def ComputeLosses(self, request, context):
-        return await self._serve(request, context, "losses", self._losses)
-
-    async def ListEstimators(self, request, context):
-        return await self._serve(request, context, "estimators", self._catalog)
-
-    async def Analyze(self, request, context):
-        return await self._serve(request, context, "analysis", self._analysis)
+    def handlers(self, door: Door) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "ComputeAdvantages": door.unary(advserve_pb2.ComputeAdvantagesRequest, self._advantages,
+                                           endpoint="advantages"),
+            "ComputeLosses": door.unary(advserve_pb2.ComputeLossesRequest, self._losses, endpoint="losses"),
+            "ListEstimators": door.unary(advserve_pb2.ListEstimatorsRequest, self._catalog, endpoint="estimators"),
+            "Analyze": door.unary(advserve_pb2.AnalyzeRequest, self._analysis, endpoint="analysis"),
+        }
 
     async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: "_Call"):
         document, raw = protocol.advantages_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
         domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
         prepared = self.engine.prepare_advantages(domain)
         call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.advantages(prepared))
+        result = await call.compute(self.scheduler.advantages(prepared), dtype=prepared.dtype)
         with call.phase("encode"):
             return protocol.advantages_response_to_pb(
                 {"params": result.params, "stats": result.stats},
@@ -82,11 +407,13 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
 
     async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: "_Call"):
         document, raw = protocol.losses_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
         tensors = _torch(raw)
         domain = LossRequest(tensors=tensors, **document)
         mask = tensors.get("response_mask")
         call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
-        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)))
+        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)),
+                                    dtype=document.get("dtype"))
         grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
                  "grad_entropy": result.grad_entropy}
         with call.phase("encode"):
@@ -97,64 +424,39 @@ class AdvserveServicer(advserve_pb2_grpc.AdvserveServicer):
 
     async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: "_Call"):
         document, raw = protocol.analyze_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
         prepared = prepare_analysis(self.engine, AnalysisRequest(tensors=_torch(raw), **document))
         call.batch = tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)))
+        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)),
+                                    dtype=document.get("dtype"))
         with call.phase("encode"):
             return protocol.analyze_response_to_pb(result)
 
     async def _catalog(self, request, call: "_Call"):
         return catalog_to_pb(self.engine.catalog())
 
-    async def _serve(self, request: Any, context: grpc.aio.ServicerContext, endpoint: str,
-                     handler: Callable[[Any, "_Call"], Awaitable[Any]]):
-        metadata = dict(context.invocation_metadata() or ())
-        call = _Call(self.runtime, context, request_id(metadata.get(REQUEST_ID_HEADER)))
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
-        size = request.ByteSize()
-        status, error, response = "OK", None, None
-        try:
-            self.runtime.authenticate(metadata.get("authorization"))
-            with self.runtime.serving():
-                with self.admission.held(size):
-                    response = await handler(request, call)
-                    if call.phases:
-                        context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
-                    return response
-        except AdvserveError as exc:
-            status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
-            await _abort(context, exc)
-        except FramingError as exc:
-            status, error = "INVALID_ARGUMENT", "invalid_argument"
-            await _abort(context, InvalidArgument(exc.message, field=exc.field))
-        except ValueError as exc:  # an enum value the proto does not define
-            status, error = "INVALID_ARGUMENT", "invalid_argument"
-            await _abort(context, InvalidArgument(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
-            if isinstance(exc, asyncio.CancelledError):
-                status, error = "CANCELLED", "cancelled"
-                raise
-            if type(exc).__name__ == "AbortError":  # grpc.aio's own abort unwinding: already answered
-                raise
-            status, error = "INTERNAL", "internal"
-            log.exception("internal error in %s (request id %s)", endpoint, call.request_id)
-            await _abort(context, AdvserveError("internal error"))
-        finally:
-            self.runtime.metrics.observe(
-                transport="grpc", endpoint=endpoint, estimator=call.estimator, status=status, bytes_in=size,
-                bytes_out=response.ByteSize() if response is not None else 0, phases=call.phases, batch=call.batch,
-                request_id=call.request_id, started=call.arrived, error=error)
-
 
 class _Call:
-    """The state of one gRPC call: its request id, timings, and what the metrics need."""
+    """The state of one gRPC call: its request id, admission lease, deadline, timings, and what the
+    metrics need."""
 
-    def __init__(self, runtime: Runtime, context: grpc.aio.ServicerContext, rid: str):
-        self.runtime, self.context, self.request_id = runtime, context, rid
+    def __init__(self, door: Door, context: grpc.aio.ServicerContext, rid: str, transport: str, endpoint: str):
+        self.door, self.context, self.request_id = door, context, rid
+        runtime = door.runtime
+        self.transport, self.endpoint = transport, endpoint
         self.arrived = time.perf_counter()
+        remaining = context.time_remaining()
+        self.timeout_s = min(runtime.settings.request_timeout_s, math.inf if remaining is None else remaining)
+        self.lease = runtime.admission.lease()
         self.phases: dict[str, float] = {}
         self.estimator: str | None = None
         self.batch: tuple[int, int] | None = None
+        self.size = 0
+
+    def remaining(self, timeout_s: float | None = None) -> float:
+        """Seconds left of the request's one deadline (and of `timeout_s` from its arrival, if given)."""
+        limit = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
+        return limit - (time.perf_counter() - self.arrived)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -164,23 +466,55 @@ class _Call:
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
 
-    async def compute(self, job: Awaitable[Any], timeout_s: float | None = None) -> Any:
-        """The job's result within the tightest of the caller's deadline, the request timeout and
-        `timeout_s` (a protocol's own, from the request's arrival)."""
+    async def off_loop(self, fn: Callable[[], Any], size: int) -> Any:
+        """fn() in a worker thread when `size` makes it worth it (`runtime.INLINE_LIMIT`), under the
+        deadline. A thread cannot be stopped: past the deadline it finishes on its own and the lease
+        keeps its bytes (still in use) until it does."""
+        from .runtime import INLINE_LIMIT
+
+        if size < INLINE_LIMIT:
+            return fn()
+        future = asyncio.get_running_loop().run_in_executor(self.door.decoder, fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=max(self.remaining(), 0.0))
+        except asyncio.TimeoutError:
+            self.lease.keep_until(future)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise DeadlineExceeded("no result within the deadline (decoding the request)") from None
+
+    async def compute(self, job: Awaitable[Any], timeout_s: float | None = None, *, dtype: Any = None) -> Any:
+        """The job's result within the request's one deadline (the caller's, or --request-timeout-s,
+        from its arrival: reading and decoding count) and `timeout_s` (a protocol's own, from the
+        arrival). Past it the wait is cancelled, which cancels the job's future: a job still queued
+        is skipped by the compute thread. Before the job is queued, admission is charged its compute
+        and encoding memory (`compute_bytes` of `self.batch` in `dtype`, float32 when None)."""
         self.phases["decode"] = time.perf_counter() - self.arrived
-        elapsed = time.perf_counter() - self.arrived
-        budget = min(self.runtime.settings.request_timeout_s, math.inf if timeout_s is None else timeout_s) - elapsed
-        remaining = self.context.time_remaining()
-        if remaining is not None:
-            budget = min(budget, remaining)
-        if budget <= 0:
-            raise DeadlineExceeded("the deadline passed before the request was computed")
+        try:
+            await self.door.grow(self.lease, compute_bytes(self.batch, dtype), self.remaining(timeout_s))
+            budget = self.remaining(timeout_s)
+            if budget <= 0:
+                raise DeadlineExceeded("the deadline passed before the request was computed")
+        except BaseException:
+            if inspect.iscoroutine(job):
+                job.close()
+            raise
         try:
             result, timing = await asyncio.wait_for(job, timeout=budget)
         except asyncio.TimeoutError:
             raise DeadlineExceeded("no result within the deadline") from None
         self.phases["queue"], self.phases["compute"] = timing.queue, timing.compute
         return result
+
+
+def compute_bytes(batch: tuple[int, ...] | None, dtype: Any = None) -> int:
+    """Memory for computing and encoding a batch of `batch` = (B, T) tokens in `dtype` (a torch dtype
+    or its name; float32 when None): COMPUTE_COST × B·T × the dtype's size in bytes; 0 without a
+    batch (the catalog)."""
+    if not batch:
+        return 0
+    if not isinstance(dtype, torch.dtype):
+        dtype = DTYPES.get(dtype, torch.float32)
+    return COMPUTE_COST * math.prod(batch) * dtype.itemsize
 
 
 def _torch(raw: dict[str, Any]) -> dict[str, Any]:
@@ -222,17 +556,24 @@ def catalog_to_pb(catalog: dict[str, Any]) -> advserve_pb2.ListEstimatorsRespons
 
 
 async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """Start the gRPC server on settings.host:settings.grpc_port (TLS and mTLS as configured);
-    returns (server, health servicer, bound port)."""
+    """Start the gRPC server on settings.host:settings.grpc_port (TLS and mTLS as configured), every
+    method behind the door (module docstring); returns (server, health servicer, bound port). A port
+    in use raises OSError."""
     settings = runtime.settings
-    server = grpc.aio.server(options=grpc_options(settings.grpc_max_message_bytes))
-    advserve_pb2_grpc.add_AdvserveServicer_to_server(AdvserveServicer(runtime), server)
+    door = Door(runtime)
+    server = grpc.aio.server(
+        interceptors=[AuthGate(door)],
+        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive,
+                             getattr(settings, "grpc_max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)),
+        maximum_concurrent_rpcs=getattr(settings, "grpc_max_concurrent_rpcs", DEFAULT_MAX_CONCURRENT_RPCS))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE, AdvserveServicer(runtime).handlers(door))])
     from .oip.grpc_server import add_oip_servicer  # imports this module
 
-    add_oip_servicer(runtime, server)
+    add_oip_servicer(runtime, server, door)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls_cert:
         with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:

@@ -6,13 +6,15 @@ Inputs come in `raw_input_contents` (one entry per input, as the stock clients s
 typed `contents`; outputs always go out in `raw_output_contents`, the only place the stock
 tritonclient reads them. Parameters are read from whichever InferParameter field holds them. Errors
 end the call with the status of `errors.STATUS` and the message "<field>: <message>", like the
-native service (`grpc_server._abort`). ServerLive and ServerReady need no token (health, like the
-gRPC health service); the other methods do.
+native service (`grpc_server._abort`). Every method passes the native service's door (auth before the
+message is read, admission before it is parsed, one deadline: `grpc_server` module docstring).
+ServerLive and ServerReady need no token (health, like the gRPC health service) and are answered
+without reading their (empty) request; the other methods need it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -20,11 +22,9 @@ import grpc
 import numpy as np
 
 from .._oip_pb import grpc_service_pb2 as pb
-from .._oip_pb import grpc_service_pb2_grpc as pb_grpc
-from ..errors import STATUS, AdvserveError, InvalidArgument
-from ..grpc_server import _abort, _Call
-from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import Runtime, off_loop
+from ..errors import InvalidArgument
+from ..grpc_server import Door, _Call
+from ..runtime import Runtime
 from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
 from .tensors import from_json, from_raw
 
@@ -116,29 +116,36 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+class OipServicer:
+    """The methods of inference.GRPCInferenceService: each converts and delegates (`handlers`
+    registers them, every one behind the native service's door, `grpc_server.Door`)."""
+
     def __init__(self, runtime: Runtime, service: OipService):
         self.runtime = runtime
         self.service = service
-        self.admission = runtime.admission
 
-    async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+    def handlers(self, door: Door) -> dict[str, grpc.RpcMethodHandler]:
+        def meta(message_type, fn):  # a metadata method: no compute, no metrics
+            return door.unary(message_type, fn, endpoint="metadata", transport=TRANSPORT, compute=False)
 
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.runtime.ready)
+        return {
+            "ServerLive": door.answer(lambda: pb.ServerLiveResponse(live=True)),
+            "ServerReady": door.answer(lambda: pb.ServerReadyResponse(ready=self.runtime.ready)),
+            "ModelReady": meta(pb.ModelReadyRequest, self._model_ready),
+            "ServerMetadata": meta(pb.ServerMetadataRequest, self._server_metadata),
+            "ModelMetadata": meta(pb.ModelMetadataRequest, self._model_metadata),
+            "ModelInfer": door.unary(pb.ModelInferRequest, self._infer, endpoint="infer", transport=TRANSPORT),
+        }
 
-    async def ModelReady(self, request, context):
-        await self._authenticated(context, lambda: self.service.model(request.name, request.version))
+    async def _model_ready(self, request: pb.ModelReadyRequest, call: _Call) -> pb.ModelReadyResponse:
+        self.service.model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self.runtime.ready)
 
-    async def ServerMetadata(self, request, context):
-        metadata = await self._authenticated(context, self.service.server_metadata)
-        return pb.ServerMetadataResponse(**metadata)
+    async def _server_metadata(self, request: pb.ServerMetadataRequest, call: _Call) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**self.service.server_metadata())
 
-    async def ModelMetadata(self, request, context):
-        model = await self._authenticated(context, lambda: self.service.model(request.name, request.version))
-        metadata = model.metadata()
+    async def _model_metadata(self, request: pb.ModelMetadataRequest, call: _Call) -> pb.ModelMetadataResponse:
+        metadata = self.service.model(request.name, request.version).metadata()
         response = pb.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
                                             platform=metadata["platform"])
         for side in ("inputs", "outputs"):
@@ -146,59 +153,28 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 getattr(response, side).add(**tensor)
         return response
 
-    async def _authenticated(self, context, fn):
-        try:
-            self.runtime.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
-            return fn()
-        except AdvserveError as exc:
-            await _abort(context, exc)
+    def _decode(self, request: pb.ModelInferRequest) -> Any:
+        return self.service.prepare(request_from_pb(request, self.service))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        metadata = dict(context.invocation_metadata() or ())
-        call = _Call(self.runtime, context, request_id(metadata.get(REQUEST_ID_HEADER)))
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
-        size = request.ByteSize()
+    async def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
         model = self.service.models.get(request.model_name)
-        status, error, response = "OK", None, None
-        try:
-            self.runtime.authenticate(metadata.get("authorization"))
-            with self.runtime.serving():
-                with self.admission.held(size):
-                    response = await self._infer(request, call, size)
-                    context.set_trailing_metadata((("server-timing", server_timing(**call.phases)),))
-                    return response
-        except AdvserveError as exc:
-            status, error = STATUS.get(exc.code, STATUS[AdvserveError.code])[1], exc.code
-            await _abort(context, exc)
-        except Exception as exc:  # noqa: BLE001 - a bug: logged, answered INTERNAL without details
-            if isinstance(exc, asyncio.CancelledError):
-                status, error = "CANCELLED", "cancelled"
-                raise
-            if type(exc).__name__ == "AbortError":  # grpc.aio's own abort unwinding: already answered
-                raise
-            status, error = "INTERNAL", "internal"
-            log.exception("internal error in OIP ModelInfer of %r (request id %s)", request.model_name,
-                          call.request_id)
-            await _abort(context, AdvserveError("internal error"))
-        finally:
-            self.runtime.metrics.observe(
-                transport=TRANSPORT, endpoint=model.kind if model else "infer",
-                estimator=model.name if model and model.kind == "advantages" else None, status=status,
-                bytes_in=size, bytes_out=response.ByteSize() if response is not None else 0, phases=call.phases,
-                batch=call.batch, request_id=call.request_id, started=call.arrived, error=error)
+        if model is not None:
+            call.endpoint = model.kind
+            call.estimator = model.name if model.kind == "advantages" else None
 
-    async def _infer(self, request: pb.ModelInferRequest, call: _Call, size: int) -> pb.ModelInferResponse:
-        def decode():
-            return self.service.prepare(request_from_pb(request, self.service))
-
-        prepared = await off_loop(decode, size)
+        decode = functools.partial(self._decode, request)
+        del request  # once decoded, the message's copy of the inputs goes, not after the compute
+        prepared = await call.off_loop(decode, call.size)
+        del decode
         call.batch = prepared.batch
-        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s)
+        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s,
+                                    dtype=getattr(prepared.domain, "dtype", None))
         with call.phase("encode"):
             return response_to_pb(self.service.respond(prepared, result))
 
 
-def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server) -> None:
-    """Register the OIP service on `server` (the native gRPC server)."""
+def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server, door: Door) -> None:
+    """Register the OIP service on `server` (the native gRPC server), behind `door`."""
     service = OipService(runtime.engine, runtime.scheduler)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(runtime, service), server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE, OipServicer(runtime, service).handlers(door))])
