@@ -409,6 +409,15 @@ class AdmissionControl:
                          deadline: Deadline) -> bytes | memoryview:
         """The whole body, each chunk admitted as it arrives, under the idle timeout and the deadline."""
         mapped = mmap.mmap(-1, declared) if declared is not None and declared >= MAPPED_BODY_BYTES else None
+        try:
+            return await self._receive_into(receive, mapped, limit, kind, lease, deadline)
+        except BaseException:
+            if mapped is not None:
+                mapped.close()  # at once: a traceback's frames would keep the pages until the garbage collector runs
+            raise
+
+    async def _receive_into(self, receive, mapped: mmap.mmap | None, limit: int, kind: str, lease: Lease,
+                            deadline: Deadline) -> bytes | memoryview:
         chunks: list[bytes] = []
         seen = 0
         while True:

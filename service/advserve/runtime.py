@@ -9,7 +9,9 @@ import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import hmac
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from .observability import Metrics
 from .scheduler import Scheduler
 
 
+log = logging.getLogger("advserve")
 INLINE_LIMIT = 256 << 10  # bodies and results below this are decoded / encoded on the event loop
 
 
@@ -209,7 +212,7 @@ class Deadline:
             result = fn()
             self.check()
             return result
-        future = asyncio.get_running_loop().run_in_executor(None, fn)
+        future = asyncio.get_running_loop().run_in_executor(None, _without_traceback, fn)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(self.remaining(), 0.0))
         except asyncio.TimeoutError:
@@ -241,6 +244,15 @@ def watch_disconnect(request):
     `Deadline.wait`'s `abandon`, so a queued job whose caller left is dropped."""
     receive = request.scope.get("advserve.receive")
     return _disconnected(receive) if receive is not None else None
+
+
+def _without_traceback(fn: Callable[[], Any]) -> Any:
+    """fn(), its exception (if any) raised without the frames below: their locals (a decoded or
+    inflated body) would otherwise live as long as the exception, past the request's admission."""
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - re-raised as it is, less its traceback
+        raise exc.with_traceback(None) from None
 
 
 def _ignore_outcome(future) -> None:
@@ -314,7 +326,9 @@ class Runtime:
             idle_since = max(idle_since or now, self.last_busy)
             if self.served != trimmed_at and now - idle_since >= idle_s:
                 trimmed_at = self.served
+                gc.collect()  # cycles (a failed request's traceback and its buffers) first
                 await asyncio.to_thread(trim)
+                log.debug("idle for %.1f s: freed memory returned to the system", idle_s)
 
     def authenticate(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless `authorization` is "Bearer <token>" with the configured token

@@ -105,6 +105,18 @@ def decompress(body: bytes | memoryview, encoding: str | None, limit: int, *, ma
         raise InvalidArgument(f"the {encoding} body is empty", field="Content-Encoding")
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
     out = mmap.mmap(-1, allowed)
+    try:
+        return memoryview(out)[:_inflate(body, encoding, wbits, out, limit, max_ratio, charge)]
+    except BaseException:
+        out.close()  # at once: a traceback's frames would keep the pages until the garbage collector runs
+        raise
+
+
+def _inflate(body: bytes | memoryview, encoding: str, wbits: int, out: mmap.mmap, limit: int, max_ratio: int,
+             charge: Callable[[int], None] | None) -> int:
+    """decompress's loop: inflate `body` into `out` (its length is the bytes allowed); returns the
+    inflated length."""
+    size, allowed = memoryview(body).nbytes, len(out)
     inflater, data, kept = zlib.decompressobj(wbits), body, 0
     try:
         while True:
@@ -132,7 +144,7 @@ def decompress(body: bytes | memoryview, encoding: str | None, limit: int, *, ma
                 raise InvalidArgument(f"the {encoding} body is truncated", field="Content-Encoding")
     except zlib.error as exc:
         raise InvalidArgument(f"the body is not valid {encoding} data: {exc}", field="Content-Encoding") from None
-    return memoryview(out)[:kept]
+    return kept
 
 
 def parse_request(body: bytes, header_length: str | None, model_name: str, version: str,
