@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -120,6 +121,18 @@ class Case:
                   for k, v in self.tensors.items()}
         return f"{self.kind} {self.variant} {json.dumps(self.document, default=str)} {shapes}"
 
+    def repro(self, most: int = 400) -> str:
+        """The request as a Python call of the in-process API (tensors written out when small)."""
+        if sum(np.size(v) for v in self.tensors.values()) > most:
+            return self.describe()
+        doc = dict(self.document)
+        head = f"advserve.compute_advantages({doc.pop('estimator')!r}, " if self.kind == "advantages" else \
+            "advserve.compute_losses("
+        args = [f"{k}={v!r}" for k, v in doc.items()]
+        args += [f"{k}=np.array({v.tolist()!r}, {v.dtype.name!r}).reshape({v.shape})" if isinstance(v, np.ndarray)
+                 else f"{k}={v!r}" for k, v in self.tensors.items()]
+        return head + ", ".join(args) + ")"
+
     def mixed_ids(self) -> bool:
         """Group ids of more than one kind, or null: no /v2 tensor can hold them."""
         ids = self.tensors.get("group_ids")
@@ -130,20 +143,12 @@ class Case:
                    for v in self.tensors.values())
 
 
-def _catalog() -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def catalog() -> dict[str, Any]:
+    """The engine's catalog (estimators, their tensors, parameters and preset defaults; the loss terms)."""
     import advserve
 
     return advserve.catalog()
-
-
-CATALOG = None
-
-
-def catalog() -> dict[str, Any]:
-    global CATALOG
-    if CATALOG is None:
-        CATALOG = _catalog()
-    return CATALOG
 
 
 def estimator_presets() -> list[tuple[str, str]]:
@@ -254,9 +259,16 @@ def draw_params(draw: Draw, rng: np.random.Generator, specs: dict[str, Any], mos
 
 
 def _cast(draw: Draw, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Float tensors as float64 or float32 (one choice for the request)."""
+    """Float tensors as float64 or float32 (one choice for the request); now and then the mask as 0/1
+    numbers and integral rewards as int64 (every transport accepts both)."""
     dtype = draw.choice([np.float64, np.float32])
-    return {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v for k, v in tensors.items()}
+    out = {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v for k, v in tensors.items()}
+    if draw.flip(0.15):
+        out["response_mask"] = out["response_mask"].astype(draw.choice([np.uint8, np.int64, np.float32]))
+    rewards = out.get("rewards")
+    if rewards is not None and draw.flip(0.15) and np.array_equal(rewards, np.round(rewards)):
+        out["rewards"] = rewards.astype(np.int64)
+    return out
 
 
 def _garbage(draw: Draw, rng: np.random.Generator, tensors: dict[str, Any], mask: np.ndarray) -> None:
@@ -570,16 +582,16 @@ def _result_outcome(kind: str, result: Any) -> Outcome:
 
 
 def in_process(case: Case) -> Outcome:
-    """The reference: the in-process API on the same arrays."""
+    """The reference: the in-process API on the same arrays (on the device the server picks too: auto)."""
     import advserve
     from advserve.errors import AdvserveError
 
     try:
         if case.kind == "advantages":
             doc = dict(case.document)
-            result = advserve.compute_advantages(doc.pop("estimator"), device="cpu", **doc, **case.tensors)
+            result = advserve.compute_advantages(doc.pop("estimator"), **doc, **case.tensors)
         else:
-            result = advserve.compute_losses(device="cpu", **case.document, **case.tensors)
+            result = advserve.compute_losses(**case.document, **case.tensors)
     except AdvserveError as exc:
         return Outcome(error=(exc.code, exc.field), status="in-process", message=str(exc))
     return _result_outcome(case.kind, result)

@@ -62,7 +62,7 @@ def same_everywhere(transports: fz.Transports, case: fz.Case) -> fz.Outcome:
             found = fz.differences(fz.expected_over(name, case, expected), got)
             if found:
                 failures[name] = found
-    assert not failures, f"{case.describe()}\nin process: {expected.brief()}\n" + "\n".join(
+    assert not failures, f"{case.repro()}\nin process: {expected.brief()}\n" + "\n".join(
         f"{name}: {'; '.join(found[:4])}" for name, found in failures.items())
     return expected
 
