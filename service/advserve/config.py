@@ -28,6 +28,12 @@ class Settings:
     grpc_port: int = field(default=8001, metadata={"help": "gRPC port (the Advserve service, grpc.health.v1, "
                                                            "reflection)"})
     grpc_max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest gRPC message, both ways"})
+    grpc_max_concurrent_rpcs: int = field(default=256, metadata={"help": "gRPC calls in progress at once"})
+    grpc_max_concurrent_streams: int = field(default=32, metadata={"help": "gRPC calls at once on one connection"})
+    grpc_read_timeout_s: float = field(default=30.0, metadata={"help": "a gRPC request message must arrive whole "
+                                                                      "within this long"})
+    grpc_admission_wait_s: float = field(default=1.0, metadata={"help": "gRPC: longest wait for room in admission "
+                                                                       "before UNAVAILABLE + Retry-After"})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"})
     log_level: str = field(default="info", metadata={"help": "critical, error, warning, info or debug",
                                                      "choices": ("critical", "error", "warning", "info", "debug")})
@@ -129,13 +135,15 @@ _INT_RANGES = (
     ("grpc_max_message_bytes", 1, 2**31 - 1),  # protobuf's limit: below 2 GiB
     ("max_body_bytes", 1, 1 << 40), ("max_json_bytes", 1, 1 << 40), ("max_tokens", 1, 1 << 40),
     ("admission_bytes", 1, 1 << 44), ("max_batch_tokens", 1, 1 << 40), ("max_connections", 1, 1 << 20),
-    ("max_inflate_ratio", 1, 1 << 20),
+    ("max_inflate_ratio", 1, 1 << 20), ("grpc_max_concurrent_rpcs", 1, 1 << 20),
+    ("grpc_max_concurrent_streams", 1, 1 << 20),
 )
 # (setting, lowest, highest, lowest allowed): the durations, in seconds or milliseconds
 _FLOAT_RANGES = (
     ("request_timeout_s", 0.0, 7 * _DAY_S, False), ("shutdown_grace_s", 0.0, _DAY_S, False),
     ("body_idle_timeout_s", 0.0, _DAY_S, False), ("header_timeout_s", 0.0, _DAY_S, False),
     ("max_wait_ms", 0.0, 60_000.0, True), ("memory_trim_idle_s", 0.0, _DAY_S, True),
+    ("grpc_read_timeout_s", 0.0, _DAY_S, False), ("grpc_admission_wait_s", 0.0, _DAY_S, True),
 )
 
 
