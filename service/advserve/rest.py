@@ -392,9 +392,12 @@ class AdmissionControl:
                             raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes",
                                                   field="body")
                         self.admission.check(declared)
-                    body = await self._read_body(receive, declared, limit, kind, lease, deadline)
-                except AdvserveError as error:
+                except AdvserveError as error:  # nothing read yet: a short body is drained, keeping the connection
                     return await refuse(error, close=declared is None or declared > _DRAINED_REST)
+                try:
+                    body = await self._read_body(receive, declared, limit, kind, lease, deadline)
+                except AdvserveError as error:  # part of the body read: the rest is not worth waiting for
+                    return await refuse(error, close=True)
                 except ClientDisconnect:
                     return
                 scope.update({"advserve.body": body, "advserve.deadline": deadline, "advserve.lease": lease,
