@@ -351,7 +351,9 @@ def test_payload_too_large(limited, kind):
         big = {name: np.concatenate([value, value]) for name, value in overload_batch().items()}  # 1.2 MB > 1 MiB
         with pytest.raises(PayloadTooLarge) as info:
             c.compute_losses(**big)
-        assert info.value.field == "body"
+        # over gRPC a message over admission_bytes / 3 is refused by grpc core from its length prefix,
+        # before the server reads it: RESOURCE_EXHAUSTED without advserve's metadata
+        assert info.value.field == "body" or (kind == "grpc" and "larger than max" in info.value.message)
     if kind == "grpc":  # the client's own message limit
         with make_client(limited, kind, max_message_bytes=10_000, max_retries=0) as c:
             with pytest.raises(PayloadTooLarge) as info:
@@ -396,6 +398,8 @@ def wait_for(call, error_type: type[Exception] | None, deadline_s: float = 10.0)
 @pytest.mark.parametrize("kind", ["rest-binary", "grpc"])
 def test_overloaded_is_retried_after_retry_after_then_raised(limited, kind, sleeps):
     batch = overload_batch()
+    if kind == "grpc":  # gRPC admits 3 bytes per message byte and the compute per token: 25 rows fit 1 MiB alone
+        batch = {name: value[:25] for name, value in batch.items()}
     with make_client(limited, kind, max_retries=2) as c:
         held = HeldUpload(limited)
         try:
@@ -406,7 +410,7 @@ def test_overloaded_is_retried_after_retry_after_then_raised(limited, kind, slee
         finally:
             held.close()
         result = wait_for(lambda: c.compute_losses(**batch), None)  # the bytes are released
-        assert result.grad_logprobs.shape == (150, 300)
+        assert result.grad_logprobs.shape == batch["logprobs"].shape
 
 
 @pytest.mark.parametrize("kind", ["rest-binary", "grpc"])

@@ -161,7 +161,7 @@ def test_overloaded_over_both_transports():
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in err.value.details()
 
-        part = {k: R(v[:48]) for k, v in arrays.items()}  # ~1.3 MB: admitted, one call at a time
+        part = {k: R(v[:16]) for k, v in arrays.items()}  # ~0.4 MB, 33k tokens: admitted, one call at a time
         small_request = protocol.losses_request_to_pb({}, part)
         codes, barrier = [], threading.Barrier(16)
 
