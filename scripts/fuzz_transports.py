@@ -220,6 +220,8 @@ def draw_group_ids(draw: Draw, rng: np.random.Generator, b: int) -> Any:
     words = [f"prompt-{i}" for i in rng.integers(0, 10**6, size=int(groups.max()) + 1)]
     if draw.flip(0.2):
         words = [w + "-é✓" for w in words]
+    if draw.flip(0.05):  # long ids: up to the limit (1024 characters), in ASCII or not
+        words[0] = draw.choice(["x", "é", "✓"]) * draw.choice([1024, 300, 1000])
     return [words[g] for g in groups]
 
 
@@ -261,7 +263,7 @@ def draw_params(draw: Draw, rng: np.random.Generator, specs: dict[str, Any], mos
 def _cast(draw: Draw, tensors: dict[str, Any]) -> dict[str, Any]:
     """Float tensors as float64 or float32 (one choice for the request); now and then the mask as 0/1
     numbers and integral rewards as int64 (every transport accepts both)."""
-    dtype = draw.choice([np.float64, np.float32])
+    dtype = draw.choice([np.float64, np.float32, np.float64, np.float32, np.float16])
     out = {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v for k, v in tensors.items()}
     if draw.flip(0.15):
         out["response_mask"] = out["response_mask"].astype(draw.choice([np.uint8, np.int64, np.float32]))
@@ -279,7 +281,8 @@ def _garbage(draw: Draw, rng: np.random.Generator, tensors: dict[str, Any], mask
     for name in TOKEN_TENSORS:
         if name in tensors and rng.random() < 0.7:
             tensors[name] = tensors[name].copy()
-            tensors[name][~mask] = value
+            with np.errstate(over="ignore"):  # (1e30 is Inf in float16)
+                tensors[name][~mask] = value
 
 
 def _pack(draw: Draw, tensors: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -293,8 +296,12 @@ def _pack(draw: Draw, tensors: dict[str, Any], layout: Layout) -> dict[str, Any]
     return packed
 
 
-def advantage_case(draw: Draw, estimator: str | None = None, preset: str | None = None) -> Case:
-    """A valid-looking advantage request (the in-process API decides whether it is valid)."""
+def advantage_case(draw: Draw, estimator: str | None = None, preset: str | None = None,
+                   like: Case | None = None) -> Case:
+    """A valid-looking advantage request (the in-process API decides whether it is valid); `like`: take
+    its estimator, preset, parameters and dtype (a burst's compatible requests)."""
+    if like is not None:
+        estimator, preset = like.document["estimator"], like.document["preset"]
     if estimator is None or preset is None:
         estimator, preset = draw.choice(estimator_presets())
     rng = np.random.default_rng(draw.seed())
@@ -302,7 +309,7 @@ def advantage_case(draw: Draw, estimator: str | None = None, preset: str | None 
     b, t = layout.mask.shape
     entry = _estimator(estimator)
     defaults = entry["presets"][preset]["defaults"]
-    params = draw_params(draw, rng, entry["params"])
+    params = draw_params(draw, rng, entry["params"]) if like is None else dict(like.document.get("params") or {})
     tensors: dict[str, Any] = {"response_mask": layout.mask}
     if draw.flip(0.2):
         tokens = np.zeros((b, t))
@@ -398,7 +405,8 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
 
 INVALID = ("nan_unmasked", "inf_unmasked", "wrong_shape", "unknown_estimator", "unknown_preset", "unknown_param",
            "bad_param_value", "empty_batch", "missing_tensor", "unknown_tensor", "singleton_refused", "bad_mask",
-           "estimator_not_in_preset", "unknown_choice", "mixed_ids")
+           "estimator_not_in_preset", "unknown_choice", "mixed_ids", "long_id", "bad_rank", "bad_cu_seqlens",
+           "text_tensor")
 
 
 def _float_names(case: Case) -> list[str]:
@@ -434,6 +442,15 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
         case = valid_case(draw, lambda: advantage_case(draw, estimator, preset))
         ids = [str(i) for i in case.tensors["group_ids"]]  # strings, and every other one an int (one row: null)
         case.tensors["group_ids"] = [n if n % 2 else i for n, i in enumerate(ids)] if len(ids) > 1 else [None]
+        case.variant = variant
+        return case
+    if variant == "long_id":  # one id past the limit (1024 characters)
+        estimator, preset = draw.choice([pair for pair in estimator_presets()
+                                         if "group_ids" in _estimator(pair[0])["tensors"]["required"]])
+        case = valid_case(draw, lambda: advantage_case(draw, estimator, preset))
+        ids = [str(i) for i in case.tensors["group_ids"]]
+        ids[draw.integer(0, len(ids) - 1)] = draw.choice(["x", "é"]) * draw.choice([1025, 5000])
+        case.tensors["group_ids"] = ids
         case.variant = variant
         return case
     if variant == "estimator_not_in_preset":
@@ -504,6 +521,30 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
                 tensors[name] = value[:0]
             else:
                 tensors[name] = []
+    elif variant == "bad_rank":  # a token tensor 3-D, a row tensor 2-D, or a scalar
+        name = draw.choice(_float_names(case))
+        value = tensors[name]
+        tensors[name] = draw.choice([value[..., None], value.reshape(1, -1), np.asarray(value.reshape(-1)[:1][0])]) \
+            if value.size else value[..., None]
+    elif variant == "bad_cu_seqlens":  # packed: not starting at 0, decreasing, the wrong end, floats
+        cu = tensors.get("cu_seqlens")
+        if cu is None:
+            tensors["cu_seqlens"] = np.arange(len(next(iter(tensors.values()))) + 1)  # cu_seqlens with padded
+        else:
+            kind = draw.choice(["first", "decreasing", "end", "floats"])
+            cu = cu.copy()
+            if kind == "first":
+                cu[0] = 1
+            elif kind == "decreasing" and len(cu) > 2:
+                cu[1] = cu[-1] + 1
+            elif kind == "floats":
+                cu = cu.astype(np.float64)
+            else:
+                cu[-1] += 1
+            tensors["cu_seqlens"] = cu
+    elif variant == "text_tensor":  # strings where numbers belong
+        name = draw.choice(_float_names(case))
+        tensors[name] = tensors[name].astype(str)
     elif variant == "missing_tensor":
         name = draw.choice(sorted(k for k in tensors if k != "cu_seqlens"))
         del tensors[name]
@@ -741,7 +782,9 @@ def _oip_error(status: Any, message: str) -> Outcome:
 
 
 def _triton_dtype(array: np.ndarray) -> str:
-    return {"f": {4: "FP32", 8: "FP64"}, "i": {4: "INT32", 8: "INT64"}, "b": {1: "BOOL"}, "O": {8: "BYTES"},
+    if array.dtype == object:
+        return "BYTES"
+    return {"f": {2: "FP16", 4: "FP32", 8: "FP64"}, "i": {4: "INT32", 8: "INT64"}, "b": {1: "BOOL"},
             "u": {1: "UINT8"}}[array.dtype.kind][array.dtype.itemsize]
 
 
@@ -750,12 +793,13 @@ def oip_model(case: Case) -> str:
 
 
 def oip_inputs(case: Case) -> list[tuple[str, np.ndarray]]:
-    """The inputs as /v2 takes them: string group ids as BYTES."""
+    """The inputs as /v2 takes them: strings (group ids, or text where numbers belong) as BYTES."""
     out = []
     for name, value in case.tensors.items():
-        if isinstance(value, list):
-            array = np.array([str(v).encode() for v in value], dtype=object)
-            out.append((name, array.reshape(len(value))))
+        if isinstance(value, list) or value.dtype.kind in "US":
+            flat = np.asarray(value, dtype=object).reshape(-1)
+            array = np.array([str(v).encode() for v in flat], dtype=object).reshape(np.shape(value))
+            out.append((name, array))
         else:
             out.append((name, np.ascontiguousarray(value)))
     return out
@@ -942,11 +986,11 @@ def draw_burst(draw: Draw, size: int) -> list[Case]:
     if draw.flip(0.25):
         return [any_case(draw) for _ in range(size)]
     cases = [template]
-    doc = template.document
     for _ in range(size - 1):
-        other = advantage_case(draw, doc["estimator"], doc["preset"])
-        other.document = {**doc, "layout": other.document.get("layout")} if other.document.get("layout") else \
-            {k: v for k, v in doc.items() if k != "layout"}
+        other = advantage_case(draw, like=template)
+        other.document.pop("dtype", None)
+        if "dtype" in template.document:
+            other.document["dtype"] = template.document["dtype"]
         cases.append(other)
     return cases
 
