@@ -12,6 +12,7 @@ Scenarios (each starts its own server on free loopback ports, --auth-token and -
 - oip:       the authenticated burst as OIP ModelInfer calls;
 - malformed: raw bytes that are not the method's message, on both services (item 9);
 - port:      a second server on the first one's gRPC port (item 6);
+- fuzz:      --calls corruptions of a valid request on each compute method: no INTERNAL, no traceback;
 - cost:      memory per message byte while grpc receives a message and while it is decoded (the
              measurement behind grpc_server.RECEIVE_COST).
 
@@ -196,6 +197,48 @@ def scenario_malformed(args) -> None:
         server.stop()
 
 
+def mutations(message: bytes, count: int, seed: int = 0):
+    """`count` corruptions of `message`: flipped bytes, truncations, inserted and repeated spans."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        data = bytearray(message)
+        kind = rng.integers(4)
+        if kind == 0:
+            for index in rng.integers(0, len(data), size=rng.integers(1, 8)):
+                data[index] = int(rng.integers(256))
+        elif kind == 1:
+            data = data[: rng.integers(0, len(data))]
+        elif kind == 2:
+            at = int(rng.integers(0, len(data)))
+            data[at:at] = rng.bytes(int(rng.integers(1, 64)))
+        else:
+            at, width = int(rng.integers(0, len(data))), int(rng.integers(1, 32))
+            data[at:at] = data[at:at + width] * int(rng.integers(2, 6))
+        yield bytes(data)
+
+
+def scenario_fuzz(args) -> None:
+    """Corrupted valid requests on every compute method: no INTERNAL or UNKNOWN, no traceback."""
+    from advserve._oip_pb import grpc_service_pb2 as opb
+
+    infer = opb.ModelInferRequest(model_name="grpo")
+    for name, array, dtype in (("rewards", np.array([1, 0, 1, 0], np.float32), "FP32"),
+                               ("response_mask", np.ones((4, 5), bool), "BOOL")):
+        infer.inputs.add(name=name, datatype=dtype, shape=list(array.shape))
+        infer.raw_input_contents.append(array.tobytes())
+    valid = {"/advserve.v1.Advserve/ComputeAdvantages": small_advantages(), LOSSES: losses_request(0.005),
+             INFER: infer.SerializeToString()}
+    server = start()
+    try:
+        for method, message in valid.items():
+            codes = Counter(raw_call(server.grpc_address, method, data, AUTH, 30.0)
+                            for data in mutations(message, args.calls))
+            print(f"fuzz {method}: {args.calls} corruptions -> {dict(codes)}", flush=True)
+        print(f"fuzz: log tracebacks {server.output().count('Traceback')}", flush=True)
+    finally:
+        server.stop()
+
+
 def scenario_port(args) -> None:
     first = start()
     try:
@@ -279,13 +322,13 @@ def cost_decode(args) -> None:
 
 
 SCENARIOS = {"unauth": scenario_unauth, "auth": scenario_auth, "oip": scenario_oip, "malformed": scenario_malformed,
-             "port": scenario_port, "cost": scenario_cost, "_cost_receive": cost_receive, "_cost_decode": cost_decode}
+             "port": scenario_port, "cost": scenario_cost, "fuzz": scenario_fuzz, "_cost_receive": cost_receive, "_cost_decode": cost_decode}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help="of: cost unauth auth oip malformed port (default: all of them)")
+                        help="of: cost unauth auth oip malformed port fuzz (default: all but fuzz)")
     parser.add_argument("--mib", type=float, default=48.0, help="size of each burst message, MiB")
     parser.add_argument("--calls", type=int, default=6, help="concurrent calls in a burst")
     parser.add_argument("--admission-bytes", type=int, default=268435456)

@@ -144,6 +144,16 @@ def test_malformed_protobuf_is_invalid_argument_on_the_body(server, method):
     assert not [line for line in server.problems() if "Traceback" in line or "ERROR" in line]
 
 
+def test_a_field_with_control_characters_comes_back_escaped(server):
+    """An OIP input named with a control character: INVALID_ARGUMENT naming it, escaped (a raw one is
+    no legal metadata value, and the call failed INTERNAL)."""
+    message = oip_pb.ModelInferRequest(model_name="grpo")
+    message.inputs.add(name="respon\x11e_mask", datatype="BOOL", shape=[2, 2])
+    message.raw_input_contents.append(b"\x01" * 4)
+    code, meta = call_raw(server.grpc_address, INFER, message.SerializeToString(), AUTH, timeout=30)
+    assert (code, meta.get("advserve-error-field")) == ("INVALID_ARGUMENT", "inputs.respon\\x11e_mask")
+
+
 def test_a_call_without_a_message_is_invalid_argument(server):
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = channel.stream_unary(LOSSES, request_serializer=None, response_deserializer=None)
@@ -164,11 +174,14 @@ def test_reflection_needs_the_token_and_health_does_not(server):
     with pytest.raises(grpc.RpcError) as err:
         services(())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert {"advserve.v1.Advserve", "inference.GRPCInferenceService"} <= services(AUTH)
+    assert {"advserve.v1.Advserve", "grpc.health.v1.Health"} <= services(AUTH)
     with grpc.insecure_channel(server.grpc_address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="advserve.v1.Advserve"), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive", request_serializer=None,
                                    response_deserializer=oip_pb.ServerLiveResponse.FromString)
         assert live(b"", timeout=10).live

@@ -521,12 +521,18 @@ def _torch(raw: dict[str, Any]) -> dict[str, Any]:
     return {name: raw_to_torch(name, t) if isinstance(t, RawTensor) else t for name, t in raw.items()}
 
 
+def header_value(text: str) -> str:
+    """`text` as a legal metadata value (printable ASCII): any other character escaped as Python
+    writes it (a field may quote a client's tensor name; an illegal value would fail the call)."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: AdvserveError) -> None:
     """End the call with the status of `errors.STATUS`; code, field and Retry-After as trailing metadata."""
     _, code_name = STATUS.get(error.code, STATUS[AdvserveError.code])
     metadata = [("advserve-error-code", error.code)]
     if error.field:
-        metadata.append(("advserve-error-field", error.field))
+        metadata.append(("advserve-error-field", header_value(error.field)))
     if isinstance(error, Unavailable):
         metadata.append(("retry-after", str(max(1, round(error.retry_after_s)))))
     await context.abort(grpc.StatusCode[code_name], error_message(error), trailing_metadata=tuple(metadata))
@@ -573,7 +579,7 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     add_oip_servicer(runtime, server, door)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls_cert:
         with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
