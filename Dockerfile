@@ -14,8 +14,9 @@
 #           constraints.txt (torch 2.13.0 on PyPI: CUDA 13.0; check with `python -c "import torch;
 #           print(torch.version.cuda)"` in the image).
 #
-# Both flavours run scripts/install.sh, the same script `make venv` runs, into /opt/venv in a builder
-# stage; the final stage copies only that venv onto the same base, so the venv's interpreter path holds.
+# Both flavours run scripts/install.sh, the same script `make venv` runs (there --editable; here no option:
+# the runtime, regular installs, no test tools), into /opt/venv in a builder stage; the final stage copies
+# only that venv onto the same base, so the venv's interpreter path holds.
 # Configuration: every ADVSERVE_* environment variable of `advserve serve` (README, Configuration).
 # Memory allocator: nothing to set; the server raises glibc's mmap/trim thresholds itself (mallopt).
 
