@@ -365,13 +365,14 @@ def test_payload_too_large(limited, kind):
 
 
 class HeldUpload:
-    """An HTTP upload that declares 600,000 bytes and stalls one byte short: the server admits (and
-    holds) the bytes it received until the connection closes (or its body idle timeout, 10 s)."""
+    """A binary HTTP upload that declares 600,000 bytes and stalls one byte short: the server admits
+    (and holds) the bytes it received until the connection closes (or its body idle timeout, 10 s)."""
 
     def __init__(self, server: RunningServer, nbytes: int = 600_000):
         self.sock = socket.create_connection(("127.0.0.1", server.port))
-        self.sock.sendall(f"POST /v1/losses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {nbytes}\r\n\r\n{{".encode() + b" " * (nbytes - 2))
+        self.sock.sendall(f"POST /v1/losses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                          f"Inference-Header-Content-Length: 1\r\nContent-Length: {nbytes}\r\n\r\n{{".encode()
+                          + b" " * (nbytes - 2))
 
     def close(self) -> None:
         self.sock.close()

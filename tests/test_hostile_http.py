@@ -45,10 +45,10 @@ def hostile():
 
 
 def stalled_upload(server: RunningServer, declared: int, sent: bytes = b"{") -> socket.socket:
-    """A POST that declares `declared` bytes, sends `sent` and then nothing."""
+    """A binary POST that declares `declared` bytes, sends `sent` and then nothing."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(b"POST /v1/advantages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (declared, sent))
+    sock.sendall(b"POST /v1/advantages HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                 b"Inference-Header-Content-Length: 10\r\nContent-Length: %d\r\n\r\n%s" % (declared, sent))
     return sock
 
 
@@ -95,6 +95,27 @@ def test_a_declared_length_over_the_capacity_is_413_at_once(hostile):
     status, document = status_and_json(read_until_closed(stalled_upload(hostile, ADMISSION + 1)))
     assert status == 413 and document["error"]["field"] == "body" and "admission capacity" in \
         document["error"]["message"]
+
+
+def test_a_json_body_is_charged_what_parsing_it_costs(hostile):
+    """JSON_DECODE_COST x the body: a JSON body of capacity / 8 is refused at the door (413, naming the
+    binary framing); as many binary bytes are admitted (and answered 400: they are not a batch)."""
+    size = ADMISSION // 8
+    status, document = status_and_json(_post_raw(hostile, "application/json", size))
+    assert status == 413 and "binary framing" in document["error"]["message"]
+    status, document = status_and_json(_post_raw(hostile, "application/octet-stream", size))
+    assert status == 400 and document["error"]["field"] == framing.HEADER_LENGTH  # read, decoded: not a batch
+
+
+def _post_raw(server: RunningServer, content_type: str, size: int) -> bytes:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(f"POST /v1/advantages HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                 f"Connection: close\r\nContent-Length: {size}\r\n\r\n".encode())
+    try:
+        sock.sendall(b" " * size)
+    except OSError:  # refused at the door: the server closed before the body was sent
+        pass
+    return read_until_closed(sock)
 
 
 def test_silent_and_trickling_connections_are_closed(hostile):

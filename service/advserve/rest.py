@@ -37,7 +37,7 @@ from .errors import (STATUS, AdvserveError, InvalidArgument, MethodNotAllowed, N
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
-from .runtime import Abandoned, Deadline, Lease, Runtime, admitted, watch_disconnect
+from .runtime import JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime, admitted, watch_disconnect
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve")
@@ -331,7 +331,8 @@ class AdmissionControl:
     - a declared Content-Length over the body limit (binary and JSON have their own) or over the
       admission capacity: 413 at once; over the capacity free now: 503 + Retry-After at once. Nothing
       is reserved on the declared length: bytes are admitted as they arrive (a chunk that does not
-      fit: 503), so a connection that declares much and sends little holds only what it sent;
+      fit: 503), so a connection that declares much and sends little holds only what it sent. A JSON
+      body is charged JSON_DECODE_COST times its length (parsing it costs that), once it is in;
     - nothing for --body-idle-timeout-s between two chunks, or the body not complete within
       --request-timeout-s of the request's arrival: 408 request_timeout;
     - a response that leaves part of a body unread closes the connection (Connection: close).
@@ -391,7 +392,9 @@ class AdmissionControl:
                         if declared > limit:
                             raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes",
                                                   field="body")
-                        self.admission.check(declared)
+                        if not binary:
+                            self._check_json(declared)
+                        self.admission.check(declared * (1 if binary else JSON_DECODE_COST))
                 except AdvserveError as error:  # nothing read yet: a short body is drained, keeping the connection
                     return await refuse(error, close=declared is None or declared > _DRAINED_REST)
                 try:
@@ -400,6 +403,12 @@ class AdmissionControl:
                     return await refuse(error, close=True)
                 except ClientDisconnect:
                     return
+                try:
+                    if not binary:  # what parsing it will cost (Python lists), before it is parsed
+                        self._check_json(len(body))
+                        lease.grow((JSON_DECODE_COST - 1) * len(body))
+                except AdvserveError as error:
+                    return await refuse(error, close=False)
                 scope.update({"advserve.body": body, "advserve.deadline": deadline, "advserve.lease": lease,
                               "advserve.receive": receive})
                 await self.app(scope, _after_body(body, receive), send)
@@ -407,6 +416,13 @@ class AdmissionControl:
             await refuse(error, close=True)
         finally:
             lease.close()
+
+    def _check_json(self, nbytes: int) -> None:
+        """413 for a JSON body whose parsing could never fit the admission capacity."""
+        if nbytes * JSON_DECODE_COST > self.admission.capacity:
+            raise PayloadTooLarge(f"a JSON body of {nbytes} bytes takes {JSON_DECODE_COST} times that to parse, more "
+                                  f"than the server's admission capacity of {self.admission.capacity} bytes; use the "
+                                  "binary framing for large batches", field="body")
 
     async def _read_body(self, receive, declared: int | None, limit: int, kind: str, lease: Lease,
                          deadline: Deadline) -> bytes | memoryview:

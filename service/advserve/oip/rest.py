@@ -32,7 +32,7 @@ from fastapi.responses import Response
 
 from ..errors import STATUS, AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable, error_message
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import INLINE_LIMIT, Runtime, admitted, watch_disconnect
+from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, watch_disconnect
 from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
 from .tensors import from_json, from_raw
 
@@ -376,6 +376,8 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                 def decode():
                     raw = decompress(body, headers.get("content-encoding"), limit, max_ratio=settings.max_inflate_ratio,
                                      charge=lease.grow if lease is not None else None)
+                    if raw is not body and not binary and lease is not None:  # parsing the inflated JSON
+                        lease.grow((JSON_DECODE_COST - 1) * len(raw))
                     return service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service))
 
                 inflating = headers.get("content-encoding", "identity").strip().lower() != "identity"
