@@ -406,7 +406,7 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
 INVALID = ("nan_unmasked", "inf_unmasked", "wrong_shape", "unknown_estimator", "unknown_preset", "unknown_param",
            "bad_param_value", "empty_batch", "missing_tensor", "unknown_tensor", "singleton_refused", "bad_mask",
            "estimator_not_in_preset", "unknown_choice", "mixed_ids", "long_id", "bad_rank", "bad_cu_seqlens",
-           "text_tensor")
+           "text_tensor", "wrong_type_param")
 
 
 def _float_names(case: Case) -> list[str]:
@@ -508,6 +508,15 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
                 doc["params"].update(reward_clip_low=1.0, reward_clip_high=-1.0)
         else:
             doc["policy_loss"] = {**(doc.get("policy_loss") or {}), "clip_low": 1.5}
+    elif variant == "wrong_type_param":  # a bool for a number, a number for a bool or a choice
+        if case.kind == "advantages":
+            specs, where = _estimator(doc["estimator"])["params"], doc.setdefault("params", {})
+        else:
+            term = draw.choice(LOSS_TERMS)
+            specs, where = catalog()["losses"][term]["params"], {}
+            doc[term] = where = {**(doc.get(term) or {})} if isinstance(doc.get(term), dict) else where
+        name = draw.choice(sorted(specs))
+        where[name] = {"bool": draw.choice([0, 1, 7]), "str": 3}.get(specs[name]["type"], True)
     elif variant == "unknown_choice":
         if case.kind == "advantages":
             doc["dtype"] = "float16"
@@ -821,10 +830,10 @@ def oip_parameters(case: Case) -> dict[str, Any]:
         spec = doc.get(term)
         if spec is None:
             continue
-        if spec is False or spec == {}:
-            params[term] = spec is not False
-        else:
+        if isinstance(spec, dict) and spec:
             params.update({f"{term}.{k}": _oip_value(v) for k, v in spec.items()})
+        else:  # {} or True: on with the defaults; False: off; anything else as it is (an error)
+            params[term] = True if spec == {} else spec
     return params
 
 
@@ -1009,11 +1018,12 @@ def draw_request(case_seed: int, burst_share: float, invalid_share: float) -> tu
 def run_campaign(transports: Transports, requests: int, seed: int, burst_share: float = 0.3,
                  invalid_share: float = 0.25, max_seconds: float | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """At least `requests` requests per transport (alone, or in bursts of 2-8 sent at once), each compared
-    with the in-process answer to the same request alone. Returns the summary."""
+    """At least `requests` requests per transport (alone, or in bursts of 2-8 sent at once over one
+    transport or over all of them), each compared with the in-process answer to the same request alone.
+    Returns the summary."""
     tallies = {name: Tally() for name in transports.names}
     start = time.monotonic()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
     index = 0
     try:
         while min(t.requests + t.skipped for t in tallies.values()) < requests:
@@ -1022,16 +1032,21 @@ def run_campaign(transports: Transports, requests: int, seed: int, burst_share: 
             burst, cases = draw_request(seed * 1_000_003 + index, burst_share, invalid_share)
             index += 1
             expected = [in_process(case) for case in cases]
+            calls = [(name, case, exp) for name in transports.names for case, exp in zip(cases, expected)
+                     if applicable(name, case)]
             for name in transports.names:
-                tally = tallies[name]
-                todo = [(c, e) for c, e in zip(cases, expected) if applicable(name, c)]
-                tally.skipped += len(cases) - len(todo)
-                if burst:
-                    answers = list(pool.map(lambda ce: transports.call(name, ce[0]), todo))
-                else:
-                    answers = [transports.call(name, c) for c, _ in todo]
-                for (case, exp), got in zip(todo, answers):
-                    tally.add(case, exp, got, differences(expected_over(name, case, exp), got), burst)
+                tallies[name].skipped += len(cases) - sum(call[0] == name for call in calls)
+            if not burst:
+                answers = [transports.call(name, case) for name, case, _ in calls]
+            elif index % 2:  # a burst over every transport at once (they share the compute thread)
+                answers = list(pool.map(lambda call: transports.call(call[0], call[1]), calls))
+            else:  # a burst per transport
+                answers = []
+                for name in transports.names:
+                    mine = [call for call in calls if call[0] == name]
+                    answers += pool.map(lambda call: transports.call(call[0], call[1]), mine)
+            for (name, case, exp), got in zip(calls, answers):
+                tallies[name].add(case, exp, got, differences(expected_over(name, case, exp), got), burst)
             if progress is not None and index % 50 == 0:
                 done = min(t.requests for t in tallies.values())
                 progress(f"{index} draws, {done} requests per transport, {time.monotonic() - start:.0f} s")

@@ -42,7 +42,8 @@ SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 # a tensor the request does not need: the transports must still agree)
 ALWAYS_INVALID = ("nan_unmasked", "inf_unmasked", "unknown_estimator", "unknown_preset", "unknown_param",
                   "bad_param_value", "empty_batch", "singleton_refused", "bad_mask", "estimator_not_in_preset",
-                  "unknown_choice", "mixed_ids", "long_id", "bad_rank", "bad_cu_seqlens", "text_tensor")
+                  "unknown_choice", "mixed_ids", "long_id", "bad_rank", "bad_cu_seqlens", "text_tensor",
+                  "wrong_type_param")
 
 
 @pytest.fixture(scope="module")

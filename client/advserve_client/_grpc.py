@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping
 
 import grpc
 import grpc.aio
+import numpy as np
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import protocol
 from ._pb import advserve_pb2 as pb
@@ -90,17 +93,53 @@ def _dtype(value: Any) -> None:
         raise InvalidArgument(f"dtype must be 'float32' or 'float64', got {value!r}", field="dtype")
 
 
-def _params(message_type: Callable[[], Any], params: Any, prefix: str) -> None:
-    """Fill a scratch message parameter by parameter, so that a bad one is named like REST names it."""
+def _value(field: Any, value: Any, name: str) -> Any:
+    """A parameter value checked against its proto field as the server checks it (protobuf alone would
+    take 7 for a bool and True for a double): bools true/false, numbers not bools, integers whole
+    (1.0 is 1); enum names are checked by `protocol.name_to_enum`."""
+    if value is None or field.enum_type is not None:
+        return value
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
+        return bool(value)
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return float(value)
+    if not float(value).is_integer():
+        raise InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
+    return int(value)
+
+
+def _params(message_type: Callable[[], Any], params: Any, prefix: str) -> Any:
+    """The parameters checked one by one into a scratch message, so that a bad one is named as REST names
+    it; returns them with values as the proto takes them (1.0 for an int field is 1)."""
     if params is None or isinstance(params, bool):
-        return
+        return params
     if not isinstance(params, Mapping):
         raise InvalidArgument(f"{prefix} must be an object of parameters, got {type(params).__name__}", field=prefix)
+    fields = message_type.DESCRIPTOR.fields_by_name
+    checked = {}
     for key, value in params.items():
+        if key in fields:
+            value = _value(fields[key], value, f"{prefix}.{key}")
         try:
             protocol.params_to_pb(message_type(), {key: value})
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"{prefix}: {exc}", field=f"{prefix}.{key}") from None
+        checked[key] = value
+    return checked
+
+
+def _count(document: Mapping[str, Any], key: str) -> Any:
+    """num_tokens / num_sequences: a positive number (not a bool, not text), as the server requires."""
+    value = document.get(key)
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
+        raise InvalidArgument(f"{key} must be a positive number", field=key)
+    return value
 
 
 def _tensor_names(tensors: Mapping[str, Any], names: tuple[str, ...]) -> None:
@@ -116,9 +155,9 @@ def advantages_request(document: Mapping[str, Any], tensors: Mapping[str, RawTen
     _name("preset", document.get("preset"), "preset", NotFound)
     _name("layout", document.get("layout"), "layout", InvalidArgument)
     _dtype(document.get("dtype"))
-    _params(pb.AdvantageParams, document.get("params"), "params")
+    params = _params(pb.AdvantageParams, document.get("params"), "params")
     _tensor_names(tensors, protocol.ADVANTAGE_TENSORS)
-    return protocol.advantages_request_to_pb(document, tensors)
+    return protocol.advantages_request_to_pb({**document, "params": params}, tensors)
 
 
 _TERM_MESSAGES = {"policy_loss": pb.PolicyLoss, "kl_loss": pb.KLLoss, "value_loss": pb.ValueLoss,
@@ -129,13 +168,13 @@ def losses_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor 
     _name("preset", document.get("preset"), "preset", NotFound)
     _name("layout", document.get("layout"), "layout", InvalidArgument)
     _dtype(document.get("dtype"))
+    checked = dict(document)
     for term, message_type in _TERM_MESSAGES.items():
-        _params(message_type, document.get(term), term)
+        checked[term] = _params(message_type, document.get(term), term)
+    for key in ("num_tokens", "num_sequences"):
+        _count(document, key)
     _tensor_names(tensors, protocol.LOSS_TENSORS)
-    try:
-        return protocol.losses_request_to_pb(document, tensors)
-    except (TypeError, ValueError) as exc:  # num_tokens / num_sequences not numbers
-        raise InvalidArgument(str(exc)) from None
+    return protocol.losses_request_to_pb(checked, tensors)
 
 
 def analyze_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]) -> pb.AnalyzeRequest:
@@ -154,10 +193,10 @@ def analyze_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor
     params = document.get("params")
     if params is not None and not isinstance(params, Mapping):
         raise InvalidArgument("params must map estimator names to their parameter overrides", field="params")
-    for estimator, overrides in (params or {}).items():
-        _params(pb.AdvantageParams, overrides, f"params.{estimator}")
+    checked = {estimator: _params(pb.AdvantageParams, overrides, f"params.{estimator}")
+               for estimator, overrides in (params or {}).items()}
     _tensor_names(tensors, protocol.ADVANTAGE_TENSORS)
-    return protocol.analyze_request_to_pb(document, tensors)
+    return protocol.analyze_request_to_pb({**document, "params": checked or params}, tensors)
 
 
 # --- responses ------------------------------------------------------------------------------------
