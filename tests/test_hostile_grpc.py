@@ -37,7 +37,8 @@ BIG_OPTIONS = [("grpc.max_send_message_length", (1 << 31) - 1), ("grpc.max_recei
 
 @pytest.fixture(scope="module")
 def server():
-    running = RunningServer("--auth-token", TOKEN, "--admission-bytes", str(ADMISSION), "--request-timeout-s", "3")
+    running = RunningServer("--auth-token", TOKEN, "--admission-bytes", str(ADMISSION), "--request-timeout-s", "3",
+                            "--grpc-read-timeout-s", "2")
     yield running
     running.stop()
 
@@ -211,6 +212,34 @@ def test_deadline_covers_compute_and_a_stalled_upload(server):
         stub = channel.stream_unary(LOSSES, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as err:
             stub(never(), metadata=AUTH, timeout=15)
+        release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert dict(err.value.trailing_metadata())["advserve-error-code"] == "request_timeout"
+    assert call_raw(server.grpc_address, ADVANTAGES, small_advantages(), AUTH)[0] == "OK"
+
+
+def test_a_stalled_upload_holds_admission_only_until_the_read_timeout(server):
+    """A call whose message does not come holds the reservation for the largest message (here the
+    whole capacity): a call meanwhile waits its --grpc-admission-wait-s in line and gets UNAVAILABLE
+    (overloaded, Retry-After); past --grpc-read-timeout-s the stalled call ends (request_timeout) and
+    the next call is served."""
+    release = threading.Event()
+
+    def stalled():
+        release.wait(20)
+        return
+        yield
+
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = channel.stream_unary(LOSSES, request_serializer=None, response_deserializer=None)
+        future = stub.future(stalled(), metadata=AUTH, timeout=15)
+        for _ in range(100):  # until the server has taken the reservation (bounded)
+            code, meta = call_raw(server.grpc_address, ADVANTAGES, small_advantages(), AUTH, timeout=10)
+            if code != "OK":
+                break
+        assert (code, meta.get("advserve-error-code"), meta.get("retry-after")) == ("UNAVAILABLE", "overloaded", "1")
+        with pytest.raises(grpc.RpcError) as err:
+            future.result(timeout=15)
         release.set()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert dict(err.value.trailing_metadata())["advserve-error-code"] == "request_timeout"

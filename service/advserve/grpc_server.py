@@ -77,11 +77,7 @@ COMPUTE_COST = 18
 result encoded (temporaries, outputs, their wire copies), measured: policy losses 15 (float32) and
 17 (float64), GAE 6 and 8, GRPO 2 and 2.5. Charged before the job is queued (`compute_bytes`)."""
 
-DEFAULT_MAX_CONCURRENT_RPCS = 256  # calls in progress at once (settings.grpc_max_concurrent_rpcs)
-DEFAULT_MAX_CONCURRENT_STREAMS = 32  # calls at once on one connection (settings.grpc_max_concurrent_streams)
-DEFAULT_READ_TIMEOUT_S = 30.0  # the whole message must arrive within this (settings.grpc_read_timeout_s)
 POLL_S = 0.005  # how often the head of the admission line looks for room
-DEFAULT_ADMISSION_WAIT_S = 1.0  # longest wait for the reservation, then UNAVAILABLE (settings.grpc_admission_wait_s)
 
 
 def receive_limit(settings) -> int:
@@ -92,7 +88,7 @@ def receive_limit(settings) -> int:
 
 
 def grpc_options(max_message_bytes: int, max_receive_bytes: int | None = None,
-                 max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS) -> list[tuple[str, int]]:
+                 max_concurrent_streams: int = 32) -> list[tuple[str, int]]:
     """Message size limits (send: `max_message_bytes`; receive: `max_receive_bytes`, default the same),
     no SO_REUSEPORT (a busy port fails the bind), at most `max_concurrent_streams` calls per connection,
     no BDP probing (a stream's flow-control window stays at 64 KiB until its message is read), and
@@ -140,8 +136,8 @@ class Door:
         settings = runtime.settings
         self.max_receive = receive_limit(settings)
         self.reservation = RECEIVE_COST * self.max_receive
-        self.read_timeout_s = getattr(settings, "grpc_read_timeout_s", DEFAULT_READ_TIMEOUT_S)
-        self.admission_wait_s = getattr(settings, "grpc_admission_wait_s", DEFAULT_ADMISSION_WAIT_S)
+        self.read_timeout_s = settings.grpc_read_timeout_s
+        self.admission_wait_s = settings.grpc_admission_wait_s
         self._line = asyncio.Lock()  # the calls waiting for their reservation, in arrival order (FIFO)
         # one thread decodes every large message: each thread that allocates a message keeps its own
         # malloc arena of freed pages, so a pool of decoders would multiply the peak RSS (measured)
@@ -569,9 +565,8 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     door = Door(runtime)
     server = grpc.aio.server(
         interceptors=[AuthGate(door)],
-        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive,
-                             getattr(settings, "grpc_max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)),
-        maximum_concurrent_rpcs=getattr(settings, "grpc_max_concurrent_rpcs", DEFAULT_MAX_CONCURRENT_RPCS))
+        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive, settings.grpc_max_concurrent_streams),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, AdvserveServicer(runtime).handlers(door))])
     from .oip.grpc_server import add_oip_servicer  # imports this module
