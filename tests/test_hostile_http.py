@@ -280,31 +280,55 @@ def test_numeric_settings_are_validated_by_name():
 # --- connections and memory after a burst -------------------------------------------------------------
 
 
-def test_connections_past_the_cap_are_refused_and_memory_returns_after_a_burst():
-    server = RunningServer("--max-connections", "3", "--header-timeout-s", "1", "--memory-trim-idle-s", "0.5")
-    try:
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
-        refused = socket.create_connection(("127.0.0.1", server.port))
-        status, document = status_and_json(read_until_closed(refused))
-        assert status == 503 and document["error"]["code"] == "overloaded"
-        for sock in held:
-            assert read_until_closed(sock) == b""  # silent: closed after --header-timeout-s
-        resting = rss_mib(server, "VmRSS")
-        rng = np.random.default_rng(2)
-        lp = -rng.random((512, 4096), dtype=np.float32)
-        arrays = {"logprobs": lp, "old_logprobs": lp, "advantages": rng.normal(size=lp.shape).astype(np.float32),
-                  "response_mask": np.ones(lp.shape, bool)}
-        n, chunks = framing.encode({"preset": "verl"}, {k: framing.RawTensor.from_numpy(v) for k, v in arrays.items()})
-        headers = {"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            for _ in range(3):
-                assert client.post("/v1/losses", content=b"".join(chunks), headers=headers).status_code == 200
-        peak = rss_mib(server, "VmHWM")
-        assert peak > resting + 64  # the burst did grow the heap
-        for _ in range(100):  # malloc_trim once idle for 0.5 s
-            if rss_mib(server, "VmRSS") < resting + (peak - resting) / 2:
-                break
-            time.sleep(0.1)
-        assert rss_mib(server, "VmRSS") < resting + (peak - resting) / 2, (resting, peak, rss_mib(server, "VmRSS"))
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def capped():
+    """3 connections at most, 1 s for headers, a trim after 0.5 s idle, and a compute thread that waits
+    2 s for companions of an advantages request (a request can be caught waiting in the queue)."""
+    running = RunningServer("--max-connections", "3", "--header-timeout-s", "1", "--memory-trim-idle-s", "0.5",
+                            "--max-wait-ms", "2000")
+    yield running
+    running.stop()
+
+
+def test_a_caller_that_leaves_is_dropped_while_its_job_waits(capped):
+    body = json.dumps(SMALL).encode()
+    sock = socket.create_connection(("127.0.0.1", capped.port))
+    sock.sendall(b"POST /v1/advantages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)  # queued: the compute thread waits 2 s for companions
+    sock.close()
+    for _ in range(50):  # answered 499 (nothing sent) when the disconnect is seen, not 200 after the wait
+        metrics = httpx.get(f"{capped.url}/metrics").text
+        if 'status="499"' in metrics:
+            break
+        time.sleep(0.1)
+    assert 'advserve_requests_total{endpoint="advantages",estimator="grpo",status="499",transport="http"} 1.0' \
+        in metrics
+    assert 'status="200"' not in metrics
+
+
+def test_connections_past_the_cap_are_refused_and_memory_returns_after_a_burst(capped):
+    server = capped
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    refused = socket.create_connection(("127.0.0.1", server.port))
+    status, document = status_and_json(read_until_closed(refused))
+    assert status == 503 and document["error"]["code"] == "overloaded"
+    for sock in held:
+        assert read_until_closed(sock) == b""  # silent: closed after --header-timeout-s
+    resting = rss_mib(server, "VmRSS")
+    rng = np.random.default_rng(2)
+    lp = -rng.random((512, 4096), dtype=np.float32)
+    arrays = {"logprobs": lp, "old_logprobs": lp, "advantages": rng.normal(size=lp.shape).astype(np.float32),
+              "response_mask": np.ones(lp.shape, bool)}
+    n, chunks = framing.encode({"preset": "verl"}, {k: framing.RawTensor.from_numpy(v) for k, v in arrays.items()})
+    headers = {"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for _ in range(3):
+            assert client.post("/v1/losses", content=b"".join(chunks), headers=headers).status_code == 200
+    peak = rss_mib(server, "VmHWM")
+    assert peak > resting + 64  # the burst did grow the heap
+    for _ in range(100):  # malloc_trim once idle for 0.5 s
+        if rss_mib(server, "VmRSS") < resting + (peak - resting) / 4:
+            break
+        time.sleep(0.1)
+    assert rss_mib(server, "VmRSS") < resting + (peak - resting) / 4, (resting, peak, rss_mib(server, "VmRSS"))
