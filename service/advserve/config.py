@@ -45,8 +45,10 @@ class Settings:
     max_tokens: int = field(default=1 << 28, metadata={"help": "most tokens in one request (B·T; for a packed "
                                                                "request, its padded form): 413 above"})
     admission_bytes: int = field(default_factory=_default_admission_bytes, metadata={
-        "help": "request bytes admitted in flight (decoding, queued, computing, encoding); past it: 503 + "
-                "Retry-After (default: a quarter of RAM, at most 8 GiB)"})
+        "help": "request bytes admitted in flight (decoding, queued, computing, encoding); HTTP bodies are taken "
+                "as they arrive, never on a declared length, a JSON body counting 16 x its length (its parsing); "
+                "past it: 503 + Retry-After, 413 for one request that could never fit (default: a quarter of RAM, "
+                "at most 8 GiB)"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "per-request deadline from arrival to the "
                                                                     "answer: reading and decoding the body, the queue, "
                                                                     "compute and encoding (a body not complete by "
@@ -58,8 +60,9 @@ class Settings:
                                                                    "line and headers within this long of opening or "
                                                                    "of its previous response, else it is closed"})
     max_connections: int = field(default=256, metadata={"help": "HTTP connections open at once; past it a new "
-                                                               "connection is closed at once (each holds at most "
-                                                               "~320 KiB outside admission)"})
+                                                               "connection is answered 503 (Retry-After: 1) and "
+                                                               "closed (each holds at most ~320 KiB outside "
+                                                               "admission)"})
     auth_token: str = field(default="", metadata={"help": "require 'Authorization: Bearer <token>' on both "
                                                          "transports (health exempt); prefer the environment "
                                                          "variable or --auth-token-file to a flag", "secret": True})
