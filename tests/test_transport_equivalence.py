@@ -7,7 +7,8 @@ error code and field.
 metrics, resolved parameters and statistics equal as floats. No transport changes a dtype, and JSON
 round-trips floats exactly (the server prints the shortest repr). What a transport does not carry is not
 compared (docs/oip.md: /v2 returns no statistics and no null parameters; client/README.md: gRPC returns
-group ids as strings; /v2 JSON has no NaN, so batches holding NaN/Inf garbage skip it).
+group ids as strings; /v2 JSON has no NaN, so batches holding NaN/Inf garbage skip it, and no /v2 tensor
+holds ids of two kinds, which the native clients refuse as the server does).
 
 The batches, the transports' calls and the comparison are those of the differential fuzzer
 (scripts/fuzz_transports.py), driven here by Hypothesis (choices shrink; tensor contents come from a
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 import advserve
 from advserve_client import Client, InvalidArgument
+from advserve_client import _grpc as client_grpc
 from advserve_client import _http as client_http
 from advserve_client.framing import RawTensor
 from conftest import ROOT
@@ -33,7 +35,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
 
-# Examples per parametrized case; about 560 in all, each sent over the six transports (about a minute on two cores).
+# Examples per parametrized case: about 590 in all, each sent over six transports (about a minute on two cores).
 ADVANTAGE_EXAMPLES = 8
 LOSS_EXAMPLES = 10
 INVALID_EXAMPLES = 8
@@ -174,6 +176,29 @@ def test_nan_garbage_and_nan_errors_read_the_same_in_json_mode(server):
             with pytest.raises(InvalidArgument) as over_json:
                 client.compute_advantages("gae", **bad)
             assert in_process.value.field == over_json.value.field == field
+
+
+@pytest.mark.parametrize("params", [{"whiten_std": 7}, {"whiten": 0}, {"gamma": True}, {"whiten_ddof": 1.0},
+                                    {"whiten_ddof": 1.5}, {"whiten_ddof": True}, {"kl_estimator": 3}, {"gamma": "0.5"},
+                                    {"gamma": 1}])
+def test_the_grpc_client_types_parameters_as_the_server_does(params):
+    """protobuf would take 7 for a bool and True for a double: the gRPC client refuses what the server
+    refuses (same field) and sends what it accepts (1.0 for an integer parameter is 1)."""
+    tensors = {"rewards": np.array([1.0, 0.0]), "response_mask": np.ones((2, 3), bool), "values": np.zeros((2, 3))}
+    try:
+        advserve.compute_advantages("gae", params=params, **tensors)
+        refused = None
+    except advserve.InvalidArgument as exc:
+        refused = exc.field
+    wire = {name: RawTensor.from_numpy(value) for name, value in tensors.items()}
+    if refused is None:
+        request = client_grpc.advantages_request({"estimator": "gae", "params": params}, wire)
+        (name, value), = params.items()
+        assert getattr(request.params, name) == value
+    else:
+        with pytest.raises(InvalidArgument) as info:
+            client_grpc.advantages_request({"estimator": "gae", "params": params}, wire)
+        assert info.value.field == refused
 
 
 # --- the fuzzer, briefly ----------------------------------------------------------------------------------
