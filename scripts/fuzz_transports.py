@@ -810,7 +810,7 @@ def oip_inputs(case: Case) -> list[tuple[str, np.ndarray]]:
             array = np.array([str(v).encode() for v in flat], dtype=object).reshape(np.shape(value))
             out.append((name, array))
         else:
-            out.append((name, np.ascontiguousarray(value)))
+            out.append((name, np.require(value, requirements="C")))  # (ascontiguousarray makes 0-d [1])
     return out
 
 
