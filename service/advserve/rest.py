@@ -385,6 +385,7 @@ class AdmissionControl:
         declared = int(declared_text) if declared_text.isascii() and declared_text.isdigit() else None
         deadline = self.runtime.deadline()
         lease = self.admission.lease()
+        replay: _Replay | None = None
         try:
             with self.runtime.serving():
                 try:
@@ -411,10 +412,18 @@ class AdmissionControl:
                     return await refuse(error, close=False)
                 scope.update({"advserve.body": body, "advserve.deadline": deadline, "advserve.lease": lease,
                               "advserve.receive": receive})
-                await self.app(scope, _after_body(body, receive), send)
+                replay = _Replay(body, receive)
+                del body
+                await self.app(scope, replay, send)
         except Unavailable as error:  # draining began between the check and `serving`
             await refuse(error, close=True)
         finally:
+            # the body leaves with the request: uvicorn keeps the scope until the connection's next request,
+            # and the scope is in reference cycles (its receive is the connection's), freed only by the GC
+            for key in _SCOPE_KEYS:
+                scope.pop(key, None)
+            if replay is not None:
+                replay.body = None
             lease.close()
 
     def _check_json(self, nbytes: int) -> None:
@@ -488,19 +497,21 @@ def _body_timeout(seconds: float, flag: str, seen: int) -> RequestTimeout:
                           f"received)", field="body")
 
 
-def _after_body(body: bytes | memoryview, receive):
+_SCOPE_KEYS = ("advserve.body", "advserve.deadline", "advserve.lease", "advserve.receive")
+
+
+class _Replay:
     """The application's receive: the body already read (once, as one message), then the connection's
     own messages (http.disconnect)."""
-    delivered = False
 
-    async def replay():
-        nonlocal delivered
-        if not delivered:
-            delivered = True
+    def __init__(self, body: bytes | memoryview, receive):
+        self.body, self.receive = body, receive
+
+    async def __call__(self):
+        if self.body is not None:
+            body, self.body = self.body, None
             return {"type": "http.request", "body": bytes(body), "more_body": False}
-        return await receive()
-
-    return replay
+        return await self.receive()
 
 
 # --- connections ----------------------------------------------------------------------------------
