@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import numpy as np
@@ -390,3 +391,21 @@ def test_a_missing_loss_tensor_names_the_term_that_needs_it():
         ENGINE.compute_losses(LossRequest(policy_loss=False, kl_loss={"unbiased_gradient": True}, tensors={
             "logprobs": -np.ones((2, 3)), "ref_logprobs": -np.ones((2, 3)), "response_mask": mask}))
     assert str(err.value).startswith("kl_loss (with unbiased_gradient) needs tensor 'old_logprobs'")
+
+
+def test_a_mismatch_names_the_odd_tensor_whatever_the_order():
+    """Every transport orders tensors its own way: the tensor named is the one the others disagree with
+    (response_mask's size wins a tie), not whichever came second."""
+    good = {"rewards": [1.0, 0.0], "response_mask": [[1], [1]], "group_ids": [0, 0]}
+    odd_ones = {"rewards": [1.0, 0.0, 1.0], "response_mask": [[1]] * 3, "group_ids": [0, 0, 1]}
+    for name, odd in odd_ones.items():
+        for order in itertools.permutations(good):
+            tensors = {n: odd if n == name else good[n] for n in order}
+            with pytest.raises(InvalidArgument) as err:
+                ENGINE.compute_advantages(AdvantageRequest("grpo", tensors))
+            assert err.value.field == f"tensors.{name}", (order, str(err.value))
+    for order in (("rewards", "response_mask"), ("response_mask", "rewards")):
+        tensors = {"rewards": [1.0, 0.0], "response_mask": [[1]]}
+        with pytest.raises(InvalidArgument) as err:
+            ENGINE.compute_advantages(AdvantageRequest("reinforce", {n: tensors[n] for n in order}))
+        assert err.value.field == "tensors.rewards"

@@ -84,6 +84,7 @@ def batch(ids) -> dict:
     (np.zeros((2, 1), np.int64), "[B]"),
     (["a", "b" * (MAX_GROUP_ID_LENGTH + 1)], f"at most {MAX_GROUP_ID_LENGTH}"),
     (np.array(["a", "b" * (MAX_GROUP_ID_LENGTH + 1)]), f"at most {MAX_GROUP_ID_LENGTH}"),
+    (["a", "é" * (MAX_GROUP_ID_LENGTH // 2 + 1)], f"at most {MAX_GROUP_ID_LENGTH}"),  # bytes in UTF-8, as /v2 has them
 ])
 def test_bad_ids_are_a_400_naming_group_ids(ids, words):
     with pytest.raises(advserve.InvalidArgument) as err:
@@ -92,9 +93,9 @@ def test_bad_ids_are_a_400_naming_group_ids(ids, words):
 
 
 def test_an_id_of_the_maximum_length_is_fine():
-    ids = ["a" * MAX_GROUP_ID_LENGTH, "b", "a" * MAX_GROUP_ID_LENGTH, "b"]
-    result = advserve.compute_advantages("dr_grpo", **batch(ids))
-    assert result.stats["groups"]["count"] == 2
+    for long in ("a" * MAX_GROUP_ID_LENGTH, "é" * (MAX_GROUP_ID_LENGTH // 2)):
+        result = advserve.compute_advantages("dr_grpo", **batch([long, "b", long, "b"]))
+        assert result.stats["groups"]["count"] == 2
 
 
 MEASURE = r"""
@@ -216,6 +217,8 @@ def test_v2_binary_bytes(server):
         assert "inputs.group_ids" in response.json()["error"]
     ragged, even = post([b"long-prompt", b"p", b"long-prompt", b"p"]), post([b"q1", b"q2", b"q1", b"q2"])
     assert ragged.status_code == even.status_code == 200
+    utf8 = ("é" * (MAX_GROUP_ID_LENGTH // 2)).encode()  # the limit in bytes, as the native API counts it
+    assert post([utf8, b"p", utf8, b"p"]).json()["outputs"][0]["data"] == even.json()["outputs"][0]["data"]
     assert ragged.json()["outputs"][0]["data"] == even.json()["outputs"][0]["data"]
 
 

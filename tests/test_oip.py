@@ -344,7 +344,7 @@ BAD_REQUESTS = {  # id: (model, arrays, parameters, outputs, expected field, HTT
     "float-group-ids": ("grpo", {**grpo_arrays(), "group_ids": np.zeros(5, np.float32)}, None, None,
                         "inputs.group_ids", 400),
     "wrong-shape": ("grpo", {**grpo_arrays(), "rewards": np.ones(4, np.float32)}, None, None,
-                    "inputs.response_mask", 400),  # "... has B = 5 but 'rewards' has B = 4"
+                    "inputs.rewards", 400),  # the odd one out: "'rewards' has B = 4 but 'response_mask' has B = 5"
     "missing-input": ("grpo", {k: v for k, v in grpo_arrays().items() if k != "group_ids"}, None, None,
                       "inputs.group_ids", 400),
     "input-not-of-the-model": ("grpo", {**grpo_arrays(), "values": np.ones(MASK.shape, np.float32)}, None, None,

@@ -11,6 +11,7 @@ Running out of memory while converting a tensor is a PayloadTooLarge naming it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ TOKEN_TENSORS = frozenset({
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
 ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-MAX_GROUP_ID_LENGTH = 1024  # characters of a string group id (bytes of a bytes one); longer ids are refused
+MAX_GROUP_ID_LENGTH = 1024  # bytes of a group id (a string's in UTF-8, as /v2 BYTES carry it); longer: a 400
 SHAPE_HINTS = {  # (tensor, rank given) -> (the tensor it was probably meant as, the hint)
     ("rewards", 2): ("token_rewards", "per-token rewards [B, T] go in 'token_rewards'"),
     ("token_rewards", 1): ("rewards", "one outcome reward per sequence [B] goes in 'rewards'"),
@@ -180,8 +181,9 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
             rank[order] = np.arange(order.size)
             index = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=device)
             return index, labels[order].tolist()
-        if value.dtype.kind in "US":  # fixed width already: its width is the longest id
-            _check_id_length(value.dtype.itemsize // (4 if value.dtype.kind == "U" else 1))
+        if value.dtype.kind in "US":  # more characters than the limit are more UTF-8 bytes too
+            if value.size and int(np.char.str_len(value).max()) > MAX_GROUP_ID_LENGTH:
+                raise _id_too_long(field)
         elif value.dtype != object:
             raise InvalidArgument(f"group_ids must be integers or strings, got {_what(value.dtype)}", field=field)
         value = value.tolist()
@@ -210,7 +212,7 @@ def _factorize(ids: list | tuple) -> tuple[np.ndarray, list]:
         raise InvalidArgument("group_ids mix integers and strings (is 1 the group of \"1\"?): give every id as "
                               "one kind", field=field)
     if kinds and kinds != {"int"}:
-        _check_id_length(max(map(len, ids)))
+        check_id_length(ids, field)
     codes = dict(zip(dict.fromkeys(ids), range(len(ids))))  # id -> its group, numbered by first appearance
     index = np.fromiter(map(codes.__getitem__, ids), dtype=np.int64, count=len(ids))
     labels = list(codes)
@@ -228,10 +230,23 @@ def _id_kind(kind: type) -> str | None:
     return "str" if issubclass(kind, str) else "bytes" if issubclass(kind, bytes) else None
 
 
-def _check_id_length(longest: int) -> None:
-    if longest > MAX_GROUP_ID_LENGTH:
-        raise InvalidArgument(f"a group id is {longest} characters long; ids may have at most "
-                              f"{MAX_GROUP_ID_LENGTH}", field=_field("group_ids"))
+_UTF8 = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
+
+
+def check_id_length(ids: list | tuple, field: str) -> None:
+    """InvalidArgument naming `field` when an id (all str, or all bytes) is longer than
+    MAX_GROUP_ID_LENGTH bytes, a string's counted in UTF-8 so that every transport agrees. C-level: a
+    string is encoded only when its length in characters cannot decide (between 1/4 and 1 of the limit)."""
+    longest = max(map(len, ids), default=0)
+    if longest > MAX_GROUP_ID_LENGTH or (
+            longest * 4 > MAX_GROUP_ID_LENGTH and isinstance(ids[0], str)
+            and max(map(len, map(_UTF8, ids))) > MAX_GROUP_ID_LENGTH):
+        raise _id_too_long(field)
+
+
+def _id_too_long(field: str) -> InvalidArgument:
+    return InvalidArgument(f"a group id is longer than {MAX_GROUP_ID_LENGTH} bytes (UTF-8); ids may have at most "
+                           f"{MAX_GROUP_ID_LENGTH}", field=field)
 
 
 class PackedLayout:
@@ -316,6 +331,8 @@ def build_batch(
     layout "padded": token tensors [B, T]; "packed": token tensors flat [N] with cu_seqlens [B + 1]
     (response_mask optional: all packed tokens are valid by default). More than `max_tokens` tokens
     (B·T padded) is a PayloadTooLarge error, raised before anything of that size is allocated.
+    Tensors are checked in one order whatever the order of `raw` (response_mask first, then by name),
+    so that every transport names the same tensor for the same mistake.
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -323,7 +340,7 @@ def build_batch(
         raise InvalidArgument(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", field="layout")
     allowed = set(allowed) | ({"cu_seqlens"} if layout == "packed" else set())
     required = set(required) - ({"response_mask"} if layout == "packed" else set())
-    for name in raw:
+    for name in sorted(raw, key=_check_order):
         if name not in allowed:
             kind = "not used by" if name in ALL_TENSORS else "unknown for"
             if name == "cu_seqlens":
@@ -340,7 +357,8 @@ def build_batch(
     if layout == "packed":
         raw, packed = _unpack(raw, device, max_tokens)
     arrays: dict[str, Any] = {}
-    for name, value in raw.items():
+    for name in sorted(raw, key=_check_order):
+        value = raw[name]
         if value is not None:
             with _fits(name):  # group ids stay as given until factorized below
                 arrays[name] = value if name == "group_ids" else _to_array(name, value)
@@ -369,6 +387,10 @@ def build_batch(
         tensors[name] = tensor
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
                  group_labels=group_labels, layout=packed)
+
+
+def _check_order(name: Any) -> tuple[bool, str]:
+    return name != "response_mask", str(name)
 
 
 def _shape(name: str, array: Any) -> tuple[int, ...]:
@@ -431,9 +453,9 @@ def _all_finite(tensor: Tensor) -> bool:
 
 def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] = ()) -> tuple[int, int]:
     """Rank and size agreement: [B] for sequence tensors, [B, T] for token tensors; B, T >= 1. A rank
-    that fits another accepted tensor (`allowed`: [B, T] `rewards` for `token_rewards`) says so."""
-    batch_size: tuple[int, str] | None = None
-    length: tuple[int, str] | None = None
+    that fits another accepted tensor (`allowed`: [B, T] `rewards` for `token_rewards`) says so. B and
+    T are what most tensors agree on (response_mask's on a tie), so a mismatch names the odd one out
+    whatever the order the request listed the tensors in."""
     for name, shape in shapes.items():
         want = 2 if name in TOKEN_TENSORS else 1
         if len(shape) != want:
@@ -442,19 +464,22 @@ def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] 
             hint = f"; {hint}" if other in allowed else ""
             raise InvalidArgument(f"tensor {name!r} must be {expected}, got shape {list(shape)}{hint}",
                                   field=_field(name))
-        if batch_size is None:
-            batch_size = (shape[0], name)
-        elif shape[0] != batch_size[0]:
-            raise InvalidArgument(f"tensor {name!r} has B = {shape[0]} but {batch_size[1]!r} has B = {batch_size[0]}",
-                                  field=_field(name))
-        if want == 2:
-            if length is None:
-                length = (shape[1], name)
-            elif shape[1] != length[0]:
-                raise InvalidArgument(f"tensor {name!r} has T = {shape[1]} but {length[1]!r} has T = {length[0]}",
+    if not shapes:
+        raise InvalidArgument("empty batch: B must be at least 1", field=_field("response_mask"))
+    sizes = {"B": {name: shape[0] for name, shape in shapes.items()},
+             "T": {name: shape[1] for name, shape in shapes.items() if len(shape) == 2}}
+    agreed = {}
+    for dim, of in sizes.items():
+        if not of:
+            continue
+        counts = collections.Counter(of.values())
+        size, reference = next((v, n) for n, v in of.items() if counts[v] == max(counts.values()))
+        for name, value in of.items():
+            if value != size:
+                raise InvalidArgument(f"tensor {name!r} has {dim} = {value} but {reference!r} has {dim} = {size}",
                                       field=_field(name))
-    if batch_size is None or batch_size[0] == 0:
-        raise InvalidArgument("empty batch: B must be at least 1", field=_field(batch_size[1] if batch_size else "response_mask"))
-    if length is not None and length[0] == 0:
-        raise InvalidArgument("empty responses: T must be at least 1", field=_field(length[1]))
-    return batch_size[0], length[0] if length else 0
+        if size == 0:
+            what = "empty batch: B" if dim == "B" else "empty responses: T"
+            raise InvalidArgument(f"{what} must be at least 1", field=_field(reference))
+        agreed[dim] = size
+    return agreed["B"], agreed.get("T", 0)

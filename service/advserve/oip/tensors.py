@@ -5,7 +5,7 @@ typed `contents`) turned into what the engine takes (torch views, numpy arrays),
 Every size is checked before anything is allocated: the shape (non-negative integers, rank at most
 8), the byte count of raw data against prod(shape) x the element size, the element count of JSON
 data. BYTES elements are a 4-byte little-endian length and that many bytes each (Triton's
-serialization), at most MAX_GROUP_ID_LENGTH bytes (strings: characters) each, and come out as
+serialization), at most MAX_GROUP_ID_LENGTH bytes each (JSON strings: in UTF-8), and come out as
 numpy object arrays of Python bytes or str, never widened to a fixed width. Errors name the input
 (`inputs.<name>`).
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..batch import MAX_GROUP_ID_LENGTH
+from ..batch import MAX_GROUP_ID_LENGTH, check_id_length
 from ..device import to_host
 from ..errors import InvalidArgument
 from ..wire import buffer_to_torch
@@ -141,14 +141,13 @@ def from_bytes_list(name: str, values: list[bytes], shape: tuple[int, ...]) -> n
     if len(values) != count:
         raise InvalidArgument(f"input {name!r}: bytes_contents has {len(values)} elements but shape {list(shape)} "
                               f"needs {count}", field=field(name))
-    if values:
-        _check_element_length(name, max(map(len, values)))
+    check_id_length(values, field(name))
     return _object_array(values).reshape(shape)
 
 
 def _strings_from_json(name: str, data: list, shape: tuple[int, ...]) -> np.ndarray:
     """JSON BYTES data (strings, flat or nested row-major) -> an object array of str of `shape`; each
-    at most MAX_GROUP_ID_LENGTH characters. C-level builtins only (map, chain): no loop per element."""
+    at most MAX_GROUP_ID_LENGTH bytes in UTF-8. C-level builtins only (map, chain): no loop per element."""
     flat = data
     for _ in range(MAX_RANK):
         if set(map(type, flat)) != {list}:
@@ -161,15 +160,14 @@ def _strings_from_json(name: str, data: list, shape: tuple[int, ...]) -> np.ndar
     if len(flat) != count:
         raise InvalidArgument(f"input {name!r}: data has {len(flat)} elements but shape {list(shape)} needs {count}",
                               field=field(name))
-    if flat:
-        _check_element_length(name, max(map(len, flat)))
+    check_id_length(flat, field(name))  # counted in UTF-8, as the binary form carries them
     return _object_array(flat).reshape(shape)
 
 
-def _check_element_length(name: str, longest: int) -> None:
-    if longest > MAX_GROUP_ID_LENGTH:
-        raise InvalidArgument(f"input {name!r}: an element is {longest} long; BYTES elements (group ids) may have "
-                              f"at most {MAX_GROUP_ID_LENGTH}", field=field(name))
+def _check_element_length(name: str, length: int) -> None:
+    if length > MAX_GROUP_ID_LENGTH:
+        raise InvalidArgument(f"input {name!r}: an element is {length} bytes long; BYTES elements (group ids) may "
+                              f"have at most {MAX_GROUP_ID_LENGTH}", field=field(name))
 
 
 def _object_array(values: list) -> np.ndarray:
