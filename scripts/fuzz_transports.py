@@ -220,8 +220,8 @@ def draw_group_ids(draw: Draw, rng: np.random.Generator, b: int) -> Any:
     words = [f"prompt-{i}" for i in rng.integers(0, 10**6, size=int(groups.max()) + 1)]
     if draw.flip(0.2):
         words = [w + "-é✓" for w in words]
-    if draw.flip(0.05):  # long ids: up to the limit (1024 characters), in ASCII or not
-        words[0] = draw.choice(["x", "é", "✓"]) * draw.choice([1024, 300, 1000])
+    if draw.flip(0.05):  # long ids: at the limit (1024 bytes in UTF-8), in ASCII or not
+        words[0] = draw.choice(["x" * 1024, "é" * 512, "✓" * 341 + "x", "x" * 300])
     return [words[g] for g in groups]
 
 
@@ -444,12 +444,12 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
         case.tensors["group_ids"] = [n if n % 2 else i for n, i in enumerate(ids)] if len(ids) > 1 else [None]
         case.variant = variant
         return case
-    if variant == "long_id":  # one id past the limit (1024 characters)
+    if variant == "long_id":  # one id past the limit (1024 bytes in UTF-8)
         estimator, preset = draw.choice([pair for pair in estimator_presets()
                                          if "group_ids" in _estimator(pair[0])["tensors"]["required"]])
         case = valid_case(draw, lambda: advantage_case(draw, estimator, preset))
         ids = [str(i) for i in case.tensors["group_ids"]]
-        ids[draw.integer(0, len(ids) - 1)] = draw.choice(["x", "é"]) * draw.choice([1025, 5000])
+        ids[draw.integer(0, len(ids) - 1)] = draw.choice(["x" * 1025, "é" * 513, "✓" * 342, "x" * 5000])
         case.tensors["group_ids"] = ids
         case.variant = variant
         return case

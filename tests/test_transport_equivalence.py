@@ -35,10 +35,10 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
 
-# Examples per parametrized case: about 590 in all, each sent over six transports (about a minute on two cores).
-ADVANTAGE_EXAMPLES = 8
-LOSS_EXAMPLES = 10
-INVALID_EXAMPLES = 8
+# Examples per parametrized case: about 1,300 in all, each sent over six transports (under a minute on two cores).
+ADVANTAGE_EXAMPLES = 20
+LOSS_EXAMPLES = 20
+INVALID_EXAMPLES = 16
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # variants that are wrong whatever else was drawn (wrong_shape, missing_tensor and unknown_tensor may hit
 # a tensor the request does not need: the transports must still agree)
