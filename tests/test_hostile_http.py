@@ -141,15 +141,12 @@ def test_the_deadline_covers_the_upload(hostile):
     sock.settimeout(0.5)
     answer = b""
     for _ in range(40):  # a byte every 0.5 s; the deadline is 4 s
-        try:
-            sock.sendall(b" ")
-            answer = sock.recv(65536)
+        try:  # the answer is looked for before each byte: a byte sent after the server closed resets the
+            answer = sock.recv(65536)  # connection, and the answer not yet read would be lost with it
         except TimeoutError:
+            sock.sendall(b" ")
             continue
-        except OSError:
-            break
-        if answer:
-            break
+        break
     answer += read_until_closed(sock)
     status, document = status_and_json(answer)
     assert status == 408 and "--request-timeout-s" in document["error"]["message"]
@@ -332,3 +329,52 @@ def test_connections_past_the_cap_are_refused_and_memory_returns_after_a_burst(c
             break
         time.sleep(0.1)
     assert rss_mib(server, "VmRSS") < resting + (peak - resting) / 4, (resting, peak, rss_mib(server, "VmRSS"))
+
+
+# --- compute memory is charged on every HTTP door ----------------------------------------------------
+
+
+def _losses_bodies(rows: int, cols: int = 2048) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """A float32 losses batch of rows x cols tokens as a /v1/losses binary body and a /v2 binary infer
+    body (the same tensors): {path: (body, headers)}."""
+    rng = np.random.default_rng(3)
+    lp = -rng.random((rows, cols), dtype=np.float32)
+    arrays = {"logprobs": lp, "old_logprobs": lp, "advantages": rng.normal(size=lp.shape).astype(np.float32),
+              "response_mask": np.ones(lp.shape, bool)}
+    n, chunks = framing.encode({}, {k: framing.RawTensor.from_numpy(v) for k, v in arrays.items()})
+    v1 = (b"".join(chunks), {"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)})
+    inputs = [{"name": k, "datatype": "BOOL" if v.dtype == bool else "FP32", "shape": list(v.shape),
+               "parameters": {"binary_data_size": v.nbytes}} for k, v in arrays.items()]
+    header = json.dumps({"inputs": inputs}).encode()
+    v2 = (b"".join([header, *(v.tobytes() for v in arrays.values())]),
+          {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
+    return {"/v1/losses": v1, "/v2/models/losses/infer": v2}
+
+
+def test_compute_memory_is_charged_before_the_job_is_queued(hostile, capped):
+    """A losses batch of 6 MiB (~480k tokens) fits the 32 MiB admission as a body, but its compute
+    (COMPUTE_COST x B·T x 4 bytes, ~33 MiB) does not: 413 naming the body on /v1 (binary) and /v2, before
+    any compute (the compute counters do not move); the same bodies are answered 200 by a server with
+    the default (large) admission."""
+    bodies = _losses_bodies(6 * 2**20 // (13 * 2048))
+    computed = _computed(hostile)
+    for path, (body, headers) in bodies.items():
+        assert len(body) < ADMISSION // 4
+        response = httpx.post(f"{hostile.url}{path}", content=body, headers=headers, timeout=60)
+        assert response.status_code == 413, (path, response.text)
+        error = response.json()["error"]
+        if path.startswith("/v1"):
+            assert (error["code"], error["field"]) == ("payload_too_large", "body")
+            assert "compute" in error["message"] and "admission capacity" in error["message"]
+        else:
+            assert error.startswith("body: ") and "compute" in error
+    assert _computed(hostile) == computed  # refused before the queue: nothing was computed
+    for path, (body, headers) in bodies.items():
+        assert httpx.post(f"{capped.url}{path}", content=body, headers=headers, timeout=120).status_code == 200, path
+
+
+def _computed(server: RunningServer) -> float:
+    """How many requests the server has computed (its compute phase observations), every transport."""
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("advserve_request_phase_seconds_count") and 'phase="compute"' in line)

@@ -38,7 +38,6 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
-import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -48,12 +47,11 @@ from advserve_client._pb import advserve_pb2
 from advserve_client.framing import FramingError, RawTensor
 
 from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from .batch import DTYPES
 from .errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
                      RequestTimeout, Unavailable, error_message)
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
-from .runtime import Lease, Runtime
+from .runtime import COMPUTED, Lease, Runtime, compute_bytes
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve.grpc")
@@ -71,11 +69,6 @@ RECEIVE_COST = 3
 it to Python, about 2.9 × its length at the peak (the HTTP/2 frames, the joined message, the Python
 bytes); decoded, the bytes, the parsed message (protobuf's own copy) and the tensors (a copy of each
 bytes field, which torch views) are about 3 × its length. Admission charges RECEIVE_COST × length."""
-
-COMPUTE_COST = 18
-"""Bytes of memory per token and per byte of the compute dtype while a batch is computed and its
-result encoded (temporaries, outputs, their wire copies), measured: policy losses 15 (float32) and
-17 (float64), GAE 6 and 8, GRPO 2 and 2.5. Charged before the job is queued (`compute_bytes`)."""
 
 POLL_S = 0.005  # how often the head of the admission line looks for room
 
@@ -143,7 +136,7 @@ class Door:
         # malloc arena of freed pages, so a pool of decoders would multiply the peak RSS (measured)
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="advserve-grpc-decode")
 
-    async def grow(self, lease: Lease, nbytes: int, deadline_s: float) -> None:
+    async def grow(self, lease: Lease, nbytes: int, deadline_s: float, what: str = "request") -> None:
         """Take `nbytes` more into `lease`, waiting in arrival order for admission to have room, at
         most the admission wait (and `deadline_s`): then Overloaded (UNAVAILABLE, Retry-After);
         PayloadTooLarge (RESOURCE_EXHAUSTED) at once if the request could never fit. Admission is
@@ -153,7 +146,7 @@ class Door:
         async with self._line:
             while True:
                 try:
-                    lease.grow(nbytes)
+                    lease.grow(nbytes, what)
                     return
                 except Overloaded:
                     if loop.time() >= give_up:
@@ -395,7 +388,7 @@ class AdvserveServicer:
                                   layout=document.get("layout"))
         prepared = self.engine.prepare_advantages(domain)
         call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.advantages(prepared), dtype=prepared.dtype)
+        result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
         with call.phase("encode"):
             return protocol.advantages_response_to_pb(
                 {"params": result.params, "stats": result.stats},
@@ -408,8 +401,7 @@ class AdvserveServicer:
         domain = LossRequest(tensors=tensors, **document)
         mask = tensors.get("response_mask")
         call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
-        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)),
-                                    dtype=document.get("dtype"))
+        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)), work=domain)
         grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
                  "grad_entropy": result.grad_entropy}
         with call.phase("encode"):
@@ -423,8 +415,7 @@ class AdvserveServicer:
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
         prepared = prepare_analysis(self.engine, AnalysisRequest(tensors=_torch(raw), **document))
         call.batch = tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)),
-                                    dtype=document.get("dtype"))
+        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)), work=prepared)
         with call.phase("encode"):
             return protocol.analyze_response_to_pb(result)
 
@@ -478,15 +469,16 @@ class _Call:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise DeadlineExceeded("no result within the deadline (decoding the request)") from None
 
-    async def compute(self, job: Awaitable[Any], timeout_s: float | None = None, *, dtype: Any = None) -> Any:
+    async def compute(self, job: Awaitable[Any], timeout_s: float | None = None, *, work: Any = None) -> Any:
         """The job's result within the request's one deadline (the caller's, or --request-timeout-s,
         from its arrival: reading and decoding count) and `timeout_s` (a protocol's own, from the
         arrival). Past it the wait is cancelled, which cancels the job's future: a job still queued
         is skipped by the compute thread. Before the job is queued, admission is charged its compute
-        and encoding memory (`compute_bytes` of `self.batch` in `dtype`, float32 when None)."""
+        and encoding memory (`runtime.compute_bytes(work)`, `work` the decoded request; the same charge as
+        HTTP's), waiting in line as the receive reservation does (`Door.grow`)."""
         self.phases["decode"] = time.perf_counter() - self.arrived
         try:
-            await self.door.grow(self.lease, compute_bytes(self.batch, dtype), self.remaining(timeout_s))
+            await self.door.grow(self.lease, compute_bytes(work), self.remaining(timeout_s), what=COMPUTED)
             budget = self.remaining(timeout_s)
             if budget <= 0:
                 raise DeadlineExceeded("the deadline passed before the request was computed")
@@ -500,17 +492,6 @@ class _Call:
             raise DeadlineExceeded("no result within the deadline") from None
         self.phases["queue"], self.phases["compute"] = timing.queue, timing.compute
         return result
-
-
-def compute_bytes(batch: tuple[int, ...] | None, dtype: Any = None) -> int:
-    """Memory for computing and encoding a batch of `batch` = (B, T) tokens in `dtype` (a torch dtype
-    or its name; float32 when None): COMPUTE_COST × B·T × the dtype's size in bytes; 0 without a
-    batch (the catalog)."""
-    if not batch:
-        return 0
-    if not isinstance(dtype, torch.dtype):
-        dtype = DTYPES.get(dtype, torch.float32)
-    return COMPUTE_COST * math.prod(batch) * dtype.itemsize
 
 
 def _torch(raw: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from .errors import (STATUS, AdvserveError, InvalidArgument, MethodNotAllowed, N
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
-from .runtime import JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime, admitted, watch_disconnect
+from .runtime import (JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime, admitted, charge_compute,
+                      watch_disconnect)
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve")
@@ -332,7 +333,10 @@ class AdmissionControl:
       admission capacity: 413 at once; over the capacity free now: 503 + Retry-After at once. Nothing
       is reserved on the declared length: bytes are admitted as they arrive (a chunk that does not
       fit: 503), so a connection that declares much and sends little holds only what it sent. A JSON
-      body is charged JSON_DECODE_COST times its length (parsing it costs that), once it is in;
+      body is charged JSON_DECODE_COST times its length (parsing it costs that), once it is in; once
+      decoded (B·T known), the route charges the memory to compute it (`runtime.charge_compute`, as
+      gRPC does) before queueing it: 413 if body and compute could never fit, 503 + Retry-After at
+      once if not now (HTTP has no admission line to wait in);
     - nothing for --body-idle-timeout-s between two chunks, or the body not complete within
       --request-timeout-s of the request's arrival: 408 request_timeout;
     - a response that leaves part of a body unread closes the connection (Connection: close).
@@ -676,6 +680,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                 phases["decode"] = time.perf_counter() - started
                 estimator = getattr(getattr(prepared, "estimator", None), "name", None)
                 batch = _batch_shape(prepared)
+                charge_compute(lease, prepared)  # its compute memory, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()

@@ -12,11 +12,16 @@ import ctypes.util
 import gc
 import hmac
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
+import numpy as np
+import torch
+
+from .batch import DTYPES
 from .config import Settings
 from .engine import Engine
 from .errors import DeadlineExceeded, Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
@@ -32,11 +37,93 @@ a float object each), measured on /v1/losses bodies: 4 for float32 values, 13 fo
 each in JSON). HTTP admission charges this much for a JSON body (a binary body costs its length, the
 tensors being views of it); the JSON limits of the door (declared length) and of admission follow."""
 
+COMPUTE_COST = 18
+"""Bytes of memory per token (B·T, the padded form) and per byte of the compute dtype while a batch is
+computed and its result encoded (temporaries, outputs, their wire copies), measured as peak RSS growth
+(VmHWM) of one call in process: policy losses 15 (float32) and 17 (float64), GAE 6 and 8, GRPO 2 and
+2.5. Every transport charges it to the request's lease before the job is queued (`charge_compute`)."""
+
+ANALYSIS_COST = 32
+"""Bytes of memory per token and per analysed estimator of /v1/analysis, on top of COMPUTE_COST: each
+estimator's int8 signs are kept, and the sign matrices stack them as three float64 one-hot indicators
+[E, N] (24 bytes per token and estimator). Measured (VmHWM growth, 512 x 2048 tokens, in process):
+1 estimator 32 B per token (float32), 4 (one whitened) 168 MiB = 42 per token and estimator (float32),
+40 (float64); all 12 of the paper preset 344 MiB (float32) and 320 MiB (float64), 27-29 per token and
+estimator. COMPUTE_COST × dtype size + ANALYSIS_COST × estimators covers each (104, 200, 272, 456, 528
+bytes per token against 32, 168, 159, 344, 320 measured)."""
+
 
 async def off_loop(fn, size: int):
     """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
     requests are cheaper decoded and encoded right here on the event loop."""
     return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
+
+
+def compute_bytes(work: Any) -> int:
+    """Memory for computing and encoding one request, whatever its transport: COMPUTE_COST × B·T × the
+    compute dtype's size (float32 when unset), plus ANALYSIS_COST × B·T × the estimators of an analysis.
+    `work` is what the transport decoded: a PreparedAdvantages or PreparedAnalysis (B·T of its validated
+    batch), a LossRequest (validated on the compute thread: B·T from its response_mask [B, T], or when
+    packed from cu_seqlens, B × the longest row, the padded form the engine computes on), or an OIP
+    Prepared (its domain). 0 for anything else (the catalog). Pure; shapes only, no Python loop over rows."""
+    work = getattr(work, "domain", work)  # an OIP Prepared
+    jobs = getattr(work, "jobs", None)  # a PreparedAnalysis: one prepared job per estimator
+    estimators = len(jobs) if jobs else 0
+    dtype = jobs[0].dtype if jobs else getattr(work, "dtype", None)
+    mask = getattr(getattr(work, "batch", None), "mask", None)
+    if mask is not None:
+        tokens = math.prod(mask.shape)
+    elif isinstance(getattr(work, "tensors", None), Mapping):
+        tokens = _loss_tokens(work.tensors, getattr(work, "layout", None))
+    else:
+        return 0
+    if not isinstance(dtype, torch.dtype):
+        dtype = DTYPES.get(dtype, torch.float32)
+    return tokens * (COMPUTE_COST * dtype.itemsize + ANALYSIS_COST * estimators)
+
+
+def _loss_tokens(tensors: Mapping[str, Any], layout: str | None) -> int:
+    """B·T of a loss request not yet validated: response_mask's [B, T] (padded), or B × the longest
+    row of cu_seqlens (packed); else the largest tensor's size. What validation will refuse is
+    counted as it stands (it is refused before any compute)."""
+    largest = max((math.prod(shape) for shape in map(_shape, tensors.values()) if shape), default=0)
+    if layout == "packed" and tensors.get("cu_seqlens") is not None:
+        try:
+            bounds = np.asarray(tensors["cu_seqlens"], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            bounds = np.zeros(0, np.int64)
+        steps = np.diff(bounds)
+        # bounds as validation will accept them (0 to N, non-decreasing); others are refused before compute
+        if bounds.size >= 2 and bounds[0] == 0 and bounds[-1] <= largest and bool((steps >= 0).all()):
+            return (bounds.size - 1) * max(int(steps.max()), 1)
+    mask = _shape(tensors.get("response_mask"))
+    return math.prod(mask) if layout != "packed" and len(mask) == 2 else largest
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """The shape of a tensor or array, or of nested lists from their first elements (JSON)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return tuple(int(n) for n in shape)
+    dims: list[int] = []
+    while isinstance(value, list) and len(dims) < 2:
+        dims.append(len(value))
+        value = value[0] if value else None
+    return tuple(dims)
+
+
+def charge_compute(lease: "Lease | None", work: Any) -> None:
+    """Take `compute_bytes(work)` into the request's lease, at once, before its job is queued (HTTP:
+    /v1 and /v2): PayloadTooLarge (413, field body) when its body and its compute could never fit the
+    admission capacity, Overloaded (503 + Retry-After) when they do not fit now. HTTP refuses at once,
+    as it does a body chunk that does not fit: there is no line to wait in (gRPC's `Door.grow` waits
+    up to --grpc-admission-wait-s because its calls queue for their receive reservation). No lease
+    (an application without AdmissionControl): nothing to charge."""
+    if lease is not None:
+        lease.grow(compute_bytes(work), what=COMPUTED)
+
+
+COMPUTED = "request (its body, and the memory to compute its batch)"
 
 
 class Admission:
@@ -107,12 +194,13 @@ class Lease:
         self._closed = False
         self._lock = threading.Lock()
 
-    def grow(self, nbytes: int) -> None:
-        """Take `nbytes` more; raises PayloadTooLarge (never fits) or Overloaded (not now)."""
+    def grow(self, nbytes: int, what: str = "request") -> None:
+        """Take `nbytes` more; raises PayloadTooLarge (never fits; the message names `what` is held)
+        or Overloaded (not now)."""
         if nbytes <= 0:
             return
         if self.held + nbytes > self.admission.capacity:
-            raise PayloadTooLarge(f"request of {self.held + nbytes} bytes exceeds the server's admission capacity "
+            raise PayloadTooLarge(f"{what} of {self.held + nbytes} bytes exceeds the server's admission capacity "
                                   f"of {self.admission.capacity} bytes", field="body")
         self.admission.acquire(nbytes)
         with self._lock:

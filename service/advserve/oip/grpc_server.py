@@ -167,8 +167,7 @@ class OipServicer:
         prepared = await call.off_loop(decode, call.size)
         del decode
         call.batch = prepared.batch
-        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s,
-                                    dtype=getattr(prepared.domain, "dtype", None))
+        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s, work=prepared)
         with call.phase("encode"):
             return response_to_pb(self.service.respond(prepared, result))
 

@@ -32,7 +32,7 @@ from fastapi.responses import Response
 
 from ..errors import STATUS, AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable, error_message
 from ..observability import REQUEST_ID_HEADER, request_id, server_timing
-from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, watch_disconnect
+from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, charge_compute, watch_disconnect
 from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
 from .tensors import from_json, from_raw
 
@@ -384,6 +384,7 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                 prepared = await deadline.off_loop(decode, max(len(body), INLINE_LIMIT if inflating else 0), lease)
                 phases["decode"] = time.perf_counter() - started
                 deadline = deadline.within(prepared.timeout_s)
+                charge_compute(lease, prepared)  # its compute memory, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(service.compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
