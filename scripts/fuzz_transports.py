@@ -409,8 +409,14 @@ INVALID = ("nan_unmasked", "inf_unmasked", "wrong_shape", "unknown_estimator", "
            "text_tensor", "wrong_type_param")
 
 
-def _float_names(case: Case) -> list[str]:
-    return sorted(k for k, v in case.tensors.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
+def _numbers(case: Case) -> list[str]:
+    """The case's float tensors (made float64 where a request has only integral ones: int64 rewards)."""
+    names = sorted(k for k, v in case.tensors.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
+    if not names:
+        names = [k for k in ("rewards", "token_rewards") if k in case.tensors]
+        for name in names:
+            case.tensors[name] = case.tensors[name].astype(np.float64)
+    return names
 
 
 def valid_case(draw: Draw, make: Callable[[], Case], tries: int = 8) -> Case:
@@ -468,7 +474,7 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
     rng = np.random.default_rng(draw.seed())
     doc, tensors = case.document, case.tensors
     if variant in ("nan_unmasked", "inf_unmasked"):
-        name = draw.choice(_float_names(case))
+        name = draw.choice(_numbers(case))
         array = tensors[name].copy()
         mask = tensors.get("response_mask")
         if array.ndim == 2 or (mask is not None and mask.shape == array.shape and name not in SEQUENCE_TENSORS):
@@ -531,7 +537,7 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
             else:
                 tensors[name] = []
     elif variant == "bad_rank":  # a token tensor 3-D, a row tensor 2-D, or a scalar
-        name = draw.choice(_float_names(case))
+        name = draw.choice(_numbers(case))
         value = tensors[name]
         tensors[name] = draw.choice([value[..., None], value.reshape(1, -1), np.asarray(value.reshape(-1)[:1][0])]) \
             if value.size else value[..., None]
@@ -552,7 +558,7 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
                 cu[-1] += 1
             tensors["cu_seqlens"] = cu
     elif variant == "text_tensor":  # strings where numbers belong
-        name = draw.choice(_float_names(case))
+        name = draw.choice(_numbers(case))
         tensors[name] = tensors[name].astype(str)
     elif variant == "missing_tensor":
         name = draw.choice(sorted(k for k in tensors if k != "cu_seqlens"))
