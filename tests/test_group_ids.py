@@ -118,6 +118,14 @@ for rows in (256, 20_000):
         out[rows] = ["ok", None]
     except advserve.InvalidArgument as exc:
         out[rows] = [exc.field, peak_mb() - before]
+rewards = [0.5] * 256  # the same string in a numeric tensor: refused before numpy widens it (1 GB, 2.5 s)
+rewards[7] = "x" * 1_000_000
+before = peak_mb()
+try:
+    advserve.compute_advantages("dr_grpo", rewards=rewards, response_mask=np.ones((256, 1), bool), group_ids=[0] * 256)
+    out["rewards"] = ["ok", None]
+except advserve.InvalidArgument as exc:
+    out["rewards"] = [exc.field, peak_mb() - before]
 ids = [f"{i:01024d}" for i in range(20_000)]  # 20,000 distinct ids of the maximum length (20 MB of text)
 before = peak_mb()
 result = advserve.compute_advantages("dr_grpo", rewards=np.ones(20_000), response_mask=np.ones((20_000, 1), bool),
@@ -128,8 +136,8 @@ print(json.dumps(out))
 
 
 def test_long_ids_cost_no_memory_in_process():
-    """Peak RSS growth (a fresh process): a 1,000,000-character id is refused before anything of its
-    size times B exists; 20,000 ids of the maximum length factorize without a [B] fixed-width copy
+    """Peak RSS growth (a fresh process): a 1,000,000-character id (or such a string in a numeric
+    tensor) is refused before anything of its size times B exists; 20,000 ids of the maximum length factorize without a [B] fixed-width copy
     (which would be 20,000 x 1024 x 4 bytes = 78 MiB)."""
     done = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -137,6 +145,8 @@ def test_long_ids_cost_no_memory_in_process():
     for rows in ("256", "20000"):
         field, grown = out[rows]
         assert field == "tensors.group_ids" and grown < 32, out
+    field, grown = out["rewards"]
+    assert field == "tensors.rewards" and grown < 32, out
     count, grown = out["max"]
     assert count == 20_000 and grown < 40, out
 

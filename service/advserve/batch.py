@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -122,29 +123,56 @@ def _fits(name: str) -> Iterator[None]:
 
 
 def _to_array(name: str, value: Any) -> np.ndarray | Tensor:
-    """A numeric tensor as given (torch, numpy) or read from nested lists (JSON): null reads as NaN."""
+    """A numeric tensor as given (torch, numpy) or read from nested lists (JSON, `_from_lists`)."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)):
-        try:
-            array = np.asarray(value)
-        except (ValueError, TypeError):
-            raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or not numeric",
-                                  field=_field(name)) from None
-        if array.dtype == object:  # null (JSON's NaN) among numbers; else ragged or mixed kinds
-            try:
-                array = np.asarray(value, dtype=np.float64)
-            except (ValueError, TypeError):
-                raise InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths) or holds values "
-                                      "other than numbers and null", field=_field(name)) from None
+        array = _from_lists(name, value)
     else:
         raise InvalidArgument(f"tensor {name!r} must be an array (nested list, numpy array or torch tensor), "
                               f"got {type(value).__name__}", field=_field(name))
     if array.dtype.kind not in "biuf":
         raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
     return array
+
+
+def _from_lists(name: str, value: list | tuple) -> np.ndarray:
+    """Nested lists [B] or [B, T] -> a numpy array: bool, int64 or float64 as the elements are; null
+    reads as NaN. The elements' types are read first (one C-level pass: set(map(type, chain))), so a
+    string is refused before numpy could widen B·T elements to the longest one (or parse "1" as 1)."""
+    top = set(map(type, value))
+    kinds = set(map(type, itertools.chain.from_iterable(value))) if top and top <= {list, tuple} else top
+    if any(issubclass(kind, (str, bytes)) for kind in kinds):
+        raise InvalidArgument(f"tensor {name!r} must be numeric, got strings", field=_field(name))
+    dtype = np.bool_ if kinds and kinds <= {bool} else np.int64 if kinds and kinds <= {bool, int} else np.float64
+    try:
+        try:
+            return np.asarray(value, dtype=dtype)
+        except OverflowError:  # an integer beyond int64
+            return np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise _not_numeric(name, value) from None
+
+
+def _not_numeric(name: str, value: list | tuple) -> InvalidArgument:
+    """Why nested lists are no numeric array: strings, ragged rows, or other values. Looks at one level
+    at a time with C-level builtins (map, chain); only refused requests come here."""
+    level: list = list(value)
+    kinds: set[type] = set()
+    for _ in range(64):
+        kinds = set(map(type, level))
+        if any(issubclass(kind, (str, bytes)) for kind in kinds):
+            return InvalidArgument(f"tensor {name!r} must be numeric, got strings", field=_field(name))
+        lists = {kind for kind in kinds if issubclass(kind, (list, tuple))}
+        if not lists:
+            break
+        if lists != kinds or len(set(map(len, level))) > 1:
+            return InvalidArgument(f"tensor {name!r} is ragged (rows of different lengths)", field=_field(name))
+        level = list(itertools.chain.from_iterable(level))
+    what = ", ".join(sorted({"null" if kind is type(None) else kind.__name__ for kind in kinds}))
+    return InvalidArgument(f"tensor {name!r} must hold numbers (null reads as NaN), got {what}", field=_field(name))
 
 
 def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
