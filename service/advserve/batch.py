@@ -321,7 +321,8 @@ def _unpack(raw: Mapping[str, Any], device: torch.device, max_tokens: int) -> tu
     with _fits("cu_seqlens"):
         layout = PackedLayout(_to_array("cu_seqlens", raw["cu_seqlens"]), device, max_tokens)
     padded: dict[str, Any] = {}
-    for name, value in raw.items():
+    for name in sorted(raw, key=_check_order):  # one order on every transport (build_batch)
+        value = raw[name]
         if name == "cu_seqlens" or value is None:
             continue
         if name not in TOKEN_TENSORS:  # [B] as given: build_batch converts it
