@@ -600,6 +600,11 @@ class Outcome:
     exception: str | None = None  # a client-side failure (not an answer of the server)
 
     @property
+    def timed_out(self) -> bool:
+        """No answer within the client's timeout (the server's own 504 has a status)."""
+        return self.error is not None and self.error[0] == "deadline_exceeded" and self.status is None
+
+    @property
     def server_error(self) -> bool:
         return self.status in (500, 501, 502, 503, 504, "INTERNAL", "UNKNOWN") or (
             isinstance(self.status, int) and self.status >= 500)
@@ -973,6 +978,7 @@ class Tally:
     skipped: int = 0
     server_errors: int = 0
     exceptions: int = 0
+    timeouts: int = 0  # no answer within the client's timeout (a hung server)
     kinds: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -980,6 +986,8 @@ class Tally:
         self.requests += 1
         if got.server_error:
             self.server_errors += 1
+        if got.timed_out:
+            self.timeouts += 1
         if got.exception:
             self.exceptions += 1
         if not found:
@@ -1023,17 +1031,22 @@ def draw_request(case_seed: int, burst_share: float, invalid_share: float) -> tu
 
 def run_campaign(transports: Transports, requests: int, seed: int, burst_share: float = 0.3,
                  invalid_share: float = 0.25, max_seconds: float | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None, max_timeouts: int = 10) -> dict[str, Any]:
     """At least `requests` requests per transport (alone, or in bursts of 2-8 sent at once over one
     transport or over all of them), each compared with the in-process answer to the same request alone.
-    Returns the summary."""
+    Stops early (summary["aborted"]) after `max_timeouts` unanswered requests: a hung server. Returns the
+    summary."""
     tallies = {name: Tally() for name in transports.names}
     start = time.monotonic()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
     index = 0
+    aborted = None
     try:
         while min(t.requests + t.skipped for t in tallies.values()) < requests:
             if max_seconds is not None and time.monotonic() - start > max_seconds:
+                break
+            if sum(t.timeouts for t in tallies.values()) >= max_timeouts:
+                aborted = f"the server stopped answering: {max_timeouts} requests timed out (see its log)"
                 break
             burst, cases = draw_request(seed * 1_000_003 + index, burst_share, invalid_share)
             index += 1
@@ -1060,7 +1073,7 @@ def run_campaign(transports: Transports, requests: int, seed: int, burst_share: 
         pool.shutdown(wait=True)
     elapsed = time.monotonic() - start
     return {"seed": seed, "requests_per_transport": requests, "burst_share": burst_share,
-            "invalid_share": invalid_share, "elapsed_s": round(elapsed, 1), "draws": index,
+            "invalid_share": invalid_share, "elapsed_s": round(elapsed, 1), "draws": index, "aborted": aborted,
             "transports": {name: dataclasses.asdict(t) for name, t in tallies.items()}}
 
 
@@ -1074,12 +1087,14 @@ def replay(case_seed: int, burst_share: float = 0.3, invalid_share: float = 0.25
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"seed {summary['seed']}, {summary['draws']} draws, {summary['elapsed_s']} s"]
-    lines.append(f"{'transport':<12} {'requests':>8} {'agree':>8} {'5xx':>5} {'client-exc':>10} {'skipped':>7}  "
-                 "disagreements by kind")
+    if summary.get("aborted"):
+        lines.append(f"ABORTED: {summary['aborted']}")
+    lines.append(f"{'transport':<12} {'requests':>8} {'agree':>8} {'5xx':>5} {'timeouts':>8} {'client-exc':>10} "
+                 f"{'skipped':>7}  disagreements by kind")
     for name, t in summary["transports"].items():
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(t["kinds"].items(), key=lambda kv: -kv[1])) or "-"
-        lines.append(f"{name:<12} {t['requests']:>8} {t['agree']:>8} {t['server_errors']:>5} {t['exceptions']:>10} "
-                     f"{t['skipped']:>7}  {kinds}")
+        lines.append(f"{name:<12} {t['requests']:>8} {t['agree']:>8} {t['server_errors']:>5} {t['timeouts']:>8} "
+                     f"{t['exceptions']:>10} {t['skipped']:>7}  {kinds}")
     return lines
 
 
@@ -1096,12 +1111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="extra `advserve serve` flags (one string)")
     parser.add_argument("--replay", type=int, default=None, help="re-run one case seed and print every answer")
     parser.add_argument("--server-log", type=Path, default=None, help="keep the server's log here")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default 30)")
     args = parser.parse_args(argv)
 
     from advserve.testing import ServerProcess
 
     server = ServerProcess(*args.server_args.split(), name="fuzz", log_path=args.server_log).start()
-    transports = Transports(server.url, server.grpc_address, args.transports)
+    transports = Transports(server.url, server.grpc_address, args.transports, timeout=args.timeout)
     try:
         if args.replay is not None:
             case = replay(args.replay, args.burst_share, args.invalid_share)
@@ -1130,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1, default=str))
     bad = sum(t["server_errors"] + sum(t["kinds"].values()) for t in summary["transports"].values())
-    return 1 if bad else 0
+    return 1 if bad or summary["aborted"] else 0
 
 
 if __name__ == "__main__":
