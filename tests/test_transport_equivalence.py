@@ -50,7 +50,7 @@ ALWAYS_INVALID = ("nan_unmasked", "inf_unmasked", "unknown_estimator", "unknown_
 
 @pytest.fixture(scope="module")
 def transports(server):
-    made = fz.Transports(server.url, server.grpc_address)
+    made = fz.Transports(server.url, server.grpc_address, timeout=30.0)
     yield made
     made.close()
 
