@@ -14,6 +14,7 @@ import threading
 import time
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -63,6 +64,15 @@ def infer_bytes(mib: float) -> bytes:
         message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         message.raw_input_contents.append(array.tobytes())
     return message.SerializeToString()
+
+
+def mask_advantages(mib: float) -> bytes:
+    """A serialized GRPO ComputeAdvantagesRequest of about `mib` MiB: a bool mask (1 byte a token), so
+    its compute (COMPUTE_COST x B·T x 4 bytes) is ~72 times its size."""
+    rows = max(2, int(mib * MIB / 2048)) // 2 * 2
+    return protocol.advantages_request_to_pb({"estimator": "grpo"}, {
+        "rewards": R(np.tile(np.array([1, 0], np.float32), rows // 2)), "response_mask": R(np.ones((rows, 2048), bool)),
+        "group_ids": R(np.repeat(np.arange(rows // 2), 2))}).SerializeToString()
 
 
 def small_advantages() -> bytes:
@@ -115,11 +125,11 @@ def test_authenticated_bursts_stay_within_admission(server):
     """Concurrent authenticated bursts of admissible and oversize messages, on both services: the peak
     RSS grows by at most admission + 128 MiB; each call is answered OK, or refused with the error code
     in the metadata (UNAVAILABLE overloaded with Retry-After; RESOURCE_EXHAUSTED), at least one is OK;
-    a message larger than admission could ever hold is refused before it is read."""
+    a message over the receive limit (admission / 12) is refused before it is read."""
     baseline = server.status_kb("VmHWM")
     results = burst(server.grpc_address, LOSSES, losses_bytes(10), 6, AUTH)
     results += burst(server.grpc_address, INFER, infer_bytes(10), 4, AUTH)
-    results += burst(server.grpc_address, LOSSES, losses_bytes(30), 4, AUTH)  # decodable, too big to compute
+    results += burst(server.grpc_address, ADVANTAGES, mask_advantages(8), 4, AUTH)  # decodable, too big to compute
     assert "OK" in [code for code, _ in results]
     for code, meta in results:
         assert code in ("OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"), (code, meta)
@@ -127,7 +137,7 @@ def test_authenticated_bursts_stay_within_admission(server):
             assert meta["advserve-error-code"] == "overloaded" and meta["retry-after"] == "1"
         if code == "RESOURCE_EXHAUSTED":
             assert meta["advserve-error-code"] == "payload_too_large" and meta["advserve-error-field"] == "body"
-    over_limit = burst(server.grpc_address, LOSSES, losses_bytes(48), 3, AUTH)  # > admission / 3
+    over_limit = burst(server.grpc_address, LOSSES, losses_bytes(16), 3, AUTH)  # > admission / 12
     assert {code for code, _ in over_limit} == {"RESOURCE_EXHAUSTED"}
     assert peak_growth_mib(server, baseline) <= (ADMISSION >> 20) + 128
     assert call_raw(server.grpc_address, ADVANTAGES, small_advantages(), AUTH)[0] == "OK"  # all released
@@ -219,10 +229,10 @@ def test_deadline_covers_compute_and_a_stalled_upload(server):
 
 
 def test_a_stalled_upload_holds_admission_only_until_the_read_timeout(server):
-    """A call whose message does not come holds the reservation for the largest message (here the
-    whole capacity): a call meanwhile waits its --grpc-admission-wait-s in line and gets UNAVAILABLE
-    (overloaded, Retry-After); past --grpc-read-timeout-s the stalled call ends (request_timeout) and
-    the next call is served."""
+    """Calls whose message does not come hold the reservation for the largest message (a quarter of
+    admission each; two fill what messages being received may hold, half of it): a call meanwhile
+    waits its --grpc-admission-wait-s in line and gets UNAVAILABLE (overloaded, Retry-After); past
+    --grpc-read-timeout-s the stalled calls end (request_timeout) and the next call is served."""
     release = threading.Event()
 
     def stalled():
@@ -232,18 +242,78 @@ def test_a_stalled_upload_holds_admission_only_until_the_read_timeout(server):
 
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = channel.stream_unary(LOSSES, request_serializer=None, response_deserializer=None)
-        future = stub.future(stalled(), metadata=AUTH, timeout=15)
-        for _ in range(100):  # until the server has taken the reservation (bounded)
+        futures = [stub.future(stalled(), metadata=AUTH, timeout=15) for _ in range(2)]
+        for _ in range(100):  # until the server has taken the reservations (bounded)
             code, meta = call_raw(server.grpc_address, ADVANTAGES, small_advantages(), AUTH, timeout=10)
             if code != "OK":
                 break
         assert (code, meta.get("advserve-error-code"), meta.get("retry-after")) == ("UNAVAILABLE", "overloaded", "1")
-        with pytest.raises(grpc.RpcError) as err:
-            future.result(timeout=15)
+        errors = []
+        for future in futures:
+            with pytest.raises(grpc.RpcError) as err:
+                future.result(timeout=15)
+            errors.append(err.value)
         release.set()
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert dict(err.value.trailing_metadata())["advserve-error-code"] == "request_timeout"
+    assert {error.code() for error in errors} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert {dict(error.trailing_metadata())["advserve-error-code"] for error in errors} == {"request_timeout"}
     assert call_raw(server.grpc_address, ADVANTAGES, small_advantages(), AUTH)[0] == "OK"
+
+
+def test_stalled_grpc_uploads_never_lock_rest_out():
+    """Three gRPC calls whose message never comes (read timeout 30 s): the messages being received
+    hold at most half of admission, so a REST client keeps getting 200, a 4 MiB losses batch
+    included, while a gRPC call waits its turn (UNAVAILABLE, overloaded, Retry-After); once the
+    stalled callers go, gRPC serves again. (One such call used to reserve all of admission.)"""
+    running = RunningServer("--auth-token", TOKEN, "--admission-bytes", str(ADMISSION))
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    gates = [threading.Event() for _ in range(3)]
+
+    def stalled(gate):
+        gate.wait(30)
+        return
+        yield
+
+    def in_flight(client) -> float:
+        line = next(line for line in client.get("/metrics").text.splitlines()
+                    if line.startswith("advserve_bytes_in_flight "))
+        return float(line.split()[1])
+
+    try:
+        with grpc.insecure_channel(running.grpc_address) as channel, \
+                httpx.Client(base_url=running.url, headers=headers, timeout=60) as client:
+            stub = channel.stream_unary(LOSSES, request_serializer=None, response_deserializer=None)
+            futures = [stub.future(stalled(gate), metadata=AUTH, timeout=30) for gate in gates]
+            for _ in range(200):  # until two reservations (a quarter of admission each) are held (bounded)
+                if in_flight(client) >= ADMISSION // 2 - 64:
+                    break
+                time.sleep(0.05)
+            assert ADMISSION // 2 - 64 <= in_flight(client) <= ADMISSION // 2
+            small = {"estimator": "grpo", "tensors": {"rewards": [1, 0], "response_mask": [[1, 1], [1, 0]],
+                                                      "group_ids": [0, 0]}}
+            statuses = [client.post("/v1/advantages", json=small).status_code for _ in range(5)]
+            rows = 4 * MIB // (13 * 2048)
+            lp = -np.random.default_rng(4).random((rows, 2048), dtype=np.float32)
+            n, chunks = framing.encode({}, {"logprobs": R(lp), "old_logprobs": R(lp), "advantages": R(lp),
+                                            "response_mask": R(np.ones(lp.shape, bool))})
+            statuses.append(client.post("/v1/losses", content=b"".join(chunks), headers={
+                "content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}).status_code)
+            assert statuses == [200] * 6
+            code, meta = call_raw(running.grpc_address, ADVANTAGES, small_advantages(), AUTH, timeout=10)
+            assert (code, meta.get("advserve-error-code"), meta.get("retry-after")) == \
+                ("UNAVAILABLE", "overloaded", "1")
+            assert in_flight(client) >= ADMISSION // 2 - 64  # the stalled calls were held all along
+            for future in futures:
+                future.cancel()
+            for gate in gates:
+                gate.set()
+            for _ in range(100):  # the cancelled calls give their reservations back (bounded)
+                code, _ = call_raw(running.grpc_address, ADVANTAGES, small_advantages(), AUTH, timeout=10)
+                if code == "OK":
+                    break
+                time.sleep(0.05)
+            assert code == "OK"
+    finally:
+        running.stop()
 
 
 def test_a_busy_grpc_port_is_a_startup_error(server):

@@ -27,7 +27,10 @@ class Settings:
     http_port: int = field(default=8000, metadata={"help": "REST port"})
     grpc_port: int = field(default=8001, metadata={"help": "gRPC port (the Advserve service, grpc.health.v1, "
                                                            "reflection)"})
-    grpc_max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest gRPC message, both ways"})
+    grpc_max_message_bytes: int = field(default=1 << 30, metadata={"help": "largest gRPC message, both ways; a "
+                                                                         "request at most admission / 12 (its "
+                                                                         "reservation while it arrives, 3 x its "
+                                                                         "size, is a quarter of admission)"})
     grpc_max_concurrent_rpcs: int = field(default=256, metadata={"help": "gRPC calls in progress at once"})
     grpc_max_concurrent_streams: int = field(default=32, metadata={"help": "gRPC calls at once on one connection"})
     grpc_read_timeout_s: float = field(default=30.0, metadata={"help": "a gRPC request message must arrive whole "

@@ -12,10 +12,14 @@ Before any of that, the door (`Door`, `AuthGate`), shared with the Open Inferenc
    ServerReady are open; everything else, reflection included, needs the token);
 2. admission before the message is read: the message's size is unknown until grpc core has all of it,
    so the call first reserves what the largest message the server accepts could cost (RECEIVE_COST ×
-   the receive limit, `receive_limit`; waiting in arrival order up to --grpc-admission-wait-s for room,
-   then UNAVAILABLE with Retry-After), and once the bytes are in keeps RECEIVE_COST × their length.
-   A message over the receive limit is refused by grpc core from its length prefix, unread. Every
-   method takes its message as raw bytes (no deserializer), so nothing is parsed before this;
+   the receive limit, `receive_limit`: at most 1/RECEIVE_SHARE of admission), and once the bytes are
+   in keeps RECEIVE_COST × their length. The reservations of the calls whose message is still
+   arriving may together hold at most 1/RECEIVING_SHARE of admission: stalled uploads (held up to
+   --grpc-read-timeout-s) can delay other gRPC calls but never lock REST out, nor the work already
+   admitted. A call waits in arrival order up to --grpc-admission-wait-s for room, then UNAVAILABLE
+   with Retry-After. A message over the receive limit is refused by grpc core from its length prefix,
+   unread. Every method takes its message as raw bytes (no deserializer), so nothing is parsed before
+   this;
 3. parsing, off the event loop for large messages, under the request's one deadline (reading,
    decoding, queue, compute and encoding: --request-timeout-s or the caller's shorter deadline);
    bytes that are not the method's message are INVALID_ARGUMENT naming field "body", never INTERNAL.
@@ -51,7 +55,7 @@ from .errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, O
                      RequestTimeout, Unavailable, error_message)
 from .model import AdvantageRequest, LossRequest
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
-from .runtime import COMPUTED, Lease, Runtime, compute_bytes
+from .runtime import COMPUTED, Lease, Runtime
 from .wire import raw_to_torch, torch_to_raw
 
 log = logging.getLogger("advserve.grpc")
@@ -70,14 +74,25 @@ it to Python, about 2.9 × its length at the peak (the HTTP/2 frames, the joined
 bytes); decoded, the bytes, the parsed message (protobuf's own copy) and the tensors (a copy of each
 bytes field, which torch views) are about 3 × its length. Admission charges RECEIVE_COST × length."""
 
+RECEIVE_SHARE = 4
+"""A message being received reserves at most 1/RECEIVE_SHARE of admission (the receive limit is
+admission / (RECEIVE_COST × RECEIVE_SHARE) unless --grpc-max-message-bytes is lower): at 256 MiB,
+messages up to 21 MiB, larger than any whose compute would fit beside it (a losses message of M bytes
+computes ~5.5 M more, an advantages one far more: `runtime.compute_bytes`)."""
+
+RECEIVING_SHARE = 2
+"""The reservations of all messages being received hold at most 1/RECEIVING_SHARE of admission
+(RECEIVING_SHARE ≤ RECEIVE_SHARE: at least one fits): however many uploads stall, the rest of
+admission stays free for REST and for admitted work."""
+
 POLL_S = 0.005  # how often the head of the admission line looks for room
 
 
 def receive_limit(settings) -> int:
-    """The largest request message accepted: --grpc-max-message-bytes, at most what admission could
-    ever hold (admission_bytes // RECEIVE_COST); grpc core refuses a larger one from its length prefix,
-    before reading it (RESOURCE_EXHAUSTED)."""
-    return max(1, min(settings.grpc_max_message_bytes, settings.admission_bytes // RECEIVE_COST))
+    """The largest request message accepted: --grpc-max-message-bytes, at most admission_bytes //
+    (RECEIVE_COST × RECEIVE_SHARE), so that its reservation holds at most 1/RECEIVE_SHARE of admission;
+    grpc core refuses a larger one from its length prefix, before reading it (RESOURCE_EXHAUSTED)."""
+    return max(1, min(settings.grpc_max_message_bytes, settings.admission_bytes // (RECEIVE_COST * RECEIVE_SHARE)))
 
 
 def grpc_options(max_message_bytes: int, max_receive_bytes: int | None = None,
@@ -129,6 +144,8 @@ class Door:
         settings = runtime.settings
         self.max_receive = receive_limit(settings)
         self.reservation = RECEIVE_COST * self.max_receive
+        self.receiving_capacity = max(self.reservation, settings.admission_bytes // RECEIVING_SHARE)
+        self.receiving = 0  # bytes reserved by the calls whose message is still arriving
         self.read_timeout_s = settings.grpc_read_timeout_s
         self.admission_wait_s = settings.grpc_admission_wait_s
         self._line = asyncio.Lock()  # the calls waiting for their reservation, in arrival order (FIFO)
@@ -136,17 +153,25 @@ class Door:
         # malloc arena of freed pages, so a pool of decoders would multiply the peak RSS (measured)
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="advserve-grpc-decode")
 
-    async def grow(self, lease: Lease, nbytes: int, deadline_s: float, what: str = "request") -> None:
+    async def grow(self, lease: Lease, nbytes: int, deadline_s: float, what: str = "request", *,
+                   receiving: bool = False, compute: bool = False) -> None:
         """Take `nbytes` more into `lease`, waiting in arrival order for admission to have room, at
         most the admission wait (and `deadline_s`): then Overloaded (UNAVAILABLE, Retry-After);
-        PayloadTooLarge (RESOURCE_EXHAUSTED) at once if the request could never fit. Admission is
-        shared with REST and has no wake-up, so the call at the head of the line looks every POLL_S."""
+        PayloadTooLarge (RESOURCE_EXHAUSTED) at once if the request could never fit. `receiving`: a
+        receive reservation, which also needs room among the receiving ones (RECEIVING_SHARE; counted
+        in `self.receiving` until `received`). Admission is shared with REST and has no wake-up, so
+        the call at the head of the line looks every POLL_S."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(0.0, min(self.admission_wait_s, deadline_s))
         async with self._line:
             while True:
                 try:
-                    lease.grow(nbytes, what)
+                    if receiving and self.receiving + nbytes > self.receiving_capacity:
+                        raise Overloaded(f"server busy: {self.receiving} bytes reserved by gRPC messages being "
+                                         f"received, of the {self.receiving_capacity} they may hold; retry later")
+                    lease.grow(nbytes, what, compute=compute)
+                    if receiving:
+                        self.receiving += nbytes
                     return
                 except Overloaded:
                     if loop.time() >= give_up:
@@ -159,13 +184,15 @@ class Door:
         RequestTimeout when it is not complete within the read timeout or `deadline_s` (seconds left
         of the request's deadline)."""
         started = time.perf_counter()
-        await self.grow(lease, self.reservation, deadline_s)
+        await self.grow(lease, self.reservation, deadline_s, receiving=True)
         deadline_s -= time.perf_counter() - started
         timeout = min(self.read_timeout_s, deadline_s)
         try:
             raw = await asyncio.wait_for(_first(messages), timeout=max(timeout, 0.0))
         except asyncio.TimeoutError:
             raise RequestTimeout(f"the request message did not arrive within {timeout:g} s", field="body") from None
+        finally:  # arrived, late or the caller gone: no longer receiving (the lease keeps what it holds)
+            self.receiving -= self.reservation
         if raw is None:
             raise InvalidArgument(f"no request message (or one over the limit of {self.max_receive} bytes)",
                                   field="body")
@@ -386,6 +413,7 @@ class AdvserveServicer:
         domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
+        await call.charge(domain)  # its shapes known: its compute charged before it is validated
         prepared = self.engine.prepare_advantages(domain)
         call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
         result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
@@ -413,7 +441,9 @@ class AdvserveServicer:
     async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: "_Call"):
         document, raw = protocol.analyze_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        prepared = prepare_analysis(self.engine, AnalysisRequest(tensors=_torch(raw), **document))
+        domain = AnalysisRequest(tensors=_torch(raw), **document)
+        await call.charge(domain)  # its shapes known: its compute charged before it is validated
+        prepared = prepare_analysis(self.engine, domain)
         call.batch = tuple(prepared.batch.mask.shape)
         result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)), work=prepared)
         with call.phase("encode"):
@@ -469,6 +499,16 @@ class _Call:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise DeadlineExceeded("no result within the deadline (decoding the request)") from None
 
+    async def charge(self, work: Any, timeout_s: float | None = None) -> None:
+        """Bring the call's compute charge to `runtime.compute_bytes(work)` (the charge HTTP makes,
+        `runtime.charge_compute`), waiting in line for room as the receive reservation does
+        (`Door.grow`); an estimate that was too high is given back."""
+        due = self.lease.compute_due(work)
+        if due < 0:
+            self.lease.shrink(-due, compute=True)
+        else:
+            await self.door.grow(self.lease, due, self.remaining(timeout_s), COMPUTED, compute=True)
+
     async def compute(self, job: Awaitable[Any], timeout_s: float | None = None, *, work: Any = None) -> Any:
         """The job's result within the request's one deadline (the caller's, or --request-timeout-s,
         from its arrival: reading and decoding count) and `timeout_s` (a protocol's own, from the
@@ -478,7 +518,7 @@ class _Call:
         HTTP's), waiting in line as the receive reservation does (`Door.grow`)."""
         self.phases["decode"] = time.perf_counter() - self.arrived
         try:
-            await self.door.grow(self.lease, compute_bytes(work), self.remaining(timeout_s), what=COMPUTED)
+            await self.charge(work, timeout_s)
             budget = self.remaining(timeout_s)
             if budget <= 0:
                 raise DeadlineExceeded("the deadline passed before the request was computed")

@@ -672,15 +672,15 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                 started = time.perf_counter()
                 headers = request.headers
 
-                def decode():
+                def decode():  # charged for its compute once its shapes are known, before it is validated
                     parsed, tensors = decode_body(body, headers, model)
-                    return prepare(parsed, tensors)
+                    return prepare(parsed, tensors, lambda request: charge_compute(lease, request))
 
                 prepared = await deadline.off_loop(decode, len(body), lease)
                 phases["decode"] = time.perf_counter() - started
                 estimator = getattr(getattr(prepared, "estimator", None), "name", None)
                 batch = _batch_shape(prepared)
-                charge_compute(lease, prepared)  # its compute memory, before it is queued (503/413 at once)
+                charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
@@ -708,10 +708,11 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     async def advantages(request: Request):
         """Token advantages and returns of one estimator for a batch."""
 
-        def prepare(body: AdvantagesBody, tensors):
-            return engine.prepare_advantages(AdvantageRequest(
-                estimator=body.estimator, tensors=tensors, preset=body.preset, params=body.params, dtype=body.dtype,
-                layout=body.layout))
+        def prepare(body: AdvantagesBody, tensors, charge):
+            request = AdvantageRequest(estimator=body.estimator, tensors=tensors, preset=body.preset,
+                                       params=body.params, dtype=body.dtype, layout=body.layout)
+            charge(request)
+            return engine.prepare_advantages(request)
 
         return await serve(request, AdvantagesBody, "advantages", prepare, scheduler.advantages, advantages_document)
 
@@ -720,11 +721,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     async def losses(request: Request):
         """Policy, KL, value and entropy loss terms with per-token gradients."""
 
-        def prepare(body: LossesBody, tensors):
-            return LossRequest(tensors=tensors, preset=body.preset, policy_loss=body.policy_loss,
-                               kl_loss=body.kl_loss, value_loss=body.value_loss, entropy_bonus=body.entropy_bonus,
-                               rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
-                               num_sequences=body.num_sequences, dtype=body.dtype, layout=body.layout)
+        def prepare(body: LossesBody, tensors, charge):
+            request = LossRequest(tensors=tensors, preset=body.preset, policy_loss=body.policy_loss,
+                                  kl_loss=body.kl_loss, value_loss=body.value_loss, entropy_bonus=body.entropy_bonus,
+                                  rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
+                                  num_sequences=body.num_sequences, dtype=body.dtype, layout=body.layout)
+            charge(request)
+            return request
 
         return await serve(request, LossesBody, "losses", prepare,
                            lambda domain: scheduler.call(lambda: engine.compute_losses(domain)), losses_document)
@@ -736,10 +739,11 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         the unbiased policy gradient; per pair of estimators, the share of tokens whose advantage signs
         disagree (docs/analysis.md)."""
 
-        def prepare(body: AnalysisBody, tensors):
-            return prepare_analysis(engine, AnalysisRequest(
-                tensors=tensors, estimators=body.estimators, preset=body.preset, params=body.params,
-                dtype=body.dtype, layout=body.layout))
+        def prepare(body: AnalysisBody, tensors, charge):
+            request = AnalysisRequest(tensors=tensors, estimators=body.estimators, preset=body.preset,
+                                      params=body.params, dtype=body.dtype, layout=body.layout)
+            charge(request)
+            return prepare_analysis(engine, request)
 
         return await serve(request, AnalysisBody, "analysis", prepare,
                            lambda prepared: scheduler.call(lambda: run_analysis(engine, prepared)),

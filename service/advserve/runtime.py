@@ -24,6 +24,7 @@ import torch
 from .batch import DTYPES
 from .config import Settings
 from .engine import Engine
+from .estimators import ESTIMATORS
 from .errors import DeadlineExceeded, Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
 from .observability import Metrics
 from .scheduler import Scheduler
@@ -39,51 +40,63 @@ tensors being views of it); the JSON limits of the door (declared length) and of
 
 COMPUTE_COST = 18
 """Bytes of memory per token (B·T, the padded form) and per byte of the compute dtype while a batch is
-computed and its result encoded (temporaries, outputs, their wire copies), measured as peak RSS growth
-(VmHWM) of one call in process: policy losses 15 (float32) and 17 (float64), GAE 6 and 8, GRPO 2 and
-2.5. Every transport charges it to the request's lease before the job is queued (`charge_compute`)."""
+validated, computed and its result encoded (its float copies, temporaries, outputs, their wire copies),
+measured as peak RSS growth (VmHWM) of one call in process: policy losses 15 (float32) and 17 (float64),
+GAE 6 and 8, GRPO 2 and 2.5 (validation alone, `prepare_advantages`: GRPO 1, GAE 3). Every transport
+charges it to the request's lease once the shapes are known, before the batch is validated and before
+the job is queued (`compute_bytes`, `charge_compute`)."""
 
 ANALYSIS_COST = 32
-"""Bytes of memory per token and per analysed estimator of /v1/analysis, on top of COMPUTE_COST: each
-estimator's int8 signs are kept, and the sign matrices stack them as three float64 one-hot indicators
-[E, N] (24 bytes per token and estimator). Measured (VmHWM growth, 512 x 2048 tokens, in process):
-1 estimator 32 B per token (float32), 4 (one whitened) 168 MiB = 42 per token and estimator (float32),
-40 (float64); all 12 of the paper preset 344 MiB (float32) and 320 MiB (float64), 27-29 per token and
-estimator. COMPUTE_COST × dtype size + ANALYSIS_COST × estimators covers each (104, 200, 272, 456, 528
-bytes per token against 32, 168, 159, 344, 320 measured)."""
-
-
-async def off_loop(fn, size: int):
-    """Run fn in a worker thread when `size` (bytes or elements) makes it worth the hop; small
-    requests are cheaper decoded and encoded right here on the event loop."""
-    return await asyncio.to_thread(fn) if size >= INLINE_LIMIT else fn()
+ANALYSIS_DTYPE_COST = 6
+"""/v1/analysis costs, on top of COMPUTE_COST, per token and per analysed estimator, ANALYSIS_COST +
+ANALYSIS_DTYPE_COST × the dtype's size in bytes: each estimator's validated batch (float copies) is
+kept while the others run, its int8 signs too, and the sign matrices stack them as three float64
+one-hot indicators [E, N] (24 bytes per token and estimator). Measured (VmHWM growth from the request's
+tensors to its document, 512 x 2048 tokens, in process): all 12 estimators of the paper preset 645 MiB
+(float32) and 848 MiB (float64), 4 (one whitened) 159 MiB, 1 41 MiB; charged 744, 1104, 296 and
+128 MiB. An analysis that names no estimators is charged for all of them (ESTIMATORS) until it is
+validated, then for those that apply."""
 
 
 def compute_bytes(work: Any) -> int:
-    """Memory for computing and encoding one request, whatever its transport: COMPUTE_COST × B·T × the
-    compute dtype's size (float32 when unset), plus ANALYSIS_COST × B·T × the estimators of an analysis.
-    `work` is what the transport decoded: a PreparedAdvantages or PreparedAnalysis (B·T of its validated
-    batch), a LossRequest (validated on the compute thread: B·T from its response_mask [B, T], or when
-    packed from cu_seqlens, B × the longest row, the padded form the engine computes on), or an OIP
-    Prepared (its domain). 0 for anything else (the catalog). Pure; shapes only, no Python loop over rows."""
+    """Memory for validating, computing and encoding one request, whatever its transport: COMPUTE_COST ×
+    B·T × the compute dtype's size (float32 when unset), plus (ANALYSIS_COST + ANALYSIS_DTYPE_COST × that
+    size) × B·T × the estimators of an analysis. `work` is what the transport decoded, validated or not:
+    an AdvantageRequest, LossRequest or AnalysisRequest (B·T from its response_mask [B, T], or when
+    packed from cu_seqlens, B × the longest row: the padded form the engine computes on), an OIP
+    InferRequest (its inputs and parameters), or their validated forms (PreparedAdvantages,
+    PreparedAnalysis: B·T of the batch; an OIP Prepared: its domain). 0 for anything else (the catalog).
+    Pure; shapes only, no Python loop over rows."""
     work = getattr(work, "domain", work)  # an OIP Prepared
-    jobs = getattr(work, "jobs", None)  # a PreparedAnalysis: one prepared job per estimator
-    estimators = len(jobs) if jobs else 0
-    dtype = jobs[0].dtype if jobs else getattr(work, "dtype", None)
+    jobs = getattr(work, "jobs", None)  # a PreparedAnalysis: one validated job per estimator
+    tensors, parameters = getattr(work, "tensors", None), {}
+    if isinstance(getattr(work, "inputs", None), list):  # an OIP InferRequest
+        tensors = {getattr(item, "name", ""): getattr(item, "data", None) for item in work.inputs}
+        parameters = work.parameters if isinstance(getattr(work, "parameters", None), Mapping) else {}
+    if jobs:
+        estimators, dtype = len(jobs), jobs[0].dtype
+    else:
+        named = getattr(work, "estimators", _NONE)  # an AnalysisRequest: those it names, else all
+        estimators = 0 if named is _NONE else len(named) if isinstance(named, (list, tuple)) else len(ESTIMATORS)
+        dtype = getattr(work, "dtype", parameters.get("dtype"))
     mask = getattr(getattr(work, "batch", None), "mask", None)
     if mask is not None:
         tokens = math.prod(mask.shape)
-    elif isinstance(getattr(work, "tensors", None), Mapping):
-        tokens = _loss_tokens(work.tensors, getattr(work, "layout", None))
+    elif isinstance(tensors, Mapping):
+        tokens = _request_tokens(tensors, getattr(work, "layout", parameters.get("layout")))
     else:
         return 0
     if not isinstance(dtype, torch.dtype):
         dtype = DTYPES.get(dtype, torch.float32)
-    return tokens * (COMPUTE_COST * dtype.itemsize + ANALYSIS_COST * estimators)
+    size = dtype.itemsize
+    return tokens * (COMPUTE_COST * size + (ANALYSIS_COST + ANALYSIS_DTYPE_COST * size) * estimators)
 
 
-def _loss_tokens(tensors: Mapping[str, Any], layout: str | None) -> int:
-    """B·T of a loss request not yet validated: response_mask's [B, T] (padded), or B × the longest
+_NONE = object()
+
+
+def _request_tokens(tensors: Mapping[str, Any], layout: Any) -> int:
+    """B·T of a request not yet validated: response_mask's [B, T] (padded), or B × the longest
     row of cu_seqlens (packed); else the largest tensor's size. What validation will refuse is
     counted as it stands (it is refused before any compute)."""
     largest = max((math.prod(shape) for shape in map(_shape, tensors.values()) if shape), default=0)
@@ -104,7 +117,10 @@ def _shape(value: Any) -> tuple[int, ...]:
     """The shape of a tensor or array, or of nested lists from their first elements (JSON)."""
     shape = getattr(value, "shape", None)
     if shape is not None:
-        return tuple(int(n) for n in shape)
+        try:
+            return tuple(int(n) for n in shape)
+        except (TypeError, ValueError):
+            return ()
     dims: list[int] = []
     while isinstance(value, list) and len(dims) < 2:
         dims.append(len(value))
@@ -113,14 +129,21 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def charge_compute(lease: "Lease | None", work: Any) -> None:
-    """Take `compute_bytes(work)` into the request's lease, at once, before its job is queued (HTTP:
-    /v1 and /v2): PayloadTooLarge (413, field body) when its body and its compute could never fit the
-    admission capacity, Overloaded (503 + Retry-After) when they do not fit now. HTTP refuses at once,
-    as it does a body chunk that does not fit: there is no line to wait in (gRPC's `Door.grow` waits
-    up to --grpc-admission-wait-s because its calls queue for their receive reservation). No lease
-    (an application without AdmissionControl): nothing to charge."""
-    if lease is not None:
-        lease.grow(compute_bytes(work), what=COMPUTED)
+    """Bring the request's compute charge to `compute_bytes(work)`, at once: called when the shapes are
+    known (before the batch is validated, which allocates) and again once it is validated, before its
+    job is queued (an estimate that was too high is given back). HTTP (/v1 and /v2): PayloadTooLarge
+    (413, field body) when its body and its compute could never fit the admission capacity, Overloaded
+    (503 + Retry-After) when they do not fit now. HTTP refuses at once, as it does a body chunk that
+    does not fit: there is no line to wait in (gRPC's `Door.grow` waits up to --grpc-admission-wait-s,
+    its calls being in line for their receive reservation anyway). No lease (an application without
+    AdmissionControl): nothing to charge."""
+    if lease is None:
+        return
+    due = lease.compute_due(work)
+    if due >= 0:
+        lease.grow(due, what=COMPUTED, compute=True)
+    else:
+        lease.shrink(-due, compute=True)
 
 
 COMPUTED = "request (its body, and the memory to compute its batch)"
@@ -190,13 +213,14 @@ class Lease:
     def __init__(self, admission: Admission):
         self.admission = admission
         self.held = 0
+        self.computed = 0  # of `held`, what was charged for computing the request (`charge_compute`)
         self._pending: set = set()
         self._closed = False
         self._lock = threading.Lock()
 
-    def grow(self, nbytes: int, what: str = "request") -> None:
-        """Take `nbytes` more; raises PayloadTooLarge (never fits; the message names `what` is held)
-        or Overloaded (not now)."""
+    def grow(self, nbytes: int, what: str = "request", *, compute: bool = False) -> None:
+        """Take `nbytes` more (`compute`: for computing the request); raises PayloadTooLarge (never
+        fits; the message says what `what` is held) or Overloaded (not now)."""
         if nbytes <= 0:
             return
         if self.held + nbytes > self.admission.capacity:
@@ -205,13 +229,19 @@ class Lease:
         self.admission.acquire(nbytes)
         with self._lock:
             self.held += nbytes
+            self.computed += nbytes if compute else 0
 
-    def shrink(self, nbytes: int) -> None:
-        """Give `nbytes` back early (memory already freed)."""
-        nbytes = min(nbytes, self.held)
+    def shrink(self, nbytes: int, *, compute: bool = False) -> None:
+        """Give `nbytes` back early (memory already freed; `compute`: of the compute charge)."""
         with self._lock:
+            nbytes = min(nbytes, self.held, self.computed if compute else self.held)
             self.held -= nbytes
+            self.computed -= nbytes if compute else 0
         self.admission.release(nbytes)
+
+    def compute_due(self, work: Any) -> int:
+        """`compute_bytes(work)` less what this lease holds for compute already (negative: too much)."""
+        return compute_bytes(work) - self.computed
 
     def keep_until(self, future: "asyncio.Future | concurrent.futures.Future") -> None:
         """Hold the bytes, even past `close`, until `future` (work still using them) is done."""

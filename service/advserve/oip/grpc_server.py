@@ -154,7 +154,7 @@ class OipServicer:
         return response
 
     def _decode(self, request: pb.ModelInferRequest) -> Any:
-        return self.service.prepare(request_from_pb(request, self.service))
+        return request_from_pb(request, self.service)
 
     async def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
         model = self.service.models.get(request.model_name)
@@ -164,8 +164,11 @@ class OipServicer:
 
         decode = functools.partial(self._decode, request)
         del request  # once decoded, the message's copy of the inputs goes, not after the compute
-        prepared = await call.off_loop(decode, call.size)
+        decoded = await call.off_loop(decode, call.size)
         del decode
+        await call.charge(decoded)  # its shapes known: its compute charged before it is validated
+        prepared = await call.off_loop(functools.partial(self.service.prepare, decoded), call.size)
+        del decoded
         call.batch = prepared.batch
         result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s, work=prepared)
         with call.phase("encode"):

@@ -378,13 +378,15 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                                      charge=lease.grow if lease is not None else None)
                     if raw is not body and not binary and lease is not None:  # parsing the inflated JSON
                         lease.grow((JSON_DECODE_COST - 1) * len(raw))
-                    return service.prepare(parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service))
+                    request = parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service)
+                    charge_compute(lease, request)  # its shapes known: charged before it is validated
+                    return service.prepare(request)
 
                 inflating = headers.get("content-encoding", "identity").strip().lower() != "identity"
                 prepared = await deadline.off_loop(decode, max(len(body), INLINE_LIMIT if inflating else 0), lease)
                 phases["decode"] = time.perf_counter() - started
                 deadline = deadline.within(prepared.timeout_s)
-                charge_compute(lease, prepared)  # its compute memory, before it is queued (503/413 at once)
+                charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(service.compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
