@@ -26,8 +26,9 @@ its payload (the server is deterministic; coalescing must not mix requests), to 
 on every response whose results are under 1 MiB, on every 16th otherwise (so that the load generator
 does not steal the server's CPU). Any other outcome is a locust failure.
 
-Server-Timing (decode, queue, compute, encode; REST only, gRPC does not send it) is recorded per request
-name and summarised at test stop: logged, and written with exact client-side latency percentiles to
+Server-Timing (decode, queue, compute, encode) is recorded per request name from REST's response header
+and summarised at test stop (gRPC sends the same as trailing metadata `server-timing`, which this file
+does not read yet: its gRPC rows say n/a): logged, and written with exact client-side latency percentiles to
 --summary-json. Locust's own CSV statistics round response times (to 10 ms above 100 ms); the summary's
 are exact. The summary is per process: use it with a single locust process (no --processes/workers).
 """

@@ -37,6 +37,7 @@ from .errors import (STATUS, AdvserveError, InvalidArgument, MethodNotAllowed, N
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .observability import REQUEST_ID_HEADER, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
+from .presets import DEFAULT_PRESET, PRESETS
 from .runtime import (JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime, admitted, charge_compute,
                       watch_disconnect)
 from .wire import raw_to_torch, torch_to_raw
@@ -46,12 +47,24 @@ log = logging.getLogger("advserve")
 TermSpec = Union[dict[str, Any], bool, None]
 
 
+def _presets_text() -> str:
+    """Every preset, the default marked: "'paper' (default), 'verl', ..." (from presets.PRESETS)."""
+    return ", ".join(f"'{name}'" + (" (default)" if name == DEFAULT_PRESET else "") for name in PRESETS)
+
+
+def _policy_default_text() -> str:
+    """The default preset's policy loss, e.g. "paper: ppo_clip, clip 0.2/0.2, agg seq-mean-token-sum"."""
+    policy = PRESETS[DEFAULT_PRESET].losses["policy_loss"]
+    return (f"{DEFAULT_PRESET}: {policy['mode']}, clip {policy['clip_low']:g}/{policy['clip_high']:g}, "
+            f"agg {policy['agg']}")
+
+
 class AdvantagesBody(BaseModel):
     """Request of POST /v1/advantages."""
 
     model_config = ConfigDict(extra="forbid")
     estimator: str = Field(description="estimator name, see GET /v1/estimators", examples=["grpo"])
-    preset: str | None = Field(None, description="'paper' (default) or 'verl'")
+    preset: str | None = Field(None, description=f"{_presets_text()}; defaults per estimator: GET /v1/estimators")
     params: dict[str, Any] | None = Field(None, description="overrides of the preset's parameters")
     dtype: Literal["float32", "float64"] | None = Field(None, description="compute dtype (default float32)")
     layout: Literal["padded", "packed"] | None = Field(None, description="padded (default): token tensors [B,T]; "
@@ -65,10 +78,12 @@ class LossesBody(BaseModel):
     """Request of POST /v1/losses."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: str | None = None
+    preset: str | None = Field(None, description=f"{_presets_text()}; the policy loss defaults to the preset's "
+                               f"({_policy_default_text()})")
     policy_loss: TermSpec = Field(None, description="mode, clip_low, clip_high, dual_clip, ratio_clamp, ratio_cap, "
                                   "cispo_cap, cispo_level, sequence_ratio_gradient, agg, loss_scale_factor, "
-                                  "seq_denominator; null = preset defaults, false = no policy term")
+                                  f"seq_denominator; null = the preset's defaults ({_policy_default_text()}), "
+                                  "false = no policy term")
     kl_loss: TermSpec = Field(None, description="coef, estimator, clamp, agg, unbiased_gradient, importance_weighted; "
                               "off unless given")
     value_loss: TermSpec = Field(None, description="coef, clip, agg; off unless given")
@@ -91,7 +106,7 @@ class AnalysisBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     estimators: list[str] | None = Field(None, description="estimator names (default: every estimator of the "
                                          "preset that the given tensors allow)", examples=[["grpo", "rloo"]])
-    preset: str | None = Field(None, description="'paper' (default) or another preset of GET /v1/estimators")
+    preset: str | None = Field(None, description=_presets_text())
     params: dict[str, dict[str, Any] | None] | None = Field(
         None, description="per-estimator overrides of the preset's parameters: {estimator: {param: value}}")
     dtype: Literal["float32", "float64"] | None = Field(None, description="compute dtype (default float32)")
