@@ -18,8 +18,11 @@ time (the fuzzer's smoke run at the end also sends concurrent bursts, which the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +33,7 @@ from advserve_client import Client, InvalidArgument
 from advserve_client import _grpc as client_grpc
 from advserve_client import _http as client_http
 from advserve_client.framing import RawTensor
-from conftest import ROOT
+from conftest import ROOT, RunningServer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
@@ -199,6 +202,41 @@ def test_the_grpc_client_types_parameters_as_the_server_does(params):
         with pytest.raises(InvalidArgument) as info:
             client_grpc.advantages_request({"estimator": "gae", "params": params}, wire)
         assert info.value.field == refused
+
+
+# --- bursts: what else is queued changes nothing --------------------------------------------------------
+
+
+def test_a_request_that_expires_in_the_queue_does_not_stop_the_server():
+    """Found by the fuzzer's bursts: while the compute thread waits for companions of a GRPO job
+    (--max-wait-ms), two GAE jobs queue and the second one's deadline (/v2 `timeout`, 0.1 s) passes. Dropping
+    it must not disturb the others: every request still gets its in-process answer, and later ones too."""
+    server = RunningServer("--max-wait-ms", "1000")
+    try:
+        def gae(width: int, timeout_us: int | None = None) -> httpx.Response:
+            body = {"parameters": {"timeout": timeout_us} if timeout_us else {}, "inputs": [
+                {"name": "rewards", "datatype": "FP64", "shape": [2], "data": [1.0, 0.0]},
+                {"name": "response_mask", "datatype": "BOOL", "shape": [2, width], "data": [True] * (2 * width)},
+                {"name": "values", "datatype": "FP64", "shape": [2, width], "data": [0.5] * (2 * width)}]}
+            return httpx.post(f"{server.url}/v2/models/gae/infer", json=body, timeout=10)
+
+        grpo = {"rewards": np.array([1.0, 0.0]), "response_mask": np.ones((2, 3), bool), "group_ids": [1, 1]}
+        with Client(server.url, timeout=10, max_retries=0) as client, \
+                concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(client.compute_advantages, "grpo", **grpo)
+            time.sleep(0.1)  # (only orders the arrivals; nothing is timed)
+            kept = pool.submit(gae, 9)
+            time.sleep(0.1)
+            expired = pool.submit(gae, 7, 100_000)
+            local = advserve.compute_advantages("grpo", **grpo)
+            np.testing.assert_array_equal(first.result().advantages, local.advantages)
+            assert kept.result().status_code == 200
+            assert expired.result().status_code in (200, 504)
+            np.testing.assert_array_equal(client.compute_advantages("grpo", **grpo).advantages, local.advantages)
+    finally:
+        server.stop()
+    assert not [line for line in server.problems() if "advserve-compute" in line or "Traceback" in line], \
+        server.output()[-3000:]
 
 
 # --- the fuzzer, briefly ----------------------------------------------------------------------------------
