@@ -115,6 +115,7 @@ class Case:
     tensors: dict[str, Any]
     variant: str = "valid"
     seed: int | None = None
+    deadline_us: int | None = None  # /v2's `timeout` parameter: a caller that gives up (may expire queued)
 
     def describe(self) -> str:
         shapes = {k: (list(v.shape) if isinstance(v, np.ndarray) else f"list[{len(v)}]")
@@ -834,6 +835,8 @@ def oip_parameters(case: Case) -> dict[str, Any]:
     or "<term>" on/off and "<term>.<param>" for losses."""
     doc = case.document
     params = {key: doc[key] for key in ("preset", "dtype", "layout", "num_tokens", "num_sequences") if key in doc}
+    if case.deadline_us is not None:
+        params["timeout"] = case.deadline_us
     if case.kind == "advantages":
         params.update({k: _oip_value(v) for k, v in (doc.get("params") or {}).items()})
         return params
@@ -979,6 +982,7 @@ class Tally:
     server_errors: int = 0
     exceptions: int = 0
     timeouts: int = 0  # no answer within the client's timeout (a hung server)
+    impatient: int = 0  # requests with a 1 ms deadline (not counted in `requests` when they expired: 504)
     kinds: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -1053,6 +1057,10 @@ def run_campaign(transports: Transports, requests: int, seed: int, burst_share: 
             expected = [in_process(case) for case in cases]
             calls = [(name, case, exp) for name in transports.names for case, exp in zip(cases, expected)
                      if applicable(name, case)]
+            if burst and index % 2 and "v2-json" in transports.names and applicable("v2-json", cases[0]):
+                # and a caller that gives up after 1 ms: its job may expire in the queue, which must
+                # change nothing for the others (finding F13)
+                calls.append(("v2-json", dataclasses.replace(cases[0], deadline_us=1000), expected[0]))
             for name in transports.names:
                 tallies[name].skipped += len(cases) - sum(call[0] == name for call in calls)
             if not burst:
@@ -1065,6 +1073,10 @@ def run_campaign(transports: Transports, requests: int, seed: int, burst_share: 
                     mine = [call for call in calls if call[0] == name]
                     answers += pool.map(lambda call: transports.call(call[0], call[1]), mine)
             for (name, case, exp), got in zip(calls, answers):
+                if case.deadline_us is not None:
+                    tallies[name].impatient += 1
+                    if got.error is not None and got.error[0] == "deadline_exceeded" and got.status == 504:
+                        continue  # it gave up, as asked
                 tallies[name].add(case, exp, got, differences(expected_over(name, case, exp), got), burst)
             if progress is not None and index % 50 == 0:
                 done = min(t.requests for t in tallies.values())
