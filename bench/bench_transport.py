@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mem-requests", type=int, default=None,
                         help="part 4: requests per client (default 3; quick 2)")
     parser.add_argument("--admission-mib", type=float, default=None,
-                        help="part 4: the server's --admission-bytes in MiB (default 256; quick 4)")
+                        help="part 4: the server's --admission-bytes in MiB (default 256; quick 16)")
     parser.add_argument("--retry-cap", type=float, default=0.25,
                         help="part 4: longest wait after a 503, seconds (Retry-After is honoured up to this)")
     parser.add_argument("--max-wait", type=float, default=None,
@@ -768,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         "mem_size": (64, 1024) if quick else (256, 4096),
         "mem_clients": args.mem_clients or (8 if quick else 32),
         "mem_requests": args.mem_requests or (2 if quick else 3),
-        "admission_bytes": int((args.admission_mib or (4 if quick else 256)) * MIB),
+        # quick: room for ~3 [64, 1024] requests (each 0.85 MB body + 4.7 MB to compute, runtime.compute_bytes)
+        "admission_bytes": int((args.admission_mib or (16 if quick else 256)) * MIB),
         "retry_cap_s": args.retry_cap,
         "max_wait_s": args.max_wait if args.max_wait is not None else (0.0 if quick else 10.0),
         "budgets_s": {"e2e": 15 if quick else 90, "layout": 10 if quick else 45, "small": 8 if quick else 40,

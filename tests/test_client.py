@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -326,14 +327,16 @@ def test_server_side_errors_read_the_same_over_both_transports(clients):
 
 @pytest.fixture(scope="module")
 def limited():
-    """A server with a small admission capacity (1 MiB) and token limit (2**16)."""
-    running = RunningServer("--admission-bytes", str(1 << 20), "--max-tokens", str(1 << 16))
+    """A server with a small admission capacity (8 MiB: a request's body and its compute, 72 bytes a
+    float32 token) and token limit (2**16)."""
+    running = RunningServer("--admission-bytes", str(8 << 20), "--max-tokens", str(1 << 16))
     yield running
     running.stop()
 
 
 def overload_batch() -> dict[str, np.ndarray]:
-    """~590 KB of float32 losses inputs, 45,000 tokens: fits the limited server alone, not beside 600 KB."""
+    """~590 KB of float32 losses inputs, 45,000 tokens (3.2 MB to compute): fits the limited server alone,
+    not beside 5 MB."""
     rng = np.random.default_rng(5)
     lp = -rng.random((150, 300), dtype=np.float32)
     return {"logprobs": lp, "old_logprobs": lp, "advantages": rng.normal(size=(150, 300)).astype(np.float32),
@@ -348,10 +351,10 @@ def test_payload_too_large(limited, kind):
         with pytest.raises(PayloadTooLarge) as info:
             c.compute_advantages("grpo", **too_many_tokens)
         assert info.value.code == "payload_too_large" and info.value.field == "tensors.response_mask"
-        big = {name: np.concatenate([value, value]) for name, value in overload_batch().items()}  # 1.2 MB > 1 MiB
+        big = {name: np.tile(value, (15, 1)) for name, value in overload_batch().items()}  # 8.8 MB > 8 MiB
         with pytest.raises(PayloadTooLarge) as info:
             c.compute_losses(**big)
-        # over gRPC a message over admission_bytes / 3 is refused by grpc core from its length prefix,
+        # over gRPC a message over admission_bytes / 12 is refused by grpc core from its length prefix,
         # before the server reads it: RESOURCE_EXHAUSTED without advserve's metadata
         assert info.value.field == "body" or (kind == "grpc" and "larger than max" in info.value.message)
     if kind == "grpc":  # the client's own message limit
@@ -365,10 +368,10 @@ def test_payload_too_large(limited, kind):
 
 
 class HeldUpload:
-    """A binary HTTP upload that declares 600,000 bytes and stalls one byte short: the server admits
+    """A binary HTTP upload that declares 5,000,000 bytes and stalls one byte short: the server admits
     (and holds) the bytes it received until the connection closes (or its body idle timeout, 10 s)."""
 
-    def __init__(self, server: RunningServer, nbytes: int = 600_000):
+    def __init__(self, server: RunningServer, nbytes: int = 5_000_000):
         self.sock = socket.create_connection(("127.0.0.1", server.port))
         self.sock.sendall(f"POST /v1/losses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                           f"Inference-Header-Content-Length: 1\r\nContent-Length: {nbytes}\r\n\r\n{{".encode()
@@ -398,11 +401,14 @@ def wait_for(call, error_type: type[Exception] | None, deadline_s: float = 10.0)
 
 @pytest.mark.parametrize("kind", ["rest-binary", "grpc"])
 def test_overloaded_is_retried_after_retry_after_then_raised(limited, kind, sleeps):
-    batch = overload_batch()
-    if kind == "grpc":  # gRPC admits 3 bytes per message byte and the compute per token: 25 rows fit 1 MiB alone
-        batch = {name: value[:25] for name, value in batch.items()}
+    batch = overload_batch()  # alone: 0.6 MB (gRPC: 3 x 0.6) + 3.2 MB to compute; beside 5 MB, over 8 MiB
     with make_client(limited, kind, max_retries=2) as c:
         held = HeldUpload(limited)
+        for _ in range(100):  # until its bytes are in (a request of ours in flight meanwhile would turn it away)
+            metrics = httpx.get(f"{limited.url}/metrics").text
+            if "advserve_bytes_in_flight 4.999999e+06" in metrics:
+                break
+            time.sleep(0.05)
         try:
             error = wait_for(lambda: c.compute_losses(**batch), Overloaded)
             assert error.code == "overloaded" and error.retry_after == 1.0 and error.field is None

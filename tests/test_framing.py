@@ -395,7 +395,8 @@ def test_packed_cu_seqlens_with_a_huge_total_is_a_413(server):
 
 @pytest.fixture(scope="module")
 def tiny():
-    running = RunningServer("--max-body-bytes", "600", "--max-json-bytes", "250", "--admission-bytes", "400")
+    # admission 700: a 300-byte body and its compute (4 tokens x COMPUTE_COST 18 x 4 bytes = 288) fit
+    running = RunningServer("--max-body-bytes", "1000", "--max-json-bytes", "250", "--admission-bytes", "700")
     yield running
     running.stop()
 
@@ -411,11 +412,11 @@ def _error(res, status, code, field):
 def test_body_limits_are_413(tiny):
     with httpx.Client(base_url=tiny.url, timeout=30) as c:
         header = grpo_header()
-        padded = header + b" " * (700 - len(header) - 12)  # JSON allows trailing whitespace: still a valid header
-        assert "binary limit of 600" in _error(post_binary(c, "/v1/advantages", padded + BUF_RW + BUF_RM, len(padded)),
+        padded = header + b" " * (1100 - len(header) - 12)  # JSON allows trailing whitespace: still a valid header
+        assert "binary limit of 1000" in _error(post_binary(c, "/v1/advantages", padded + BUF_RW + BUF_RM, len(padded)),
                                                413, "payload_too_large", "body")["message"]
-        padded = header + b" " * (500 - len(header) - 12)  # under the binary limit, over the admission capacity
-        assert "admission capacity of 400" in _error(
+        padded = header + b" " * (800 - len(header) - 12)  # under the binary limit, over the admission capacity
+        assert "admission capacity of 700" in _error(
             post_binary(c, "/v1/advantages", padded + BUF_RW + BUF_RM, len(padded)), 413, "payload_too_large",
             "body")["message"]
 
@@ -435,7 +436,7 @@ def test_body_limits_are_413(tiny):
 
 
 def test_chunked_body_over_the_admission_capacity_is_a_413(tiny):
-    header = WORKED_HEADER + b" " * 300  # 497 bytes: under the binary limit (600), over the capacity (400)
+    header = WORKED_HEADER + b" " * 600  # 797 bytes: under the binary limit (1000), over the capacity (700)
 
     def chunks():
         yield header + BUF_RW + BUF_RM
@@ -453,7 +454,7 @@ def test_admission_capacity_full_is_a_503_with_retry_after(tiny):
                      b"Inference-Header-Content-Length: 10\r\nContent-Length: 300\r\n\r\n" + b" " * 299)
         with httpx.Client(base_url=tiny.url, timeout=30) as c:
             deadline = time.monotonic() + 10
-            while True:  # 299 held + 197 > 400
+            while True:  # 299 held + 197 + its compute (288) > 700
                 res = c.post("/v1/advantages", content=WORKED_BODY, headers=WORKED_HEADERS)
                 if res.status_code != 200 or time.monotonic() > deadline:
                     break

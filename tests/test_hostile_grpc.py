@@ -262,8 +262,10 @@ def test_a_stalled_upload_holds_admission_only_until_the_read_timeout(server):
 def test_stalled_grpc_uploads_never_lock_rest_out():
     """Three gRPC calls whose message never comes (read timeout 30 s): the messages being received
     hold at most half of admission, so a REST client keeps getting 200, a 4 MiB losses batch
-    included, while a gRPC call waits its turn (UNAVAILABLE, overloaded, Retry-After); once the
-    stalled callers go, gRPC serves again. (One such call used to reserve all of admission.)"""
+    included, while a gRPC call waits its turn (UNAVAILABLE, overloaded, Retry-After). A REST batch
+    whose body and compute fit admission but not the half left is 503 (overloaded, Retry-After) at
+    once; once the stalled callers go, gRPC and that batch are served. (One stalled call used to
+    reserve all of admission.)"""
     running = RunningServer("--auth-token", TOKEN, "--admission-bytes", str(ADMISSION))
     headers = {"authorization": f"Bearer {TOKEN}"}
     gates = [threading.Event() for _ in range(3)]
@@ -291,13 +293,18 @@ def test_stalled_grpc_uploads_never_lock_rest_out():
             small = {"estimator": "grpo", "tensors": {"rewards": [1, 0], "response_mask": [[1, 1], [1, 0]],
                                                       "group_ids": [0, 0]}}
             statuses = [client.post("/v1/advantages", json=small).status_code for _ in range(5)]
-            rows = 4 * MIB // (13 * 2048)
-            lp = -np.random.default_rng(4).random((rows, 2048), dtype=np.float32)
-            n, chunks = framing.encode({}, {"logprobs": R(lp), "old_logprobs": R(lp), "advantages": R(lp),
-                                            "response_mask": R(np.ones(lp.shape, bool))})
-            statuses.append(client.post("/v1/losses", content=b"".join(chunks), headers={
-                "content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}).status_code)
+            def losses(mib: int) -> httpx.Response:  # a binary losses batch of `mib` MiB (72 bytes a token to compute)
+                lp = -np.random.default_rng(4).random((mib * MIB // (13 * 2048), 2048), dtype=np.float32)
+                n, chunks = framing.encode({}, {"logprobs": R(lp), "old_logprobs": R(lp), "advantages": R(lp),
+                                                "response_mask": R(np.ones(lp.shape, bool))})
+                return client.post("/v1/losses", content=b"".join(chunks), headers={
+                    "content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)})
+
+            statuses.append(losses(4).status_code)  # 4 MiB + 22 MiB to compute: fits beside the stalled calls
             assert statuses == [200] * 6
+            busy = losses(12)  # 12 MiB + 66 MiB to compute: fits admission, not the half left now
+            assert (busy.status_code, busy.json()["error"]["code"], busy.headers["retry-after"]) == \
+                (503, "overloaded", "1")
             code, meta = call_raw(running.grpc_address, ADVANTAGES, small_advantages(), AUTH, timeout=10)
             assert (code, meta.get("advserve-error-code"), meta.get("retry-after")) == \
                 ("UNAVAILABLE", "overloaded", "1")
@@ -312,6 +319,7 @@ def test_stalled_grpc_uploads_never_lock_rest_out():
                     break
                 time.sleep(0.05)
             assert code == "OK"
+            assert losses(12).status_code == 200  # with the room back, the same request is served
     finally:
         running.stop()
 

@@ -196,7 +196,8 @@ def test_health_answers_while_a_batch_computes(server):
 
 
 def test_admission_turns_load_away_with_503_and_loses_nothing():
-    small = RunningServer("--admission-bytes", str(30 << 20))  # room for one 25 MB body at a time
+    # room for one request at a time: its 25 MB body and its compute (2M float32 tokens x 72 bytes, 151 MB)
+    small = RunningServer("--admission-bytes", str(200 << 20))
     try:
         body, headers = big_losses_body(512, 4096)
         barrier = threading.Barrier(6)
@@ -215,7 +216,8 @@ def test_admission_turns_load_away_with_503_and_loses_nothing():
             else:
                 doc, tensors = framing.decode(r.content, r.headers[framing.HEADER_LENGTH])
                 assert tensors["grad_logprobs"].shape == (512, 4096)
-        too_big = httpx.post(f"{small.url}/v1/losses", content=body + body, headers=headers, timeout=60)
+        body, headers = big_losses_body(1024, 4096)  # 50 MB body + 302 MB compute: never fits
+        too_big = httpx.post(f"{small.url}/v1/losses", content=body, headers=headers, timeout=60)
         assert too_big.status_code == 413
         assert httpx.get(f"{small.url}/health/ready").status_code == 200
     finally:

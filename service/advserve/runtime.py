@@ -58,15 +58,16 @@ tensors to its document, 512 x 2048 tokens, in process): all 12 estimators of th
 validated, then for those that apply."""
 
 
-def compute_bytes(work: Any) -> int:
+def compute_bytes(work: Any, max_tokens: int | None = None) -> int:
     """Memory for validating, computing and encoding one request, whatever its transport: COMPUTE_COST ×
     B·T × the compute dtype's size (float32 when unset), plus (ANALYSIS_COST + ANALYSIS_DTYPE_COST × that
     size) × B·T × the estimators of an analysis. `work` is what the transport decoded, validated or not:
     an AdvantageRequest, LossRequest or AnalysisRequest (B·T from its response_mask [B, T], or when
     packed from cu_seqlens, B × the longest row: the padded form the engine computes on), an OIP
     InferRequest (its inputs and parameters), or their validated forms (PreparedAdvantages,
-    PreparedAnalysis: B·T of the batch; an OIP Prepared: its domain). 0 for anything else (the catalog).
-    Pure; shapes only, no Python loop over rows."""
+    PreparedAnalysis: B·T of the batch; an OIP Prepared: its domain). 0 for anything else (the catalog),
+    and for more than `max_tokens` tokens (--max-tokens: validation refuses it, 413 naming the tensor,
+    before it allocates anything that size). Pure; shapes only, no Python loop over rows."""
     work = getattr(work, "domain", work)  # an OIP Prepared
     jobs = getattr(work, "jobs", None)  # a PreparedAnalysis: one validated job per estimator
     tensors, parameters = getattr(work, "tensors", None), {}
@@ -85,6 +86,8 @@ def compute_bytes(work: Any) -> int:
     elif isinstance(tensors, Mapping):
         tokens = _request_tokens(tensors, getattr(work, "layout", parameters.get("layout")))
     else:
+        return 0
+    if max_tokens is not None and tokens > max_tokens:
         return 0
     if not isinstance(dtype, torch.dtype):
         dtype = DTYPES.get(dtype, torch.float32)
@@ -156,8 +159,9 @@ class Admission:
     (`check`), the bytes are taken as they arrive (`Lease.grow`), so a connection that declares much and
     sends little holds only what it sent. Thread-safe (a worker thread inflating a body charges it)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_tokens: int | None = None):
         self.capacity = capacity
+        self.max_tokens = max_tokens  # --max-tokens, for `compute_bytes`
         self.in_flight = 0
         self._lock = threading.Lock()
 
@@ -241,7 +245,7 @@ class Lease:
 
     def compute_due(self, work: Any) -> int:
         """`compute_bytes(work)` less what this lease holds for compute already (negative: too much)."""
-        return compute_bytes(work) - self.computed
+        return compute_bytes(work, self.admission.max_tokens) - self.computed
 
     def keep_until(self, future: "asyncio.Future | concurrent.futures.Future") -> None:
         """Hold the bytes, even past `close`, until `future` (work still using them) is done."""
@@ -418,7 +422,7 @@ class Runtime:
         engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
         scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
                               max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
-        return cls(settings, engine, scheduler, Admission(settings.admission_bytes))
+        return cls(settings, engine, scheduler, Admission(settings.admission_bytes, settings.max_tokens))
 
     @property
     def ready(self) -> bool:
