@@ -33,7 +33,7 @@ class Timing:
     coalesced: int = 1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue finds a job by `is`, never by comparing its tensors
 class _Job:
     run: Callable[[], Any] | None  # a single job (losses, or anything not coalescible)
     prepared: PreparedAdvantages | None  # an advantage job that may be coalesced
@@ -101,6 +101,9 @@ class Scheduler:
     # --- the compute thread ---------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """The compute thread's loop. Nothing escapes it: an error in picking a batch or in computing
+        is each caller's answer, and the thread serves the next job (a dead thread would hang every
+        later request while the health checks still said ready)."""
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
@@ -108,9 +111,16 @@ class Scheduler:
                 if not self._jobs:
                     return
                 first = self._jobs.popleft()
-                if first.future.done():  # its caller gave up (deadline, disconnect): no compute for it
+                try:
+                    batch = [first] + self._companions(first)
+                except BaseException as exc:  # noqa: BLE001 - a bug in the selection: answered, not fatal
+                    first.finish(error=exc)
                     continue
-                batch = [first] + self._companions(first)
+            # callers that gave up (deadline, disconnect) while queued or while companions were awaited
+            batch = [job for job in batch if not job.future.done()]
+            if not batch:
+                continue
+            first = batch[0]
             started = time.perf_counter()
             try:
                 if first.run is not None:
