@@ -19,14 +19,13 @@ import logging
 from typing import Any
 
 import grpc
-import numpy as np
 
 from .._oip_pb import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
 from ..grpc_server import Door, _Call
 from ..runtime import Runtime
 from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
-from .tensors import from_json, from_raw
+from .tensors import from_bytes_list, from_json, from_raw
 
 log = logging.getLogger("advserve.oip")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -81,7 +80,7 @@ def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> Infer
                                       field=f"inputs.{tensor.name}")
             values = getattr(tensor.contents, contents_field)
             if item.datatype == "BYTES":
-                item.data = _bytes_elements(tensor.name, list(values), item.shape)
+                item.data = from_bytes_list(tensor.name, list(values), item.shape)
             else:
                 item.data = from_json(tensor.name, datatype, item.shape, list(values))
         inputs.append(item)
@@ -96,14 +95,6 @@ def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> Infer
             outputs.append(RequestedOutput(wanted.name))
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     return InferRequest(request.model_name, request.model_version, request.id, parameters, inputs, outputs)
-
-
-def _bytes_elements(name: str, values: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
-    if len(values) != count:
-        raise InvalidArgument(f"input {name!r}: bytes_contents has {len(values)} elements but shape {list(shape)} "
-                              f"needs {count}", field=f"inputs.{name}")
-    return np.array(values, dtype=object).astype("S").reshape(shape) if values else np.empty(shape, dtype="S1")
 
 
 def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
