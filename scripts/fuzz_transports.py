@@ -1046,7 +1046,7 @@ def run_campaign(transports: Transports, requests: int, seed: int, burst_share: 
     index = 0
     aborted = None
     try:
-        while min(t.requests + t.skipped for t in tallies.values()) < requests:
+        while min(t.requests for t in tallies.values()) < requests:  # answered and compared, each
             if max_seconds is not None and time.monotonic() - start > max_seconds:
                 break
             if sum(t.timeouts for t in tallies.values()) >= max_timeouts:

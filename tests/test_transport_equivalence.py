@@ -247,6 +247,6 @@ def test_fuzz_campaign_smoke(transports):
     summary = fz.run_campaign(transports, requests=20, seed=7, burst_share=0.3)
     assert summary["aborted"] is None, summary["aborted"]
     for name, tally in summary["transports"].items():
-        assert tally["requests"] + tally["skipped"] >= 20, name
+        assert tally["requests"] >= 20, name
         assert tally["server_errors"] == tally["exceptions"] == tally["timeouts"] == 0 and not tally["kinds"], \
             (name, tally["kinds"], tally["examples"])
