@@ -9,12 +9,18 @@ import json
 import logging
 import math
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from advserve_client import framing, protocol
+from advserve_client._pb import advserve_pb2_grpc as pb_grpc
 
 import advserve
 from advserve.observability import MESSAGE_LIMIT, Metrics
+from conftest import RunningServer
+
+R = framing.RawTensor.from_numpy
 
 # the parameters each mode reads, written out here (not read from loss_specs): what the echo must hold
 AGGREGATION = {"mode", "agg", "loss_scale_factor", "seq_denominator"}
@@ -211,3 +217,38 @@ def test_access_log_message_is_cut(caplog):
     # a refused request's estimator is logged, never a metric label (any string can arrive)
     assert metrics.registry.get_sample_value("advserve_requests_total", {
         "transport": "http", "endpoint": "advantages", "estimator": "", "status": "400"}) == 1.0
+
+
+def test_access_log_of_refused_requests_names_the_estimator_and_the_message():
+    server = RunningServer("--log-format", "json", "--log-level", "info")
+    try:
+        bad_field = httpx.post(f"{server.url}/v1/advantages", headers={"x-request-id": "top-level-lam"},
+                               json={"estimator": "gae", "lam": 0.9, "tensors": GAE_TENSORS})
+        assert bad_field.status_code == 400
+        no_values = {k: v for k, v in GAE_TENSORS.items() if k != "values"}
+        missing = httpx.post(f"{server.url}/v1/advantages", headers={"x-request-id": "no-values"},
+                             json={"estimator": "gae", "tensors": no_values})
+        assert missing.status_code == 400
+        unknown = httpx.post(f"{server.url}/v1/advantages", headers={"x-request-id": "unknown"},
+                             json={"estimator": "nope", "tensors": {}})
+        assert unknown.status_code == 404
+        request = protocol.advantages_request_to_pb({"estimator": "gae"}, {
+            "rewards": R(np.array([1, 0], np.float32)), "response_mask": R(np.ones((2, 2), bool))})
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.AdvserveStub(channel).ComputeAdvantages(request, timeout=30,
+                                                                metadata=(("x-request-id", "grpc-no-values"),))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    access = {line["request_id"]: line for line in lines if line.get("logger") == "advserve.access"}
+    assert access["top-level-lam"]["estimator"] == "gae"
+    assert access["top-level-lam"]["error"] == "invalid_argument"
+    assert access["top-level-lam"]["message"] == bad_field.json()["error"]["message"]
+    assert access["no-values"]["estimator"] == "gae"
+    assert access["no-values"]["message"] == missing.json()["error"]["message"]
+    assert access["unknown"]["estimator"] == "nope" and access["unknown"]["error"] == "not_found"
+    assert access["unknown"]["message"] == unknown.json()["error"]["message"]
+    assert access["grpc-no-values"]["estimator"] == "gae"
+    assert access["grpc-no-values"]["message"] == err.value.details()

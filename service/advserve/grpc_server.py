@@ -54,7 +54,7 @@ from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from .errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
                      RequestTimeout, Unavailable, error_message)
 from .model import AdvantageRequest, LossRequest
-from .observability import REQUEST_ID_HEADER, request_id, server_timing
+from .observability import REQUEST_ID_HEADER, enum_field_name, request_id, server_timing
 from .runtime import COMPUTED, Lease, Runtime
 from .wire import raw_to_torch, torch_to_raw
 
@@ -220,12 +220,13 @@ class Door:
             metadata = _metadata(context.invocation_metadata())
             call = _Call(door, context, request_id(metadata.get(REQUEST_ID_HEADER)), transport, endpoint)
             await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            status, error, response, failure = "OK", None, None, None
+            status, error, response, failure, named = "OK", None, None, None, None
             try:
                 with door.runtime.serving() if compute else contextlib.nullcontext():
                     raw = await door.receive(messages, call.lease, call.remaining())
                     call.size = len(raw)
                     request = await door.parse(raw, message_type, call)
+                    named = enum_field_name(request, "estimator")  # for the access log, should it be refused
                     del raw  # the parsed message has its own copy
                     job, request = handler(request, call), None  # the handler drops it once converted
                     response = await job
@@ -245,7 +246,8 @@ class Door:
                         transport=call.transport, endpoint=call.endpoint, estimator=call.estimator, status=status,
                         bytes_in=call.size, bytes_out=response.ByteSize() if response is not None else 0,
                         phases=call.phases, batch=call.batch, request_id=call.request_id, started=call.arrived,
-                        error=error)
+                        error=error, message=error_message(failure) if failure is not None else None,
+                        named_estimator=named)
             await _abort(context, failure)  # outside the except block: the abort carries no traceback
 
         return grpc.stream_unary_rpc_method_handler(serve, request_deserializer=None, response_serializer=_serialize)

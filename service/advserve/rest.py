@@ -35,7 +35,7 @@ from .device import to_host
 from .errors import (STATUS, AdvserveError, InvalidArgument, MethodNotAllowed, NotFound, PayloadTooLarge,
                      RequestTimeout, Unavailable)
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
-from .observability import REQUEST_ID_HEADER, request_id, server_timing
+from .observability import REQUEST_ID_HEADER, error_body_message, estimator_named_in, request_id, server_timing
 from .oip.rest import add_oip_routes, is_oip_path, oip_error_response
 from .presets import DEFAULT_PRESET, PRESETS
 from .runtime import (JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime, admitted, charge_compute,
@@ -715,7 +715,9 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         response.headers[REQUEST_ID_HEADER] = rid
         runtime.metrics.observe(transport="http", endpoint=endpoint, estimator=estimator, status=status,
                                 bytes_in=len(body), bytes_out=len(response.body), phases=phases, batch=batch,
-                                request_id=rid, started=arrived, error=error)
+                                request_id=rid, started=arrived, error=error,
+                                message=error_body_message(response.body) if error else None,
+                                named_estimator=estimator_named_in(body) if error and endpoint == "advantages" else None)
         return response
 
     @app.post("/v1/advantages", openapi_extra=body_schema(AdvantagesBody),

@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ..errors import STATUS, AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable, error_message
-from ..observability import REQUEST_ID_HEADER, request_id, server_timing
+from ..observability import REQUEST_ID_HEADER, error_body_message, request_id, server_timing
 from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, charge_compute, watch_disconnect
 from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
 from .tensors import from_json, from_raw
@@ -407,7 +407,8 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
             transport=TRANSPORT, endpoint=model.kind if model else "infer",
             estimator=model.name if model and model.kind == "advantages" else None, status=status,
             bytes_in=len(body), bytes_out=len(response.body), phases=phases,
-            batch=prepared.batch if prepared else None, request_id=rid, started=arrived, error=error)
+            batch=prepared.batch if prepared else None, request_id=rid, started=arrived, error=error,
+            message=error_body_message(response.body) if error else None)
         return response
 
 
