@@ -154,7 +154,7 @@ def test_keyword_parameters_are_refused_with_the_fix():
     with pytest.raises(advserve.InvalidArgument) as err:
         advserve.compute_advantages("gae", gamma=1, lam=0.95, **gae)
     assert str(err.value) == "'gamma' is a parameter of estimator 'gae', not a tensor: pass params={'gamma': 1}"
-    assert err.value.field == "gamma"
+    assert err.value.field == "tensors.gamma"
     fixed = advserve.compute_advantages("gae", params={"gamma": 1, "lam": 0.95}, **gae)  # the hint's fix works
     assert fixed.params["gamma"] == 1.0 and fixed.params["lam"] == 0.95
     with pytest.raises(advserve.InvalidArgument, match=r"^'gamma' is a parameter of estimators .*gae.*, not of "
@@ -252,3 +252,23 @@ def test_access_log_of_refused_requests_names_the_estimator_and_the_message():
     assert access["unknown"]["message"] == unknown.json()["error"]["message"]
     assert access["grpc-no-values"]["estimator"] == "gae"
     assert access["grpc-no-values"]["message"] == err.value.details()
+
+
+def test_a_parameter_sent_as_a_tensor_gets_the_same_hint_on_every_transport(server):
+    """The Python client sends keyword arguments as tensors: the engine answers with the fix, so REST
+    and in process give the same field and message (gRPC's typed tensors have no slot for the name:
+    its client refuses it before sending, naming the same field)."""
+    from advserve_client import Client
+    from advserve_client import InvalidArgument as ClientInvalidArgument
+
+    gae = dict(rewards=np.array([1.0, 0.0]), values=np.zeros((2, 3)), response_mask=np.ones((2, 3), dtype=bool))
+    with pytest.raises(advserve.InvalidArgument) as local:
+        advserve.compute_advantages("gae", gamma=1.0, **gae)
+    for address, transport in ((server.url, "http"), (server.grpc_address, "grpc")):
+        with Client(address, transport=transport, max_retries=0) as client:
+            with pytest.raises(ClientInvalidArgument) as remote:
+                client.compute_advantages("gae", gamma=np.ones(2), **gae)
+        assert remote.value.field == local.value.field == "tensors.gamma", transport
+        if transport == "http":
+            assert remote.value.message == local.value.message.replace("1.0", "...")
+            assert "is a parameter of estimator 'gae', not a tensor: pass params={'gamma': " in remote.value.message

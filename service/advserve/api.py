@@ -22,8 +22,6 @@ from .analysis.batch import AnalysisRequest
 from .analysis.batch import analyze as analyze_batch
 from .device import to_host
 from .engine import Engine
-from .errors import InvalidArgument
-from .hints import keyword_hint
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, TermSpec
 
 
@@ -39,14 +37,6 @@ def _converter(tensors: Mapping[str, Any]):
             device = value.device
             return lambda t: None if t is None else t.to(device)
     return lambda t: None if t is None else to_host(t.detach()).numpy()
-
-
-def _refuse_params_as_tensors(tensors: Mapping[str, Any], kind: str, estimator: str | None = None) -> None:
-    """Keyword arguments are tensors: a parameter given as one (gamma=1) is an error naming where it goes."""
-    for name, value in tensors.items():
-        hint = keyword_hint(name, value, kind, estimator)
-        if hint is not None:
-            raise InvalidArgument(hint, field=name)
 
 
 def compute_advantages(
@@ -68,7 +58,6 @@ def compute_advantages(
     `.params` (the resolved parameters). Parameters go in `params` (params={"gamma": 1}); one given as
     a keyword argument is an error that says so. Raises `advserve.InvalidArgument` / `advserve.NotFound`.
     """
-    _refuse_params_as_tensors(tensors, "advantages", estimator)
     request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype,
                                layout=layout)
     result = _engine(device).compute_advantages(request)
@@ -103,7 +92,6 @@ def compute_losses(
     policy term's those its mode reads). A loss parameter given as a keyword argument (clip_high=0.3)
     is an error naming its term.
     """
-    _refuse_params_as_tensors(tensors, "losses")
     request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
                           value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
                           num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
@@ -132,7 +120,6 @@ def analyze(
     exact finite-group weight, normalised weights, summary statistics, share of zero-advantage
     groups) and the pairwise sign disagreement of the estimators' advantages.
     """
-    _refuse_params_as_tensors(tensors, "analysis")
     request = AnalysisRequest(tensors=tensors, estimators=estimators, preset=preset, params=params, dtype=dtype,
                               layout=layout)
     return analyze_batch(_engine(device), request)

@@ -19,12 +19,25 @@ from .functional.groups import Groups
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, masked_moments
 from .functional.rollout import rollout_weights
+from .hints import keyword_hint
 from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms, echoed_params
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, preset_default, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 REWARD_TENSORS = ("rewards", "token_rewards")
+
+
+def refuse_params_as_tensors(raw: Any, kind: str, estimator: str | None = None) -> None:
+    """A parameter sent where tensors go (gamma=1 as a keyword of the in-process API or the client, or a
+    "gamma" under "tensors") is an error naming where it belongs (`hints.keyword_hint`), the same on
+    every transport. kind: "advantages", "losses" or "analysis"."""
+    if not isinstance(raw, Mapping):
+        return
+    for name, value in raw.items():
+        hint = keyword_hint(name, value, kind, estimator)
+        if hint is not None:
+            raise InvalidArgument(hint, field=f"tensors.{name}")
 
 
 class Engine:
@@ -76,6 +89,7 @@ class Engine:
         dtype = self._dtype(request.dtype)
 
         raw = request.tensors if isinstance(request.tensors, Mapping) else {}
+        refuse_params_as_tensors(raw, "advantages", estimator.name)
         required = set(estimator.requires) | {"response_mask"}
         context, hints = f"estimator {estimator.name!r}", {}
         if params.get("kl_coef", 0) > 0:
@@ -153,6 +167,7 @@ class Engine:
     # --- losses ---------------------------------------------------------------------------------
 
     def compute_losses(self, request: LossRequest) -> LossResult:
+        refuse_params_as_tensors(request.tensors, "losses")
         preset = self.preset(request.preset)
         dtype = self._dtype(request.dtype)
         terms = self._resolve_terms(request, preset)

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..batch import Batch, build_batch
-from ..engine import REWARD_TENSORS, Engine, PreparedAdvantages, advantage_inputs
+from ..engine import REWARD_TENSORS, Engine, PreparedAdvantages, advantage_inputs, refuse_params_as_tensors
 from ..errors import InvalidArgument, NotFound
 from ..estimators import ESTIMATORS
 from ..functional.groups import Groups, centered_scores, group_std, group_std_divisor
@@ -138,6 +138,7 @@ def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalys
     raw = request.tensors if isinstance(request.tensors, Mapping) else None
     if raw is None:
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
+    refuse_params_as_tensors(raw, "analysis")
     given = {name for name, value in raw.items() if value is not None}
     if "group_ids" not in given:
         raise InvalidArgument("the analysis is per prompt: give group_ids [B] (the responses of one prompt share "
