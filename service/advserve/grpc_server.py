@@ -240,7 +240,10 @@ class Door:
                 status, error = "CANCELLED", "cancelled"
                 raise
             finally:
-                call.lease.close()
+                if response is not None:  # its bytes are serialized and sent after this returns: held till then
+                    context.add_done_callback(lambda _context: call.lease.close())
+                else:
+                    call.lease.close()
                 if compute:
                     door.runtime.metrics.observe(
                         transport=call.transport, endpoint=call.endpoint, estimator=call.estimator, status=status,
