@@ -3,7 +3,7 @@ tensors go) or as a top-level field of a REST body. The callers raise InvalidArg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .batch import ALL_TENSORS
 from .estimators import ESTIMATORS
@@ -33,6 +33,16 @@ def _value(value: Any) -> str:
     return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else "..."
 
 
+def _example(name: str, value: str, kind: str, quote: Callable[[str], str]) -> str:
+    """{name: value} as a Python dict or JSON object (`quote`), inside its estimator's entry for an analysis."""
+    given = f"{{{quote(name)}: {value}}}"
+    return f"{{{quote('<estimator>')}: {given}}}" if kind == "analysis" else given
+
+
+def _json_string(text: str) -> str:
+    return f'"{text}"'
+
+
 def keyword_hint(name: str, value: Any, kind: str, estimator: str | None = None) -> str | None:
     """The fix for keyword argument `name`=`value`, read as a tensor, of advserve.compute_advantages
     (kind "advantages", `estimator` the one requested), compute_losses ("losses") or analyze
@@ -47,10 +57,7 @@ def keyword_hint(name: str, value: Any, kind: str, estimator: str | None = None)
     who, place = found
     if kind == "advantages" and estimator in ESTIMATORS and name not in ESTIMATORS[estimator].params:
         return f"{name!r} is a parameter of {who}, not of {estimator!r}, and not a tensor: leave it out"
-    given = f"{{{name!r}: {_value(value)}}}"
-    if kind == "analysis":
-        given = f"{{'<estimator>': {given}}}"
-    return f"{name!r} is a parameter of {who}, not a tensor: pass {place}={given}"
+    return f"{name!r} is a parameter of {who}, not a tensor: pass {place}={_example(name, _value(value), kind, repr)}"
 
 
 def field_hint(name: str, kind: str) -> str | None:
@@ -64,7 +71,4 @@ def field_hint(name: str, kind: str) -> str | None:
     if found is None:
         return None
     who, place = found
-    given = f"{{\"{name}\": ...}}"
-    if kind == "analysis":
-        given = f"{{\"<estimator>\": {given}}}"
-    return f"{name!r} is a parameter of {who}: put it in \"{place}\": {given}"
+    return f"{name!r} is a parameter of {who}: put it in \"{place}\": {_example(name, '...', kind, _json_string)}"
