@@ -188,13 +188,29 @@ BAD_LOSSES = [
       "rollout_correction": {"mode": "mask", "low": 3.0, "high": 2.0}}, 400, "rollout_correction.low"),
     ({"tensors": {"response_mask": [[1]]}, "policy_loss": False}, 400, "policy_loss"),
 ]
+_ONE_TOKEN = {"logprobs": [[0.0]], "old_logprobs": [[0.0]], "advantages": [[1.0]], "response_mask": [[1]]}
+# what in process and gRPC refuse, REST refuses with the same field (no lax coercion of true or "3" to a
+# number; a union member is not a field)
+BAD_LOSSES += [
+    ({"tensors": _ONE_TOKEN, "num_tokens": True}, 400, "num_tokens"),
+    ({"tensors": _ONE_TOKEN, "num_sequences": "3"}, 400, "num_sequences"),
+    ({"tensors": _ONE_TOKEN, "policy_loss": 3}, 400, "policy_loss"),
+]
 
 
-@pytest.mark.parametrize("body,status,field", BAD_LOSSES, ids=[b[2] for b in BAD_LOSSES])
+@pytest.mark.parametrize("body,status,field", BAD_LOSSES, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_LOSSES)])
 def test_bad_loss_requests_name_the_field(client, body, status, field):
     res = post(client, "/v1/losses", body)
     assert res.status_code == status, res.text
     assert res.json()["error"]["field"] == field
+
+
+def test_in_process_takes_numpy_scalar_parameters_as_every_transport_does():
+    m = np.ones((2, 3), dtype=bool)
+    out = advserve.compute_advantages("reinforce_pp", params={"whiten_eps": np.float32(0.5), "gamma": np.int64(1),
+                                                              "whiten": np.True_}, rewards=[1.0, 0.0], response_mask=m)
+    assert out.params["whiten_eps"] == 0.5 and out.params["gamma"] == 1.0 and out.params["whiten"] is True
+    assert type(out.params["whiten"]) is bool and type(out.params["gamma"]) is float
 
 
 def test_malformed_json_is_a_400(client):

@@ -7,8 +7,11 @@ or inapplicable names are an error that lists the valid ones.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+import numpy as np
 
 from .errors import InvalidArgument
 
@@ -35,11 +38,11 @@ class ParamSpec:
                 return None
             raise InvalidArgument(f"{field} must not be null", field=field)
         if self.kind is bool:
-            if not isinstance(value, bool):
+            if not isinstance(value, (bool, np.bool_)):
                 raise InvalidArgument(f"{field} must be true or false, got {value!r}", field=field)
-            return value
-        if self.kind in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return bool(value)
+        if self.kind in (int, float):  # numpy scalars too (np.float32(0.5)), as every transport takes them
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise InvalidArgument(f"{field} must be a number, got {value!r}", field=field)
             if self.kind is int and not float(value).is_integer():
                 raise InvalidArgument(f"{field} must be an integer, got {value!r}", field=field)

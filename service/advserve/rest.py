@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import mmap
+import re
 import time
 from typing import Any, Callable, Literal, Union
 
@@ -90,8 +92,10 @@ class LossesBody(BaseModel):
     entropy_bonus: TermSpec = Field(None, description="coef, agg; off unless given")
     rollout_correction: TermSpec = Field(None, description="level, mode, low, high, log_clamp, gating, weight; "
                                          "off unless given")
-    num_tokens: float | None = Field(None, description="global token count (token-mean) when this is a shard")
-    num_sequences: float | None = Field(None, description="global sequence count (seq-mean-*) when this is a shard")
+    num_tokens: float | None = Field(None, strict=True, description="global token count (token-mean) when this is "
+                                     "a shard")
+    num_sequences: float | None = Field(None, strict=True, description="global sequence count (seq-mean-*) when "
+                                        "this is a shard")
     dtype: Literal["float32", "float64"] | None = None
     layout: Literal["padded", "packed"] | None = None
     tensors: dict[str, Any] = Field(
@@ -212,11 +216,16 @@ def _error_response(error: AdvserveError) -> JSONResponse:
     return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, (500, ""))[0], headers=headers)
 
 
+_UNION_MEMBER = re.compile(r"^(dict|list|bool|int|float|str|none)(\[.*\])?$")
+
+
 def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
     from .hints import field_hint  # where a misplaced top-level field (a parameter, a tensor) belongs
 
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # a union's member ("policy_loss.dict[str,any]") is no field: the field is where the union is
+    location = list(itertools.takewhile(lambda part: not _UNION_MEMBER.match(part), location))
     field = ".".join(location) or None
     message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
     kind = {"AdvantagesBody": "advantages", "LossesBody": "losses", "AnalysisBody": "analysis"}.get(
