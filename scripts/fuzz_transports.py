@@ -540,7 +540,8 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
     elif variant == "bad_rank":  # a token tensor 3-D, a row tensor 2-D, or a scalar
         name = draw.choice(_numbers(case))
         value = tensors[name]
-        tensors[name] = draw.choice([value[..., None], value.reshape(1, -1), np.asarray(value.reshape(-1)[:1][0])]) \
+        other_rank = value.reshape(-1) if value.ndim == 2 else value.reshape(1, -1)  # [1, 1] -> [1, 1] was no damage
+        tensors[name] = draw.choice([value[..., None], other_rank, np.asarray(value.reshape(-1)[:1][0])]) \
             if value.size else value[..., None]
     elif variant == "bad_cu_seqlens":  # packed: not starting at 0, decreasing, the wrong end, floats
         cu = tensors.get("cu_seqlens")

@@ -213,10 +213,6 @@ def advantages_response(response: pb.ComputeAdvantagesResponse, document: Mappin
 def losses_response(response: pb.ComputeLossesResponse, document: Mapping[str, Any],
                     ) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
     out, tensors = protocol.losses_response_from_pb(response)
-    # the parameters the server echoed: those set, and None where a no_* flag says "none"; an unset
-    # field is one the server left out (a policy mode's unread parameter), as REST leaves it out
-    out["params"] = {term: protocol.params_from_pb(getattr(response, term)) for term in protocol.LOSS_TERMS
-                     if response.HasField(term)}
     out["preset"] = document.get("preset") or "paper"
     return out, tensors
 

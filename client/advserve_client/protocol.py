@@ -169,10 +169,10 @@ def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
     return message
 
 
-def params_from_pb(message: Any, resolved: bool = False) -> dict[str, Any]:
-    """The REST-style dict of the parameters set in `message` (a no_* field gives None). `resolved`:
-    the message lists every parameter as the server resolved it (a response), so an unset optional
-    field means None rather than "the preset's default"."""
+def params_from_pb(message: Any) -> dict[str, Any]:
+    """The REST-style dict of the parameters set in `message` (a no_* field gives None; an unset field
+    is absent: in a request, the preset's default; in a response, a parameter the server left out,
+    e.g. one the policy loss's mode does not read)."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         name = field.name
@@ -184,8 +184,6 @@ def params_from_pb(message: Any, resolved: bool = False) -> dict[str, Any]:
                 out[name] = enum_to_name(_enum_kind(message, name), value)
         elif message.HasField(name):
             out[name] = getattr(message, name)
-        elif resolved and field.has_presence:
-            out[name] = None
     for name, flag in _NULLABLE.items():
         if flag in message.DESCRIPTOR.fields_by_name and getattr(message, flag) and name not in out:
             out[name] = None
@@ -318,7 +316,7 @@ def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Raw
 def losses_response_from_pb(response: pb.ComputeLossesResponse) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
     components = {name: (getattr(response.components, name) if response.components.HasField(name) else None)
                   for name in ("policy", "kl", "value", "entropy")}
-    params = {term: params_from_pb(getattr(response, term), resolved=True) for term in LOSS_TERMS
+    params = {term: params_from_pb(getattr(response, term)) for term in LOSS_TERMS
               if response.HasField(term)}
     document = {"loss": response.loss, "components": components, "metrics": dict(response.metrics), "params": params}
     tensors = {name: (tensor_from_pb(name, getattr(response, name)) if response.HasField(name) else None)
