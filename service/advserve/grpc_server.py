@@ -223,7 +223,14 @@ class Door:
             status, error, response, failure, named = "OK", None, None, None, None
             try:
                 with door.runtime.serving() if compute else contextlib.nullcontext():
-                    raw = await door.receive(messages, call.lease, call.remaining())
+                    try:
+                        raw = await door.receive(messages, call.lease, call.remaining())
+                    except RequestTimeout:
+                        caller_left = context.time_remaining()
+                        if caller_left is not None and caller_left < 0.05:  # the caller's own deadline ran out
+                            raise DeadlineExceeded("the deadline passed before the request message arrived") \
+                                from None
+                        raise
                     call.size = len(raw)
                     request = await door.parse(raw, message_type, call)
                     named = enum_field_name(request, "estimator")  # for the access log, should it be refused
