@@ -37,7 +37,6 @@ import concurrent.futures
 import contextlib
 import inspect
 import logging
-import math
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -474,8 +473,7 @@ class _Call:
         runtime = door.runtime
         self.transport, self.endpoint = transport, endpoint
         self.arrived = time.perf_counter()
-        remaining = context.time_remaining()
-        self.timeout_s = min(runtime.settings.request_timeout_s, math.inf if remaining is None else remaining)
+        self.deadline = runtime.deadline(context.time_remaining())  # --request-timeout-s or the caller's, if shorter
         self.lease = runtime.admission.lease()
         self.phases: dict[str, float] = {}
         self.estimator: str | None = None
@@ -484,8 +482,7 @@ class _Call:
 
     def remaining(self, timeout_s: float | None = None) -> float:
         """Seconds left of the request's one deadline (and of `timeout_s` from its arrival, if given)."""
-        limit = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
-        return limit - (time.perf_counter() - self.arrived)
+        return self.deadline.within(timeout_s).remaining()
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -496,20 +493,8 @@ class _Call:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
 
     async def off_loop(self, fn: Callable[[], Any], size: int) -> Any:
-        """fn() in a worker thread when `size` makes it worth it (`runtime.INLINE_LIMIT`), under the
-        deadline. A thread cannot be stopped: past the deadline it finishes on its own and the lease
-        keeps its bytes (still in use) until it does."""
-        from .runtime import INLINE_LIMIT
-
-        if size < INLINE_LIMIT:
-            return fn()
-        future = asyncio.get_running_loop().run_in_executor(self.door.decoder, fn)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout=max(self.remaining(), 0.0))
-        except asyncio.TimeoutError:
-            self.lease.keep_until(future)
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise DeadlineExceeded("no result within the deadline (decoding the request)") from None
+        """`runtime.Deadline.off_loop` on the door's decode thread, the lease kept until it finishes."""
+        return await self.deadline.off_loop(fn, size, self.lease, executor=self.door.decoder)
 
     async def charge(self, work: Any, timeout_s: float | None = None) -> None:
         """Bring the call's compute charge to `runtime.compute_bytes(work)` (the charge HTTP makes,

@@ -330,16 +330,18 @@ class Deadline:
                 if pending is not None and not pending.done():
                     pending.cancel()
 
-    async def off_loop(self, fn: Callable[[], Any], size: int, lease: Lease | None = None) -> Any:
-        """`off_loop(fn, size)` against the deadline: in a worker thread (when `size` is worth the hop),
-        DeadlineExceeded when the deadline passes first. The thread cannot be stopped: it finishes on
-        its own, and `lease` keeps its bytes (still in use) until it does."""
+    async def off_loop(self, fn: Callable[[], Any], size: int, lease: Lease | None = None,
+                       executor: concurrent.futures.Executor | None = None) -> Any:
+        """`off_loop(fn, size)` against the deadline: in a worker thread of `executor` (default: the
+        loop's) when `size` is worth the hop, DeadlineExceeded when the deadline passes first. The
+        thread cannot be stopped: it finishes on its own, and `lease` keeps its bytes (still in use)
+        until it does."""
         self.check()
         if size < INLINE_LIMIT:
             result = fn()
             self.check()
             return result
-        future = asyncio.get_running_loop().run_in_executor(None, _without_traceback, fn)
+        future = asyncio.get_running_loop().run_in_executor(executor, _without_traceback, fn)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(self.remaining(), 0.0))
         except asyncio.TimeoutError:
