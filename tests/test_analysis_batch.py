@@ -488,3 +488,15 @@ def test_metrics_count_the_analysis_endpoint():
         assert server.problems() == []
     finally:
         server.stop()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(batch=batches(), kind=st.sampled_from(TRANSPORTS), dtype=st.sampled_from(["float32", "float64"]))
+def test_every_transport_gives_the_in_process_document_on_random_batches(analysis_server, batch, kind, dtype):
+    """/v1/analysis (JSON and binary) and gRPC Analyze are the in-process analyze, number for number,
+    on scattered ragged batches (the transport-equivalence property of the advantage and loss
+    endpoints, for the analysis)."""
+    expected = advserve.analyze(dtype=dtype, **batch)
+    with make_client(analysis_server, kind) as client:
+        assert client.analyze(dtype=dtype, **batch) == expected
