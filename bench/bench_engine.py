@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 import advserve
-from advserve.cli import tune_allocator
+from advserve.runtime import tune_allocator
 from advserve.functional import scan
 from advserve.testing import cpu_model, wait_for_quiet
 
@@ -105,7 +105,7 @@ def machine(tuned: bool, requested: bool) -> dict[str, Any]:
         "torch_num_threads": torch.get_num_threads(),
         "numpy": np.__version__,
         "advserve": advserve.__version__,
-        "allocator": ("glibc, tuned by advserve.cli.tune_allocator() (mallopt M_MMAP_THRESHOLD 1 GiB, "
+        "allocator": ("glibc, tuned by advserve.runtime.tune_allocator() (mallopt M_MMAP_THRESHOLD 1 GiB, "
                       "M_TRIM_THRESHOLD raised), as the server does at start") if tuned else
                      ("glibc defaults (--no-tune-allocator)" if not requested
                       else "defaults (tune_allocator() returned False: not glibc?)"),

@@ -65,7 +65,7 @@ def echo_verdict(ratio: float, batch: int, length: int) -> str:
     if (batch, length) != ECHO_TARGET_SIZE:
         verdict += f"; the target is for {ECHO_TARGET_SIZE[0]}x{ECHO_TARGET_SIZE[1]}, this run is {batch}x{length}"
     return verdict
-# the allocator setting advserve applies to itself at start (advserve.cli.tune_allocator), given to the
+# the allocator setting advserve applies to itself at start (advserve.runtime.tune_allocator), given to the
 # echo server too so that both servers pay the same page-fault costs for large bodies
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
 

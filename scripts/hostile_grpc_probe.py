@@ -14,7 +14,7 @@ Scenarios (each starts its own server on free loopback ports, --auth-token and -
 - port:      a second server on the first one's gRPC port (item 6);
 - fuzz:      --calls corruptions of a valid request on each compute method: no INTERNAL, no traceback;
 - cost:      memory per message byte while grpc receives a message and while it is decoded (the
-             measurement behind grpc_server.RECEIVE_COST).
+             measurement behind transports.grpc_door.RECEIVE_COST).
 
 Each burst prints the calls' status codes (with the advserve-error-code metadata when present), the
 server's RSS before, its peak (VmHWM) and after, the burst's wall time, and what a well-behaved
@@ -305,7 +305,7 @@ def cost_receive(args) -> None:
 
 def cost_decode(args) -> None:
     """Memory of the bytes, the parsed message and the tensors of a ComputeLossesRequest."""
-    from advserve.grpc_server import _torch
+    from advserve.transports.grpc_door import _torch
     from advserve_client._pb import advserve_pb2 as pb
 
     raw = losses_request(args.mib)

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import advserve
 from advserve import errors as domain_errors
-from advserve.grpc_server import _abort
-from advserve.rest import _error_response
+from advserve.transports.grpc_door import _abort
+from advserve.transports.http_door import _error_response
 from advserve_client import framing, protocol
 from advserve_client._pb import advserve_pb2 as pb
 from advserve_client._pb import advserve_pb2_grpc as pb_grpc

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import advserve
-from advserve.rest import _failure_response, _error_response
+from advserve.transports.http_door import _failure_response, _error_response
 from advserve_client import framing
 from conftest import RunningServer
 

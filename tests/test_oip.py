@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 import advserve
 from advserve import errors as domain_errors
 from advserve._oip_pb import grpc_service_pb2 as oip_pb
-from advserve.oip.rest import oip_error_response
+from advserve.transports.http_door import oip_error_response
 from conftest import RunningServer
 
 TRANSPORTS = ["http-binary", "http-json", "grpc"]

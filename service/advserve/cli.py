@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
@@ -14,24 +11,6 @@ from pathlib import Path
 
 from . import __version__
 from .config import Settings, env_name, parse_value, setting_fields
-
-# glibc mallopt parameters: keep large tensors' memory instead of mmap/munmap on every call, which
-# costs page faults worth several times the compute at [256, 4096] (design/anchors-performance.md A.3).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_allocator() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; False where that is not glibc."""
-    path = ctypes.util.find_library("c")
-    if not path:
-        return False
-    try:
-        libc = ctypes.CDLL(path)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
-    except (OSError, AttributeError):
-        return False
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advserve", description="advserve: advantages, losses and their gradients "
@@ -127,92 +106,10 @@ def configure_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one runtime (engine, compute thread,
-    admission, metrics). SIGTERM or SIGINT: readiness turns false (503 on /health/ready, NOT_SERVING on
-    gRPC health), new work is refused, every accepted request is completed and answered (at most
-    --shutdown-grace-s), then both servers stop."""
-    import ssl
-
-    import uvicorn
-    from grpc_health.v1 import health_pb2
-
-    from .errors import AdvserveError
-    from .grpc_server import HEALTH_NAMES, start_grpc_server
-    from .rest import create_app, guarded_protocol
-    from .runtime import Runtime
+    from .server import serve as serve_forever  # torch, FastAPI and grpc load only for `serve`
 
     configure_logging(settings)
-    log = logging.getLogger("advserve")
-    tune_allocator()
-    try:
-        runtime = Runtime.build(settings)
-    except AdvserveError as exc:
-        sys.exit(f"advserve: {exc.message}")
-    app = create_app(runtime)
-
-    class Server(uvicorn.Server):
-        """uvicorn whose first exit signal drains instead of stopping at once."""
-
-        drain_requested: asyncio.Event
-
-        def handle_exit(self, sig, frame) -> None:
-            if self.drain_requested.is_set():  # a second signal: stop now
-                super().handle_exit(sig, frame)
-            else:
-                self.loop.call_soon_threadsafe(self.drain_requested.set)
-
-    async def run() -> None:
-        try:
-            grpc_server, health, grpc_port = await start_grpc_server(runtime)
-        except (OSError, RuntimeError) as exc:
-            sys.exit(f"advserve: cannot start gRPC on {settings.host}:{settings.grpc_port}: {exc}")
-        if settings.metrics_port:  # plain HTTP without auth: loopback only, whatever --host says
-            from prometheus_client import start_http_server
-
-            try:
-                start_http_server(settings.metrics_port, addr="127.0.0.1", registry=runtime.metrics.registry)
-            except OSError as exc:
-                sys.exit(f"advserve: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: {exc}")
-        tls = {}
-        if settings.tls_cert:
-            tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
-            if settings.tls_client_ca:
-                tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
-                                access_log=False, log_config=None, timeout_graceful_shutdown=5,
-                                http=guarded_protocol(settings), **tls)
-        server = Server(config)
-        server.loop = asyncio.get_running_loop()
-        server.drain_requested = asyncio.Event()
-
-        async def drain_on_signal() -> None:
-            await server.drain_requested.wait()
-            log.info("shutting down: readiness off, finishing accepted requests (up to %.0f s)",
-                     settings.shutdown_grace_s)
-            for name in HEALTH_NAMES:
-                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            finished = await runtime.drain(settings.shutdown_grace_s)
-            log.info("drained: %s", "every accepted request answered" if finished else "grace period over")
-            server.should_exit = True
-
-        drainer = asyncio.create_task(drain_on_signal())
-        trimmer = (asyncio.create_task(runtime.trim_memory_when_idle(settings.memory_trim_idle_s))
-                   if settings.memory_trim_idle_s > 0 else None)
-        scheme = "https" if settings.tls_cert else "http"
-        log.info("engine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
-                 runtime.engine.device, scheme, settings.host, settings.http_port, settings.host, grpc_port,
-                 " (TLS)" if settings.tls_cert else "", settings.admission_bytes,
-                 "on" if settings.auth_token else "off")
-        try:
-            await server.serve()
-        finally:
-            drainer.cancel()
-            if trimmer is not None:
-                trimmer.cancel()
-            await grpc_server.stop(grace=5)
-            runtime.close()
-
-    asyncio.run(run())
+    serve_forever(settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -500,3 +500,21 @@ class Runtime:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+# glibc mallopt parameters: keep large tensors' memory instead of mmap/munmap on every call, which
+# costs page faults worth several times the compute at [256, 4096] (design/anchors-performance.md A.3).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; False where that is not glibc."""
+    path = ctypes.util.find_library("c")
+    if not path:
+        return False
+    try:
+        libc = ctypes.CDLL(path)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False

@@ -9,7 +9,7 @@ API has as fields: "preset", "dtype", "layout", the estimator's parameters by na
 "kl_coef", ...), and for "losses" the terms' parameters as "<term>.<param>" ("policy_loss.clip_high",
 "kl_loss.coef") with "<term>" true/false switching a term on or off. docs/oip.md is the reference.
 
-The transports (`oip.rest`, `oip.grpc_server`) parse their wire into `InferRequest`, call
+The transports (`transports.oip_rest`, `transports.oip_grpc`) parse their wire into `InferRequest`, call
 `OipService.prepare`, `compute` and `respond`, and encode the `InferResponse`; errors are the
 engine's `AdvserveError`s with fields renamed to the protocol's words (`inputs.<name>`,
 `parameters.<name>`), so one message reads the same on both transports.

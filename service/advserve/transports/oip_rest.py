@@ -30,34 +30,18 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ..errors import STATUS, AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable, error_message
+from ..errors import AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable
 from ..observability import REQUEST_ID_HEADER, error_body_message, request_id, server_timing
+from ..oip.core import InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
+from ..oip.tensors import from_json, from_raw
 from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, charge_compute, watch_disconnect
-from .core import MODEL_VERSION, InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
-from .tensors import from_json, from_raw
+from .http_door import JSONResponse, _failure_response, oip_error_response
 
 log = logging.getLogger("advserve.oip")
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 TRANSPORT = "oip_http"
 REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
-
-
-def is_oip_path(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
-
-
-class _JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def oip_error_response(error: AdvserveError) -> Response:
-    """The protocol's error: `{"error": "..."}` with the status of errors.STATUS (and Retry-After)."""
-    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
-    return _JSON({"error": error_message(error)}, status_code=STATUS.get(error.code, (500, ""))[0], headers=headers)
 
 
 # --- the wire -------------------------------------------------------------------------------------
@@ -285,31 +269,31 @@ _INFER_200 = {200: {"description": "the outputs", "content": {
     BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
+def add_routes(app: FastAPI, runtime: Runtime) -> None:
     """Mount the /v2 routes on `app` over `runtime`."""
     service = OipService(runtime.engine, runtime.scheduler)
     settings = runtime.settings
     tags = ["oip"]
 
-    @app.get("/v2", tags=tags, responses={200: {"content": _OBJECT}, **_ERRORS}, response_class=_JSON)
+    @app.get("/v2", tags=tags, responses={200: {"content": _OBJECT}, **_ERRORS}, response_class=JSONResponse)
     async def server_metadata():
         """Server metadata (Open Inference Protocol): name, version, extensions."""
-        return _JSON(service.server_metadata())
+        return JSONResponse(service.server_metadata())
 
-    @app.get("/v2/health/live", tags=tags, responses={200: {"content": _OBJECT}}, response_class=_JSON)
+    @app.get("/v2/health/live", tags=tags, responses={200: {"content": _OBJECT}}, response_class=JSONResponse)
     async def server_live():
-        return _JSON({"live": True})
+        return JSONResponse({"live": True})
 
     @app.get("/v2/health/ready", tags=tags, responses={200: {"content": _OBJECT}, 503: _ERRORS[503]},
-             response_class=_JSON)
+             response_class=JSONResponse)
     async def server_ready():
         if not runtime.ready:
             return oip_error_response(Unavailable("the server is shutting down"))
-        return _JSON({"ready": True})
+        return JSONResponse({"ready": True})
 
     def metadata(model_name: str, version: str) -> Response:
         try:
-            return _JSON(service.model(model_name, version).metadata())
+            return JSONResponse(service.model(model_name, version).metadata())
         except AdvserveError as exc:
             return oip_error_response(exc)
 
@@ -320,9 +304,9 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                 raise Unavailable("the server is shutting down")
         except AdvserveError as exc:
             return oip_error_response(exc)
-        return _JSON({"name": model_name, "ready": True})
+        return JSONResponse({"name": model_name, "ready": True})
 
-    documented = {"tags": tags, "responses": {200: {"content": _OBJECT}, **_ERRORS}, "response_class": _JSON}
+    documented = {"tags": tags, "responses": {200: {"content": _OBJECT}, **_ERRORS}, "response_class": JSONResponse}
     versioned = {**documented, "include_in_schema": False}  # the same operations with /versions/1
 
     @app.get("/v2/models/{model_name}", summary="Model metadata", **documented)
@@ -358,7 +342,6 @@ def add_oip_routes(app: FastAPI, runtime: Runtime) -> None:
                                            "health, metadata and inference endpoints only (docs/oip.md)", field="path"))
 
     async def serve_infer(request: Request, model_name: str, version: str) -> Response:
-        from ..rest import _failure_response  # (the one mapping of failures to answers; rest imports this module)
 
         arrived = time.perf_counter()
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
@@ -417,4 +400,4 @@ def _result_tensors(result: Any) -> list:
     return [t for t in (getattr(result, name, None) for name in names) if t is not None]
 
 
-__all__ = ["MODEL_VERSION", "add_oip_routes", "is_oip_path", "oip_error_response"]
+__all__ = ["add_routes"]

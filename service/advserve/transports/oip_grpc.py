@@ -6,8 +6,8 @@ Inputs come in `raw_input_contents` (one entry per input, as the stock clients s
 typed `contents`; outputs always go out in `raw_output_contents`, the only place the stock
 tritonclient reads them. Parameters are read from whichever InferParameter field holds them. Errors
 end the call with the status of `errors.STATUS` and the message "<field>: <message>", like the
-native service (`grpc_server._abort`). Every method passes the native service's door (auth before the
-message is read, admission before it is parsed, one deadline: `grpc_server` module docstring).
+native service (`grpc_door._abort`). Every method passes the native service's door (auth before the
+message is read, admission before it is parsed, one deadline: `grpc_door` module docstring).
 ServerLive and ServerReady need no token (health, like the gRPC health service) and are answered
 without reading their (empty) request; the other methods need it.
 """
@@ -22,10 +22,10 @@ import grpc
 
 from .._oip_pb import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
-from ..grpc_server import Door, _Call
+from ..oip.core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
+from ..oip.tensors import from_bytes_list, from_json, from_raw
 from ..runtime import Runtime
-from .core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
-from .tensors import from_bytes_list, from_json, from_raw
+from .grpc_door import Door, _Call
 
 log = logging.getLogger("advserve.oip")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -109,7 +109,7 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
 
 class OipServicer:
     """The methods of inference.GRPCInferenceService: each converts and delegates (`handlers`
-    registers them, every one behind the native service's door, `grpc_server.Door`)."""
+    registers them, every one behind the native service's door, `grpc_door.Door`)."""
 
     def __init__(self, runtime: Runtime, service: OipService):
         self.runtime = runtime
@@ -166,7 +166,7 @@ class OipServicer:
             return response_to_pb(self.service.respond(prepared, result))
 
 
-def add_oip_servicer(runtime: Runtime, server: grpc.aio.Server, door: Door) -> None:
+def add_servicer(runtime: Runtime, server: grpc.aio.Server, door: Door) -> None:
     """Register the OIP service on `server` (the native gRPC server), behind `door`."""
     service = OipService(runtime.engine, runtime.scheduler)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(

@@ -1,11 +1,5 @@
-"""gRPC transport (grpc.aio): the Advserve service of proto/advserve/v1/advserve.proto, the standard
-health service and server reflection, on the same engine, compute thread and admission as REST.
-
-Each method only converts: proto -> the REST document (`advserve_client.protocol`) -> the domain
-request -> the engine, and back. Errors map through `errors.STATUS`, the table REST uses.
-
-Before any of that, the door (`Door`, `AuthGate`), shared with the Open Inference Protocol's service
-(advserve.oip.grpc_server), in this order:
+"""The gRPC door (grpc.aio), shared by the native Advserve service (`native_grpc`) and the Open
+Inference Protocol's (`oip_grpc`): every call passes it, in this order:
 
 1. the bearer token, from the call's metadata, before a byte of the message is read: a call without it
    is answered UNAUTHENTICATED and its message is never read (grpc.health.v1 and OIP's ServerLive /
@@ -24,10 +18,10 @@ Before any of that, the door (`Door`, `AuthGate`), shared with the Open Inferenc
    decoding, queue, compute and encoding: --request-timeout-s or the caller's shorter deadline);
    bytes that are not the method's message are INVALID_ARGUMENT naming field "body", never INTERNAL.
 
-A busy port is an error at start (no SO_REUSEPORT: no second server can silently share the port);
-calls in progress are capped (--grpc-max-concurrent-rpcs) and so are streams per connection
-(--grpc-max-concurrent-streams). An unread stream holds at most grpc's 64 KiB flow-control window
-(BDP probing, which would grow it to megabytes, is off).
+Errors end the call with the status of `errors.STATUS` (`_abort`). Calls in progress are capped
+(--grpc-max-concurrent-rpcs) and so are streams per connection (--grpc-max-concurrent-streams). An
+unread stream holds at most grpc's 64 KiB flow-control window (BDP probing, which would grow it to
+megabytes, is off). The server itself is assembled in `advserve.server`.
 """
 
 from __future__ import annotations
@@ -42,24 +36,20 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from advserve_client import protocol
 from advserve_client._pb import advserve_pb2
 from advserve_client.framing import FramingError, RawTensor
 
-from .analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from .errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
+from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
                      RequestTimeout, Unavailable, error_message)
-from .model import AdvantageRequest, LossRequest
-from .observability import REQUEST_ID_HEADER, enum_field_name, request_id, server_timing
-from .runtime import COMPUTED, Lease, Runtime
-from .wire import raw_to_torch, torch_to_raw
+from ..observability import REQUEST_ID_HEADER, enum_field_name, request_id, server_timing
+from ..runtime import COMPUTED, Lease, Runtime
+from ..wire import raw_to_torch
 
 log = logging.getLogger("advserve.grpc")
 SERVICE = advserve_pb2.DESCRIPTOR.services_by_name["Advserve"].full_name
-OIP_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol (advserve.oip.grpc_server)
+OIP_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol (transports.oip_grpc)
 HEALTH_NAMES = ("", SERVICE, OIP_SERVICE)  # the names the health service reports
 # methods open without the token: health (the gRPC health service, OIP's liveness and readiness)
 OPEN_METHODS = frozenset({f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch",
@@ -401,69 +391,6 @@ def _domain_error(exc: Exception, call: "_Call") -> AdvserveError:
     return AdvserveError("internal error")
 
 
-class AdvserveServicer:
-    """The methods of advserve.v1.Advserve: each converts and delegates (`handlers` registers them)."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-        self.engine = runtime.engine
-        self.scheduler = runtime.scheduler
-
-    def handlers(self, door: Door) -> dict[str, grpc.RpcMethodHandler]:
-        return {
-            "ComputeAdvantages": door.unary(advserve_pb2.ComputeAdvantagesRequest, self._advantages,
-                                           endpoint="advantages"),
-            "ComputeLosses": door.unary(advserve_pb2.ComputeLossesRequest, self._losses, endpoint="losses"),
-            "ListEstimators": door.unary(advserve_pb2.ListEstimatorsRequest, self._catalog, endpoint="estimators"),
-            "Analyze": door.unary(advserve_pb2.AnalyzeRequest, self._analysis, endpoint="analysis"),
-        }
-
-    async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: "_Call"):
-        document, raw = protocol.advantages_request_from_pb(request)
-        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
-                                  params=document.get("params"), dtype=document.get("dtype"),
-                                  layout=document.get("layout"))
-        await call.charge(domain)  # its shapes known: its compute charged before it is validated
-        prepared = self.engine.prepare_advantages(domain)
-        call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
-        with call.phase("encode"):
-            return protocol.advantages_response_to_pb(
-                {"params": result.params, "stats": result.stats},
-                {"advantages": torch_to_raw(result.advantages), "returns": torch_to_raw(result.returns)})
-
-    async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: "_Call"):
-        document, raw = protocol.losses_request_from_pb(request)
-        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        tensors = _torch(raw)
-        domain = LossRequest(tensors=tensors, **document)
-        mask = tensors.get("response_mask")
-        call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
-        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)), work=domain)
-        grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-                 "grad_entropy": result.grad_entropy}
-        with call.phase("encode"):
-            return protocol.losses_response_to_pb(
-                {"loss": result.loss, "components": result.components, "metrics": result.metrics,
-                 "params": result.params},
-                {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
-
-    async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: "_Call"):
-        document, raw = protocol.analyze_request_from_pb(request)
-        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        domain = AnalysisRequest(tensors=_torch(raw), **document)
-        await call.charge(domain)  # its shapes known: its compute charged before it is validated
-        prepared = prepare_analysis(self.engine, domain)
-        call.batch = tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)), work=prepared)
-        with call.phase("encode"):
-            return protocol.analyze_response_to_pb(result)
-
-    async def _catalog(self, request, call: "_Call"):
-        return catalog_to_pb(self.engine.catalog())
-
-
 class _Call:
     """The state of one gRPC call: its request id, admission lease, deadline, timings, and what the
     metrics need."""
@@ -550,62 +477,3 @@ async def _abort(context: grpc.aio.ServicerContext, error: AdvserveError) -> Non
     if isinstance(error, Unavailable):
         metadata.append(("retry-after", str(max(1, round(error.retry_after_s)))))
     await context.abort(grpc.StatusCode[code_name], error_message(error), trailing_metadata=tuple(metadata))
-
-
-def catalog_to_pb(catalog: dict[str, Any]) -> advserve_pb2.ListEstimatorsResponse:
-    from google.protobuf import json_format, struct_pb2
-
-    response = advserve_pb2.ListEstimatorsResponse(
-        default_preset=protocol.name_to_enum("preset", catalog["default_preset"]))
-    json_format.ParseDict(catalog, response.catalog)
-    for entry in catalog["estimators"]:
-        info = response.estimators.add(
-            estimator=protocol.name_to_enum("estimator", entry["name"]), name=entry["name"], summary=entry["summary"],
-            formula=entry["formula"], reference=entry["reference"],
-            required_tensors=entry["tensors"]["required"], optional_tensors=entry["tensors"]["optional"],
-            reward_tensors=entry["tensors"]["one_of"])
-        for name, spec in entry["params"].items():
-            info.params.add(name=name, type=spec["type"], doc=spec["doc"], nullable=spec["nullable"],
-                            choices=[str(c) for c in spec.get("choices", [])])
-        for preset, defaults in entry["presets"].items():
-            item = info.presets.add(preset=protocol.name_to_enum("preset", preset), available="defaults" in defaults,
-                                    unavailable_hint=defaults.get("unavailable", ""))
-            for key, value in defaults.get("defaults", {}).items():
-                item.defaults[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
-    return response
-
-
-async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """Start the gRPC server on settings.host:settings.grpc_port (TLS and mTLS as configured), every
-    method behind the door (module docstring); returns (server, health servicer, bound port). A port
-    in use raises OSError."""
-    settings = runtime.settings
-    door = Door(runtime)
-    server = grpc.aio.server(
-        interceptors=[AuthGate(door)],
-        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive, settings.grpc_max_concurrent_streams),
-        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        SERVICE, AdvserveServicer(runtime).handlers(door))])
-    from .oip.grpc_server import add_oip_servicer  # imports this module
-
-    add_oip_servicer(runtime, server, door)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.grpc_port}"
-    if settings.tls_cert:
-        with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
-            pair = (key.read(), cert.read())
-        client_ca = open(settings.tls_client_ca, "rb").read() if settings.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
-                                                  require_client_auth=client_ca is not None)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-    await server.start()
-    for name in HEALTH_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, health_servicer, port

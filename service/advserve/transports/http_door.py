@@ -1,0 +1,362 @@
+"""The HTTP door, shared by the native REST API (`rest`) and the Open Inference Protocol's (`oip_rest`):
+the admission middleware (`AdmissionControl`: auth, drain, body limits, admission, deadlines), the
+connection guard (`guarded_protocol`) and the one mapping of failures to answers in each API's error
+shape (`{"error": {"code", "message", "field"}}` on /v1, `{"error": "..."}` on /v2)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import mmap
+import re
+from typing import Any, Callable
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH
+
+from ..config import Settings
+from ..errors import (STATUS, AdvserveError, InvalidArgument, PayloadTooLarge, RequestTimeout, Unavailable,
+                      error_message)
+from ..runtime import JSON_DECODE_COST, Abandoned, Deadline, Lease, Runtime
+
+log = logging.getLogger("advserve")
+
+
+def is_binary(headers) -> bool:
+    """Whether a /v1 request is binary-framed (docs/binary-framing.md, section 1)."""
+    return HEADER_LENGTH.lower() in headers or headers.get("content-type", "").lower().startswith(CONTENT_TYPE)
+
+
+def is_oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _orjson_dumps(document: Any) -> bytes:
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _error_response(error: AdvserveError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
+    return JSONResponse({"error": error.to_dict()}, status_code=STATUS.get(error.code, (500, ""))[0], headers=headers)
+
+
+_UNION_MEMBER = re.compile(r"^(dict|list|bool|int|float|str|none)(\[.*\])?$")
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
+    from ..hints import field_hint  # where a misplaced top-level field (a parameter, a tensor) belongs
+
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # a union's member ("policy_loss.dict[str,any]") is no field: the field is where the union is
+    location = list(itertools.takewhile(lambda part: not _UNION_MEMBER.match(part), location))
+    field = ".".join(location) or None
+    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    kind = {"AdvantagesBody": "advantages", "LossesBody": "losses", "AnalysisBody": "analysis"}.get(
+        getattr(exc, "title", None))
+    hint = field_hint(location[0], kind) if first.get("type") == "extra_forbidden" and len(location) == 1 else None
+    if hint is not None:
+        message = f"{field}: not a request field; {hint}"
+    return _error_response(InvalidArgument(message, field=field))
+
+
+def oip_error_response(error: AdvserveError) -> Response:
+    """The protocol's error: `{"error": "..."}` with the status of errors.STATUS (and Retry-After)."""
+    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if isinstance(error, Unavailable) else None
+    return JSONResponse({"error": error_message(error)}, status_code=STATUS.get(error.code, (500, ""))[0],
+                        headers=headers)
+
+
+def _failure_response(exc: BaseException, endpoint: str, rid: str, error_response) -> tuple[Response, str, str]:
+    """(response, status, error code) of a request that failed with `exc`: a domain error as the table
+    says; a pydantic validation error 400; input nested too deeply for a parser (RecursionError) 400 on
+    the body; MemoryError 413 on the body (the request needs more memory than the server has); the
+    caller gone 499 (nothing is sent); anything else is a bug: logged with the request id, 500."""
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return _validation_error(exc), "400", "invalid_argument"
+    if isinstance(exc, RecursionError):
+        exc = InvalidArgument("the request is nested too deeply to parse", field="body")
+    elif isinstance(exc, MemoryError):
+        exc = PayloadTooLarge("the request needs more memory than the server can give it; send a smaller batch",
+                              field="body")
+    if isinstance(exc, AdvserveError):
+        return error_response(exc), str(STATUS.get(exc.code, (500,))[0]), exc.code
+    if isinstance(exc, (ClientDisconnect, Abandoned)):  # the caller went away: nothing to answer, not a bug
+        return Response(status_code=499), "499", "client_disconnected"
+    log.error("internal error on %s (request id %s)", endpoint, rid, exc_info=exc)
+    return error_response(AdvserveError("internal error")), "500", "internal"
+
+
+# --- admission ----------------------------------------------------------------------------------
+
+
+class AdmissionControl:
+    """ASGI middleware, the door: bearer-token auth on everything but /health/* and /v2/health/* (401),
+    then on POST /v1/* and /v2/* (the Open Inference Protocol): refusal while draining (503), and the
+    body, read here, in full, before the application runs:
+
+    - a declared Content-Length over the body limit (binary and JSON have their own) or over the
+      admission capacity: 413 at once; over the capacity free now: 503 + Retry-After at once. Nothing
+      is reserved on the declared length: bytes are admitted as they arrive (a chunk that does not
+      fit: 503), so a connection that declares much and sends little holds only what it sent. A JSON
+      body is charged JSON_DECODE_COST times its length (parsing it costs that), once it is in; once
+      decoded (B·T known), the route charges the memory to compute it (`runtime.charge_compute`, as
+      gRPC does) before queueing it: 413 if body and compute could never fit, 503 + Retry-After at
+      once if not now (HTTP has no admission line to wait in);
+    - nothing for --body-idle-timeout-s between two chunks, or the body not complete within
+      --request-timeout-s of the request's arrival: 408 request_timeout;
+    - a response that leaves part of a body unread closes the connection (Connection: close).
+
+    The body (bytes, or a memoryview of one anonymous mapping for a large declared length: no copy,
+    its pages touched only as bytes arrive), the request's `Deadline` and its admission `Lease` are
+    handed to the routes in the ASGI scope ("advserve.body", "advserve.deadline", "advserve.lease");
+    the lease is released once the response has been sent (or, when a worker thread abandoned at the
+    deadline still uses the bytes, once it ends). A request turned away here costs no compute. Errors
+    on /v2 paths have the protocol's body, {"error": "..."}."""
+
+    def __init__(self, app: Callable, runtime: Runtime):
+        self.app = app
+        self.runtime = runtime
+        self.admission = runtime.admission
+        self.max_body_bytes = runtime.settings.max_body_bytes
+        self.max_json_bytes = runtime.settings.max_json_bytes
+        self.idle_timeout_s = runtime.settings.body_idle_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        oip = is_oip_path(scope["path"])
+        transport, error_response = ("oip_http", oip_error_response) if oip else ("http", _error_response)
+        compute = scope["method"] == "POST" and (scope["path"].startswith("/v1/") or oip)
+
+        async def refuse(error: AdvserveError, close: bool) -> None:
+            self.runtime.metrics.rejections.labels(transport, error.code).inc()
+            response = error_response(error)
+            if close:  # the rest of the body is not worth reading
+                response.headers["connection"] = "close"
+            await response(scope, receive, send)
+
+        try:
+            if not scope["path"].startswith(("/health/", "/v2/health/")):
+                self.runtime.authenticate(headers.get("authorization"))
+            if compute and self.runtime.draining:
+                raise Unavailable("the server is shutting down; retry on another instance")
+        except AdvserveError as error:
+            return await refuse(error, close=compute)
+        if not compute:
+            return await self.app(scope, receive, send)
+        # binary as each endpoint parses it: /v2 only with Triton's header-length header (a JSON body
+        # under an octet-stream Content-Type is still JSON, and gets the JSON limit)
+        binary = HEADER_LENGTH.lower() in headers if oip else is_binary(headers)
+        limit = self.max_body_bytes if binary else self.max_json_bytes
+        kind = "binary" if binary else "JSON (use the binary framing for large batches)"
+        declared_text = headers.get("content-length", "")
+        declared = int(declared_text) if declared_text.isascii() and declared_text.isdigit() else None
+        deadline = self.runtime.deadline()
+        lease = self.admission.lease()
+        replay: _Replay | None = None
+        try:
+            with self.runtime.serving():
+                try:
+                    if declared is not None:
+                        if declared > limit:
+                            raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes",
+                                                  field="body")
+                        if not binary:
+                            self._check_json(declared)
+                        self.admission.check(declared * (1 if binary else JSON_DECODE_COST))
+                except AdvserveError as error:  # nothing read yet: a short body is drained, keeping the connection
+                    return await refuse(error, close=declared is None or declared > _DRAINED_REST)
+                try:
+                    body = await self._read_body(receive, declared, limit, kind, lease, deadline)
+                except AdvserveError as error:  # part of the body read: the rest is not worth waiting for
+                    return await refuse(error, close=True)
+                except ClientDisconnect:
+                    return
+                try:
+                    if not binary:  # what parsing it will cost (Python lists), before it is parsed
+                        self._check_json(len(body))
+                        lease.grow((JSON_DECODE_COST - 1) * len(body))
+                except AdvserveError as error:
+                    return await refuse(error, close=False)
+                scope.update({"advserve.body": body, "advserve.deadline": deadline, "advserve.lease": lease,
+                              "advserve.receive": receive})
+                replay = _Replay(body, receive)
+                del body
+                await self.app(scope, replay, send)
+        except Unavailable as error:  # draining began between the check and `serving`
+            await refuse(error, close=True)
+        finally:
+            # the body leaves with the request: uvicorn keeps the scope until the connection's next request,
+            # and the scope is in reference cycles (its receive is the connection's), freed only by the GC
+            for key in _SCOPE_KEYS:
+                scope.pop(key, None)
+            if replay is not None:
+                replay.body = None
+            lease.close()
+
+    def _check_json(self, nbytes: int) -> None:
+        """413 for a JSON body whose parsing could never fit the admission capacity."""
+        if nbytes * JSON_DECODE_COST > self.admission.capacity:
+            raise PayloadTooLarge(f"a JSON body of {nbytes} bytes takes {JSON_DECODE_COST} times that to parse, more "
+                                  f"than the server's admission capacity of {self.admission.capacity} bytes; use the "
+                                  "binary framing for large batches", field="body")
+
+    async def _read_body(self, receive, declared: int | None, limit: int, kind: str, lease: Lease,
+                         deadline: Deadline) -> bytes | memoryview:
+        """The whole body, each chunk admitted as it arrives, under the idle timeout and the deadline."""
+        mapped = mmap.mmap(-1, declared) if declared is not None and declared >= MAPPED_BODY_BYTES else None
+        try:
+            return await self._receive_into(receive, mapped, limit, kind, lease, deadline)
+        except BaseException:
+            if mapped is not None:
+                mapped.close()  # at once: a traceback's frames would keep the pages until the garbage collector runs
+            raise
+
+    async def _receive_into(self, receive, mapped: mmap.mmap | None, limit: int, kind: str, lease: Lease,
+                            deadline: Deadline) -> bytes | memoryview:
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            wait = min(self.idle_timeout_s, deadline.remaining())
+            if wait <= 0:
+                raise _body_timeout(deadline.timeout_s, "--request-timeout-s", seen)
+            try:
+                message = await _within(receive(), wait)
+            except asyncio.TimeoutError:
+                idle = deadline.remaining() > 0
+                raise _body_timeout(self.idle_timeout_s if idle else deadline.timeout_s,
+                                    "--body-idle-timeout-s" if idle else "--request-timeout-s", seen) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                if seen + len(chunk) > limit:
+                    raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
+                lease.grow(len(chunk))
+                if mapped is not None:
+                    mapped[seen:seen + len(chunk)] = chunk
+                else:
+                    chunks.append(chunk)
+                seen += len(chunk)
+            if not message.get("more_body", False):
+                break
+        if mapped is not None:
+            return memoryview(mapped)[:seen]
+        # joined in one synchronous step on the event loop: at most one body's transient copy at a time
+        # (a body under MAPPED_BODY_BYTES, or an upload without Content-Length)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+MAPPED_BODY_BYTES = 256 << 10  # a declared body at least this large is read into one anonymous mapping
+_DRAINED_REST = 64 << 10  # a refused body with at most this much declared is read and dropped (keep-alive)
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11: no task per wait
+
+
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, asyncio.TimeoutError after `seconds`."""
+    if _timeout is None:
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _timeout(seconds):
+        return await awaitable
+
+
+def _body_timeout(seconds: float, flag: str, seen: int) -> RequestTimeout:
+    return RequestTimeout(f"the request body did not arrive in time ({flag} {seconds:g}; {seen} bytes "
+                          f"received)", field="body")
+
+
+_SCOPE_KEYS = ("advserve.body", "advserve.deadline", "advserve.lease", "advserve.receive")
+
+
+class _Replay:
+    """The application's receive: the body already read (once, as one message), then the connection's
+    own messages (http.disconnect)."""
+
+    def __init__(self, body: bytes | memoryview, receive):
+        self.body, self.receive = body, receive
+
+    async def __call__(self):
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        return await self.receive()
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+_FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+
+
+def guarded_protocol(settings: Settings) -> type:
+    """uvicorn's HTTP/1.1 (h11) protocol with two bounds uvicorn lacks. uvicorn arms no timer on a new
+    connection, and any byte disarms its keep-alive timer, so a connection that never sends a request
+    (or trickles its headers) stays open for ever: here a connection must complete its request line
+    and headers within --header-timeout-s of opening or of its previous response, else it is closed
+    (the body then has its own timeouts, AdmissionControl's). And at most --max-connections are open
+    at once: past that, a new connection is answered 503 (Retry-After: 1) and closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout_s, most = settings.header_timeout_s, settings.max_connections
+    busy = orjson.dumps({"error": {"code": "overloaded", "message": f"more than {most} connections open; retry "
+                                   "later", "field": None}})
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            full = len(self.connections) >= most
+            super().connection_made(transport)
+            if full:
+                transport.write(_FULL % (len(busy), busy))
+                transport.close()
+                return
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            self._stop_header_timer()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
+
+        def _stop_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are in: its body has its own timeouts
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request started
+                self._await_headers()
+            else:
+                self._stop_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

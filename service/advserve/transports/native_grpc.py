@@ -1,0 +1,107 @@
+"""The native gRPC API: the Advserve service of proto/advserve/v1/advserve.proto. Each method only
+converts: proto -> the REST document (`advserve_client.protocol`) -> the domain request -> the engine,
+and back; the door (`grpc_door`) has already authenticated, admitted and parsed the message. Errors map
+through `errors.STATUS`, the table REST uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from advserve_client import protocol
+from advserve_client._pb import advserve_pb2
+
+from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
+from ..model import AdvantageRequest, LossRequest
+from ..runtime import Runtime
+from ..wire import torch_to_raw
+from .grpc_door import Door, _Call, _torch
+
+
+class AdvserveServicer:
+    """The methods of advserve.v1.Advserve: each converts and delegates (`handlers` registers them)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.scheduler = runtime.scheduler
+
+    def handlers(self, door: Door) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "ComputeAdvantages": door.unary(advserve_pb2.ComputeAdvantagesRequest, self._advantages,
+                                           endpoint="advantages"),
+            "ComputeLosses": door.unary(advserve_pb2.ComputeLossesRequest, self._losses, endpoint="losses"),
+            "ListEstimators": door.unary(advserve_pb2.ListEstimatorsRequest, self._catalog, endpoint="estimators"),
+            "Analyze": door.unary(advserve_pb2.AnalyzeRequest, self._analysis, endpoint="analysis"),
+        }
+
+    async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: _Call):
+        document, raw = protocol.advantages_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
+        domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
+                                  params=document.get("params"), dtype=document.get("dtype"),
+                                  layout=document.get("layout"))
+        await call.charge(domain)  # its shapes known: its compute charged before it is validated
+        prepared = self.engine.prepare_advantages(domain)
+        call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
+        result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
+        with call.phase("encode"):
+            return protocol.advantages_response_to_pb(
+                {"params": result.params, "stats": result.stats},
+                {"advantages": torch_to_raw(result.advantages), "returns": torch_to_raw(result.returns)})
+
+    async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: _Call):
+        document, raw = protocol.losses_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
+        tensors = _torch(raw)
+        domain = LossRequest(tensors=tensors, **document)
+        mask = tensors.get("response_mask")
+        call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
+        result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)), work=domain)
+        grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
+                 "grad_entropy": result.grad_entropy}
+        with call.phase("encode"):
+            return protocol.losses_response_to_pb(
+                {"loss": result.loss, "components": result.components, "metrics": result.metrics,
+                 "params": result.params},
+                {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
+
+    async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: _Call):
+        document, raw = protocol.analyze_request_from_pb(request)
+        del request  # converted: its copy of the tensors' bytes goes now, not after the compute
+        domain = AnalysisRequest(tensors=_torch(raw), **document)
+        await call.charge(domain)  # its shapes known: its compute charged before it is validated
+        prepared = prepare_analysis(self.engine, domain)
+        call.batch = tuple(prepared.batch.mask.shape)
+        result = await call.compute(self.scheduler.call(lambda: run_analysis(self.engine, prepared)), work=prepared)
+        with call.phase("encode"):
+            return protocol.analyze_response_to_pb(result)
+
+    async def _catalog(self, request, call: _Call):
+        return catalog_to_pb(self.engine.catalog())
+
+
+
+
+def catalog_to_pb(catalog: dict[str, Any]) -> advserve_pb2.ListEstimatorsResponse:
+    from google.protobuf import json_format, struct_pb2
+
+    response = advserve_pb2.ListEstimatorsResponse(
+        default_preset=protocol.name_to_enum("preset", catalog["default_preset"]))
+    json_format.ParseDict(catalog, response.catalog)
+    for entry in catalog["estimators"]:
+        info = response.estimators.add(
+            estimator=protocol.name_to_enum("estimator", entry["name"]), name=entry["name"], summary=entry["summary"],
+            formula=entry["formula"], reference=entry["reference"],
+            required_tensors=entry["tensors"]["required"], optional_tensors=entry["tensors"]["optional"],
+            reward_tensors=entry["tensors"]["one_of"])
+        for name, spec in entry["params"].items():
+            info.params.add(name=name, type=spec["type"], doc=spec["doc"], nullable=spec["nullable"],
+                            choices=[str(c) for c in spec.get("choices", [])])
+        for preset, defaults in entry["presets"].items():
+            item = info.presets.add(preset=protocol.name_to_enum("preset", preset), available="defaults" in defaults,
+                                    unavailable_hint=defaults.get("unavailable", ""))
+            for key, value in defaults.get("defaults", {}).items():
+                item.defaults[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
+    return response
