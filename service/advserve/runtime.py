@@ -13,6 +13,9 @@ import gc
 import hmac
 import logging
 import math
+import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -413,18 +416,26 @@ class Runtime:
     active: int = 0
     served: int = 0  # requests that entered `serving`, ever
     last_busy: float = field(default_factory=time.monotonic)
+    shared_dir: str = ""
+    """A private (0700) directory shared by every worker of one server (--workers: made by the supervisor,
+    which removes it at exit); a single process makes its own here, removed by `close`."""
     _idle: asyncio.Event | None = None
+    _owns_shared_dir: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        if not self.shared_dir:
+            self.shared_dir, self._owns_shared_dir = make_shared_dir(), True
         self.metrics = Metrics(queue_depth=lambda: self.scheduler.depth,
                                bytes_in_flight=lambda: self.admission.in_flight, in_progress=lambda: self.active)
 
     @classmethod
-    def build(cls, settings: Settings, engine: Engine | None = None) -> "Runtime":
+    def build(cls, settings: Settings, engine: Engine | None = None, shared_dir: str = "") -> "Runtime":
+        """The runtime of `settings`; `shared_dir`: the server's (a worker's), else one of its own."""
         engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
         scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
                               max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
-        return cls(settings, engine, scheduler, Admission(settings.admission_bytes, settings.max_tokens))
+        return cls(settings, engine, scheduler, Admission(settings.admission_bytes, settings.max_tokens),
+                   shared_dir=shared_dir)
 
     @property
     def ready(self) -> bool:
@@ -500,6 +511,15 @@ class Runtime:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self._owns_shared_dir:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
+
+
+def make_shared_dir() -> str:
+    """A new private directory (mode 0700, only this user) for what the processes of one server share."""
+    path = tempfile.mkdtemp(prefix=f"advserve-{os.getpid()}-")
+    os.chmod(path, 0o700)
+    return path
 
 
 # glibc mallopt parameters: keep large tensors' memory instead of mmap/munmap on every call, which
