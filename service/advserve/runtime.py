@@ -31,6 +31,7 @@ from .estimators import ESTIMATORS
 from .errors import DeadlineExceeded, Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
 from .observability import Metrics
 from .scheduler import Scheduler
+from .shm import Regions
 
 
 log = logging.getLogger("advserve")
@@ -425,6 +426,7 @@ class Runtime:
     def __post_init__(self):
         if not self.shared_dir:
             self.shared_dir, self._owns_shared_dir = make_shared_dir(), True
+        self.regions = Regions(self.shared_dir, device=self.engine.device)  # shared-memory tensors (shm.py)
         self.metrics = Metrics(queue_depth=lambda: self.scheduler.depth,
                                bytes_in_flight=lambda: self.admission.in_flight, in_progress=lambda: self.active)
 
