@@ -95,8 +95,8 @@ class Outputs:
     def __call__(self, value: RawTensor | np.ndarray | None) -> Any:
         if value is None:
             return None
-        array = value.to_numpy() if isinstance(value, RawTensor) else value
-        array = np.array(array, copy=True)  # own, writable memory (a decoded body is read-only bytes)
+        # own, writable memory: a decoded body is read-only bytes (other arrays are the client's own already)
+        array = np.array(value.to_numpy(), copy=True) if isinstance(value, RawTensor) else value
         if self.device is None:
             return array
         import torch

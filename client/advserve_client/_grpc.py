@@ -15,7 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from . import protocol
 from ._pb import advserve_pb2 as pb
 from ._pb import advserve_pb2_grpc as pb_grpc
-from .errors import AdvserveError, InvalidArgument, NotFound, error_from, parse_retry_after
+from .errors import AdvserveError, InvalidArgument, NotFound, error_from, parse_retry_after, region_error
 from .framing import RawTensor
 
 ADVANTAGES = "/v1/advantages"
@@ -264,6 +264,32 @@ def _as_int(value: Any) -> Any:
     return value
 
 
+# --- the Open Inference Protocol's shared-memory calls ----------------------------------------------
+
+OIP_SERVICE = "inference.GRPCInferenceService"
+
+
+def _pb_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _pb_string(number: int, text: str) -> bytes:
+    """A protobuf string field, encoded by hand: the client carries no OIP stubs for two small messages
+    (SystemSharedMemoryRegisterRequest {name = 1, key = 2, offset = 3, byte_size = 4} and
+    SystemSharedMemoryUnregisterRequest {name = 1}, proto/inference/grpc_service.proto)."""
+    data = text.encode()
+    return _pb_varint(number << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _pb_uint(number: int, value: int) -> bytes:
+    return _pb_varint(number << 3) + _pb_varint(value)
+
+
 # --- transports -----------------------------------------------------------------------------------
 
 
@@ -298,6 +324,22 @@ class GrpcTransport:
 
     def catalog(self) -> dict[str, Any]:
         return catalog(self._call(self._stub.ListEstimators, pb.ListEstimatorsRequest()))
+
+    def register_region(self, name: str, key: str, byte_size: int) -> None:
+        """Register the system shared-memory region `key` (all of its `byte_size` bytes) as `name`
+        (the Open Inference Protocol's SystemSharedMemoryRegister, on the same port)."""
+        request = _pb_string(1, name) + _pb_string(2, key) + _pb_uint(4, byte_size)  # offset (3): 0
+        self._region_call("SystemSharedMemoryRegister", request, f"registering {name!r} ({key})")
+
+    def unregister_region(self, name: str) -> None:
+        self._region_call("SystemSharedMemoryUnregister", _pb_string(1, name), f"unregistering {name!r}")
+
+    def _region_call(self, method: str, request: bytes, what: str) -> None:
+        call = self._channel.unary_unary(f"/{OIP_SERVICE}/{method}")  # bytes in, bytes out
+        try:
+            call(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise region_error(rpc_error(exc), what) from None
 
     def close(self) -> None:
         self._channel.close()

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import framing
 from .errors import (AdvserveError, DeadlineExceeded, InternalError, InvalidArgument, Unavailable, error_from,
-                     parse_retry_after)
+                     parse_retry_after, region_error)
 from .framing import RawTensor
 
 JSON = "application/json"
@@ -76,6 +76,8 @@ def _error(response: httpx.Response) -> AdvserveError:
     message = ""
     try:
         detail = response.json()["error"]
+        if isinstance(detail, str):  # the Open Inference Protocol's {"error": "message"} (/v2)
+            detail = {"message": detail}
         code, message, field = detail.get("code"), detail.get("message") or "", detail.get("field")
     except Exception:  # noqa: BLE001 - not our error body (a proxy's page, say)
         message = response.text[:500]
@@ -135,6 +137,22 @@ class HttpTransport:
         if response.status_code != 200:
             raise _error(response)
         return response.json()
+
+    def register_region(self, name: str, key: str, byte_size: int) -> None:
+        """Register the system shared-memory region `key` (all of its `byte_size` bytes) as `name`."""
+        self._region_call(f"/v2/systemsharedmemory/region/{name}/register",
+                          {"key": key, "offset": 0, "byte_size": byte_size}, f"registering {name!r} ({key})")
+
+    def unregister_region(self, name: str) -> None:
+        self._region_call(f"/v2/systemsharedmemory/region/{name}/unregister", None, f"unregistering {name!r}")
+
+    def _region_call(self, path: str, body: dict[str, Any] | None, what: str) -> None:
+        try:
+            response = self._client.post(path, json=body, headers={"accept": JSON})
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.timeout) from None
+        if response.status_code != 200:
+            raise region_error(_error(response), what)
 
     def close(self) -> None:
         self._client.close()

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _grpc, _http, _retry
 from ._arrays import Outputs, wire_tensors
+from ._shm import RegionPool, layout
 from ._grpc import ADVANTAGES, ANALYSIS, LOSSES, AsyncGrpcTransport, GrpcTransport
 from ._http import AsyncHttpTransport, HttpTransport
 from ._retry import RetryPolicy
@@ -137,7 +138,7 @@ class _Base:
     def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
                  max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
                  max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None):
+                 tls_cert: str | None = None, tls_key: str | None = None, shared_memory: bool = False):
         if transport not in ("http", "grpc"):
             raise ValueError(f"transport must be 'http' or 'grpc', got {transport!r}")
         if max_retries < 0:
@@ -152,6 +153,11 @@ class _Base:
         self._tls_files = (tls_ca, tls_cert, tls_key)
         self.retry = RetryPolicy(max_retries=max_retries)
         self._transport = self._make_transport(self._asynchronous)
+        self.shared_memory = shared_memory
+        if shared_memory and self._asynchronous:
+            raise ValueError("shared_memory is an option of Client (AsyncClient sends the tensors' bytes)")
+        self._regions = (RegionPool(self._transport.register_region, self._transport.unregister_region)
+                         if shared_memory else None)
 
     def _make_transport(self, asynchronous: bool) -> Any:
         if self.transport == "http":
@@ -179,6 +185,11 @@ class Client(_Base):
     an "https://" or "grpcs://" address or any tls_* file); tls_ca: PEM file of the CA that signed the
     server's certificate (default: the system's / gRPC's roots); tls_cert, tls_key: PEM files of the
     client certificate and its key for mTLS (tls_key None: the key is in tls_cert's file).
+    shared_memory: for a client on the server's host: tensors travel through system shared-memory
+    regions this client creates and registers with the server (unique names, grown when a batch needs
+    more, unregistered and unlinked by close()) instead of in the request and response; results are
+    the same numpy arrays (copies out of the region). A server on another host cannot open the region:
+    the registration's refusal is raised on the first call.
     """
 
     _transport: HttpTransport | GrpcTransport
@@ -194,6 +205,21 @@ class Client(_Base):
                 _retry.sleep(self.retry.delay(error, attempt))
                 attempt += 1
 
+    def _compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, Any],
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One call with retries: the tensors in the body, or (shared_memory) through one of the client's
+        regions, held for the call and its results copied out before it is released."""
+        wire = wire_tensors(tensors)
+        if self._regions is None:
+            return self._with_retries(self._transport.compute, path, document, wire)
+        region = self._regions.acquire(layout(path, document, wire)[2])
+        try:
+            placed_document, placed = region.place(path, document, wire)
+            answer, raw = self._with_retries(self._transport.compute, path, placed_document, placed)
+            return answer, region.results(raw)
+        finally:
+            self._regions.release(region)
+
     def compute_advantages(self, estimator: str, *, preset: str | None = None, params: Mapping[str, Any] | None = None,
                            dtype: str | None = None, layout: str | None = None, **tensors: Any) -> AdvantageResult:
         """Token advantages and returns of `estimator` (see `list_estimators()` and docs/semantics.md).
@@ -206,7 +232,7 @@ class Client(_Base):
         _check_group_ids(tensors)
         document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
-        answer, raw = self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
+        answer, raw = self._compute(ADVANTAGES, document, tensors)
         return _advantages_result(answer, raw, outputs, estimator, preset)
 
     def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None, kl_loss: TermSpec = None,
@@ -227,7 +253,7 @@ class Client(_Base):
                              entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
                              num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
-        answer, raw = self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
+        answer, raw = self._compute(LOSSES, document, tensors)
         return _losses_result(answer, raw, outputs, preset)
 
     def analyze(self, estimators: Sequence[str] | None = None, *, preset: str | None = None,
@@ -244,7 +270,7 @@ class Client(_Base):
         """
         _check_group_ids(tensors)
         document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
-        answer, _ = self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
+        answer, _ = self._compute(ANALYSIS, document, tensors)
         return answer
 
     def list_estimators(self) -> dict[str, Any]:
@@ -253,6 +279,8 @@ class Client(_Base):
         return self._with_retries(self._transport.catalog)
 
     def close(self) -> None:
+        if self._regions is not None:
+            self._regions.close()  # unregistered while the transport is still open
         self._transport.close()
 
     def __enter__(self) -> "Client":

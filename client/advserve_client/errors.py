@@ -162,3 +162,11 @@ def parse_retry_after(value: Any) -> float | None:
     if seconds != seconds or seconds < 0:  # NaN or in the past
         return 0.0 if seconds == seconds else None
     return seconds
+
+
+def region_error(error: AdvserveError, what: str) -> AdvserveError:
+    """The server's refusal of a shared-memory registration, saying what was tried and why it may fail."""
+    error.message = (f"shared memory: {what} failed: {error.message} (shared_memory=True needs the server on "
+                     "this host, able to open this client's /dev/shm)")
+    error.args = (error.message,)
+    return error

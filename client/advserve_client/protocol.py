@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from google.protobuf import json_format
 
 from ._pb import advserve_pb2 as pb
-from .framing import ITEMSIZE, FramingError, RawTensor
+from .framing import ITEMSIZE, OUTPUTS_KEY, FramingError, RawTensor, RegionRef, outputs_target, region_ref
 
 ESTIMATORS = ("reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae", "orz",
               "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce")
@@ -92,16 +92,30 @@ def name_to_enum(kind: str, name: str | None) -> int:
 # --- tensors ------------------------------------------------------------------------------------
 
 
-def tensor_to_pb(raw: RawTensor) -> pb.Tensor:
+def tensor_to_pb(raw: RawTensor | RegionRef) -> pb.Tensor:
+    if isinstance(raw, RegionRef):
+        return pb.Tensor(dtype=DTYPE_ENUMS[raw.dtype], shape=list(raw.shape), shared_memory=region_to_pb(
+            raw.region, raw.offset, raw.byte_size))
     return pb.Tensor(dtype=DTYPE_ENUMS[raw.dtype], shape=list(raw.shape), data=bytes(raw.data))
 
 
-def tensor_from_pb(name: str, message: pb.Tensor) -> RawTensor:
-    """A RawTensor viewing the message's bytes; the sizes are checked as in the binary framing."""
+def region_to_pb(region: str, offset: int, byte_size: int) -> pb.SharedMemoryRef:
+    return pb.SharedMemoryRef(region=region, offset=offset, byte_size=byte_size)
+
+
+def tensor_from_pb(name: str, message: pb.Tensor) -> RawTensor | RegionRef:
+    """A RawTensor viewing the message's bytes, or the RegionRef of a tensor held in a shared-memory
+    region; the sizes are checked as in the binary framing."""
     field = f"tensors.{name}"
     dtype = DTYPE_NAMES.get(message.dtype)
     if dtype is None:
         raise FramingError(f"tensor {name!r}: dtype must be set to one of {', '.join(DTYPE_ENUMS)}", field)
+    if message.HasField("shared_memory"):
+        if message.data:
+            raise FramingError(f"tensor {name!r}: give either data or shared_memory, not both", field)
+        ref = message.shared_memory
+        return region_ref(name, {"dtype": dtype, "shape": list(message.shape), "shared_memory_region": ref.region,
+                                 "shared_memory_offset": ref.offset, "shared_memory_byte_size": ref.byte_size})
     shape = tuple(message.shape)
     if any(d < 0 for d in shape):
         raise FramingError(f"tensor {name!r}: shape must be non-negative, got {list(shape)}", field)
@@ -204,7 +218,21 @@ def advantages_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, 
     )
     params_to_pb(request.params, document.get("params"))
     _tensors_to_pb(request, tensors)
+    _outputs_to_pb(request, document)
     return request
+
+
+def _outputs_to_pb(request: Any, document: Mapping[str, Any]) -> None:
+    """The document's "shared_memory_outputs" (checked, FramingError naming it) as output_shared_memory."""
+    if document.get(OUTPUTS_KEY) is not None:
+        request.output_shared_memory.CopyFrom(region_to_pb(*outputs_target(document[OUTPUTS_KEY])))
+
+
+def _outputs_from_pb(request: Any, document: dict[str, Any]) -> None:
+    """output_shared_memory, when set, as the document's "shared_memory_outputs"."""
+    if request.HasField("output_shared_memory"):
+        target = request.output_shared_memory
+        document[OUTPUTS_KEY] = {"region": target.region, "offset": target.offset, "byte_size": target.byte_size}
 
 
 def advantages_request_from_pb(request: pb.ComputeAdvantagesRequest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,6 +246,7 @@ def advantages_request_from_pb(request: pb.ComputeAdvantagesRequest) -> tuple[di
             document[key] = value
     if request.HasField("params"):
         document["params"] = params_from_pb(request.params)
+    _outputs_from_pb(request, document)
     return document, _tensors_from_pb(request, ADVANTAGE_TENSORS)
 
 
@@ -238,6 +267,7 @@ def losses_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Any]
         if document.get(key) is not None:
             setattr(request, key, document[key])
     _tensors_to_pb(request, tensors)
+    _outputs_to_pb(request, document)
     return request
 
 
@@ -256,6 +286,7 @@ def losses_request_from_pb(request: pb.ComputeLossesRequest) -> tuple[dict[str, 
     for key in ("num_tokens", "num_sequences"):
         if request.HasField(key):
             document[key] = getattr(request, key)
+    _outputs_from_pb(request, document)
     return document, _tensors_from_pb(request, LOSS_TENSORS)
 
 
@@ -266,7 +297,8 @@ def _moments(values: Mapping[str, float] | None) -> pb.Moments:
     return pb.Moments(**{k: v for k, v in (values or {}).items() if k in ("mean", "std", "min", "max")})
 
 
-def advantages_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor]) -> pb.ComputeAdvantagesResponse:
+def advantages_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | RegionRef],
+                              ) -> pb.ComputeAdvantagesResponse:
     stats = document.get("stats") or {}
     response = pb.ComputeAdvantagesResponse(
         advantages=tensor_to_pb(tensors["advantages"]), returns=tensor_to_pb(tensors["returns"]),
@@ -299,7 +331,8 @@ def advantages_response_from_pb(response: pb.ComputeAdvantagesResponse) -> tuple
     return document, tensors
 
 
-def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | None]) -> pb.ComputeLossesResponse:
+def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | RegionRef | None],
+                          ) -> pb.ComputeLossesResponse:
     response = pb.ComputeLossesResponse(loss=document["loss"], metrics=document.get("metrics") or {})
     for name, value in (document.get("components") or {}).items():
         if value is not None:

@@ -232,14 +232,26 @@ BIAS_SCALED: Bias
 BIAS_REWEIGHTED: Bias
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class GroupIds(_message.Message):
     __slots__ = ("numeric", "strings")
@@ -306,7 +318,7 @@ class AdvantageParams(_message.Message):
     def __init__(self, gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., kl_estimator: _Optional[_Union[KLEstimator, str]] = ..., kl_clamp: _Optional[float] = ..., no_kl_clamp: _Optional[bool] = ..., kl_placement: _Optional[_Union[KLPlacement, str]] = ..., std_ddof: _Optional[int] = ..., std_eps: _Optional[float] = ..., singleton_groups: _Optional[_Union[SingletonGroups, str]] = ..., whiten: _Optional[bool] = ..., whiten_ddof: _Optional[int] = ..., whiten_eps: _Optional[float] = ..., reward_clip_low: _Optional[float] = ..., no_reward_clip_low: _Optional[bool] = ..., reward_clip_high: _Optional[float] = ..., no_reward_clip_high: _Optional[bool] = ..., mask_gaps: _Optional[_Union[MaskGaps, str]] = ..., std_scope: _Optional[_Union[StdScope, str]] = ..., whiten_std: _Optional[bool] = ..., whiten_eps_mode: _Optional[_Union[WhitenEpsMode, str]] = ..., whiten_scope: _Optional[_Union[WhitenScope, str]] = ..., returns_whitened: _Optional[bool] = ...) -> None: ...
 
 class ComputeAdvantagesRequest(_message.Message):
-    __slots__ = ("estimator", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens")
+    __slots__ = ("estimator", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens", "output_shared_memory")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +333,7 @@ class ComputeAdvantagesRequest(_message.Message):
     REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     GREEDY_REWARDS_FIELD_NUMBER: _ClassVar[int]
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     estimator: Estimator
     preset: Preset
     params: AdvantageParams
@@ -335,7 +348,8 @@ class ComputeAdvantagesRequest(_message.Message):
     ref_logprobs: Tensor
     greedy_rewards: Tensor
     cu_seqlens: Tensor
-    def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    output_shared_memory: SharedMemoryRef
+    def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class Moments(_message.Message):
     __slots__ = ("mean", "std", "min", "max")
@@ -536,7 +550,7 @@ class RolloutCorrection(_message.Message):
     def __init__(self, level: _Optional[_Union[RolloutCorrection.Level, str]] = ..., mode: _Optional[_Union[RolloutCorrection.Mode, str]] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., no_low: _Optional[bool] = ..., no_high: _Optional[bool] = ..., log_clamp: _Optional[float] = ..., no_log_clamp: _Optional[bool] = ..., gating: _Optional[_Union[RolloutCorrection.Gating, str]] = ..., weight: _Optional[_Union[RolloutCorrection.Weight, str]] = ...) -> None: ...
 
 class ComputeLossesRequest(_message.Message):
-    __slots__ = ("preset", "policy_loss", "disable_policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "num_tokens", "num_sequences", "dtype", "layout", "logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values", "returns", "entropy", "rollout_logprobs", "cu_seqlens")
+    __slots__ = ("preset", "policy_loss", "disable_policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "num_tokens", "num_sequences", "dtype", "layout", "logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values", "returns", "entropy", "rollout_logprobs", "cu_seqlens", "output_shared_memory")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     DISABLE_POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -559,6 +573,7 @@ class ComputeLossesRequest(_message.Message):
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     preset: Preset
     policy_loss: PolicyLoss
     disable_policy_loss: bool
@@ -581,7 +596,8 @@ class ComputeLossesRequest(_message.Message):
     entropy: Tensor
     rollout_logprobs: Tensor
     cu_seqlens: Tensor
-    def __init__(self, preset: _Optional[_Union[Preset, str]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., disable_policy_loss: _Optional[bool] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ..., num_tokens: _Optional[float] = ..., num_sequences: _Optional[float] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_values: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    output_shared_memory: SharedMemoryRef
+    def __init__(self, preset: _Optional[_Union[Preset, str]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., disable_policy_loss: _Optional[bool] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ..., num_tokens: _Optional[float] = ..., num_sequences: _Optional[float] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_values: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class LossComponents(_message.Message):
     __slots__ = ("policy", "kl", "value", "entropy")
