@@ -303,20 +303,30 @@ _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\
          b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
 
 
-def guarded_protocol(settings: Settings) -> type:
-    """uvicorn's HTTP/1.1 (h11) protocol with two bounds uvicorn lacks. uvicorn arms no timer on a new
-    connection, and any byte disarms its keep-alive timer, so a connection that never sends a request
-    (or trickles its headers) stays open for ever: here a connection must complete its request line
-    and headers within --header-timeout-s of opening or of its previous response, else it is closed
-    (the body then has its own timeouts, AdmissionControl's). And at most --max-connections are open
-    at once: past that, a new connection is answered 503 (Retry-After: 1) and closed."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+HTTP_PROTOCOLS = ("httptools", "h11")  # uvicorn's HTTP/1.1 implementations, the fastest first (bench/bench_http.py)
+
+
+def guarded_protocol(settings: Settings, http: str = "httptools") -> type:
+    """uvicorn's HTTP/1.1 protocol (`http`: "httptools", the default, llhttp in C; or "h11", pure Python)
+    with two bounds uvicorn lacks. uvicorn arms no timer on a new connection, and any byte disarms its
+    keep-alive timer, so a connection that never sends a request (or trickles its headers) stays open
+    for ever: here a connection must complete its request line and headers within --header-timeout-s
+    of opening or of its previous response, else it is closed (the body then has its own timeouts,
+    AdmissionControl's). And at most --max-connections are open at once: past that, a new connection
+    is answered 503 (Retry-After: 1) and closed."""
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    elif http == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        raise ValueError(f"http must be one of {', '.join(HTTP_PROTOCOLS)}, got {http!r}")
 
     timeout_s, most = settings.header_timeout_s, settings.max_connections
     busy = orjson.dumps({"error": {"code": "overloaded", "message": f"more than {most} connections open; retry "
                                    "later", "field": None}})
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(base):
+        # both bases keep `cycle` (the current request), `connections` (every open one), `loop`, `transport`
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
@@ -359,4 +369,5 @@ def guarded_protocol(settings: Settings) -> type:
             self._stop_header_timer()
             super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
+    return GuardedProtocol
