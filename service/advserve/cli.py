@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import Settings, env_name, parse_value, setting_fields
+from .config import Settings, env_name, parse_value, setting_fields, worker_count
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advserve", description="advserve: advantages, losses and their gradients "
@@ -94,18 +94,25 @@ def analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         sys.exit(f"advserve analyze: {exc}")
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, pid: bool = False) -> None:
+    """Log records to stderr as text or JSON lines; `pid`: each names its process (--workers)."""
     from .observability import JsonFormatter
 
     handler = logging.StreamHandler()
     if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(pid=pid))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if pid else "")
+                                               + ": %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
 def serve(settings: Settings) -> None:
+    """One process (--workers 1), or a supervisor and its workers (advserve.workers; docs/workers.md)."""
+    if worker_count(settings) > 1:
+        from .workers import supervise  # never imports torch or grpc: it forks the workers
+
+        sys.exit(supervise(settings, lambda: configure_logging(settings, pid=True)))
     from .server import serve as serve_forever  # torch, FastAPI and grpc load only for `serve`
 
     configure_logging(settings)

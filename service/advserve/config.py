@@ -86,6 +86,10 @@ class Settings:
     max_wait_ms: float = field(default=0.0, metadata={"help": "how long the compute thread waits for more "
                                                               "requests to coalesce (0: only those already queued)"})
     max_batch_tokens: int = field(default=1 << 18, metadata={"help": "largest coalesced batch, in tokens (B·T)"})
+    workers: int = field(default=0, metadata={"help": "front-end processes serving REST, /v2 and gRPC on the same "
+                                                      "ports, each with its own engine, one admission budget and "
+                                                      "one /metrics view across them (docs/workers.md); 0: auto, "
+                                                      "min(CPU cores, 4); 1: a single process"})
     memory_trim_idle_s: float = field(default=2.0, metadata={"help": "return freed heap memory to the system "
                                                                     "(malloc_trim) once no request has been in "
                                                                     "flight for this long (0: never)"})
@@ -142,7 +146,7 @@ _INT_RANGES = (
     ("max_body_bytes", 1, 1 << 40), ("max_json_bytes", 1, 1 << 40), ("max_tokens", 1, 1 << 40),
     ("admission_bytes", 1, 1 << 44), ("max_batch_tokens", 1, 1 << 40), ("max_connections", 1, 1 << 20),
     ("max_inflate_ratio", 1, 1 << 20), ("grpc_max_concurrent_rpcs", 1, 1 << 20),
-    ("grpc_max_concurrent_streams", 1, 1 << 20),
+    ("grpc_max_concurrent_streams", 1, 1 << 20), ("workers", 0, 256),
 )
 # (setting, lowest, highest, lowest allowed): the durations, in seconds or milliseconds
 _FLOAT_RANGES = (
@@ -151,6 +155,11 @@ _FLOAT_RANGES = (
     ("max_wait_ms", 0.0, 60_000.0, True), ("memory_trim_idle_s", 0.0, _DAY_S, True),
     ("grpc_read_timeout_s", 0.0, _DAY_S, False), ("grpc_admission_wait_s", 0.0, _DAY_S, True),
 )
+
+
+def worker_count(settings: Settings) -> int:
+    """The front-end processes to run: --workers, or when 0 (auto) min(CPU cores, 4)."""
+    return settings.workers or min(os.cpu_count() or 1, 4)
 
 
 def env_name(name: str) -> str:

@@ -23,6 +23,7 @@ import uuid
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 access_log = logging.getLogger("advserve.access")
 REQUEST_ID_HEADER = "x-request-id"
@@ -81,10 +82,25 @@ def enum_field_name(message: Any, field: str) -> str | None:
 
 
 class Metrics:
+    """The metrics of one server. `registry` is what /metrics serves. With `multiprocess_dir` (a worker
+    of --workers: PROMETHEUS_MULTIPROC_DIR, set before prometheus_client was imported) the counters and
+    histograms are written to files there by every worker and `registry` sums them over the workers
+    (a dead worker's counts stay); the three gauges are then the callables' values, which the caller
+    makes server-wide (the workers' shared board)."""
+
     def __init__(self, queue_depth: Callable[[], float], bytes_in_flight: Callable[[], float],
-                 in_progress: Callable[[], float]):
+                 in_progress: Callable[[], float], multiprocess_dir: str | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        gauges = (("advserve_queue_depth", "Jobs waiting for the compute thread", queue_depth),
+                  ("advserve_bytes_in_flight", "Request bytes admitted and not yet answered", bytes_in_flight),
+                  ("advserve_requests_in_progress", "Compute requests being served", in_progress))
+        if multiprocess_dir is not None:
+            from prometheus_client import multiprocess
+
+            r = CollectorRegistry()  # this process's own metrics (their values live in the files)
+            multiprocess.MultiProcessCollector(self.registry, path=multiprocess_dir)
+            self.registry.register(_Gauges(gauges))
         self.requests = Counter("advserve_requests", "Compute requests", ["transport", "endpoint", "estimator", "status"],
                                 registry=r)
         self.phases = Histogram("advserve_request_phase_seconds", "Time per request phase",
@@ -95,10 +111,9 @@ class Metrics:
         self.sequences = Counter("advserve_sequences", "Sequences (B) processed", ["endpoint"], registry=r)
         self.rejections = Counter("advserve_rejections", "Requests answered with an error, by error code",
                                   ["transport", "reason"], registry=r)
-        Gauge("advserve_queue_depth", "Jobs waiting for the compute thread", registry=r).set_function(queue_depth)
-        Gauge("advserve_bytes_in_flight", "Request bytes admitted and not yet answered",
-              registry=r).set_function(bytes_in_flight)
-        Gauge("advserve_requests_in_progress", "Compute requests being served", registry=r).set_function(in_progress)
+        if multiprocess_dir is None:
+            for name, documentation, value in gauges:
+                Gauge(name, documentation, registry=r).set_function(value)
 
     def observe(self, *, transport: str, endpoint: str, estimator: str | None, status: str, bytes_in: int,
                 bytes_out: int, phases: dict[str, float], batch: tuple[int, int] | None, request_id: str,
@@ -136,11 +151,29 @@ class Metrics:
             access_log.info(json.dumps(record))
 
 
+class _Gauges:
+    """A collector of gauges read from callables at each scrape: (name, documentation, callable)."""
+
+    def __init__(self, gauges):
+        self.gauges = gauges
+
+    def collect(self):
+        for name, documentation, value in self.gauges:
+            yield GaugeMetricFamily(name, documentation, value=float(value()))
+
+
 class JsonFormatter(logging.Formatter):
-    """Log records as JSON lines: time, level, logger, message (an access line is merged in)."""
+    """Log records as JSON lines: time, level, logger, message (an access line is merged in); with
+    `pid`, the process id too (--workers)."""
+
+    def __init__(self, pid: bool = False):
+        super().__init__()
+        self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        if self.pid:
+            entry["pid"] = record.process
         message = record.getMessage()
         if record.name == access_log.name and message.startswith("{"):
             entry.update(json.loads(message))

@@ -31,6 +31,7 @@ from .estimators import ESTIMATORS
 from .errors import DeadlineExceeded, Overloaded, PayloadTooLarge, Unauthenticated, Unavailable
 from .observability import Metrics
 from .scheduler import Scheduler
+from .workers import ADMITTED, IN_PROGRESS, QUEUED, READY, Worker
 from .shm import Regions
 
 
@@ -210,6 +211,39 @@ class Admission:
     def lease(self) -> "Lease":
         """An empty Lease on this admission, for one request."""
         return Lease(self)
+
+    def held_here(self) -> int:
+        """Bytes admitted by this process (`in_flight`: by the whole server)."""
+        return self.in_flight
+
+
+class SharedAdmission(Admission):
+    """One admission budget for every worker of a server (--workers): each worker's bytes are its slot of
+    the shared board (workers.Board), the check-and-take runs under the board's cross-process lock, and
+    `in_flight` is the sum over the workers. The same API as Admission for its callers."""
+
+    def __init__(self, capacity: int, max_tokens: int | None, board: Any, slot: int):
+        self.capacity = capacity
+        self.max_tokens = max_tokens
+        self._board, self._slot = board, slot
+
+    @property
+    def in_flight(self) -> int:
+        return self._board.total(ADMITTED)
+
+    def held_here(self) -> int:
+        return self._board.get(self._slot, ADMITTED)
+
+    def try_acquire(self, nbytes: int) -> bool:
+        with self._board.locked():
+            if self._board.total(ADMITTED) + nbytes > self.capacity:
+                return False
+            self._board.add(self._slot, ADMITTED, nbytes)
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._board.locked():
+            self._board.add(self._slot, ADMITTED, -nbytes)
 
 
 class Lease:
@@ -417,6 +451,8 @@ class Runtime:
     active: int = 0
     served: int = 0  # requests that entered `serving`, ever
     last_busy: float = field(default_factory=time.monotonic)
+    worker: Worker | None = None
+    """This process's place among the workers of a server (--workers > 1), None for a single process."""
     shared_dir: str = ""
     """A private (0700) directory shared by every worker of one server (--workers: made by the supervisor,
     which removes it at exit); a single process makes its own here, removed by `close`."""
@@ -424,20 +460,45 @@ class Runtime:
     _owns_shared_dir: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        if self.worker is not None:
+            self.shared_dir = self.worker.shared_dir
         if not self.shared_dir:
             self.shared_dir, self._owns_shared_dir = make_shared_dir(), True
         self.regions = Regions(self.shared_dir, device=self.engine.device)  # shared-memory tensors (shm.py)
-        self.metrics = Metrics(queue_depth=lambda: self.scheduler.depth,
-                               bytes_in_flight=lambda: self.admission.in_flight, in_progress=lambda: self.active)
+        if self.worker is None:
+            self.metrics = Metrics(queue_depth=lambda: self.scheduler.depth,
+                                   bytes_in_flight=lambda: self.admission.in_flight, in_progress=lambda: self.active)
+        else:  # every worker's /metrics shows the server's: summed over the workers
+            board = self.worker.board
+            self.metrics = Metrics(queue_depth=lambda: self.publish() or board.total(QUEUED),
+                                   bytes_in_flight=lambda: self.admission.in_flight,
+                                   in_progress=lambda: board.total(IN_PROGRESS),
+                                   multiprocess_dir=self.worker.metrics_dir)
 
     @classmethod
-    def build(cls, settings: Settings, engine: Engine | None = None, shared_dir: str = "") -> "Runtime":
-        """The runtime of `settings`; `shared_dir`: the server's (a worker's), else one of its own."""
+    def build(cls, settings: Settings, engine: Engine | None = None, shared_dir: str = "",
+              worker: Worker | None = None) -> "Runtime":
+        """The runtime of `settings`; `shared_dir`: the server's, else one of its own; `worker`: this
+        process's place among the server's workers (admission shared through its board)."""
         engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
         scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
                               max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
-        return cls(settings, engine, scheduler, Admission(settings.admission_bytes, settings.max_tokens),
-                   shared_dir=shared_dir)
+        if worker is None:
+            admission = Admission(settings.admission_bytes, settings.max_tokens)
+        else:
+            admission = SharedAdmission(settings.admission_bytes, settings.max_tokens, worker.board, worker.slot)
+        return cls(settings, engine, scheduler, admission, worker=worker, shared_dir=shared_dir)
+
+    def publish(self) -> None:
+        """A worker: its requests in progress and queued jobs into its slot of the board (for /metrics)."""
+        if self.worker is not None:
+            self.worker.board.set(self.worker.slot, IN_PROGRESS, self.active)
+            self.worker.board.set(self.worker.slot, QUEUED, self.scheduler.depth)
+
+    def mark_ready(self) -> None:
+        """A worker: now serving (the supervisor gives up on workers that keep dying before this)."""
+        if self.worker is not None:
+            self.worker.board.set(self.worker.slot, READY, 1)
 
     @property
     def ready(self) -> bool:
@@ -451,7 +512,7 @@ class Runtime:
     @property
     def idle(self) -> bool:
         """No request in progress, queued or holding admitted bytes."""
-        return self.active == 0 and self.scheduler.depth == 0 and self.admission.in_flight == 0
+        return self.active == 0 and self.scheduler.depth == 0 and self.admission.held_here() == 0
 
     async def trim_memory_when_idle(self, idle_s: float, trim: Callable[[], Any] = malloc_trim) -> None:
         """Forever: once the server has been idle for `idle_s` after serving anything since the last
@@ -489,11 +550,13 @@ class Runtime:
             raise Unavailable("the server is shutting down; retry on another instance", retry_after_s=1.0)
         self.active += 1
         self.served += 1
+        self.publish()
         try:
             yield
         finally:
             self.active -= 1
             self.last_busy = time.monotonic()
+            self.publish()
             if self.active == 0 and self._idle is not None:
                 self._idle.set()
 

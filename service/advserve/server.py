@@ -15,6 +15,7 @@ import contextlib
 import logging
 import ssl
 import sys
+import threading
 
 import grpc
 import uvicorn
@@ -35,6 +36,7 @@ from .transports.grpc_door import HEALTH_NAMES, SERVICE, AuthGate, Door, grpc_op
 from .transports.http_door import (AdmissionControl, _error_response, _failure_response, _validation_error,
                                    guarded_protocol, is_oip_path, oip_error_response)
 from .transports.native_grpc import AdvserveServicer
+from .workers import Worker, listen_socket
 
 log = logging.getLogger("advserve")
 
@@ -121,7 +123,8 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     door = Door(runtime)
     server = grpc.aio.server(
         interceptors=[AuthGate(door)],
-        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive, settings.grpc_max_concurrent_streams),
+        options=grpc_options(settings.grpc_max_message_bytes, door.max_receive, settings.grpc_max_concurrent_streams,
+                             reuseport=runtime.worker is not None),
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, AdvserveServicer(runtime).handlers(door))])
@@ -147,14 +150,20 @@ async def start_grpc_server(runtime: Runtime) -> tuple[grpc.aio.Server, health.a
     return server, health_servicer, port
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, worker: Worker | None = None) -> None:
     """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one runtime (engine, compute thread,
     admission, metrics). SIGTERM or SIGINT: readiness turns false (503 on /health/ready, NOT_SERVING on
     gRPC health), new work is refused, every accepted request is completed and answered (at most
-    --shutdown-grace-s), then both servers stop."""
+    --shutdown-grace-s), then both servers stop. `worker`: this process is one of --workers (forked by
+    advserve.workers): its own SO_REUSEPORT sockets on the server's ports, torch threads its share of
+    the cores, admission and metrics shared through the supervisor's board."""
     tune_allocator()
+    if worker is not None:
+        import torch
+
+        torch.set_num_threads(worker.intra_op_threads)
     try:
-        runtime = Runtime.build(settings)
+        runtime = Runtime.build(settings, worker=worker)
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
     app = create_app(runtime)
@@ -176,12 +185,16 @@ def serve(settings: Settings) -> None:
         except (OSError, RuntimeError) as exc:
             sys.exit(f"advserve: cannot start gRPC on {settings.host}:{settings.grpc_port}: {exc}")
         if settings.metrics_port:  # plain HTTP without auth: loopback only, whatever --host says
-            from prometheus_client import start_http_server
-
             try:
-                start_http_server(settings.metrics_port, addr="127.0.0.1", registry=runtime.metrics.registry)
+                serve_metrics(runtime, settings.metrics_port)
             except OSError as exc:
                 sys.exit(f"advserve: cannot serve metrics on 127.0.0.1:{settings.metrics_port}: {exc}")
+        sockets = None
+        if worker is not None:
+            try:
+                sockets = [listen_socket(settings.host, settings.http_port)]
+            except OSError as exc:
+                sys.exit(f"advserve: cannot bind {settings.host}:{settings.http_port}: {exc}")
         tls = {}
         if settings.tls_cert:
             tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
@@ -208,13 +221,22 @@ def serve(settings: Settings) -> None:
         trimmer = (asyncio.create_task(runtime.trim_memory_when_idle(settings.memory_trim_idle_s))
                    if settings.memory_trim_idle_s > 0 else None)
         scheme = "https" if settings.tls_cert else "http"
-        log.info("engine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
+        log.info("%sengine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
+                 "" if worker is None else f"worker {worker.slot} of {worker.count}, "
+                 f"{worker.intra_op_threads} torch threads: ",
                  runtime.engine.device, scheme, settings.host, settings.http_port, settings.host, grpc_port,
                  " (TLS)" if settings.tls_cert else "", settings.admission_bytes,
                  "on" if settings.auth_token else "off")
+        publisher = asyncio.create_task(publish_while_busy(runtime)) if worker is not None else None
+        serving = asyncio.create_task(server.serve(sockets=sockets))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        runtime.mark_ready()
         try:
-            await server.serve()
+            await serving
         finally:
+            if publisher is not None:
+                publisher.cancel()
             drainer.cancel()
             if trimmer is not None:
                 trimmer.cancel()
@@ -222,3 +244,27 @@ def serve(settings: Settings) -> None:
             runtime.close()
 
     asyncio.run(run())
+
+
+async def publish_while_busy(runtime: Runtime, every_s: float = 0.05) -> None:
+    """A worker, forever: its queue depth and requests in progress into the board every `every_s` while
+    it is busy (they are published at each request's start and end too), for the workers' /metrics."""
+    while True:
+        await asyncio.sleep(every_s)
+        if runtime.active or runtime.scheduler.depth:
+            runtime.publish()
+
+
+def serve_metrics(runtime: Runtime, port: int) -> None:
+    """Prometheus on 127.0.0.1:`port` in a thread (--metrics-port). Every worker of --workers serves it
+    (SO_REUSEPORT: the supervisor reserved the port), each showing the server's sums."""
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    class Server(ThreadingWSGIServer):
+        allow_reuse_port = runtime.worker is not None
+
+    httpd = make_server("127.0.0.1", port, make_wsgi_app(runtime.metrics.registry), Server, handler_class=_SilentHandler)
+    threading.Thread(target=httpd.serve_forever, name="advserve-metrics", daemon=True).start()

@@ -94,8 +94,9 @@ class ServerProcess:
     def command(self, http_port: int, grpc_port: int) -> list[str]:
         if self.argv_of is not None:
             return self.argv_of(http_port, grpc_port)
+        # one process unless the caller asks for workers (their --workers comes later and wins)
         return [*advserve_command(), "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
-                "--grpc-port", str(grpc_port), "--log-level", self.log_level, *self.args]
+                "--grpc-port", str(grpc_port), "--log-level", self.log_level, "--workers", "1", *self.args]
 
     def environment(self) -> dict[str, str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("ADVSERVE_")}

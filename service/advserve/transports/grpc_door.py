@@ -85,15 +85,16 @@ def receive_limit(settings) -> int:
 
 
 def grpc_options(max_message_bytes: int, max_receive_bytes: int | None = None,
-                 max_concurrent_streams: int = 32) -> list[tuple[str, int]]:
+                 max_concurrent_streams: int = 32, reuseport: bool = False) -> list[tuple[str, int]]:
     """Message size limits (send: `max_message_bytes`; receive: `max_receive_bytes`, default the same),
-    no SO_REUSEPORT (a busy port fails the bind), at most `max_concurrent_streams` calls per connection,
+    no SO_REUSEPORT (a busy port fails the bind) unless `reuseport` (a worker of --workers joining the
+    port its supervisor reserved, advserve.workers), at most `max_concurrent_streams` calls per connection,
     no BDP probing (a stream's flow-control window stays at 64 KiB until its message is read), and
     keepalive settings that tolerate common client pings."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes if max_receive_bytes is None else max_receive_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuseport)),
         ("grpc.max_concurrent_streams", max_concurrent_streams),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.keepalive_time_ms", 60_000),                            # ping idle clients every minute
