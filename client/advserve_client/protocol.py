@@ -133,7 +133,7 @@ def _tensors_to_pb(message: Any, tensors: Mapping[str, Any]) -> None:
         if value is None:
             continue
         if name == "group_ids":
-            if isinstance(value, RawTensor):
+            if isinstance(value, (RawTensor, RegionRef)):
                 message.group_ids.numeric.CopyFrom(tensor_to_pb(value))
             else:
                 message.group_ids.strings.values.extend(str(v) for v in value)

@@ -12,11 +12,15 @@ import grpc
 from advserve_client import protocol
 from advserve_client._pb import advserve_pb2
 
+from advserve_client.framing import OUTPUTS_KEY, FramingError, outputs_target
+
 from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
+from ..errors import InvalidArgument
 from ..model import AdvantageRequest, LossRequest
 from ..runtime import Runtime
 from ..wire import torch_to_raw
-from .grpc_door import Door, _Call, _torch
+from . import shm_tensors
+from .grpc_door import Door, _Call
 
 
 class AdvserveServicer:
@@ -36,10 +40,30 @@ class AdvserveServicer:
             "Analyze": door.unary(advserve_pb2.AnalyzeRequest, self._analysis, endpoint="analysis"),
         }
 
+    def _tensors(self, document: dict[str, Any], raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """(torch tensors of the request: views of its bytes or of shared-memory regions, the outputs'
+        region target or None; checked to exist and hold its span before the compute)."""
+        target = None
+        if document.get(OUTPUTS_KEY) is not None:
+            try:
+                target = outputs_target(document.pop(OUTPUTS_KEY))
+            except FramingError as exc:
+                raise InvalidArgument(exc.message, field=exc.field) from None
+            shm_tensors.check_target(self.runtime.regions, target)
+        return shm_tensors.resolve(self.runtime.regions, raw), target
+
+    def _outputs(self, target: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The result tensors as the response carries them: their bytes, or (written into the request's
+        output region) where they lie."""
+        if target is not None:
+            return shm_tensors.write_outputs(self.runtime.regions, target, tensors)
+        return {name: torch_to_raw(t) for name, t in tensors.items() if t is not None}
+
     async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: _Call):
         document, raw = protocol.advantages_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        domain = AdvantageRequest(estimator=document["estimator"], tensors=_torch(raw), preset=document.get("preset"),
+        tensors, target = self._tensors(document, raw)
+        domain = AdvantageRequest(estimator=document["estimator"], tensors=tensors, preset=document.get("preset"),
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
         await call.charge(domain)  # its shapes known: its compute charged before it is validated
@@ -49,12 +73,12 @@ class AdvserveServicer:
         with call.phase("encode"):
             return protocol.advantages_response_to_pb(
                 {"params": result.params, "stats": result.stats},
-                {"advantages": torch_to_raw(result.advantages), "returns": torch_to_raw(result.returns)})
+                self._outputs(target, {"advantages": result.advantages, "returns": result.returns}))
 
     async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: _Call):
         document, raw = protocol.losses_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        tensors = _torch(raw)
+        tensors, target = self._tensors(document, raw)
         domain = LossRequest(tensors=tensors, **document)
         mask = tensors.get("response_mask")
         call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
@@ -65,12 +89,13 @@ class AdvserveServicer:
             return protocol.losses_response_to_pb(
                 {"loss": result.loss, "components": result.components, "metrics": result.metrics,
                  "params": result.params},
-                {name: torch_to_raw(t) for name, t in grads.items() if t is not None})
+                self._outputs(target, grads))
 
     async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: _Call):
         document, raw = protocol.analyze_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        domain = AnalysisRequest(tensors=_torch(raw), **document)
+        tensors, _ = self._tensors(document, raw)
+        domain = AnalysisRequest(tensors=tensors, **document)
         await call.charge(domain)  # its shapes known: its compute charged before it is validated
         prepared = prepare_analysis(self.engine, domain)
         call.batch = tuple(prepared.batch.mask.shape)
