@@ -21,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from advserve_client import framing
-from advserve_client.framing import CONTENT_TYPE, HEADER_LENGTH, FramingError, RawTensor
+from advserve_client.framing import (CONTENT_TYPE, HEADER_LENGTH, OUTPUTS_KEY, REGION_KEYS, FramingError, RegionRef,
+                                     outputs_target, region_ref)
 
 from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from ..device import to_host
@@ -31,12 +32,18 @@ from ..observability import REQUEST_ID_HEADER, error_body_message, estimator_nam
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..runtime import (Runtime, admitted, charge_compute,
                       watch_disconnect)
-from ..wire import raw_to_torch, torch_to_raw
+from ..shm import Regions
+from ..wire import torch_to_raw
+from . import shm_tensors
 from .http_door import JSONResponse, _error_response, _failure_response, _orjson_dumps, is_binary
 
 log = logging.getLogger("advserve")
 
 TermSpec = Union[dict[str, Any], bool, None]
+OUTPUTS_DESCRIPTION = ('{"region", "offset", "byte_size"}: write every output tensor, one after the other, into this '
+                       "registered shared-memory region; the response's descriptors then name where each lies "
+                       "(docs/binary-framing.md)")
+
 
 
 def _presets_text() -> str:
@@ -64,6 +71,7 @@ class AdvantagesBody(BaseModel):
     tensors: dict[str, Any] = Field(
         description="nested lists: rewards [B] or token_rewards [B,T], response_mask [B,T], group_ids [B] "
         "(ints or strings), values, old_logprobs, ref_logprobs [B,T], greedy_rewards [B]")
+    shared_memory_outputs: dict[str, Any] | None = Field(None, description=OUTPUTS_DESCRIPTION)
 
 
 class LossesBody(BaseModel):
@@ -91,6 +99,7 @@ class LossesBody(BaseModel):
     tensors: dict[str, Any] = Field(
         description="nested lists [B,T]: logprobs, old_logprobs, advantages, response_mask, ref_logprobs, values, "
         "old_values, returns, entropy, rollout_logprobs")
+    shared_memory_outputs: dict[str, Any] | None = Field(None, description=OUTPUTS_DESCRIPTION)
 
 
 class AnalysisBody(BaseModel):
@@ -214,27 +223,54 @@ def _wants_binary(headers, binary_request: bool) -> bool:
     return binary_q > json_q
 
 
-def decode_body(body: bytes, headers, model: type[BaseModel]) -> tuple[BaseModel, dict[str, Any]]:
-    """(the request document validated by `model`, its tensors: torch views or nested lists)."""
-    if is_binary(headers):
-        try:
+def decode_body(body: bytes, headers, model: type[BaseModel], regions: Regions | None = None,
+                ) -> tuple[BaseModel, dict[str, Any]]:
+    """(the request document validated by `model`, its tensors: torch views (of the body, or of a
+    shared-memory region of `regions` for a descriptor naming one) or nested lists). A requested
+    output region ("shared_memory_outputs") is checked to exist and hold its span."""
+    try:
+        if is_binary(headers):
             document, raw = framing.decode(body, headers.get(HEADER_LENGTH.lower()))
-        except FramingError as exc:
-            raise InvalidArgument(exc.message, field=exc.field) from None
-        tensors = {name: raw_to_torch(name, t) if isinstance(t, RawTensor) else t for name, t in raw.items()}
-        document["tensors"] = {}
-    else:
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"body is not valid JSON: {exc}", field="body") from None
-        if not isinstance(document, dict):
-            raise InvalidArgument("body must be a JSON object", field="body")
-        tensors = document.get("tensors")
-        if isinstance(tensors, dict):
-            document = {**document, "tensors": {}}
+            document["tensors"] = {}
+        else:
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidArgument(f"body is not valid JSON: {exc}", field="body") from None
+            if not isinstance(document, dict):
+                raise InvalidArgument("body must be a JSON object", field="body")
+            raw = document.get("tensors")
+            if isinstance(raw, dict):  # a JSON object with a shared_memory_region key names a region
+                raw = {name: region_ref(name, t) if isinstance(t, dict) and REGION_KEYS & t.keys() else t
+                       for name, t in raw.items()}
+                document = {**document, "tensors": {}}
+        target = outputs_target(document[OUTPUTS_KEY]) if document.get(OUTPUTS_KEY) is not None else None
+    except FramingError as exc:
+        raise InvalidArgument(exc.message, field=exc.field) from None
     parsed = model.model_validate(document)
+    if target is not None:
+        shm_tensors.check_target(regions, target)
+    tensors = shm_tensors.resolve(regions, raw) if isinstance(raw, dict) else raw
     return parsed, tensors
+
+
+def requested_outputs(parsed: BaseModel) -> shm_tensors.Target | None:
+    """(region, offset, byte_size) where the request asked its outputs written, or None (checked by
+    `decode_body` already)."""
+    value = getattr(parsed, OUTPUTS_KEY, None)
+    return None if value is None else outputs_target(value)
+
+
+def _outputs_to_region(regions: Regions | None, target: shm_tensors.Target, document: dict[str, Any],
+                       tensors: dict[str, torch.Tensor | None], binary: bool) -> Response:
+    """The response of a request whose outputs go to a shared-memory region: they are written there
+    and the response's descriptors (binary framing, or JSON) name region, offset and byte size; the
+    body carries no tensor bytes."""
+    refs: dict[str, RegionRef] = shm_tensors.write_outputs(regions, target, tensors)
+    if binary:
+        header_length, chunks = framing.encode(document, refs, dumps=_orjson_dumps)
+        return Response(chunks[0], media_type=CONTENT_TYPE, headers={HEADER_LENGTH: str(header_length)})
+    return JSONResponse({**document, "tensors": {name: ref.descriptor() for name, ref in refs.items()}})
 
 
 def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | None], binary: bool,
@@ -307,9 +343,12 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 body, deadline, lease = await admitted(request, runtime)  # read by AdmissionControl
                 started = time.perf_counter()
                 headers = request.headers
+                outputs_to = None  # (region, offset, byte_size) when the outputs go to shared memory
 
                 def decode():  # charged for its compute once its shapes are known, before it is validated
-                    parsed, tensors = decode_body(body, headers, model)
+                    nonlocal outputs_to
+                    parsed, tensors = decode_body(body, headers, model, runtime.regions)
+                    outputs_to = requested_outputs(parsed)
                     return prepare(parsed, tensors, lambda request: charge_compute(lease, request))
 
                 prepared = await deadline.off_loop(decode, len(body), lease)
@@ -323,7 +362,10 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 document, tensors = document_of(result)
 
                 def encode():
-                    return encode_response(document(), tensors, _wants_binary(headers, is_binary(headers)), {})
+                    binary = _wants_binary(headers, is_binary(headers))
+                    if outputs_to is not None:
+                        return _outputs_to_region(runtime.regions, outputs_to, document(), tensors, binary)
+                    return encode_response(document(), tensors, binary, {})
 
                 output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
                 response = await deadline.off_loop(encode, output_size, lease)
