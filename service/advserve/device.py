@@ -1,10 +1,16 @@
 """Where tensors live: device resolution and host <-> device copies.
 
 CPU: no copies at all (a tensor already on the CPU is returned as is). CUDA: inputs go through
-pinned host memory with non-blocking copies; results come back into pinned buffers.
+pinned host memory with non-blocking copies; results come back into pinned buffers, either at once
+(`to_host`) or as copies on a side stream that a response writes out one by one as each lands
+(`copy_to_host`); `host_scalars` brings many statistics back with one synchronization.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,3 +48,84 @@ def to_host(tensor: Tensor) -> Tensor:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host
+
+
+@dataclass
+class HostCopy:
+    """One result tensor on its way to the host: `tensor` is contiguous host memory (pinned when it comes
+    from a device), complete once `event` (None: nothing to wait for) has completed."""
+
+    tensor: Tensor
+    event: Any = None
+
+    def done(self) -> bool:
+        """Whether the bytes have landed (never blocks)."""
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        """Block until the bytes have landed (this copy only, not the device)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+    def bytes_view(self) -> memoryview:
+        """The tensor's own bytes, little-endian C order, as a flat memoryview (no copy); read after `wait`."""
+        tensor = self.tensor.view(torch.uint16) if self.tensor.dtype == torch.bfloat16 else self.tensor
+        return memoryview(tensor.reshape(-1).numpy()).cast("B")
+
+
+_side_streams: dict[int, Any] = {}
+_side_streams_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device):
+    """One copy stream per CUDA device, shared by every request (copies on it run in issue order)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _side_streams_lock:
+        if index not in _side_streams:
+            _side_streams[index] = torch.cuda.Stream(device=index)
+        return _side_streams[index]
+
+
+def copy_to_host(tensors: Sequence[Tensor]) -> list[HostCopy]:
+    """Start bringing `tensors` to the host, waiting for none of it: a CPU tensor is returned as it is
+    (made contiguous: no copy when it already is); a CUDA tensor is copied into a pinned host buffer by
+    a non-blocking copy on a side stream, ordered after the work already queued on its own stream, with
+    an event recorded after each copy, so that each buffer can be written out as soon as its own copy
+    has landed while the next ones are still on the way (and the caller's stream is never synchronized)."""
+    copies = []
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda":
+            copies.append(HostCopy(tensor.contiguous()))
+            continue
+        stream = _side_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        tensor.record_stream(stream)  # the allocator must not hand its memory out again before the copy has read it
+        copies.append(HostCopy(host, event))
+    return copies
+
+
+def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str, float | int | None]:
+    """Python numbers of a set of 0-d tensors (and numbers, passed through) with at most one device
+    synchronization: the tensors of each device are stacked and copied together (float64, so float32
+    and integer counts below 2**53 come back exact); a tensor of an integer or bool dtype comes back
+    as an int."""
+    out: dict[str, float | int | None] = {}
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(name)
+        else:
+            out[name] = value
+    for device, names in by_device.items():
+        stacked = torch.stack([values[name].detach().reshape(()).to(torch.float64) for name in names])
+        numbers = to_host(stacked).tolist()
+        for name, number in zip(names, numbers):
+            integral = not values[name].dtype.is_floating_point and not values[name].dtype.is_complex
+            out[name] = int(number) if integral else number
+    return {name: out[name] for name in values}

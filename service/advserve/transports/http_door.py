@@ -100,6 +100,39 @@ def _failure_response(exc: BaseException, endpoint: str, rid: str, error_respons
     return error_response(AdvserveError("internal error")), "500", "internal"
 
 
+class FramedResponse(Response):
+    """A binary-framed body (docs/binary-framing.md) written as it lies: the framing header, then each
+    tensor's buffer as its own ASGI body message straight from the tensor's memory (no joined copy),
+    with Content-Length set up front. A buffer still being copied from a device (`device.HostCopy`
+    not done) is awaited in a worker thread just before it is written, so the copies of the later
+    buffers overlap with writing the earlier ones. `nbytes` is the body's length."""
+
+    media_type = CONTENT_TYPE
+
+    def __init__(self, header: bytes, buffers: list, headers: dict[str, str] | None = None):
+        self.header, self.buffers = header, buffers  # buffers: device.HostCopy
+        self.nbytes = len(header) + sum(copy.tensor.numel() * copy.tensor.element_size() for copy in buffers)
+        super().__init__(None, media_type=CONTENT_TYPE, headers=headers)
+        self.headers["content-length"] = str(self.nbytes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.header, "more_body": True})
+        loop = asyncio.get_running_loop()
+        for copy in self.buffers:
+            if not copy.done():
+                await loop.run_in_executor(None, copy.wait)
+            view = copy.bytes_view()
+            if view.nbytes:
+                await send({"type": "http.response.body", "body": view, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def body_length(response: Response) -> int:
+    """The length of a response's body (a `FramedResponse` is not held as one bytes object)."""
+    return response.nbytes if isinstance(response, FramedResponse) else len(response.body)
+
+
 # --- admission ----------------------------------------------------------------------------------
 
 
@@ -368,6 +401,25 @@ def guarded_protocol(settings: Settings, http: str = "httptools") -> type:
         def connection_lost(self, exc) -> None:
             self._stop_header_timer()
             super().connection_lost(exc)
+
+    if http == "httptools":
+        from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+
+        class GuardedProtocol(GuardedProtocol):  # noqa: F811 - the same class, one copy less per body chunk
+            def on_body(self, body: bytes) -> None:
+                """A chunk that finds the request's buffer empty is kept as it came (uvicorn's receive
+                hands over `bytes(body)`, the same object), instead of being appended to uvicorn's
+                bytearray and copied out again; chunks that arrive before the application takes the
+                previous one are appended as uvicorn does."""
+                cycle = self.cycle
+                if cycle.body or cycle.response_complete or self.parser.should_upgrade():
+                    if isinstance(cycle.body, bytes):
+                        cycle.body = bytearray(cycle.body)
+                    return super().on_body(body)
+                cycle.body = body
+                if len(body) > HIGH_WATER_LIMIT:
+                    self.flow.pause_reading()
+                cycle.message_event.set()
 
     GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
     return GuardedProtocol

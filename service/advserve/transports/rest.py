@@ -25,7 +25,7 @@ from advserve_client.framing import (CONTENT_TYPE, HEADER_LENGTH, OUTPUTS_KEY, R
                                      outputs_target, region_ref)
 
 from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
-from ..device import to_host
+from ..device import copy_to_host, to_host
 from ..errors import (InvalidArgument)
 from ..model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from ..observability import REQUEST_ID_HEADER, error_body_message, estimator_named_in, request_id, server_timing
@@ -33,9 +33,10 @@ from ..presets import DEFAULT_PRESET, PRESETS
 from ..runtime import (Runtime, admitted, charge_compute,
                       watch_disconnect)
 from ..shm import Regions
-from ..wire import torch_to_raw
+from ..wire import WIRE_DTYPES
 from . import shm_tensors
-from .http_door import JSONResponse, _error_response, _failure_response, _orjson_dumps, is_binary
+from .http_door import (FramedResponse, JSONResponse, _error_response, _failure_response, _orjson_dumps,
+                        body_length, is_binary)
 
 log = logging.getLogger("advserve")
 
@@ -43,7 +44,6 @@ TermSpec = Union[dict[str, Any], bool, None]
 OUTPUTS_DESCRIPTION = ('{"region", "offset", "byte_size"}: write every output tensor, one after the other, into this '
                        "registered shared-memory region; the response's descriptors then name where each lies "
                        "(docs/binary-framing.md)")
-
 
 
 def _presets_text() -> str:
@@ -273,14 +273,22 @@ def _outputs_to_region(regions: Regions | None, target: shm_tensors.Target, docu
     return JSONResponse({**document, "tensors": {name: ref.descriptor() for name, ref in refs.items()}})
 
 
-def encode_response(document: dict[str, Any], tensors: dict[str, torch.Tensor | None], binary: bool,
-                    headers: dict[str, str]) -> Response:
+def encode_response(document: dict[str, Any] | Callable[[], dict[str, Any]],
+                    tensors: dict[str, torch.Tensor | None], binary: bool, headers: dict[str, str]) -> Response:
+    """The response of a computed request: binary (a `FramedResponse` streaming the tensors' own host
+    memory after the framing header, byte for byte what `framing.encode` frames) or JSON (nested lists).
+    `document` is the JSON part or a function building it (its statistics may wait on the device): on
+    CUDA the device-to-host copies of the tensors are started first, so they run while it is built."""
     present = {name: t for name, t in tensors.items() if t is not None}
     if binary:
-        header_length, chunks = framing.encode(document, {name: torch_to_raw(t) for name, t in present.items()},
-                                               dumps=_orjson_dumps)
-        headers[HEADER_LENGTH] = str(header_length)
-        return Response(b"".join(chunks), media_type=CONTENT_TYPE, headers=headers)
+        copies = copy_to_host(list(present.values()))
+        described = {name: {"dtype": WIRE_DTYPES[copy.tensor.dtype], "shape": list(copy.tensor.shape),
+                            "binary_data_size": copy.tensor.numel() * copy.tensor.element_size()}
+                     for name, copy in zip(present, copies)}
+        header = _orjson_dumps({**(document() if callable(document) else document), "tensors": described})
+        headers[HEADER_LENGTH] = str(len(header))
+        return FramedResponse(header, copies, headers=headers)
+    document = document() if callable(document) else document
     if not tensors:  # a document without a tensors part (POST /v1/analysis)
         return JSONResponse(document, headers=headers)
     numpy = {name: np.ascontiguousarray(to_host(t.detach()).numpy()) for name, t in present.items()}  # orjson: C order
@@ -365,7 +373,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                     binary = _wants_binary(headers, is_binary(headers))
                     if outputs_to is not None:
                         return _outputs_to_region(runtime.regions, outputs_to, document(), tensors, binary)
-                    return encode_response(document(), tensors, binary, {})
+                    return encode_response(document, tensors, binary, {})
 
                 output_size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
                 response = await deadline.off_loop(encode, output_size, lease)
@@ -377,7 +385,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             response, status, error = _failure_response(exc, endpoint, rid, _error_response)
         response.headers[REQUEST_ID_HEADER] = rid
         runtime.metrics.observe(transport="http", endpoint=endpoint, estimator=estimator, status=status,
-                                bytes_in=len(body), bytes_out=len(response.body), phases=phases, batch=batch,
+                                bytes_in=len(body), bytes_out=body_length(response), phases=phases, batch=batch,
                                 request_id=rid, started=arrived, error=error,
                                 message=error_body_message(response.body) if error else None,
                                 named_estimator=estimator_named_in(body) if error and endpoint == "advantages" else None)
