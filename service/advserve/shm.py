@@ -489,9 +489,12 @@ class Regions:
                                   f"{entry['name']!r} ({entry['byte_size']} bytes)", field=field)
         return offset, byte_size
 
-    def kind(self, name: str, field: str) -> str:
-        """"system" or "cuda": the kind of region `name` (InvalidArgument naming `field` if unknown)."""
-        return self._mapping(name, field)[0]["kind"]
+    def check(self, name: str, offset: int, byte_size: int, *, field: str) -> str:
+        """Region `name` is registered (and usable from this process) and holds [offset, offset +
+        byte_size); returns its kind, "system" or "cuda". Errors name `field`."""
+        entry, _ = self._mapping(name, field)
+        self._span(entry, offset, byte_size, field)
+        return entry["kind"]
 
     def buffer(self, name: str, offset: int, byte_size: int, *, field: str,
                charge: Callable[[int], None] | None = None) -> memoryview | torch.Tensor:

@@ -22,7 +22,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -32,13 +32,15 @@ from ..engine import Engine
 from ..errors import AdvserveError, InvalidArgument, NotFound
 from ..model import AdvantageRequest, LossRequest
 from ..scheduler import Scheduler
-from .tensors import FLOATS, INTEGERS, OUTPUT_DATATYPES, Datatype, check_datatype, check_shape, host_array
+from ..shm import Regions
+from .tensors import FLOATS, INTEGERS, OUTPUT_DATATYPES, Datatype, check_datatype, check_shape, from_raw, host_array
 
 SERVER_NAME = "advserve"
 PLATFORM = "advserve"
 MODEL_VERSION = "1"
 LOSSES = "losses"
-EXTENSIONS = ("binary_tensor_data", "parameters")
+EXTENSIONS = ("binary_tensor_data", "parameters", "system_shared_memory", "cuda_shared_memory")
+SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 NUMERIC = frozenset(INTEGERS | FLOATS)
 ACCEPTED: dict[str, frozenset[str]] = {  # input name -> datatypes it accepts; others: NUMERIC
@@ -120,21 +122,60 @@ def build_models(catalog: Mapping[str, Any]) -> dict[str, Model]:
 # --- requests and responses -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RegionRef:
+    """Where a tensor lies in shared memory: a registered region's name, the byte size, the offset."""
+
+    name: str
+    byte_size: int
+    offset: int = 0
+
+    def parameters(self, byte_size: int | None = None) -> dict[str, Any]:
+        """The tensor parameters naming this place (an output's: the bytes written)."""
+        given = {"shared_memory_region": self.name,
+                 "shared_memory_byte_size": self.byte_size if byte_size is None else byte_size}
+        return {**given, "shared_memory_offset": self.offset} if self.offset else given
+
+
+def region_ref(parameters: Mapping[str, Any], where: str) -> RegionRef | None:
+    """The RegionRef of a tensor's parameters ("shared_memory_region", "shared_memory_byte_size",
+    optional "shared_memory_offset"; Triton's names), or None without them. Errors name
+    `<where>.parameters.<name>` (`where`: "inputs.<name>" or "outputs.<name>")."""
+    if not any(name in parameters for name in SHM_PARAMETERS):
+        return None
+    region = parameters.get("shared_memory_region")
+    if not isinstance(region, str) or not region:
+        raise InvalidArgument(f"{where}.parameters.shared_memory_region must name a registered shared memory region "
+                              f"(a string), got {region!r:.80}", field=f"{where}.parameters.shared_memory_region")
+    values = {}
+    for name, required in (("shared_memory_byte_size", True), ("shared_memory_offset", False)):
+        value = parameters.get(name, None if required else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise InvalidArgument(f"{where}.parameters.{name} must be a non-negative integer"
+                                  f"{' (the tensor is in a shared memory region)' if required else ''}, "
+                                  f"got {value!r:.40}", field=f"{where}.parameters.{name}")
+        values[name] = value
+    return RegionRef(region, values["shared_memory_byte_size"], values["shared_memory_offset"])
+
+
 @dataclass
 class InferInput:
     """One input as parsed by a transport: `data` is a torch tensor, a numpy array, or None until the
-    transport fills it (`decode` turns wire data into either)."""
+    transport fills it (`decode` turns wire data into either, `OipService.read_region` reads a
+    region's)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: Any = None
+    region: RegionRef | None = None
 
 
 @dataclass
 class RequestedOutput:
     name: str
     binary: bool | None = None  # HTTP's per-output binary_data parameter
+    region: RegionRef | None = None  # written into this shared memory region, not returned
 
 
 @dataclass
@@ -152,7 +193,8 @@ class InferOutput:
     name: str
     datatype: str
     shape: list[int]
-    array: Any  # numpy, C-contiguous, little-endian
+    array: Any  # numpy, C-contiguous, little-endian; None when written into a region
+    parameters: dict[str, Any] | None = None  # a region's: where the output was written
 
 
 @dataclass
@@ -182,9 +224,10 @@ class Prepared:
 class OipService:
     """The protocol over one engine and compute thread (those of the native API)."""
 
-    def __init__(self, engine: Engine, scheduler: Scheduler):
+    def __init__(self, engine: Engine, scheduler: Scheduler, regions: Regions | None = None):
         self.engine = engine
         self.scheduler = scheduler
+        self.regions = regions
         self.models = build_models(engine.catalog())
 
     @staticmethod
@@ -211,6 +254,37 @@ class OipService:
         datatype = check_datatype(item.name, item.datatype, spec.accepts)
         item.shape = check_shape(item.name, item.shape)
         return datatype
+
+    def read_region(self, item: InferInput, datatype: Datatype, charge: Callable[[int], None] | None = None) -> None:
+        """Fill `item.data` from its shared memory region (`item.region`): a view of the region, or a
+        copy charged to `charge` (an object of another uid: `shm` module docstring; a BYTES input
+        of a CUDA region). Its byte size must be exactly what shape and datatype need (BYTES: the
+        serialized elements, each a 4-byte length and its bytes)."""
+        where = f"inputs.{item.name}.parameters"
+        ref = item.region
+        regions = self._regions(f"{where}.shared_memory_region")
+        region_field = f"{where}.shared_memory_region"
+        if datatype.itemsize is not None and ref.byte_size != math.prod(item.shape) * datatype.itemsize:
+            raise InvalidArgument(f"input {item.name!r}: shared_memory_byte_size is {ref.byte_size} but shape "
+                                  f"{list(item.shape)} of {datatype.name} needs "
+                                  f"{math.prod(item.shape) * datatype.itemsize} bytes",
+                                  field=f"{where}.shared_memory_byte_size")
+        kind = regions.check(ref.name, ref.offset, ref.byte_size, field=region_field)
+        if kind == "cuda" and datatype.torch is not None:
+            item.data = regions.read(ref.name, ref.offset, ref.byte_size, dtype=datatype.torch, shape=item.shape,
+                                     field=region_field)
+            return
+        data = regions.buffer(ref.name, ref.offset, ref.byte_size, field=region_field, charge=charge)
+        if isinstance(data, torch.Tensor):  # BYTES in a CUDA region: to the host, charged
+            if charge is not None:
+                charge(ref.byte_size)
+            data = memoryview(data.cpu().numpy())
+        item.data = from_raw(item.name, datatype, item.shape, data)
+
+    def _regions(self, field: str) -> Regions:
+        if self.regions is None:
+            raise InvalidArgument("shared memory is not available on this server", field=field)
+        return self.regions
 
     def prepare(self, request: InferRequest) -> Prepared:
         """Everything but the math (in a transport's thread): model, parameters, tensors, outputs."""
@@ -239,6 +313,11 @@ class OipService:
             mask = tensors.get("response_mask")
             batch = tuple(mask.shape) if getattr(mask, "ndim", 0) == 2 else None
         outputs = requested_outputs(model, request.outputs, produced)
+        for wanted in outputs:
+            if wanted.region is not None:  # before the compute: the region is there and holds the span
+                ref = wanted.region
+                self._regions(f"outputs.{wanted.name}.parameters.shared_memory_region").check(
+                    ref.name, ref.offset, ref.byte_size, field=f"outputs.{wanted.name}.parameters.shared_memory_region")
         return Prepared(model, request, domain, outputs, timeout_s, batch)
 
     async def compute(self, prepared: Prepared):
@@ -250,9 +329,9 @@ class OipService:
         except AdvserveError as exc:
             raise protocol_error(exc) from None
 
-    @staticmethod
-    def respond(prepared: Prepared, result: Any) -> InferResponse:
-        """The response: the requested outputs in order, the scalars as response parameters."""
+    def respond(self, prepared: Prepared, result: Any) -> InferResponse:
+        """The response: the requested outputs in order, the scalars as response parameters; an output
+        with a region is written there (`place`) and carries the region's parameters, no array."""
         model = prepared.model
         parameters: dict[str, Any] = {"preset": result.preset}
         if model.kind == "advantages":
@@ -266,16 +345,32 @@ class OipService:
             parameters.update(_scalars(result.metrics, "metrics."))
             for term, values in result.params.items():
                 parameters.update(_scalars(values, f"{term}."))
+        if model.kind == "losses":
+            tensors["loss"] = torch.tensor([result.loss], dtype=torch.float64)
         outputs = []
         for wanted in prepared.outputs:
-            if wanted.name == "loss":
-                array = torch.tensor([result.loss], dtype=torch.float64).numpy()
-                outputs.append(InferOutput("loss", "FP64", [1], array))
-                continue
             tensor = tensors[wanted.name]
-            outputs.append(InferOutput(wanted.name, OUTPUT_DATATYPES[tensor.dtype], list(tensor.shape),
-                                       host_array(tensor)))
+            output = InferOutput(wanted.name, OUTPUT_DATATYPES[tensor.dtype], list(tensor.shape), None)
+            if wanted.region is None:
+                output.array = host_array(tensor)
+            else:
+                output.parameters = self.place(wanted, tensor)
+            outputs.append(output)
         return InferResponse(model.name, prepared.request.id, parameters, outputs)
+
+    def place(self, wanted: RequestedOutput, tensor: torch.Tensor) -> dict[str, Any]:
+        """Write output `tensor` into its region (from the device straight into a CUDA region); the
+        region's parameters for the response. The region's byte size must hold it (Triton's rule: at
+        least the output's size)."""
+        ref, where = wanted.region, f"outputs.{wanted.name}.parameters"
+        needed = tensor.numel() * tensor.element_size()
+        if ref.byte_size < needed:
+            raise InvalidArgument(f"output {wanted.name!r}: shared_memory_byte_size is {ref.byte_size} but the output "
+                                  f"{list(tensor.shape)} of {OUTPUT_DATATYPES[tensor.dtype]} needs {needed} bytes",
+                                  field=f"{where}.shared_memory_byte_size")
+        written = self._regions(f"{where}.shared_memory_region").write(
+            ref.name, ref.offset, ref.byte_size, [tensor.detach()], field=f"{where}.shared_memory_region")
+        return ref.parameters(written)
 
 
 def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -424,4 +519,4 @@ def protocol_error(error: AdvserveError) -> AdvserveError:
 
 
 __all__ = ["InferInput", "InferOutput", "InferRequest", "InferResponse", "Model", "OipService",
-           "Prepared", "RequestedOutput", "protocol_error"]
+           "Prepared", "RegionRef", "RequestedOutput", "protocol_error", "region_ref"]

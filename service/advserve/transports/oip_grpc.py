@@ -14,15 +14,16 @@ without reading their (empty) request; the other methods need it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 
 from .._oip_pb import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
-from ..oip.core import InferInput, InferRequest, InferResponse, OipService, RequestedOutput
+from ..oip.core import SHM_PARAMETERS, InferInput, InferRequest, InferResponse, OipService, RequestedOutput, region_ref
 from ..oip.tensors import from_bytes_list, from_json, from_raw
 from ..runtime import Runtime
 from .grpc_door import Door, _Call
@@ -53,26 +54,37 @@ def set_parameter(parameter: pb.InferParameter, value: Any) -> None:
         parameter.string_param = str(value)
 
 
-def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> InferRequest:
-    """A ModelInferRequest -> an InferRequest with decoded inputs (raw ones are views of the bytes)."""
+def request_from_pb(request: pb.ModelInferRequest, service: OipService,
+                    charge: Callable[[int], None] | None = None) -> InferRequest:
+    """A ModelInferRequest -> an InferRequest with decoded inputs: raw ones are views of the bytes,
+    those in a shared memory region views of the region (or copies charged to `charge`:
+    `OipService.read_region`). raw_input_contents holds one entry per input not in a region."""
     model = service.model(request.model_name, request.model_version)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: one per "
-                              "input, in the order of inputs", field="raw_input_contents")
-    inputs = []
-    for index, tensor in enumerate(request.inputs):
-        item = InferInput(tensor.name, tensor.datatype, tuple(tensor.shape))
+    regions = [region_ref({key: parameter_value(value) for key, value in tensor.parameters.items()},
+                          f"inputs.{tensor.name}") for tensor in request.inputs]
+    carried = sum(region is None for region in regions)
+    if raw and len(raw) != carried:
+        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {carried} inputs not in shared memory: "
+                              "one per such input, in the order of inputs", field="raw_input_contents")
+    inputs, raw_index = [], 0
+    for tensor, region in zip(request.inputs, regions):
+        item = InferInput(tensor.name, tensor.datatype, tuple(tensor.shape), region=region)
         datatype = service.check_input(model, item)
-        if tensor.parameters:
-            key = sorted(tensor.parameters)[0]
-            what = "shared memory is not supported" if key.startswith("shared_memory") else "unknown parameter"
-            raise InvalidArgument(f"input {tensor.name!r}: {what} ({key!r})", field=f"inputs.{tensor.name}")
-        if raw:
+        extra = sorted(set(tensor.parameters) - set(SHM_PARAMETERS))
+        if extra:
+            raise InvalidArgument(f"input {tensor.name!r}: unknown parameter {extra[0]!r}", field=f"inputs.{tensor.name}")
+        if region is not None:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(f"input {tensor.name!r} is in shared memory region {region.name!r} and also has "
+                                      "contents: give one", field=f"inputs.{tensor.name}.parameters.shared_memory_region")
+            service.read_region(item, datatype, charge)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(f"input {tensor.name!r} has contents, but raw_input_contents is used",
                                       field=f"inputs.{tensor.name}")
-            item.data = from_raw(tensor.name, datatype, item.shape, raw[index])
+            item.data = from_raw(tensor.name, datatype, item.shape, raw[raw_index])
+            raw_index += 1
         else:
             contents_field = CONTENTS_FIELD.get(item.datatype)
             if contents_field is None:
@@ -88,11 +100,12 @@ def request_from_pb(request: pb.ModelInferRequest, service: OipService) -> Infer
     if request.outputs:
         outputs = []
         for wanted in request.outputs:
-            extra = sorted(set(wanted.parameters) - {"binary_data"})
+            extra = sorted(set(wanted.parameters) - {"binary_data", *SHM_PARAMETERS})
             if extra:
                 raise InvalidArgument(f"output {wanted.name!r}: parameter {extra[0]!r} is not supported",
                                       field=f"outputs.{wanted.name}")
-            outputs.append(RequestedOutput(wanted.name))
+            params = {key: parameter_value(value) for key, value in wanted.parameters.items()}
+            outputs.append(RequestedOutput(wanted.name, region=region_ref(params, f"outputs.{wanted.name}")))
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     return InferRequest(request.model_name, request.model_version, request.id, parameters, inputs, outputs)
 
@@ -102,8 +115,10 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
     for out in response.outputs:
-        message.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-        message.raw_output_contents.append(out.array.tobytes())
+        tensor = message.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        for key, value in (out.parameters or {}).items():  # written into a region: its parameters, no bytes
+            set_parameter(tensor.parameters[key], value)
+        message.raw_output_contents.append(b"" if out.array is None else out.array.tobytes())
     return message
 
 
@@ -126,7 +141,53 @@ class OipServicer:
             "ServerMetadata": meta(pb.ServerMetadataRequest, self._server_metadata),
             "ModelMetadata": meta(pb.ModelMetadataRequest, self._model_metadata),
             "ModelInfer": door.unary(pb.ModelInferRequest, self._infer, endpoint="infer", transport=TRANSPORT),
+            "SystemSharedMemoryStatus": meta(pb.SystemSharedMemoryStatusRequest, self._system_status),
+            "SystemSharedMemoryRegister": meta(pb.SystemSharedMemoryRegisterRequest, self._system_register),
+            "SystemSharedMemoryUnregister": meta(pb.SystemSharedMemoryUnregisterRequest, self._system_unregister),
+            "CudaSharedMemoryStatus": meta(pb.CudaSharedMemoryStatusRequest, self._cuda_status),
+            "CudaSharedMemoryRegister": meta(pb.CudaSharedMemoryRegisterRequest, self._cuda_register),
+            "CudaSharedMemoryUnregister": meta(pb.CudaSharedMemoryUnregisterRequest, self._cuda_unregister),
         }
+
+    # --- shared memory (Triton's extensions: docs/shared-memory.md); an empty name means every region ---
+
+    async def _system_status(self, request: pb.SystemSharedMemoryStatusRequest,
+                             call: _Call) -> pb.SystemSharedMemoryStatusResponse:
+        regions = await asyncio.to_thread(self.runtime.regions.status, "system", request.name or None)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    async def _system_register(self, request: pb.SystemSharedMemoryRegisterRequest,
+                               call: _Call) -> pb.SystemSharedMemoryRegisterResponse:
+        await asyncio.to_thread(self.runtime.regions.register_system, request.name, request.key, request.offset,
+                                request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def _system_unregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                 call: _Call) -> pb.SystemSharedMemoryUnregisterResponse:
+        await asyncio.to_thread(self.runtime.regions.unregister, "system", request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _cuda_status(self, request: pb.CudaSharedMemoryStatusRequest,
+                           call: _Call) -> pb.CudaSharedMemoryStatusResponse:
+        regions = await asyncio.to_thread(self.runtime.regions.status, "cuda", request.name or None)
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    async def _cuda_register(self, request: pb.CudaSharedMemoryRegisterRequest,
+                             call: _Call) -> pb.CudaSharedMemoryRegisterResponse:
+        await asyncio.to_thread(self.runtime.regions.register_cuda, request.name, request.raw_handle,
+                                request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def _cuda_unregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                               call: _Call) -> pb.CudaSharedMemoryUnregisterResponse:
+        await asyncio.to_thread(self.runtime.regions.unregister, "cuda", request.name or None)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def _model_ready(self, request: pb.ModelReadyRequest, call: _Call) -> pb.ModelReadyResponse:
         self.service.model(request.name, request.version)
@@ -144,8 +205,8 @@ class OipServicer:
                 getattr(response, side).add(**tensor)
         return response
 
-    def _decode(self, request: pb.ModelInferRequest) -> Any:
-        return request_from_pb(request, self.service)
+    def _decode(self, request: pb.ModelInferRequest, charge: Callable[[int], None]) -> Any:
+        return request_from_pb(request, self.service, charge)
 
     async def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
         model = self.service.models.get(request.model_name)
@@ -153,7 +214,7 @@ class OipServicer:
             call.endpoint = model.kind
             call.estimator = model.name if model.kind == "advantages" else None
 
-        decode = functools.partial(self._decode, request)
+        decode = functools.partial(self._decode, request, call.lease.grow)
         del request  # once decoded, the message's copy of the inputs goes, not after the compute
         decoded = await call.off_loop(decode, call.size)
         del decode
@@ -168,6 +229,6 @@ class OipServicer:
 
 def add_servicer(runtime: Runtime, server: grpc.aio.Server, door: Door) -> None:
     """Register the OIP service on `server` (the native gRPC server), behind `door`."""
-    service = OipService(runtime.engine, runtime.scheduler)
+    service = OipService(runtime.engine, runtime.scheduler, runtime.regions)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, OipServicer(runtime, service).handlers(door))])

@@ -7,6 +7,9 @@ limits and metrics (transport label "oip_http").
     GET  /v2/models/{m}[/versions/1]                model metadata
     GET  /v2/models/{m}[/versions/1]/ready          200 (404 for an unknown model, 503 while draining)
     POST /v2/models/{m}[/versions/1]/infer          inference
+    GET  /v2/systemsharedmemory[/region/{r}]/status  shared memory regions (Triton's extension; and
+    POST /v2/systemsharedmemory/region/{r}/register  cudasharedmemory likewise: docs/shared-memory.md)
+    POST /v2/systemsharedmemory[/region/{r}]/unregister
 
 A request body is JSON, or with `Inference-Header-Content-Length: n` a JSON header of n bytes
 followed by the binary inputs (those with parameters.binary_data_size) in the order of `inputs`.
@@ -19,6 +22,7 @@ are `{"error": "<field>: <message>"}` with the status of `errors.STATUS`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import mmap
@@ -32,7 +36,8 @@ from fastapi.responses import Response
 
 from ..errors import AdvserveError, InvalidArgument, NotFound, PayloadTooLarge, Unavailable
 from ..observability import REQUEST_ID_HEADER, error_body_message, request_id, server_timing
-from ..oip.core import InferInput, InferRequest, InferResponse, OipService, Prepared, RequestedOutput
+from ..oip.core import (SHM_PARAMETERS, InferInput, InferRequest, InferResponse, OipService, Prepared,
+                        RequestedOutput, region_ref)
 from ..oip.tensors import from_json, from_raw
 from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, charge_compute, watch_disconnect
 from .http_door import JSONResponse, _failure_response, oip_error_response
@@ -132,9 +137,10 @@ def _inflate(body: bytes | memoryview, encoding: str, wbits: int, out: mmap.mmap
 
 
 def parse_request(body: bytes, header_length: str | None, model_name: str, version: str,
-                  service: OipService) -> InferRequest:
+                  service: OipService, charge: Callable[[int], None] | None = None) -> InferRequest:
     """An HTTP inference body (JSON, or JSON header + binary inputs) -> an InferRequest with decoded
-    inputs: binary ones are views of `body`."""
+    inputs: binary ones are views of `body`, those in a shared memory region views of the region (or
+    copies charged to `charge`: `OipService.read_region`)."""
     view = memoryview(body)
     n = _header_length(header_length, view.nbytes)
     try:
@@ -164,11 +170,17 @@ def parse_request(body: bytes, header_length: str | None, model_name: str, versi
         item = InferInput(name, entry.get("datatype"), entry.get("shape"))
         datatype = service.check_input(model, item)
         params = _object(entry.get("parameters"), f"inputs.{name}.parameters", f"inputs.{name}")
-        extra = sorted(set(params) - {"binary_data_size"})
+        extra = sorted(set(params) - {"binary_data_size", *SHM_PARAMETERS})
         if extra:
-            what = "shared memory is not supported" if extra[0].startswith("shared_memory") else "unknown parameter"
-            raise InvalidArgument(f"input {name!r}: {what} ({extra[0]!r})", field=f"inputs.{name}")
-        if "binary_data_size" in params:
+            raise InvalidArgument(f"input {name!r}: unknown parameter {extra[0]!r}", field=f"inputs.{name}")
+        item.region = region_ref(params, f"inputs.{name}")
+        if item.region is not None:
+            if "data" in entry or "binary_data_size" in params:
+                other = "data" if "data" in entry else "parameters.binary_data_size"
+                raise InvalidArgument(f"input {name!r} is in shared memory region {item.region.name!r} and also has "
+                                      f"{other}: give one", field=f"inputs.{name}.parameters.shared_memory_region")
+            service.read_region(item, datatype, charge)
+        elif "binary_data_size" in params:
             size = params["binary_data_size"]
             if "data" in entry:
                 raise InvalidArgument(f"input {name!r} has both data and binary_data_size", field=f"inputs.{name}")
@@ -210,14 +222,18 @@ def _outputs(value: Any) -> list[RequestedOutput] | None:
             raise InvalidArgument(f"outputs[{index}] must be an object with a string name", field=f"outputs[{index}]")
         name = entry["name"]
         params = _object(entry.get("parameters"), f"outputs.{name}.parameters", f"outputs.{name}")
-        extra = sorted(set(params) - {"binary_data"})
+        extra = sorted(set(params) - {"binary_data", *SHM_PARAMETERS})
         if extra:
-            raise InvalidArgument(f"output {name!r}: parameter {extra[0]!r} is not supported (only binary_data)",
-                                  field=f"outputs.{name}")
+            raise InvalidArgument(f"output {name!r}: parameter {extra[0]!r} is not supported (binary_data and the "
+                                  "shared_memory_* ones are)", field=f"outputs.{name}")
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise InvalidArgument(f"output {name!r}: binary_data must be true or false", field=f"outputs.{name}")
-        outputs.append(RequestedOutput(name, binary))
+        region = region_ref(params, f"outputs.{name}")
+        if region is not None and binary:
+            raise InvalidArgument(f"output {name!r} goes to shared memory region {region.name!r}: binary_data must "
+                                  "not be true", field=f"outputs.{name}.parameters.binary_data")
+        outputs.append(RequestedOutput(name, binary, region))
     return outputs
 
 
@@ -227,7 +243,9 @@ def encode_response(response: InferResponse, prepared: Prepared, headers: dict[s
     outputs, buffers = [], []
     for out, wanted in zip(response.outputs, prepared.outputs):
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
-        if wanted.binary if wanted.binary is not None else binary_default:
+        if out.array is None:  # written into a shared memory region
+            entry["parameters"] = out.parameters
+        elif wanted.binary if wanted.binary is not None else binary_default:
             data = memoryview(out.array.reshape(-1)).cast("B")
             entry["parameters"] = {"binary_data_size": data.nbytes}
             buffers.append(data)
@@ -271,7 +289,7 @@ _INFER_200 = {200: {"description": "the outputs", "content": {
 
 def add_routes(app: FastAPI, runtime: Runtime) -> None:
     """Mount the /v2 routes on `app` over `runtime`."""
-    service = OipService(runtime.engine, runtime.scheduler)
+    service = OipService(runtime.engine, runtime.scheduler, runtime.regions)
     settings = runtime.settings
     tags = ["oip"]
 
@@ -336,10 +354,12 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
     async def infer_version(request: Request, model_name: str, version: str):
         return await serve_infer(request, model_name, version)
 
+    add_shared_memory_routes(app, runtime, tags)
+
     @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
     async def unknown(path: str):
         return oip_error_response(NotFound(f"advserve does not serve /v2/{path}: the Open Inference Protocol's "
-                                           "health, metadata and inference endpoints only (docs/oip.md)", field="path"))
+                                           "health, metadata, inference and shared memory endpoints only (docs/oip.md)", field="path"))
 
     async def serve_infer(request: Request, model_name: str, version: str) -> Response:
 
@@ -361,7 +381,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                                      charge=lease.grow if lease is not None else None)
                     if raw is not body and not binary and lease is not None:  # parsing the inflated JSON
                         lease.grow((JSON_DECODE_COST - 1) * len(raw))
-                    request = parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service)
+                    request = parse_request(raw, headers.get(HEADER_LENGTH), model_name, version, service,
+                                            lease.grow if lease is not None else None)
                     charge_compute(lease, request)  # its shapes known: charged before it is validated
                     return service.prepare(request)
 
@@ -393,6 +414,88 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             batch=prepared.batch if prepared else None, request_id=rid, started=arrived, error=error,
             message=error_body_message(response.body) if error else None)
         return response
+
+
+# --- shared memory (Triton's extensions: docs/shared-memory.md) ----------------------------------------
+
+_SHM_KINDS = {"systemsharedmemory": "system", "cudasharedmemory": "cuda"}
+_REGISTER_KEYS = {"system": ("key", "offset", "byte_size"), "cuda": ("raw_handle", "device_id", "byte_size")}
+
+
+def register_body(kind: str, body: bytes | memoryview) -> dict[str, Any]:
+    """The arguments of `Regions.register_<kind>` from a register request's JSON body: system
+    {"key", "offset", "byte_size"}, cuda {"raw_handle": {"b64": ...}, "device_id", "byte_size"}."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the request is not valid JSON: {exc}", field="body") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("the request must be a JSON object", field="body")
+    keys = _REGISTER_KEYS[kind]
+    unknown = sorted(set(document) - set(keys))
+    if unknown:
+        raise InvalidArgument(f"unknown field {unknown[0]!r}; a {kind} register request has {', '.join(keys)}",
+                              field=unknown[0])
+    missing = [key for key in keys if key not in document and not (kind == "system" and key == "offset")]
+    if missing:
+        raise InvalidArgument(f"{missing[0]} is required", field=missing[0])
+    arguments = {key: document.get(key, 0) for key in keys}
+    if kind == "cuda":
+        handle = document["raw_handle"]
+        if not isinstance(handle, dict) or not isinstance(handle.get("b64"), str):
+            raise InvalidArgument('raw_handle must be {"b64": "<base64 of the cudaIpcMemHandle_t>"}', field="raw_handle")
+        try:
+            arguments["raw_handle"] = base64.b64decode(handle["b64"], validate=True)
+        except ValueError:
+            raise InvalidArgument("raw_handle.b64 is not valid base64", field="raw_handle") from None
+    return arguments
+
+
+def add_shared_memory_routes(app: FastAPI, runtime: Runtime, tags: list[str]) -> None:
+    """/v2/{systemsharedmemory,cudasharedmemory}[/region/{name}]/{status,register,unregister}: Triton's
+    shared memory endpoints over `runtime.regions` (POSTs pass the door like every POST /v2)."""
+    regions = runtime.regions
+    documented = {"tags": tags, "responses": {200: {"content": _OBJECT}, **_ERRORS}, "response_class": JSONResponse}
+
+    async def answer(fn: Callable[[], Any]) -> Response:
+        try:
+            return JSONResponse(await asyncio.to_thread(fn))
+        except AdvserveError as exc:
+            return oip_error_response(exc)
+
+    def routes(extension: str, kind: str) -> None:
+        base, what = f"/v2/{extension}", "System" if kind == "system" else "CUDA"
+
+        @app.get(f"{base}/status", summary=f"{what} shared memory: every region", **documented)
+        async def status_all():
+            return await answer(lambda: regions.status(kind))
+
+        @app.get(f"{base}/region/{{name}}/status", summary=f"{what} shared memory: one region", **documented)
+        async def status_one(name: str):
+            return await answer(lambda: regions.status(kind, name))
+
+        @app.post(f"{base}/region/{{name}}/register", summary=f"{what} shared memory: register a region",
+                  **documented)
+        async def register(request: Request, name: str):
+            try:
+                body, _, _ = await admitted(request, runtime)
+                arguments = register_body(kind, body)
+            except AdvserveError as exc:
+                return oip_error_response(exc)
+            register_fn = regions.register_system if kind == "system" else regions.register_cuda
+            return await answer(lambda: register_fn(name, **arguments) or {})
+
+        @app.post(f"{base}/region/{{name}}/unregister", summary=f"{what} shared memory: unregister a region",
+                  **documented)
+        async def unregister_one(name: str):
+            return await answer(lambda: regions.unregister(kind, name) or {})
+
+        @app.post(f"{base}/unregister", summary=f"{what} shared memory: unregister every region", **documented)
+        async def unregister_all():
+            return await answer(lambda: regions.unregister(kind) or {})
+
+    for extension, kind in _SHM_KINDS.items():
+        routes(extension, kind)
 
 
 def _result_tensors(result: Any) -> list:
