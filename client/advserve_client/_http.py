@@ -15,7 +15,7 @@ import numpy as np
 from . import framing
 from .errors import (AdvserveError, DeadlineExceeded, InternalError, InvalidArgument, Unavailable, error_from,
                      parse_retry_after, region_error)
-from .framing import RawTensor
+from .framing import RawTensor, RegionRef
 
 JSON = "application/json"
 
@@ -35,7 +35,7 @@ def ssl_context(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -
     return context
 
 
-def _encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list], binary: bool,
+def _encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | RegionRef | list], binary: bool,
             ) -> tuple[dict[str, str], list[bytes | memoryview]]:
     """(headers, body chunks) of a request."""
     if binary:
@@ -44,7 +44,8 @@ def _encode(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]
         return ({"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n), "content-length": str(size),
                  "accept": framing.CONTENT_TYPE}, chunks)
     _check_finite(document)
-    inline = {name: (_json_tensor(t.to_numpy()) if isinstance(t, RawTensor) else t) for name, t in tensors.items()}
+    inline = {name: _json_tensor(t.to_numpy()) if isinstance(t, RawTensor) else
+              t.descriptor() if isinstance(t, RegionRef) else t for name, t in tensors.items()}
     body = framing.dumps({**document, "tensors": inline})
     return {"content-type": JSON, "accept": JSON}, [body]
 
@@ -86,19 +87,20 @@ def _error(response: httpx.Response) -> AdvserveError:
 
 
 def _decode(response: httpx.Response, dtype: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(document, tensors) of a 200 response, binary or JSON; tensors as RawTensor or numpy arrays."""
+    """(document, tensors) of a 200 response, binary or JSON; tensors as RawTensor, numpy arrays, or
+    RegionRef (outputs the server wrote into a shared-memory region)."""
     if response.status_code != 200:
         raise _error(response)
     header_length = response.headers.get(framing.HEADER_LENGTH)
+    result_dtype = np.float64 if dtype == "float64" else np.float32
     try:
         if header_length is not None:
             return framing.decode(response.content, header_length)
         document = response.json()
+        tensors = {name: framing.region_ref(name, value) if isinstance(value, dict) else
+                   np.asarray(value, dtype=result_dtype) for name, value in (document.pop("tensors", None) or {}).items()}
     except (framing.FramingError, ValueError) as exc:
         raise InternalError(f"malformed response from the server: {exc}", status=response.status_code) from None
-    result_dtype = np.float64 if dtype == "float64" else np.float32
-    tensors = {name: np.asarray(value, dtype=result_dtype)
-               for name, value in (document.pop("tensors", None) or {}).items()}
     return document, tensors
 
 

@@ -40,14 +40,18 @@ def _aligned(offset: int) -> int:
 def layout(path: str, document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list],
            ) -> tuple[dict[str, int], int, int]:
     """({input name: offset}, offset of the outputs, bytes the region needs) of one call: the inputs
-    one after the other (64-byte aligned), then room for the outputs: per output the largest input's
-    element count in the compute dtype (every output is a token tensor, at most as large as that)."""
+    one after the other (64-byte aligned), then room for the outputs: per output the token count in
+    the compute dtype (every output is a token tensor; tokens: the largest input's element count, or
+    N = cu_seqlens[-1] of a packed batch)."""
     offsets, end, largest = {}, 0, 0
     for name, tensor in tensors.items():
         if isinstance(tensor, RawTensor):
             offsets[name] = _aligned(end)
             end = offsets[name] + tensor.nbytes
             largest = max(largest, int(np.prod(tensor.shape, dtype=np.int64)))
+    cu_seqlens = tensors.get("cu_seqlens")
+    if isinstance(cu_seqlens, RawTensor) and cu_seqlens.nbytes and cu_seqlens.dtype in ("int32", "int64", "uint8"):
+        largest = max(largest, int(cu_seqlens.to_numpy().reshape(-1)[-1]))
     itemsize = ITEMSIZE["float64" if document.get("dtype") == "float64" else "float32"]
     outputs = _aligned(end)
     return offsets, outputs, outputs + OUTPUTS_PER_TOKEN_TENSOR.get(path, 3) * largest * itemsize
