@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import mmap
 import re
 from typing import Any, Callable
 
+import numpy as np
 import orjson
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -153,7 +153,7 @@ class AdmissionControl:
       --request-timeout-s of the request's arrival: 408 request_timeout;
     - a response that leaves part of a body unread closes the connection (Connection: close).
 
-    The body (bytes, or a memoryview of one anonymous mapping for a large declared length: no copy,
+    The body (bytes, or a memoryview of one buffer of its length for a large declared length: no join,
     its pages touched only as bytes arrive), the request's `Deadline` and its admission `Lease` are
     handed to the routes in the ASGI scope ("advserve.body", "advserve.deadline", "advserve.lease");
     the lease is released once the response has been sent (or, when a worker thread abandoned at the
@@ -252,15 +252,15 @@ class AdmissionControl:
     async def _read_body(self, receive, declared: int | None, limit: int, kind: str, lease: Lease,
                          deadline: Deadline) -> bytes | memoryview:
         """The whole body, each chunk admitted as it arrives, under the idle timeout and the deadline."""
-        mapped = mmap.mmap(-1, declared) if declared is not None and declared >= MAPPED_BODY_BYTES else None
+        buffer = body_buffer(declared) if declared is not None and declared >= ONE_BUFFER_BYTES else None
         try:
-            return await self._receive_into(receive, mapped, limit, kind, lease, deadline)
-        except BaseException:
-            if mapped is not None:
-                mapped.close()  # at once: a traceback's frames would keep the pages until the garbage collector runs
-            raise
+            return await self._receive_into(receive, buffer, limit, kind, lease, deadline)
+        except BaseException as exc:  # noqa: BLE001 - re-raised as it is, less the frames that hold the buffer
+            # at once: the traceback's frames would keep the buffer alive as long as the exception
+            buffer = None
+            raise exc.with_traceback(None) from None
 
-    async def _receive_into(self, receive, mapped: mmap.mmap | None, limit: int, kind: str, lease: Lease,
+    async def _receive_into(self, receive, buffer: memoryview | None, limit: int, kind: str, lease: Lease,
                             deadline: Deadline) -> bytes | memoryview:
         chunks: list[bytes] = []
         seen = 0
@@ -281,21 +281,30 @@ class AdmissionControl:
                 if seen + len(chunk) > limit:
                     raise PayloadTooLarge(f"request body exceeds the {kind} limit of {limit} bytes", field="body")
                 lease.grow(len(chunk))
-                if mapped is not None:
-                    mapped[seen:seen + len(chunk)] = chunk
+                if buffer is not None:
+                    buffer[seen:seen + len(chunk)] = chunk
                 else:
                     chunks.append(chunk)
                 seen += len(chunk)
             if not message.get("more_body", False):
                 break
-        if mapped is not None:
-            return memoryview(mapped)[:seen]
+        if buffer is not None:
+            return buffer[:seen]
         # joined in one synchronous step on the event loop: at most one body's transient copy at a time
-        # (a body under MAPPED_BODY_BYTES, or an upload without Content-Length)
+        # (a body under ONE_BUFFER_BYTES, or an upload without Content-Length)
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
-MAPPED_BODY_BYTES = 256 << 10  # a declared body at least this large is read into one anonymous mapping
+def body_buffer(nbytes: int) -> memoryview:
+    """Uninitialized memory for a body of `nbytes`, taken from the heap (the server raises glibc's mmap
+    threshold: runtime.tune_allocator): pages already mapped by earlier requests are reused without a
+    fault or a zeroing pass (an anonymous mapping per request cost 0.5 ms per MiB on the 2-core VM:
+    bench/bench_http.py), and fresh ones are touched only as bytes arrive, so a connection that
+    declares much and sends little adds only what it sent to the resident memory."""
+    return memoryview(np.empty(nbytes, dtype=np.uint8))
+
+
+ONE_BUFFER_BYTES = 256 << 10  # a declared body at least this large is read into one buffer of its length
 _DRAINED_REST = 64 << 10  # a refused body with at most this much declared is read and dropped (keep-alive)
 _timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11: no task per wait
 
