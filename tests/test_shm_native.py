@@ -11,6 +11,7 @@ client's error, saying so."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from conftest import RunningServer
 
 import advserve
-from advserve_client import Client, InvalidArgument, framing, protocol
+from advserve_client import AsyncClient, Client, InvalidArgument, framing, protocol
 from advserve_client._pb import advserve_pb2 as pb
 from advserve_client._pb import advserve_pb2_grpc as pb_grpc
 
@@ -125,6 +126,26 @@ def test_shared_memory_gives_the_results_of_the_bytes(server, kind):
                         response_mask=np.ones((8, 5), bool))
         assert shm.analyze(["grpo", "rloo"], **analysis) == plain.analyze(["grpo", "rloo"], **analysis)
         assert len(shm._regions.names) == 1 and shm._regions.names[0] in registered(server)
+
+
+@pytest.mark.parametrize("kind", ["rest", "grpc"])
+def test_async_client_with_shared_memory(server, kind):
+    rng = np.random.default_rng(5)
+    batches = [loss_batch(rng, 4, 9), loss_batch(rng, 3, 700)]  # the second grows the region
+
+    async def run() -> tuple[list[Any], list[str]]:
+        address = server.grpc_address if kind == "grpc" else f"127.0.0.1:{server.port}"
+        async with AsyncClient(address, transport="http" if kind == "rest" else "grpc", shared_memory=True) as shm:
+            results = await asyncio.gather(*(shm.compute_losses(**LOSS_SPEC, **batch) for batch in batches))
+            names = shm._regions.names
+            assert set(names) <= registered(server) and len(names) in (1, 2)
+        return results, names
+
+    results, names = asyncio.run(run())
+    with make_client(server, kind) as plain:
+        for batch, got in zip(batches, results):
+            assert_same(plain.compute_losses(**LOSS_SPEC, **batch), got, ("grad_logprobs", "grad_values"))
+    assert not set(names) & registered(server) and not any(map(in_dev_shm, names))
 
 
 @pytest.mark.parametrize("kind", ["rest", "grpc"])

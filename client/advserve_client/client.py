@@ -17,6 +17,7 @@ and `Overloaded` are retried (see `RetryPolicy`), nothing else is.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Mapping, Sequence
@@ -154,10 +155,10 @@ class _Base:
         self.retry = RetryPolicy(max_retries=max_retries)
         self._transport = self._make_transport(self._asynchronous)
         self.shared_memory = shared_memory
-        if shared_memory and self._asynchronous:
-            raise ValueError("shared_memory is an option of Client (AsyncClient sends the tensors' bytes)")
-        self._regions = (RegionPool(self._transport.register_region, self._transport.unregister_region)
-                         if shared_memory else None)
+        self._regions: RegionPool | None = None
+        if shared_memory:  # regions are registered over a synchronous transport (AsyncClient: from a thread)
+            self._registrar = self._make_transport(False) if self._asynchronous else self._transport
+            self._regions = RegionPool(self._registrar.register_region, self._registrar.unregister_region)
 
     def _make_transport(self, asynchronous: bool) -> Any:
         if self.transport == "http":
@@ -189,7 +190,7 @@ class Client(_Base):
     regions this client creates and registers with the server (unique names, grown when a batch needs
     more, unregistered and unlinked by close()) instead of in the request and response; results are
     the same numpy arrays (copies out of the region). A server on another host cannot open the region:
-    the registration's refusal is raised on the first call.
+    the registration's refusal is raised on the first call (AsyncClient: the same).
     """
 
     _transport: HttpTransport | GrpcTransport
@@ -308,6 +309,20 @@ class AsyncClient(_Base):
                 await _retry.async_sleep(self.retry.delay(error, attempt))
                 attempt += 1
 
+    async def _compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, Any],
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """See `Client._compute` (a region is created and registered in a thread, off the event loop)."""
+        wire = wire_tensors(tensors)
+        if self._regions is None:
+            return await self._with_retries(self._transport.compute, path, document, wire)
+        region = await asyncio.to_thread(self._regions.acquire, layout(path, document, wire)[2])
+        try:
+            placed_document, placed = region.place(path, document, wire)
+            answer, raw = await self._with_retries(self._transport.compute, path, placed_document, placed)
+            return answer, region.results(raw)
+        finally:
+            self._regions.release(region)
+
     async def compute_advantages(self, estimator: str, *, preset: str | None = None,
                                  params: Mapping[str, Any] | None = None, dtype: str | None = None,
                                  layout: str | None = None, **tensors: Any) -> AdvantageResult:
@@ -315,7 +330,7 @@ class AsyncClient(_Base):
         _check_group_ids(tensors)
         document = _document(estimator=estimator, preset=preset, params=params, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
-        answer, raw = await self._with_retries(self._transport.compute, ADVANTAGES, document, wire_tensors(tensors))
+        answer, raw = await self._compute(ADVANTAGES, document, tensors)
         return _advantages_result(answer, raw, outputs, estimator, preset)
 
     async def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None,
@@ -328,7 +343,7 @@ class AsyncClient(_Base):
                              entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
                              num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
-        answer, raw = await self._with_retries(self._transport.compute, LOSSES, document, wire_tensors(tensors))
+        answer, raw = await self._compute(LOSSES, document, tensors)
         return _losses_result(answer, raw, outputs, preset)
 
     async def analyze(self, estimators: Sequence[str] | None = None, *, preset: str | None = None,
@@ -337,7 +352,7 @@ class AsyncClient(_Base):
         """See `Client.analyze`."""
         _check_group_ids(tensors)
         document = _document(estimators=_names(estimators), preset=preset, params=params, dtype=dtype, layout=layout)
-        answer, _ = await self._with_retries(self._transport.compute, ANALYSIS, document, wire_tensors(tensors))
+        answer, _ = await self._compute(ANALYSIS, document, tensors)
         return answer
 
     async def list_estimators(self) -> dict[str, Any]:
@@ -345,6 +360,9 @@ class AsyncClient(_Base):
         return await self._with_retries(self._transport.catalog)
 
     async def close(self) -> None:
+        if self._regions is not None:
+            await asyncio.to_thread(self._regions.close)
+            self._registrar.close()
         await self._transport.close()
 
     async def __aenter__(self) -> "AsyncClient":
