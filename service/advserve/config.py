@@ -93,6 +93,10 @@ class Settings:
     memory_trim_idle_s: float = field(default=2.0, metadata={"help": "return freed heap memory to the system "
                                                                     "(malloc_trim) once no request has been in "
                                                                     "flight for this long (0: never)"})
+    kernels: str = field(default="auto", metadata={"help": "the engine's math: 'triton' (fused Triton kernels; a "
+                                                         "CUDA device and the triton package), 'torch', or "
+                                                         "'auto' (triton when both are there)",
+                                                 "choices": ("auto", "torch", "triton")})
 
     def validate(self) -> "Settings":
         """This Settings, checked: every number finite and in its range, each problem naming its flag;
@@ -157,9 +161,17 @@ _FLOAT_RANGES = (
 )
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity: taskset, a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def worker_count(settings: Settings) -> int:
-    """The front-end processes to run: --workers, or when 0 (auto) min(CPU cores, 4)."""
-    return settings.workers or min(os.cpu_count() or 1, 4)
+    """The front-end processes to run: --workers, or when 0 (auto) min(usable CPU cores, 4)."""
+    return settings.workers or min(usable_cores(), 4)
 
 
 def env_name(name: str) -> str:

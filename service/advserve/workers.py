@@ -109,7 +109,9 @@ class Worker:
     @property
     def intra_op_threads(self) -> int:
         """torch threads of this worker: the cores shared out, at least one."""
-        return max(1, (os.cpu_count() or 1) // self.count)
+        from .config import usable_cores
+
+        return max(1, usable_cores() // self.count)
 
 
 def _family(host: str) -> socket.AddressFamily:
