@@ -26,8 +26,8 @@ from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult, T
 
 
 @functools.lru_cache(maxsize=None)
-def _engine(device: str) -> Engine:
-    return Engine(device)
+def _engine(device: str, kernels: str = "auto") -> Engine:
+    return Engine(device, kernels=kernels)
 
 
 def _converter(tensors: Mapping[str, Any]):
@@ -47,6 +47,7 @@ def compute_advantages(
     dtype: str | None = None,
     layout: str | None = None,
     device: str = "auto",
+    kernels: str = "auto",
     **tensors: Any,
 ) -> AdvantageResult:
     """Token advantages and returns of `estimator` (see `advserve.catalog()` and docs/semantics.md).
@@ -57,10 +58,11 @@ def compute_advantages(
     [B + 1] (response_mask optional), results flat too. Returns `.advantages`, `.returns` [B, T], `.stats`,
     `.params` (the resolved parameters). Parameters go in `params` (params={"gamma": 1}); one given as
     a keyword argument is an error that says so. Raises `advserve.InvalidArgument` / `advserve.NotFound`.
+    kernels: "auto" (the Triton kernels on a CUDA device when triton is installed), "torch" or "triton".
     """
     request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype,
                                layout=layout)
-    result = _engine(device).compute_advantages(request)
+    result = _engine(device, kernels).compute_advantages(request)
     return result.with_arrays(_converter(tensors))
 
 
@@ -77,6 +79,7 @@ def compute_losses(
     dtype: str | None = None,
     layout: str | None = None,
     device: str = "auto",
+    kernels: str = "auto",
     **tensors: Any,
 ) -> LossResult:
     """The loss, its components and metrics, and its gradients with respect to the inputs.
@@ -95,7 +98,7 @@ def compute_losses(
     request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
                           value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
                           num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
-    result = _engine(device).compute_losses(request)
+    result = _engine(device, kernels).compute_losses(request)
     convert = _converter(tensors)
     return dataclasses.replace(result, grad_logprobs=convert(result.grad_logprobs),
                                grad_values=convert(result.grad_values), grad_entropy=convert(result.grad_entropy))
@@ -109,6 +112,7 @@ def analyze(
     dtype: str | None = None,
     layout: str | None = None,
     device: str = "auto",
+    kernels: str = "auto",
     **tensors: Any,
 ) -> dict[str, Any]:
     """What each estimator makes of this batch, relative to the unbiased policy gradient (docs/analysis.md).
@@ -122,7 +126,7 @@ def analyze(
     """
     request = AnalysisRequest(tensors=tensors, estimators=estimators, preset=preset, params=params, dtype=dtype,
                               layout=layout)
-    return analyze_batch(_engine(device), request)
+    return analyze_batch(_engine(device, kernels), request)
 
 
 def catalog() -> dict[str, Any]:

@@ -19,7 +19,9 @@ from .functional.groups import Groups
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, masked_moments
 from .functional.rollout import rollout_weights
+from .functional.scan import use_kernels
 from .hints import keyword_hint
+from .kernels import resolve_kernels
 from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms, echoed_params
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, preset_default, resolve_params
@@ -41,11 +43,16 @@ def refuse_params_as_tensors(raw: Any, kind: str, estimator: str | None = None) 
 
 
 class Engine:
-    """Computes advantages and losses on one device. Thread-compatible: holds no mutable state."""
+    """Computes advantages and losses on one device. Thread-compatible: holds no mutable state.
 
-    def __init__(self, device: str | torch.device | None = "auto", *, max_tokens: int = DEFAULT_MAX_TOKENS):
+    `kernels`: "auto" (the Triton kernels on a CUDA device when triton imports, else torch), "torch"
+    or "triton" (`advserve.kernels`); `self.kernels` is what it resolved to, "torch" or "triton"."""
+
+    def __init__(self, device: str | torch.device | None = "auto", *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 kernels: str = "auto"):
         self.device = resolve_device(device)
         self.max_tokens = max_tokens
+        self.kernels = resolve_kernels(kernels, self.device)
 
     # --- lookups --------------------------------------------------------------------------------
 
@@ -128,7 +135,7 @@ class Engine:
             raise ValueError("run_advantages: only jobs of one (non-None) coalescing key share a batch")
         batch = first.batch if len(jobs) == 1 else Batch.concat([job.batch for job in jobs])
         inputs = advantage_inputs(batch, first.dtype)
-        with torch.no_grad(), fits_in_memory():
+        with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
             advantages, returns = first.estimator.fn(inputs, first.params)
         results, row = [], 0
         for job in jobs:

@@ -11,11 +11,17 @@ recursions skip them and carry the running value across, which is the same as ru
 row's valid tokens packed to the left; `Compactor` does that packing when, and only when, a mask has
 interior gaps. `gaps="step"` (OpenRLHF) instead treats every position as a step: a masked position
 adds a zero reward (and value 0) and still discounts by γ (γλ for GAE); no packing is needed.
+
+Inside `use_kernels("triton")` (the engine's `kernels` setting), `reward_to_go` and `gae` run the
+fused kernels of `advserve.kernels.scan` instead: the same values to rounding, one pass over memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -24,6 +30,18 @@ from .masks import is_right_padded
 
 MASK_GAPS = ("skip", "step")
 CHUNK = 16  # measured on 2 cores at [256, 4096]: 16 ≈ 0.75 ms, 32 ≈ 0.85 ms, 64 ≈ 1.2 ms
+_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("advserve_scan_kernels", default="torch")
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: str) -> Iterator[None]:
+    """Within the block (this thread or task), `reward_to_go` and `gae` run on `kernels`: "torch"
+    (these functions) or "triton" (`advserve.kernels.scan`, for CUDA tensors or Triton's interpreter)."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,6 +124,9 @@ def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float, gaps: str = 
     `gaps="step"`: k(t) = t, so a masked position inside the row still discounts by γ (OpenRLHF's
     get_cumulative_returns); with γ = 1 both give the same values.
     """
+    if _KERNELS.get() == "triton":
+        from ..kernels import scan as fused
+        return fused.reward_to_go(token_rewards, mask, gamma, gaps)
     compactor = Compactor(mask, gaps)
     return compactor.unpack(reverse_discounted_cumsum(compactor.pack(token_rewards), gamma))
 
@@ -121,6 +142,9 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: 
     token before a gap bootstraps from V = 0 and each gap position decays the sum by γλ; with
     γ = λ = 1 the sum telescopes to the same values as "skip".
     """
+    if _KERNELS.get() == "triton":
+        from ..kernels import scan as fused
+        return fused.gae(token_rewards, values, mask, gamma, lam, gaps)
     compactor = Compactor(mask, gaps)
     v = compactor.pack(values)
     # a new tensor (not sub_): without gaps pack is the identity, and the caller's rewards must stay as given

@@ -1,0 +1,64 @@
+"""Fused Triton kernels for the engine's hot math (optional: `pip install advserve[kernels]`).
+
+The torch functions in `advserve.functional` are the reference and the CPU path; the kernels here
+compute the same values in fewer passes on a CUDA device. Which one runs is the engine's `kernels`
+setting, resolved once by `resolve_kernels`:
+
+  * "torch": always the torch path.
+  * "triton": the kernels; needs the triton package, and a CUDA device, or Triton's interpreter
+    (TRITON_INTERPRET=1) for CPU tensors (slow: for testing the kernels without a GPU).
+  * "auto": "triton" when the engine's device is CUDA and triton imports, else "torch".
+
+This module does not import triton; `scan` does (and reads TRITON_INTERPRET when it does).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from ..errors import InvalidArgument
+
+KERNEL_SETTINGS = ("auto", "torch", "triton")
+_TRUE = ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the triton package can be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install is an absent one
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (TRITON_INTERPRET, read as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def resolve_kernels(setting: str | None, device: torch.device) -> str:
+    """"torch" or "triton": what the `kernels` setting means on `device`; an impossible "triton" is an
+    InvalidArgument naming the field `kernels`."""
+    setting = "auto" if setting is None else setting
+    if setting not in KERNEL_SETTINGS:
+        raise InvalidArgument(f"kernels must be one of {', '.join(KERNEL_SETTINGS)}, got {setting!r}",
+                              field="kernels")
+    if setting == "torch":
+        return "torch"
+    if setting == "auto":
+        return "triton" if device.type == "cuda" and triton_available() and not interpreting() else "torch"
+    if not triton_available():
+        raise InvalidArgument("kernels 'triton' needs the triton package (pip install 'advserve[kernels]'); "
+                              "or use kernels 'auto' or 'torch'", field="kernels")
+    if device.type != "cuda" and not interpreting():
+        raise InvalidArgument(f"kernels 'triton' runs on CUDA tensors, but the device is {device.type!r}: use a "
+                              "CUDA device, or kernels 'auto' or 'torch' (TRITON_INTERPRET=1 runs the kernels "
+                              "on the CPU, slowly, for testing)", field="kernels")
+    return "triton"

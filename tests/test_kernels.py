@@ -1,0 +1,205 @@
+"""The Triton kernels (advserve.kernels) against the torch path (advserve.functional), without a GPU.
+
+The kernels run under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. Triton reads that
+variable when a function is decorated (its own standard library at `import triton`, our kernels at
+`import advserve.kernels.scan`), so an interpreted import would stay in the process for every later
+test module: `test_the_kernels_under_the_interpreter` runs `TestUnderTheInterpreter` in a child pytest
+process with the variable set, and the class is collected only there (`__test__`), never here.
+
+Tolerances (|kernel − torch| <= atol + rtol·|torch|, elementwise): float64 rtol = atol = 1e-12
+(rounding: the two sum in different orders); float32 rtol = atol = 2e-5 (T <= 80 here; a float32
+scan's error grows with T·eps·Σ|terms|).
+
+Without triton the child is not started and that test skips, unless ADVSERVE_REQUIRE_TRITON is set
+(CI sets it: there a missing triton fails). The interpreter runs a scan element by element, in
+order: it checks the kernels' arithmetic, not that their combine step is associative, which the
+GPU's parallel scan relies on; `test_first_order_combine_is_associative` checks that.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import advserve.kernels
+from advserve.engine import Engine
+from advserve.errors import InvalidArgument
+from advserve.functional import scan as reference
+from advserve.kernels import resolve_kernels
+from advserve.model import AdvantageRequest
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+REQUIRED = bool(os.environ.get("ADVSERVE_REQUIRE_TRITON"))
+
+
+CHILD = os.environ.get("ADVSERVE_KERNEL_TESTS_CHILD") == "1"  # this process is the interpreter's child
+
+
+def test_the_kernels_under_the_interpreter():
+    if not HAVE_TRITON:
+        if REQUIRED:
+            pytest.fail("ADVSERVE_REQUIRE_TRITON is set but triton is not installed (pip install 'advserve[kernels]')")
+        pytest.skip("triton is not installed (set ADVSERVE_REQUIRE_TRITON to make this a failure)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ADVSERVE_KERNEL_TESTS_CHILD": "1"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestUnderTheInterpreter"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    summary = child.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d+ passed in [\d.]+s", summary), summary  # all ran: no skip, no deselection
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """`advserve.kernels.scan`, interpreted: this is the child, TRITON_INTERPRET=1 from the start."""
+    assert CHILD and os.environ.get("TRITON_INTERPRET") == "1"
+    return importlib.import_module("advserve.kernels.scan")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    tol = TOLERANCE[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def _batch(lengths: list[int], width: int, gap_rate: float, dtype: torch.dtype, seed: int):
+    """rewards, values [B, width] (0 where masked) and the mask: row i has its valid tokens in
+    [0, lengths[i]), each interior token but the first and last masked with probability gap_rate."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+        for t in range(1, n - 1):
+            if rng.random() < gap_rate:
+                mask[i, t] = False
+    rewards = torch.randn(mask.shape, generator=gen, dtype=dtype) * mask
+    values = torch.randn(mask.shape, generator=gen, dtype=dtype) * mask
+    return rewards, values, mask
+
+
+# ragged rows, a length-1 row, an empty row, a full row; interior gaps; T = 53 is 4 blocks of 16, the last partial
+LENGTHS = [53, 1, 0, 30, 17, 2]
+COEFFICIENTS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.0, 0.5)]
+
+
+class TestUnderTheInterpreter:
+    """Run only in the child process of `test_the_kernels_under_the_interpreter`."""
+
+    __test__ = CHILD
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("gaps", ["skip", "step"])
+    def test_scans_match_the_torch_path(self, fused, dtype, gaps):
+        rewards, values, mask = _batch(LENGTHS, 53, 0.2, dtype, seed=7)
+        assert bool((mask[:, 1:] & ~mask[:, :-1]).any())  # a masked token before a valid one: interior gaps
+        for gamma, lam in COEFFICIENTS:
+            for block in (16, None):  # several blocks per row, and one block for the whole row
+                _close(fused.reward_to_go(rewards, mask, gamma, gaps, block=block),
+                       reference.reward_to_go(rewards, mask, gamma, gaps))
+                adv, ret = fused.gae(rewards, values, mask, gamma, lam, gaps, block=block)
+                ref_adv, ref_ret = reference.gae(rewards, values, mask, gamma, lam, gaps)
+                _close(adv, ref_adv)
+                _close(ret, ref_ret)
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+        extra=st.integers(0, 9),
+        gap_rate=st.sampled_from([0.0, 0.3]),
+        gamma=st.floats(0.0, 1.0),
+        lam=st.floats(0.0, 1.0),
+        gaps=st.sampled_from(["skip", "step"]),
+        dtype=st.sampled_from([torch.float64, torch.float32]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_scans_match_on_random_batches(self, fused, lengths, extra, gap_rate, gamma, lam, gaps, dtype, seed):
+        width = max(lengths) + extra or 1
+        rewards, values, mask = _batch(lengths, width, gap_rate, dtype, seed)
+        _close(fused.reward_to_go(rewards, mask, gamma, gaps, block=16),
+               reference.reward_to_go(rewards, mask, gamma, gaps))
+        adv, ret = fused.gae(rewards, values, mask, gamma, lam, gaps, block=16)
+        ref_adv, ref_ret = reference.gae(rewards, values, mask, gamma, lam, gaps)
+        _close(adv, ref_adv)
+        _close(ret, ref_ret)
+
+    def test_strided_rows_and_inputs_left_unchanged(self, fused):
+        rewards, values, mask = _batch([20, 9, 14], 40, 0.2, torch.float64, seed=3)
+        rewards, values, mask = rewards[:, ::2], values[:, ::2], mask[:, ::2]  # not contiguous along T
+        before = rewards.clone(), values.clone()
+        adv, ret = fused.gae(rewards, values, mask, 0.97, 0.9, "skip", block=16)
+        ref_adv, ref_ret = reference.gae(rewards, values, mask, 0.97, 0.9, "skip")
+        _close(adv, ref_adv)
+        _close(ret, ref_ret)
+        assert torch.equal(rewards, before[0]) and torch.equal(values, before[1])
+
+    def test_first_order_combine_is_associative(self, fused):
+        """(a∘b)∘c = a∘(b∘c) for the scan's combine step: the GPU's parallel scan groups steps freely."""
+        combine = fused.first_order.fn
+        rng = random.Random(0)
+        for _ in range(200):
+            a, b, c = ((rng.uniform(-2, 2), rng.uniform(-2, 2)) for _ in range(3))
+            left = combine(*combine(*a, *b), *c)
+            right = combine(*a, *combine(*b, *c))
+            assert left == pytest.approx(right, rel=1e-12, abs=1e-12)
+        # and it is the recurrence y = x + c·y_prev: two steps from y_prev = 0 give x_b + c_b·x_a
+        assert combine(0.5, 2.0, 0.25, 3.0) == (0.125, 3.5)
+
+    @pytest.mark.parametrize("preset", ["paper", "openrlhf"])  # mask gaps "skip" and "step"
+    def test_engine_runs_the_kernels_when_told(self, fused, monkeypatch, preset):
+        engine = Engine("cpu", kernels="triton")
+        assert engine.kernels == "triton"
+        calls = []
+        kernel = fused.gae
+        monkeypatch.setattr(fused, "gae", lambda *args, **kwargs: calls.append(args[-1]) or kernel(*args, **kwargs))
+        result = engine.compute_advantages(_gae_request(preset, seed=11))
+        expected = Engine("cpu", kernels="torch").compute_advantages(_gae_request(preset, seed=11))
+        assert calls == [{"paper": "skip", "openrlhf": "step"}[preset]]  # the engine ran the kernel, once
+        _close(result.advantages, expected.advantages)
+        _close(result.returns, expected.returns)
+
+
+def _gae_request(preset: str, seed: int) -> AdvantageRequest:
+    rewards, values, mask = _batch([33, 1, 20, 7], 40, 0.2, torch.float32, seed)
+    return AdvantageRequest("gae", {"rewards": rewards.sum(1), "values": values, "response_mask": mask},
+                            preset=preset, params={"gamma": 0.99, "lam": 0.95, "kl_coef": 0.0}, dtype="float64")
+
+
+def test_kernels_setting_resolves():
+    cpu = torch.device("cpu")
+    assert resolve_kernels("torch", cpu) == "torch"
+    assert resolve_kernels("auto", cpu) == "torch"  # the kernels are for CUDA tensors
+    assert Engine("cpu").kernels == "torch"
+    with pytest.raises(InvalidArgument) as bad:
+        resolve_kernels("cuda-graphs", cpu)
+    assert bad.value.field == "kernels" and "auto, torch, triton" in str(bad.value)
+
+
+def test_triton_kernels_on_the_cpu_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(advserve.kernels, "triton_available", lambda: True)
+    with pytest.raises(InvalidArgument) as no_cuda:
+        Engine("cpu", kernels="triton")
+    assert no_cuda.value.field == "kernels" and "TRITON_INTERPRET=1" in str(no_cuda.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert Engine("cpu", kernels="triton").kernels == "triton"
+
+
+def test_triton_kernels_without_triton_are_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(advserve.kernels, "triton_available", lambda: False)
+    with pytest.raises(InvalidArgument) as missing:
+        Engine("cpu", kernels="triton")
+    assert missing.value.field == "kernels" and "advserve[kernels]" in str(missing.value)
+    assert resolve_kernels("auto", torch.device("cpu")) == "torch"
