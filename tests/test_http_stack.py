@@ -27,7 +27,7 @@ HEADER_S = 1.0
 
 @pytest.fixture(scope="module")
 def stack():
-    running = RunningServer("--header-timeout-s", str(HEADER_S), "--max-connections", "8")
+    running = RunningServer("--header-timeout-s", str(HEADER_S), "--max-connections", "8", "--workers", "1")  # the cap is per process
     yield running
     running.stop()
     assert not [line for line in running.problems() if "Traceback" in line], running.log_tail()
@@ -152,6 +152,25 @@ def test_a_client_that_leaves_mid_response_does_not_break_the_server(stack):
     assert raw["advantages"].shape == (256, 4096)
 
 
+def bytes_out(server: RunningServer) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("advserve_request_bytes_total{") and 'direction="out"' in line
+               and 'transport="http"' in line)
+
+
+def test_metrics_count_the_streamed_bytes(stack):
+    body, headers = gae_body(64, 1024)
+    before = bytes_out(stack)
+    response = post(stack, "/v1/advantages", body, headers)
+    got = response.read()
+    assert response.status == 200
+    assert bytes_out(stack) - before == len(got) > 2 * 64 * 1024 * 4
+
+
 def test_head_and_keep_alive_across_streamed_responses(stack):
     body, headers = gae_body(32, 512)
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
@@ -224,3 +243,28 @@ def test_the_guard_is_on_the_httptools_protocol(stack):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_copy_to_host_gives_each_tensors_own_bytes_without_copying_contiguous_ones():
+    from advserve.device import copy_to_host
+
+    contiguous = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    transposed = torch.arange(12, dtype=torch.float64).reshape(3, 4).t()
+    brain = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
+    copies = copy_to_host([contiguous, transposed, brain, torch.zeros((0, 5))])
+    assert all(copy.done() for copy in copies)
+    assert copies[0].tensor.data_ptr() == contiguous.data_ptr()  # its own memory, not a copy
+    assert copies[0].bytes_view().tobytes() == contiguous.numpy().tobytes()
+    assert copies[1].bytes_view().tobytes() == np.ascontiguousarray(transposed.numpy()).tobytes()
+    assert copies[2].bytes_view().tobytes() == brain.view(torch.uint16).numpy().tobytes()
+    assert copies[3].bytes_view().nbytes == 0
+
+
+def test_host_scalars_are_the_tensors_values():
+    from advserve.device import host_scalars
+
+    values = {"mean": torch.tensor(0.25, dtype=torch.float32), "count": torch.tensor(7), "flag": torch.tensor(True),
+              "given": 1.5, "none": None, "big": torch.tensor(2**40 + 1, dtype=torch.int64)}
+    out = host_scalars(values)
+    assert out == {"mean": 0.25, "count": 7, "flag": 1, "given": 1.5, "none": None, "big": 2**40 + 1}
+    assert list(out) == list(values) and isinstance(out["count"], int) and isinstance(out["mean"], float)
