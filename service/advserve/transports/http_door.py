@@ -101,17 +101,18 @@ def _failure_response(exc: BaseException, endpoint: str, rid: str, error_respons
 
 
 class FramedResponse(Response):
-    """A binary-framed body (docs/binary-framing.md) written as it lies: the framing header, then each
-    tensor's buffer as its own ASGI body message straight from the tensor's memory (no joined copy),
-    with Content-Length set up front. A buffer still being copied from a device (`device.HostCopy`
-    not done) is awaited in a worker thread just before it is written, so the copies of the later
-    buffers overlap with writing the earlier ones. `nbytes` is the body's length."""
+    """A binary-framed body (docs/binary-framing.md; the Open Inference Protocol's binary outputs have
+    the same shape) written as it lies: the header, then each buffer as its own ASGI body message,
+    straight from the tensors' memory (no joined copy), with Content-Length set up front. A buffer is
+    a memoryview, or a `device.HostCopy` whose copy from a device, if not done, is awaited in a
+    worker thread just before it is written, so the copies of the later buffers overlap with writing
+    the earlier ones. `nbytes` is the body's length."""
 
     media_type = CONTENT_TYPE
 
     def __init__(self, header: bytes, buffers: list, headers: dict[str, str] | None = None):
-        self.header, self.buffers = header, buffers  # buffers: device.HostCopy
-        self.nbytes = len(header) + sum(copy.tensor.numel() * copy.tensor.element_size() for copy in buffers)
+        self.header, self.buffers = header, buffers
+        self.nbytes = len(header) + sum(_nbytes(buffer) for buffer in buffers)
         super().__init__(None, media_type=CONTENT_TYPE, headers=headers)
         self.headers["content-length"] = str(self.nbytes)
 
@@ -119,13 +120,19 @@ class FramedResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.header, "more_body": True})
         loop = asyncio.get_running_loop()
-        for copy in self.buffers:
-            if not copy.done():
-                await loop.run_in_executor(None, copy.wait)
-            view = copy.bytes_view()
-            if view.nbytes:
-                await send({"type": "http.response.body", "body": view, "more_body": True})
+        for buffer in self.buffers:
+            if not isinstance(buffer, memoryview):  # a HostCopy
+                if not buffer.done():
+                    await loop.run_in_executor(None, buffer.wait)
+                buffer = buffer.bytes_view()
+            if buffer.nbytes:
+                await send({"type": "http.response.body", "body": buffer, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _nbytes(buffer) -> int:
+    """The length of a memoryview or of a `device.HostCopy`'s tensor."""
+    return buffer.nbytes if isinstance(buffer, memoryview) else buffer.tensor.numel() * buffer.tensor.element_size()
 
 
 def body_length(response: Response) -> int:
