@@ -315,8 +315,8 @@ def test_unlinked_and_truncated_objects_are_released_and_the_server_stays_up(ser
     assert server.problems() == [], server.output()[-4000:]
 
 
-def test_the_registry_is_bounded():
-    registry = Regions(max_regions=3)
+def test_the_registry_is_bounded(tmp_path):
+    registry = Regions(tmp_path, max_regions=3)
     key = f"/t{uuid.uuid4().hex[:12]}"
     handle = shm.create_shared_memory_region(key[1:], key, 64)
     try:
@@ -386,32 +386,38 @@ def test_shared_memory_endpoints_need_the_token(region):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA shared memory needs a CUDA device")
-def test_cuda_shared_memory_round_trip():
-    """With CUDA: tensors in a CUDA IPC region (tritonclient.utils.cuda_shared_memory), outputs written
-    there from the device, equal to the plain request."""
-    cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cuda_shared_memory_round_trip(transport):
+    """With CUDA: loss inputs in a CUDA IPC region of this process's memory (the handle from torch's
+    own IPC export: cudaIpcGetMemHandle of the allocation), the output written there from the
+    server's device, equal to the plain request. (tritonclient.utils.cuda_shared_memory makes the
+    same handle through cuda-python, which the test environment lacks.)"""
     server = RunningServer("--device", "cuda")
     try:
-        client = grpcclient.InferenceServerClient(server.grpc_address)
+        module = module_of(transport)
+        client = module.InferenceServerClient(server.grpc_address if transport == "grpc"
+                                              else server.url.removeprefix("http://"))
         arrays = loss_arrays()
-        expected = plain_infer(client, grpcclient, "losses", arrays, ["grad_logprobs"])
-        size = sum(a.nbytes for a in arrays.values())
-        handle = cudashm.create_shared_memory_region("gpu_in", size + 4096, 0)
-        cudashm.set_shared_memory_region(handle, list(arrays.values()))
-        client.register_cuda_shared_memory("gpu_in", cudashm.get_raw_handle(handle), 0, size + 4096)
-        inputs, offset = [], 0
+        expected = plain_infer(client, module, "losses", arrays, ["grad_logprobs"])
+        memory = torch.zeros(1 << 16, dtype=torch.uint8, device="cuda")
+        _, handle, size, base, *_ = memory.untyped_storage()._share_cuda_()
+        client.register_cuda_shared_memory("gpu", base64.b64encode(handle), 0, base + size)
+        inputs, position = [], 0
         for name, array in arrays.items():
-            item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            item.set_shared_memory("gpu_in", array.nbytes, offset=offset)
-            offset += array.nbytes
+            memory[position:position + array.nbytes].copy_(torch.from_numpy(array.reshape(-1).view(np.uint8)))
+            item = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            item.set_shared_memory("gpu", array.nbytes, offset=base + position)
             inputs.append(item)
-        out = grpcclient.InferRequestedOutput("grad_logprobs")
-        out.set_shared_memory("gpu_in", 4096, offset=size)
+            position += -(-array.nbytes // 256) * 256
+        torch.cuda.synchronize()
+        out = module.InferRequestedOutput("grad_logprobs")
+        out.set_shared_memory("gpu", 4096, offset=base + position)
         client.infer("losses", inputs, outputs=[out])
-        written = cudashm.get_contents_as_numpy(handle, np.float32, list(SHAPE), offset=size)
+        written = memory[position:position + MASK.size * 4].cpu().numpy().view(np.float32).reshape(SHAPE)
         np.testing.assert_array_equal(written, expected["grad_logprobs"])
+        status = client.get_cuda_shared_memory_status()
+        assert len(status.regions if transport == "grpc" else status) == 1
         client.unregister_cuda_shared_memory()
-        cudashm.destroy_shared_memory_region(handle)
         client.close()
     finally:
         server.stop()

@@ -308,11 +308,17 @@ class Regions:
         self.max_regions = max_regions
         self._lock = threading.Lock()
         self._maps: dict[str, tuple[tuple[int, int], dict, Any]] = {}  # name -> (file identity, entry, mapping)
+        self._paths: dict[str, Path] = {}
 
     # --- the registry files ---
 
     def _path(self, name: str) -> Path:
-        return self.directory / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".json")
+        path = self._paths.get(name)
+        if path is None:
+            path = self.directory / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".json")
+            if len(self._paths) < 4 * self.max_regions:  # names seen: bounded, a cache only
+                self._paths[name] = path
+        return path
 
     @contextlib.contextmanager
     def _locked(self):
@@ -465,8 +471,7 @@ class Regions:
             cached = self._maps.get(name)
         if cached is not None and cached[0] == identity:
             return cached[1], cached[2]
-        if cached is not None:
-            self._drop(name)
+        self._prune()  # a miss: let go of whatever other regions changed meanwhile too
         entry = _load(self._path(name)) if identity is not None else None
         if entry is None:
             raise InvalidArgument(f"no shared memory region named {name!r:.80} is registered", field=field)
