@@ -40,9 +40,10 @@ class AdvserveServicer:
             "Analyze": door.unary(advserve_pb2.AnalyzeRequest, self._analysis, endpoint="analysis"),
         }
 
-    def _tensors(self, document: dict[str, Any], raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """(torch tensors of the request: views of its bytes or of shared-memory regions, the outputs'
-        region target or None; checked to exist and hold its span before the compute)."""
+    def _tensors(self, document: dict[str, Any], raw: dict[str, Any], call: _Call) -> tuple[dict[str, Any], Any]:
+        """(torch tensors of the request: views of its bytes or of shared-memory regions (copies charged to
+        the call where a region cannot be mapped), the outputs' region target or None; checked to exist
+        and hold its span before the compute)."""
         target = None
         if document.get(OUTPUTS_KEY) is not None:
             try:
@@ -50,7 +51,7 @@ class AdvserveServicer:
             except FramingError as exc:
                 raise InvalidArgument(exc.message, field=exc.field) from None
             shm_tensors.check_target(self.runtime.regions, target)
-        return shm_tensors.resolve(self.runtime.regions, raw), target
+        return shm_tensors.resolve(self.runtime.regions, raw, call.lease.grow), target
 
     def _outputs(self, target: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         """The result tensors as the response carries them: their bytes, or (written into the request's
@@ -62,7 +63,7 @@ class AdvserveServicer:
     async def _advantages(self, request: advserve_pb2.ComputeAdvantagesRequest, call: _Call):
         document, raw = protocol.advantages_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        tensors, target = self._tensors(document, raw)
+        tensors, target = self._tensors(document, raw, call)
         domain = AdvantageRequest(estimator=document["estimator"], tensors=tensors, preset=document.get("preset"),
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
@@ -78,7 +79,7 @@ class AdvserveServicer:
     async def _losses(self, request: advserve_pb2.ComputeLossesRequest, call: _Call):
         document, raw = protocol.losses_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        tensors, target = self._tensors(document, raw)
+        tensors, target = self._tensors(document, raw, call)
         domain = LossRequest(tensors=tensors, **document)
         mask = tensors.get("response_mask")
         call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
@@ -94,7 +95,7 @@ class AdvserveServicer:
     async def _analysis(self, request: advserve_pb2.AnalyzeRequest, call: _Call):
         document, raw = protocol.analyze_request_from_pb(request)
         del request  # converted: its copy of the tensors' bytes goes now, not after the compute
-        tensors, _ = self._tensors(document, raw)
+        tensors, _ = self._tensors(document, raw, call)
         domain = AnalysisRequest(tensors=tensors, **document)
         await call.charge(domain)  # its shapes known: its compute charged before it is validated
         prepared = prepare_analysis(self.engine, domain)

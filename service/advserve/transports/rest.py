@@ -224,10 +224,11 @@ def _wants_binary(headers, binary_request: bool) -> bool:
 
 
 def decode_body(body: bytes, headers, model: type[BaseModel], regions: Regions | None = None,
-                ) -> tuple[BaseModel, dict[str, Any]]:
+                charge: Callable[[int], None] | None = None) -> tuple[BaseModel, dict[str, Any]]:
     """(the request document validated by `model`, its tensors: torch views (of the body, or of a
-    shared-memory region of `regions` for a descriptor naming one) or nested lists). A requested
-    output region ("shared_memory_outputs") is checked to exist and hold its span."""
+    shared-memory region of `regions` for a descriptor naming one; a copy charged to `charge` where the
+    region cannot be mapped) or nested lists). A requested output region ("shared_memory_outputs") is
+    checked to exist and hold its span."""
     try:
         if is_binary(headers):
             document, raw = framing.decode(body, headers.get(HEADER_LENGTH.lower()))
@@ -250,7 +251,7 @@ def decode_body(body: bytes, headers, model: type[BaseModel], regions: Regions |
     parsed = model.model_validate(document)
     if target is not None:
         shm_tensors.check_target(regions, target)
-    tensors = shm_tensors.resolve(regions, raw) if isinstance(raw, dict) else raw
+    tensors = shm_tensors.resolve(regions, raw, charge) if isinstance(raw, dict) else raw
     return parsed, tensors
 
 
@@ -355,7 +356,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
 
                 def decode():  # charged for its compute once its shapes are known, before it is validated
                     nonlocal outputs_to
-                    parsed, tensors = decode_body(body, headers, model, runtime.regions)
+                    parsed, tensors = decode_body(body, headers, model, runtime.regions, lease.grow)
                     outputs_to = requested_outputs(parsed)
                     return prepare(parsed, tensors, lambda request: charge_compute(lease, request))
 

@@ -7,7 +7,7 @@ where each output lies. Errors name the field: `tensors.<name>` for an input, `s
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -24,13 +24,15 @@ these are validated once and then used as indices (the others are only values)."
 Target = tuple[str, int, int]  # (region, offset, byte_size) of the outputs
 
 
-def resolve(regions: Regions | None, raw: Mapping[str, Any]) -> dict[str, Any]:
+def resolve(regions: Regions | None, raw: Mapping[str, Any], charge: Callable[[int], None] | None = None,
+            ) -> dict[str, Any]:
     """{name: torch tensor, or an inline list as it came}: body buffers viewed (`raw_to_torch`), region
-    references read from the registry (views of the region; `SNAPSHOT` tensors copied)."""
+    references read from the registry (views of the region, or copies charged to `charge` where the
+    registry cannot map it; `SNAPSHOT` tensors copied)."""
     tensors: dict[str, Any] = {}
     for name, tensor in raw.items():
         if isinstance(tensor, RegionRef):
-            tensors[name] = read(regions, name, tensor)
+            tensors[name] = read(regions, name, tensor, charge)
         elif isinstance(tensor, RawTensor):
             tensors[name] = raw_to_torch(name, tensor)
         else:
@@ -38,12 +40,13 @@ def resolve(regions: Regions | None, raw: Mapping[str, Any]) -> dict[str, Any]:
     return tensors
 
 
-def read(regions: Regions | None, name: str, ref: RegionRef) -> torch.Tensor:
+def read(regions: Regions | None, name: str, ref: RegionRef, charge: Callable[[int], None] | None = None,
+         ) -> torch.Tensor:
     """The tensor `name` that `ref` points at (InvalidArgument naming tensors.<name>: an unknown region,
     bytes past its end, a byte size that is not the shape's)."""
     field = f"tensors.{name}"
     tensor = _registry(regions, field).read(ref.region, ref.offset, ref.byte_size, dtype=TORCH_DTYPES[ref.dtype],
-                                           shape=ref.shape, field=field)
+                                           shape=ref.shape, field=field, charge=charge)
     return tensor.clone() if name in SNAPSHOT else tensor
 
 
