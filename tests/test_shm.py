@@ -422,3 +422,35 @@ def test_cuda_shared_memory_round_trip(transport):
     finally:
         server.stop()
     assert server.problems() == [], server.output()[-4000:]
+
+
+def test_regions_are_shared_by_the_workers_of_a_server(region):
+    """With --workers 2, a region registered over one connection serves requests on fresh connections
+    (which the kernel spreads over both workers), and unregistering it over another is seen by all."""
+    server = RunningServer("--workers", "2")
+    try:
+        address = server.url.removeprefix("http://")
+        name, key, handle = region(4096)
+        rewards = np.array([1, 0, 1, 1, 0], np.float32)
+        shm.set_shared_memory_region(handle, [rewards])
+        first = httpclient.InferenceServerClient(address)
+        first.register_system_shared_memory(name, key, 4096)
+        first.close()
+        body = _infer_body(name)
+        expected = httpx.post(f"{server.url}/v2/models/grpo/infer", timeout=30, json={
+            "inputs": [{**body["inputs"][0], "parameters": {}, "data": rewards.tolist()}, *body["inputs"][1:]]})
+        answers = []
+        for _ in range(8):  # a new connection each: both workers take some
+            with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                answers.append(fresh.post("/v2/models/grpo/infer", json=body))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert all(a.json()["outputs"] == expected.json()["outputs"] for a in answers)
+        with httpx.Client(base_url=server.url, timeout=30) as other:
+            assert other.post(f"/v2/systemsharedmemory/region/{name}/unregister").status_code == 200
+        for _ in range(4):
+            with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                response = fresh.post("/v2/models/grpo/infer", json=body)
+            assert response.status_code == 400 and "no shared memory region named" in response.text
+    finally:
+        server.stop()
+    assert server.problems() == [], server.output()[-4000:]

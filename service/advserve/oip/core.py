@@ -41,6 +41,9 @@ MODEL_VERSION = "1"
 LOSSES = "losses"
 EXTENSIONS = ("binary_tensor_data", "parameters", "system_shared_memory", "cuda_shared_memory")
 SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+SNAPSHOT = frozenset({"cu_seqlens", "group_ids"})
+"""Index inputs copied out of a region when read: the caller can write its region at any time, and
+these are validated once and then used as indices (the others are only values)."""
 
 NUMERIC = frozenset(INTEGERS | FLOATS)
 ACCEPTED: dict[str, frozenset[str]] = {  # input name -> datatypes it accepts; others: NUMERIC
@@ -258,8 +261,8 @@ class OipService:
     def read_region(self, item: InferInput, datatype: Datatype, charge: Callable[[int], None] | None = None) -> None:
         """Fill `item.data` from its shared memory region (`item.region`): a view of the region, or a
         copy charged to `charge` (an object of another uid: `shm` module docstring; a BYTES input
-        of a CUDA region). Its byte size must be exactly what shape and datatype need (BYTES: the
-        serialized elements, each a 4-byte length and its bytes)."""
+        of a CUDA region; the SNAPSHOT index inputs). Its byte size must be exactly what shape and
+        datatype need (BYTES: the serialized elements, each a 4-byte length and its bytes)."""
         where = f"inputs.{item.name}.parameters"
         ref = item.region
         regions = self._regions(f"{where}.shared_memory_region")
@@ -273,13 +276,15 @@ class OipService:
         if kind == "cuda" and datatype.torch is not None:
             item.data = regions.read(ref.name, ref.offset, ref.byte_size, dtype=datatype.torch, shape=item.shape,
                                      field=region_field)
-            return
-        data = regions.buffer(ref.name, ref.offset, ref.byte_size, field=region_field, charge=charge)
-        if isinstance(data, torch.Tensor):  # BYTES in a CUDA region: to the host, charged
-            if charge is not None:
-                charge(ref.byte_size)
-            data = memoryview(data.cpu().numpy())
-        item.data = from_raw(item.name, datatype, item.shape, data)
+        else:
+            data = regions.buffer(ref.name, ref.offset, ref.byte_size, field=region_field, charge=charge)
+            if isinstance(data, torch.Tensor):  # BYTES in a CUDA region: to the host, charged
+                if charge is not None:
+                    charge(ref.byte_size)
+                data = memoryview(data.cpu().numpy())
+            item.data = from_raw(item.name, datatype, item.shape, data)
+        if item.name in SNAPSHOT and isinstance(item.data, torch.Tensor):
+            item.data = item.data.clone()
 
     def _regions(self, field: str) -> Regions:
         if self.regions is None:
