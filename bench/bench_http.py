@@ -13,8 +13,8 @@ differences show). Every loop is bounded in count and in time.
       bool response_mask; ppo_clip + kl_loss k3), binary, against a bare uvicorn echo app run with the
       server's own uvicorn configuration (advserve.transports.http_door.guarded_protocol and the same
       loop) that reads the same request bytes into one buffer and answers as many bytes as advserve's
-      response. Timed alternately; the figure is median(advserve total - Server-Timing compute) over
-      median(echo total), target <= 1.2x.
+      response; advserve runs one process (--workers 1), as the echo does. Timed alternately; the
+      figure is median(advserve total - Server-Timing compute) over median(echo total), target <= 1.2x.
   (b) `stack`: the echo app under each of uvicorn's HTTP/1.1 protocols (h11, httptools; the guarded
       classes advserve runs) and event loops (asyncio, uvloop): median round trip of large bodies
       (16 MiB in / 4 MiB out, 64 MiB in / 64 MiB out) and of small ones (~10 KB in / ~5 KB out, one
@@ -301,7 +301,7 @@ def part_echo(args, failures: list[str]) -> dict:
 
     batch, length = (64, 1024) if args.quick else (256, 4096)
     body, headers = loss_body(batch, length)
-    server = ServerProcess(*args.server_flags, name="advserve")
+    server = ServerProcess("--workers", "1", *args.server_flags, name="advserve")  # one process, as the echo
     echo = echo_server(args.http, args.loop)
     out: dict = {"size": [batch, length], "request_bytes": len(body)}
     print(f"\n(a) POST /v1/losses [{batch}, {length}] binary (ppo_clip + kl k3), {len(body) / MIB:.1f} MiB in, vs a "
