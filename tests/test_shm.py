@@ -22,7 +22,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
 
 from advserve.errors import InvalidArgument, NotFound
-from advserve.shm import MAX_REGIONS, Regions
+from advserve.shm import MAX_REGIONS, Regions, check_registrant
 from conftest import RunningServer
 
 TRANSPORTS = ["http", "grpc"]
@@ -451,6 +451,41 @@ def test_regions_are_shared_by_the_workers_of_a_server(region):
             with httpx.Client(base_url=server.url, timeout=30) as fresh:
                 response = fresh.post("/v2/models/grpo/infer", json=body)
             assert response.status_code == 400 and "no shared memory region named" in response.text
+    finally:
+        server.stop()
+    assert server.problems() == [], server.output()[-4000:]
+
+
+@pytest.mark.parametrize("peer, local", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True), ("ipv4:127.0.0.1:5123", True),
+    ("ipv6:[::1]:5123", True), ("unix:/tmp/s", True), ("10.1.2.3", False), ("ipv4:192.168.0.7:5123", False),
+    ("ipv6:[2001:db8::1]:443", False), ("::ffff:10.0.0.1", False), (None, False), ("testclient", False)])
+def test_who_may_register(peer, local):
+    """--shared-memory local: loopback peers (and Unix sockets) only; any: everyone; off: no one."""
+    check_registrant("any", peer)
+    if local:
+        check_registrant("local", peer)
+    else:
+        with pytest.raises(InvalidArgument, match="registered by callers on this host connected over loopback"):
+            check_registrant("local", peer)
+    with pytest.raises(InvalidArgument, match="shared memory is off on this server"):
+        check_registrant("off", peer)
+
+
+def test_shared_memory_off(region):
+    server = RunningServer("--shared-memory", "off")
+    name, key, _ = region(256)
+    try:
+        response = httpx.post(f"{server.url}/v2/systemsharedmemory/region/{name}/register", timeout=30,
+                              json={"key": key, "byte_size": 256})
+        assert response.status_code == 400
+        assert response.json()["error"] == "peer: shared memory is off on this server (--shared-memory off)"
+        client = grpcclient.InferenceServerClient(server.grpc_address)
+        with pytest.raises(InferenceServerException) as err:
+            client.register_system_shared_memory(name, key, 256)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "off" in err.value.message()
+        assert client.get_system_shared_memory_status().regions == {}
+        client.close()
     finally:
         server.stop()
     assert server.problems() == [], server.output()[-4000:]

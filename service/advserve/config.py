@@ -97,6 +97,10 @@ class Settings:
                                                          "CUDA device and the triton package), 'torch', or "
                                                          "'auto' (triton when both are there)",
                                                  "choices": ("auto", "torch", "triton")})
+    shared_memory: str = field(default="local", metadata={
+        "help": "who may register shared-memory regions (/v2/systemsharedmemory, /v2/cudasharedmemory; "
+                "docs/shared-memory.md): 'local' (callers connected over loopback), 'any' (every authenticated "
+                "caller) or 'off'", "choices": ("local", "any", "off")})
 
     def validate(self) -> "Settings":
         """This Settings, checked: every number finite and in its range, each problem naming its flag;

@@ -40,6 +40,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import hashlib
+import ipaddress
 import json
 import math
 import mmap
@@ -63,6 +64,44 @@ CUDA_IPC_HANDLE_SIZE = 64
 SHM_DIR = "/dev/shm"
 KINDS = ("system", "cuda")
 _KIND_WORDS = {"system": "system shared memory", "cuda": "CUDA shared memory"}
+
+
+def check_registrant(mode: str, peer: str | None) -> None:
+    """May a caller at `peer` register regions under --shared-memory `mode`? `peer`: the caller's IP
+    address as the transport reports it (gRPC's "ipv4:127.0.0.1:5555" form too), "unix" for a Unix
+    socket, None when unknown. 'any' lets everyone in (auth still applies), 'off' no one, 'local' a
+    loopback peer only: a region names memory on this host, and a remote caller has no business
+    making the server read or write objects in its /dev/shm. InvalidArgument naming "peer" otherwise."""
+    if mode == "any":
+        return
+    if mode == "off":
+        raise InvalidArgument("shared memory is off on this server (--shared-memory off)", field="peer")
+    host = peer_host(peer)
+    if host == "unix":
+        return
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        address = None
+    if address is not None and (getattr(address, "ipv4_mapped", None) or address).is_loopback:  # ::ffff:127.0.0.1 too
+        return
+    raise InvalidArgument(f"shared memory regions are registered by callers on this host connected over loopback "
+                          f"(127.0.0.1 or ::1); this call came from {host or 'an unknown address'} (the server runs "
+                          "with --shared-memory local; 'any' lets every authenticated caller register)", field="peer")
+
+
+def peer_host(peer: str | None) -> str | None:
+    """The host of a peer address: "127.0.0.1" of gRPC's "ipv4:127.0.0.1:5555", "::1" of
+    "ipv6:[::1]:5555", "unix" of "unix:..."; a bare address as it is."""
+    if peer is None:
+        return None
+    if peer.startswith("unix"):
+        return "unix"
+    if peer.startswith("ipv4:"):
+        return peer[5:].rpartition(":")[0]
+    if peer.startswith("ipv6:"):
+        return peer[5:].rpartition(":")[0].strip("[]")
+    return peer
 
 
 def _check_kind(kind: str) -> str:
@@ -608,4 +647,4 @@ def _host_bytes(item: Any) -> memoryview:
 
 
 __all__ = ["CUDA_IPC_HANDLE_SIZE", "MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "MAX_REGIONS", "Regions", "check_name",
-           "object_name"]
+           "check_registrant", "object_name", "peer_host"]

@@ -26,6 +26,7 @@ from ..errors import InvalidArgument
 from ..oip.core import SHM_PARAMETERS, InferInput, InferRequest, InferResponse, OipService, RequestedOutput, region_ref
 from ..oip.tensors import from_bytes_list, from_json, from_raw
 from ..runtime import Runtime
+from ..shm import check_registrant
 from .grpc_door import Door, _Call
 
 log = logging.getLogger("advserve.oip")
@@ -161,6 +162,7 @@ class OipServicer:
 
     async def _system_register(self, request: pb.SystemSharedMemoryRegisterRequest,
                                call: _Call) -> pb.SystemSharedMemoryRegisterResponse:
+        check_registrant(self.runtime.settings.shared_memory, call.context.peer())
         await asyncio.to_thread(self.runtime.regions.register_system, request.name, request.key, request.offset,
                                 request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
@@ -180,6 +182,7 @@ class OipServicer:
 
     async def _cuda_register(self, request: pb.CudaSharedMemoryRegisterRequest,
                              call: _Call) -> pb.CudaSharedMemoryRegisterResponse:
+        check_registrant(self.runtime.settings.shared_memory, call.context.peer())
         await asyncio.to_thread(self.runtime.regions.register_cuda, request.name, request.raw_handle,
                                 request.device_id, request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()

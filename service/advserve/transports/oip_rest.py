@@ -40,6 +40,7 @@ from ..oip.core import (SHM_PARAMETERS, InferInput, InferRequest, InferResponse,
                         RequestedOutput, region_ref)
 from ..oip.tensors import from_json, from_raw
 from ..runtime import INLINE_LIMIT, JSON_DECODE_COST, Runtime, admitted, charge_compute, watch_disconnect
+from ..shm import check_registrant
 from .http_door import JSONResponse, _failure_response, oip_error_response
 
 log = logging.getLogger("advserve.oip")
@@ -478,6 +479,7 @@ def add_shared_memory_routes(app: FastAPI, runtime: Runtime, tags: list[str]) ->
                   **documented)
         async def register(request: Request, name: str):
             try:
+                check_registrant(runtime.settings.shared_memory, request.client.host if request.client else None)
                 body, _, _ = await admitted(request, runtime)
                 arguments = register_body(kind, body)
             except AdvserveError as exc:
