@@ -102,7 +102,7 @@ class RegionRef:
                 "shared_memory_offset": self.offset, "shared_memory_byte_size": self.byte_size}
 
 
-REGION_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+REGION_KEYS = frozenset({"shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"})
 OUTPUTS_KEY = "shared_memory_outputs"  # request header: {"region", "offset", "byte_size"} for every output
 
 
