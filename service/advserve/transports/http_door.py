@@ -102,11 +102,12 @@ def _failure_response(exc: BaseException, endpoint: str, rid: str, error_respons
 
 class FramedResponse(Response):
     """A binary-framed body (docs/binary-framing.md; the Open Inference Protocol's binary outputs have
-    the same shape) written as it lies: the header, then each buffer as its own ASGI body message,
-    straight from the tensors' memory (no joined copy), with Content-Length set up front. A buffer is
-    a memoryview, or a `device.HostCopy` whose copy from a device, if not done, is awaited in a
-    worker thread just before it is written, so the copies of the later buffers overlap with writing
-    the earlier ones. `nbytes` is the body's length."""
+    the same shape) with Content-Length set up front. A large one is written as it lies: the header,
+    then each buffer as its own ASGI body message, straight from the tensors' memory (no joined copy);
+    one under JOINED_BODY_BYTES goes out as one message (one write: a copy of a few KiB costs less
+    than a system call per piece). A buffer is a memoryview, or a `device.HostCopy` whose copy from a
+    device, if not done, is awaited in a worker thread just before it is written, so the copies of the
+    later buffers overlap with writing the earlier ones. `nbytes` is the body's length."""
 
     media_type = CONTENT_TYPE
 
@@ -118,16 +119,28 @@ class FramedResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self.nbytes < JOINED_BODY_BYTES:
+            views = [await _landed(buffer) for buffer in self.buffers]
+            await send({"type": "http.response.body", "body": b"".join([self.header, *views])})
+            return
         await send({"type": "http.response.body", "body": self.header, "more_body": True})
-        loop = asyncio.get_running_loop()
         for buffer in self.buffers:
-            if not isinstance(buffer, memoryview):  # a HostCopy
-                if not buffer.done():
-                    await loop.run_in_executor(None, buffer.wait)
-                buffer = buffer.bytes_view()
-            if buffer.nbytes:
-                await send({"type": "http.response.body", "body": buffer, "more_body": True})
+            view = await _landed(buffer)
+            if view.nbytes:
+                await send({"type": "http.response.body", "body": view, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+JOINED_BODY_BYTES = 256 << 10  # a framed response body under this is sent as one message
+
+
+async def _landed(buffer) -> memoryview:
+    """The bytes of a memoryview or of a `device.HostCopy` (its copy awaited off the loop if in flight)."""
+    if isinstance(buffer, memoryview):
+        return buffer
+    if not buffer.done():
+        await asyncio.get_running_loop().run_in_executor(None, buffer.wait)
+    return buffer.bytes_view()
 
 
 def _nbytes(buffer) -> int:
