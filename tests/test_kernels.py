@@ -34,9 +34,12 @@ from hypothesis import strategies as st
 import advserve.kernels
 from advserve.engine import Engine
 from advserve.errors import InvalidArgument
+from advserve.estimators import ESTIMATORS
+from advserve.functional import groups as functional_groups
 from advserve.functional import scan as reference
 from advserve.kernels import resolve_kernels
 from advserve.model import AdvantageRequest
+from advserve.presets import PRESETS
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -168,6 +171,82 @@ class TestUnderTheInterpreter:
         assert calls == [{"paper": "skip", "openrlhf": "step"}[preset]]  # the engine ran the kernel, once
         _close(result.advantages, expected.advantages)
         _close(result.returns, expected.returns)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_group_baselines_match_the_torch_path(self, dtype):
+        fused_groups = importlib.import_module("advserve.kernels.groups")
+        scores, groups = _scattered_groups(dtype, seed=5)
+        for ddof, eps, singletons in STD_FORMS:
+            for scale_by_std in (True, False):
+                for scope in ("group", "batch"):
+                    kwargs = dict(scale_by_std=scale_by_std, std_ddof=ddof, std_eps=eps, singleton_groups=singletons,
+                                  std_scope=scope)
+                    expected = functional_groups.group_normalized_advantages(scores, groups, **kwargs)
+                    actual = fused_groups.group_normalized_advantages(scores, groups, **kwargs)
+                    _close(actual, expected)
+                    assert torch.equal(actual == 0, expected == 0)  # exact zeros stay exact: constant groups
+            expected = functional_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons)
+            _close(fused_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons), expected)
+
+    @pytest.mark.parametrize("preset", list(PRESETS))
+    def test_every_estimator_of_every_preset_agrees(self, fused, monkeypatch, preset):
+        """The setting changes no result beyond rounding: each estimator of the preset, with its KL
+        penalty, on groups of 2-6 scattered through the batch (one of equal rewards), interior gaps."""
+        triton_engine, torch_engine = Engine("cpu", kernels="triton"), Engine("cpu", kernels="torch")
+        fused_groups = importlib.import_module("advserve.kernels.groups")
+        calls = []
+        for module, name in ((fused, "gae"), (fused, "reward_to_go"), (fused_groups, "group_normalized_advantages"),
+                             (fused_groups, "leave_one_out_advantages")):
+            kernel = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+        batch = _estimator_batch(seed=13)
+        cases = [(name, None) for name in PRESETS[preset].estimators]
+        if preset == "trl":
+            cases.append(("grpo", {"std_scope": "batch"}))
+        for name, params in cases:
+            spec = ESTIMATORS[name]
+            tensors = {k: v for k, v in batch.items()
+                       if k in {"rewards", "response_mask"} | set(spec.requires) | set(spec.optional)}
+            request = AdvantageRequest(name, tensors, preset=preset, params=params, dtype="float64")
+            before = len(calls)
+            expected = torch_engine.compute_advantages(request)
+            assert len(calls) == before  # the torch engine runs no kernel
+            actual = triton_engine.compute_advantages(request)
+            _close(actual.advantages, expected.advantages)
+            _close(actual.returns, expected.returns)
+        kernels = {"paper": {"gae", "reward_to_go", "group_normalized_advantages", "leave_one_out_advantages"},
+                   "verl": {"gae", "reward_to_go", "group_normalized_advantages", "leave_one_out_advantages"},
+                   "openrlhf": {"gae", "reward_to_go", "group_normalized_advantages", "leave_one_out_advantages"},
+                   "trl": {"group_normalized_advantages", "leave_one_out_advantages"}}
+        assert set(calls) == kernels[preset]  # the triton engine ran each kernel its estimators use
+
+
+# the (std_ddof, std_eps, singleton_groups) of the presets: paper, verl, openrlhf, trl
+STD_FORMS = [(0, 0.0, "zero"), (1, 1e-6, "raw"), (1, 1e-9, "error"), (1, 1e-4, "zero")]
+
+
+def _scattered_groups(dtype: torch.dtype, seed: int):
+    """scores [60] and their Groups: 8 groups scattered through the batch, one of 40 members (three
+    blocks of 16), one of a single member, one whose scores are all equal."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.cat([torch.zeros(40, dtype=torch.long), torch.tensor([1]), torch.full((4,), 2),
+                       torch.arange(3, 8).repeat_interleave(3)])
+    index = index[torch.randperm(index.numel(), generator=gen)]
+    scores = torch.randint(0, 2, index.shape, generator=gen).to(dtype) + 0.1 * torch.randn(index.shape, generator=gen,
+                                                                                           dtype=dtype)
+    scores[index == 2] = 0.75
+    return scores, functional_groups.Groups.from_index(index)
+
+
+def _estimator_batch(seed: int) -> dict:
+    rewards, values, mask = _batch([19, 1, 24, 7, 12, 24, 3, 16, 9, 20], 24, 0.2, torch.float64, seed)
+    gen = torch.Generator().manual_seed(seed)
+    group_ids = torch.tensor([0, 1, 0, 2, 1, 2, 3, 3, 3, 2])
+    scores = torch.randint(0, 2, (10,), generator=gen).double() + 0.1 * torch.randn(10, generator=gen, dtype=torch.float64)
+    scores[group_ids == 3] = 1.0
+    logprobs = -torch.rand(2, *mask.shape, generator=gen, dtype=torch.float64) * mask
+    return {"rewards": scores, "response_mask": mask, "group_ids": group_ids, "values": values,
+            "old_logprobs": logprobs[0], "ref_logprobs": logprobs[1], "greedy_rewards": torch.rand(10, generator=gen)}
 
 
 def _gae_request(preset: str, seed: int) -> AdvantageRequest:

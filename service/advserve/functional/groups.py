@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .scan import active_kernels
+
 SINGLETON_POLICIES = ("zero", "raw", "error")
 STD_SCOPES = ("group", "batch")
 
@@ -95,7 +97,13 @@ def group_normalized_advantages(
     `std_scope` "batch" (TRL's scale_rewards="batch"): the std is that of all B scores (with
     `std_ddof`), the mean stays the group's. Size-1 groups follow `singleton_groups`: "zero" -> 0;
     "raw" -> mean 0 and std 1 (verl), i.e. R/(1 + eps) (R for Dr.GRPO); "error" is checked by the caller.
+    Inside `scan.use_kernels("triton")`: `advserve.kernels.groups`' kernel, the same values to rounding.
     """
+    if active_kernels() == "triton":
+        from ..kernels import groups as fused
+        return fused.group_normalized_advantages(scores, groups, scale_by_std=scale_by_std, std_ddof=std_ddof,
+                                                 std_eps=std_eps, singleton_groups=singleton_groups,
+                                                 std_scope=std_scope)
     centered, _ = centered_scores(scores, groups)
     if scale_by_std:
         denom = group_std_divisor(scores, centered, groups, std_ddof=std_ddof, std_eps=std_eps,
@@ -111,8 +119,12 @@ def group_normalized_advantages(
 def leave_one_out_advantages(scores: Tensor, groups: Groups, *, singleton_groups: str) -> Tensor:
     """RLOO: R_i − mean_{l≠i, l∈g} R_l = M/(M−1) · (R_i − mean_g R), scores [B] -> [B].
 
-    Size-1 groups follow `singleton_groups` ("raw": R, as verl; "zero": 0).
+    Size-1 groups follow `singleton_groups` ("raw": R, as verl; "zero": 0). Inside
+    `scan.use_kernels("triton")`: `advserve.kernels.groups`' kernel, the same values to rounding.
     """
+    if active_kernels() == "triton":
+        from ..kernels import groups as fused
+        return fused.leave_one_out_advantages(scores, groups, singleton_groups=singleton_groups)
     n = groups.sizes.to(scores.dtype)[groups.index]
     others_mean = (groups.sum(scores)[groups.index] - scores) / (n - 1).clamp_min(1)
     advantages = torch.where(groups.is_constant(scores)[groups.index], 0, scores - others_mean)

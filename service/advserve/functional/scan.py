@@ -13,7 +13,8 @@ interior gaps. `gaps="step"` (OpenRLHF) instead treats every position as a step:
 adds a zero reward (and value 0) and still discounts by γ (γλ for GAE); no packing is needed.
 
 Inside `use_kernels("triton")` (the engine's `kernels` setting), `reward_to_go` and `gae` run the
-fused kernels of `advserve.kernels.scan` instead: the same values to rounding, one pass over memory.
+fused kernels of `advserve.kernels.scan` instead (and the group baselines of `groups` those of
+`advserve.kernels.groups`): the same values to rounding, one pass over memory.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def use_kernels(kernels: str) -> Iterator[None]:
         yield
     finally:
         _KERNELS.reset(token)
+
+
+def active_kernels() -> str:
+    """"torch" or "triton": the `use_kernels` block this code runs in ("torch" outside any)."""
+    return _KERNELS.get()
 
 
 @functools.lru_cache(maxsize=256)
