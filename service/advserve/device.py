@@ -86,12 +86,14 @@ def _side_stream(device: torch.device):
         return _side_streams[index]
 
 
-def copy_to_host(tensors: Sequence[Tensor]) -> list[HostCopy]:
+def copy_to_host(tensors: Sequence[Tensor], ready: Any = None) -> list[HostCopy]:
     """Start bringing `tensors` to the host, waiting for none of it: a CPU tensor is returned as it is
     (made contiguous: no copy when it already is); a CUDA tensor is copied into a pinned host buffer by
-    a non-blocking copy on a side stream, ordered after the work already queued on its own stream, with
-    an event recorded after each copy, so that each buffer can be written out as soon as its own copy
-    has landed while the next ones are still on the way (and the caller's stream is never synchronized)."""
+    a non-blocking copy on a side stream, with an event recorded after each copy, so that each buffer
+    can be written out as soon as its own copy has landed while the next ones are still on the way
+    (and the caller's stream is never synchronized). The copies start after `ready` (a CUDA event
+    recorded when the tensors were computed), or without one after all the work queued so far on the
+    tensors' stream (which may include later requests' kernels)."""
     copies = []
     for tensor in tensors:
         tensor = tensor.detach()
@@ -99,7 +101,10 @@ def copy_to_host(tensors: Sequence[Tensor]) -> list[HostCopy]:
             copies.append(HostCopy(tensor.contiguous()))
             continue
         stream = _side_stream(tensor.device)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        if ready is not None:
+            stream.wait_event(ready)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(tensor, non_blocking=True)
