@@ -191,20 +191,27 @@ class _System:
                 raise Released(f"its object {self.entry['key']!r} was truncated while it was read")
             return memoryview(buffer)
 
-    def write(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def write(self, offset: int, items: Sequence[Any]) -> None:
+        """Write `items` (tensors, arrays, buffers) back to back from `offset`: into the mapping (a
+        device tensor copied straight into it), or with pwrite."""
         with self.lock:
             if not self.writable:
                 raise PermissionError
             self._check()
             position = offset
-            for data in buffers:
-                if self.map is not None:
-                    self.map[self.base + position:self.base + position + data.nbytes] = data
+            for item in items:
+                size = _nbytes(item)
+                start = self.base + position
+                if self.map is not None and isinstance(item, torch.Tensor) and item.device.type != "cpu":
+                    target = torch.frombuffer(self.map, dtype=torch.uint8, count=size, offset=start)
+                    target.copy_(_as_uint8_tensor(item))  # device to the region, no host copy in between
+                elif self.map is not None:
+                    self.map[start:start + size] = _host_bytes(item)
                 else:
-                    written = 0
-                    while written < data.nbytes:
+                    data, written = _host_bytes(item), 0
+                    while written < size:
                         written += os.pwrite(self.fd, data[written:], self.offset + position + written)
-                position += data.nbytes
+                position += size
 
     def close(self) -> None:
         with self.lock:
@@ -594,7 +601,7 @@ class Regions:
             torch.cuda.synchronize(mapping.device_id)
             return total
         try:
-            mapping.write(offset, [_host_bytes(item) for item in items])
+            mapping.write(offset, items)
         except PermissionError:
             raise InvalidArgument(f"shared memory region {name!r} is read-only to this server (its object's "
                                   "permissions): it cannot hold outputs", field=field) from None
