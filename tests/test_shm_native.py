@@ -299,6 +299,14 @@ def test_descriptor_errors_name_the_field(server, region):
     good = post(server, "/v1/advantages", {"estimator": "grpo", "tensors": {"rewards": rewards, "response_mask": mask,
                                                                             "group_ids": ids}})
     assert good.status_code == 200, good.text
+    # losses: which gradients come back is known after the compute; too little room writes nothing
+    logprobs = region.put(256, np.full((4, 3), -1.0, np.float32), "logprobs")
+    region.memory.buf[2048:2048 + 64] = b"\xab" * 64
+    response = post(server, "/v1/losses", {"tensors": {"logprobs": logprobs, "old_logprobs": logprobs,
+                                                       "advantages": logprobs, "response_mask": mask},
+                                           framing.OUTPUTS_KEY: {"region": region.name, "offset": 2048, "byte_size": 40}})
+    assert response.status_code == 400 and response.json()["error"]["field"] == f"{framing.OUTPUTS_KEY}.byte_size"
+    assert bytes(region.memory.buf[2048:2048 + 64]) == b"\xab" * 64
 
 
 def test_grpc_descriptor_errors_name_the_field(server, region):

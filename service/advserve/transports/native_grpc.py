@@ -69,6 +69,7 @@ class AdvserveServicer:
                                   layout=document.get("layout"))
         await call.charge(domain)  # its shapes known: its compute charged before it is validated
         prepared = self.engine.prepare_advantages(domain)
+        shm_tensors.advantages_room(target, prepared)
         call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
         result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
         with call.phase("encode"):

@@ -401,7 +401,9 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             request = AdvantageRequest(estimator=body.estimator, tensors=tensors, preset=body.preset,
                                        params=body.params, dtype=body.dtype, layout=body.layout)
             charge(request)
-            return engine.prepare_advantages(request)
+            prepared = engine.prepare_advantages(request)
+            shm_tensors.advantages_room(requested_outputs(body), prepared)
+            return prepared
 
         return await serve(request, AdvantagesBody, "advantages", prepare, scheduler.advantages, advantages_document)
 

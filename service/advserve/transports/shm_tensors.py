@@ -57,6 +57,19 @@ def check_target(regions: Regions | None, target: Target) -> None:
     _registry(regions, OUTPUTS_KEY).write(region, offset, byte_size, (), field=OUTPUTS_KEY)
 
 
+def advantages_room(target: Target | None, prepared: Any) -> None:
+    """Before the compute of a prepared advantage request whose outputs go to a region: advantages and
+    returns, [B, T] each ([N] packed) in the compute dtype, must fit its byte_size."""
+    if target is None:
+        return
+    batch = prepared.batch
+    tokens = batch.layout.tokens if batch.layout is not None else batch.mask.numel()
+    needed = 2 * tokens * torch.empty((), dtype=prepared.dtype).element_size()
+    if needed > target[2]:
+        raise InvalidArgument(f"{OUTPUTS_KEY}.byte_size is {target[2]} but advantages and returns need {needed} "
+                              "bytes", field=f"{OUTPUTS_KEY}.byte_size")
+
+
 def write_outputs(regions: Regions | None, target: Target, tensors: Mapping[str, torch.Tensor | None],
                   ) -> dict[str, RegionRef]:
     """Write the outputs (those not None, in order, back to back) into the target region and return where
