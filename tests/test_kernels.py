@@ -46,27 +46,37 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 REQUIRED = bool(os.environ.get("ADVSERVE_REQUIRE_TRITON"))
 
 
-CHILD = os.environ.get("ADVSERVE_KERNEL_TESTS_CHILD") == "1"  # this process is the interpreter's child
+CHILD = os.environ.get("ADVSERVE_KERNEL_TESTS_CHILD", "")  # "interpreter" or "compiler" in a child process
 
 
-def test_the_kernels_under_the_interpreter():
+def _run_child(kind: str, test_class: str, env: dict) -> None:
+    """Run `test_class` of this file in a child pytest process; every one of its tests must pass."""
     if not HAVE_TRITON:
         if REQUIRED:
             pytest.fail("ADVSERVE_REQUIRE_TRITON is set but triton is not installed (pip install 'advserve[kernels]')")
         pytest.skip("triton is not installed (set ADVSERVE_REQUIRE_TRITON to make this a failure)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "ADVSERVE_KERNEL_TESTS_CHILD": "1"}
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestUnderTheInterpreter"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test_class}"],
+        env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env,
+             "ADVSERVE_KERNEL_TESTS_CHILD": kind}, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
     summary = child.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"\d+ passed in [\d.]+s", summary), summary  # all ran: no skip, no deselection
+    # all ran: no skip, no deselection
+    assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in [\d.]+s( \([\d:]+\))?", summary), summary
+
+
+def test_the_kernels_under_the_interpreter():
+    _run_child("interpreter", "TestUnderTheInterpreter", {"TRITON_INTERPRET": "1"})
+
+
+def test_the_kernels_compile_for_the_gpu(tmp_path):
+    _run_child("compiler", "TestCompiledForTheGpu", {"TRITON_CACHE_DIR": str(tmp_path)})
 
 
 @pytest.fixture(scope="module")
 def fused():
     """`advserve.kernels.scan`, interpreted: this is the child, TRITON_INTERPRET=1 from the start."""
-    assert CHILD and os.environ.get("TRITON_INTERPRET") == "1"
+    assert CHILD == "interpreter" and os.environ.get("TRITON_INTERPRET") == "1"
     return importlib.import_module("advserve.kernels.scan")
 
 
@@ -100,7 +110,7 @@ COEFFICIENTS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.0, 0.5)]
 class TestUnderTheInterpreter:
     """Run only in the child process of `test_the_kernels_under_the_interpreter`."""
 
-    __test__ = CHILD
+    __test__ = CHILD == "interpreter"
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
     @pytest.mark.parametrize("gaps", ["skip", "step"])
@@ -219,6 +229,48 @@ class TestUnderTheInterpreter:
                    "openrlhf": {"gae", "reward_to_go", "group_normalized_advantages", "leave_one_out_advantages"},
                    "trl": {"group_normalized_advantages", "leave_one_out_advantages"}}
         assert set(calls) == kernels[preset]  # the triton engine ran each kernel its estimators use
+
+
+class TestCompiledForTheGpu:
+    """Run only in the child process of `test_the_kernels_compile_for_the_gpu`: the kernels compiled
+    to an H100/H200's machine code (sm_90, through the triton wheel's own ptxas; no GPU needed), so a
+    kernel that only the interpreter accepts fails here, not on the first GPU."""
+
+    __test__ = CHILD == "compiler"
+
+    @staticmethod
+    def _ptx(fn, signature: dict, constexprs: dict) -> str:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+
+        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        return compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+    def test_scans(self, dtype):
+        scan = importlib.import_module("advserve.kernels.scan")
+        data = f"*{dtype}"
+        gae = {"rewards": data, "values": data, "mask": "*u8", "adv_out": data, "ret_out": data, "T": "i32",
+               **dict.fromkeys(("stride_r", "stride_v", "stride_m", "stride_a", "stride_o"), "i64"),
+               "gamma": "fp64", "gamma_lam": "fp64"}
+        rtg = {"rewards": data, "mask": "*u8", "out": data, "T": "i32",
+               **dict.fromkeys(("stride_r", "stride_m", "stride_o"), "i64"), "gamma": "fp64"}
+        for skip in (True, False):
+            assert ".entry _gae_kernel" in self._ptx(scan._gae_kernel, gae, {"SKIP": skip, "BLOCK": 1024})
+            assert ".entry _reward_to_go_kernel" in self._ptx(scan._reward_to_go_kernel, rtg,
+                                                              {"SKIP": skip, "BLOCK": 1024})
+
+    @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+    def test_group_baselines_divide_and_take_roots_rounded_to_nearest(self, dtype):
+        groups = importlib.import_module("advserve.kernels.groups")
+        data = f"*{dtype}"
+        signature = {"scores": data, "order": "*i64", "starts": "*i64", "sizes": "*i64", "out": data,
+                     "batch_divisor": data, "eps": "fp64", "raw_divisor": "fp64", "ddof": "i32"}
+        for loo, batch_std in ((False, False), (False, True), (True, False)):
+            ptx = self._ptx(groups._group_kernel, signature, {"LOO": loo, "SCALE": True, "BATCH_STD": batch_std,
+                                                             "RAW": True, "F32": dtype == "fp32", "BLOCK": 256})
+            assert ".approx" not in ptx and "div.full" not in ptx  # as torch rounds: no fast division or sqrt
+            assert f"div.rn.f{dtype[2:]}" in ptx
 
 
 # the (std_ddof, std_eps, singleton_groups) of the presets: paper, verl, openrlhf, trl
