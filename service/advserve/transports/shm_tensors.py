@@ -52,9 +52,9 @@ def read(regions: Regions | None, name: str, ref: RegionRef, charge: Callable[[i
 
 def check_target(regions: Regions | None, target: Target) -> None:
     """Before the compute: the outputs' region exists and holds [offset, offset + byte_size) (whether
-    the outputs fit is known after it, `write_outputs`)."""
+    the outputs fit: `advantages_room` before the compute, `write_outputs` after it)."""
     region, offset, byte_size = target
-    _registry(regions, OUTPUTS_KEY).write(region, offset, byte_size, (), field=OUTPUTS_KEY)
+    _registry(regions, OUTPUTS_KEY).check(region, offset, byte_size, field=OUTPUTS_KEY)
 
 
 def advantages_room(target: Target | None, prepared: Any) -> None:
