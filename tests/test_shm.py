@@ -489,3 +489,47 @@ def test_shared_memory_off(region):
     finally:
         server.stop()
     assert server.problems() == [], server.output()[-4000:]
+
+
+def test_fuzz_the_shared_memory_endpoints(server, region):
+    """Schemathesis' cases of every shared-memory operation of /openapi.json, schema-valid and
+    -invalid (random names, keys, sizes, handles), plus valid keys of a real object drawn into the
+    register bodies: never a 5xx, the error body as documented; the server stays healthy."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    _, key, _ = region(4096)
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=10)
+    operations = [(path, method) for path, methods in schema.raw_schema["paths"].items() if "sharedmemory" in path
+                  for method in methods]
+    assert len(operations) == 10
+    seen: dict[int, int] = {}
+    for path, method in operations:
+        operation = schema[path][method.upper()]
+        for mode in ("positive", "negative") if path.endswith("/register") else ("positive",):  # a body to break
+            strategy = operation.as_strategy(GenerationMode(mode))
+            if path.endswith("/register") and mode == "positive" and "system" in path:
+                strategy = st.tuples(strategy, st.integers(0, 5000), st.integers(-1, 5000)).map(
+                    lambda drawn: _with_body(drawn[0], {"key": key, "offset": drawn[1], "byte_size": drawn[2]}))
+
+            @given(case=strategy)
+            @settings(max_examples=15, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            def run(case):
+                status = case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=10).status_code
+                seen[status] = seen.get(status, 0) + 1
+                assert status < 500, (path, method, mode, status)
+
+            run()
+    assert {200, 400} <= set(seen), seen
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        client.post("/v2/systemsharedmemory/unregister")
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def _with_body(case, body: dict):
+    case.body = body
+    return case

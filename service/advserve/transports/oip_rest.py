@@ -420,6 +420,14 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
 # --- shared memory (Triton's extensions: docs/shared-memory.md) ----------------------------------------
 
 _SHM_KINDS = {"systemsharedmemory": "system", "cudasharedmemory": "cuda"}
+_REGISTER_SCHEMAS = {
+    "system": {"type": "object", "required": ["key", "byte_size"], "properties": {
+        "key": {"type": "string", "description": "the POSIX shared memory object, '/name'"},
+        "offset": {"type": "integer", "minimum": 0}, "byte_size": {"type": "integer", "minimum": 1}}},
+    "cuda": {"type": "object", "required": ["raw_handle", "device_id", "byte_size"], "properties": {
+        "raw_handle": {"type": "object", "required": ["b64"], "properties": {"b64": {
+            "type": "string", "description": "base64 of the cudaIpcMemHandle_t (64 bytes)"}}},
+        "device_id": {"type": "integer", "minimum": 0}, "byte_size": {"type": "integer", "minimum": 1}}}}
 _REGISTER_KEYS = {"system": ("key", "offset", "byte_size"), "cuda": ("raw_handle", "device_id", "byte_size")}
 
 
@@ -466,17 +474,22 @@ def add_shared_memory_routes(app: FastAPI, runtime: Runtime, tags: list[str]) ->
 
     def routes(extension: str, kind: str) -> None:
         base, what = f"/v2/{extension}", "System" if kind == "system" else "CUDA"
+        fields = ("name", "key", "offset", "byte_size") if kind == "system" else ("name", "device_id", "byte_size")
+        listed = {**documented, "responses": {**_ERRORS, 200: {"content": {"application/json": {"schema": {
+            "type": "array", "items": {"type": "object", "required": list(fields), "properties": {
+                field: {"type": "string" if field in ("name", "key") else "integer"} for field in fields}}}}}}}}
 
-        @app.get(f"{base}/status", summary=f"{what} shared memory: every region", **documented)
+        @app.get(f"{base}/status", summary=f"{what} shared memory: every region", **listed)
         async def status_all():
             return await answer(lambda: regions.status(kind))
 
-        @app.get(f"{base}/region/{{name}}/status", summary=f"{what} shared memory: one region", **documented)
+        @app.get(f"{base}/region/{{name}}/status", summary=f"{what} shared memory: one region", **listed)
         async def status_one(name: str):
             return await answer(lambda: regions.status(kind, name))
 
         @app.post(f"{base}/region/{{name}}/register", summary=f"{what} shared memory: register a region",
-                  **documented)
+                  openapi_extra={"requestBody": {"required": True, "content": {
+                      "application/json": {"schema": _REGISTER_SCHEMAS[kind]}}}}, **documented)
         async def register(request: Request, name: str):
             try:
                 check_registrant(runtime.settings.shared_memory, request.client.host if request.client else None)
