@@ -22,7 +22,7 @@ Parts:
   c. 32 concurrent clients, [256, 4096] losses with --workers 2 and --admission-bytes 256 MiB: peak RSS
      summed over the supervisor and its workers (sampled every 10 ms) against the admission limit plus
      a stated constant per process (PER_PROCESS_MIB); every request answered 200, or 503 and retried
-     (its Retry-After capped at 50 ms) until answered: nothing accepted is dropped.
+     (its Retry-After honoured up to 0.25 s) until answered: nothing accepted is dropped.
   balance. How 8 keep-alive connections opened at once land on 2 asyncio processes: one inherited
      listening socket vs one SO_REUSEPORT socket each (why the workers use SO_REUSEPORT), and the
      connections per worker of a real --workers 2 server under part a's load.
@@ -38,6 +38,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import select
 import shutil
 import socket
 import statistics
@@ -58,6 +59,8 @@ PER_PROCESS_MIB = 600
 """Part c's stated constant: RSS of one idle server process (Python, torch, FastAPI, grpc: ~300-400 MiB
 measured here) plus allocator slack, per worker and for the supervisor."""
 TARGETS = {"a": 1.6, "b": 2.0}
+RETRY_CAP_S = 0.25  # part c: a 503's Retry-After is honoured up to this (as bench_transport.py part 4)
+RETRIED = ("200", "503 retried", "closed unread, retried")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,28 +117,56 @@ def grpo_bodies(count: int = 16, group: int = 8, length: int = 512) -> list[tupl
 # --- load -------------------------------------------------------------------------------------------
 
 
+SEND_CHUNK = 1 << 20
+
+
+def _send(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> bool:
+    """Send the request as a careful client does: the body in 1 MiB pieces, stopping early when the server
+    has answered already (a refusal before the body was read, followed by closing the connection). True
+    when the whole body went out."""
+    conn.putrequest("POST", path, skip_accept_encoding=True)
+    for name, value in {**headers, "Content-Length": str(len(body))}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    view = memoryview(body)
+    for offset in range(0, len(body), SEND_CHUNK):
+        if select.select([conn.sock], [], [], 0)[0]:  # an early answer (or a close): stop sending
+            return False
+        try:
+            conn.send(view[offset:offset + SEND_CHUNK])
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+    return True
+
+
 def _client(port: int, path: str, bodies, start: float, end: float, retry_503: bool, out: Counter) -> None:
     """One client: one keep-alive connection, requests back to back from `start`; completions before `end`
-    count. retry_503: a 503 is retried (after min(Retry-After, 50 ms)) until answered."""
+    count. retry_503: a 503 is retried (after min(Retry-After, RETRY_CAP_S)) until answered, and so is a request
+    whose connection the server closed before the body was all sent (refused unread). An error after the
+    whole body was sent is a failure: that request was accepted and not answered."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     i = 0
     time.sleep(max(0.0, start - time.monotonic()))
     while time.monotonic() < end:
         body, headers = bodies[i % len(bodies)]
+        sent = False
         try:
-            conn.request("POST", path, body=body, headers=headers)
+            sent = _send(conn, path, body, headers)
             response = conn.getresponse()
             response.read()
             status = response.status
         except (OSError, http.client.HTTPException) as exc:
-            out[f"error {type(exc).__name__}"] += 1
+            out[f"error {type(exc).__name__}" if sent or not retry_503 else "closed unread, retried"] += 1
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
             time.sleep(0.05)
             continue
+        if response.will_close:
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         if status == 503 and retry_503:
             out["503 retried"] += 1
-            time.sleep(min(float(response.getheader("Retry-After") or 0.05), 0.05))
+            time.sleep(min(float(response.getheader("Retry-After") or RETRY_CAP_S), RETRY_CAP_S))
             continue
         if time.monotonic() <= end:
             out[str(status)] += 1
@@ -205,11 +236,14 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_kb(pid: int, field: str = "VmRSS") -> int:
+def memory_kb(pid: int) -> int:
+    """The process's proportional set size (Pss, /proc/PID/smaps_rollup): its resident pages, each page it
+    shares (copy-on-write after the fork, libraries) divided among its sharers, so the sum over the
+    supervisor and its workers counts every page once (a sum of RSS would count shared pages N times)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith(field + ":"):
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -373,22 +407,29 @@ def part_b(args, results: dict) -> None:
 
 
 def part_c(args, results: dict) -> None:
+    results["c"] = {f"workers{n}": memory_run(args, n) for n in (1, 2)}
+
+
+def memory_run(args, workers: int) -> dict[str, Any]:
+    """Part c for one --workers: idle and peak memory of the server's processes, the status counts."""
     admission = 256 * MIB
-    srv = server("--workers", "2", "--admission-bytes", str(admission), name="c-memory")
+    srv = server("--workers", str(workers), "--admission-bytes", str(admission), name=f"c-workers{workers}")
     try:
         time.sleep(1.0)
         warm(srv, "/v1/losses", [losses_body()], 2, args.warmup, 2)
         time.sleep(3.0)  # idle: freed memory trimmed (--memory-trim-idle-s 2)
         pids = process_tree(srv.pid)
-        idle = {pid: rss_kb(pid) for pid in pids}
+        idle = {pid: memory_kb(pid) for pid in pids}
         wait_for_quiet(args.max_wait)
 
         def sample(end: float) -> dict[str, Any]:
-            peak = 0
+            peak, each = 0, dict.fromkeys(pids, 0)
             while time.monotonic() < end:
-                peak = max(peak, sum(rss_kb(pid) for pid in pids))
+                now = {pid: memory_kb(pid) for pid in pids}
+                peak = max(peak, sum(now.values()))
+                each = {pid: max(each[pid], now[pid]) for pid in pids}
                 time.sleep(0.01)
-            return {"peak_sum_rss_kb": peak, "sum_vmhwm_kb": sum(rss_kb(pid, "VmHWM") for pid in pids)}
+            return {"peak_sum_kb": peak, "peak_kb_each": each}
 
         run = load(srv.port, "/v1/losses", [losses_body()], 32, args.duration, args.client_procs, retry_503=True,
                    during=sample)
@@ -397,8 +438,8 @@ def part_c(args, results: dict) -> None:
         srv.stop()
         srv.remove_log()
     bound_kb = (admission + len(pids) * PER_PROCESS_MIB * MIB) // 1024
-    results["c"] = {"processes": len(pids), "idle_rss_kb": idle, "admission_bytes": admission,
-                    "per_process_mib": PER_PROCESS_MIB, "bound_kb": bound_kb, **run}
+    return {"processes": len(pids), "idle_kb": idle, "admission_bytes": admission, "per_process_mib": PER_PROCESS_MIB,
+            "bound_kb": bound_kb, **run}
 
 
 def part_balance(args, results: dict) -> None:
@@ -425,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         report(part, results[part])
     failed = [(part, counts) for part in parts if part in "abc"
               for counts in _counts(results[part])
-              if set(counts) - ({"200", "503 retried"} if part == "c" else {"200"})]
+              if set(counts) - ({"200", "503 retried", "closed unread, retried"} if part == "c" else {"200"})]
     for part, counts in failed:
         print(f"FAILED part {part}: statuses {counts}")
     if args.out:
@@ -457,15 +498,20 @@ def report(part: str, r: dict) -> None:
         print(f"   rounds (req/s): today {_rounds(r['today'])}; --workers 2 {_rounds(r['workers2'])}")
         print(f"   today: {r['today']['command']}")
     elif part == "c":
-        peak = r["extra"]["peak_sum_rss_kb"]
-        idle = sum(r["idle_rss_kb"].values())
-        print(f"c. 32 clients, /v1/losses [256, 4096], --workers 2, admission {r['admission_bytes'] // MIB} MiB: "
-              f"peak RSS summed over {r['processes']} processes {peak / 1024:.0f} MiB (idle {idle / 1024:.0f} MiB; "
-              f"growth {(peak - idle) / 1024:.0f} MiB); bound admission + {r['processes']} x {r['per_process_mib']} "
-              f"MiB = {r['bound_kb'] / 1024:.0f} MiB: {'ok' if peak <= r['bound_kb'] else 'MISS'}")
-        counts = r["counts"]
-        print(f"   answered 200: {counts.get('200', 0)}, 503 retried: {counts.get('503 retried', 0)}, anything else: "
-              f"{ {k: v for k, v in counts.items() if k not in ('200', '503 retried')} or 'none'}")
+        for name, m in r.items():
+            peak, idle = m["extra"]["peak_sum_kb"], sum(m["idle_kb"].values())
+            print(f"c. 32 clients, /v1/losses [256, 4096], --{name.replace('workers', 'workers ')}, admission "
+                  f"{m['admission_bytes'] // MIB} MiB: peak memory (Pss) summed over {m['processes']} processes "
+                  f"{peak / 1024:.0f} MiB (idle {idle / 1024:.0f}, growth {(peak - idle) / 1024:.0f}); bound admission "
+                  f"+ {m['processes']} x {m['per_process_mib']} MiB = {m['bound_kb'] / 1024:.0f} MiB: "
+                  f"{'ok' if peak <= m['bound_kb'] else 'MISS'}")
+            print("   per process, idle -> peak MiB: " + ", ".join(
+                f"{m['idle_kb'][pid] / 1024:.0f} -> {m['extra']['peak_kb_each'][pid] / 1024:.0f}"
+                for pid in m["idle_kb"]) + (" (the supervisor first)" if m["processes"] > 1 else ""))
+            counts = m["counts"]
+            print(f"   answered 200: {counts.get('200', 0)}, 503 retried: {counts.get('503 retried', 0)}, closed "
+                  f"before the body was sent and retried: {counts.get('closed unread, retried', 0)}, anything else "
+                  f"(accepted and not answered): { {k: v for k, v in counts.items() if k not in RETRIED} or 'none'}")
     elif part == "balance":
         for mode in ("inherited", "reuseport"):
             m = r[mode]

@@ -201,3 +201,33 @@ def test_a_foreign_reuseport_group_cannot_be_joined_and_our_ports_cannot_be_take
     for port in (two.port, two.grpc_port):  # a plain bind on a running server's ports fails
         with socket.socket() as intruder, pytest.raises(OSError):
             intruder.bind(("127.0.0.1", port))
+
+
+def test_a_worker_gives_back_memory_beyond_its_admitted_bytes_and_slack():
+    import asyncio
+    from types import SimpleNamespace
+
+    from advserve.runtime import Runtime
+
+    # (RSS read, bytes this worker holds in admission from then on): at start, at each check, after each trim
+    readings = iter([(100, 0), (150, 0), (400, 0), (90, 0), (350, 100), (700, 100), (650, 100), (700, 100)])
+    held = {"bytes": 0}
+    trims = []
+
+    def rss() -> int:
+        value = next(readings, None)
+        if value is None:
+            raise asyncio.CancelledError
+        held["bytes"] = value[1]
+        return value[0]
+
+    fake = SimpleNamespace(admission=SimpleNamespace(held_here=lambda: held["bytes"]))
+
+    async def run():
+        with pytest.raises(asyncio.CancelledError):
+            await Runtime.trim_memory_over_budget(fake, slack=200, every_s=0, trim=lambda: trims.append(1), rss=rss)
+
+    asyncio.run(run())
+    # resting 100, slack 200: 150 stays; 400 > 300 is trimmed (90 after: resting stays 100); 350 <= 100 + 100
+    # held + 200 stays; 700 is trimmed, 650 remains (resting raised to 550), so the last 700 <= 850 stays
+    assert len(trims) == 2

@@ -428,6 +428,21 @@ def _ignore_outcome(future) -> None:
         future.exception()
 
 
+MEMORY_SLACK = 256 << 20
+"""A worker's memory beyond its resting size and its admitted bytes before it gives freed pages back
+(`Runtime.trim_memory_over_budget`): the working set admission does not count (the batch in the engine's
+temporaries beyond the estimate, responses being sent, allocator fragmentation)."""
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (RSS) in bytes; 0 where /proc is not readable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def malloc_trim() -> bool:
     """glibc's malloc_trim(0): give the freed pages of every heap arena back to the system (RSS falls);
     False where that is not glibc."""
@@ -532,6 +547,23 @@ class Runtime:
                 gc.collect()  # cycles (a failed request's traceback and its buffers) first
                 await asyncio.to_thread(trim)
                 log.debug("idle for %.1f s: freed memory returned to the system", idle_s)
+
+    async def trim_memory_over_budget(self, slack: int = MEMORY_SLACK, every_s: float = 0.25,
+                                      trim: Callable[[], Any] = malloc_trim,
+                                      rss: Callable[[], int] = lambda: resident_bytes()) -> None:
+        """Forever (a worker of --workers): every `every_s`, when this process's RSS exceeds its resting
+        size plus the bytes it holds in admission plus `slack`, call `trim` (in a thread). The allocator
+        keeps freed pages (tune_allocator) and, under a long overload, a process can keep far more than it
+        ever held at once; with N workers sharing one admission budget that would be N times the excess.
+        So the server's memory stays within the admission limit plus, per worker, its resting size and
+        `slack`. The resting size is the RSS at start, raised to what a trim cannot give back."""
+        resting = rss()
+        while True:
+            await asyncio.sleep(every_s)
+            if rss() > resting + self.admission.held_here() + slack:
+                await asyncio.to_thread(trim)
+                resting = max(resting, rss() - self.admission.held_here())
+                log.debug("memory over the admitted bytes + %d MiB: freed memory returned", slack >> 20)
 
     def authenticate(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless `authorization` is "Bearer <token>" with the configured token

@@ -228,6 +228,7 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
                  " (TLS)" if settings.tls_cert else "", settings.admission_bytes,
                  "on" if settings.auth_token else "off")
         publisher = asyncio.create_task(publish_while_busy(runtime)) if worker is not None else None
+        bounder = asyncio.create_task(runtime.trim_memory_over_budget()) if worker is not None else None
         serving = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
@@ -235,8 +236,9 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
         try:
             await serving
         finally:
-            if publisher is not None:
-                publisher.cancel()
+            for task in (publisher, bounder):
+                if task is not None:
+                    task.cancel()
             drainer.cancel()
             if trimmer is not None:
                 trimmer.cancel()
