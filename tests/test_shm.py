@@ -22,7 +22,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
 
 from advserve.errors import InvalidArgument, NotFound
-from advserve.shm import MAX_REGIONS, Regions, check_registrant
+from advserve.shm import MAX_REGIONS, Regions, Released, check_registrant
 from conftest import RunningServer
 
 TRANSPORTS = ["http", "grpc"]
@@ -533,3 +533,19 @@ def test_fuzz_the_shared_memory_endpoints(server, region):
 def _with_body(case, body: dict):
     case.body = body
     return case
+
+
+def test_a_region_unregistered_while_a_request_reads_it(tmp_path):
+    """The registry's mapping is closed by an unregister between a request's look-up and its read:
+    the request gets a 400 saying so (no closed file descriptor read, no crash)."""
+    registry = Regions(tmp_path)
+    key = f"/t{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, 64)
+    try:
+        registry.register_system("r", key, 0, 64)
+        entry, mapping = registry._mapping("r", "f")
+        mapping.close()  # what a concurrent unregister does to this process's mapping
+        with pytest.raises(Released, match="unregistered while this request used it"):
+            mapping.read(0, 8, None)
+    finally:
+        shm.destroy_shared_memory_region(handle)

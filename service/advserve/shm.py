@@ -170,6 +170,8 @@ class _System:
             raise
 
     def _check(self, info: os.stat_result | None = None) -> None:
+        if self.fd < 0:
+            raise Released("it was unregistered while this request used it")
         info = info or os.fstat(self.fd)
         if info.st_nlink == 0:
             raise Released(f"its object {self.entry['key']!r} was unlinked by its owner")
@@ -330,7 +332,10 @@ class _Cuda:
 
     def tensor(self, offset: int, size: int) -> torch.Tensor:
         """A uint8 view [size] on the region's device of the bytes from `offset`."""
-        return torch.as_tensor(_CudaView(self.pointer, offset, size), device=f"cuda:{self.device_id}")
+        pointer = self.pointer
+        if pointer is None:
+            raise Released("it was unregistered while this request used it")
+        return torch.as_tensor(_CudaView(pointer, offset, size), device=f"cuda:{self.device_id}")
 
     def close(self) -> None:
         self.pointer = None  # closed when no tensor views it any more
@@ -554,13 +559,13 @@ class Regions:
         tensor on the region's CUDA device. Errors name `field`."""
         entry, mapping = self._mapping(name, field)
         offset, byte_size = self._span(entry, offset, byte_size, field)
-        if entry["kind"] == "cuda":
-            return mapping.tensor(offset, byte_size)
         try:
+            if entry["kind"] == "cuda":
+                return mapping.tensor(offset, byte_size)
             return mapping.read(offset, byte_size, charge)
         except Released as exc:
             self._remove(name, entry["id"])
-            raise InvalidArgument(f"system shared memory region {name!r} was released: {exc}", field=field) from None
+            raise InvalidArgument(f"{_KIND_WORDS[entry['kind']]} region {name!r} was released: {exc}", field=field) from None
 
     def read(self, name: str, offset: int, byte_size: int, *, dtype: torch.dtype, shape: tuple[int, ...], field: str,
              charge: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -592,22 +597,22 @@ class Regions:
         if total > byte_size:
             raise InvalidArgument(f"shared_memory_byte_size is {byte_size} but the output needs {total} bytes",
                                   field=field)
-        if entry["kind"] == "cuda":
-            target, position = mapping.tensor(offset, total), 0
-            for item in items:
-                source = _as_uint8_tensor(item)
-                target[position:position + source.numel()].copy_(source, non_blocking=False)
-                position += source.numel()
-            torch.cuda.synchronize(mapping.device_id)
-            return total
         try:
+            if entry["kind"] == "cuda":
+                target, position = mapping.tensor(offset, total), 0
+                for item in items:
+                    source = _as_uint8_tensor(item)
+                    target[position:position + source.numel()].copy_(source)
+                    position += source.numel()
+                torch.cuda.synchronize(mapping.device_id)
+                return total
             mapping.write(offset, items)
         except PermissionError:
             raise InvalidArgument(f"shared memory region {name!r} is read-only to this server (its object's "
                                   "permissions): it cannot hold outputs", field=field) from None
         except Released as exc:
             self._remove(name, entry["id"])
-            raise InvalidArgument(f"system shared memory region {name!r} was released: {exc}", field=field) from None
+            raise InvalidArgument(f"{_KIND_WORDS[entry['kind']]} region {name!r} was released: {exc}", field=field) from None
         return total
 
     def close(self) -> None:
