@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_engine.py            # full sizes (make bench), ~15 s on an idle 2-core box
     .venv/bin/python bench/bench_engine.py --quick    # smoke run, a few seconds
     .venv/bin/python bench/bench_engine.py --no-tune-allocator   # glibc defaults, to see the difference
+    .venv/bin/python bench/bench_engine.py --device cuda --kernels triton --cases gae,gae_gaps,grpo
+        # on a GPU: CUDA tensors in and out, the Triton kernels (--kernels torch: the torch path), GAE
+        # also at [1024, 8192] and [4096, 16384], the bound from a device-to-device copy in the same run
 
 Rows (full sizes; --quick shrinks them):
   * GAE [256, 4096] fp32, right-padded (lengths uniform in [T/4, T]), 0/1 outcome on the last valid
@@ -29,6 +32,11 @@ Rows (full sizes; --quick shrinks them):
     sequences in contiguous groups of 16 (int64 ids), mask [4096, 1024], against TRL 1.16.0's
     scale_rewards="batch" block in torch (rewards.view(-1, n) nanmean, nanstd of the whole batch + 1e-4,
     nan_to_num), plus the broadcast of each sequence's advantage over its tokens (* mask).
+
+With --device cuda every tensor (inputs, references, results) lives on the GPU and each timed call
+ends with torch.cuda.synchronize(); GAE rows then add "kernels.scan.gae" (the Triton kernel alone)
+when --kernels resolves to triton, and GRPO runs at 4096 and 65536 sequences (the verl loop is the
+reference; 1M sequences would take it minutes).
 
 Every reference runs in this process, right after the engine, so the ratios are comparable even
 when absolute times drift. Timing: warm-up calls, then the median (p50) of N repeats with
@@ -61,11 +69,24 @@ import torch
 import advserve
 from advserve.runtime import tune_allocator
 from advserve.functional import scan
+from advserve.kernels import resolve_kernels
 from advserve.testing import cpu_model, wait_for_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4
 CASES = ("gae", "gae_gaps", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
+# where the engine runs (set by main from --device and --kernels): every row's tensors go there
+TARGET = {"device": "cpu", "kernels": "auto"}
+
+
+def on_target(tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` with every torch tensor moved to the target device (lists, e.g. string ids, as they are)."""
+    return {k: v.to(TARGET["device"]) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def engine_options() -> dict[str, str]:
+    """The in-process API's device and kernels arguments for the target."""
+    return {"device": TARGET["device"], "kernels": TARGET["kernels"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 20; quick 0)")
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where inputs, engine and "
+                        "references run")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                        help="the engine's kernels setting (auto: triton on CUDA when installed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     return parser.parse_args(argv)
@@ -121,11 +146,14 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict[str, fl
     """p50/min/max ms of `fn` over `repeats` calls after `warmup` calls, and minor page faults per call."""
     for _ in range(warmup):
         fn()
+    sync = torch.cuda.synchronize if torch.device(TARGET["device"]).type == "cuda" else (lambda: None)
+    sync()
     times, faults = [], []
     for _ in range(repeats):
         f0 = minor_faults()
         t0 = time.perf_counter()
         fn()
+        sync()
         t1 = time.perf_counter()
         faults.append(minor_faults() - f0)
         times.append((t1 - t0) * 1e3)
@@ -136,7 +164,7 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict[str, fl
 def copy_bandwidth(mib: int, repeats: int) -> dict[str, float]:
     """dst.copy_(src) of a `mib` MiB float32 tensor into a preallocated one; GB/s counts read + write."""
     n = mib * (1 << 20) // 4
-    src = torch.rand(n)
+    src = torch.rand(n, device=TARGET["device"])
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in
     t = timeit(lambda: dst.copy_(src), repeats, warmup=2)
@@ -346,14 +374,15 @@ def trl_grpo_batch(rewards, response_mask, num_generations: int):
 
 
 def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generator, bandwidth: dict) -> list[dict]:
-    x = gae_inputs(batch, length, gen, gaps)
+    x = on_target(gae_inputs(batch, length, gen, gaps))
     gamma, lam = 1.0, 0.95
     mask_bool = x["response_mask"].bool()
     # the pure function's precondition (which the engine establishes): inputs are 0 at masked positions
     fn_rewards, fn_values = x["token_rewards"] * x["response_mask"], x["values"] * x["response_mask"]
 
     def engine():
-        return advserve.compute_advantages("gae", preset="paper", params={"gamma": gamma, "lam": lam}, **x)
+        return advserve.compute_advantages("gae", preset="paper", params={"gamma": gamma, "lam": lam}, **x,
+                                           **engine_options())
 
     def function():
         return scan.gae(fn_rewards, fn_values, mask_bool, gamma, lam)
@@ -371,6 +400,16 @@ def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generat
     t_engine = timeit(engine, cfg["repeats"])
     t_fn = timeit(function, cfg["repeats"])
     t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
+    impls = [("advserve.compute_advantages", t_engine, checks_engine), ("functional.scan.gae", t_fn, checks_fn)]
+    if resolve_kernels(TARGET["kernels"], torch.device(TARGET["device"])) == "triton":
+        from advserve.kernels import scan as fused
+
+        def kernel():
+            return fused.gae(fn_rewards, fn_values, mask_bool, gamma, lam)
+
+        k_adv, k_ret = kernel()
+        impls.append(("kernels.scan.gae", timeit(kernel, cfg["repeats"]),
+                      [compare("advantages", k_adv, ref_adv), compare("returns", k_ret, ref_ret)]))
 
     tokens = batch * length
     label = "gae, 10% interior gaps" if gaps else "gae, right-padded"
@@ -379,8 +418,8 @@ def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generat
     engine_bytes = tokens * (4 + 4 + 4 + 4 + 4)  # the engine gets a float32 0/1 mask
     fn_bytes = tokens * (4 + 4 + 1 + 4 + 4)  # scan.gae takes a bool mask
     rows = []
-    for what, t, nbytes, checks in (("advserve.compute_advantages", t_engine, engine_bytes, checks_engine),
-                                    ("functional.scan.gae", t_fn, fn_bytes, checks_fn)):
+    for what, t, checks in impls:
+        nbytes = engine_bytes if what.startswith("advserve") else fn_bytes
         bound_ms = nbytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
         rows.append({
             "row": label, "impl": what, "size": size, "dtype": "float32",
@@ -395,10 +434,10 @@ def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generat
 
 
 def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator, rng: random.Random) -> dict:
-    x = grpo_inputs(batch, group_size, length, gen, rng)
+    x = on_target(grpo_inputs(batch, group_size, length, gen, rng))
 
     def engine():
-        return advserve.compute_advantages("grpo", preset="verl", **x)
+        return advserve.compute_advantages("grpo", preset="verl", **x, **engine_options())
 
     def loop():
         return grpo_loop(x["rewards"], x["response_mask"], x["group_ids"])
@@ -420,10 +459,10 @@ def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Gen
 
 
 def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
-    x = loss_inputs(batch, length, gen)
+    x = on_target(loss_inputs(batch, length, gen))
 
     def engine():
-        return advserve.compute_losses(preset="verl", kl_loss={"estimator": "k3"}, **x)
+        return advserve.compute_losses(preset="verl", kl_loss={"estimator": "k3"}, **x, **engine_options())
 
     def autograd():
         return loss_autograd(x["logprobs"], x["old_logprobs"], x["advantages"], x["ref_logprobs"],
@@ -444,17 +483,18 @@ def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
 
 
 def gae_openrlhf_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
-    x = gae_inputs(batch, length, gen, gaps=0.1)
+    x = on_target(gae_inputs(batch, length, gen, gaps=0.1))
     mask = x["response_mask"]
-    rewards = (torch.rand(batch, generator=gen) < 0.5).float()  # the 0/1 outcome, [B]
-    old = -torch.rand(batch, length, generator=gen) * 3
-    ref_lp = old + 0.2 * torch.randn(batch, length, generator=gen)
+    rewards = (torch.rand(batch, generator=gen) < 0.5).float().to(TARGET["device"])  # the 0/1 outcome, [B]
+    old = (-torch.rand(batch, length, generator=gen) * 3).to(TARGET["device"])
+    ref_lp = old + 0.2 * torch.randn(batch, length, generator=gen).to(TARGET["device"])
     gamma, lam = 1.0, 0.95
     tensors = {"rewards": rewards, "values": x["values"], "response_mask": mask, "old_logprobs": old,
                "ref_logprobs": ref_lp}
 
     def engine():
-        return advserve.compute_advantages("gae", preset="openrlhf", params={"gamma": gamma, "lam": lam}, **tensors)
+        return advserve.compute_advantages("gae", preset="openrlhf", params={"gamma": gamma, "lam": lam}, **tensors,
+                                           **engine_options())
 
     def loop():
         return openrlhf_gae_loop(rewards, x["values"], mask, old, ref_lp, gamma, lam)
@@ -483,10 +523,11 @@ def grpo_trl_batch_row(batch: int, group_size: int, length: int, cfg: dict, gen:
     rewards = (torch.rand(groups, group_size, generator=gen) < pass_rate.unsqueeze(1)).float().reshape(-1)
     group_ids = torch.arange(batch) // group_size  # contiguous blocks, as TRL lays its groups out
     mask = right_padded_mask(batch, length, gen)
+    rewards, group_ids, mask = (t.to(TARGET["device"]) for t in (rewards, group_ids, mask))
 
     def engine():
         return advserve.compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}, rewards=rewards,
-                                           response_mask=mask, group_ids=group_ids)
+                                           response_mask=mask, group_ids=group_ids, **engine_options())
 
     def reference():
         return trl_grpo_batch(rewards, mask, group_size)
@@ -537,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not cases:
         print(f"unknown case(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(CASES)}", file=sys.stderr)
         return 2
+    TARGET.update(device=args.device, kernels=args.kernels)
+    device = torch.device(args.device)
+    kernels = resolve_kernels(args.kernels, device)  # refuses an impossible --kernels triton before any work
+    cuda = device.type == "cuda"
     # before the large buffers exist: the server calls this at start too
     tuned = False if args.no_tune_allocator else tune_allocator()
     cfg = {"repeats": args.repeats or (5 if args.quick else 21),
@@ -547,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = {"gae": (256, 4096), "grpo": [(4096, 16, 1), (4096, 16, 1024)], "loss": (256, 4096),
                  "copy_mib": 256, "gae_openrlhf": (256, 4096), "grpo_trl_batch": (4096, 16, 1024)}
+    if cuda and not args.quick:  # the issue's GPU sizes: 1M, 8M and 64M GAE tokens; 64K GRPO sequences
+        sizes.update(gae=[(256, 4096), (1024, 8192), (4096, 16384)], copy_mib=1024,
+                     grpo=[(4096, 16, 1), (65536, 16, 1), (4096, 16, 1024)], loss=(1024, 8192))
+    elif not isinstance(sizes["gae"], list):
+        sizes["gae"] = [sizes["gae"]]
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
 
@@ -554,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu_model']}, nproc {info['nproc']}, python {info['python']}, torch {info['torch']} "
           f"({info['torch_num_threads']} threads, default), numpy {info['numpy']}, advserve {info['advserve']}")
     print(f"allocator: {info['allocator']}")
+    info["device"] = torch.cuda.get_device_name(device) if cuda else "cpu"
+    info["kernels"] = {"setting": args.kernels, "resolved": kernels}
+    print(f"device: {info['device']} ({args.device}); kernels {args.kernels} -> {kernels}")
     print(f"mode: {'quick' if args.quick else 'full'}; p50 of {cfg['repeats']} calls after 2 warm-ups "
           f"(loop references: {cfg['loop_repeats']} after 1); time.perf_counter; seed {args.seed}")
 
@@ -582,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         settle(case)
         if case == "gae":
-            rows += gae_rows(*sizes["gae"], 0.0, cfg, gen, bandwidth)
+            rows += [row for size in sizes["gae"] for row in gae_rows(*size, 0.0, cfg, gen, bandwidth)]
         elif case == "gae_gaps":
-            rows += gae_rows(*sizes["gae"], 0.1, cfg, gen, bandwidth)
+            rows += [row for size in sizes["gae"] for row in gae_rows(*size, 0.1, cfg, gen, bandwidth)]
         elif case == "grpo":
             rows += [grpo_row(*size, cfg, gen, rng) for size in sizes["grpo"]]
         elif case == "losses":
