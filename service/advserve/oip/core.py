@@ -13,6 +13,10 @@ The transports (`transports.oip_rest`, `transports.oip_grpc`) parse their wire i
 `OipService.prepare`, `compute` and `respond`, and encode the `InferResponse`; errors are the
 engine's `AdvserveError`s with fields renamed to the protocol's words (`inputs.<name>`,
 `parameters.<name>`), so one message reads the same on both transports.
+
+Shared memory (Triton's extensions, docs/shared-memory.md): a tensor whose parameters name a region
+(`region_ref`) is read from it (`OipService.read_region`) or, an output, written into it
+(`OipService.place`), through the server's registry (`shm.Regions`).
 """
 
 from __future__ import annotations

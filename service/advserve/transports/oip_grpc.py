@@ -2,9 +2,11 @@
 grpc_service.proto) on the native gRPC server, over the same engine, compute thread, admission, auth
 and metrics (transport label "oip_grpc").
 
-Inputs come in `raw_input_contents` (one entry per input, as the stock clients send them) or in the
-typed `contents`; outputs always go out in `raw_output_contents`, the only place the stock
-tritonclient reads them. Parameters are read from whichever InferParameter field holds them. Errors
+Inputs come in `raw_input_contents` (one entry per input, as the stock clients send them), in the
+typed `contents`, or from a shared memory region their parameters name (then without a raw entry);
+outputs always go out in `raw_output_contents`, the only place the stock tritonclient reads them (an
+empty entry for one written into a region). The System/CudaSharedMemory* methods register,
+unregister and list regions (`runtime.regions`; docs/shared-memory.md). Parameters are read from whichever InferParameter field holds them. Errors
 end the call with the status of `errors.STATUS` and the message "<field>: <message>", like the
 native service (`grpc_door._abort`). Every method passes the native service's door (auth before the
 message is read, admission before it is parsed, one deadline: `grpc_door` module docstring).
