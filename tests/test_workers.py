@@ -122,10 +122,12 @@ def test_one_admission_budget_for_every_worker():
 
 
 def test_a_killed_worker_is_restarted_and_the_server_keeps_answering():
-    server = RunningServer("--workers", "2", "--log-level", "info")
+    metrics_port = free_port()  # every worker serves --metrics-port (SO_REUSEPORT), each with the server's sums
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = RunningServer("--workers", "2", "--log-level", "info", "--metrics-port", str(metrics_port))
     try:
         first, second = workers_serving(server)
-        count = metric(httpx.get(f"{server.url}/metrics").text, "advserve_requests_total")
+        count = metric(httpx.get(metrics_url).text, "advserve_requests_total")
         assert httpx.post(f"{server.url}/v1/advantages", json=SMALL).status_code == 200
         os.kill(first, signal.SIGKILL)
         for _ in range(FRESH):  # the dead worker's socket is gone: new connections reach the live one
@@ -133,8 +135,24 @@ def test_a_killed_worker_is_restarted_and_the_server_keeps_answering():
         pids = workers_serving(server, 3)
         assert second in pids and first in pids and len(pids) == 3
         assert re.search(rf"worker \d \(pid {first}\) killed by SIGKILL .*restarting", server.output())
-        assert metric(httpx.get(f"{server.url}/metrics").text, "advserve_requests_total") == count + 1 + FRESH
+        for _ in range(4):  # the dead worker's counts stay in the sums
+            assert metric(httpx.get(metrics_url).text, "advserve_requests_total") == count + 1 + FRESH
         assert grpo_call(server.grpc_address).ByteSize() > 0
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+
+
+def test_sigterm_to_one_worker_drains_it_and_the_supervisor_replaces_it():
+    server = RunningServer("--workers", "2", "--log-level", "info")
+    try:
+        first, second = workers_serving(server)
+        os.kill(first, signal.SIGTERM)
+        pids = workers_serving(server, 3)
+        assert second in pids and len(pids) == 3
+        assert re.search(rf"worker \d \(pid {first}\) exited with status 0 .*restarting", server.output())
+        for _ in range(FRESH):
+            assert httpx.post(f"{server.url}/v1/advantages", json=SMALL).status_code == 200
     finally:
         server.stop()
     assert server.process.returncode == 0

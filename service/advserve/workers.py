@@ -243,8 +243,9 @@ class Supervisor:
                 status = status or (0 if code == 0 else 1)
                 continue
             lived = time.monotonic() - self.started[slot]
-            log.error("worker %d (pid %d) %s after %.1f s; restarting it", slot, pid,
-                      f"exited with status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}", lived)
+            log.log(logging.WARNING if code == 0 else logging.ERROR, "worker %d (pid %d) %s after %.1f s; restarting it",
+                    slot, pid, f"exited with status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}",
+                    lived)
             start_failures = 0 if served else start_failures + 1
             if start_failures >= MAX_START_FAILURES:
                 log.error("supervisor: %d workers in a row died before serving; stopping", start_failures)
