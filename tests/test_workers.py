@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -249,3 +250,33 @@ def test_a_worker_gives_back_memory_beyond_its_admitted_bytes_and_slack():
     # resting 100, slack 200: 150 stays; 400 > 300 is trimmed (90 after: resting stays 100); 350 <= 100 + 100
     # held + 200 stays; 700 is trimmed, 650 remains (resting raised to 550), so the last 700 <= 850 stays
     assert len(trims) == 2
+
+
+def test_tls_and_auth_on_every_worker(tmp_path):
+    from test_operations import _tls_files
+
+    ca, _, paths = _tls_files(tmp_path)
+    trusted = ssl.create_default_context(cafile=paths["ca.pem"])
+    server = RunningServer("--workers", "2", "--log-level", "info", "--tls-cert", paths["server_chain.pem"],
+                           "--tls-key", paths["server_key.pem"], "--auth-token", "s3cret", scheme="https",
+                           verify=trusted)
+    try:
+        workers_serving(server)
+        for _ in range(FRESH):
+            assert httpx.post(f"{server.url}/v1/advantages", json=SMALL, verify=trusted).status_code == 401
+            assert httpx.post(f"{server.url}/v1/advantages", json=SMALL, verify=trusted,
+                              headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert len(set(access_pids(server))) == 2
+        request = protocol.advantages_request_to_pb({"estimator": "grpo"}, {
+            "rewards": R(np.array([1, 0], np.float32)), "response_mask": R(np.ones((2, 2), bool)),
+            "group_ids": ["a", "a"]})
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+        for _ in range(4):
+            with grpc.secure_channel(server.grpc_address, credentials) as channel:
+                stub = pb_grpc.AdvserveStub(channel)
+                assert stub.ComputeAdvantages(request, timeout=30, metadata=(("authorization", "Bearer s3cret"),))
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ComputeAdvantages(request, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
