@@ -47,6 +47,7 @@ import mmap
 import os
 import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -415,6 +416,11 @@ class Regions:
                     os.unlink(self._path(name))
         self._drop(name)
 
+    def _current(self, name: str, entry: dict) -> bool:
+        """Whether `entry` is still the registration of `name` (its id, read from the file)."""
+        current = _load(self._path(name))
+        return current is not None and current.get("id") == entry["id"]
+
     def _drop(self, name: str) -> None:
         with self._lock:
             cached = self._maps.pop(name, None)
@@ -520,8 +526,10 @@ class Regions:
         identity = _identity(self._path(name)) if isinstance(name, str) else None
         with self._lock:
             cached = self._maps.get(name)
-        if cached is not None and cached[0] == identity:
+        if cached is not None and cached[0] == identity and (not _recent(identity) or self._current(name, cached[1])):
             return cached[1], cached[2]
+        if cached is not None:
+            self._drop(name)
         self._prune()  # a miss: let go of whatever other regions changed meanwhile too
         entry = _load(self._path(name)) if identity is not None else None
         if entry is None:
@@ -626,6 +634,13 @@ def _load(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _recent(identity: tuple[int, int]) -> bool:
+    """Whether an entry file was written in the last 2 s: within a coarse timestamp tick, a file written
+    after another one was unlinked may reuse its inode and carry the same mtime, so the identity alone
+    does not tell a fresh registration from the one cached: its id is read to tell them apart."""
+    return time.time_ns() - identity[1] < 2_000_000_000
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
