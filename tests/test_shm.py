@@ -549,3 +549,15 @@ def test_a_region_unregistered_while_a_request_reads_it(tmp_path):
             mapping.read(0, 8, None)
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_a_worker_that_never_mapped_an_unlinked_object_releases_it(tmp_path):
+    first, second = Regions(tmp_path), Regions(tmp_path)
+    key = f"/t{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region(key[1:], key, 64)
+    first.register_system("r", key, 0, 64)
+    shm.destroy_shared_memory_region(handle)  # unlinked by its owner
+    with pytest.raises(InvalidArgument, match=f"system shared memory region 'r' was released: no POSIX shared memory "
+                                              f"object '{key}' exists"):
+        second.read("r", 0, 8, dtype=torch.float32, shape=(2,), field="f")
+    assert first.status("system") == []

@@ -152,8 +152,11 @@ class _System:
         self.entry = entry
         self.offset, self.byte_size = entry["offset"], entry["byte_size"]
         self.lock = threading.Lock()
-        self.map, self.base = None, 0
-        self.fd, self.writable = _open_object(entry["key"])
+        self.map, self.base, self.fd = None, 0, -1
+        try:
+            self.fd, self.writable = _open_object(entry["key"])
+        except InvalidArgument as exc:  # gone since it was registered (or no longer ours to open)
+            raise Released(exc.message) from None
         try:
             info = os.fstat(self.fd)
             if "ino" in entry and (info.st_dev, info.st_ino) != (entry["dev"], entry["ino"]):
@@ -168,6 +171,7 @@ class _System:
                 self.base = self.offset - start
         except BaseException:
             os.close(self.fd)
+            self.fd = -1
             raise
 
     def _check(self, info: os.stat_result | None = None) -> None:
@@ -215,6 +219,10 @@ class _System:
                     while written < size:
                         written += os.pwrite(self.fd, data[written:], self.offset + position + written)
                 position += size
+
+    def __del__(self):
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
 
     def close(self) -> None:
         with self.lock:
@@ -541,9 +549,16 @@ class Regions:
             raise InvalidArgument(f"system shared memory region {name!r} was released: {exc}", field=field) from None
         except InvalidArgument as exc:
             raise InvalidArgument(f"shared memory region {name!r}: {exc.message}", field=field) from None
-        with self._lock:
-            self._maps[name] = (identity, entry, mapping)
-        return entry, mapping
+        with self._lock:  # another thread may have opened it meanwhile: one mapping is kept, the other closed
+            existing = self._maps.get(name)
+            if existing is not None and existing[0] == identity and existing[1]["id"] == entry["id"]:
+                kept, closed = existing, mapping
+            else:
+                kept, closed = (identity, entry, mapping), existing and existing[2]
+                self._maps[name] = kept
+        if closed:
+            closed.close()
+        return kept[1], kept[2]
 
     def _span(self, entry: dict, offset: Any, byte_size: Any, field: str) -> tuple[int, int]:
         offset = _check_int(offset, "shared_memory_offset", minimum=0, field=field)
