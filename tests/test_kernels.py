@@ -273,6 +273,72 @@ class TestCompiledForTheGpu:
             assert f"div.rn.f{dtype[2:]}" in ptx
 
 
+class TestOnTheGpu:
+    """The compiled kernels on CUDA tensors against the torch path on the same device: collected only
+    where CUDA and triton are there (a GPU session runs them; CPU-only machines have nothing to run)."""
+
+    __test__ = not CHILD and HAVE_TRITON and torch.cuda.is_available()
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("gaps", ["skip", "step"])
+    def test_scans(self, dtype, gaps):
+        fused = importlib.import_module("advserve.kernels.scan")
+        lengths = [5000, 1, 0, 4096, 1024, 1025, 2, 3333] * 8  # blocks of 1024: whole, partial, several
+        rewards, values, mask = (t.cuda() for t in _batch(lengths, 5000, 0.2, dtype, seed=1))
+        for gamma, lam in COEFFICIENTS:
+            for block in (16, None):
+                _close_scaled(fused.reward_to_go(rewards, mask, gamma, gaps, block=block),
+                              reference.reward_to_go(rewards, mask, gamma, gaps))
+                adv, ret = fused.gae(rewards, values, mask, gamma, lam, gaps, block=block)
+                ref_adv, ref_ret = reference.gae(rewards, values, mask, gamma, lam, gaps)
+                _close_scaled(adv, ref_adv)
+                _close_scaled(ret, ref_ret)
+                again = fused.gae(rewards, values, mask, gamma, lam, gaps, block=block)
+                assert torch.equal(again[0], adv) and torch.equal(again[1], ret)  # deterministic
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_group_baselines(self, dtype):
+        fused_groups = importlib.import_module("advserve.kernels.groups")
+        gen = torch.Generator().manual_seed(2)
+        index = torch.randint(0, 40_000, (300_000,), generator=gen)  # scattered groups of ~7.5, singletons
+        index[:5000] = 40_000  # and one group of 5000
+        groups = functional_groups.Groups.from_index(index.cuda())
+        scores = (torch.randint(0, 2, index.shape, generator=gen).to(dtype)
+                  + 0.1 * torch.randn(index.shape, generator=gen, dtype=dtype)).cuda()
+        for ddof, eps, singletons in STD_FORMS:
+            for scope in ("group", "batch"):
+                kwargs = dict(scale_by_std=True, std_ddof=ddof, std_eps=eps, singleton_groups=singletons,
+                              std_scope=scope)
+                _close_scaled(fused_groups.group_normalized_advantages(scores, groups, **kwargs),
+                              functional_groups.group_normalized_advantages(scores, groups, **kwargs))
+            _close_scaled(fused_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons),
+                          functional_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons))
+
+    @pytest.mark.parametrize("preset", list(PRESETS))
+    def test_every_estimator_of_every_preset_agrees(self, preset):
+        triton_engine, torch_engine = Engine("cuda", kernels="triton"), Engine("cuda", kernels="torch")
+        assert Engine("cuda").kernels == "triton"  # auto, with CUDA and triton
+        batch = _estimator_batch(seed=13)
+        for name in PRESETS[preset].estimators:
+            spec = ESTIMATORS[name]
+            tensors = {k: v for k, v in batch.items()
+                       if k in {"rewards", "response_mask"} | set(spec.requires) | set(spec.optional)}
+            request = AdvantageRequest(name, tensors, preset=preset, dtype="float64")
+            expected = torch_engine.compute_advantages(request)
+            actual = triton_engine.compute_advantages(request)
+            _close(actual.advantages, expected.advantages)
+            _close(actual.returns, expected.returns)
+
+
+def _close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to rounding at long T: |diff| <= tol·(|expected| + max|expected|) (a float32 scan over
+    thousands of tokens rounds relative to the sums it carries, not to each output)."""
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1.0))
+
+
 # the (std_ddof, std_eps, singleton_groups) of the presets: paper, verl, openrlhf, trl
 STD_FORMS = [(0, 0.0, "zero"), (1, 1e-6, "raw"), (1, 1e-9, "error"), (1, 1e-4, "zero")]
 
