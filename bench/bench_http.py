@@ -173,26 +173,57 @@ def granian_server(python: str, loop: str):
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def round_trips(port: int, body: bytes, out_bytes: int, reps: int, budget_s: float, failures: list[str],
-                where: str) -> list[float]:
-    """Round-trip times (ms) of `reps` echo POSTs of `body` answered with `out_bytes`, one connection."""
-    client = Client(port)
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by every thread of process `pid` and of its children (granian runs its
+    worker as a child), from /proc/*/task/*/schedstat (nanoseconds; /proc/*/stat counts 10 ms ticks)."""
+    pids = {pid}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    total = 0
+    for process in pids:
+        try:
+            tasks = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{process}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError):
+                continue
+    return total / 1e9
+
+
+def round_trips(server, body: bytes, out_bytes: int, reps: int, budget_s: float, failures: list[str],
+                where: str) -> tuple[list[float], float]:
+    """(round-trip times in ms, the server's CPU ms per request) of `reps` echo POSTs of `body` answered
+    with `out_bytes`, one connection. CPU time is the steadier figure on a shared machine."""
+    client = Client(server.port)
     headers = {"content-type": "application/octet-stream", "x-echo-bytes": str(out_bytes)}
     times, deadline = [], time.monotonic() + budget_s
+    cpu_at = None
     try:
         for i in range(reps + 2):
+            if i == 2:  # after two warm-up calls
+                cpu_at = tree_cpu_s(server.pid)
             t0 = time.perf_counter()
             status, _, got = client.post("/echo", body, headers)
             if status != 200 or len(got) != out_bytes:
                 failures.append(f"{where}: HTTP {status}, {len(got)} bytes (want {out_bytes})")
                 break
-            if i >= 2:  # two warm-up calls
+            if i >= 2:
                 times.append((time.perf_counter() - t0) * 1e3)
             if time.monotonic() > deadline:
                 break
     finally:
         client.close()
-    return times
+    cpu_ms = (tree_cpu_s(server.pid) - cpu_at) * 1e3 / len(times) if times and cpu_at is not None else float("nan")
+    return times, cpu_ms
 
 
 def throughput(port: int, body: bytes, out_bytes: int, connections: int, seconds: float,
@@ -238,9 +269,9 @@ def part_stack(args, failures: list[str]) -> dict:
                for loop in ("asyncio", "uvloop")]
     if args.granian:
         configs += [(f"granian (ASGI) + {loop}", granian_server(args.granian, loop)) for loop in ("asyncio", "uvloop")]
-    print("\n(b) echo round trip, median ms (one connection) and small-body requests/s "
-          f"({args.connections} connections, {args.seconds:g} s)")
-    print(f"  {'server':32}" + "".join(f"{name:>24}" for name, *_ in cases) + f"{'small req/s':>14}")
+    print("\n(b) echo: median round trip ms / the server's CPU ms per request (one connection), and small-body "
+          f"requests/s ({args.connections} connections, {args.seconds:g} s)")
+    print(f"  {'server':28}" + "".join(f"{name:>26}" for name, *_ in cases) + f"{'small req/s':>13}")
     table = {}
     for name, server in configs:
         try:
@@ -252,16 +283,16 @@ def part_stack(args, failures: list[str]) -> dict:
             row = {}
             for case, size_in, size_out, reps in cases:
                 body = os.urandom(size_in)
-                row[case] = median(round_trips(server.port, body, size_out, reps, args.budget_s, failures,
-                                               f"{name} {case}"))
+                times, cpu_ms = round_trips(server, body, size_out, reps, args.budget_s, failures, f"{name} {case}")
+                row[case] = {"median_ms": median(times), "server_cpu_ms": cpu_ms}
             row["small_rps"] = throughput(server.port, os.urandom(10_000), 5_000, args.connections, args.seconds,
                                           failures, f"{name} throughput")
         finally:
             server.stop()
             server.remove_log()
         table[name] = row
-        print(f"  {name:32}" + "".join(f"{row[case]:>24.2f}" for case, *_ in cases) + f"{row['small_rps']:>14.0f}",
-              flush=True)
+        print(f"  {name:28}" + "".join(f"{row[case]['median_ms']:>17.2f} / {row[case]['server_cpu_ms']:<6.2f}"
+                                       for case, *_ in cases) + f"{row['small_rps']:>13.0f}", flush=True)
     return table
 
 
@@ -380,6 +411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=2.0, help="each throughput run")
     parser.add_argument("--budget-s", type=float, default=30.0, help="time budget of each timing loop")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where the figures go (default {RESULTS})")
     parser.add_argument("--echo-server", nargs=3, metavar=("PORT", "HTTP", "LOOP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -406,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         results["echo"] = part_echo(args, failures)
     if "stack" in parts:
         results["stack"] = part_stack(args, failures)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
     for failure in failures:
         print("FAIL:", failure)
     return 1 if failures else 0
