@@ -333,8 +333,11 @@ class _Cuda:
     def __init__(self, entry: dict):
         self.entry = entry
         self.byte_size, self.device_id = entry["byte_size"], entry["device_id"]
-        self.pointer = _IpcPointer(base64.b64decode(entry["raw_handle"]), self.device_id)
-        extent = self.pointer.extent()
+        try:
+            self.pointer = _IpcPointer(base64.b64decode(entry["raw_handle"]), self.device_id)
+            extent = self.pointer.extent()
+        except (OSError, RuntimeError, AttributeError) as exc:  # no usable CUDA runtime or driver here
+            raise InvalidArgument(f"cannot open the CUDA IPC handle: {exc}", field="raw_handle") from None
         if extent < self.byte_size:
             raise InvalidArgument(f"byte_size {self.byte_size} exceeds the {extent} bytes of the allocation behind "
                                   "raw_handle", field="byte_size")
@@ -544,11 +547,11 @@ class Regions:
             raise InvalidArgument(f"no shared memory region named {name!r:.80} is registered", field=field)
         try:
             mapping = _System(entry) if entry["kind"] == "system" else _Cuda(entry)
-        except Released as exc:
+        except (Released, InvalidArgument) as exc:  # its object or exporter is gone since it was registered
             self._remove(name, entry["id"])
-            raise InvalidArgument(f"system shared memory region {name!r} was released: {exc}", field=field) from None
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"shared memory region {name!r}: {exc.message}", field=field) from None
+            reason = exc.message if isinstance(exc, InvalidArgument) else str(exc)
+            raise InvalidArgument(f"{_KIND_WORDS[entry['kind']]} region {name!r} was released: {reason}",
+                                  field=field) from None
         with self._lock:  # another thread may have opened it meanwhile: one mapping is kept, the other closed
             existing = self._maps.get(name)
             if existing is not None and existing[0] == identity and existing[1]["id"] == entry["id"]:
