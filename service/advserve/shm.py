@@ -164,10 +164,20 @@ class _System:
             self._check(info)
             self.zero_copy = info.st_uid in (0, os.geteuid())
             if self.zero_copy and self.byte_size:
+                if self.writable:  # pages of a sparse object are allocated now: a write through the mapping
+                    try:         # into a hole of a full /dev/shm would raise SIGBUS, this raises ENOSPC
+                        os.posix_fallocate(self.fd, self.offset, self.byte_size)
+                    except OSError as exc:
+                        raise InvalidArgument(f"cannot reserve the region's {self.byte_size} bytes of {entry['key']!r} "
+                                              f"in {SHM_DIR}: {exc.strerror}", field="byte_size") from None
                 start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
                 prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-                self.map = mmap.mmap(self.fd, self.offset + self.byte_size - start, mmap.MAP_SHARED, prot,
-                                     offset=start)
+                try:
+                    self.map = mmap.mmap(self.fd, self.offset + self.byte_size - start, mmap.MAP_SHARED, prot,
+                                         offset=start)
+                except OSError as exc:  # e.g. no address space for a huge region
+                    raise InvalidArgument(f"cannot map {self.byte_size} bytes of {entry['key']!r}: {exc.strerror}",
+                                          field="byte_size") from None
                 self.base = self.offset - start
         except BaseException:
             os.close(self.fd)
@@ -193,7 +203,10 @@ class _System:
             if charge is not None:
                 charge(size)
             buffer = np.empty(size, np.uint8)
-            got = os.preadv(self.fd, [memoryview(buffer)], self.offset + offset) if size else 0
+            try:
+                got = os.preadv(self.fd, [memoryview(buffer)], self.offset + offset) if size else 0
+            except OSError as exc:
+                raise Released(f"reading its object {self.entry['key']!r} failed: {exc.strerror}") from None
             if got != size:
                 raise Released(f"its object {self.entry['key']!r} was truncated while it was read")
             return memoryview(buffer)
@@ -216,7 +229,7 @@ class _System:
                     self.map[start:start + size] = _host_bytes(item)
                 else:
                     data, written = _host_bytes(item), 0
-                    while written < size:
+                    while written < size:  # (an OSError, e.g. ENOSPC of a full /dev/shm: Regions.write)
                         written += os.pwrite(self.fd, data[written:], self.offset + position + written)
                 position += size
 
@@ -636,6 +649,8 @@ class Regions:
         except PermissionError:
             raise InvalidArgument(f"shared memory region {name!r} is read-only to this server (its object's "
                                   "permissions): it cannot hold outputs", field=field) from None
+        except OSError as exc:
+            raise InvalidArgument(f"writing shared memory region {name!r} failed: {exc.strerror}", field=field) from None
         except Released as exc:
             self._remove(name, entry["id"])
             raise InvalidArgument(f"{_KIND_WORDS[entry['kind']]} region {name!r} was released: {exc}", field=field) from None
