@@ -169,6 +169,26 @@ class TestUnderTheInterpreter:
         # and it is the recurrence y = x + c·y_prev: two steps from y_prev = 0 give x_b + c_b·x_a
         assert combine(0.5, 2.0, 0.25, 3.0) == (0.125, 3.5)
 
+    @pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo"])
+    def test_coalesced_requests_get_the_bits_they_get_alone(self, fused, estimator):
+        """The engine's coalescing promise holds with the group kernel: its reductions depend only on
+        a group's own members, not on the batch around them."""
+        engine = Engine("cpu", kernels="triton")
+        requests = []
+        for seed, rows in ((1, 12), (2, 37), (3, 5)):
+            scores, groups = _scattered_groups(torch.float32, seed)
+            keep = groups.index < 4  # groups 0 (150 members), 1 (one), 2 (equal scores), 3
+            mask = torch.ones(int(keep.sum()), rows, dtype=torch.bool)
+            requests.append(AdvantageRequest(estimator, {"rewards": scores[keep], "response_mask": mask,
+                                                         "group_ids": groups.index[keep] + 10 * seed},
+                                             preset="verl", params={"kl_coef": 0.0}))
+        prepared = [engine.prepare_advantages(r) for r in requests]
+        assert prepared[0].coalescing_key is not None and len({p.coalescing_key for p in prepared}) == 1
+        together = engine.run_advantages(prepared)
+        for job, result in zip(prepared, together):
+            alone = engine.run_advantages([job])[0]
+            assert torch.equal(result.advantages, alone.advantages) and torch.equal(result.returns, alone.returns)
+
     @pytest.mark.parametrize("preset", ["paper", "openrlhf"])  # mask gaps "skip" and "step"
     def test_engine_runs_the_kernels_when_told(self, fused, monkeypatch, preset):
         engine = Engine("cpu", kernels="triton")
@@ -268,7 +288,7 @@ class TestCompiledForTheGpu:
                      "batch_divisor": data, "eps": "fp64", "raw_divisor": "fp64", "ddof": "i32"}
         for loo, batch_std in ((False, False), (False, True), (True, False)):
             ptx = self._ptx(groups._group_kernel, signature, {"LOO": loo, "SCALE": True, "BATCH_STD": batch_std,
-                                                             "RAW": True, "F32": dtype == "fp32", "BLOCK": 256})
+                                                             "RAW": True, "F32": dtype == "fp32", "BLOCK": groups.GROUP_BLOCK})
             assert ".approx" not in ptx and "div.full" not in ptx  # as torch rounds: no fast division or sqrt
             assert f"div.rn.f{dtype[2:]}" in ptx
 
@@ -344,10 +364,10 @@ STD_FORMS = [(0, 0.0, "zero"), (1, 1e-6, "raw"), (1, 1e-9, "error"), (1, 1e-4, "
 
 
 def _scattered_groups(dtype: torch.dtype, seed: int):
-    """scores [60] and their Groups: 8 groups scattered through the batch, one of 40 members (three
-    blocks of 16), one of a single member, one whose scores are all equal."""
+    """scores [170] and their Groups: 8 groups scattered through the batch, one of 150 members (three
+    blocks of GROUP_BLOCK = 64), one of a single member, one whose scores are all equal."""
     gen = torch.Generator().manual_seed(seed)
-    index = torch.cat([torch.zeros(40, dtype=torch.long), torch.tensor([1]), torch.full((4,), 2),
+    index = torch.cat([torch.zeros(150, dtype=torch.long), torch.tensor([1]), torch.full((4,), 2),
                        torch.arange(3, 8).repeat_interleave(3)])
     index = index[torch.randperm(index.numel(), generator=gen)]
     scores = torch.randint(0, 2, index.shape, generator=gen).to(dtype) + 0.1 * torch.randn(index.shape, generator=gen,

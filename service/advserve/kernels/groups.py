@@ -3,9 +3,10 @@
 The members of each group are found through `order`, the batch's rows sorted by group (a stable
 argsort of the group index, so groups may be scattered through the batch and of any size), and
 `starts`, each group's first entry in `order`. A program reads its group's scores in blocks of
-`BLOCK`: once for the sum, the minimum and the maximum, once more for Σ (R − mean)² when the std is
-needed, and once to write each member's advantage. Every reduction runs in a fixed order, so the
-result does not change from run to run (an atomic scatter-add's does).
+`GROUP_BLOCK`: once for the sum, the minimum and the maximum, once more for Σ (R − mean)² when the
+std is needed, and once to write each member's advantage. Every reduction runs in a fixed order that
+depends only on the group's own members (in row order), so the result does not change from run to
+run (an atomic scatter-add's does) nor with the other rows of the batch.
 
 Formulas (those of `advserve.functional.groups`, which stays the reference and the CPU path), for a
 group g of M members with scores R:
@@ -28,7 +29,9 @@ from torch import Tensor
 
 from ..functional.groups import SINGLETON_POLICIES, STD_SCOPES, Groups, group_std_divisor
 
-MAX_BLOCK = 256  # members read at once by one program
+# members read at once by one program: a constant, so a group's sums are associated the same way
+# whatever else is in the batch (coalesced requests get the bits they get alone)
+GROUP_BLOCK = 64
 
 
 @triton.jit
@@ -109,12 +112,11 @@ def _launch(scores: Tensor, groups: Groups, *, loo: bool, scale: bool, batch_div
         return out
     order = torch.argsort(groups.index, stable=True)
     starts = torch.cumsum(groups.sizes, 0) - groups.sizes
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(int(scores.numel() // groups.count), 16)))
     divisor = batch_divisor if batch_divisor is not None else scores[:1]  # not read without BATCH_STD
     _group_kernel[(groups.count,)](scores, order, starts, groups.sizes, out, divisor, float(eps),
                                    float(raw_divisor), int(ddof), LOO=loo, SCALE=scale,
                                    BATCH_STD=batch_divisor is not None, RAW=raw,
-                                   F32=scores.dtype == torch.float32, BLOCK=block)
+                                   F32=scores.dtype == torch.float32, BLOCK=GROUP_BLOCK)
     return out
 
 
