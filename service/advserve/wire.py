@@ -9,7 +9,7 @@ import torch
 
 from advserve_client.framing import RawTensor
 
-from .device import to_host
+from .device import copy_to_host
 from .errors import InvalidArgument
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -39,9 +39,8 @@ def raw_to_torch(name: str, raw: RawTensor) -> torch.Tensor:
 
 
 def torch_to_raw(tensor: torch.Tensor) -> RawTensor:
-    tensor = to_host(tensor.detach()).contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return RawTensor.from_numpy(tensor.view(torch.uint16).numpy(), dtype="bfloat16")
-    return RawTensor.from_numpy(tensor.numpy(), dtype=WIRE_DTYPES[tensor.dtype])
-
-
+    """A framed buffer of `tensor`'s bytes: its own memory on the CPU (a copy only if it is not
+    contiguous); from CUDA a pinned copy, waiting for that copy alone (`device.copy_to_host`)."""
+    copy = copy_to_host([tensor])[0]
+    copy.wait()
+    return RawTensor(WIRE_DTYPES[copy.tensor.dtype], tuple(copy.tensor.shape), copy.bytes_view())
