@@ -20,6 +20,9 @@ differences show). Every loop is bounded in count and in time.
       (16 MiB in / 4 MiB out, 64 MiB in / 64 MiB out) and of small ones (~10 KB in / ~5 KB out, one
       connection), plus the small bodies' throughput with 16 connections. With --granian PYTHON, the
       same echo app under granian (ASGI, HTTP/1) run by that interpreter, for comparison only.
+  (c) `gae` (not run by default): POST /v1/advantages GAE [1024, 8192] binary (72 MiB in, 64 MiB out),
+      median total and Server-Timing, each answer compared with this process's CPU engine; on a GPU
+      machine: --parts gae --server-flag=--device --server-flag=cuda (the issue's target: <= 60 ms).
 
 Exit status 1 when a server answers wrongly (status, length); speed never affects it. The figures go to
 bench/results/http.json (git-ignored).
@@ -393,11 +396,66 @@ def part_echo(args, failures: list[str]) -> dict:
     return out
 
 
+def part_gae(args, failures: list[str]) -> dict:
+    """(c): POST /v1/advantages GAE [1024, 8192] binary end to end (the issue's GPU target: <= 60 ms with
+    --server-flag=--device --server-flag=cuda); every answer checked against this process's CPU engine."""
+    import numpy as np
+
+    import advserve
+    from advserve.testing import ServerProcess
+    from advserve_client import framing
+    from advserve_client.framing import RawTensor
+
+    batch, length = (64, 1024) if args.quick else (1024, 8192)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(length // 8, length + 1, batch)
+    tensors = {"token_rewards": (0.01 * rng.standard_normal((batch, length))).astype(np.float32),
+               "values": rng.standard_normal((batch, length)).astype(np.float32),
+               "response_mask": np.arange(length)[None, :] < lengths[:, None]}
+    document = {"estimator": "gae", "params": {"gamma": 1.0, "lam": 0.95}}
+    n, chunks = framing.encode(document, {k: RawTensor.from_numpy(v) for k, v in tensors.items()})
+    body, headers = b"".join(chunks), {"content-type": framing.CONTENT_TYPE, framing.HEADER_LENGTH: str(n)}
+    reference = advserve.compute_advantages("gae", params=document["params"], device="cpu", **tensors)
+    server = ServerProcess("--workers", "1", *args.server_flags, name="advserve")
+    print(f"\n(c) POST /v1/advantages GAE [{batch}, {length}] binary, {len(body) / MIB:.0f} MiB in, advserve "
+          f"{' '.join(args.server_flags) or '(default device)'}")
+    totals, timings, out = [], [], {"size": [batch, length]}
+    try:
+        start(server)
+        out["command"] = server.command_line()
+        client = Client(server.port)
+        for i in range(args.reps_gae + 1):
+            t0 = time.perf_counter()
+            status, response_headers, got = client.post("/v1/advantages", body, headers)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if status != 200:
+                failures.append(f"(c) HTTP {status}: {bytes(got[:300])!r}")
+                break
+            _, raw = framing.decode(got, response_headers.get(framing.HEADER_LENGTH.lower()))
+            for name in ("advantages", "returns"):
+                want = np.asarray(getattr(reference, name), dtype=np.float64)
+                diff = np.abs(raw[name].to_numpy().astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30)
+                if not diff <= 1e-5:
+                    failures.append(f"(c) {name}: max |diff| / max |ref| = {diff:.3g}")
+            if i >= 1:  # one warm-up call
+                totals.append(elapsed)
+                timings.append(server_timing(response_headers.get("server-timing")))
+        client.close()
+        out["response_bytes"] = len(got)
+    finally:
+        server.stop()
+    phases = {k: median([t.get(k, 0.0) for t in timings]) for k in ("decode", "queue", "compute", "encode")}
+    out.update(total_ms=median(totals), server_timing_ms=phases, samples=len(totals))
+    print(f"  {out.get('response_bytes', 0) / MIB:.0f} MiB out; total {median(totals):.1f} ms (" +
+          ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f"); {len(totals)} samples, every answer checked")
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
-    parser.add_argument("--parts", default="echo,stack", help="comma-separated: echo, stack (default both)")
+    parser.add_argument("--parts", default="echo,stack", help="comma-separated: echo, stack, gae (default echo,stack)")
     parser.add_argument("--http", default="httptools", choices=("httptools", "h11"),
                         help="the echo's protocol in part (a): the server's (default httptools)")
     parser.add_argument("--loop", default="asyncio", choices=("uvloop", "asyncio"),
@@ -407,6 +465,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--granian", metavar="PYTHON", help="also time granian, run by this interpreter")
     parser.add_argument("--reps-echo", type=int, default=15)
     parser.add_argument("--reps-large", type=int, default=9)
+    parser.add_argument("--reps-gae", type=int, default=7)
     parser.add_argument("--reps-small", type=int, default=200)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=2.0, help="each throughput run")
@@ -415,7 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--echo-server", nargs=3, metavar=("PORT", "HTTP", "LOOP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps_echo, args.reps_large, args.reps_small, args.seconds = 5, 3, 50, 0.5
+        args.reps_echo, args.reps_large, args.reps_small, args.reps_gae, args.seconds = 5, 3, 50, 3, 0.5
     return args
 
 
@@ -438,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         results["echo"] = part_echo(args, failures)
     if "stack" in parts:
         results["stack"] = part_stack(args, failures)
+    if "gae" in parts:
+        results["gae"] = part_gae(args, failures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     for failure in failures:
