@@ -561,3 +561,27 @@ def test_a_worker_that_never_mapped_an_unlinked_object_releases_it(tmp_path):
                                               f"object '{key}' exists"):
         second.read("r", 0, 8, dtype=torch.float32, shape=(2,), field="f")
     assert first.status("system") == []
+
+
+def test_too_many_regions_over_the_server(server, region):
+    """The server holds at most MAX_REGIONS regions: the next registration is a 400 naming name,
+    and one unregistered makes room."""
+    _, key, _ = region(64)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        client.post("/v2/systemsharedmemory/unregister")
+        client.post("/v2/cudasharedmemory/unregister")
+        try:
+            for index in range(MAX_REGIONS):
+                response = client.post(f"/v2/systemsharedmemory/region/many{index}/register",
+                                       json={"key": key, "byte_size": 64})
+                assert response.status_code == 200, response.text
+            response = client.post("/v2/systemsharedmemory/region/onemore/register", json={"key": key, "byte_size": 64})
+            assert response.status_code == 400
+            assert response.json()["error"] == (f"name: {MAX_REGIONS} shared memory regions are registered, the most "
+                                                "this server holds; unregister one first")
+            assert client.post("/v2/systemsharedmemory/region/many0/unregister").status_code == 200
+            assert client.post("/v2/systemsharedmemory/region/onemore/register",
+                               json={"key": key, "byte_size": 64}).status_code == 200
+            assert len(client.get("/v2/systemsharedmemory/status").json()) == MAX_REGIONS
+        finally:
+            client.post("/v2/systemsharedmemory/unregister")
