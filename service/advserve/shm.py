@@ -21,7 +21,11 @@ and kills the process. So a region is mapped (zero-copy) only when its object be
 own effective uid or to root: whoever can truncate those can kill the server anyway. An object of any
 other uid is read with os.preadv into a buffer the request's admission pays for (`charge`) and
 written with os.pwrite: a copy, but no mapping to fault on; truncation is then an ordinary short read
-and a 400.
+and a 400. A mapped writable region's pages are reserved (posix_fallocate) when it is mapped, so an
+output written into a hole of a full /dev/shm is ENOSPC at registration, not SIGBUS.
+
+Who may register is the transports' question (`check_registrant`, --shared-memory local|any|off:
+by default callers connected over loopback only).
 
 CUDA regions are a cudaIpcMemHandle_t (64 bytes) of memory on device `device_id`, opened with
 cudaIpcOpenMemHandle (through ctypes, on the CUDA runtime torch loaded) once per process and viewed as
