@@ -124,8 +124,9 @@ def test_proto_field_numbers_and_types_are_the_stock_clients():
         other = stock.methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name) == \
             (other.input_type.full_name, other.output_type.full_name)
-    assert {m.name for m in service.methods} == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                                                "ModelMetadata", "ModelInfer"}
+    assert {m.name for m in service.methods} == {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        *(f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda") for verb in ("Status", "Register", "Unregister"))}
     assert checked > 50
     assert ours.pool is not triton_pb.DESCRIPTOR.pool
 
