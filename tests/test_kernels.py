@@ -31,6 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import advserve
 import advserve.kernels
 from advserve.engine import Engine
 from advserve.errors import InvalidArgument
@@ -201,6 +202,11 @@ class TestUnderTheInterpreter:
         assert calls == [{"paper": "skip", "openrlhf": "step"}[preset]]  # the engine ran the kernel, once
         _close(result.advantages, expected.advantages)
         _close(result.returns, expected.returns)
+        request = _gae_request(preset, seed=11)  # the in-process API, told the same
+        through_api = advserve.compute_advantages("gae", preset=preset, params=request.params, dtype="float64",
+                                                  device="cpu", kernels="triton", **request.tensors)
+        assert len(calls) == 2
+        _close(through_api.advantages, expected.advantages)
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
     def test_group_baselines_match_the_torch_path(self, dtype):
@@ -420,3 +426,16 @@ def test_triton_kernels_without_triton_are_an_error(monkeypatch):
         Engine("cpu", kernels="triton")
     assert missing.value.field == "kernels" and "advserve[kernels]" in str(missing.value)
     assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+
+
+def test_the_in_process_api_takes_the_kernels_argument(monkeypatch):
+    tensors = {"rewards": torch.tensor([1.0, 0.0, 1.0, 1.0]), "response_mask": torch.ones(4, 3, dtype=torch.bool),
+               "group_ids": [0, 0, 1, 1]}
+    on_torch = advserve.compute_advantages("grpo", kernels="torch", **tensors)
+    assert torch.equal(on_torch.advantages, advserve.compute_advantages("grpo", **tensors).advantages)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(advserve.kernels, "triton_available", lambda: True)
+    for kernels in ("triton", "fast"):
+        with pytest.raises(InvalidArgument) as refused:
+            advserve.compute_advantages("grpo", device="cpu", kernels=kernels, **tensors)
+        assert refused.value.field == "kernels"
