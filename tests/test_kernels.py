@@ -1,19 +1,21 @@
 """The Triton kernels (advserve.kernels) against the torch path (advserve.functional), without a GPU.
 
-The kernels run under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. Triton reads that
-variable when a function is decorated (its own standard library at `import triton`, our kernels at
-`import advserve.kernels.scan`), so an interpreted import would stay in the process for every later
-test module: `test_the_kernels_under_the_interpreter` runs `TestUnderTheInterpreter` in a child pytest
-process with the variable set, and the class is collected only there (`__test__`), never here.
+* `TestUnderTheInterpreter`: the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on CPU
+  tensors. Triton reads that variable when a function is decorated (its own standard library at
+  `import triton`, our kernels at `import advserve.kernels.scan`), so an interpreted import would stay
+  in the process for every later test module: `test_the_kernels_under_the_interpreter` runs the
+  class in a child pytest process with the variable set; it is collected only there (`__test__`).
+* `TestCompiledForTheGpu`: the kernels compiled for sm_90 in another child (no GPU needed).
+* `TestOnTheGpu`: collected only where CUDA and triton are: the compiled kernels on CUDA tensors.
 
 Tolerances (|kernel − torch| <= atol + rtol·|torch|, elementwise): float64 rtol = atol = 1e-12
 (rounding: the two sum in different orders); float32 rtol = atol = 2e-5 (T <= 80 here; a float32
-scan's error grows with T·eps·Σ|terms|).
+scan's error grows with T·eps·Σ|terms|; on the GPU, at T up to 5000, 1e-5 of the largest output).
 
-Without triton the child is not started and that test skips, unless ADVSERVE_REQUIRE_TRITON is set
-(CI sets it: there a missing triton fails). The interpreter runs a scan element by element, in
-order: it checks the kernels' arithmetic, not that their combine step is associative, which the
-GPU's parallel scan relies on; `test_first_order_combine_is_associative` checks that.
+Without triton the two child tests skip, unless ADVSERVE_REQUIRE_TRITON is set (CI sets it: there a
+missing triton fails). The interpreter runs a scan element by element, in order: it checks the
+kernels' arithmetic, not that their combine step is associative, which the GPU's parallel scan
+relies on; `test_first_order_combine_is_associative` checks that.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from advserve.presets import PRESETS
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-REQUIRED = bool(os.environ.get("ADVSERVE_REQUIRE_TRITON"))
+REQUIRED = os.environ.get("ADVSERVE_REQUIRE_TRITON", "").strip().lower() in ("1", "true", "yes", "on")  # CI
 
 
 CHILD = os.environ.get("ADVSERVE_KERNEL_TESTS_CHILD", "")  # "interpreter" or "compiler" in a child process
