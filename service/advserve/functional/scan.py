@@ -157,5 +157,5 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: 
     delta = compactor.pack(token_rewards) - v
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)  # + γ V_next; V past the last valid token is 0
     advantages = compactor.unpack(reverse_discounted_cumsum(delta, gamma * lam))
-    returns = advantages + (v if compactor.identity else compactor.unpack(v))
-    return advantages, returns
+    # unpack(pack(values)) is `values` itself (0 at masked positions): no second unpack
+    return advantages, advantages + values
