@@ -20,8 +20,8 @@ Parts:
      temporary directory, run by this .venv with PYTHONPATH=<worktree>/service:<worktree>/client;
      target >= 2x).
   c. 32 concurrent clients, [256, 4096] losses with --workers 2 and --admission-bytes 256 MiB: peak RSS
-     summed over the supervisor and its workers (sampled every 10 ms) against the admission limit plus
-     a stated constant per process (PER_PROCESS_MIB); every request answered 200, or 503 and retried
+     summed over the supervisor and its workers (Pss, sampled every 10 ms) against the admission limit
+     plus a stated constant per worker (PER_WORKER_MIB, SUPERVISOR_MIB), --workers 1 alongside; every request answered 200, or 503 and retried
      (its Retry-After honoured up to 0.25 s) until answered: nothing accepted is dropped.
   balance. How 8 keep-alive connections opened at once land on 2 asyncio processes: one inherited
      listening socket vs one SO_REUSEPORT socket each (why the workers use SO_REUSEPORT), and the
@@ -38,6 +38,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import re
 import select
 import shutil
 import socket
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,9 +57,11 @@ from advserve.testing import ServerProcess, cpu_model, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
-PER_PROCESS_MIB = 600
-"""Part c's stated constant: RSS of one idle server process (Python, torch, FastAPI, grpc: ~300-400 MiB
-measured here) plus allocator slack, per worker and for the supervisor."""
+PER_WORKER_MIB = 700
+"""Part c's stated constant per worker: its resting size (Python, torch, FastAPI, grpc: 200-400 MiB
+measured here) plus the 256 MiB it may keep beyond its admitted bytes before it trims
+(runtime.MEMORY_SLACK); plus SUPERVISOR_MIB once (docs/workers.md: admission + N x 700 MiB + 128 MiB)."""
+SUPERVISOR_MIB = 128
 TARGETS = {"a": 1.6, "b": 2.0}
 RETRY_CAP_S = 0.25  # part c: a 503's Retry-After is honoured up to this (as bench_transport.py part 4)
 RETRIED = ("200", "503 retried", "closed unread, retried")
@@ -156,7 +160,7 @@ def _client(port: int, path: str, bodies, start: float, end: float, retry_503: b
             response.read()
             status = response.status
         except (OSError, http.client.HTTPException) as exc:
-            out[f"error {type(exc).__name__}" if sent or not retry_503 else "closed unread, retried"] += 1
+            out[f"reset after sending {type(exc).__name__}" if sent or not retry_503 else "closed unread, retried"] += 1
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
             time.sleep(0.05)
@@ -168,9 +172,8 @@ def _client(port: int, path: str, bodies, start: float, end: float, retry_503: b
             out["503 retried"] += 1
             time.sleep(min(float(response.getheader("Retry-After") or RETRY_CAP_S), RETRY_CAP_S))
             continue
-        if time.monotonic() <= end:
-            out[str(status)] += 1
-            i += 1
+        out[str(status) if time.monotonic() <= end else f"{status} after the end"] += 1
+        i += 1
     conn.close()
 
 
@@ -222,6 +225,14 @@ def server(*flags: str, name: str, baseline: Path | None = None) -> ServerProces
 
     env = {"PYTHONPATH": f"{baseline / 'service'}{os.pathsep}{baseline / 'client'}"}
     return ServerProcess(name=name, argv=argv, env=env).start()
+
+
+def server_counts(srv: ServerProcess) -> dict[str, float]:
+    """From the server's /metrics (any worker: the sums): requests answered 200, and refusals."""
+    text = urllib.request.urlopen(f"{srv.url}/metrics", timeout=30).read().decode()  # noqa: S310 - loopback
+    answered = sum(float(v) for v in re.findall(r'^advserve_requests_total{[^}]*status="200"[^}]*} (\S+)$', text, re.M))
+    refused = sum(float(v) for v in re.findall(r"^advserve_rejections_total{[^}]*} (\S+)$", text, re.M))
+    return {"answered_200": answered, "refused": refused}
 
 
 def process_tree(pid: int) -> list[int]:
@@ -431,15 +442,18 @@ def memory_run(args, workers: int) -> dict[str, Any]:
                 time.sleep(0.01)
             return {"peak_sum_kb": peak, "peak_kb_each": each}
 
+        before = server_counts(srv)
         run = load(srv.port, "/v1/losses", [losses_body()], 32, args.duration, args.client_procs, retry_503=True,
                    during=sample)
+        after = server_counts(srv)
+        run["server"] = {key: after[key] - before[key] for key in after}
         run["command"] = srv.command_line()
     finally:
         srv.stop()
         srv.remove_log()
-    bound_kb = (admission + len(pids) * PER_PROCESS_MIB * MIB) // 1024
-    return {"processes": len(pids), "idle_kb": idle, "admission_bytes": admission, "per_process_mib": PER_PROCESS_MIB,
-            "bound_kb": bound_kb, **run}
+    bound_kb = (admission + workers * PER_WORKER_MIB * MIB + SUPERVISOR_MIB * MIB) // 1024
+    return {"processes": len(pids), "workers": workers, "idle_kb": idle, "admission_bytes": admission,
+            "per_worker_mib": PER_WORKER_MIB, "bound_kb": bound_kb, **run}
 
 
 def part_balance(args, results: dict) -> None:
@@ -464,14 +478,30 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         {"a": part_a, "b": part_b, "c": part_c, "balance": part_balance}[part](args, results)
         report(part, results[part])
-    failed = [(part, counts) for part in parts if part in "abc"
-              for counts in _counts(results[part])
-              if set(counts) - ({"200", "503 retried", "closed unread, retried"} if part == "c" else {"200"})]
+    failed = [(part, counts) for part in parts if part in "ab" for counts in _counts(results[part])
+              if set(counts) - {"200", "200 after the end"}]
+    failed += [("c", m["counts"]) for m in results.get("c", {}).values() if not accounting(m)["ok"]]
     for part, counts in failed:
         print(f"FAILED part {part}: statuses {counts}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 1 if failed else 0
+
+
+def accounting(m: dict) -> dict[str, Any]:
+    """Part c's books: every 200 the server sent reached a client, and every refusal the server counted is a
+    503 a client saw, a connection closed before its body was all sent, or a reset after it was (a refusal
+    mid-body whose 503 the reset destroyed); so no accepted request went unanswered."""
+    counts, server = m["counts"], m["server"]
+    client_200 = counts.get("200", 0) + counts.get("200 after the end", 0)
+    resets = sum(v for k, v in counts.items() if k.startswith("reset after sending"))
+    refusals = counts.get("503 retried", 0) + counts.get("closed unread, retried", 0) + resets
+    other = {k: v for k, v in counts.items()
+             if k not in RETRIED and k != "200 after the end" and not k.startswith("reset after sending")}
+    refusals_match = refusals == server["refused"]
+    return {"client_200": client_200, "server_200": server["answered_200"], "resets": resets,
+            "server_refused": server["refused"], "refusals_match": refusals_match, "other": other,
+            "ok": client_200 == server["answered_200"] and refusals_match and not other}
 
 
 def _counts(result: dict) -> list[dict]:
@@ -503,15 +533,18 @@ def report(part: str, r: dict) -> None:
             print(f"c. 32 clients, /v1/losses [256, 4096], --{name.replace('workers', 'workers ')}, admission "
                   f"{m['admission_bytes'] // MIB} MiB: peak memory (Pss) summed over {m['processes']} processes "
                   f"{peak / 1024:.0f} MiB (idle {idle / 1024:.0f}, growth {(peak - idle) / 1024:.0f}); bound admission "
-                  f"+ {m['processes']} x {m['per_process_mib']} MiB = {m['bound_kb'] / 1024:.0f} MiB: "
+                  f"+ {m['workers']} x {m['per_worker_mib']} + {SUPERVISOR_MIB} MiB = {m['bound_kb'] / 1024:.0f} MiB: "
                   f"{'ok' if peak <= m['bound_kb'] else 'MISS'}")
             print("   per process, idle -> peak MiB: " + ", ".join(
                 f"{m['idle_kb'][pid] / 1024:.0f} -> {m['extra']['peak_kb_each'][pid] / 1024:.0f}"
                 for pid in m["idle_kb"]) + (" (the supervisor first)" if m["processes"] > 1 else ""))
-            counts = m["counts"]
-            print(f"   answered 200: {counts.get('200', 0)}, 503 retried: {counts.get('503 retried', 0)}, closed "
-                  f"before the body was sent and retried: {counts.get('closed unread, retried', 0)}, anything else "
-                  f"(accepted and not answered): { {k: v for k, v in counts.items() if k not in RETRIED} or 'none'}")
+            counts, books = m["counts"], accounting(m)
+            print(f"   clients got 200: {books['client_200']} (server answered {books['server_200']:.0f}), 503 and "
+                  f"retried: {counts.get('503 retried', 0)}, closed before the body was all sent and retried: "
+                  f"{counts.get('closed unread, retried', 0)}, reset after the whole body was sent: {books['resets']}; "
+                  f"server refusals {books['server_refused']:.0f} = the clients' 503s + closes + resets: "
+                  f"{'yes' if books['refusals_match'] else 'NO'}; other statuses: {books['other'] or 'none'}")
+            print(f"   nothing accepted was dropped: {'yes' if books['ok'] else 'NO'}")
     elif part == "balance":
         for mode in ("inherited", "reuseport"):
             m = r[mode]

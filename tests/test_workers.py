@@ -204,7 +204,7 @@ def test_a_taken_port_is_a_clear_error_before_any_worker_starts():
                                "--http-port", str(http_port), "--grpc-port", str(port)],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert f"cannot bind 127.0.0.1:{port} (--grpc-port)" in done.stderr, done.stderr
+    assert f"cannot start gRPC on 127.0.0.1:{port} (--grpc-port): Address already in use" in done.stderr, done.stderr
     assert "worker" not in done.stderr
 
 
@@ -216,7 +216,7 @@ def test_a_foreign_reuseport_group_cannot_be_joined_and_our_ports_cannot_be_take
         done = subprocess.run([*advserve_command(), "serve", "--workers", "2", "--host", "127.0.0.1",
                                "--http-port", str(port), "--grpc-port", str(free_port())],
                               capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and f"cannot bind 127.0.0.1:{port} (--http-port)" in done.stderr, done.stderr
+    assert done.returncode != 0 and f"cannot bind REST on 127.0.0.1:{port} (--http-port)" in done.stderr, done.stderr
     for port in (two.port, two.grpc_port):  # a plain bind on a running server's ports fails
         with socket.socket() as intruder, pytest.raises(OSError):
             intruder.bind(("127.0.0.1", port))

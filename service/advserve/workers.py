@@ -178,14 +178,16 @@ def supervise(settings, configure_logging: Callable[[], None]) -> int:
     holders: list[socket.socket] = []
     try:
         ports = {}
-        wanted = [("http_port", settings.host), ("grpc_port", settings.host)]
+        # (setting, host, what the single process says of it when the port is taken)
+        wanted = [("http_port", settings.host, "cannot bind REST on"), ("grpc_port", settings.host,
+                                                                        "cannot start gRPC on")]
         if settings.metrics_port:
-            wanted.append(("metrics_port", "127.0.0.1"))
-        for name, host in wanted:
+            wanted.append(("metrics_port", "127.0.0.1", "cannot serve metrics on"))
+        for name, host, what in wanted:
             try:
                 holders.append(reserve_port(host, getattr(settings, name)))
             except OSError as exc:
-                sys.exit(f"advserve: cannot bind {host}:{getattr(settings, name)} (--{name.replace('_', '-')}): "
+                sys.exit(f"advserve: {what} {host}:{getattr(settings, name)} (--{name.replace('_', '-')}): "
                          f"{exc.strerror or exc}")
             ports[name] = holders[-1].getsockname()[1]
         settings = replace(settings, **ports)
