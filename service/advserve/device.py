@@ -115,22 +115,28 @@ def copy_to_host(tensors: Sequence[Tensor], ready: Any = None) -> list[HostCopy]
     return copies
 
 
-def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str, float | int | None]:
+def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str, Any]:
     """Python numbers of a set of 0-d tensors (and numbers, passed through) with at most one device
-    synchronization: the tensors of each device are stacked and copied together (float64, so float32
+    synchronization: the tensors of each device are flattened and copied together (float64, so float32
     and integer counts below 2**53 come back exact); a tensor of an integer or bool dtype comes back
-    as an int."""
-    out: dict[str, float | int | None] = {}
+    as an int; a 1-d tensor comes back as a list of them (what `tolist` gives)."""
+    out: dict[str, Any] = {}
     by_device: dict[torch.device, list[str]] = {}
     for name, value in values.items():
         if isinstance(value, Tensor):
+            if value.ndim > 1:
+                raise ValueError(f"host_scalars: {name!r} has {value.ndim} dimensions; 0-d or 1-d tensors only")
             by_device.setdefault(value.device, []).append(name)
         else:
             out[name] = value
-    for device, names in by_device.items():
-        stacked = torch.stack([values[name].detach().reshape(()).to(torch.float64) for name in names])
-        numbers = to_host(stacked).tolist()
-        for name, number in zip(names, numbers):
-            integral = not values[name].dtype.is_floating_point and not values[name].dtype.is_complex
-            out[name] = int(number) if integral else number
+    for names in by_device.values():
+        flat = torch.cat([values[name].detach().reshape(-1).to(torch.float64) for name in names])
+        numbers = to_host(flat).tolist()
+        start = 0
+        for name in names:
+            tensor = values[name]
+            cast = float if tensor.dtype.is_floating_point else int
+            taken = [cast(number) for number in numbers[start:start + tensor.numel()]]
+            start += tensor.numel()
+            out[name] = taken[0] if tensor.ndim == 0 else taken
     return {name: out[name] for name in values}

@@ -25,31 +25,56 @@ def last_valid_index(mask: Tensor) -> Tensor:
 def place_on_last_token(rewards: Tensor, mask: Tensor) -> Tensor:
     """Token rewards [B, T]: `rewards` [B] on each row's last valid token of `mask` [B, T], 0 elsewhere.
 
-    Rows without a valid token get no reward token.
+    Rows without a valid token get no reward token. One scatter, no read of the device.
     """
     token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
     last = last_valid_index(mask)
-    rows = torch.nonzero(last >= 0).squeeze(1)
-    token_rewards[rows, last[rows]] = rewards[rows]
-    return token_rewards
+    placed = torch.where(last >= 0, rewards, 0)  # an empty row writes the 0 already at its column 0
+    return token_rewards.scatter_(1, last.clamp_min(0).unsqueeze(1), placed.unsqueeze(1))
 
 
-def masked_moments(x: Tensor, mask: Tensor, n: int) -> dict[str, float]:
-    """mean, population std, min and max of `x` [B, T] over the `n` True positions of `mask` (0s if none).
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on `device` costs no device synchronization (the CPU). Where it
+    does (a GPU), the statistics and branches below are computed on the device instead of being chosen
+    by a value read on the host."""
+    return device.type == "cpu"
 
-    `x` must be 0 where the mask is False (the engine's invariant): then sums need no masking, and
-    min/max need it only when 0 is an extreme and padding exists. Three reads, no copies.
+
+def masked_sums(x: Tensor, mask: Tensor, n: int | None) -> dict[str, Tensor]:
+    """The reductions behind `moments` as 0-d tensors (nothing read on the host where reads cost a device
+    sync): sum and sum of squares of `x` [B, T], and its min and max over the True positions of `mask`.
+
+    `x` must be 0 where the mask is False (the engine's invariant): then sums need no masking. `n`: the
+    count of True positions when known on the host (None: not known). Min and max: with no padding, of
+    all of x; on the CPU (reads are free) masked only when 0 is an extreme and padding exists; elsewhere
+    always masked on the device, by putting one valid value in place of the padding (one extra read of x).
     """
+    flat = x.reshape(-1)
+    sums = {"sum": flat.sum(), "sumsq": torch.dot(flat, flat)}
+    if flat.numel() == 0:
+        sums["min"] = sums["max"] = flat.new_zeros(())
+    elif n == mask.numel():
+        sums["min"], sums["max"] = torch.aminmax(flat)
+    elif n is not None and host_reads_are_free(x.device):
+        low, high = torch.aminmax(flat)
+        if n and (low == 0.0 or high == 0.0):  # 0 may come from padding only
+            low = torch.where(mask, x, torch.inf).amin()
+            high = torch.where(mask, x, -torch.inf).amax()
+        sums["min"], sums["max"] = low, high
+    else:
+        some_valid = flat[mask.reshape(-1).view(torch.uint8).argmax()]  # the first valid value (any: x[0] if none)
+        sums["min"], sums["max"] = torch.aminmax(torch.where(mask, x, some_valid))
+    return sums
+
+
+def moments(sums: dict[str, float], n: int) -> dict[str, float]:
+    """mean, population std, min and max over `n` positions from the host values of `masked_sums` (0s if
+    n is 0)."""
     if n == 0:
         return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
-    flat = x.reshape(-1)
-    mean = float(flat.sum()) / n
-    var = max(float(torch.dot(flat, flat)) / n - mean * mean, 0.0)
-    low, high = (float(v) for v in torch.aminmax(flat))
-    if n < mask.numel() and (low == 0.0 or high == 0.0):  # 0 may come from padding only
-        low = float(torch.where(mask, x, torch.inf).amin())
-        high = float(torch.where(mask, x, -torch.inf).amax())
-    return {"mean": mean, "std": var**0.5, "min": low, "max": high}
+    mean = sums["sum"] / n
+    var = max(sums["sumsq"] / n - mean * mean, 0.0)
+    return {"mean": mean, "std": var**0.5, "min": sums["min"], "max": sums["max"]}
 
 
 WHITEN_EPS_MODES = ("inside", "floor", "outside")
@@ -80,7 +105,9 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
         denom = var.sqrt() + eps
     else:
         raise ValueError(f"unknown whitening eps_mode {eps_mode!r}; valid: {', '.join(WHITEN_EPS_MODES)}")
-    return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
+    if host_reads_are_free(denom.device):
+        return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
+    return torch.where(denom > 0, centered / denom, 0.0)  # on a GPU: no read of denom, one more pass
 
 
 def aggregation_weights(
@@ -102,15 +129,22 @@ def aggregation_weights(
     token-mean: m/N · token-sum: m · seq-mean-token-mean: m/(S·L_i) · seq-mean-token-sum: m/S ·
     seq-mean-token-sum-norm: m/(S·C).
     """
+    on_device = not host_reads_are_free(valid.device)  # counts from the device stay 0-d tensors there
     if agg == "token-mean":
+        if num_tokens is None and on_device:
+            return valid / lengths.sum().clamp_min(1.0)
         n = max(float(lengths.sum()), 1.0) if num_tokens is None else float(num_tokens)
         return valid / n
     if agg == "token-sum":
         return valid
     if num_sequences is not None:
         s = float(num_sequences)
+    elif seq_denominator == "all":
+        s = max(float(lengths.numel()), 1.0)
+    elif on_device:  # a 0-d count in the dtype the kernels compute in, as a Python number is used there
+        return _seq_weights_on_device(valid, lengths, agg, (lengths > 0).sum().clamp_min(1), loss_scale_factor)
     else:
-        s = max(float(lengths.numel() if seq_denominator == "all" else (lengths > 0).sum()), 1.0)
+        s = max(float((lengths > 0).sum()), 1.0)
     if agg == "seq-mean-token-mean":
         return valid / (s * lengths.clamp_min(1)).unsqueeze(1)
     if agg == "seq-mean-token-sum":
@@ -118,4 +152,19 @@ def aggregation_weights(
     if agg == "seq-mean-token-sum-norm":
         c = float(valid.shape[1]) if loss_scale_factor is None else float(loss_scale_factor)
         return valid / (s * c)
+    raise ValueError(f"unknown aggregation mode {agg!r}; valid: {', '.join(AGG_MODES)}")
+
+
+def _seq_weights_on_device(valid: Tensor, lengths: Tensor, agg: str, s: Tensor,
+                           loss_scale_factor: float | None) -> Tensor:
+    """`aggregation_weights`' sequence modes with S a 0-d integer tensor on the device: computed in the
+    precision a Python S gets (float32 for half types, else the dtype itself), then rounded to the dtype."""
+    compute = torch.promote_types(valid.dtype, torch.float32)
+    if agg == "seq-mean-token-mean":
+        return valid / (lengths.clamp_min(1).to(compute) * s).to(lengths.dtype).unsqueeze(1)
+    if agg == "seq-mean-token-sum":
+        return (valid.to(compute) / s).to(valid.dtype)
+    if agg == "seq-mean-token-sum-norm":
+        c = float(valid.shape[1]) if loss_scale_factor is None else float(loss_scale_factor)
+        return (valid.to(compute) / (s.to(torch.float64) * c)).to(valid.dtype)
     raise ValueError(f"unknown aggregation mode {agg!r}; valid: {', '.join(AGG_MODES)}")
