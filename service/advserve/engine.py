@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, build_batch
-from .device import resolve_device
+from .device import host_scalars, resolve_device
 from .errors import InvalidArgument, NotFound, PayloadTooLarge
 from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
-from .functional.masks import aggregation_weights, masked_moments
+from .functional.masks import aggregation_weights, host_reads_are_free, masked_extremes, masked_sums, moments
 from .functional.rollout import rollout_weights
 from .functional.scan import use_kernels
 from .hints import keyword_hint
@@ -215,8 +216,9 @@ class Engine:
                                        num_sequences=request.num_sequences, loss_scale_factor=pol["loss_scale_factor"],
                                        seq_denominator=pol["seq_denominator"])
 
-        components: dict[str, float | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
-        metrics: dict[str, float] = {}
+        # every number of the response stays a 0-d tensor until `read_numbers` reads them all at once
+        components: dict[str, Tensor | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
+        metrics: Pending = {}
         grad_logprobs = torch.zeros_like(t["logprobs"]) if "logprobs" in t else None
         grad_values = grad_entropy = None
         total = torch.zeros((), dtype=dtype, device=self.device)
@@ -245,16 +247,16 @@ class Engine:
                         t["old_logprobs"], t["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
                         low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"],
                         weight=rc["weight"], lengths=batch.lengths)
-                    metrics["rollout_is_weight_mean"] = mean_over(is_weight, batch.tokens)
-                    metrics["rollout_is_weight_max"] = float(is_weight.max()) if batch.tokens else 0.0
-                    metrics["rollout_is_fraction_outside"] = fraction(outside, batch.tokens)
+                    metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
+                    metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
+                    metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
                     w = w * is_weight
                 policy = (w * loss_t).sum()
                 total = total + policy
                 add_grad(w * grad_t, spread)
-                components["policy"] = float(policy)
-                metrics.update(policy_metrics(pol, rho.value, t["logprobs"], t["old_logprobs"], t["advantages"], mask,
-                                              batch.tokens))
+                components["policy"] = policy
+                metrics.update(policy_metrics(pol, rho.value, t["logprobs"], t["old_logprobs"], t["advantages"],
+                                              mask, batch))
             if kl_params:
                 p = kl_params
                 kl_t, dkl, dkl_spread = kl_loss(
@@ -267,8 +269,8 @@ class Engine:
                 add_grad((p["coef"] * w) * dkl, False)
                 if dkl_spread is not None:
                     add_grad((p["coef"] * w) * dkl_spread, True)
-                components["kl"] = float(kl)
-                metrics["kl_mean"] = mean_over(kl_t, batch.tokens)
+                components["kl"] = kl
+                metrics["kl_mean"] = (kl_t.sum(), per_token)
             if "value_loss" in terms:
                 p = terms["value_loss"]
                 loss_v, dv, beyond = value_loss(t["values"], t["old_values"], t["returns"], p["clip"],
@@ -277,23 +279,30 @@ class Engine:
                 value = (w * loss_v).sum()
                 total = total + p["coef"] * value
                 grad_values = (p["coef"] * w) * dv
-                components["value"] = float(value)
+                components["value"] = value
                 if beyond is not None:
-                    metrics["value_clip_fraction"] = fraction(beyond, batch.tokens)
+                    metrics["value_clip_fraction"] = (torch.count_nonzero(beyond), per_token)
             if "entropy_bonus" in terms:
                 p = terms["entropy_bonus"]
                 w = weights(p["agg"])
                 entropy = (w * t["entropy"]).sum()
                 total = total - p["coef"] * entropy
                 grad_entropy = -p["coef"] * w
-                components["entropy"] = float(entropy)
-                metrics["entropy_mean"] = mean_over(t["entropy"], batch.tokens)
+                components["entropy"] = entropy
+                metrics["entropy_mean"] = (t["entropy"].sum(), per_token)
 
-        if not bool(torch.isfinite(total)):
+        pending: Pending = {"loss": (total, as_is), **{f"components.{name}": (value, as_is)
+                                                        for name, value in components.items() if value is not None},
+                            **{f"metrics.{name}": entry for name, entry in metrics.items()}}
+        numbers = read_numbers(pending, batch)
+        if not math.isfinite(numbers["loss"]):
             raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
                                   "too large); bound it with policy_loss.ratio_clamp", field="tensors.logprobs")
-        return LossResult(preset.name, float(total), components, metrics, batch.output(grad_logprobs),
-                          batch.output(grad_values), batch.output(grad_entropy), params=echoed_params(terms))
+        return LossResult(preset.name, numbers["loss"],
+                          {name: numbers.get(f"components.{name}") for name in components},
+                          {name: numbers[f"metrics.{name}"] for name in metrics},
+                          batch.output(grad_logprobs), batch.output(grad_values), batch.output(grad_entropy),
+                          params=echoed_params(terms))
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
@@ -401,7 +410,7 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
         lengths=batch.lengths.to(dtype),
         given_rewards=t.get("rewards"),
         given_token_rewards=token_rewards,
-        groups=Groups.from_index(batch.group_index) if batch.group_index is not None else None,
+        groups=batch_groups(batch),
         values=t.get("values"),
         old_logprobs=t.get("old_logprobs"),
         ref_logprobs=t.get("ref_logprobs"),
@@ -409,35 +418,88 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
     )
 
 
-def mean_over(x: Tensor, tokens: int) -> float:
-    """Mean of x [B, T] over the `tokens` valid positions (x is 0 elsewhere)."""
-    return float(x.sum()) / max(tokens, 1)
+def batch_groups(batch: Batch) -> Groups | None:
+    """The batch's groups without reading the device: the count is the number of labels (every label
+    has a member), the sizes one `index_add_` (a `bincount` would read its maximum on a GPU)."""
+    index = batch.group_index
+    if index is None:
+        return None
+    count = len(batch.group_labels)
+    return Groups(index=index, count=count, sizes=index.new_zeros(count).index_add_(0, index, torch.ones_like(index)))
 
 
-def fraction(condition: Tensor, tokens: int) -> float:
-    """Share of the valid positions where `condition` [B, T] holds (it never holds on masked ones)."""
-    return float(torch.count_nonzero(condition)) / max(tokens, 1)
+def known_tokens(batch: Batch) -> int | None:
+    """The batch's valid-token count where reading it costs no device sync (the CPU), else None: the
+    statistics then fetch it with everything else."""
+    return batch.tokens if host_reads_are_free(batch.mask.device) else None
+
+
+# A response's numbers before they are read: name -> (0-d tensor or number, how to finish the host value
+# given the valid-token count). `read_numbers` brings them all to the host with one device sync.
+Pending = dict[str, tuple[Any, Callable[[Any, int], Any]]]
+
+
+def as_is(value: Any, tokens: int) -> Any:
+    return value
+
+
+def per_token(value: float, tokens: int) -> float:
+    """A sum over the valid tokens as their mean (0 when there are none)."""
+    return float(value) / max(tokens, 1)
+
+
+def read_numbers(pending: Pending, batch: Batch) -> dict[str, Any]:
+    """The host values of `pending` (one `host_scalars` call: at most one device sync), finished; the
+    valid-token count comes with them unless it is known already."""
+    tokens = known_tokens(batch)
+    values = {name: value for name, (value, _) in pending.items()}
+    if tokens is None:
+        values["__tokens__"] = batch.lengths.sum()
+    numbers = host_scalars(values)
+    tokens = numbers.pop("__tokens__", tokens)
+    return {name: finish(numbers[name], tokens) for name, (_, finish) in pending.items()} | {"__tokens__": tokens}
+
+
+def moment_entries(prefix: str, x: Tensor, mask: Tensor, batch: Batch) -> Pending:
+    """`masked_sums` of x as pending entries, finished together by `take_moments`."""
+    return {f"{prefix}.{k}": (v, as_is) for k, v in masked_sums(x, mask, known_tokens(batch)).items()}
+
+
+def take_moments(numbers: dict[str, Any], prefix: str) -> dict[str, float]:
+    return moments({k: numbers[f"{prefix}.{k}"] for k in ("sum", "sumsq", "min", "max")}, numbers["__tokens__"])
+
+
+def if_any_token(value: float, tokens: int) -> float:
+    """A min or max over the valid tokens (0 when there are none)."""
+    return value if tokens else 0.0
 
 
 def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
-                   mask: Tensor, tokens: int) -> dict[str, float]:
-    """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics."""
-    moments = masked_moments(ratio * mask, mask, tokens)
-    out = {"approx_kl": mean_over(old - logp, tokens), "ratio_mean": moments["mean"],
-           "ratio_min": moments["min"], "ratio_max": moments["max"]}
+                   mask: Tensor, batch: Batch) -> Pending:
+    """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics, as pending
+    entries for `read_numbers`."""
+    valid_ratio = ratio * mask
+    low_ratio, high_ratio = masked_extremes(valid_ratio, mask, known_tokens(batch))
+    out: Pending = {"approx_kl": ((old - logp).sum(), per_token), "ratio_mean": (valid_ratio.sum(), per_token),
+                    "ratio_min": (low_ratio, if_any_token), "ratio_max": (high_ratio, if_any_token)}
+
+    def fraction(condition: Tensor) -> tuple[Tensor, Callable[[Any, int], Any]]:
+        """Share of the valid positions where `condition` [B, T] holds (it never holds on masked ones)."""
+        return torch.count_nonzero(condition), per_token
+
     high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
     if p["mode"] in ("ppo_clip", "gspo"):
-        out["clip_fraction_high"] = fraction(high & (adv > 0), tokens)
-        out["clip_fraction_low"] = fraction(low & (adv < 0), tokens)
+        out["clip_fraction_high"] = fraction(high & (adv > 0))
+        out["clip_fraction_low"] = fraction(low & (adv < 0))
         if p["dual_clip"] is not None:
-            out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0), tokens)
+            out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0))
         if p["ratio_cap"] is not None:
-            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & mask, tokens)
+            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & mask)
     elif p["mode"] == "cispo":
         if p["cispo_cap"] is not None:
             high, low = ratio > p["cispo_cap"], torch.zeros_like(mask)
-        out["clip_fraction_high"] = fraction(high & mask, tokens)
-        out["clip_fraction_low"] = fraction(low & mask, tokens)
+        out["clip_fraction_high"] = fraction(high & mask)
+        out["clip_fraction_low"] = fraction(low & mask)
     return out
 
 
@@ -445,25 +507,34 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: B
                     dtype: torch.dtype) -> dict[str, Any]:
     """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
     mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal.
-    advantages [B, T] padded; `inputs` None rebuilds them from `batch` (a coalesced request)."""
+    advantages [B, T] padded; `inputs` None rebuilds them from `batch` (a coalesced request). Every
+    number is reduced on the device and read with the others at once (`read_numbers`)."""
     inputs = inputs or advantage_inputs(batch, dtype)
     advantages = advantages.contiguous()
     mask = inputs.mask
-    stats: dict[str, Any] = {
-        "sequences": int(mask.shape[0]),
-        "tokens": batch.tokens,
-        "advantages": masked_moments(advantages, mask, batch.tokens),
-        "rewards": {"mean": float(inputs.scores.mean()), "std": float(inputs.scores.std(correction=0))},
-    }
+    pending: Pending = {**moment_entries("advantages", advantages, mask, batch),
+                        "rewards.mean": (inputs.scores.mean(), as_is),
+                        "rewards.std": (inputs.scores.std(correction=0), as_is)}
     groups = inputs.groups
     if groups is not None:
         constant = groups.is_constant(inputs.scores)
+        pending |= {"groups.size_min": (groups.sizes.min(), as_is), "groups.size_max": (groups.sizes.max(), as_is),
+                    "groups.zero_variance_fraction": (constant.to(inputs.scores.dtype).mean(), as_is),
+                    "groups.reward_mean": (groups.mean(inputs.scores), as_is)}
+    numbers = read_numbers(pending, batch)
+    stats: dict[str, Any] = {
+        "sequences": int(mask.shape[0]),
+        "tokens": numbers["__tokens__"],
+        "advantages": take_moments(numbers, "advantages"),
+        "rewards": {"mean": numbers["rewards.mean"], "std": numbers["rewards.std"]},
+    }
+    if groups is not None:
         stats["groups"] = {
             "count": groups.count,
-            "size_min": int(groups.sizes.min()),
-            "size_max": int(groups.sizes.max()),
-            "zero_variance_fraction": float(constant.to(inputs.scores.dtype).mean()),
+            "size_min": numbers["groups.size_min"],
+            "size_max": numbers["groups.size_max"],
+            "zero_variance_fraction": numbers["groups.zero_variance_fraction"],
             "ids": batch.group_labels,
-            "reward_mean": groups.mean(inputs.scores).tolist(),
+            "reward_mean": numbers["groups.reward_mean"],
         }
     return stats

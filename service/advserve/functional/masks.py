@@ -41,30 +41,33 @@ def host_reads_are_free(device: torch.device) -> bool:
 
 
 def masked_sums(x: Tensor, mask: Tensor, n: int | None) -> dict[str, Tensor]:
-    """The reductions behind `moments` as 0-d tensors (nothing read on the host where reads cost a device
-    sync): sum and sum of squares of `x` [B, T], and its min and max over the True positions of `mask`.
-
-    `x` must be 0 where the mask is False (the engine's invariant): then sums need no masking. `n`: the
-    count of True positions when known on the host (None: not known). Min and max: with no padding, of
-    all of x; on the CPU (reads are free) masked only when 0 is an extreme and padding exists; elsewhere
-    always masked on the device, by putting one valid value in place of the padding (one extra read of x).
-    """
+    """The reductions behind `moments` as 0-d tensors: sum and sum of squares of `x` [B, T] and its min
+    and max over the True positions of `mask` (`masked_extremes`). `x` must be 0 where the mask is
+    False (the engine's invariant): then sums need no masking. `n`: the count of True positions when
+    known on the host, else None."""
     flat = x.reshape(-1)
-    sums = {"sum": flat.sum(), "sumsq": torch.dot(flat, flat)}
+    low, high = masked_extremes(x, mask, n)
+    return {"sum": flat.sum(), "sumsq": torch.dot(flat, flat), "min": low, "max": high}
+
+
+def masked_extremes(x: Tensor, mask: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
+    """(min, max) of `x` [B, T] over the True positions of `mask` as 0-d tensors (0 where there are none;
+    `x` is 0 where the mask is False). Without padding: of all of x. On the CPU (reads are free, `n`
+    known): masked only when 0 is an extreme and padding exists. Elsewhere nothing is read on the host:
+    always masked on the device, one valid value put in place of the padding (one more pass over x)."""
+    flat = x.reshape(-1)
     if flat.numel() == 0:
-        sums["min"] = sums["max"] = flat.new_zeros(())
-    elif n == mask.numel():
-        sums["min"], sums["max"] = torch.aminmax(flat)
-    elif n is not None and host_reads_are_free(x.device):
+        return flat.new_zeros(()), flat.new_zeros(())
+    if n == mask.numel():
+        return torch.aminmax(flat)
+    if n is not None and host_reads_are_free(x.device):
         low, high = torch.aminmax(flat)
         if n and (low == 0.0 or high == 0.0):  # 0 may come from padding only
             low = torch.where(mask, x, torch.inf).amin()
             high = torch.where(mask, x, -torch.inf).amax()
-        sums["min"], sums["max"] = low, high
-    else:
-        some_valid = flat[mask.reshape(-1).view(torch.uint8).argmax()]  # the first valid value (any: x[0] if none)
-        sums["min"], sums["max"] = torch.aminmax(torch.where(mask, x, some_valid))
-    return sums
+        return low, high
+    some_valid = flat[mask.reshape(-1).view(torch.uint8).argmax()]  # the first valid value (x[0] if none)
+    return torch.aminmax(torch.where(mask, x, some_valid))
 
 
 def moments(sums: dict[str, float], n: int) -> dict[str, float]:
