@@ -129,7 +129,13 @@ def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str,
             by_device.setdefault(value.device, []).append(name)
         else:
             out[name] = value
-    for names in by_device.values():
+    for device, names in by_device.items():
+        if device.type == "cpu":  # nothing to synchronize: each value as it is (what the copy below gives)
+            for name in names:
+                number = values[name].tolist()
+                out[name] = number if values[name].dtype != torch.bool else (
+                    int(number) if values[name].ndim == 0 else [int(n) for n in number])
+            continue
         flat = torch.cat([values[name].detach().reshape(-1).to(torch.float64) for name in names])
         numbers = to_host(flat).tolist()
         start = 0
