@@ -89,7 +89,7 @@ class Settings:
     workers: int = field(default=0, metadata={"help": "front-end processes serving REST, /v2 and gRPC on the same "
                                                       "ports, each with its own engine, one admission budget and "
                                                       "one /metrics view across them (docs/workers.md); 0: auto, "
-                                                      "min(CPU cores, 4); 1: a single process"})
+                                                      "min(usable CPU cores, 4); 1: a single process"})
     memory_trim_idle_s: float = field(default=2.0, metadata={"help": "return freed heap memory to the system "
                                                                     "(malloc_trim) once no request has been in "
                                                                     "flight for this long (0: never)"})
