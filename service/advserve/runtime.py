@@ -495,7 +495,7 @@ class Runtime:
               worker: Worker | None = None) -> "Runtime":
         """The runtime of `settings`; `shared_dir`: the server's, else one of its own; `worker`: this
         process's place among the server's workers (admission shared through its board)."""
-        engine = engine or Engine(settings.device, max_tokens=settings.max_tokens)
+        engine = engine or Engine(settings.device, max_tokens=settings.max_tokens, kernels=settings.kernels)
         scheduler = Scheduler(engine, max_wait_s=settings.max_wait_ms / 1e3,
                               max_batch_tokens=settings.max_batch_tokens, coalesce=settings.coalesce)
         if worker is None:
@@ -551,7 +551,7 @@ class Runtime:
     async def trim_memory_over_budget(self, slack: int = MEMORY_SLACK, every_s: float = 0.25,
                                       trim: Callable[[], Any] = malloc_trim,
                                       rss: Callable[[], int] = lambda: resident_bytes()) -> None:
-        """Forever (a worker of --workers): every `every_s`, when this process's RSS exceeds its resting
+        """Forever (every server process): every `every_s`, when this process's RSS exceeds its resting
         size plus the bytes it holds in admission plus `slack`, call `trim` (in a thread). The allocator
         keeps freed pages (tune_allocator) and, under a long overload, a process can keep far more than it
         ever held at once; with N workers sharing one admission budget that would be N times the excess.

@@ -221,14 +221,15 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
         trimmer = (asyncio.create_task(runtime.trim_memory_when_idle(settings.memory_trim_idle_s))
                    if settings.memory_trim_idle_s > 0 else None)
         scheme = "https" if settings.tls_cert else "http"
-        log.info("%sengine on %s; REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
+        log.info("%sengine on %s (kernels: %s, loop: %s); REST on %s://%s:%d; gRPC on %s:%d%s; admission %d bytes; auth %s",
                  "" if worker is None else f"worker {worker.slot} of {worker.count}, "
                  f"{worker.intra_op_threads} torch threads: ",
-                 runtime.engine.device, scheme, settings.host, settings.http_port, settings.host, grpc_port,
+                 runtime.engine.device, runtime.engine.kernels, type(asyncio.get_running_loop()).__module__,
+                 scheme, settings.host, settings.http_port, settings.host, grpc_port,
                  " (TLS)" if settings.tls_cert else "", settings.admission_bytes,
                  "on" if settings.auth_token else "off")
         publisher = asyncio.create_task(publish_while_busy(runtime)) if worker is not None else None
-        bounder = asyncio.create_task(runtime.trim_memory_over_budget()) if worker is not None else None
+        bounder = asyncio.create_task(runtime.trim_memory_over_budget())
         serving = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
@@ -245,7 +246,18 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
             await grpc_server.stop(grace=5)
             runtime.close()
 
-    asyncio.run(run())
+    run_event_loop(run())
+
+
+def run_event_loop(main) -> None:
+    """Run the coroutine `main` on uvloop where it is installed (Linux: REST and gRPC both run on it;
+    bench/bench_http.py and bench/bench_serving.py measure the gain), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 async def publish_while_busy(runtime: Runtime, every_s: float = 0.05) -> None:
