@@ -92,17 +92,19 @@ def copy_to_host(tensors: Sequence[Tensor], ready: Any = None) -> list[HostCopy]
     a non-blocking copy on a side stream, with an event recorded after each copy, so that each buffer
     can be written out as soon as its own copy has landed while the next ones are still on the way
     (and the caller's stream is never synchronized). The copies start after `ready` (a CUDA event
-    recorded when the tensors were computed), or without one after all the work queued so far on the
-    tensors' stream (which may include later requests' kernels)."""
+    recorded when the tensors were computed; without one, the event `mark_ready` noted on the tensor), or
+    failing both after all the work queued so far on the tensors' stream (which may include later
+    requests' kernels)."""
     copies = []
     for tensor in tensors:
+        after = ready if ready is not None else getattr(tensor, "_advserve_ready", None)  # `mark_ready`
         tensor = tensor.detach()
         if tensor.device.type != "cuda":
             copies.append(HostCopy(tensor.contiguous()))
             continue
         stream = _side_stream(tensor.device)
-        if ready is not None:
-            stream.wait_event(ready)
+        if after is not None:
+            stream.wait_event(after)
         else:
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -119,8 +121,38 @@ def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str,
     """Python numbers of a set of 0-d tensors (and numbers, passed through) with at most one device
     synchronization: the tensors of each device are flattened and copied together (float64, so float32
     and integer counts below 2**53 come back exact); a tensor of an integer or bool dtype comes back
-    as an int; a 1-d tensor comes back as a list of them (what `tolist` gives)."""
-    out: dict[str, Any] = {}
+    as an int; a 1-d tensor comes back as a list of them (what `tolist` gives). `fetch_scalars(...)
+    .result()`."""
+    return fetch_scalars(values).result()
+
+
+class ScalarFetch:
+    """`host_scalars`' numbers on their way to the host: `result()` waits for this copy alone (its
+    event), not for whatever else has been queued on the device since."""
+
+    def __init__(self, names: list[str], done: dict[str, Any], copies: list[tuple[list[str], list[Tensor], Tensor,
+                                                                                 Any]]):
+        self._names, self._done, self._copies = names, done, copies
+
+    def result(self) -> dict[str, Any]:
+        for names, tensors, host, event in self._copies:
+            event.synchronize()
+            numbers = host.tolist()
+            start = 0
+            for name, tensor in zip(names, tensors):
+                cast = float if tensor.dtype.is_floating_point else int
+                taken = [cast(number) for number in numbers[start:start + tensor.numel()]]
+                start += tensor.numel()
+                self._done[name] = taken[0] if tensor.ndim == 0 else taken
+        self._copies = []
+        return {name: self._done[name] for name in self._names}
+
+
+def fetch_scalars(values: Mapping[str, Tensor | float | int | None]) -> ScalarFetch:
+    """Start `host_scalars` without waiting: CPU tensors are read at once (nothing to synchronize); the
+    tensors of a CUDA device are packed there (float64) and copied into pinned memory by one
+    non-blocking copy on the current stream, with an event recorded after it."""
+    done: dict[str, Any] = {}
     by_device: dict[torch.device, list[str]] = {}
     for name, value in values.items():
         if isinstance(value, Tensor):
@@ -128,21 +160,29 @@ def host_scalars(values: Mapping[str, Tensor | float | int | None]) -> dict[str,
                 raise ValueError(f"host_scalars: {name!r} has {value.ndim} dimensions; 0-d or 1-d tensors only")
             by_device.setdefault(value.device, []).append(name)
         else:
-            out[name] = value
+            done[name] = value
+    copies = []
     for device, names in by_device.items():
-        if device.type == "cpu":  # nothing to synchronize: each value as it is (what the copy below gives)
-            for name in names:
-                number = values[name].tolist()
-                out[name] = number if values[name].dtype != torch.bool else (
-                    int(number) if values[name].ndim == 0 else [int(n) for n in number])
+        tensors = [values[name].detach() for name in names]
+        if device.type != "cuda":  # nothing to synchronize: each value as it is (what the copy gives)
+            for name, tensor in zip(names, tensors):
+                number = tensor.tolist()
+                done[name] = number if tensor.dtype != torch.bool else (
+                    int(number) if tensor.ndim == 0 else [int(n) for n in number])
             continue
-        flat = torch.cat([values[name].detach().reshape(-1).to(torch.float64) for name in names])
-        numbers = to_host(flat).tolist()
-        start = 0
-        for name in names:
-            tensor = values[name]
-            cast = float if tensor.dtype.is_floating_point else int
-            taken = [cast(number) for number in numbers[start:start + tensor.numel()]]
-            start += tensor.numel()
-            out[name] = taken[0] if tensor.ndim == 0 else taken
-    return {name: out[name] for name in values}
+        flat = torch.cat([tensor.reshape(-1).to(torch.float64) for tensor in tensors])
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        copies.append((names, tensors, host, event))
+    return ScalarFetch(list(values), done, copies)
+
+
+def mark_ready(tensors: Sequence[Tensor | None], event: Any) -> None:
+    """Note on each tensor the CUDA event recorded after the work that computed it (the scheduler, after
+    each job), so that `copy_to_host` without a `ready` waits for that job alone, not for later requests'
+    kernels queued on the stream since. None entries and tensors off CUDA are skipped."""
+    for tensor in tensors:
+        if tensor is not None and tensor.device.type == "cuda":
+            tensor._advserve_ready = event

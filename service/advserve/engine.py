@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, build_batch
-from .device import host_scalars, resolve_device
+from .device import fetch_scalars, resolve_device
 from .errors import InvalidArgument, NotFound, PayloadTooLarge
 from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
@@ -144,7 +144,10 @@ class Engine:
             adv, ret = advantages[row:row + rows, :width], returns[row:row + rows, :width]
             row += rows
             own_inputs = inputs if len(jobs) == 1 else None
-            stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)
+            if host_reads_are_free(self.device):  # computed when first read: a caller who never reads them never pays
+                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)
+            else:  # queued now, behind this job's kernels: reading them waits for this job, not for later ones
+                stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype)
             results.append(AdvantageResult(first.estimator.name, job.preset, job.batch.output(adv),
                                            job.batch.output(ret), job.params, stats_fn=stats))
         return results
@@ -449,15 +452,26 @@ def per_token(value: float, tokens: int) -> float:
 
 
 def read_numbers(pending: Pending, batch: Batch) -> dict[str, Any]:
-    """The host values of `pending` (one `host_scalars` call: at most one device sync), finished; the
-    valid-token count comes with them unless it is known already."""
+    """The host values of `pending`, finished: `fetch_numbers(...)()`."""
+    return fetch_numbers(pending, batch)()
+
+
+def fetch_numbers(pending: Pending, batch: Batch) -> Callable[[], dict[str, Any]]:
+    """Start reading `pending` (one `device.fetch_scalars`: on a GPU one copy queued behind the work so
+    far, at most one device sync when read): a function giving the finished host values, and the
+    valid-token count under "__tokens__" (fetched with them unless it is known already)."""
     tokens = known_tokens(batch)
     values = {name: value for name, (value, _) in pending.items()}
     if tokens is None:
         values["__tokens__"] = batch.lengths.sum()
-    numbers = host_scalars(values)
-    tokens = numbers.pop("__tokens__", tokens)
-    return {name: finish(numbers[name], tokens) for name, (_, finish) in pending.items()} | {"__tokens__": tokens}
+    fetch = fetch_scalars(values)
+
+    def finished() -> dict[str, Any]:
+        numbers = fetch.result()
+        count = numbers.pop("__tokens__", tokens)
+        return {name: finish(numbers[name], count) for name, (_, finish) in pending.items()} | {"__tokens__": count}
+
+    return finished
 
 
 def moment_entries(prefix: str, x: Tensor, mask: Tensor, batch: Batch) -> Pending:
@@ -508,7 +522,14 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: B
     """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
     mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal.
     advantages [B, T] padded; `inputs` None rebuilds them from `batch` (a coalesced request). Every
-    number is reduced on the device and read with the others at once (`read_numbers`)."""
+    number is reduced on the device and read with the others at once: `fetch_advantage_stats(...)()`."""
+    return fetch_advantage_stats(advantages, inputs, batch, dtype)()
+
+
+def fetch_advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: Batch,
+                          dtype: torch.dtype) -> Callable[[], dict[str, Any]]:
+    """`advantage_stats` in two steps: the reductions and their copy to the host are queued now (on a
+    GPU, right behind the estimator's kernels), the function returned reads them (`fetch_numbers`)."""
     inputs = inputs or advantage_inputs(batch, dtype)
     advantages = advantages.contiguous()
     mask = inputs.mask
@@ -521,20 +542,26 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: B
         pending |= {"groups.size_min": (groups.sizes.min(), as_is), "groups.size_max": (groups.sizes.max(), as_is),
                     "groups.zero_variance_fraction": (constant.to(inputs.scores.dtype).mean(), as_is),
                     "groups.reward_mean": (groups.mean(inputs.scores), as_is)}
-    numbers = read_numbers(pending, batch)
-    stats: dict[str, Any] = {
-        "sequences": int(mask.shape[0]),
-        "tokens": numbers["__tokens__"],
-        "advantages": take_moments(numbers, "advantages"),
-        "rewards": {"mean": numbers["rewards.mean"], "std": numbers["rewards.std"]},
-    }
-    if groups is not None:
-        stats["groups"] = {
-            "count": groups.count,
-            "size_min": numbers["groups.size_min"],
-            "size_max": numbers["groups.size_max"],
-            "zero_variance_fraction": numbers["groups.zero_variance_fraction"],
-            "ids": batch.group_labels,
-            "reward_mean": numbers["groups.reward_mean"],
+    fetched = fetch_numbers(pending, batch)
+    sequences, group_count = int(mask.shape[0]), None if groups is None else groups.count
+
+    def stats() -> dict[str, Any]:
+        numbers = fetched()
+        out: dict[str, Any] = {
+            "sequences": sequences,
+            "tokens": numbers["__tokens__"],
+            "advantages": take_moments(numbers, "advantages"),
+            "rewards": {"mean": numbers["rewards.mean"], "std": numbers["rewards.std"]},
         }
+        if group_count is not None:
+            out["groups"] = {
+                "count": group_count,
+                "size_min": numbers["groups.size_min"],
+                "size_max": numbers["groups.size_max"],
+                "zero_variance_fraction": numbers["groups.zero_variance_fraction"],
+                "ids": batch.group_labels,
+                "reward_mean": numbers["groups.reward_mean"],
+            }
+        return out
+
     return stats

@@ -42,6 +42,10 @@ class AdvantageResult:
                               self.params, lambda: self.stats)
         return out
 
+    def tensors(self) -> list[Any]:
+        """The result tensors a response carries (what the scheduler marks ready, `device.mark_ready`)."""
+        return [self.advantages, self.returns]
+
     def __repr__(self) -> str:
         return f"AdvantageResult(estimator={self.estimator!r}, preset={self.preset!r}, params={self.params!r})"
 
@@ -80,3 +84,7 @@ class LossResult:
     grad_values: Tensor | None
     grad_entropy: Tensor | None
     params: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor | None]:
+        """The result tensors a response carries (what the scheduler marks ready, `device.mark_ready`)."""
+        return [self.grad_logprobs, self.grad_values, self.grad_entropy]

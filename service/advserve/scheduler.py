@@ -9,6 +9,10 @@ runs them as one batch. Only requests whose result is bit for bit the same in a 
 have a key (`PreparedAdvantages.coalescing_key`, `Estimator.coalescible`: the group estimators and
 REINFORCE/RLOO on outcome rewards without a KL term); the others run one by one, so what else is in
 flight never changes a result.
+
+On CUDA the thread records an event on its stream after each job and notes it on the job's result
+tensors (`device.mark_ready`), so that a response's device-to-host copies (`device.copy_to_host`) wait
+for that job's kernels only, not for the later requests' kernels queued behind them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
+from .device import mark_ready
 from .engine import Engine, PreparedAdvantages
 from .errors import Unavailable
 
@@ -127,6 +134,7 @@ class Scheduler:
                     outcomes = [first.run()]
                 else:
                     outcomes = self.engine.run_advantages([job.prepared for job in batch])
+                self._mark_ready(outcomes)
             except BaseException as exc:  # noqa: BLE001 - each caller gets its error, the thread lives on
                 for job in batch:
                     job.finish(error=exc)
@@ -135,6 +143,19 @@ class Scheduler:
             for job, outcome in zip(batch, outcomes):
                 job.finish((outcome, Timing(queue=started - job.queued_at, compute=done - started,
                                             coalesced=len(batch))))
+
+    def _mark_ready(self, outcomes: list[Any]) -> None:
+        """On CUDA: one event recorded after this job's kernels, noted on every result tensor of its
+        outcomes (results that have `tensors()`); nothing on the CPU."""
+        device = getattr(self.engine, "device", None)
+        if device is None or device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        for outcome in outcomes:
+            tensors = getattr(outcome, "tensors", None)
+            if callable(tensors):
+                mark_ready(tensors(), event)
 
     def _companions(self, first: _Job) -> list[_Job]:
         """Queued jobs that can share `first`'s device batch (called with the lock held)."""
