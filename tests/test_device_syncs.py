@@ -203,7 +203,7 @@ def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, 
     stats = result.stats
     reads.active = False
     assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
-    assert stats == expected[0]
+    assert repr(stats) == repr(expected[0])  # the same numbers, of the same Python types (int counts, -0.0)
     assert torch.equal(result.advantages, expected[1]) and torch.equal(result.returns, expected[2])
 
 
@@ -226,8 +226,7 @@ def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
     numbers = (result.loss, dict(result.components), dict(result.metrics))
     reads.active = False
     assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
-    assert numbers == (expected.loss, expected.components, expected.metrics)
-    assert [type(v) for v in numbers[2].values()] == [type(v) for v in expected.metrics.values()]
+    assert repr(numbers) == repr((expected.loss, expected.components, expected.metrics))  # same types and order
     for name in ("grad_logprobs", "grad_values", "grad_entropy"):
         got, want = getattr(result, name), getattr(expected, name)
         assert (got is None and want is None) or torch.equal(got, want), name

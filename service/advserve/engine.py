@@ -155,7 +155,7 @@ class Engine:
     @staticmethod
     def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], batch: Batch) -> None:
         if params.get("singleton_groups") == "error" and batch.group_index is not None:
-            small = torch.nonzero(Groups.from_index(batch.group_index).sizes < 2).flatten()
+            small = torch.nonzero(batch_groups(batch).sizes < 2).flatten()
             if small.numel():
                 label = batch.group_labels[int(small[0])]
                 raise InvalidArgument(
