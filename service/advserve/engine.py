@@ -443,6 +443,7 @@ Pending = dict[str, tuple[Any, Callable[[Any, int], Any]]]
 
 
 def as_is(value: Any, tokens: int) -> Any:
+    """The host value itself."""
     return value
 
 
@@ -480,6 +481,7 @@ def moment_entries(prefix: str, x: Tensor, mask: Tensor, batch: Batch) -> Pendin
 
 
 def take_moments(numbers: dict[str, Any], prefix: str) -> dict[str, float]:
+    """mean, std, min and max from the `moment_entries` of `prefix` read by `fetch_numbers`."""
     return moments({k: numbers[f"{prefix}.{k}"] for k in ("sum", "sumsq", "min", "max")}, numbers["__tokens__"])
 
 
