@@ -232,6 +232,34 @@ def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
         assert (got is None and want is None) or torch.equal(got, want), name
 
 
+def test_coalesced_and_packed_requests_read_once_each(reads, monkeypatch):
+    """Requests sharing a device batch: one read per request; a packed request: one read."""
+    engine = Engine("cpu")
+    x = _inputs()
+    mask = x["response_mask"]
+    requests = [AdvantageRequest("grpo", {"response_mask": mask, "rewards": x["rewards"] * scale,
+                                          "group_ids": x["group_ids"]}, preset="verl") for scale in (1.0, 0.5)]
+    lengths = mask.sum(dim=1)
+    packed = AdvantageRequest("grpo", {"rewards": x["rewards"], "group_ids": x["group_ids"],
+                                       "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])},
+                              preset="verl", layout="packed")
+    alone = [engine.compute_advantages(r).stats for r in (*requests, packed)]
+    as_on_a_gpu(monkeypatch)
+    prepared = [engine.prepare_advantages(r) for r in requests]
+    assert prepared[0].coalescing_key is not None and prepared[0].coalescing_key == prepared[1].coalescing_key
+    prepared_packed = engine.prepare_advantages(packed)
+    reads.active = True
+    shared = engine.run_advantages(prepared)
+    stats = [result.stats for result in shared]
+    assert reads.count <= 2, f"{reads.count} reads: {reads.where}"
+    result = engine.run_advantages([prepared_packed])[0]
+    copy_to_host(result.tensors())
+    stats.append(result.stats)
+    reads.active = False
+    assert reads.count <= 3, f"{reads.count} reads: {reads.where}"
+    assert [repr(s) for s in stats] == [repr(s) for s in alone]
+
+
 def test_counter_sees_reads(reads):
     """The counter is live: a plain read of a tensor is one."""
     reads.active = True
