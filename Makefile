@@ -46,6 +46,9 @@ bench: dev
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_transport.py
 	$(BIN)/python bench/bench_oip.py
+	$(BIN)/python bench/bench_http.py
+	$(BIN)/python bench/bench_shm.py
+	$(BIN)/python bench/bench_serving.py
 
 proto: dev
 	$(BIN)/python scripts/gen_proto.py

@@ -1,4 +1,4 @@
-"""A short smoke run of the engine benchmark: it runs, its correctness checks pass (speed is not asserted)."""
+"""Short smoke runs of the benchmarks: each runs, its correctness checks pass (speed is never asserted)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,20 @@ def test_bench_oip_quick(tmp_path):
     assert "correctness: every answer matched the in-process result" in proc.stdout
     result = json.loads(out.read_text())
     assert result["correct"] and {"large", "small"} <= result.keys()
+
+
+def test_bench_http_quick(tmp_path):
+    out = tmp_path / "http.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_http.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert out.exists()
+
+
+def test_bench_shm_quick(tmp_path):
+    out = tmp_path / "shm.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shm.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "correctness: every answer matched" in proc.stdout
+    assert out.exists()
