@@ -486,12 +486,7 @@ class Regions:
         except Released as exc:
             raise InvalidArgument(f"the shared memory object {key!r} changed while it was registered: {exc}",
                                   field="key") from None
-        try:
-            self._prune()
-            self._add(entry, mapping)
-        except BaseException:
-            mapping.close()
-            raise
+        self._install(entry, mapping)
 
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         """Register CUDA region `name`: `byte_size` bytes of device `device_id` memory exported by
@@ -512,7 +507,10 @@ class Regions:
         entry = {"kind": "cuda", "name": name, "id": uuid.uuid4().hex,
                  "raw_handle": base64.b64encode(bytes(raw_handle)).decode(), "device_id": device_id,
                  "byte_size": byte_size}
-        mapping = _Cuda(entry)
+        self._install(entry, _Cuda(entry))
+
+    def _install(self, entry: dict[str, Any], mapping: Any) -> None:
+        """Add a new region's entry and this process's mapping of it (closed again if that fails)."""
         try:
             self._prune()
             self._add(entry, mapping)

@@ -154,13 +154,15 @@ class OipServicer:
 
     # --- shared memory (Triton's extensions: docs/shared-memory.md); an empty name means every region ---
 
+    async def _status(self, kind: str, name: str, response: Any) -> Any:
+        """`response` (a System/CudaSharedMemoryStatusResponse) filled with the regions of `kind`."""
+        for region in await asyncio.to_thread(self.runtime.regions.status, kind, name or None):
+            response.regions[region["name"]].CopyFrom(type(response).RegionStatus(**region))
+        return response
+
     async def _system_status(self, request: pb.SystemSharedMemoryStatusRequest,
                              call: _Call) -> pb.SystemSharedMemoryStatusResponse:
-        regions = await asyncio.to_thread(self.runtime.regions.status, "system", request.name or None)
-        response = pb.SystemSharedMemoryStatusResponse()
-        for region in regions:
-            response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
-        return response
+        return await self._status("system", request.name, pb.SystemSharedMemoryStatusResponse())
 
     async def _system_register(self, request: pb.SystemSharedMemoryRegisterRequest,
                                call: _Call) -> pb.SystemSharedMemoryRegisterResponse:
@@ -176,11 +178,7 @@ class OipServicer:
 
     async def _cuda_status(self, request: pb.CudaSharedMemoryStatusRequest,
                            call: _Call) -> pb.CudaSharedMemoryStatusResponse:
-        regions = await asyncio.to_thread(self.runtime.regions.status, "cuda", request.name or None)
-        response = pb.CudaSharedMemoryStatusResponse()
-        for region in regions:
-            response.regions[region["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**region))
-        return response
+        return await self._status("cuda", request.name, pb.CudaSharedMemoryStatusResponse())
 
     async def _cuda_register(self, request: pb.CudaSharedMemoryRegisterRequest,
                              call: _Call) -> pb.CudaSharedMemoryRegisterResponse:
