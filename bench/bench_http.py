@@ -458,8 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", default="echo,stack", help="comma-separated: echo, stack, gae (default echo,stack)")
     parser.add_argument("--http", default="httptools", choices=("httptools", "h11"),
                         help="the echo's protocol in part (a): the server's (default httptools)")
-    parser.add_argument("--loop", default="asyncio", choices=("uvloop", "asyncio"),
-                        help="the echo's loop in part (a): the server's (advserve.server.serve runs asyncio.run)")
+    parser.add_argument("--loop", default="uvloop", choices=("uvloop", "asyncio"),
+                        help="the echo's loop in part (a): the server's (advserve.server.run_event_loop: uvloop "
+                        "where installed)")
     parser.add_argument("--server-flag", dest="server_flags", action="append", default=[],
                         help="an extra `advserve serve` argument for part (a) (repeatable)")
     parser.add_argument("--granian", metavar="PYTHON", help="also time granian, run by this interpreter")
