@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the REST API (POST /v1/advantages, POST /v1/losses, POST /v1/analysis, GET /v1/estimators, "
         "/health/live, /health/ready, /metrics, OpenAPI at /docs) and the gRPC API (advserve.v1.Advserve, grpc.health.v1, reflection), "
         "and the Open Inference Protocol (KServe v2 / Triton: /v2 over HTTP, inference.GRPCInferenceService on "
-        "the gRPC port; docs/oip.md). Every flag can also be set by the environment variable shown.",
+        "the gRPC port, with Triton's system and CUDA shared-memory extensions; docs/oip.md, "
+        "docs/shared-memory.md), from --workers processes on the same ports (docs/workers.md). Every flag can also "
+        "be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in setting_fields():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
