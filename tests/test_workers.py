@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 
@@ -192,6 +193,19 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0():
     answered = [s for s in outcomes if s == "200"]
     assert answered and all(s in ("200", "503") or s.startswith("refused") for s in outcomes), outcomes
     assert server.output().count("drained: every accepted request answered") == 2, server.log_tail()
+
+
+def test_the_supervisor_loads_no_torch_numpy_or_grpc():
+    """The supervisor forks the workers: it must not have started torch's, numpy's or grpc's threads, so
+    none of them may be imported by the CLI or the supervisor's module (the package __init__ is lazy)."""
+    heavy = subprocess.run(
+        [sys.executable, "-c", "import sys, advserve, advserve.cli, advserve.workers; "
+         "print(sorted(m for m in ('torch', 'numpy', 'grpc') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert heavy == "[]"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, advserve; advserve.compute_advantages; "
+                             "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "True"  # the in-process API still imports on first use
 
 
 def test_a_taken_port_is_a_clear_error_before_any_worker_starts():
