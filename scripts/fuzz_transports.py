@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-TRANSPORTS = ("rest-json", "rest-binary", "grpc", "v2-http", "v2-json", "v2-grpc")
+TRANSPORTS = ("rest-json", "rest-binary", "grpc", "rest-shm", "grpc-shm", "v2-http", "v2-json", "v2-grpc")
 PRESETS = ("paper", "verl", "openrlhf", "trl")
 LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
 TOKEN_TENSORS = ("token_rewards", "values", "old_logprobs", "ref_logprobs", "logprobs", "advantages", "old_values",
@@ -674,7 +674,11 @@ class Transports:
         self.http_url, self.grpc_address = http_url, grpc_address
         self.native = {"rest-json": Client(http_url, binary=False, timeout=timeout, max_retries=0),
                        "rest-binary": Client(http_url, timeout=timeout, max_retries=0),
-                       "grpc": Client(grpc_address, transport="grpc", timeout=timeout, max_retries=0)}
+                       "grpc": Client(grpc_address, transport="grpc", timeout=timeout, max_retries=0),
+                       # tensors in shared-memory regions the client manages (docs/shared-memory.md)
+                       "rest-shm": Client(http_url, shared_memory=True, timeout=timeout, max_retries=0),
+                       "grpc-shm": Client(grpc_address, transport="grpc", shared_memory=True, timeout=timeout,
+                                          max_retries=0)}
         self.httpx = httpx.Client(base_url=http_url, timeout=timeout)
         self._triton_grpc = None
         self._local = threading.local()  # tritonclient.http runs on gevent: one client per thread
@@ -892,7 +896,7 @@ def oip_view(case: Case, expected: Outcome) -> Outcome:
 
 def native_view(transport: str, expected: Outcome) -> Outcome:
     """What a native transport carries: everything; over gRPC the group ids as strings."""
-    if transport != "grpc" or expected.error:
+    if not transport.startswith("grpc") or expected.error:
         return expected
     scalars = dict(expected.scalars)
     if "stats.groups.ids" in scalars:

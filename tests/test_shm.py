@@ -268,19 +268,24 @@ def test_misuse_is_a_clear_error(server, clients, region):
     assert clients["http"].is_server_live()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_cuda_shared_memory_on_a_cpu_server_is_a_clear_error(clients, transport):
-    if torch.cuda.is_available():
-        pytest.skip("the server's engine may be on CUDA here")
-    client = clients[transport]
-    with pytest.raises(InferenceServerException) as err:
-        client.register_cuda_shared_memory("gpu", base64.b64encode(bytes(64)), 0, 1024)
-    assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
-    assert "CUDA shared memory needs the engine on a CUDA device; this server's engine is on cpu" \
-        in err.value.message()
-    status = client.get_cuda_shared_memory_status()
-    assert (list(status.regions) if transport == "grpc" else status) == []
-    client.unregister_cuda_shared_memory()
+def test_cuda_shared_memory_on_a_cpu_server_is_a_clear_error():
+    """On a server whose engine is on the CPU (pinned: on a CUDA machine auto would pick the GPU)."""
+    server = RunningServer("--device", "cpu")
+    try:
+        http = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+        grpc_ = grpcclient.InferenceServerClient(server.grpc_address)
+        for client in (http, grpc_):
+            with pytest.raises(InferenceServerException) as err:
+                client.register_cuda_shared_memory("gpu", base64.b64encode(bytes(64)), 0, 1024)
+            assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+            assert "CUDA shared memory needs the engine on a CUDA device; this server's engine is on cpu" \
+                in err.value.message()
+        assert http.get_cuda_shared_memory_status() == [] and list(grpc_.get_cuda_shared_memory_status().regions) == []
+        http.unregister_cuda_shared_memory()
+        http.close()
+        grpc_.close()
+    finally:
+        server.stop()
 
 
 def test_unlinked_and_truncated_objects_are_released_and_the_server_stays_up(server, clients, region):

@@ -38,7 +38,8 @@ from conftest import ROOT, RunningServer
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
 
-# Examples per parametrized case: about 1,300 in all, each sent over six transports (under a minute on two cores).
+# Examples per parametrized case: about 1,300 in all, each sent over eight transports (under a minute on two
+# cores): the native clients also with shared_memory=True, their tensors in regions instead of the messages.
 ADVANTAGE_EXAMPLES = 20
 LOSS_EXAMPLES = 20
 INVALID_EXAMPLES = 16
