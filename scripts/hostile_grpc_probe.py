@@ -305,7 +305,7 @@ def cost_receive(args) -> None:
 
 def cost_decode(args) -> None:
     """Memory of the bytes, the parsed message and the tensors of a ComputeLossesRequest."""
-    from advserve.transports.grpc_door import _torch
+    from advserve.transports.shm_tensors import resolve
     from advserve_client._pb import advserve_pb2 as pb
 
     raw = losses_request(args.mib)
@@ -313,7 +313,7 @@ def cost_decode(args) -> None:
     message = pb.ComputeLossesRequest.FromString(raw)
     parsed = _rss_kb()
     _, tensors = protocol.losses_request_from_pb(message)
-    views = _torch(tensors)
+    views = resolve(None, tensors)
     done = _rss_kb()
     per = 1024 / len(raw)
     print(f"cost decode: {len(raw) / MIB:.0f} MiB message: bytes 1.00, parsed copy {(parsed - before) * per:.2f}, "

@@ -39,13 +39,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from advserve_client._pb import advserve_pb2
-from advserve_client.framing import FramingError, RawTensor
+from advserve_client.framing import FramingError
 
 from ..errors import (STATUS, AdvserveError, DeadlineExceeded, InvalidArgument, Overloaded, PayloadTooLarge,
                      RequestTimeout, Unavailable, error_message)
 from ..observability import REQUEST_ID_HEADER, enum_field_name, request_id, server_timing
 from ..runtime import COMPUTED, Lease, Runtime
-from ..wire import raw_to_torch
 
 log = logging.getLogger("advserve.grpc")
 SERVICE = advserve_pb2.DESCRIPTOR.services_by_name["Advserve"].full_name
@@ -457,10 +456,6 @@ class _Call:
             raise DeadlineExceeded("no result within the deadline") from None
         self.phases["queue"], self.phases["compute"] = timing.queue, timing.compute
         return result
-
-
-def _torch(raw: dict[str, Any]) -> dict[str, Any]:
-    return {name: raw_to_torch(name, t) if isinstance(t, RawTensor) else t for name, t in raw.items()}
 
 
 def header_value(text: str) -> str:
