@@ -285,13 +285,13 @@ class AdmissionControl:
         chunks: list[bytes] = []
         seen = 0
         while True:
-            wait = min(self.idle_timeout_s, deadline.remaining())
-            if wait <= 0:
+            remaining = deadline.remaining()
+            if remaining <= 0:
                 raise _body_timeout(deadline.timeout_s, "--request-timeout-s", seen)
-            try:
-                message = await _within(receive(), wait)
+            idle = self.idle_timeout_s < remaining  # which bound this wait is armed with (a loop's timer may
+            try:  # fire a little early: uvloop's by up to its millisecond clock, so no clock is read after it)
+                message = await _within(receive(), self.idle_timeout_s if idle else remaining)
             except asyncio.TimeoutError:
-                idle = deadline.remaining() > 0
                 raise _body_timeout(self.idle_timeout_s if idle else deadline.timeout_s,
                                     "--body-idle-timeout-s" if idle else "--request-timeout-s", seen) from None
             if message["type"] == "http.disconnect":
