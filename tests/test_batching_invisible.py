@@ -54,7 +54,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def probe(estimator: str, preset: str, params: dict) -> AdvantageRequest:
     tensors = {"rewards": [1.0, 0.0], "response_mask": [[1, 1], [1, 0]], "group_ids": [0, 0],
-               "values": [[0.5, 0.1], [0.2, 0.0]], "greedy_rewards": [0.5, 0.5]}
+               "values": [[0.5, 0.1], [0.2, 0.0]], "greedy_rewards": [0.5, 0.5],
+               "old_logprobs": [[-0.5, -1.0], [-0.2, 0.0]], "sum_pi_squared": [[0.5, 0.4], [0.7, 0.0]]}
     spec = ESTIMATORS[estimator]
     keep = {"rewards", "response_mask"} | spec.requires
     return AdvantageRequest(estimator, {k: v for k, v in tensors.items() if k in keep}, preset=preset, params=params)
@@ -271,6 +272,8 @@ def test_no_estimator_writes_into_its_inputs(preset, estimator):
             "greedy_rewards": torch.as_tensor(rng.normal(size=b)),
             "old_logprobs": -torch.as_tensor(rng.random((b, t))) * mask,
             "ref_logprobs": -torch.as_tensor(rng.random((b, t))) * mask,
+            "sum_pi_squared": torch.as_tensor(rng.random((b, t))) * mask,
+            "rollout_is_weights": torch.as_tensor(rng.random((b, t))) * mask,
         }
         keep = {rewards, "response_mask"} | spec.requires | spec.optional
         tensors = {k: v for k, v in tensors.items() if k in keep}

@@ -187,7 +187,8 @@ GAE_TENSORS = {"rewards": [1.0, 0.0], "values": [[0.0, 0.0], [0.0, 0.0]], "respo
      "clip_high: not a request field; 'clip_high' is a parameter of loss term policy_loss: put it in "
      "\"policy_loss\": {\"clip_high\": ...}"),
     ("/v1/analysis", {"std_eps": 0.001},
-     "std_eps: not a request field; 'std_eps' is a parameter of estimators grpo, grpo_original, dapo: put it in "
+     "std_eps: not a request field; 'std_eps' is a parameter of estimators grpo, grpo_original, dapo, grpo_passk, "
+     "gdpo: put it in "
      "\"params\": {\"<estimator>\": {\"std_eps\": ...}}"),
     ("/v1/advantages", {"estimator": "gae", "zzz": 1}, "zzz: Extra inputs are not permitted"),
 ])

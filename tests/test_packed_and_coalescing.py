@@ -41,6 +41,7 @@ def random_batch(rng: np.random.Generator, b: int, t: int, gaps: bool):
         "old_logprobs": -rng.random((b, t)),
         "ref_logprobs": -rng.random((b, t)),
         "greedy_rewards": rng.random(b),
+        "sum_pi_squared": rng.random((b, t)),
     }
 
 
@@ -66,7 +67,7 @@ def test_packed_equals_padded_for_every_estimator(seed, b, t, gaps, estimator, k
     rng = np.random.default_rng(seed)
     batch = random_batch(rng, b, t, gaps)
     preset = next(p.name for p in PRESETS.values() if estimator in p.estimators)  # paper, or a library's
-    params = {"singleton_groups": "zero"} if estimator == "rloo" else {}
+    params = {"singleton_groups": "zero"} if estimator in ("rloo", "grpo_passk") else {}
     if "kl_coef" in ESTIMATORS[estimator].params:
         params["kl_coef"] = 0.1 if kl else 0.0
     tensors = select(estimator, batch, params.get("kl_coef", 0.0) > 0)

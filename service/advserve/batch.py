@@ -29,7 +29,7 @@ LAYOUTS = ("padded", "packed")
 DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
 TOKEN_TENSORS = frozenset({
     "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
-    "advantages", "returns", "old_values", "entropy",
+    "advantages", "returns", "old_values", "entropy", "rollout_is_weights", "sum_pi_squared",
 })
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
 ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
@@ -352,6 +352,7 @@ def build_batch(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     needed_by: Mapping[str, str] | None = None,
     hints: Mapping[str, str] | None = None,
+    keep_masked: Iterable[str] = (),
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
     `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
@@ -362,6 +363,8 @@ def build_batch(
     (B·T padded) is a PayloadTooLarge error, raised before anything of that size is allocated.
     Tensors are checked in one order whatever the order of `raw` (response_mask first, then by name),
     so that every transport names the same tensor for the same mistake.
+    `keep_masked`: token tensors also kept as given, masked positions included, under the name
+    "<name>:unmasked" (then finite everywhere: verl sums masked token rewards).
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -410,6 +413,11 @@ def build_batch(
                 continue
             tensor = _numeric(name, array, dtype, device)
             if name in TOKEN_TENSORS:
+                if name in keep_masked:
+                    if not _all_finite(tensor):
+                        raise InvalidArgument(f"tensor {name!r} has NaN or Inf, which masked_token_rewards='sum' "
+                                              "adds up (masked positions included)", field=_field(name))
+                    tensors[f"{name}:unmasked"] = tensor
                 tensor = _zero_masked(name, tensor, mask, valid)  # the engine's invariant: 0 where the mask is 0
             elif not _all_finite(tensor):
                 raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))

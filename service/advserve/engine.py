@@ -121,6 +121,7 @@ class Engine:
             layout=request.layout or "padded",
             max_tokens=self.max_tokens,
             hints=hints,
+            keep_masked=("token_rewards",) if params.get("masked_token_rewards") == "sum" else (),
         )
         self._check_estimator_preconditions(estimator, params, batch)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
@@ -158,9 +159,10 @@ class Engine:
             small = torch.nonzero(batch_groups(batch).sizes < 2).flatten()
             if small.numel():
                 label = batch.group_labels[int(small[0])]
+                others = " or ".join(repr(c) for c in estimator.param_specs()["singleton_groups"].choices if c != "error")
                 raise InvalidArgument(
                     f"group {label!r} has a single response; {estimator.name!r} needs at least 2 per group "
-                    "(or set params.singleton_groups to 'zero' or 'raw')", field="tensors.group_ids")
+                    f"(or set params.singleton_groups to {others})", field="tensors.group_ids")
         whiten_tokens = params.get("whiten") and params.get("whiten_scope", "token") == "token"
         if whiten_tokens and params.get("whiten_ddof") == 1 and batch.tokens < 2:
             raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
@@ -418,6 +420,9 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
         old_logprobs=t.get("old_logprobs"),
         ref_logprobs=t.get("ref_logprobs"),
         greedy_rewards=t.get("greedy_rewards"),
+        sum_pi_squared=t.get("sum_pi_squared"),
+        rollout_is_weights=t.get("rollout_is_weights"),
+        unmasked_token_rewards=t.get("token_rewards:unmasked"),
     )
 
 

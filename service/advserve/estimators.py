@@ -13,11 +13,14 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .functional.groups import STD_SCOPES, Groups, group_normalized_advantages, leave_one_out_advantages
+from .functional.groups import (STD_SCOPES, Groups, centered_scores, group_normalized_advantages, group_std,
+                                leave_one_out_advantages)
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
 from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten
 from .functional.scan import MASK_GAPS, gae, reward_to_go
 from .params import ParamSpec, neutral
+
+MASKED_TOKEN_REWARDS = ("ignore", "sum")
 
 
 @dataclass
@@ -28,6 +31,8 @@ class AdvantageInputs:
     fast way to zero masked positions); scores [B] = R (the outcome reward, or Σ_t token_rewards); lengths [B] valid
     tokens per row (compute dtype); token_rewards [B, T] is built on first use (an outcome reward
     sits on the row's last valid token), so outcome-only estimators never materialize it.
+    `unmasked_token_rewards` [B, T]: the token rewards as given, masked positions included; set only
+    under params.masked_token_rewards = 'sum' (verl sums them into R), and then R = Σ over all T.
     """
 
     mask: Tensor
@@ -40,11 +45,16 @@ class AdvantageInputs:
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     greedy_rewards: Tensor | None = None
+    sum_pi_squared: Tensor | None = None
+    rollout_is_weights: Tensor | None = None
+    unmasked_token_rewards: Tensor | None = None
 
     @functools.cached_property
     def scores(self) -> Tensor:
         if self.given_rewards is not None:
             return self.given_rewards
+        if self.unmasked_token_rewards is not None:
+            return self.unmasked_token_rewards.sum(dim=1)
         return self.given_token_rewards.sum(dim=1)
 
     @functools.cached_property
@@ -90,6 +100,13 @@ PARAMS: dict[str, ParamSpec] = {
                 "--reward.clip_range); null: none", None, nullable=True),
         neutral("reward_clip_high", float, "upper bound of the outcome reward after its baseline; null: none",
                 None, nullable=True),
+        neutral("masked_token_rewards", str, "token_rewards on masked positions: 'ignore' them, or 'sum' them into "
+                "the outcome score R = Σ over all T positions (verl's outcome estimators)", "ignore",
+                choices=MASKED_TOKEN_REWARDS),
+        ParamSpec("scale_by_std", bool, "divide by the group std + std_eps (verl norm_adv_by_std_in_grpo)"),
+        ParamSpec("handle_zero_tail", bool, "optimal token baseline: the part of a group's single longest "
+                  "response beyond the second longest gets baseline 0 (verl handle_zero_tail)"),
+        ParamSpec("baseline_eps", float, "ε added to the optimal token baseline's denominator Σ W_t", minimum=0.0),
         neutral("mask_gaps", str, "zeros inside a row's mask: 'skip' (the recursion carries across them) or "
                 "'step' (zero-valued steps that still discount, OpenRLHF)", "skip", choices=MASK_GAPS),
     )
@@ -99,6 +116,7 @@ KL_PARAMS = ("kl_coef", "kl_estimator", "kl_clamp")
 WHITEN_PARAMS = ("whiten", "whiten_std", "whiten_ddof", "whiten_eps", "whiten_eps_mode")
 GROUP_STD_PARAMS = ("std_ddof", "std_eps", "std_scope", "singleton_groups")
 REWARD_CLIP_PARAMS = ("reward_clip_low", "reward_clip_high")
+MASKED = ("masked_token_rewards",)
 
 
 @dataclass(frozen=True)
@@ -169,6 +187,17 @@ def _shaped_rewards(x: AdvantageInputs, p: Params, token_rewards: Tensor | None 
     rewards = x.token_rewards if token_rewards is None else token_rewards
     penalty = _token_kl(x, p)
     return rewards if penalty is None else rewards - penalty
+
+
+def _shaped_scores(x: AdvantageInputs, p: Params) -> Tensor:
+    """R̃ = Σ_t (r_t − β kl_t) [B]: over every position when masked token rewards count (verl sums
+    token_level_rewards over all T), else over the valid ones."""
+    return _shaped_rewards(x, p, x.unmasked_token_rewards).sum(dim=1)
+
+
+def _outcome_scores(x: AdvantageInputs, p: Params) -> Tensor:
+    """R [B], minus β Σ_t kl_t when kl_coef > 0 (verl's KL in the reward, summed with the rewards)."""
+    return x.scores if p.get("kl_coef", 0) == 0 else _shaped_scores(x, p)
 
 
 def _reward_clip(p: Params) -> tuple[float | None, float | None] | None:
@@ -249,7 +278,7 @@ def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor
     """A = whiten(clip(G_t − mean_g R) − β Σ_{t'≥t} kl_t') ('reward_to_go') or whiten(clip(R̃ − mean_g R̃))
     broadcast ('sequence'); returns = A, or the advantage before whitening (`returns_whitened` false)."""
     if p["kl_placement"] == "sequence":
-        total = _shaped_rewards(x, p).sum(dim=1)
+        total = _shaped_scores(x, p)
         adv = _broadcast(_clip(total - _group_mean_baseline(total, x, p), p), x.valid)
     elif _reward_clip(p) is None:
         baseline = _group_mean_baseline(x.scores, x, p)
@@ -271,7 +300,7 @@ def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     clip(R_i − mean_{l≠i} R_l) − β Σ_{t'≥t} kl_t' ('reward_to_go'); then optionally whitened over
     the batch's tokens or its B sequence values."""
     placement = p["kl_placement"]
-    scores = _shaped_rewards(x, p).sum(dim=1) if placement == "sequence" else x.scores
+    scores = _shaped_scores(x, p) if placement == "sequence" else x.scores
     per_seq = _clip(leave_one_out_advantages(scores, x.groups, singleton_groups=p["singleton_groups"]), p)
     if p["whiten"] and p["whiten_scope"] == "sequence":
         per_seq = _whiten(per_seq, torch.ones_like(per_seq), p)
@@ -357,6 +386,124 @@ def dr_grpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
+# --- verl 0.9.1's other estimators ---------------------------------------------------------------
+
+
+def grpo_passk(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """Pass@k: only a group's best response gets an advantage, (R_max − R_second)/(std_g R + ε)
+    (`scale_by_std`; else R_max − R_second); every other response 0. A tie for the best gives 0 to all
+    (R_max − R_second = 0, whichever of them verl's topk picks). Groups need 2 responses or more."""
+    groups, scores = x.groups, _outcome_scores(x, p)
+    top = scores.new_full((groups.count,), -torch.inf).scatter_reduce_(0, groups.index, scores, "amax")
+    is_top = scores == top[groups.index]
+    n_top = groups.sum(is_top.to(scores.dtype))
+    second = scores.new_full((groups.count,), -torch.inf).scatter_reduce_(
+        0, groups.index, torch.where(is_top, -torch.inf, scores), "amax")
+    gap = torch.where(n_top == 1, top - second, 0)  # a tie for the best: no unique winner, 0
+    if p["scale_by_std"]:
+        centered, _ = centered_scores(scores, groups)
+        gap = gap / (group_std(centered, groups, p["std_ddof"]) + p["std_eps"])
+    winner = is_top & (n_top == 1)[groups.index] & (groups.sizes[groups.index] > 1)  # size 1: 'zero'
+    per_seq = torch.where(winner, gap[groups.index], 0)
+    adv = _broadcast(per_seq, x.valid)
+    return adv, adv
+
+
+def opo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """OPO: A = R_i − b_g, b_g = Σ_j L_j R_j / Σ_j L_j, the length-weighted group mean (L: valid
+    tokens). Size-1 groups by `singleton_groups` ('raw': b = 0, A = R, verl; 'zero': the formula, A = 0).
+    A group whose responses are all empty has no valid token to carry an advantage: 0."""
+    groups, scores, lengths = x.groups, _outcome_scores(x, p), x.lengths
+    total = groups.sum(lengths)
+    baseline = groups.sum(lengths * scores) / torch.where(total > 0, total, 1)
+    per_seq = torch.where(groups.is_constant(scores)[groups.index], 0, scores - baseline[groups.index])
+    if p["singleton_groups"] == "raw":
+        per_seq = torch.where(groups.sizes[groups.index] == 1, scores, per_seq)
+    adv = _broadcast(per_seq, x.valid)
+    return adv, adv
+
+
+def gpg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """GPG: A = α (R_i − mean_g R), α = B / max(#{i: R_i ≠ 0}, 1) over the whole batch (verl computes
+    α in float32: B / m rounded there, as here); F_norm = 1 (verl's trainer passes no other). Size-1
+    groups have mean 0 (verl) under singleton_groups 'raw', A = 0 under 'zero'."""
+    scores = _outcome_scores(x, p)
+    nonzero = (scores != 0).sum().clamp_min(1)
+    alpha = (torch.tensor(scores.shape[0], dtype=torch.float32, device=scores.device)
+             / nonzero.to(torch.float32)).to(scores.dtype)
+    centered = scores - _group_mean_baseline(scores, x, p)
+    if p["singleton_groups"] == "zero":
+        centered = torch.where(x.groups.sizes[x.groups.index] == 1, 0, centered)
+    adv = _broadcast(alpha * centered, x.valid)
+    return adv, adv
+
+
+def gdpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """GDPO with one reward dimension (verl's form without gdpo_reward_keys): the GRPO advantage
+    (R − mean_g R)/(std_g R + ε) (`scale_by_std`) broadcast over the valid tokens, then whitened over
+    the batch's valid tokens (verl_F.masked_whiten: unbiased variance, rsqrt(var + 1e-8))."""
+    per_seq = group_normalized_advantages(
+        _outcome_scores(x, p), x.groups, scale_by_std=p["scale_by_std"], std_ddof=p["std_ddof"], std_eps=p["std_eps"],
+        singleton_groups=p["singleton_groups"])
+    adv = _maybe_whiten(_broadcast(per_seq, x.valid), x, p)
+    return adv, adv
+
+
+def _token_baseline(x: AdvantageInputs, p: Params, *, compact: bool) -> tuple[Tensor, Tensor]:
+    """The optimal token baseline (verl's OTB): returns G_t = Σ_{t'≥t} (r_t' − β kl_t') over valid tokens;
+    w_t = (1 − 2 π_t + Σπ²_t) ρ_t² (π_t = exp(old_logprobs), ρ: rollout_is_weights when given, else 1),
+    W_t = Σ_{j≤t} w_j over valid tokens; per group and position k, b_k = Σ_i G_ik W_ik / (Σ_i W_ik + ε)
+    over the group's valid tokens at k, A_t = G_t − b_k(t). Position k: the column t (`compact` False),
+    or the token's rank among its row's valid tokens (`compact` True: verl's multi-turn variant, which
+    also leaves rows with no valid token out of their group). Groups of one get b = 0.
+    `handle_zero_tail`: in a group whose longest response is unique, its positions k at or beyond the
+    second longest length get b = 0. One index_add_ over (group, position) pairs: no loop."""
+    mask, valid, groups = x.mask, x.valid, x.groups
+    rows, width = mask.shape
+    returns = _shaped_rewards(x, p).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1]) * valid
+    w = 1 - 2 * x.old_logprobs.exp() + x.sum_pi_squared
+    if x.rollout_is_weights is not None:
+        w = w * x.rollout_is_weights.square()
+    w_cum = (w * valid).cumsum(dim=-1)
+    lengths = x.lengths
+    if compact:
+        position = (mask.cumsum(dim=-1) - 1).clamp_min(0)
+        member = lengths > 0
+    else:
+        position = torch.arange(width, device=mask.device).expand(rows, width)
+        member = torch.ones_like(lengths, dtype=torch.bool)
+    size = groups.sum(member.to(valid.dtype))[groups.index]  # [B] the row's group size (members only)
+    cell = (groups.index.unsqueeze(1) * width + position).reshape(-1)  # [B·T] the (group, position) slot
+    weighted = (w_cum * valid).reshape(-1)
+    num = weighted.new_zeros(groups.count * width).index_add_(0, cell, (returns.reshape(-1) * weighted))
+    den = weighted.new_zeros(groups.count * width).index_add_(0, cell, weighted)
+    baseline = (num / (den + p["baseline_eps"]))[cell].reshape(rows, width)
+    keep = (size > 1).unsqueeze(1)
+    if p["handle_zero_tail"]:
+        length = torch.where(member, lengths, -1)
+        longest = length.new_full((groups.count,), -1).scatter_reduce_(0, groups.index, length, "amax")
+        is_longest = (length == longest[groups.index]) & member
+        n_longest = groups.sum(is_longest.to(valid.dtype))
+        second = length.new_full((groups.count,), -1).scatter_reduce_(
+            0, groups.index, torch.where(is_longest, -1, length), "amax")
+        unique = (is_longest & (n_longest == 1)[groups.index]).unsqueeze(1)
+        keep = keep & ~(unique & (position >= second[groups.index].unsqueeze(1)))
+    advantages = (returns - torch.where(keep, baseline, 0)) * valid
+    return advantages, returns
+
+
+def optimal_token_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """Optimal token baseline (verl 'optimal_token_baseline'): A_t = G_t − Σ_i G_it W_it / (Σ_i W_it + ε)
+    per group and column t (see `_token_baseline`)."""
+    return _token_baseline(x, p, compact=False)
+
+
+def tir_optimal_token_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
+    """The multi-turn optimal token baseline (verl 'tir_optimal_token_baseline'): the same statistics
+    per group and k-th valid token of each response, interior mask gaps (tool observations) skipped."""
+    return _token_baseline(x, p, compact=True)
+
+
 KL_TENSORS = frozenset({"old_logprobs", "ref_logprobs"})
 GROUPED = frozenset({"group_ids"})
 
@@ -374,12 +521,12 @@ ESTIMATORS: dict[str, Estimator] = {
                   "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t')", "arXiv:2501.03262", optional=KL_TENSORS),
         Estimator("reinforce_pp_baseline", reinforce_pp_baseline,
                   (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
-                   "returns_whitened"),
+                   "returns_whitened", *MASKED),
                   "REINFORCE++-baseline: group-mean baseline, then batch whitening",
                   "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t' − mean_g r)", "arXiv:2501.03262",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("reward_to_go", "sequence")}),
         Estimator("rloo", rloo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
-                                 "whiten_scope"), "REINFORCE leave-one-out",
+                                 "whiten_scope", *MASKED), "REINFORCE leave-one-out",
                   "A = R_ij − 1/(M−1) Σ_{l≠j} R_il, R = r − β Σ_t kl_t", "arXiv:2402.14740",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
                   exact_rows=True),
@@ -392,7 +539,8 @@ ESTIMATORS: dict[str, Estimator] = {
                   "arXiv:1506.02438; arXiv:1707.06347", requires=frozenset({"values"}), optional=KL_TENSORS),
         Estimator("orz", orz, WHITEN_PARAMS, "Open-Reasoner-Zero: PPO with γ = λ = 1, no KL",
                   "A_t = r − V_t", "arXiv:2503.24290", requires=frozenset({"values"})),
-        Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, *GROUP_STD_PARAMS), "GRPO (R1 version)",
+        Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, *GROUP_STD_PARAMS, *MASKED),
+                  "GRPO (R1 version)",
                   "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
                   requires=GROUPED, optional=KL_TENSORS,
                   choices={"kl_placement": ("token", "sequence", "reward_to_go")}, exact_rows=True),
@@ -404,7 +552,7 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("dapo", dapo, (*KL_PARAMS, *GROUP_STD_PARAMS), "DAPO (token-mean within the group)",
                   "A = 1/mean_j(T_ij) · (r − mean(R_i))/std(R_i)", "arXiv:2503.14476",
                   requires=GROUPED, optional=KL_TENSORS, exact_rows=True),
-        Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups"),
+        Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *MASKED),
                   "Dr.GRPO (no std, no length normalization)", "A = r − mean(R_i)", "arXiv:2503.20783",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
                   exact_rows=True),
@@ -412,5 +560,33 @@ ESTIMATORS: dict[str, Estimator] = {
                   "FlashREINFORCE: the batch's mean score as baseline, reward-to-go KL (OpenRLHF)",
                   "A_t = r − mean_batch(r) − β Σ_{t'≥t} kl_t'", "OpenRLHF 0.11 (--algo.advantage.estimator "
                   "flash_reinforce)", optional=KL_TENSORS, batch_baseline=True),
+        Estimator("grpo_passk", grpo_passk, ("scale_by_std", "std_ddof", "std_eps", "singleton_groups", *KL_PARAMS,
+                                             *MASKED),
+                  "Pass@k GRPO: only each group's best response is reinforced",
+                  "A_best = (R_max − R_second)/(std_g R + ε), 0 for every other response",
+                  "arXiv:2503.19595; verl 0.9.1 compute_grpo_passk_outcome_advantage", requires=GROUPED,
+                  optional=KL_TENSORS, choices={"singleton_groups": ("error", "zero")}),
+        Estimator("opo", opo, ("singleton_groups", *KL_PARAMS, *MASKED), "OPO: length-weighted group-mean baseline",
+                  "A = R_i − Σ_j L_j R_j / Σ_j L_j", "arXiv:2505.23585", requires=GROUPED, optional=KL_TENSORS),
+        Estimator("gpg", gpg, ("singleton_groups", *KL_PARAMS, *MASKED), "GPG: group-mean baseline scaled by the batch's "
+                  "share of nonzero rewards", "A = B/#{R ≠ 0} · (R − mean_g R)",
+                  "arXiv:2504.02546; verl 0.9.1 compute_gpg_outcome_advantage", requires=GROUPED,
+                  optional=KL_TENSORS, batch_baseline=True),
+        Estimator("gdpo", gdpo, ("scale_by_std", *GROUP_STD_PARAMS, *WHITEN_PARAMS, *KL_PARAMS, *MASKED),
+                  "GDPO (one reward dimension): GRPO then batch whitening",
+                  "A = whiten_batch((R − mean_g R)/(std_g R + ε))", "arXiv:2601.05242", requires=GROUPED,
+                  optional=KL_TENSORS),
+        Estimator("optimal_token_baseline", optimal_token_baseline, ("handle_zero_tail", "baseline_eps", *KL_PARAMS),
+                  "Optimal token baseline: a per-position group baseline weighted by the path variance",
+                  "A_t = G_t − Σ_i G_it W_it / Σ_i W_it, W_t = Σ_{j≤t} (1 − 2π_j + Σπ²_j) ρ_j²",
+                  "verl 0.9.1 compute_optimal_token_baseline_advantage",
+                  requires=frozenset({"group_ids", "old_logprobs", "sum_pi_squared"}),
+                  optional=frozenset({"rollout_is_weights", "ref_logprobs"})),
+        Estimator("tir_optimal_token_baseline", tir_optimal_token_baseline, ("handle_zero_tail", "baseline_eps", *KL_PARAMS),
+                  "Optimal token baseline over each response's valid tokens (multi-turn: observation gaps "
+                  "skipped)", "A_k = G_k − Σ_i G_ik W_ik / Σ_i W_ik over the k-th valid tokens",
+                  "verl 0.9.1 compute_multi_turn_optimal_token_baseline_advantage",
+                  requires=frozenset({"group_ids", "old_logprobs", "sum_pi_squared"}),
+                  optional=frozenset({"rollout_is_weights", "ref_logprobs"})),
     )
 }

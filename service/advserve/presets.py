@@ -117,6 +117,7 @@ PAPER = Preset(
         "grpo_original": _PAPER_GRPO,
         "dapo": _merge(_PAPER_KL, _PAPER_STD),
         "dr_grpo": _merge(_PAPER_KL, {"kl_placement": "sequence", "singleton_groups": "zero"}),
+        "opo": _merge({"singleton_groups": "zero"}, _PAPER_KL),  # b = Σ L R / Σ L, as the OPO paper defines it
     },
     losses={
         # PPO's clipped surrogate (clip 0.2/0.2) aggregated as the seed's eq. (14) prescribes for every
@@ -131,6 +132,8 @@ PAPER = Preset(
     },
     unavailable={
         "flash_reinforce": "not in the seed's table (OpenRLHF's batch-mean baseline): use preset 'openrlhf'",
+        **dict.fromkeys(("grpo_passk", "gpg", "gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"),
+                        "not in the seed's table (verl 0.9.1's estimator): use preset 'verl'"),
     },
 )
 
@@ -142,6 +145,9 @@ _VERL_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 1, "whiten_ep
                 "whiten_eps_mode": "inside"}  # verl_F.masked_whiten
 _VERL_STD = {"std_ddof": 1, "std_eps": 1e-6, "std_scope": "group",
              "singleton_groups": "raw"}  # torch.std; mean 0, std 1 for n = 1
+# the outcome estimators sum token_level_rewards over every position, masked ones included
+_VERL_MASKED = {"masked_token_rewards": "sum"}
+_VERL_ONLY = ("grpo_passk", "opo", "gpg", "gdpo", "optimal_token_baseline", "tir_optimal_token_baseline")
 
 # verl 0.9.1 config keys (the ones tests/golden/make_verl_golden.py drives the library with) -> advserve
 _VERL_OPTIONS = {
@@ -152,6 +158,12 @@ _VERL_OPTIONS = {
     "algorithm.adv_estimator=reinforce_plus_plus": "estimator='reinforce_pp'",
     "algorithm.adv_estimator=reinforce_plus_plus_baseline": "estimator='reinforce_pp_baseline'",
     "algorithm.adv_estimator=remax": "estimator='remax' (with greedy_rewards)",
+    "algorithm.adv_estimator=rloo_vectorized": "estimator='rloo', params.singleton_groups='zero' (a group of one "
+    "gets 0)",
+    "algorithm.adv_estimator=grpo_passk / opo / gpg / gdpo": "the estimator of that name (gdpo: one reward "
+    "dimension; grpo_passk with norm_adv_by_std_in_grpo=False: params.scale_by_std=false)",
+    "algorithm.adv_estimator=optimal_token_baseline / tir_optimal_token_baseline": "the estimator of that name "
+    "with old_logprobs, sum_pi_squared (actor.calculate_sum_pi_squared) and optionally rollout_is_weights",
     "algorithm.gamma, algorithm.lam": "params.gamma, params.lam (1.0, 1.0)",
     "algorithm.use_kl_in_reward=True, algorithm.kl_ctrl.kl_coef=B": "params.kl_coef=B (send old_logprobs, ref_logprobs)",
     "algorithm.kl_penalty=kl / mse / low_var_kl / abs": "params.kl_estimator='k1' / 'k2' / 'k3' / 'abs' (k3 clamped ±10)",
@@ -177,14 +189,22 @@ VERL = Preset(
     estimators={
         "gae": _merge({"gamma": 1.0, "lam": 1.0}, _VERL_KL, _VERL_WHITEN),
         "orz": _VERL_WHITEN,
-        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _VERL_STD),
-        "dr_grpo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}),
+        "grpo": _merge(_VERL_KL, {"kl_placement": "sequence"}, _VERL_STD, _VERL_MASKED),
+        "dr_grpo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"}, _VERL_MASKED),
         "rloo": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
-                       _VERL_WHITEN, {"whiten": False, "whiten_scope": "token"}),
+                       _VERL_WHITEN, {"whiten": False, "whiten_scope": "token"}, _VERL_MASKED),
         "reinforce_pp": _merge({"gamma": 1.0}, _VERL_KL, _VERL_WHITEN),
         "reinforce_pp_baseline": _merge(_VERL_KL, {"kl_placement": "sequence", "singleton_groups": "raw"},
-                                        _VERL_WHITEN, {"returns_whitened": True}),
+                                        _VERL_WHITEN, {"returns_whitened": True}, _VERL_MASKED),
         "remax": _VERL_KL,
+        # compute_grpo_passk_outcome_advantage: torch.std + 1e-6, a group of one is an error
+        "grpo_passk": _merge({"scale_by_std": True}, _VERL_STD, {"singleton_groups": "error"}, _VERL_KL,
+                             _VERL_MASKED),
+        "opo": _merge({"singleton_groups": "raw"}, _VERL_KL, _VERL_MASKED),  # a group of one: baseline 0
+        "gpg": _merge({"singleton_groups": "raw"}, _VERL_KL, _VERL_MASKED),  # a group of one: mean 0
+        "gdpo": _merge({"scale_by_std": True}, _VERL_STD, _VERL_WHITEN, _VERL_KL, _VERL_MASKED),
+        "optimal_token_baseline": _merge({"handle_zero_tail": True, "baseline_eps": 1e-8}, _VERL_KL),
+        "tir_optimal_token_baseline": _merge({"handle_zero_tail": True, "baseline_eps": 1e-8}, _VERL_KL),
     },
     losses={
         # verl's gspo has no dual clip (compute_policy_loss_gspo ignores clip_ratio_c)
@@ -269,6 +289,7 @@ OPENRLHF = Preset(
         "grpo_original": "in OpenRLHF the 1/|o| factor is the loss aggregation: grpo (group_norm) with "
         "--actor.loss_agg_mode seq-mean-token-mean (policy_loss.agg='seq-mean-token-mean')",
         "dapo": "in OpenRLHF DAPO is group_norm (grpo) with --actor.eps_clip_low_high 0.2 0.28 and token-mean",
+        **dict.fromkeys(_VERL_ONLY, "OpenRLHF 0.11.2 has no such estimator (verl 0.9.1 has): use preset 'verl'"),
     },
     options=_merge(_ORLHF_ESTIMATOR_OPTIONS, _ORLHF_LOSS_OPTIONS),
     losses={
@@ -341,6 +362,7 @@ TRL = Preset(
         "(policy_loss.agg='seq-mean-token-mean')",
         "dapo": "in TRL DAPO is grpo with loss_type='dapo' (the default token-mean) and epsilon_high=0.28",
         "flash_reinforce": "TRL has no batch-mean baseline estimator: use preset 'openrlhf'",
+        **dict.fromkeys(_VERL_ONLY, "TRL 1.16.0 has no such estimator (verl 0.9.1 has): use preset 'verl'"),
     },
     options=_merge(_TRL_ESTIMATOR_OPTIONS, _TRL_LOSS_OPTIONS),
     losses={

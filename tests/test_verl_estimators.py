@@ -1,0 +1,218 @@
+"""verl 0.9.1's other advantage estimators (grpo_passk, opo, gpg, gdpo, rloo_vectorized, the optimal
+token baselines) and its masked token rewards, against the real library; the `paper` form of OPO from
+its formula; the identities the algorithms imply.
+
+Golden vectors: tests/golden/verl_0.9.1_estimators.json, written by
+``/tmp/verlenv/bin/python tests/golden/make_verl_estimators.py`` (see that script).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import advserve
+import golden_cases
+from advserve.errors import InvalidArgument
+
+DATA = json.loads((golden_cases.GOLDEN_DIR / "verl_0.9.1_estimators.json").read_text())
+assert DATA["library"] == "verl" and DATA["version"] == "0.9.1"
+CASES = DATA["advantages"]
+# gdpo's whitening: verl's masked_mean divides by N + 1e-8 (see test_verl_golden.TOL); the rest ~1e-15
+TOL = 1e-8
+
+
+def test_the_golden_file_covers_every_new_estimator_at_least_ten_times():
+    counts: dict[str, int] = {}
+    for case in CASES:
+        key = "rloo_vectorized" if case["case"].startswith("rloo_vectorized") else case["estimator"]
+        counts[key] = counts.get(key, 0) + 1
+    for name in ("grpo_passk", "opo", "gpg", "gdpo", "rloo_vectorized", "optimal_token_baseline",
+                 "tir_optimal_token_baseline"):
+        assert counts.get(name, 0) >= 10, (name, counts)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
+def test_verl_estimators(case):
+    tensors = golden_cases.inputs(case["tensors"])
+    if "error" in case["expected"]:
+        with pytest.raises(InvalidArgument) as info:
+            advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype="float64",
+                                        **tensors)
+        assert info.value.field == "tensors.group_ids"
+        return
+    res = advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype="float64",
+                                      **tensors)
+    golden_cases.check_advantages(case, res, TOL)
+
+
+def test_masked_token_rewards_count_under_verl_only():
+    """verl's outcome estimators sum token rewards over every position; the other presets ignore the
+    masked ones (OpenRLHF and TRL take one reward per sequence: nothing there to sum)."""
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
+    tr = np.array([[0.0, 1.0, 5.0, 0.0], [0.5, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 1.0]])
+    ids = ["a", "a", "a"]
+    verl = advserve.compute_advantages("dr_grpo", preset="verl", token_rewards=tr, response_mask=mask, group_ids=ids,
+                                       dtype="float64")
+    R = tr.sum(axis=1)  # 6, 2.5, 1
+    np.testing.assert_allclose(verl.advantages[:, 0], R - R.mean(), rtol=1e-15)
+    ignore = advserve.compute_advantages("dr_grpo", preset="verl", params={"masked_token_rewards": "ignore"},
+                                         token_rewards=tr, response_mask=mask, group_ids=ids, dtype="float64")
+    R = (tr * mask).sum(axis=1)
+    np.testing.assert_allclose(ignore.advantages[:, 0], R - R.mean(), rtol=1e-15)
+    paper = advserve.compute_advantages("dr_grpo", preset="paper", token_rewards=tr, response_mask=mask,
+                                        group_ids=ids, dtype="float64")
+    np.testing.assert_allclose(paper.advantages, ignore.advantages, rtol=1e-15)
+
+
+def test_nan_on_a_masked_token_reward_is_refused_where_it_would_be_summed():
+    mask = np.array([[1, 0], [1, 1]])
+    tr = np.array([[1.0, np.nan], [0.0, 1.0]])
+    with pytest.raises(InvalidArgument) as info:
+        advserve.compute_advantages("grpo", preset="verl", token_rewards=tr, response_mask=mask, group_ids=[0, 0])
+    assert info.value.field == "tensors.token_rewards"
+    out = advserve.compute_advantages("grpo", preset="paper", token_rewards=tr, response_mask=mask, group_ids=[0, 0])
+    assert np.isfinite(out.advantages).all()
+
+
+# --- the paper form of OPO, by hand ---------------------------------------------------------------
+
+
+def test_opo_paper_by_hand():
+    """OPO (arXiv:2505.23585, eq. for b*): b = Σ_i L_i R_i / Σ_i L_i, A_i = R_i − b. Group a: lengths
+    3, 1, 2 and rewards 1, 0, 0.5: b = (3 + 0 + 1)/6 = 2/3; group b: one response, b = R, A = 0."""
+    mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
+    r = np.array([1.0, 0.0, 0.5, 0.3])
+    out = advserve.compute_advantages("opo", preset="paper", rewards=r, response_mask=mask,
+                                      group_ids=["a", "a", "a", "b"], dtype="float64")
+    want = np.array([1 - 2 / 3, -2 / 3, 0.5 - 2 / 3, 0.0])[:, None] * mask
+    np.testing.assert_allclose(out.advantages, want, rtol=0, atol=1e-15)
+    verl = advserve.compute_advantages("opo", preset="verl", rewards=r, response_mask=mask,
+                                       group_ids=["a", "a", "a", "b"], dtype="float64")
+    np.testing.assert_allclose(verl.advantages[3], 0.3 * mask[3], rtol=0, atol=0)  # verl: baseline 0 alone
+
+
+def test_passk_by_hand():
+    """Pass@k: rewards 0.2, 0.9, 0.5 → only 0.9 moves, by (0.9 − 0.5)/(std + 1e-6), std unbiased."""
+    r = np.array([0.2, 0.9, 0.5])
+    out = advserve.compute_advantages("grpo_passk", preset="verl", rewards=r, response_mask=np.ones((3, 2)),
+                                      group_ids=[7, 7, 7], dtype="float64")
+    std = np.std(r, ddof=1)
+    np.testing.assert_allclose(out.advantages[:, 1], [0.0, 0.4 / (std + 1e-6), 0.0], rtol=1e-14, atol=0)
+
+
+def test_gpg_by_hand():
+    """GPG: α = B / #{R ≠ 0} = 5/3 (float32-rounded, as verl), A = α (R − mean_g R); a group of one
+    keeps its reward (mean 0)."""
+    r = np.array([1.0, 0.0, 2.0, 0.0, 0.5])
+    out = advserve.compute_advantages("gpg", preset="verl", rewards=r, response_mask=np.ones((5, 1)),
+                                      group_ids=["a", "a", "b", "b", "c"], dtype="float64")
+    alpha = float(np.float32(5) / np.float32(3))
+    np.testing.assert_allclose(out.advantages[:, 0], alpha * np.array([0.5, -0.5, 1.0, -1.0, 0.5]), rtol=1e-15)
+    assert alpha != 5 / 3
+
+
+def test_optimal_token_baseline_by_hand():
+    """Two responses of one prompt, lengths 2 and 3, rewards 1 and 0 (on the last token), w_t = 1 −
+    2π + Σπ² = 0.5 everywhere: W = 0.5, 1.0, 1.5. Column 0: b = (1·0.5 + 0·0.5)/(1.0 + ε); column 1:
+    (1·1 + 0)/(2 + ε); column 2: the longer response alone, beyond the shorter one's length: b = 0
+    (handle_zero_tail), A = G = 0."""
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    logp = np.log(np.full((2, 3), 0.5))  # π = 0.5, Σπ² = 0.5: w = 1 − 1 + 0.5
+    out = advserve.compute_advantages("optimal_token_baseline", preset="verl", rewards=np.array([1.0, 0.0]),
+                                      response_mask=mask, group_ids=[0, 0], old_logprobs=logp,
+                                      sum_pi_squared=np.full((2, 3), 0.5), dtype="float64")
+    eps = 1e-8
+    b = np.array([0.5 / (1.0 + eps), 1.0 / (2.0 + eps), 0.0])
+    G = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(out.advantages, (G - b) * mask, rtol=1e-15, atol=1e-16)
+    np.testing.assert_allclose(out.returns, G * mask, rtol=0, atol=0)
+
+
+# --- identities ------------------------------------------------------------------------------------
+
+
+@st.composite
+def grouped(draw, max_b=9, max_t=6):
+    B = draw(st.integers(2, max_b))
+    T = draw(st.integers(1, max_t))
+    lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+    mask = np.array([[1] * L + [0] * (T - L) for L in lengths])
+    ids = draw(st.lists(st.integers(0, 3), min_size=B, max_size=B))
+    r = np.array(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.25]), min_size=B, max_size=B)))
+    return mask, ids, r
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=grouped(), pad=st.integers(1, 3))
+def test_padding_is_invisible(b, pad):
+    """Extra masked columns change nothing (the OTB's columns beyond every response contribute 0)."""
+    mask, ids, r = b
+    logp = -np.abs(np.sin(np.arange(mask.size, dtype=float))).reshape(mask.shape) - 0.05
+    extra = {"old_logprobs": logp, "sum_pi_squared": np.exp(2 * logp)}
+    for est in ("opo", "gpg", "gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"):
+        more = extra if "baseline" in est else {}
+        a = advserve.compute_advantages(est, preset="verl", rewards=r, response_mask=mask, group_ids=ids,
+                                        dtype="float64", **more)
+        wide = {k: np.pad(v, ((0, 0), (0, pad))) for k, v in more.items()}
+        w = advserve.compute_advantages(est, preset="verl", rewards=r, response_mask=np.pad(mask, ((0, 0), (0, pad))),
+                                        group_ids=ids, dtype="float64", **wide)
+        np.testing.assert_allclose(np.asarray(w.advantages)[:, :mask.shape[1]], a.advantages, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=grouped())
+def test_passk_gives_one_winner_per_group_and_opo_is_length_weighted_zero_mean(b):
+    mask, ids, r = b
+    ids = [i % 2 for i in range(len(ids))]  # two groups of ≥ 1; make every group ≥ 2
+    if len(ids) < 4:
+        ids = [0] * len(ids)
+    pk = advserve.compute_advantages("grpo_passk", preset="verl", rewards=r, response_mask=mask, group_ids=ids,
+                                     dtype="float64")
+    per = np.asarray(pk.advantages)[:, 0]
+    for g in set(ids):
+        rows = [i for i, x in enumerate(ids) if x == g]
+        assert (per[rows] != 0).sum() <= 1
+        assert (per[rows] >= 0).all()
+        top = r[rows].max()
+        if (r[rows] == top).sum() == 1 and per[rows].max() > 0:
+            assert r[rows][np.argmax(per[rows])] == top
+    opo = advserve.compute_advantages("opo", preset="paper", rewards=r, response_mask=mask, group_ids=ids,
+                                      dtype="float64")
+    lengths = mask.sum(axis=1)
+    per = np.asarray(opo.advantages)[:, 0]
+    for g in set(ids):
+        rows = [i for i, x in enumerate(ids) if x == g]
+        assert abs((lengths[rows] * per[rows]).sum()) < 1e-12
+
+
+def test_tir_equals_otb_on_contiguous_masks_and_skips_gaps():
+    """With every response's tokens contiguous from position 0 the two baselines agree; with an interior
+    gap the multi-turn one aligns each response's k-th valid token."""
+    rng = np.random.default_rng(3)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    logp = -rng.uniform(0.05, 2, size=mask.shape)
+    t = dict(rewards=np.array([1.0, 0.0, 0.5]), group_ids=[0, 0, 0], old_logprobs=logp,
+             sum_pi_squared=np.exp(2 * logp), dtype="float64")
+    a = advserve.compute_advantages("optimal_token_baseline", preset="verl", response_mask=mask, **t)
+    b = advserve.compute_advantages("tir_optimal_token_baseline", preset="verl", response_mask=mask, **t)
+    np.testing.assert_allclose(a.advantages, b.advantages, rtol=1e-15, atol=0)
+    gap = np.array([[1, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    squeezed = advserve.compute_advantages("tir_optimal_token_baseline", preset="verl", response_mask=gap, **t)
+    assert np.asarray(squeezed.advantages)[0, 1] == 0  # the alignment itself: the golden cases with gaps
+
+
+def test_rollout_is_weights_scale_w_by_their_square():
+    """w_t ρ_t²: weights √2 everywhere double every W, which leaves b = Σ G W / Σ W unchanged (ε aside)."""
+    mask = np.ones((3, 3), dtype=int)
+    logp = np.log(np.array([[0.2, 0.5, 0.9], [0.3, 0.3, 0.3], [0.7, 0.1, 0.4]]))
+    t = dict(rewards=np.array([1.0, 0.0, 0.25]), response_mask=mask, group_ids=[0, 0, 0], old_logprobs=logp,
+             sum_pi_squared=np.exp(2 * logp) + 0.1, dtype="float64", params={"baseline_eps": 0.0})
+    a = advserve.compute_advantages("optimal_token_baseline", preset="verl", **t)
+    b = advserve.compute_advantages("optimal_token_baseline", preset="verl", rollout_is_weights=np.full((3, 3), 2 ** 0.5),
+                                    **t)
+    np.testing.assert_allclose(a.advantages, b.advantages, rtol=1e-13, atol=1e-15)
