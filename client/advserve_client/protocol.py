@@ -14,13 +14,14 @@ from ._pb import advserve_pb2 as pb
 from .framing import ITEMSIZE, OUTPUTS_KEY, FramingError, RawTensor, RegionRef, outputs_target, region_ref
 
 ESTIMATORS = ("reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae", "orz",
-              "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce")
+              "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce", "grpo_passk", "opo", "gpg", "gdpo",
+              "optimal_token_baseline", "tir_optimal_token_baseline")
 DTYPE_NAMES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64", pb.DATA_TYPE_FLOAT16: "float16",
                pb.DATA_TYPE_BFLOAT16: "bfloat16", pb.DATA_TYPE_INT32: "int32", pb.DATA_TYPE_INT64: "int64",
                pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_BOOL: "bool"}
 DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
 ADVANTAGE_TENSORS = ("rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs",
-                     "greedy_rewards", "cu_seqlens")
+                     "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights")
 LOSS_TENSORS = ("logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values",
                 "returns", "entropy", "rollout_logprobs", "cu_seqlens")
 LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
@@ -37,6 +38,7 @@ _ENUMS = {
     "std_scope": (pb.StdScope, "STD_SCOPE_"),
     "whiten_eps_mode": (pb.WhitenEpsMode, "WHITEN_EPS_MODE_"),
     "whiten_scope": (pb.WhitenScope, "WHITEN_SCOPE_"),
+    "masked_token_rewards": (pb.MaskedTokenRewards, "MASKED_TOKEN_REWARDS_"),
     "mode": (pb.PolicyLossMode, "POLICY_LOSS_MODE_"),
     "agg": (pb.Aggregation, "AGGREGATION_"),
     "estimator_kl": (pb.KLEstimator, "KL_ESTIMATOR_"),
