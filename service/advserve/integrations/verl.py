@@ -1,0 +1,324 @@
+"""advserve in verl: advantage estimators and policy losses registered in verl's own registries
+(`verl.trainer.ppo.core_algos.register_adv_est`, `register_policy_loss`), chosen by verl's config alone.
+
+    algorithm.adv_estimator=advserve_grpo                     # any name of ESTIMATORS, prefixed advserve_
+    actor_rollout_ref.actor.policy_loss.loss_mode=advserve    # PPO's clip (verl's vanilla); advserve_gspo, ...
+
+Importing this module registers them (`register()`); verl imports it by itself when advserve is installed
+in verl's environment (the `verl.plugins` entry point, which verl 0.9.1 loads on `import verl` in every
+process, Ray workers included), or by `actor_rollout_ref.model.external_lib=advserve.integrations.verl`.
+The functions call a remote advserve through the thin client when `ADVSERVE_ADDRESS` is set ("host:port"
+or "http://host:port" for REST, "grpc://host:port" for gRPC; verl's config sets it for every Ray process
+with `+ray_kwargs.ray_init.runtime_env.env_vars.ADVSERVE_ADDRESS=...`), and the in-process engine
+otherwise. They always use the `verl` preset, take verl's arguments and option names (translated
+below), and return exactly what verl's own functions return: (advantages, returns) [B, T], and
+(loss tensor, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}) with the loss's gradient
+flowing into log_prob (the service's exact gradient, through `ServiceLoss`).
+
+Not reachable through verl's registries: GAE (verl's trainer calls its own GAE directly, and a registered
+estimator receives no `values`), and the KL, entropy and value losses (computed by verl's `ppo_loss`
+and `value_loss` themselves, not looked up in a registry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import sys
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from advserve_client.integrations.torch import loss_with_gradients
+
+ADDRESS_ENV = "ADVSERVE_ADDRESS"
+PREFIX = "advserve_"
+
+# verl's algorithm.adv_estimator -> advserve's estimator (preset "verl"); registered as advserve_<key>
+ESTIMATORS: dict[str, str] = {
+    "grpo": "grpo",
+    "grpo_vectorized": "grpo",
+    "rloo": "rloo",
+    "reinforce_plus_plus": "reinforce_pp",
+    "reinforce_plus_plus_baseline": "reinforce_pp_baseline",
+    "remax": "remax",
+}
+# advserve estimators that read verl's algorithm.gamma
+_GAMMA = {"reinforce_pp"}
+# verl estimators that honour algorithm.norm_adv_by_std_in_grpo=False (Dr.GRPO): verl's trainer passes the
+# flag to its own grpo only; grpo_vectorized, reached through the registry, always divides by the std
+_NORM_FLAG = {"grpo"}
+# torch dtypes the engine computes in as they are (others, e.g. bfloat16, in float32)
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+# verl's actor.policy_loss.loss_mode -> advserve's policy_loss.mode; registered as advserve_<key>, and
+# vanilla (verl's default, PPO's clip with dual clip) as plain "advserve" too
+POLICY_LOSSES: dict[str, str] = {
+    "vanilla": "ppo_clip",
+    "gspo": "gspo",
+    "cispo": "cispo",
+}
+# modes whose dual clip c is verl's actor.clip_ratio_c
+_DUAL_CLIP = {"ppo_clip"}
+
+
+# --- the backend: a remote advserve, or the in-process engine ---------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _client(address: str) -> Any:
+    from advserve_client import Client
+
+    if address.startswith("grpc://"):
+        return Client(address[len("grpc://"):], transport="grpc")
+    return Client(address)
+
+
+def backend(address: str | None = None) -> Any:
+    """What computes: a `Client` of `address` (default: the ADVSERVE_ADDRESS environment variable; one
+    client per address and process, reused), or the in-process API (`advserve.api`) when neither is set.
+    Both have compute_advantages and compute_losses with the same arguments and results."""
+    address = address if address is not None else os.environ.get(ADDRESS_ENV, "").strip()
+    if address:
+        return _client(address)
+    from .. import api
+
+    return api
+
+
+# --- configs: verl passes DictConfigs or its dataclass configs (both are Mappings with .get) ---------
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _number(value: Any) -> float | None:
+    """A verl count (an int, a 0-dim tensor, None) as a float."""
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _ids(index: Any) -> Any:
+    """verl's `index` (a numpy object array of uids) as a list the wire takes."""
+    return index.tolist() if isinstance(index, np.ndarray) else index
+
+
+# --- advantage estimators ----------------------------------------------------------------------------
+
+
+def estimator_request(verl_name: str, config: Any, norm_adv_by_std_in_grpo: bool = True,
+                      epsilon: float = 1e-6) -> tuple[str, dict[str, Any]]:
+    """(advserve estimator, params) for verl's estimator `verl_name` under algorithm config `config`:
+    norm_adv_by_std_in_grpo=False (the argument; for grpo also the config's, which verl's trainer passes
+    to its own grpo only) turns grpo into dr_grpo; epsilon is grpo's std_eps; gamma goes to the
+    estimators that read it. KL in the reward (use_kl_in_reward) is already in verl's
+    token_level_rewards, so the estimators run with kl_coef 0 (the preset's default)."""
+    if verl_name not in ESTIMATORS:
+        raise ValueError(f"advserve has no verl estimator {verl_name!r}; valid: {', '.join(ESTIMATORS)}")
+    estimator = ESTIMATORS[verl_name]
+    if verl_name in _NORM_FLAG:
+        norm_adv_by_std_in_grpo = norm_adv_by_std_in_grpo and _get(config, "norm_adv_by_std_in_grpo", True)
+    params: dict[str, Any] = {}
+    if estimator == "grpo" and not norm_adv_by_std_in_grpo:
+        estimator = "dr_grpo"
+    elif estimator == "grpo" and epsilon != 1e-6:
+        params["std_eps"] = float(epsilon)
+    if estimator in _GAMMA:
+        params["gamma"] = float(_get(config, "gamma", 1.0))
+    return estimator, params
+
+
+def _advantages(estimator: str, params: Mapping[str, Any], token_level_rewards: torch.Tensor,
+                response_mask: torch.Tensor, **tensors: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] of `estimator` (preset verl) with verl's token_level_rewards as
+    token_rewards, in the rewards' dtype and on their device."""
+    tensors = {name: value for name, value in tensors.items() if value is not None}
+    result = backend().compute_advantages(estimator, preset="verl", params=dict(params) or None,
+                                          dtype=_DTYPES.get(token_level_rewards.dtype),
+                                          token_rewards=token_level_rewards, response_mask=response_mask, **tensors)
+    dtype, device = token_level_rewards.dtype, token_level_rewards.device
+    return (torch.as_tensor(result.advantages).to(device=device, dtype=dtype),
+            torch.as_tensor(result.returns).to(device=device, dtype=dtype))
+
+
+def _group_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """verl's grpo, grpo_vectorized: (token_level_rewards, response_mask, index, epsilon,
+    norm_adv_by_std_in_grpo, config)."""
+
+    def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, epsilon: float = 1e-6,
+                  norm_adv_by_std_in_grpo: bool = True, config: Any = None, **_: Any,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        name, params = estimator_request(verl_name, config, norm_adv_by_std_in_grpo, epsilon)
+        return _advantages(name, params, token_level_rewards, response_mask, group_ids=_ids(index))
+
+    return estimator
+
+
+def _baseline_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """verl's rloo, reinforce_plus_plus_baseline: (token_level_rewards, response_mask, index, epsilon,
+    config, **kwargs); epsilon is unused by both, in verl too."""
+
+    def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, epsilon: float = 1e-6,
+                  config: Any = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        name, params = estimator_request(verl_name, config)
+        return _advantages(name, params, token_level_rewards, response_mask, group_ids=_ids(index))
+
+    return estimator
+
+
+def _reinforce_pp(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any = None,
+                  **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's reinforce_plus_plus: (token_level_rewards, response_mask, config, **kwargs); γ = config.gamma."""
+    name, params = estimator_request("reinforce_plus_plus", config)
+    return _advantages(name, params, token_level_rewards, response_mask)
+
+
+def _remax(token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor, response_mask: torch.Tensor,
+           config: Any = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's remax: (token_level_rewards, reward_baselines, response_mask, config, **kwargs);
+    reward_baselines [B] are advserve's greedy_rewards."""
+    name, params = estimator_request("remax", config)
+    return _advantages(name, params, token_level_rewards, response_mask, greedy_rewards=reward_baselines)
+
+
+_ESTIMATOR_MAKERS: dict[str, Callable[[], Callable[..., Any]]] = {
+    "grpo": lambda: _group_estimator("grpo"),
+    "grpo_vectorized": lambda: _group_estimator("grpo_vectorized"),
+    "rloo": lambda: _baseline_estimator("rloo"),
+    "reinforce_plus_plus_baseline": lambda: _baseline_estimator("reinforce_plus_plus_baseline"),
+    "reinforce_plus_plus": lambda: _reinforce_pp,
+    "remax": lambda: _remax,
+}
+
+
+def make_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The function registered as advserve_<verl_name>: the signature of verl's own `verl_name` (same
+    positional order and keywords, **kwargs for what verl's trainer adds), returning (advantages,
+    returns) [B, T] as verl's does."""
+    estimator = _ESTIMATOR_MAKERS[verl_name]()
+    estimator.__name__ = estimator.__qualname__ = PREFIX + verl_name
+    estimator.__doc__ = f"verl's {verl_name!r} estimator computed by advserve (preset 'verl'). " + (
+        estimator.__doc__ or "")
+    return estimator
+
+
+# --- policy losses -----------------------------------------------------------------------------------
+
+
+def policy_loss_term(verl_mode: str, loss_agg_mode: str, config: Any) -> dict[str, Any]:
+    """advserve's policy_loss term for verl's `actor.policy_loss.loss_mode=verl_mode` under actor config
+    `config`: clip_ratio_low / clip_ratio_high (each defaulting to clip_ratio) -> clip_low / clip_high,
+    clip_ratio_c -> dual_clip (vanilla), loss_agg_mode -> agg, loss_scale_factor -> loss_scale_factor."""
+    if verl_mode not in POLICY_LOSSES:
+        raise ValueError(f"advserve has no verl policy loss {verl_mode!r}; valid: {', '.join(POLICY_LOSSES)}")
+    mode = POLICY_LOSSES[verl_mode]
+    clip = _get(config, "clip_ratio", 0.2)
+    term: dict[str, Any] = {"mode": mode, "clip_low": float(_get(config, "clip_ratio_low", clip)),
+                            "clip_high": float(_get(config, "clip_ratio_high", clip)), "agg": loss_agg_mode}
+    if mode in _DUAL_CLIP:
+        dual = float(_get(config, "clip_ratio_c", 3.0))
+        term["dual_clip"] = dual if math.isfinite(dual) else None  # c = inf: no dual clip
+    info = _get(config, "global_batch_info", {}) or {}
+    scale = info.get("loss_scale_factor", _get(config, "loss_scale_factor"))
+    if scale is not None:
+        term["loss_scale_factor"] = float(scale)
+    return term
+
+
+def normalizers(loss_agg_mode: str, global_batch_info: Mapping[str, Any]) -> tuple[dict[str, float], float]:
+    """({num_tokens or num_sequences}, factor) reproducing verl's agg_loss(dp_size, batch_num_tokens,
+    global_batch_size): token-mean divides by batch_num_tokens / dp_size, the seq-mean modes by
+    global_batch_size / dp_size, token-sum is multiplied by dp_size (the factor, applied to the loss
+    and its gradients). Raises ValueError where verl's agg_loss does (dp_size > 1 without the count)."""
+    dp = _number(global_batch_info.get("dp_size")) or 1.0
+    if loss_agg_mode == "token-sum":
+        return {}, dp
+    key, count = (("num_tokens", "batch_num_tokens") if loss_agg_mode == "token-mean"
+                  else ("num_sequences", "global_batch_size"))
+    total = _number(global_batch_info.get(count))
+    if total is None:
+        if dp > 1:
+            raise ValueError(f"(global) {count} is required when dp_size > 1")
+        return {}, 1.0
+    return {key: total / dp}, 1.0
+
+
+def _scaled(result: Any, factor: float) -> Any:
+    if factor == 1.0:
+        return result
+    grads = {name: None if getattr(result, name) is None else getattr(result, name) * factor
+             for name in ("grad_logprobs", "grad_values", "grad_entropy")}
+    return dataclasses.replace(result, loss=result.loss * factor, **grads)
+
+
+def verl_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """advserve's policy metrics under verl's names: pg_clipfrac (the tokens whose clipped branch is
+    active, either side: clip_fraction_high + clip_fraction_low), ppo_kl (approx_kl: mean of old − new
+    log-prob), pg_clipfrac_lower (the dual clip's share, dual_clip_fraction; 0 without a dual clip)."""
+    return {"actor/pg_clipfrac": metrics.get("clip_fraction_high", 0.0) + metrics.get("clip_fraction_low", 0.0),
+            "actor/ppo_kl": metrics.get("approx_kl", 0.0),
+            "actor/pg_clipfrac_lower": metrics.get("dual_clip_fraction", 0.0)}
+
+
+def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
+    """The function registered as advserve_<verl_mode>: verl's PolicyLossFn signature (old_log_prob,
+    log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights) returning (loss,
+    metrics) like verl's own: the loss a 0-dim tensor whose backward applies the service's gradient."""
+
+    def policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
+                    rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        term = policy_loss_term(verl_mode, loss_agg_mode, config)
+        counts, factor = normalizers(loss_agg_mode, _get(config, "global_batch_info", {}) or {})
+        compute = backend().compute_losses
+
+        def scaled(**request: Any) -> Any:
+            return _scaled(compute(**request), factor)
+
+        loss, result = loss_with_gradients(
+            scaled, preset="verl", policy_loss=term, logprobs=log_prob, old_logprobs=old_log_prob,
+            advantages=advantages, response_mask=response_mask, rollout_is_weights=rollout_is_weights,
+            dtype=_DTYPES.get(log_prob.dtype), **counts)
+        return loss, verl_metrics(result.metrics)
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"advserve_{verl_mode}"
+    policy_loss.__doc__ = f"verl's {verl_mode!r} policy loss computed by advserve (preset 'verl')."
+    return policy_loss
+
+
+ESTIMATOR_FUNCTIONS = {PREFIX + name: make_estimator(name) for name in ESTIMATORS}
+POLICY_LOSS_FUNCTIONS = {PREFIX + name: make_policy_loss(name) for name in POLICY_LOSSES}
+POLICY_LOSS_FUNCTIONS["advserve"] = POLICY_LOSS_FUNCTIONS[PREFIX + "vanilla"]
+
+
+def register(core_algos: Any = None) -> list[str]:
+    """Register every advserve estimator and policy loss in verl's registries (`core_algos`: default
+    `verl.trainer.ppo.core_algos`; anything with register_adv_est and register_policy_loss). Idempotent.
+    Returns the registered names."""
+    if core_algos is None:
+        from verl.trainer.ppo import core_algos
+    for name, function in ESTIMATOR_FUNCTIONS.items():
+        core_algos.register_adv_est(name)(function)
+    for name, function in POLICY_LOSS_FUNCTIONS.items():
+        core_algos.register_policy_loss(name)(function)
+    return [*ESTIMATOR_FUNCTIONS, *POLICY_LOSS_FUNCTIONS]
+
+
+def _verl_installed() -> bool:
+    try:
+        return "verl" in sys.modules or importlib.util.find_spec("verl") is not None
+    except ValueError:  # a module without a spec
+        return True
+
+
+if _verl_installed():  # imported by verl (its entry point, external_lib) or in verl's environment: register
+    register()
