@@ -228,7 +228,10 @@ def test_unbiased_outcome_estimators_through_the_engine(p):
 
 
 def test_the_bias_table_covers_every_estimator_of_the_engine():
-    assert set(ESTIMATORS) <= set(ESTIMATOR_BIAS)
+    # verl 0.9.1's other estimators are not in the seed's table: the analysis leaves them out (and refuses
+    # them by name, test below)
+    assert set(ESTIMATORS) - set(ESTIMATOR_BIAS) == {"grpo_passk", "opo", "gpg", "gdpo", "optimal_token_baseline",
+                                                     "tir_optimal_token_baseline"}
     assert set(ESTIMATOR_BIAS.values()) == {"unbiased", "scaled", "reweighted"}
     assert {e for e, kind in ESTIMATOR_BIAS.items() if kind == "reweighted"} == {"grpo", "grpo_original", "dapo"}
     assert {e for e, kind in ESTIMATOR_BIAS.items() if kind == "scaled"} == {"dr_grpo", "reinforce_pp",

@@ -216,3 +216,14 @@ def test_rollout_is_weights_scale_w_by_their_square():
     b = advserve.compute_advantages("optimal_token_baseline", preset="verl", rollout_is_weights=np.full((3, 3), 2 ** 0.5),
                                     **t)
     np.testing.assert_allclose(a.advantages, b.advantages, rtol=1e-13, atol=1e-15)
+
+
+def test_the_analysis_leaves_out_what_the_seeds_table_lacks():
+    """/v1/analysis evaluates the seed's bias table: under `verl` it analyses the estimators that table
+    has and refuses the others by name."""
+    t = dict(rewards=np.array([1.0, 0.0, 1.0, 0.0]), response_mask=np.ones((4, 3)), group_ids=[0, 0, 1, 1])
+    out = advserve.analyze(preset="verl", **t)
+    assert "grpo" in out["estimators"] and not set(out["estimators"]) & {"opo", "gpg", "gdpo", "grpo_passk"}
+    with pytest.raises(InvalidArgument) as info:
+        advserve.analyze(preset="verl", estimators=["opo"], **t)
+    assert info.value.field == "estimators"

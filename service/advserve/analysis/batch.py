@@ -107,7 +107,7 @@ def _select(engine: Engine, request: AnalysisRequest, given: set[str]) -> tuple[
             needs_kl = isinstance(beta, (int, float)) and beta > 0
             return ESTIMATORS[name].requires <= given and (not needs_kl or {"old_logprobs", "ref_logprobs"} <= given)
 
-        names = [name for name in preset.estimators if applies(name)]
+        names = [name for name in preset.estimators if name in ESTIMATOR_BIAS and applies(name)]
         if not names:
             raise InvalidArgument(f"no estimator of preset {preset.name!r} applies to the given tensors (those with "
                                   "kl_coef > 0 by default also need old_logprobs and ref_logprobs); name the "
@@ -126,6 +126,9 @@ def _select(engine: Engine, request: AnalysisRequest, given: set[str]) -> tuple[
             engine.estimator(name, preset)
         except NotFound as exc:
             raise NotFound(exc.message, field="estimators") from None
+        if name not in ESTIMATOR_BIAS:
+            raise InvalidArgument(f"estimator {name!r} is not in the seed's bias table, which the analysis "
+                                  f"evaluates; analysed: {', '.join(ESTIMATOR_BIAS)}", field="estimators")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InvalidArgument(f"estimators lists {', '.join(duplicates)} more than once", field="estimators")
