@@ -134,6 +134,15 @@ def _params(message_type: Callable[[], Any], params: Any, prefix: str) -> Any:
     return checked
 
 
+def _dp_size(value: Any) -> Any:
+    """dp_size as the server checks it (an integer from 1 to 2^31), so that the int64 field can carry it."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or not 1 <= value <= 2**31:
+        raise InvalidArgument(f"dp_size must be an integer from 1 to 2^31, got {value!r}", field="dp_size")
+    return int(value)
+
+
 def _count(document: Mapping[str, Any], key: str) -> Any:
     """num_tokens / num_sequences: a positive number (not a bool, not text), as the server requires."""
     value = document.get(key)
@@ -161,7 +170,8 @@ def advantages_request(document: Mapping[str, Any], tensors: Mapping[str, RawTen
 
 
 _TERM_MESSAGES = {"policy_loss": pb.PolicyLoss, "kl_loss": pb.KLLoss, "value_loss": pb.ValueLoss,
-                  "entropy_bonus": pb.EntropyBonus, "rollout_correction": pb.RolloutCorrection}
+                  "entropy_bonus": pb.EntropyBonus, "rollout_correction": pb.RolloutCorrection,
+                  "token_loss": pb.TokenLoss}
 
 
 def losses_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor | list]) -> pb.ComputeLossesRequest:
@@ -173,6 +183,10 @@ def losses_request(document: Mapping[str, Any], tensors: Mapping[str, RawTensor 
         checked[term] = _params(message_type, document.get(term), term)
     for key in ("num_tokens", "num_sequences"):
         _count(document, key)
+    checked["dp_size"] = _dp_size(document.get("dp_size"))
+    if document.get("return_kl_values") is not None:
+        checked["return_kl_values"] = _value(pb.ComputeLossesRequest.DESCRIPTOR.fields_by_name["return_kl_values"],
+                                             document["return_kl_values"], "return_kl_values")
     _tensor_names(tensors, protocol.LOSS_TENSORS)
     return protocol.losses_request_to_pb(checked, tensors)
 

@@ -59,10 +59,11 @@ class AdvantageResult:
 
 @dataclass
 class LossResult:
-    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy; components: the terms before
-    their coefficients (None when off); metrics: clip fractions, approx KL, ratio statistics;
-    grad_logprobs / grad_values / grad_entropy: ∂loss/∂input [B, T] ([N] packed), None when the term is
-    off; params: the resolved parameters of each term that was on."""
+    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy + token_loss.coef·token_loss;
+    components: the terms before their coefficients (None when off); metrics: clip fractions, approx KL,
+    ratio statistics; grad_logprobs / grad_values / grad_entropy / grad_token_losses: ∂loss/∂input [B, T]
+    ([N] packed), None when the term is off; params: the resolved parameters of each term that was on;
+    kl_values: the KL term's per-token estimate [B, T] when return_kl_values was true, else None."""
 
     preset: str
     loss: float
@@ -72,6 +73,8 @@ class LossResult:
     grad_values: Any
     grad_entropy: Any
     params: dict[str, Any] = field(default_factory=dict)
+    grad_token_losses: Any = None
+    kl_values: Any = None
 
     def __repr__(self) -> str:
         return f"LossResult(preset={self.preset!r}, loss={self.loss!r}, components={self.components!r})"
@@ -130,7 +133,8 @@ def _losses_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs:
     return LossResult(preset=document.get("preset") or preset or "paper", loss=float(document["loss"]),
                       components=dict(document.get("components") or {}), metrics=dict(document.get("metrics") or {}),
                       grad_logprobs=outputs(raw.get("grad_logprobs")), grad_values=outputs(raw.get("grad_values")),
-                      grad_entropy=outputs(raw.get("grad_entropy")), params=dict(document.get("params") or {}))
+                      grad_entropy=outputs(raw.get("grad_entropy")), params=dict(document.get("params") or {}),
+                      grad_token_losses=outputs(raw.get("grad_token_losses")), kl_values=outputs(raw.get("kl_values")))
 
 
 class _Base:
@@ -238,21 +242,26 @@ class Client(_Base):
 
     def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None, kl_loss: TermSpec = None,
                        value_loss: TermSpec = None, entropy_bonus: TermSpec = None,
-                       rollout_correction: TermSpec = None, num_tokens: float | None = None,
-                       num_sequences: float | None = None, dtype: str | None = None, layout: str | None = None,
-                       **tensors: Any) -> LossResult:
+                       rollout_correction: TermSpec = None, token_loss: TermSpec = None,
+                       num_tokens: float | None = None, num_sequences: float | None = None,
+                       dp_size: int | None = None, return_kl_values: bool | None = None, dtype: str | None = None,
+                       layout: str | None = None, **tensors: Any) -> LossResult:
         """The loss, its components and metrics, and its gradients with respect to the inputs.
 
         policy_loss: None for the preset's defaults, a dict of overrides, or False for no policy term.
-        kl_loss, value_loss, entropy_bonus, rollout_correction: off unless given (a dict, {} = defaults).
-        num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard.
+        kl_loss, value_loss, entropy_bonus, rollout_correction, token_loss: off unless given (a dict,
+        {} = defaults). num_tokens, num_sequences: global normalizers when this call is one micro-batch
+        or shard (each only with an aggregation that reads it); dp_size: verl's data-parallel size;
+        return_kl_values: also return the KL term's per-token estimate.
         tensors: logprobs, old_logprobs, advantages, response_mask [B, T]; ref_logprobs (kl_loss);
-        values, old_values, returns (value_loss); entropy (entropy_bonus); rollout_logprobs
-        (rollout_correction). Returns a `LossResult`; feed `.grad_logprobs` to `logp.backward(...)`.
+        values, old_values, returns (value_loss); entropy (entropy_bonus); token_losses (token_loss);
+        rollout_logprobs (rollout_correction) or rollout_is_weights (precomputed weights >= 0).
+        Returns a `LossResult`; feed `.grad_logprobs` to `logp.backward(...)`.
         """
         document = _document(preset=preset, policy_loss=policy_loss, kl_loss=kl_loss, value_loss=value_loss,
                              entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
-                             num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
+                             token_loss=token_loss, num_tokens=num_tokens, num_sequences=num_sequences,
+                             dp_size=dp_size, return_kl_values=return_kl_values, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
         answer, raw = self._compute(LOSSES, document, tensors)
         return _losses_result(answer, raw, outputs, preset)
@@ -335,13 +344,15 @@ class AsyncClient(_Base):
 
     async def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None,
                              kl_loss: TermSpec = None, value_loss: TermSpec = None, entropy_bonus: TermSpec = None,
-                             rollout_correction: TermSpec = None, num_tokens: float | None = None,
-                             num_sequences: float | None = None, dtype: str | None = None, layout: str | None = None,
-                             **tensors: Any) -> LossResult:
+                             rollout_correction: TermSpec = None, token_loss: TermSpec = None,
+                             num_tokens: float | None = None, num_sequences: float | None = None,
+                             dp_size: int | None = None, return_kl_values: bool | None = None,
+                             dtype: str | None = None, layout: str | None = None, **tensors: Any) -> LossResult:
         """See `Client.compute_losses`."""
         document = _document(preset=preset, policy_loss=policy_loss, kl_loss=kl_loss, value_loss=value_loss,
                              entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
-                             num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
+                             token_loss=token_loss, num_tokens=num_tokens, num_sequences=num_sequences,
+                             dp_size=dp_size, return_kl_values=return_kl_values, dtype=dtype, layout=layout)
         outputs = Outputs(tensors)
         answer, raw = await self._compute(LOSSES, document, tensors)
         return _losses_result(answer, raw, outputs, preset)

@@ -23,8 +23,10 @@ DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
 ADVANTAGE_TENSORS = ("rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs",
                      "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights")
 LOSS_TENSORS = ("logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values",
-                "returns", "entropy", "rollout_logprobs", "cu_seqlens")
-LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
+                "returns", "entropy", "rollout_logprobs", "cu_seqlens", "token_losses", "rollout_is_weights")
+LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "token_loss")
+LOSS_OUTPUTS = ("grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses", "kl_values")
+LOSS_COMPONENTS = ("policy", "kl", "value", "entropy", "token_loss")
 
 # enum <-> REST name, per enum: the enum value's name without its prefix, lower-cased
 _ENUMS = {
@@ -50,6 +52,8 @@ _ENUMS = {
     "sequence_ratio_gradient": (pb.SequenceRatioGradient, "SEQUENCE_RATIO_GRADIENT_"),
     "seq_denominator": (pb.SeqDenominator, "SEQ_DENOMINATOR_"),
     "clip_ties": (pb.ClipTies, "CLIP_TIES_"),
+    "clip_form": (pb.ValueClipForm, "VALUE_CLIP_FORM_"),
+    "gradient_estimator": (pb.KLEstimator, "KL_ESTIMATOR_"),
     "bias": (pb.Bias, "BIAS_"),
 }
 # nullable parameters: message field -> the bool field that means "null" (off)
@@ -57,7 +61,8 @@ _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clam
              "clamp": "no_clamp", "clip": "no_clip", "loss_scale_factor": "no_loss_scale_factor",
              "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
              "high": "no_high", "log_clamp": "no_log_clamp", "reward_clip_low": "no_reward_clip_low",
-             "reward_clip_high": "no_reward_clip_high"}
+             "reward_clip_high": "no_reward_clip_high", "seq_denominator": "no_seq_denominator",
+             "gradient_estimator": "no_gradient_estimator"}
 
 
 def _enum_kind(message: Any, field: str) -> str:
@@ -265,7 +270,7 @@ def losses_request_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Any]
         elif spec is not None and spec is not False:
             getattr(request, term).SetInParent()
             params_to_pb(getattr(request, term), spec if isinstance(spec, Mapping) else None)
-    for key in ("num_tokens", "num_sequences"):
+    for key in ("num_tokens", "num_sequences", "dp_size", "return_kl_values"):
         if document.get(key) is not None:
             setattr(request, key, document[key])
     _tensors_to_pb(request, tensors)
@@ -285,7 +290,7 @@ def losses_request_from_pb(request: pb.ComputeLossesRequest) -> tuple[dict[str, 
             document[term] = params_from_pb(getattr(request, term))
     if request.disable_policy_loss:
         document["policy_loss"] = False
-    for key in ("num_tokens", "num_sequences"):
+    for key in ("num_tokens", "num_sequences", "dp_size", "return_kl_values"):
         if request.HasField(key):
             document[key] = getattr(request, key)
     _outputs_from_pb(request, document)
@@ -350,12 +355,12 @@ def losses_response_to_pb(document: Mapping[str, Any], tensors: Mapping[str, Raw
 
 def losses_response_from_pb(response: pb.ComputeLossesResponse) -> tuple[dict[str, Any], dict[str, RawTensor | None]]:
     components = {name: (getattr(response.components, name) if response.components.HasField(name) else None)
-                  for name in ("policy", "kl", "value", "entropy")}
+                  for name in LOSS_COMPONENTS}
     params = {term: params_from_pb(getattr(response, term)) for term in LOSS_TERMS
               if response.HasField(term)}
     document = {"loss": response.loss, "components": components, "metrics": dict(response.metrics), "params": params}
     tensors = {name: (tensor_from_pb(name, getattr(response, name)) if response.HasField(name) else None)
-               for name in ("grad_logprobs", "grad_values", "grad_entropy")}
+               for name in LOSS_OUTPUTS}
     return document, tensors
 
 

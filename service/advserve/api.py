@@ -74,8 +74,11 @@ def compute_losses(
     value_loss: TermSpec = None,
     entropy_bonus: TermSpec = None,
     rollout_correction: TermSpec = None,
+    token_loss: TermSpec = None,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
+    dp_size: int | None = None,
+    return_kl_values: bool | None = None,
     dtype: str | None = None,
     layout: str | None = None,
     device: str = "auto",
@@ -86,22 +89,25 @@ def compute_losses(
 
     policy_loss: None for the preset's defaults (paper: ppo_clip, clip 0.2/0.2, seq-mean-token-sum; the
     seed's unclipped surrogate is {"mode": "reinforce"}), a dict of overrides, or False for no policy term.
-    kl_loss, value_loss, entropy_bonus, rollout_correction: off unless given (a dict, {} = defaults).
-    num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard.
+    kl_loss, value_loss, entropy_bonus, rollout_correction, token_loss: off unless given (a dict, {} =
+    defaults). num_tokens, num_sequences: global normalizers when this call is one micro-batch or shard
+    (each only with an aggregation that reads it); dp_size: verl's data-parallel size (every term × D).
+    return_kl_values: also return the KL term's per-token estimate `.kl_values`.
     tensors: logprobs, old_logprobs, advantages, response_mask [B, T]; ref_logprobs (kl_loss);
-    values, old_values, returns (value_loss); entropy (entropy_bonus); rollout_logprobs
-    (rollout_correction). Returns `.loss`, `.components`, `.metrics`, `.grad_logprobs`,
-    `.grad_values`, `.grad_entropy` ([B, T] or None), `.params` (each term's resolved parameters; the
-    policy term's those its mode reads). A loss parameter given as a keyword argument (clip_high=0.3)
-    is an error naming its term.
+    values, old_values, returns (value_loss); entropy (entropy_bonus); token_losses (token_loss: any
+    per-token loss matrix); rollout_logprobs (rollout_correction) or rollout_is_weights (precomputed
+    importance weights of the policy term, >= 0). Returns `.loss`, `.components`, `.metrics`,
+    `.grad_logprobs`, `.grad_values`, `.grad_entropy`, `.grad_token_losses`, `.kl_values` ([B, T] or
+    None), `.params` (each term's resolved parameters; the policy term's those its mode reads). A loss
+    parameter given as a keyword argument (clip_high=0.3) is an error naming its term.
     """
     request = LossRequest(tensors=tensors, preset=preset, policy_loss=policy_loss, kl_loss=kl_loss,
                           value_loss=value_loss, entropy_bonus=entropy_bonus, rollout_correction=rollout_correction,
-                          num_tokens=num_tokens, num_sequences=num_sequences, dtype=dtype, layout=layout)
+                          token_loss=token_loss, num_tokens=num_tokens, num_sequences=num_sequences, dp_size=dp_size,
+                          return_kl_values=return_kl_values, dtype=dtype, layout=layout)
     result = _engine(device, kernels).compute_losses(request)
     convert = _converter(tensors)
-    return dataclasses.replace(result, grad_logprobs=convert(result.grad_logprobs),
-                               grad_values=convert(result.grad_values), grad_entropy=convert(result.grad_entropy))
+    return dataclasses.replace(result, **{name: convert(t) for name, t in result.output_tensors().items()})
 
 
 def analyze(

@@ -29,7 +29,7 @@ LAYOUTS = ("padded", "packed")
 DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
 TOKEN_TENSORS = frozenset({
     "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
-    "advantages", "returns", "old_values", "entropy", "rollout_is_weights", "sum_pi_squared",
+    "advantages", "returns", "old_values", "entropy", "token_losses", "rollout_is_weights", "sum_pi_squared",
 })
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
 ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,13 +19,15 @@ from .device import fetch_scalars, resolve_device
 from .errors import InvalidArgument, NotFound, PayloadTooLarge
 from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
+from .functional.kl import kl_and_grad
 from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
 from .functional.masks import aggregation_weights, host_reads_are_free, masked_extremes, masked_sums, moments
 from .functional.rollout import rollout_weights
 from .functional.scan import use_kernels
 from .hints import keyword_hint
 from .kernels import resolve_kernels
-from .loss_specs import LOSS_TERMS, TERM_TENSORS, check_loss_terms, echoed_params
+from .loss_specs import (AGGREGATED_TERMS, LOSS_TERMS, TERM_OPTIONAL_TENSORS, TERM_TENSORS, check_loss_terms,
+                         echoed_params)
 from .model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from .params import DependsOn, preset_default, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
@@ -185,8 +189,8 @@ class Engine:
         dtype = self._dtype(request.dtype)
         terms = self._resolve_terms(request, preset)
         if not terms:
-            raise InvalidArgument("no loss term requested: give policy_loss, kl_loss, value_loss or entropy_bonus",
-                                  field="policy_loss")
+            raise InvalidArgument("no loss term requested: give policy_loss, kl_loss, value_loss, entropy_bonus or "
+                                  "token_loss", field="policy_loss")
         if "rollout_correction" in terms and "policy_loss" not in terms:
             raise InvalidArgument("rollout_correction weights the policy loss, which is off", field="rollout_correction")
         for name in ("num_tokens", "num_sequences"):
@@ -194,8 +198,30 @@ class Engine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
                                       or value == float("inf")):
                 raise InvalidArgument(f"{name} must be a positive number", field=name)
+        dp_size = _dp_size(request.dp_size)
+        return_kl_values = request.return_kl_values
+        if return_kl_values is not None and not isinstance(return_kl_values, (bool, np.bool_)):
+            raise InvalidArgument(f"return_kl_values must be true or false, got {return_kl_values!r}",
+                                  field="return_kl_values")
+        if return_kl_values and "kl_loss" not in terms:
+            raise InvalidArgument("return_kl_values asks for the KL term's per-token values, but kl_loss is off",
+                                  field="return_kl_values")
+        # the policy's parameters also define the other terms' default aggregation (and the KL's ratio)
+        pol = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
+                                                         "policy_loss")
+        aggregations = {term: aggregation_of(terms[term], pol) for term in AGGREGATED_TERMS if term in terms}
+        check_normalizers(aggregations, request.num_tokens, request.num_sequences, dp_size)
+        given_is_weights = isinstance(request.tensors, Mapping) and request.tensors.get("rollout_is_weights") is not None
+        if given_is_weights and "policy_loss" not in terms:
+            raise InvalidArgument("rollout_is_weights weight the policy loss, which is off",
+                                  field="tensors.rollout_is_weights")
+        if given_is_weights and "rollout_correction" in terms:
+            raise InvalidArgument("give either tensor rollout_is_weights (precomputed importance weights) or the "
+                                  "rollout_correction term (weights from rollout_logprobs), not both",
+                                  field="tensors.rollout_is_weights")
 
         required = {"response_mask"}.union(*(TERM_TENSORS[t] for t in terms))
+        optional = set().union(*(TERM_OPTIONAL_TENSORS.get(t, ()) for t in terms))
         needed_by: dict[str, str] = {}  # tensor -> the first term that needs it, for the message
         for term, term_params in terms.items():
             label = f"{term} ({term_params['mode']})" if term == "policy_loss" else term
@@ -206,26 +232,32 @@ class Engine:
             required.add("old_logprobs")
             option = "unbiased_gradient" if kl_params["unbiased_gradient"] else "importance_weighted"
             needed_by.setdefault("old_logprobs", f"kl_loss (with {option})")
-        batch = build_batch(request.tensors, allowed=required, required=required, dtype=dtype, device=self.device,
-                            context="the requested loss terms", layout=request.layout or "padded",
+        batch = build_batch(request.tensors, allowed=required | optional, required=required, dtype=dtype,
+                            device=self.device, context="the requested loss terms", layout=request.layout or "padded",
                             max_tokens=self.max_tokens, needed_by=needed_by)
         t, mask = batch.tensors, batch.mask
-        # the policy's parameters also define the other terms' default aggregation (and the KL's ratio)
-        pol = terms.get("policy_loss") or resolve_params(LOSS_TERMS["policy_loss"], preset.losses["policy_loss"], None,
-                                                         "policy_loss")
+        if "rollout_is_weights" in t and bool((t["rollout_is_weights"] < 0).any()):
+            raise InvalidArgument("rollout_is_weights must be >= 0 (0 drops a token)", field="tensors.rollout_is_weights")
         lengths = batch.lengths.to(dtype)
 
         @functools.cache
-        def weights(agg: str | None) -> Tensor:
-            return aggregation_weights(batch.valid, lengths, agg or pol["agg"], num_tokens=request.num_tokens,
-                                       num_sequences=request.num_sequences, loss_scale_factor=pol["loss_scale_factor"],
-                                       seq_denominator=pol["seq_denominator"])
+        def cached_weights(agg: str, loss_scale_factor: float | None, seq_denominator: str) -> Tensor:
+            return aggregation_weights(batch.valid, lengths, agg, num_tokens=request.num_tokens,
+                                       num_sequences=request.num_sequences, loss_scale_factor=loss_scale_factor,
+                                       seq_denominator=seq_denominator, dp_size=dp_size)
+
+        def weights(term: str) -> Tensor:
+            """w [B, T] of a term: its agg, loss_scale_factor and seq_denominator, each null the policy's."""
+            p = terms[term]
+            return cached_weights(aggregations[term], *(pol[k] if p.get(k) is None else p[k]
+                                                        for k in ("loss_scale_factor", "seq_denominator")))
 
         # every number of the response stays a 0-d tensor until `read_numbers` reads them all at once
-        components: dict[str, Tensor | None] = {"policy": None, "kl": None, "value": None, "entropy": None}
+        components: dict[str, Tensor | None] = {"policy": None, "kl": None, "value": None, "entropy": None,
+                                                "token_loss": None}
         metrics: Pending = {}
         grad_logprobs = torch.zeros_like(t["logprobs"]) if "logprobs" in t else None
-        grad_values = grad_entropy = None
+        grad_values = grad_entropy = grad_token_losses = kl_values = None
         total = torch.zeros((), dtype=dtype, device=self.device)
 
         def add_grad(grad: Tensor, spread: bool) -> None:
@@ -245,7 +277,7 @@ class Engine:
                     pol["mode"], rho, t["logprobs"], t["advantages"], clip_low=pol["clip_low"],
                     clip_high=pol["clip_high"], dual_clip=pol["dual_clip"], ratio_cap=pol["ratio_cap"],
                     cispo_cap=pol["cispo_cap"])
-                w = weights(pol["agg"])
+                w = weights("policy_loss")
                 if "rollout_correction" in terms:
                     rc = terms["rollout_correction"]
                     is_weight, outside = rollout_weights(
@@ -255,6 +287,11 @@ class Engine:
                     metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
                     metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
                     metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
+                    w = w * is_weight
+                elif "rollout_is_weights" in t:  # precomputed weights, as verl's policy losses apply them
+                    is_weight = t["rollout_is_weights"]
+                    metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
+                    metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
                     w = w * is_weight
                 policy = (w * loss_t).sum()
                 total = total + policy
@@ -267,8 +304,13 @@ class Engine:
                 kl_t, dkl, dkl_spread = kl_loss(
                     t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"], old=t.get("old_logprobs"),
                     unbiased_gradient=p["unbiased_gradient"],
-                    ratio=(rho or ratio()) if p["importance_weighted"] else None)
-                w = weights(p["agg"])
+                    ratio=(rho or ratio()) if p["importance_weighted"] else None,
+                    gradient_estimator=p["gradient_estimator"])
+                if return_kl_values:  # the estimate itself (before an importance weight), 0 where masked
+                    estimate = kl_t if not p["importance_weighted"] else kl_and_grad(
+                        t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"])[0]
+                    kl_values = torch.where(mask, estimate, 0)
+                w = weights("kl_loss")
                 kl = (w * kl_t).sum()
                 total = total + p["coef"] * kl
                 add_grad((p["coef"] * w) * dkl, False)
@@ -279,8 +321,8 @@ class Engine:
             if "value_loss" in terms:
                 p = terms["value_loss"]
                 loss_v, dv, beyond = value_loss(t["values"], t["old_values"], t["returns"], p["clip"],
-                                                p["clip_ties"])
-                w = weights(p["agg"])
+                                                p["clip_ties"], p["clip_form"])
+                w = weights("value_loss")
                 value = (w * loss_v).sum()
                 total = total + p["coef"] * value
                 grad_values = (p["coef"] * w) * dv
@@ -289,12 +331,19 @@ class Engine:
                     metrics["value_clip_fraction"] = (torch.count_nonzero(beyond), per_token)
             if "entropy_bonus" in terms:
                 p = terms["entropy_bonus"]
-                w = weights(p["agg"])
+                w = weights("entropy_bonus")
                 entropy = (w * t["entropy"]).sum()
                 total = total - p["coef"] * entropy
                 grad_entropy = -p["coef"] * w
                 components["entropy"] = entropy
                 metrics["entropy_mean"] = (t["entropy"].sum(), per_token)
+            if "token_loss" in terms:  # verl's agg_loss of any per-token loss matrix
+                p = terms["token_loss"]
+                w = weights("token_loss")
+                token_loss = (w * t["token_losses"]).sum()
+                total = total + p["coef"] * token_loss
+                grad_token_losses = p["coef"] * w
+                components["token_loss"] = token_loss
 
         pending: Pending = {"loss": (total, as_is), **{f"components.{name}": (value, as_is)
                                                         for name, value in components.items() if value is not None},
@@ -307,7 +356,8 @@ class Engine:
                           {name: numbers.get(f"components.{name}") for name in components},
                           {name: numbers[f"metrics.{name}"] for name in metrics},
                           batch.output(grad_logprobs), batch.output(grad_values), batch.output(grad_entropy),
-                          params=echoed_params(terms))
+                          params=echoed_params(terms), grad_token_losses=batch.output(grad_token_losses),
+                          kl_values=batch.output(kl_values))
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
@@ -319,7 +369,7 @@ class Engine:
                 continue
             if given is True:
                 given = None
-            terms[name] = resolve_params(specs, preset.losses[name], given, name)
+            terms[name] = resolve_params(specs, preset.losses.get(name, {}), given, name)
             given_terms[name] = given if isinstance(given, Mapping) else {}
         check_loss_terms(terms, given_terms)
         return terms
@@ -355,8 +405,10 @@ class Engine:
         losses = {
             term: {
                 "tensors": list(TERM_TENSORS[term]),
+                "optional_tensors": list(TERM_OPTIONAL_TENSORS.get(term, ())),
                 "params": {name: spec.describe() for name, spec in specs.items()},
-                "defaults": {p.name: {k: default(preset_default(spec, p.losses[term])) for k, spec in specs.items()}
+                "defaults": {p.name: {k: default(preset_default(spec, p.losses.get(term, {})))
+                                      for k, spec in specs.items()}
                              for p in PRESETS.values()},
             }
             for term, specs in LOSS_TERMS.items()
@@ -367,6 +419,40 @@ class Engine:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def aggregation_of(term_params: Mapping[str, Any], policy: Mapping[str, Any]) -> str:
+    """A term's aggregation mode: its own agg, or (null) the policy term's."""
+    return term_params.get("agg") or policy["agg"]
+
+
+def _dp_size(value: Any) -> int:
+    """The request's dp_size (None: 1), an integer from 1 to 2^31, or InvalidArgument naming it."""
+    if value is None:
+        return 1
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or not 1 <= value <= 2**31:
+        raise InvalidArgument(f"dp_size must be an integer from 1 to 2^31, got {value!r}", field="dp_size")
+    return int(value)
+
+
+def check_normalizers(aggregations: Mapping[str, str], num_tokens: float | None, num_sequences: float | None,
+                      dp_size: int) -> None:
+    """verl's agg_loss contract over the terms' aggregations (term -> agg): a global normalizer no term
+    reads is an error naming it (num_tokens is read by token-mean only, num_sequences by the seq-mean
+    modes; token-sum reads neither), and with dp_size > 1 the normalizer each mode needs must be given
+    (verl raises without batch_num_tokens / global_batch_size)."""
+    uses = {"num_tokens": sorted(t for t, agg in aggregations.items() if agg == "token-mean"),
+            "num_sequences": sorted(t for t, agg in aggregations.items() if agg.startswith("seq-mean"))}
+    modes = {"num_tokens": "token-mean", "num_sequences": "the seq-mean modes"}
+    listed = ", ".join(f"{term} {agg}" for term, agg in aggregations.items())
+    for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
+        if value is not None and not uses[name]:
+            raise InvalidArgument(f"{name} normalizes {modes[name]}, which no term of this request aggregates with "
+                                  f"({listed}): leave it out", field=name)
+        if value is None and uses[name] and dp_size > 1:
+            raise InvalidArgument(f"dp_size {dp_size} > 1 needs the global {name} for {modes[name]} ({', '.join(uses[name])}"
+                                  "): each rank's loss is divided by the global count and multiplied by dp_size",
+                                  field=name)
 
 
 @dataclass(frozen=True)

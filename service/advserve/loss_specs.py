@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidArgument
 from .functional.kl import KL_ESTIMATORS
-from .functional.losses import POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS
+from .functional.losses import POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS, VALUE_CLIP_FORMS
 from .functional.masks import AGG_MODES
 from .functional.rollout import ROLLOUT_GATINGS, ROLLOUT_LEVELS, ROLLOUT_WEIGHTS
 from .params import ParamSpec, neutral
@@ -16,8 +16,17 @@ SEQ_DENOMINATORS = ("nonempty", "all")
 
 
 def _term_agg(term: str) -> ParamSpec:
-    return neutral("agg", str, f"aggregation of the {term} term; null: the policy term's agg (with its "
-                   "loss_scale_factor and seq_denominator)", None, choices=AGG_MODES, nullable=True)
+    return neutral("agg", str, f"aggregation of the {term} term; null: the policy term's agg", None,
+                   choices=AGG_MODES, nullable=True)
+
+
+def _term_normalizers(term: str) -> tuple[ParamSpec, ParamSpec]:
+    """loss_scale_factor and seq_denominator of a term other than the policy's (null: the policy's)."""
+    return (neutral("loss_scale_factor", float, f"constant divisor C of seq-mean-token-sum-norm for the {term} "
+                    "term; null: the policy term's", None, nullable=True, **_POSITIVE),
+            neutral("seq_denominator", str, f"S of the {term} term's seq-mean modes when num_sequences is not "
+                    "given (nonempty or all); null: the policy term's", None, nullable=True,
+                    choices=SEQ_DENOMINATORS))
 
 
 LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
@@ -56,10 +65,14 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             ParamSpec("estimator", str, "KL estimator of logprobs vs ref_logprobs", choices=KL_ESTIMATORS),
             ParamSpec("clamp", float, "clamp of the KL estimate to [−c, c]; null: none", nullable=True, **_POSITIVE),
             _term_agg("kl"),
+            *_term_normalizers("kl"),
             neutral("unbiased_gradient", bool, "keep the estimator's value, use the gradient w·(lp − ref) with "
                     "w = sg(min(e^(lp − old), 10)) (OpenRLHF); needs old_logprobs", False),
             neutral("importance_weighted", bool, "multiply each kl_t by the policy's ratio ρ_t, differentiable "
                     "(TRL's use_bias_correction_kl); needs old_logprobs", False),
+            neutral("gradient_estimator", str, "straight-through: keep the estimator's value, take the gradient "
+                    "of this estimator's, unclamped (verl's 'k3+' = estimator k3, gradient_estimator k2); null: "
+                    "the estimator's own gradient", None, nullable=True, choices=KL_ESTIMATORS),
         )
     },
     "value_loss": {
@@ -70,7 +83,11 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             ParamSpec("clip_ties", str, "gradient where values sit exactly on a clip bound: 'pass' all of it "
                       "(torch.clamp, OpenRLHF), 'split' half per tied min/max (verl's clip_by_value: ¾ (v − G))",
                       choices=("pass", "split")),
+            neutral("clip_form", str, "how the clipped value is computed: bounds, clip(v, v_old ± clip) (verl, "
+                    "TRL); delta, v_old + clip(v − v_old, ±clip) (OpenRLHF: its rounding makes ties where v − v_old "
+                    "exceeds clip by an ulp)", "bounds", choices=VALUE_CLIP_FORMS),
             _term_agg("value"),
+            *_term_normalizers("value"),
         )
     },
     "entropy_bonus": {
@@ -78,6 +95,15 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
         for s in (
             ParamSpec("coef", float, "entropy coefficient (the loss subtracts coef·entropy)", minimum=0.0),
             _term_agg("entropy"),
+            *_term_normalizers("entropy"),
+        )
+    },
+    "token_loss": {
+        s.name: s
+        for s in (
+            neutral("coef", float, "coefficient of the aggregated token_losses in the loss (any sign)", 1.0),
+            _term_agg("token"),
+            *_term_normalizers("token"),
         )
     },
     "rollout_correction": {
@@ -137,8 +163,13 @@ TERM_TENSORS: dict[str, tuple[str, ...]] = {
     "kl_loss": ("logprobs", "ref_logprobs"),
     "value_loss": ("values", "old_values", "returns"),
     "entropy_bonus": ("entropy",),
+    "token_loss": ("token_losses",),
     "rollout_correction": ("old_logprobs", "rollout_logprobs"),
 }
+# tensors a term takes when given (rollout_is_weights: precomputed importance weights of the policy term)
+TERM_OPTIONAL_TENSORS: dict[str, tuple[str, ...]] = {"policy_loss": ("rollout_is_weights",)}
+# terms whose agg null means the policy term's (and whose loss_scale_factor/seq_denominator null too)
+AGGREGATED_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "token_loss")
 
 
 def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]]) -> None:
@@ -162,6 +193,9 @@ def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str,
     if kl is not None and kl["unbiased_gradient"] and kl["importance_weighted"]:
         raise InvalidArgument("kl_loss.unbiased_gradient and kl_loss.importance_weighted are two different "
                               "corrections of the KL gradient; choose one", field="kl_loss.importance_weighted")
+    if kl is not None and kl["unbiased_gradient"] and kl["gradient_estimator"] is not None:
+        raise InvalidArgument("kl_loss.gradient_estimator and kl_loss.unbiased_gradient both replace the KL "
+                              "gradient; choose one", field="kl_loss.gradient_estimator")
     rc = terms.get("rollout_correction")
     if rc is not None:
         if rc["low"] is not None and rc["high"] is not None and rc["low"] > rc["high"]:

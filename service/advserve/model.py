@@ -68,13 +68,17 @@ class LossRequest:
     num_sequences: float | None = None
     dtype: str | None = None
     layout: str | None = None
+    token_loss: TermSpec = None  # off unless given
+    dp_size: int | None = None  # verl's agg_loss dp_size (None: 1)
+    return_kl_values: bool | None = None  # True: the result carries kl_values [B, T]
 
 
 @dataclass(frozen=True)
 class LossResult:
-    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy; gradients [B, T]; params:
-    the resolved parameters of each term that was on, the policy term's those its mode reads
-    (loss_specs.POLICY_MODE_PARAMS)."""
+    """loss = policy + kl.coef·kl + value.coef·value − entropy.coef·entropy + token_loss.coef·token_loss;
+    gradients [B, T]; params: the resolved parameters of each term that was on, the policy term's those
+    its mode reads (loss_specs.POLICY_MODE_PARAMS). grad_token_losses: ∂loss/∂token_losses (token_loss
+    term); kl_values: the KL term's per-token estimate kl_t (0 at masked positions) when asked for."""
 
     preset: str
     loss: float
@@ -84,7 +88,15 @@ class LossResult:
     grad_values: Tensor | None
     grad_entropy: Tensor | None
     params: dict[str, Any] = field(default_factory=dict)
+    grad_token_losses: Tensor | None = None
+    kl_values: Tensor | None = None
 
     def tensors(self) -> list[Tensor | None]:
         """The result tensors a response carries (what the scheduler marks ready, `device.mark_ready`)."""
-        return [self.grad_logprobs, self.grad_values, self.grad_entropy]
+        return [self.grad_logprobs, self.grad_values, self.grad_entropy, self.grad_token_losses, self.kl_values]
+
+    def output_tensors(self) -> dict[str, Tensor | None]:
+        """Every output tensor by its wire name, in the order the transports carry them (None: not produced)."""
+        return {"grad_logprobs": self.grad_logprobs, "grad_values": self.grad_values,
+                "grad_entropy": self.grad_entropy, "grad_token_losses": self.grad_token_losses,
+                "kl_values": self.kl_values}

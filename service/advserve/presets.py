@@ -48,7 +48,8 @@ _ORLHF_LOSS_OPTIONS = {
     "--algo.kl.use_loss": "kl_loss={} (kl_loss.coef = --algo.kl.init_coef 0.01, kl_loss.estimator = "
     "--algo.kl.estimator k1, kl_loss.clamp 10, kl_loss.agg 'token-mean'), and params.kl_coef=0 for the advantages",
     "--algo.kl.unbiased_gradient": "kl_loss.unbiased_gradient=true (needs old_logprobs)",
-    "--critic.value_clip C": "value_loss.clip=C (0.5; value_loss.agg 'token-mean')",
+    "--critic.value_clip C": "value_loss.clip=C (0.5; value_loss.agg 'token-mean'; value_loss.clip_form 'delta': "
+    "old + (v − old).clamp(±C), as ValueLoss computes it)",
     "--actor.entropy_coef C": "entropy_bonus={'coef': C} (entropy_bonus.agg 'token-mean')",
     "--algo.advantage.is_correction_level token": "rollout_correction.level='token' (with rollout_logprobs)",
     "--algo.advantage.is_correction_level seq": "rollout_correction.level='sequence_mean' (the geometric mean "
@@ -128,6 +129,7 @@ PAPER = Preset(
         "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
+        "token_loss": {"coef": 1.0, "agg": None},  # any per-token loss matrix (verl's agg_loss)
         "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
     },
     unavailable={
@@ -215,6 +217,7 @@ VERL = Preset(
         "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
         "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "split", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
+        "token_loss": {"coef": 1.0, "agg": None},  # any per-token loss matrix (verl's agg_loss)
         "rollout_correction": {"level": "token", "mode": "truncate", "low": None, "high": 2.0},
     },
     unavailable={
@@ -303,8 +306,10 @@ OPENRLHF = Preset(
         # compute_approx_kl clamps every estimator to ±10; the actor aggregates the KL and entropy
         # terms per token (aggregate_loss's default), the critic its value loss too
         "kl_loss": {"coef": 0.01, "estimator": "k1", "clamp": 10.0, "agg": "token-mean"},
-        "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "pass", "agg": "token-mean"},
+        # ValueLoss clips the difference: old + (v − old).clamp(±clip), then torch.max (clip_form delta)
+        "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "pass", "clip_form": "delta", "agg": "token-mean"},
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
+        "token_loss": {"coef": 1.0, "agg": None},  # any per-token loss matrix (verl's agg_loss)
         # is_correction_*: mode mask, threshold [0.5, 5.0], no log clamp; survivors keep their token ratio
         "rollout_correction": {"level": "token", "mode": "mask", "low": 0.5, "high": 5.0, "log_clamp": None,
                                "gating": "ratio", "weight": "token"},
@@ -378,6 +383,7 @@ TRL = Preset(
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         # the entropy bonus is a local token mean whatever loss_type says
         "entropy_bonus": {"coef": 0.0, "agg": "token-mean"},
+        "token_loss": {"coef": 1.0, "agg": None},  # any per-token loss matrix (verl's agg_loss)
         # vllm_importance_sampling_mode "sequence_mask", clip_min None, clip_max 3.0, no log clamp
         "rollout_correction": {"level": "sequence", "mode": "mask", "low": None,
                                                         "high": 3.0, "log_clamp": None},

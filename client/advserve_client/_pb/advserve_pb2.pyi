@@ -146,6 +146,12 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_SEQ_MEAN_TOKEN_SUM: _ClassVar[Aggregation]
     AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: _ClassVar[Aggregation]
 
+class ValueClipForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VALUE_CLIP_FORM_UNSPECIFIED: _ClassVar[ValueClipForm]
+    VALUE_CLIP_FORM_BOUNDS: _ClassVar[ValueClipForm]
+    VALUE_CLIP_FORM_DELTA: _ClassVar[ValueClipForm]
+
 class ClipTies(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CLIP_TIES_UNSPECIFIED: _ClassVar[ClipTies]
@@ -244,6 +250,9 @@ AGGREGATION_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_MEAN: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM: Aggregation
 AGGREGATION_SEQ_MEAN_TOKEN_SUM_NORM: Aggregation
+VALUE_CLIP_FORM_UNSPECIFIED: ValueClipForm
+VALUE_CLIP_FORM_BOUNDS: ValueClipForm
+VALUE_CLIP_FORM_DELTA: ValueClipForm
 CLIP_TIES_UNSPECIFIED: ClipTies
 CLIP_TIES_PASS: ClipTies
 CLIP_TIES_SPLIT: ClipTies
@@ -477,7 +486,7 @@ class PolicyLoss(_message.Message):
     def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ...) -> None: ...
 
 class KLLoss(_message.Message):
-    __slots__ = ("coef", "estimator", "clamp", "no_clamp", "agg", "no_agg", "unbiased_gradient", "importance_weighted")
+    __slots__ = ("coef", "estimator", "clamp", "no_clamp", "agg", "no_agg", "unbiased_gradient", "importance_weighted", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator", "gradient_estimator", "no_gradient_estimator")
     COEF_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     CLAMP_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +495,12 @@ class KLLoss(_message.Message):
     NO_AGG_FIELD_NUMBER: _ClassVar[int]
     UNBIASED_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NO_LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    NO_SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    NO_GRADIENT_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     coef: float
     estimator: KLEstimator
     clamp: float
@@ -494,33 +509,75 @@ class KLLoss(_message.Message):
     no_agg: bool
     unbiased_gradient: bool
     importance_weighted: bool
-    def __init__(self, coef: _Optional[float] = ..., estimator: _Optional[_Union[KLEstimator, str]] = ..., clamp: _Optional[float] = ..., no_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., unbiased_gradient: _Optional[bool] = ..., importance_weighted: _Optional[bool] = ...) -> None: ...
+    loss_scale_factor: float
+    no_loss_scale_factor: bool
+    seq_denominator: SeqDenominator
+    no_seq_denominator: bool
+    gradient_estimator: KLEstimator
+    no_gradient_estimator: bool
+    def __init__(self, coef: _Optional[float] = ..., estimator: _Optional[_Union[KLEstimator, str]] = ..., clamp: _Optional[float] = ..., no_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., unbiased_gradient: _Optional[bool] = ..., importance_weighted: _Optional[bool] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., no_seq_denominator: _Optional[bool] = ..., gradient_estimator: _Optional[_Union[KLEstimator, str]] = ..., no_gradient_estimator: _Optional[bool] = ...) -> None: ...
 
 class ValueLoss(_message.Message):
-    __slots__ = ("coef", "clip", "no_clip", "agg", "no_agg", "clip_ties")
+    __slots__ = ("coef", "clip", "no_clip", "agg", "no_agg", "clip_ties", "clip_form", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator")
     COEF_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     NO_CLIP_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     NO_AGG_FIELD_NUMBER: _ClassVar[int]
     CLIP_TIES_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FORM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NO_LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    NO_SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
     coef: float
     clip: float
     no_clip: bool
     agg: Aggregation
     no_agg: bool
     clip_ties: ClipTies
-    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., clip_ties: _Optional[_Union[ClipTies, str]] = ...) -> None: ...
+    clip_form: ValueClipForm
+    loss_scale_factor: float
+    no_loss_scale_factor: bool
+    seq_denominator: SeqDenominator
+    no_seq_denominator: bool
+    def __init__(self, coef: _Optional[float] = ..., clip: _Optional[float] = ..., no_clip: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., clip_ties: _Optional[_Union[ClipTies, str]] = ..., clip_form: _Optional[_Union[ValueClipForm, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., no_seq_denominator: _Optional[bool] = ...) -> None: ...
 
 class EntropyBonus(_message.Message):
-    __slots__ = ("coef", "agg", "no_agg")
+    __slots__ = ("coef", "agg", "no_agg", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator")
     COEF_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     NO_AGG_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NO_LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    NO_SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
     coef: float
     agg: Aggregation
     no_agg: bool
-    def __init__(self, coef: _Optional[float] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ...) -> None: ...
+    loss_scale_factor: float
+    no_loss_scale_factor: bool
+    seq_denominator: SeqDenominator
+    no_seq_denominator: bool
+    def __init__(self, coef: _Optional[float] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., no_seq_denominator: _Optional[bool] = ...) -> None: ...
+
+class TokenLoss(_message.Message):
+    __slots__ = ("coef", "agg", "no_agg", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator")
+    COEF_FIELD_NUMBER: _ClassVar[int]
+    AGG_FIELD_NUMBER: _ClassVar[int]
+    NO_AGG_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NO_LOSS_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    NO_SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    coef: float
+    agg: Aggregation
+    no_agg: bool
+    loss_scale_factor: float
+    no_loss_scale_factor: bool
+    seq_denominator: SeqDenominator
+    no_seq_denominator: bool
+    def __init__(self, coef: _Optional[float] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., no_agg: _Optional[bool] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., no_seq_denominator: _Optional[bool] = ...) -> None: ...
 
 class RolloutCorrection(_message.Message):
     __slots__ = ("level", "mode", "low", "high", "no_low", "no_high", "log_clamp", "no_log_clamp", "gating", "weight")
@@ -583,7 +640,7 @@ class RolloutCorrection(_message.Message):
     def __init__(self, level: _Optional[_Union[RolloutCorrection.Level, str]] = ..., mode: _Optional[_Union[RolloutCorrection.Mode, str]] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., no_low: _Optional[bool] = ..., no_high: _Optional[bool] = ..., log_clamp: _Optional[float] = ..., no_log_clamp: _Optional[bool] = ..., gating: _Optional[_Union[RolloutCorrection.Gating, str]] = ..., weight: _Optional[_Union[RolloutCorrection.Weight, str]] = ...) -> None: ...
 
 class ComputeLossesRequest(_message.Message):
-    __slots__ = ("preset", "policy_loss", "disable_policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "num_tokens", "num_sequences", "dtype", "layout", "logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values", "returns", "entropy", "rollout_logprobs", "cu_seqlens", "output_shared_memory")
+    __slots__ = ("preset", "policy_loss", "disable_policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "num_tokens", "num_sequences", "dtype", "layout", "logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values", "returns", "entropy", "rollout_logprobs", "cu_seqlens", "output_shared_memory", "token_loss", "dp_size", "return_kl_values", "token_losses", "rollout_is_weights")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     DISABLE_POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -607,6 +664,11 @@ class ComputeLossesRequest(_message.Message):
     ROLLOUT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_KL_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_IS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     preset: Preset
     policy_loss: PolicyLoss
     disable_policy_loss: bool
@@ -630,22 +692,29 @@ class ComputeLossesRequest(_message.Message):
     rollout_logprobs: Tensor
     cu_seqlens: Tensor
     output_shared_memory: SharedMemoryRef
-    def __init__(self, preset: _Optional[_Union[Preset, str]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., disable_policy_loss: _Optional[bool] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ..., num_tokens: _Optional[float] = ..., num_sequences: _Optional[float] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_values: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    token_loss: TokenLoss
+    dp_size: int
+    return_kl_values: bool
+    token_losses: Tensor
+    rollout_is_weights: Tensor
+    def __init__(self, preset: _Optional[_Union[Preset, str]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., disable_policy_loss: _Optional[bool] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ..., num_tokens: _Optional[float] = ..., num_sequences: _Optional[float] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_values: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., token_loss: _Optional[_Union[TokenLoss, _Mapping]] = ..., dp_size: _Optional[int] = ..., return_kl_values: _Optional[bool] = ..., token_losses: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_is_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LossComponents(_message.Message):
-    __slots__ = ("policy", "kl", "value", "entropy")
+    __slots__ = ("policy", "kl", "value", "entropy", "token_loss")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOSS_FIELD_NUMBER: _ClassVar[int]
     policy: float
     kl: float
     value: float
     entropy: float
-    def __init__(self, policy: _Optional[float] = ..., kl: _Optional[float] = ..., value: _Optional[float] = ..., entropy: _Optional[float] = ...) -> None: ...
+    token_loss: float
+    def __init__(self, policy: _Optional[float] = ..., kl: _Optional[float] = ..., value: _Optional[float] = ..., entropy: _Optional[float] = ..., token_loss: _Optional[float] = ...) -> None: ...
 
 class ComputeLossesResponse(_message.Message):
-    __slots__ = ("loss", "components", "metrics", "grad_logprobs", "grad_values", "grad_entropy", "policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
+    __slots__ = ("loss", "components", "metrics", "grad_logprobs", "grad_values", "grad_entropy", "policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "grad_token_losses", "kl_values", "token_loss")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -664,6 +733,9 @@ class ComputeLossesResponse(_message.Message):
     VALUE_LOSS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_BONUS_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    GRAD_TOKEN_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    KL_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOSS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     components: LossComponents
     metrics: _containers.ScalarMap[str, float]
@@ -675,7 +747,10 @@ class ComputeLossesResponse(_message.Message):
     value_loss: ValueLoss
     entropy_bonus: EntropyBonus
     rollout_correction: RolloutCorrection
-    def __init__(self, loss: _Optional[float] = ..., components: _Optional[_Union[LossComponents, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., grad_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_values: _Optional[_Union[Tensor, _Mapping]] = ..., grad_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ...) -> None: ...
+    grad_token_losses: Tensor
+    kl_values: Tensor
+    token_loss: TokenLoss
+    def __init__(self, loss: _Optional[float] = ..., components: _Optional[_Union[LossComponents, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., grad_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_values: _Optional[_Union[Tensor, _Mapping]] = ..., grad_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., policy_loss: _Optional[_Union[PolicyLoss, _Mapping]] = ..., kl_loss: _Optional[_Union[KLLoss, _Mapping]] = ..., value_loss: _Optional[_Union[ValueLoss, _Mapping]] = ..., entropy_bonus: _Optional[_Union[EntropyBonus, _Mapping]] = ..., rollout_correction: _Optional[_Union[RolloutCorrection, _Mapping]] = ..., grad_token_losses: _Optional[_Union[Tensor, _Mapping]] = ..., kl_values: _Optional[_Union[Tensor, _Mapping]] = ..., token_loss: _Optional[_Union[TokenLoss, _Mapping]] = ...) -> None: ...
 
 class ListEstimatorsRequest(_message.Message):
     __slots__ = ()

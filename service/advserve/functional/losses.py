@@ -199,10 +199,14 @@ def kl_loss(
     old: Tensor | None = None,
     unbiased_gradient: bool = False,
     ratio: Ratio | None = None,
+    gradient_estimator: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-token KL loss ℓ [B, T] of logp vs ref with its gradient: (ℓ, g, g_spread).
 
     ℓ = kl_t (`functional.kl`, with `clamp`); g = ∂ℓ_t/∂lp_t. Variants:
+    * `gradient_estimator` (straight-through, verl's "k3+" = k3 with gradient_estimator "k2"): the
+      value stays, the gradient is that of `gradient_estimator`'s estimate, unclamped (verl's
+      backward_score − sg(backward_score) + sg(forward_score)).
     * `unbiased_gradient` (OpenRLHF `algo.kl.unbiased_gradient`): the value stays, the gradient is
       w (lp − ref) with w = sg(min(e^{lp − old}, 10)) for every estimator, no clamp on it.
     * `ratio` (TRL `use_bias_correction_kl`): ℓ = kl_t · ρ_t with the policy's ratio, differentiable:
@@ -210,6 +214,8 @@ def kl_loss(
       returned as g_spread, to be weighted and passed to `spread_over_row` by the caller.
     """
     value, grad = kl_and_grad(logp, ref, estimator, clamp)
+    if gradient_estimator is not None:
+        grad = kl_and_grad(logp, ref, gradient_estimator, None)[1]
     if unbiased_gradient:
         grad = (logp - old).exp().clamp(max=KL_IS_WEIGHT_CAP) * (logp - ref)
     if ratio is None:
@@ -221,26 +227,39 @@ def kl_loss(
     return value * ratio.value, grad + through_ratio, None
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
-               clip_ties: str = "pass") -> tuple[Tensor, Tensor, Tensor | None]:
-    """½ max((v − G)², (clip(v, v_old ± clip) − G)²) per token, its gradient in v, and where the clipped
-    branch is the larger (the clip fraction's numerator; None without a clip), all [B, T].
+VALUE_CLIP_FORMS = ("bounds", "delta")
 
-    `clip` None: ½ (v − G)². `clip_ties`: the gradient the clip passes where v sits exactly on a bound:
-    "pass" all of it (torch.clamp), "split" half at each tied min/max, as verl's
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
+               clip_ties: str = "pass", clip_form: str = "bounds") -> tuple[Tensor, Tensor, Tensor | None]:
+    """½ max((v − G)², (v_c − G)²) per token, its gradient in v, and where the clipped branch is the
+    larger (the clip fraction's numerator; None without a clip), all [B, T].
+
+    `clip` None: ½ (v − G)². `clip_form`, how the clipped value v_c is computed: "bounds"
+    clip(v, v_old − c, v_old + c) (verl, TRL); "delta" v_old + clip(v − v_old, −c, c) (OpenRLHF), whose
+    rounding differs: v − v_old may exceed c by an ulp where v_c still equals v, a tie of the outer
+    max that torch.max splits while the clamp passes no gradient (OpenRLHF's dL/dv is then half of
+    v − G). `clip_ties`: the gradient the clip passes where v (bounds) or v − v_old (delta) sits exactly
+    on a bound: "pass" all of it (torch.clamp), "split" half at each tied min/max, as verl's
     max(min(v, v_old + c), v_old − c) under autograd (with the tied outer max: ¾ (v − G) there).
     """
     unclipped = (values - returns).square()
     d_unclipped = values - returns
     if clip is None:
         return 0.5 * unclipped, d_unclipped, None
-    low, high = old_values - clip, old_values + clip
-    capped = torch.minimum(values, high)
-    clipped_v = torch.maximum(capped, low)
-    if clip_ties == "split":
-        passes = _tie_split(values, high, below=True) * _tie_split(capped, low, below=False)
+    if clip_form == "delta":
+        x, low, high = values - old_values, torch.full_like(values, -clip), torch.full_like(values, clip)
+    elif clip_form == "bounds":
+        x, low, high = values, old_values - clip, old_values + clip
     else:
-        passes = ((values >= low) & (values <= high)).to(values.dtype)
+        raise ValueError(f"unknown value clip form {clip_form!r}; valid: {', '.join(VALUE_CLIP_FORMS)}")
+    capped = torch.minimum(x, high)
+    clipped_x = torch.maximum(capped, low)
+    if clip_ties == "split":
+        passes = _tie_split(x, high, below=True) * _tie_split(capped, low, below=False)
+    else:
+        passes = ((x >= low) & (x <= high)).to(values.dtype)
+    clipped_v = old_values + clipped_x if clip_form == "delta" else clipped_x
     clipped = (clipped_v - returns).square()
     d_clipped = (clipped_v - returns) * passes
     loss = 0.5 * torch.maximum(unclipped, clipped)

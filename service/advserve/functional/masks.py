@@ -122,16 +122,25 @@ def aggregation_weights(
     num_sequences: float | None = None,
     loss_scale_factor: float | None = None,
     seq_denominator: str = "nonempty",
+    dp_size: int = 1,
 ) -> Tensor:
     """Weight w [B, T] of each token's loss so that the aggregated loss is Σ_t w_t ℓ_t.
 
     valid [B, T]: the 0/1 mask in the compute dtype; lengths [B]: valid tokens per row, same dtype.
     N = `num_tokens` (default Σ L_i), S = `num_sequences` (default: rows with L_i > 0, or all B rows
-    with `seq_denominator` "all"), C = `loss_scale_factor` (default: the padded width T).
+    with `seq_denominator` "all"), C = `loss_scale_factor` (default: the padded width T), D = `dp_size`
+    (verl's agg_loss: data-parallel ranks whose gradients are averaged, so each rank's loss is × D).
 
-    token-mean: m/N · token-sum: m · seq-mean-token-mean: m/(S·L_i) · seq-mean-token-sum: m/S ·
-    seq-mean-token-sum-norm: m/(S·C).
+    token-mean: D·m/N · token-sum: D·m · seq-mean-token-mean: D·m/(S·L_i) · seq-mean-token-sum: D·m/S ·
+    seq-mean-token-sum-norm: D·m/(S·C).
     """
+    w = _aggregation_weights(valid, lengths, agg, num_tokens, num_sequences, loss_scale_factor, seq_denominator)
+    return w if dp_size == 1 else w * dp_size
+
+
+def _aggregation_weights(valid: Tensor, lengths: Tensor, agg: str, num_tokens: float | None,
+                         num_sequences: float | None, loss_scale_factor: float | None, seq_denominator: str) -> Tensor:
+    """`aggregation_weights` with D = 1."""
     on_device = not host_reads_are_free(valid.device)  # counts from the device stay 0-d tensors there
     if agg == "token-mean":
         if num_tokens is None and on_device:

@@ -4,7 +4,7 @@ metadata, and an inference request turned into the engine's domain request and i
 Models: every advantage estimator of the catalog is a model of its name ("grpo", "gae", ...) and
 "losses" is one more. Each has version "1" and platform "advserve". Inputs are the estimator's (or
 the loss terms') tensors under their API names; outputs are "advantages" and "returns", or
-"grad_logprobs", "grad_values", "grad_entropy" and "loss". Request parameters carry what the native
+"grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses", "kl_values" and "loss". Request parameters carry what the native
 API has as fields: "preset", "dtype", "layout", the estimator's parameters by name ("gamma",
 "kl_coef", ...), and for "losses" the terms' parameters as "<term>.<param>" ("policy_loss.clip_high",
 "kl_loss.coef") with "<term>" true/false switching a term on or off. docs/oip.md is the reference.
@@ -58,11 +58,13 @@ ACCEPTED: dict[str, frozenset[str]] = {  # input name -> datatypes it accepts; o
 PREFERRED = {"response_mask": "BOOL", "group_ids": "INT64", "cu_seqlens": "INT64"}  # others: FP32
 # request parameters every model takes (besides its own), and their kinds
 COMMON_PARAMETERS = {"preset": ("str", False), "dtype": ("str", False), "layout": ("str", False)}
-LOSS_PARAMETERS = {"num_tokens": ("float", False), "num_sequences": ("float", False)}
+LOSS_PARAMETERS = {"num_tokens": ("float", False), "num_sequences": ("float", False), "dp_size": ("int", False),
+                   "return_kl_values": ("bool", False)}
 # parameters of the protocol itself (Triton's names); "binary_data_output" is HTTP's, read there
 PROTOCOL_PARAMETERS = ("binary_data_output", "timeout", "priority", "sequence_id", "sequence_start", "sequence_end")
 TERM_OUTPUTS = {"grad_logprobs": ("policy_loss", "kl_loss"), "grad_values": ("value_loss",),
-                "grad_entropy": ("entropy_bonus",)}
+                "grad_entropy": ("entropy_bonus",), "grad_token_losses": ("token_loss",)}
+KL_VALUES = "kl_values"  # an output of the kl_loss term when return_kl_values is true
 
 
 @dataclass(frozen=True)
@@ -115,12 +117,13 @@ def build_models(catalog: Mapping[str, Any]) -> dict[str, Model]:
         models[entry["name"]] = Model(entry["name"], "advantages", {n: _input(n) for n in dict.fromkeys(names)},
                                       dict(token_out), {**COMMON_PARAMETERS, **params})
     losses = catalog["losses"]
-    names = ["response_mask", *(name for term in losses.values() for name in term["tensors"]), "cu_seqlens"]
+    names = ["response_mask", *(name for term in losses.values()
+                                for name in (*term["tensors"], *term.get("optional_tensors", ()))), "cu_seqlens"]
     params: dict[str, tuple[str, bool]] = {**COMMON_PARAMETERS, **LOSS_PARAMETERS}
     for term, spec in losses.items():
         params[term] = ("bool", False)
         params.update({f"{term}.{name}": _kind(p) for name, p in spec["params"].items()})
-    outputs = {name: TensorSpec(name, "FP32", (-1, -1)) for name in TERM_OUTPUTS}
+    outputs = {name: TensorSpec(name, "FP32", (-1, -1)) for name in (*TERM_OUTPUTS, KL_VALUES)}
     outputs["loss"] = TensorSpec("loss", "FP64", (1,))
     models[LOSSES] = Model(LOSSES, "losses", {n: _input(n) for n in dict.fromkeys(names)}, outputs, params)
     return models
@@ -347,8 +350,7 @@ class OipService:
             tensors = {"advantages": result.advantages, "returns": result.returns}
             parameters.update(_scalars(result.params))
         else:
-            tensors = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-                       "grad_entropy": result.grad_entropy}
+            tensors = result.output_tensors()
             parameters["loss"] = result.loss
             parameters.update(_scalars(result.components, "components."))
             parameters.update(_scalars(result.metrics, "metrics."))
@@ -451,7 +453,7 @@ def loss_request(params: dict[str, Any], tensors: dict[str, Any]) -> LossRequest
     terms: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(LossRequest)}
     switches = {name: value for name, value in params.items() if "." not in name and name in fields
-                and name not in ("preset", "dtype", "layout", "num_tokens", "num_sequences")}
+                and name not in ("preset", "dtype", "layout", *LOSS_PARAMETERS)}
     for term, on in switches.items():
         if not isinstance(on, bool):
             raise InvalidArgument(f"parameters.{term} must be true or false (a loss term on or off), got {on!r}",
@@ -466,16 +468,17 @@ def loss_request(params: dict[str, Any], tensors: dict[str, Any]) -> LossRequest
                                   field=f"parameters.{term}")
         terms.setdefault(term, {})[key] = value
     return LossRequest(tensors=tensors, preset=params.get("preset"), dtype=params.get("dtype"),
-                       layout=params.get("layout"), num_tokens=params.get("num_tokens"),
-                       num_sequences=params.get("num_sequences"), **terms)
+                       layout=params.get("layout"), **{name: params.get(name) for name in LOSS_PARAMETERS}, **terms)
 
 
 def produced_loss_outputs(request: LossRequest) -> list[str]:
-    """The outputs a loss request produces: each gradient whose term is on, and "loss" (a term is on
-    when given; policy_loss also when left out, as in the native API)."""
-    on = {name for name in ("policy_loss", "kl_loss", "value_loss", "entropy_bonus")
+    """The outputs a loss request produces: each gradient whose term is on, kl_values when asked for
+    (and kl_loss is on), and "loss" (a term is on when given; policy_loss also when left out, as in
+    the native API)."""
+    on = {name for name in ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "token_loss")
           if getattr(request, name) is not False and (getattr(request, name) is not None or name == "policy_loss")}
-    return [name for name, terms in TERM_OUTPUTS.items() if on & set(terms)] + ["loss"]
+    kl_values = [KL_VALUES] if request.return_kl_values is True and "kl_loss" in on else []
+    return [name for name, terms in TERM_OUTPUTS.items() if on & set(terms)] + kl_values + ["loss"]
 
 
 def requested_outputs(model: Model, requested: list[RequestedOutput] | None, produced: list[str]) -> list[RequestedOutput]:
@@ -488,6 +491,9 @@ def requested_outputs(model: Model, requested: list[RequestedOutput] | None, pro
                                   f"{', '.join(model.outputs)}", field=f"outputs.{wanted.name}")
         if wanted.name in seen:
             raise InvalidArgument(f"output {wanted.name!r} is requested twice", field=f"outputs.{wanted.name}")
+        if wanted.name == KL_VALUES and wanted.name not in produced:
+            raise InvalidArgument(f"output {KL_VALUES!r} is produced only when kl_loss is on and return_kl_values is "
+                                  "true", field=f"outputs.{wanted.name}")
         if wanted.name not in produced:
             terms = " or ".join(TERM_OUTPUTS[wanted.name])
             raise InvalidArgument(f"output {wanted.name!r} is produced only when {terms} is on",
@@ -499,8 +505,8 @@ def requested_outputs(model: Model, requested: list[RequestedOutput] | None, pro
 # --- errors ---------------------------------------------------------------------------------------------
 
 _RENAMES = (("params.", "parameters."), ("tensors.", "inputs."), ("estimator", "model_name"))
-_PARAMETER_FIELDS = ("preset", "dtype", "layout", "num_tokens", "num_sequences", "policy_loss", "kl_loss",
-                     "value_loss", "entropy_bonus", "rollout_correction")
+_PARAMETER_FIELDS = ("preset", "dtype", "layout", "num_tokens", "num_sequences", "dp_size", "return_kl_values",
+                     "policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "token_loss")
 
 
 def protocol_error(error: AdvserveError) -> AdvserveError:

@@ -85,8 +85,7 @@ class AdvserveServicer:
         mask = tensors.get("response_mask")
         call.batch = tuple(mask.shape) if mask is not None and mask.ndim == 2 else None
         result = await call.compute(self.scheduler.call(lambda: self.engine.compute_losses(domain)), work=domain)
-        grads = {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-                 "grad_entropy": result.grad_entropy}
+        grads = result.output_tensors()
         with call.phase("encode"):
             return protocol.losses_response_to_pb(
                 {"loss": result.loss, "components": result.components, "metrics": result.metrics,

@@ -514,7 +514,7 @@ def add_shared_memory_routes(app: FastAPI, runtime: Runtime, tags: list[str]) ->
 
 
 def _result_tensors(result: Any) -> list:
-    names = ("advantages", "returns", "grad_logprobs", "grad_values", "grad_entropy")
+    names = ("advantages", "returns", "grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses", "kl_values")
     return [t for t in (getattr(result, name, None) for name in names) if t is not None]
 
 

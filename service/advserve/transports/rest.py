@@ -84,21 +84,29 @@ class LossesBody(BaseModel):
                                   "cispo_cap, cispo_level, sequence_ratio_gradient, agg, loss_scale_factor, "
                                   f"seq_denominator; null = the preset's defaults ({_policy_default_text()}), "
                                   "false = no policy term")
-    kl_loss: TermSpec = Field(None, description="coef, estimator, clamp, agg, unbiased_gradient, importance_weighted; "
-                              "off unless given")
-    value_loss: TermSpec = Field(None, description="coef, clip, agg; off unless given")
-    entropy_bonus: TermSpec = Field(None, description="coef, agg; off unless given")
+    kl_loss: TermSpec = Field(None, description="coef, estimator, clamp, agg, loss_scale_factor, seq_denominator, "
+                              "unbiased_gradient, importance_weighted, gradient_estimator; off unless given")
+    value_loss: TermSpec = Field(None, description="coef, clip, clip_ties, clip_form, agg, loss_scale_factor, "
+                                 "seq_denominator; off unless given")
+    entropy_bonus: TermSpec = Field(None, description="coef, agg, loss_scale_factor, seq_denominator; off unless given")
     rollout_correction: TermSpec = Field(None, description="level, mode, low, high, log_clamp, gating, weight; "
                                          "off unless given")
+    token_loss: TermSpec = Field(None, description="coef, agg, loss_scale_factor, seq_denominator: coef · agg of "
+                                 "tensor token_losses (any per-token loss matrix); off unless given")
     num_tokens: float | None = Field(None, strict=True, description="global token count (token-mean) when this is "
-                                     "a shard")
+                                     "a shard; an error when no term aggregates with token-mean")
     num_sequences: float | None = Field(None, strict=True, description="global sequence count (seq-mean-*) when "
-                                        "this is a shard")
+                                        "this is a shard; an error when no term aggregates with a seq-mean mode")
+    dp_size: int | None = Field(None, strict=True, description="data-parallel size D (verl's agg_loss): every "
+                                "term × D; D > 1 needs the global num_tokens / num_sequences its aggregations read; "
+                                "null: 1")
+    return_kl_values: bool | None = Field(None, strict=True, description="true: the response carries kl_values "
+                                          "[B,T], the KL term's per-token estimate")
     dtype: Literal["float32", "float64"] | None = None
     layout: Literal["padded", "packed"] | None = None
     tensors: dict[str, Any] = Field(
         description="nested lists [B,T]: logprobs, old_logprobs, advantages, response_mask, ref_logprobs, values, "
-        "old_values, returns, entropy, rollout_logprobs")
+        "old_values, returns, entropy, rollout_logprobs, rollout_is_weights, token_losses")
     shared_memory_outputs: dict[str, Any] | None = Field(None, description=OUTPUTS_DESCRIPTION)
 
 
@@ -144,7 +152,8 @@ class LossesResponse(BaseModel):
     components: dict[str, float | None]
     metrics: dict[str, float]
     params: dict[str, Any]
-    tensors: dict[str, list] = Field(description="grad_logprobs, grad_values, grad_entropy [B,T] (those that apply)")
+    tensors: dict[str, list] = Field(description="grad_logprobs, grad_values, grad_entropy, grad_token_losses, "
+                                     "kl_values [B,T] (those that apply)")
 
 
 class WeightSummary(BaseModel):
@@ -306,8 +315,7 @@ def advantages_document(result: AdvantageResult) -> tuple[Callable[[], dict[str,
 def losses_document(result: LossResult) -> tuple[Callable[[], dict[str, Any]], dict[str, torch.Tensor | None]]:
     return (lambda: {"preset": result.preset, "loss": result.loss, "components": result.components,
                      "metrics": result.metrics, "params": result.params},
-            {"grad_logprobs": result.grad_logprobs, "grad_values": result.grad_values,
-             "grad_entropy": result.grad_entropy})
+            result.output_tensors())
 
 
 def _batch_shape(prepared: Any) -> tuple[int, int] | None:
@@ -410,13 +418,14 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/v1/losses", openapi_extra=body_schema(LossesBody),
               responses={200: {"model": LossesResponse, **binary_200}, **error_responses}, tags=["compute"])
     async def losses(request: Request):
-        """Policy, KL, value and entropy loss terms with per-token gradients."""
+        """Policy, KL, value, entropy and token loss terms with per-token gradients."""
 
         def prepare(body: LossesBody, tensors, charge):
             request = LossRequest(tensors=tensors, preset=body.preset, policy_loss=body.policy_loss,
                                   kl_loss=body.kl_loss, value_loss=body.value_loss, entropy_bonus=body.entropy_bonus,
-                                  rollout_correction=body.rollout_correction, num_tokens=body.num_tokens,
-                                  num_sequences=body.num_sequences, dtype=body.dtype, layout=body.layout)
+                                  rollout_correction=body.rollout_correction, token_loss=body.token_loss,
+                                  num_tokens=body.num_tokens, num_sequences=body.num_sequences, dp_size=body.dp_size,
+                                  return_kl_values=body.return_kl_values, dtype=body.dtype, layout=body.layout)
             charge(request)
             return request
 
