@@ -20,7 +20,8 @@ from .errors import InvalidArgument, NotFound, PayloadTooLarge
 from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
 from .functional.groups import Groups
 from .functional.kl import kl_and_grad
-from .functional.losses import Ratio, kl_loss, policy_loss, policy_ratio, spread_over_row, value_loss
+from .functional.losses import (PolicyTerm, Ratio, geometric_mean_weight, kl_loss, policy_ratio, policy_term,
+                               spread_over_row, value_loss)
 from .functional.masks import aggregation_weights, host_reads_are_free, masked_extremes, masked_sums, moments
 from .functional.rollout import rollout_weights
 from .functional.scan import use_kernels
@@ -273,11 +274,12 @@ class Engine:
             rho = None
             if "policy_loss" in terms:
                 rho = ratio()
-                loss_t, grad_t, spread = policy_loss(
-                    pol["mode"], rho, t["logprobs"], t["advantages"], clip_low=pol["clip_low"],
-                    clip_high=pol["clip_high"], dual_clip=pol["dual_clip"], ratio_cap=pol["ratio_cap"],
-                    cispo_cap=pol["cispo_cap"])
+                if pol["mode"] == "bypass_mode" and "rollout_is_weights" in t:
+                    raise InvalidArgument("bypass_mode computes its own importance weights (policy_loss.bypass_is); "
+                                          "verl ignores precomputed ones", field="tensors.rollout_is_weights")
+                term = policy_term(pol, rho, t["logprobs"], t["old_logprobs"], t["advantages"], mask, batch.lengths)
                 w = weights("policy_loss")
+                is_weight = None
                 if "rollout_correction" in terms:
                     rc = terms["rollout_correction"]
                     is_weight, outside = rollout_weights(
@@ -287,18 +289,22 @@ class Engine:
                     metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
                     metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
                     metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
-                    w = w * is_weight
                 elif "rollout_is_weights" in t:  # precomputed weights, as verl's policy losses apply them
                     is_weight = t["rollout_is_weights"]
                     metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
                     metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
-                    w = w * is_weight
-                policy = (w * loss_t).sum()
+                if is_weight is not None:  # geo_mean weighs a sequence by its tokens' geometric mean (verl)
+                    w = w * (geometric_mean_weight(is_weight, mask, batch.lengths) if pol["mode"] == "geo_mean"
+                             else is_weight)
+                policy = (w * term.loss).sum()
                 total = total + policy
-                add_grad(w * grad_t, spread)
+                if term.through is not None:  # a row-level ratio: every token's gradient through its row's sum
+                    grad_logprobs += term.through * (w * term.grad).sum(dim=1, keepdim=True)
+                else:
+                    add_grad(w * term.grad, term.spread)
                 components["policy"] = policy
                 metrics.update(policy_metrics(pol, rho.value, t["logprobs"], t["old_logprobs"], t["advantages"],
-                                              mask, batch))
+                                              mask, batch, term))
             if kl_params:
                 p = kl_params
                 kl_t, dkl, dkl_spread = kl_loss(
@@ -582,9 +588,10 @@ def if_any_token(value: float, tokens: int) -> float:
 
 
 def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
-                   mask: Tensor, batch: Batch) -> Pending:
+                   mask: Tensor, batch: Batch, term: PolicyTerm | None = None) -> Pending:
     """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics, as pending
-    entries for `read_numbers`."""
+    entries for `read_numbers`. `term`: the mode's `PolicyTerm`, for what only it knows (clip_cov's
+    and kl_cov's selected tokens, dppo's trust region, geo_mean's log-space clip, bypass_mode's weights)."""
     valid_ratio = ratio * mask
     low_ratio, high_ratio = masked_extremes(valid_ratio, mask, known_tokens(batch))
     out: Pending = {"approx_kl": ((old - logp).sum(), per_token), "ratio_mean": (valid_ratio.sum(), per_token),
@@ -595,14 +602,30 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
         return torch.count_nonzero(condition), per_token
 
     high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
-    if p["mode"] in ("ppo_clip", "gspo"):
+    mode = p["mode"]
+    clipping = mode in ("ppo_clip", "gspo", "clip_cov") or (mode == "bypass_mode" and p["bypass_loss"] == "ppo_clip")
+    if clipping:
         out["clip_fraction_high"] = fraction(high & (adv > 0))
         out["clip_fraction_low"] = fraction(low & (adv < 0))
-        if p["dual_clip"] is not None:
+        if p["dual_clip"] is not None and mode != "clip_cov":
             out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0))
-        if p["ratio_cap"] is not None:
+        if p["ratio_cap"] is not None and mode in ("ppo_clip", "gspo"):
             out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & mask)
-    elif p["mode"] == "cispo":
+    if term is not None and mode in ("clip_cov", "kl_cov"):  # verl's clip_cov pg_clipfrac
+        out["cov_selected_fraction"] = fraction(term.dropped)
+    elif term is not None and mode in ("geo_mean", "dppo_tv", "dppo_kl"):
+        # geo_mean: lp − old outside its log-space bounds (verl's pg_clipfrac / _lower); dppo: outside the
+        # trust region, by the side A's sign tests (the two add up to verl's pg_clipfrac)
+        out["clip_fraction_high"] = fraction(term.dropped & (adv > 0))
+        out["clip_fraction_low"] = fraction(term.dropped & (adv < 0 if mode == "geo_mean" else adv <= 0) & mask)
+        if mode != "geo_mean" and p["ratio_cap"] is not None:  # verl's dppo pg_clipfrac_lower
+            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & ~term.dropped & mask)
+    if term is not None and term.is_weights is not None:
+        metrics_w = term.is_weights
+        out["rollout_is_weight_mean"] = (metrics_w.sum(), per_token)
+        out["rollout_is_weight_max"] = (metrics_w.max() if metrics_w.numel() else 0.0, if_any_token)
+        out["rollout_is_fraction_outside"] = fraction(term.is_outside)
+    if mode == "cispo":
         if p["cispo_cap"] is not None:
             high, low = ratio > p["cispo_cap"], torch.zeros_like(mask)
         out["clip_fraction_high"] = fraction(high & mask)

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidArgument
 from .functional.kl import KL_ESTIMATORS
-from .functional.losses import POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS, VALUE_CLIP_FORMS
+from .functional.losses import BYPASS_IS_LEVELS, BYPASS_LOSSES, POLICY_LOSS_MODES, SEQUENCE_RATIO_GRADIENTS, VALUE_CLIP_FORMS
 from .functional.masks import AGG_MODES
 from .functional.rollout import ROLLOUT_GATINGS, ROLLOUT_LEVELS, ROLLOUT_WEIGHTS
 from .params import ParamSpec, neutral
@@ -29,12 +29,43 @@ def _term_normalizers(term: str) -> tuple[ParamSpec, ParamSpec]:
                     choices=SEQ_DENOMINATORS))
 
 
+# the parameters of verl 0.9.1's other policy losses (verl's names where they are its own: ActorConfig
+# tau_pos/tau_neg, PolicyLossConfig clip_cov_*, kl_cov_ratio, dro_beta; ppo_kl_coef is kl_cov_coef here)
+VERL_MODE_SPECS = (
+    neutral("dro_beta", float, "dro: β of the quadratic log-ratio penalty ½β(lp − old)² (verl requires it: no "
+            "default)", None, nullable=True, **_POSITIVE),
+    neutral("tau_pos", float, "sapo: gate temperature τ where A > 0", 1.0, **_POSITIVE),
+    neutral("tau_neg", float, "sapo: gate temperature τ where A ≤ 0", 1.05, **_POSITIVE),
+    neutral("clip_cov_ratio", float, "clip_cov: share of the valid tokens whose gradient is cut (at least one)",
+            0.0002, maximum=1.0, **_POSITIVE),
+    neutral("clip_cov_lb", float, "clip_cov: a candidate's centred covariance (A − Ā)(lp − l̄) is > clip_cov_lb",
+            1.0),
+    neutral("clip_cov_ub", float, "clip_cov: ... and < clip_cov_ub", 5.0),
+    neutral("clip_cov_seed", int, "clip_cov: seed of the draw among the candidates (torch.randperm on a CPU "
+            "generator; verl draws from torch's global generator)", 0, minimum=0.0),
+    neutral("kl_cov_ratio", float, "kl_cov: share of the valid tokens (the largest covariances, at least one) "
+            "that get the |lp − old| penalty", 0.0002, maximum=1.0, **_POSITIVE),
+    neutral("kl_cov_coef", float, "kl_cov: coefficient of |lp − old| on those tokens (verl's ppo_kl_coef)", 0.1,
+            minimum=0.0),
+    neutral("bypass_loss", str, "bypass_mode: the loss on the ratio to the rollout policy (old_logprobs are "
+            "the rollout's): ppo_clip (the ratio is the correction) or reinforce (−A·lp·sg(w))", "ppo_clip",
+            choices=BYPASS_LOSSES),
+    neutral("bypass_is", str, "bypass_mode: importance weight w = π/π_rollout per token or per sequence "
+            "(product), log clamped ±20, detached; null: none (w = 1)", "sequence", nullable=True,
+            choices=BYPASS_IS_LEVELS),
+    neutral("bypass_is_high", float, "bypass_mode: w truncated above at this bound (verl's "
+            "rollout_is_threshold)", 2.0, **_POSITIVE),
+    neutral("bypass_is_low", float, "bypass_mode: with a value, w is zeroed outside [low, high] instead of "
+            "truncated (verl's 'low_high' threshold, IcePop); null: truncation", None, nullable=True, **_POSITIVE),
+)
+
 LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
     "policy_loss": {
         s.name: s
         for s in (
-            ParamSpec("mode", str, "ppo_clip | gspo (sequence ratio) | cispo | reinforce (the seed's surrogate)",
-                      choices=POLICY_LOSS_MODES),
+            ParamSpec("mode", str, "ppo_clip | gspo (sequence ratio) | cispo | reinforce (the seed's surrogate) | "
+                      "verl's dro, sapo, gpg (−A·log π), clip_cov, kl_cov, geo_mean (GMPO), dppo_tv, dppo_kl, "
+                      "bypass_mode (docs/semantics.md)", choices=POLICY_LOSS_MODES),
             ParamSpec("clip_low", float, "ε_low: the ratio is clipped below at 1 − clip_low", minimum=0.0, maximum=1.0),
             ParamSpec("clip_high", float, "ε_high: the ratio is clipped above at 1 + clip_high", minimum=0.0),
             ParamSpec("dual_clip", float, "dual-clip c (> 1) capping the loss at −c·A for A < 0 (ppo_clip, gspo); "
@@ -50,6 +81,7 @@ LOSS_TERMS: dict[str, dict[str, ParamSpec]] = {
             neutral("sequence_ratio_gradient", str, "how a sequence ratio passes its gradient: token_trick "
                     "(verl: sg(s)·exp(lp − sg(lp)), each token its own) or through_mean (OpenRLHF, TRL)",
                     "token_trick", choices=SEQUENCE_RATIO_GRADIENTS),
+            *VERL_MODE_SPECS,
             ParamSpec("agg", str, "aggregation of per-token losses (also of the kl, value and entropy terms whose "
                       "agg is null)", choices=AGG_MODES),
             ParamSpec("loss_scale_factor", float, "constant divisor C of seq-mean-token-sum-norm; null: padded width T",
@@ -136,6 +168,18 @@ POLICY_MODE_PARAMS: dict[str, tuple[str, ...]] = {
     # sequence_ratio_gradient: at cispo_level "sequence"; clip_low/clip_high: without a cispo_cap
     "cispo": ("clip_low", "clip_high", "ratio_clamp", "cispo_cap", "cispo_level", "sequence_ratio_gradient"),
     "reinforce": ("ratio_clamp",),
+    "dro": ("dro_beta",),
+    "sapo": ("ratio_clamp", "tau_pos", "tau_neg"),
+    "gpg": (),
+    "clip_cov": ("clip_low", "clip_high", "ratio_clamp", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
+                 "clip_cov_seed"),
+    "kl_cov": ("ratio_clamp", "kl_cov_ratio", "kl_cov_coef"),
+    "geo_mean": ("clip_low", "clip_high", "ratio_clamp"),  # bounds of lp − old (log space)
+    "dppo_tv": ("clip_low", "clip_high", "ratio_clamp", "ratio_cap"),  # clip_*: the divergence thresholds
+    "dppo_kl": ("clip_low", "clip_high", "ratio_clamp", "ratio_cap"),
+    # clip_low/clip_high/dual_clip: bypass_loss ppo_clip; the weights are computed (metrics) for both
+    "bypass_mode": ("clip_low", "clip_high", "dual_clip", "ratio_clamp", "bypass_loss", "bypass_is",
+                    "bypass_is_high", "bypass_is_low"),
 }
 REFUSED_FOR_OTHER_MODES = ("cispo_cap", "ratio_cap")
 
@@ -186,6 +230,17 @@ def check_loss_terms(terms: Mapping[str, Mapping[str, Any]], given: Mapping[str,
             if set_policy.get(name) is not None and mode not in modes:
                 raise InvalidArgument(f"policy_loss.{name} applies to mode {' or '.join(modes)}, not {mode!r}",
                                       field=f"policy_loss.{name}")
+        if mode == "dro" and policy["dro_beta"] is None:
+            raise InvalidArgument("policy_loss.dro_beta must be set (> 0) for mode 'dro' (verl requires it too)",
+                                  field="policy_loss.dro_beta")
+        if mode == "bypass_mode":
+            if policy["bypass_is_low"] is not None and policy["bypass_is_low"] > policy["bypass_is_high"]:
+                raise InvalidArgument("policy_loss.bypass_is_low must be <= bypass_is_high",
+                                      field="policy_loss.bypass_is_low")
+            if "rollout_correction" in terms:
+                raise InvalidArgument("bypass_mode computes its own importance weights against the rollout policy "
+                                      "(old_logprobs are the rollout's: policy_loss.bypass_is); rollout_correction "
+                                      "is for a separate old policy", field="rollout_correction")
         if set_policy.get("cispo_level") == "sequence" and mode != "cispo":
             raise InvalidArgument(f"policy_loss.cispo_level applies to mode 'cispo', not {mode!r} (gspo is the "
                                   "sequence-level ppo_clip)", field="policy_loss.cispo_level")

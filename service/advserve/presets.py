@@ -182,6 +182,19 @@ _VERL_OPTIONS = {
         "rollout_correction.level, mode='truncate' (high=H) or 'mask' (low=L, high=H)",
 }
 
+# verl's log-ratio clamp: ±20 (vanilla, cispo, sapo, dppo, bypass_mode), 10 above for gspo, none in
+# clip_cov, kl_cov and geo_mean. verl 0.9.1's other policy losses: dppo truncates
+# its detached ratio at clip_ratio_c (ActorConfig: 3.0); sapo aggregates seq-mean-token-mean whatever
+# loss_agg_mode says, geo_mean means its sequence losses over all B rows (torch.mean); the other parameters
+# keep their own defaults (verl's: ActorConfig tau_pos/tau_neg, PolicyLossConfig clip_cov_*, kl_cov_*,
+# rollout_correction's rollout_is 'sequence' with threshold 2.0 for bypass_mode)
+_VERL_POLICY_MODES = {
+    "ratio_clamp": DependsOn("mode", {"gspo": 10.0, "clip_cov": None, "kl_cov": None, "geo_mean": None}, 20.0),
+    "ratio_cap": DependsOn("mode", {"dppo_tv": 3.0, "dppo_kl": 3.0}, None),
+    "agg": DependsOn("mode", {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}, "token-mean"),
+    "seq_denominator": DependsOn("mode", {"geo_mean": "all"}, "nonempty"),
+}
+
 VERL = Preset(
     name="verl",
     library="verl 0.9.1",
@@ -211,9 +224,8 @@ VERL = Preset(
     losses={
         # verl's gspo has no dual clip (compute_policy_loss_gspo ignores clip_ratio_c)
         "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2,
-                               "dual_clip": DependsOn("mode", {"gspo": None}, 3.0),
-                               "ratio_clamp": DependsOn("mode", {"gspo": 10.0}, 20.0), "agg": "token-mean",
-                               "loss_scale_factor": None},
+                               "dual_clip": DependsOn("mode", {"gspo": None}, 3.0), "loss_scale_factor": None,
+                               **_VERL_POLICY_MODES},  # ratio_clamp, ratio_cap, agg, seq_denominator
         "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": DependsOn("estimator", {"k3": 10.0}, None)},
         "value_loss": {"coef": 1.0, "clip": 0.5, "clip_ties": "split", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},

@@ -118,6 +118,27 @@ class PolicyLossMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_LOSS_MODE_GSPO: _ClassVar[PolicyLossMode]
     POLICY_LOSS_MODE_CISPO: _ClassVar[PolicyLossMode]
     POLICY_LOSS_MODE_REINFORCE: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_DRO: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_SAPO: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_GPG: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_CLIP_COV: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_KL_COV: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_GEO_MEAN: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_DPPO_TV: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_DPPO_KL: _ClassVar[PolicyLossMode]
+    POLICY_LOSS_MODE_BYPASS_MODE: _ClassVar[PolicyLossMode]
+
+class BypassLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BYPASS_LOSS_UNSPECIFIED: _ClassVar[BypassLoss]
+    BYPASS_LOSS_PPO_CLIP: _ClassVar[BypassLoss]
+    BYPASS_LOSS_REINFORCE: _ClassVar[BypassLoss]
+
+class BypassIs(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BYPASS_IS_UNSPECIFIED: _ClassVar[BypassIs]
+    BYPASS_IS_TOKEN: _ClassVar[BypassIs]
+    BYPASS_IS_SEQUENCE: _ClassVar[BypassIs]
 
 class SeqDenominator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -235,6 +256,21 @@ POLICY_LOSS_MODE_PPO_CLIP: PolicyLossMode
 POLICY_LOSS_MODE_GSPO: PolicyLossMode
 POLICY_LOSS_MODE_CISPO: PolicyLossMode
 POLICY_LOSS_MODE_REINFORCE: PolicyLossMode
+POLICY_LOSS_MODE_DRO: PolicyLossMode
+POLICY_LOSS_MODE_SAPO: PolicyLossMode
+POLICY_LOSS_MODE_GPG: PolicyLossMode
+POLICY_LOSS_MODE_CLIP_COV: PolicyLossMode
+POLICY_LOSS_MODE_KL_COV: PolicyLossMode
+POLICY_LOSS_MODE_GEO_MEAN: PolicyLossMode
+POLICY_LOSS_MODE_DPPO_TV: PolicyLossMode
+POLICY_LOSS_MODE_DPPO_KL: PolicyLossMode
+POLICY_LOSS_MODE_BYPASS_MODE: PolicyLossMode
+BYPASS_LOSS_UNSPECIFIED: BypassLoss
+BYPASS_LOSS_PPO_CLIP: BypassLoss
+BYPASS_LOSS_REINFORCE: BypassLoss
+BYPASS_IS_UNSPECIFIED: BypassIs
+BYPASS_IS_TOKEN: BypassIs
+BYPASS_IS_SEQUENCE: BypassIs
 SEQ_DENOMINATOR_UNSPECIFIED: SeqDenominator
 SEQ_DENOMINATOR_NONEMPTY: SeqDenominator
 SEQ_DENOMINATOR_ALL: SeqDenominator
@@ -448,7 +484,7 @@ class ComputeAdvantagesResponse(_message.Message):
     def __init__(self, advantages: _Optional[_Union[Tensor, _Mapping]] = ..., returns: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[AdvantageStats, _Mapping]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class PolicyLoss(_message.Message):
-    __slots__ = ("mode", "clip_low", "clip_high", "dual_clip", "no_dual_clip", "ratio_clamp", "no_ratio_clamp", "agg", "loss_scale_factor", "no_loss_scale_factor", "ratio_cap", "no_ratio_cap", "cispo_cap", "no_cispo_cap", "cispo_level", "sequence_ratio_gradient", "seq_denominator")
+    __slots__ = ("mode", "clip_low", "clip_high", "dual_clip", "no_dual_clip", "ratio_clamp", "no_ratio_clamp", "agg", "loss_scale_factor", "no_loss_scale_factor", "ratio_cap", "no_ratio_cap", "cispo_cap", "no_cispo_cap", "cispo_level", "sequence_ratio_gradient", "seq_denominator", "dro_beta", "no_dro_beta", "tau_pos", "tau_neg", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "clip_cov_seed", "kl_cov_ratio", "kl_cov_coef", "bypass_loss", "bypass_is", "no_bypass_is", "bypass_is_high", "bypass_is_low", "no_bypass_is_low")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CLIP_LOW_FIELD_NUMBER: _ClassVar[int]
     CLIP_HIGH_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +502,22 @@ class PolicyLoss(_message.Message):
     CISPO_LEVEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_RATIO_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     SEQ_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    DRO_BETA_FIELD_NUMBER: _ClassVar[int]
+    NO_DRO_BETA_FIELD_NUMBER: _ClassVar[int]
+    TAU_POS_FIELD_NUMBER: _ClassVar[int]
+    TAU_NEG_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COV_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COV_LB_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COV_UB_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COV_SEED_FIELD_NUMBER: _ClassVar[int]
+    KL_COV_RATIO_FIELD_NUMBER: _ClassVar[int]
+    KL_COV_COEF_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_IS_FIELD_NUMBER: _ClassVar[int]
+    NO_BYPASS_IS_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_IS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_IS_LOW_FIELD_NUMBER: _ClassVar[int]
+    NO_BYPASS_IS_LOW_FIELD_NUMBER: _ClassVar[int]
     mode: PolicyLossMode
     clip_low: float
     clip_high: float
@@ -483,7 +535,23 @@ class PolicyLoss(_message.Message):
     cispo_level: CispoLevel
     sequence_ratio_gradient: SequenceRatioGradient
     seq_denominator: SeqDenominator
-    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ...) -> None: ...
+    dro_beta: float
+    no_dro_beta: bool
+    tau_pos: float
+    tau_neg: float
+    clip_cov_ratio: float
+    clip_cov_lb: float
+    clip_cov_ub: float
+    clip_cov_seed: int
+    kl_cov_ratio: float
+    kl_cov_coef: float
+    bypass_loss: BypassLoss
+    bypass_is: BypassIs
+    no_bypass_is: bool
+    bypass_is_high: float
+    bypass_is_low: float
+    no_bypass_is_low: bool
+    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., dro_beta: _Optional[float] = ..., no_dro_beta: _Optional[bool] = ..., tau_pos: _Optional[float] = ..., tau_neg: _Optional[float] = ..., clip_cov_ratio: _Optional[float] = ..., clip_cov_lb: _Optional[float] = ..., clip_cov_ub: _Optional[float] = ..., clip_cov_seed: _Optional[int] = ..., kl_cov_ratio: _Optional[float] = ..., kl_cov_coef: _Optional[float] = ..., bypass_loss: _Optional[_Union[BypassLoss, str]] = ..., bypass_is: _Optional[_Union[BypassIs, str]] = ..., no_bypass_is: _Optional[bool] = ..., bypass_is_high: _Optional[float] = ..., bypass_is_low: _Optional[float] = ..., no_bypass_is_low: _Optional[bool] = ...) -> None: ...
 
 class KLLoss(_message.Message):
     __slots__ = ("coef", "estimator", "clamp", "no_clamp", "agg", "no_agg", "unbiased_gradient", "importance_weighted", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator", "gradient_estimator", "no_gradient_estimator")
