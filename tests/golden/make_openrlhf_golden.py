@@ -418,6 +418,39 @@ def build_cases():
                        "rollout_correction": {**RC, "level": "token", "mode": "truncate", "low": 0.5, "high": 5.0}},
          lt(Ml, ref=True, entropy=True, values=True, rollout=True, spread=0.5))
 
+    # ---- value-clip ties that are ties only after rounding (appended last: the cases above keep their draws).
+    # ValueLoss clamps v − v_old to ±clip and adds it back: where v = fl(v_old ± clip), fl(v − v_old) can miss
+    # ±clip by an ulp (the clamp then passes no gradient, or all of it) while v_old + clamp(...) == v, a tie
+    # of torch.max that halves dL/dv.
+    def rounding_ties(m, clip):
+        t = lt(m, values=True)
+        old_v, v = np.array(t["old_values"]), np.array(t["values"])
+        above = below = 0
+        for i, j in zip(*np.nonzero(m)):
+            sign = 1.0 if (i + j) % 2 == 0 else -1.0
+            for _ in range(200):  # an old value whose fl(old ± clip) − old is not ±clip exactly
+                o = float(rnd((), 0.8))
+                tied = o + sign * clip
+                if (tied - o) != sign * clip:
+                    break
+            old_v[i, j], v[i, j] = o, tied
+            above += abs(tied - o) > clip
+            below += abs(tied - o) < clip
+        assert above and below, (above, below)
+        t["old_values"], t["values"] = (old_v * m).tolist(), (v * m).tolist()
+        return t
+
+    for clip in (0.2, 0.5):
+        loss(f"value_loss/rounding-ties-clip-{clip}", {"policy_loss": PL, "value_loss": {"coef": 1.0, "clip": clip,
+                                                                                          "agg": "token-mean"}},
+             rounding_ties(Ml, clip), note="v = fl(v_old ± clip) on every token: |fl(v − v_old)| misses clip by an "
+             "ulp on some (OpenRLHF halves dL/dv there, or passes it whole), hits it on others")
+    t = lt(pad("1"), values=True)
+    t.update(values=[[0.30000000000000004]], old_values=[[0.1]], returns=[[2.0]])
+    loss("value_loss/issue-16-rounding-tie", {"policy_loss": PL, "value_loss": {"coef": 1.0, "clip": 0.2,
+                                                                                 "agg": "token-mean"}}, t,
+         note="issue 16: returns 2.0, clip 0.2, old 0.1, values 0.30000000000000004: value loss 1.445, dL/dv −0.85")
+
 
 def tolist(x):
     return None if x is None else x.detach().cpu().tolist()
