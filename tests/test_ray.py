@@ -1,0 +1,370 @@
+"""advserve on Ray Serve (advserve.ray, docs/deploy.md): one Ray start and one application for the module,
+two replicas of the AdvServe deployment built from deploy/ray/serve_config.yaml (its import path, args and
+deployment options; two fixed replicas of a quarter CPU instead of its autoscaling).
+
+* every estimator/preset pair of the catalog and every loss mode/preset through `RayClient` is the
+  in-process result bit for bit (tensors, statistics, parameters), on read-only numpy inputs (what the
+  object store hands a replica), and torch in gives torch out;
+* invalid requests raise the `advserve_client.errors` class and field the in-process API raises, never a
+  Ray exception;
+* a batch sharded across the replicas (`shards=k`) equals the one call: GRPO, RLOO, GAE and REINFORCE++
+  with whitening bit for bit; a seq-mean loss's gradients bit for bit, its loss to the last bits;
+* Serve's HTTP proxy answers REST as `advserve serve`'s app does (auth included), and the stock
+  tritonclient.grpc works against Serve's gRPC proxy;
+* a replica killed under load loses no request (the client retries `Unavailable` on the other replica).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import advserve
+import advserve_client
+import advserve_client._retry
+from advserve_client import errors as client_errors
+from conftest import ROOT
+from advserve.testing import free_port
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz_transports as fz  # noqa: E402
+
+import ray  # noqa: E402 - advserve[ray], in the test extra
+from ray import serve  # noqa: E402
+from ray.serve.config import gRPCOptions  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from advserve.ray import RayClient, build_app, sharding  # noqa: E402
+from advserve.ray.deployment import Options, deployment  # noqa: E402
+
+CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
+TOKEN = "ray-test-token"
+
+
+def _config() -> ServeDeploySchema:
+    return ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Ray (2 CPUs, no dashboard), Serve's proxies on free ports, the application of the config file
+    with two replicas; its settings as the file gives them plus a bearer token for the ingress."""
+    config = _config()
+    app = config.applications[0]
+    spec = app.deployments[0]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port,
+                                         grpc_servicer_functions=config.grpc_options.grpc_servicer_functions))
+    settings = {**app.args["settings"], "auth_token": TOKEN}
+    options = Options(num_replicas=2, num_cpus=0.25, max_ongoing_requests=spec.max_ongoing_requests,
+                      max_queued_requests=spec.max_queued_requests)
+    serve.run(deployment(options).bind(settings), name=app.name, route_prefix=app.route_prefix)
+    try:
+        yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "app": app.name,
+               "settings": settings}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return RayClient(cluster["app"], timeout=60.0)
+
+
+def read_only(tensors: dict) -> dict:
+    """The tensors as read-only numpy arrays (lists as they are): what a replica gets from the object store."""
+    out = {}
+    for name, value in tensors.items():
+        if isinstance(value, np.ndarray):
+            value = value.copy()
+            value.setflags(write=False)
+        out[name] = value
+    return out
+
+
+def through(client: RayClient, case: fz.Case) -> fz.Outcome:
+    """The case through the RayClient, as an Outcome (an error: its code and field)."""
+    doc = dict(case.document)
+    try:
+        if case.kind == "advantages":
+            result = client.compute_advantages(doc.pop("estimator"), **doc, **case.tensors)
+        else:
+            result = client.compute_losses(**doc, **case.tensors)
+    except client_errors.AdvserveError as exc:
+        return fz.Outcome(error=(exc.code, exc.field), status=None, message=str(exc))
+    return fz._result_outcome(case.kind, result)
+
+
+def same_as_in_process(client: RayClient, case: fz.Case) -> fz.Outcome:
+    case.tensors = read_only(case.tensors)
+    before = {name: v.copy() for name, v in case.tensors.items() if isinstance(v, np.ndarray)}
+    expected = fz.in_process(case)
+    got = through(client, case)
+    found = fz.differences(expected, got)
+    assert not found, f"{case.repro()}\nin process: {expected.brief()}\nray: {got.brief()}\n" + "; ".join(found[:4])
+    for name, value in before.items():  # nothing wrote into the inputs
+        assert value.dtype == case.tensors[name].dtype and value.tobytes() == case.tensors[name].tobytes(), name
+    return expected
+
+
+# --- the handle: the in-process function, bit for bit -------------------------------------------------
+
+
+def test_every_estimator_and_preset_is_the_in_process_result(client):
+    for index, (estimator, preset) in enumerate(fz.estimator_presets()):
+        for seed in (index, 1000 + index):
+            same_as_in_process(client, fz.advantage_case(fz.RandomDraw(seed), estimator, preset))
+
+
+def test_every_loss_mode_and_preset_is_the_in_process_result(client):
+    for index, (mode, preset) in enumerate((m, p) for m in (*fz.MODES, None) for p in fz.PRESETS):
+        for seed in (index, 2000 + index):
+            same_as_in_process(client, fz.loss_case(fz.RandomDraw(seed), mode, preset))
+
+
+def test_invalid_requests_raise_the_in_process_error_and_field(client):
+    codes = {}
+    for index, variant in enumerate(fz.INVALID):
+        case = fz.invalid_case(fz.RandomDraw(3000 + index), variant)
+        expected = same_as_in_process(client, case)
+        codes[variant] = expected.error
+    assert codes["unknown_estimator"] == ("not_found", "estimator")
+    assert codes["nan_unmasked"][0] == "invalid_argument" and codes["nan_unmasked"][1].startswith("tensors.")
+
+
+def test_errors_are_the_clients_typed_errors_not_ray_exceptions(client):
+    mask = np.ones((2, 3), bool)
+    with pytest.raises(client_errors.InvalidArgument) as caught:
+        client.compute_advantages("grpo", rewards=np.array([1.0, 0.0]), response_mask=mask)
+    assert caught.value.field == "tensors.group_ids" and type(caught.value).__module__ == "advserve_client.errors"
+    with pytest.raises(client_errors.NotFound) as caught:
+        client.compute_advantages("nope", rewards=np.array([1.0, 0.0]), response_mask=mask)
+    assert caught.value.field == "estimator"
+    with pytest.raises(client_errors.InvalidArgument) as caught:  # refused in the client, as Client does
+        client.compute_advantages("grpo", rewards=np.array([1.0, 0.0]), response_mask=mask, group_ids=[1, "1"])
+    assert caught.value.field == "tensors.group_ids"
+
+
+def test_torch_in_torch_out_and_analysis(client):
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5, dtype=torch.float64)
+    tensors = dict(logprobs=logp, old_logprobs=logp + 0.1 * torch.randn(4, 5, dtype=torch.float64),
+                   advantages=torch.randn(4, 5, dtype=torch.float64), response_mask=torch.ones(4, 5, dtype=torch.bool))
+    got = client.compute_losses(preset="verl", **tensors)
+    expected = advserve.compute_losses(preset="verl", **tensors)
+    assert isinstance(got, advserve_client.LossResult) and isinstance(got.grad_logprobs, torch.Tensor)
+    assert torch.equal(got.grad_logprobs, expected.grad_logprobs) and got.loss == expected.loss
+    batch = dict(rewards=np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]), response_mask=np.ones((6, 4), bool),
+                 group_ids=np.array([0, 0, 0, 1, 1, 1]))
+    assert client.analyze(["grpo", "rloo"], **batch) == advserve.analyze(["grpo", "rloo"], **batch)
+    assert client.list_estimators() == advserve.catalog()
+
+
+def test_calls_reach_both_replicas(client):
+    pids = {client.handle.pid.remote().result() for _ in range(40)}
+    assert len(pids) == 2
+
+
+# --- sharding: one batch across the replicas ---------------------------------------------------------
+
+
+def _grouped_batch(seed: int, b: int = 24, t: int = 37):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, t + 1, b)
+    mask = np.arange(t) < lengths[:, None]
+    groups = rng.permutation(np.repeat(np.arange(b // 4), 4))  # groups scattered through the batch
+    return rng, mask, groups
+
+
+@pytest.mark.parametrize("estimator,params", [
+    ("grpo", {}),
+    ("rloo", {"whiten": True}),
+    ("gae", {"whiten": True}),
+    ("reinforce_pp", {"whiten": True}),
+    ("dr_grpo", {}),
+])
+def test_a_sharded_batch_is_the_one_call_result_bit_for_bit(cluster, estimator, params):
+    rng, mask, groups = _grouped_batch(7)
+    b, t = mask.shape
+    tensors = dict(rewards=rng.integers(0, 2, b).astype(np.float64), response_mask=mask, group_ids=groups)
+    if estimator in ("gae",):
+        tensors["values"] = rng.standard_normal((b, t)) * mask
+    if estimator in ("reinforce_pp", "gae"):
+        del tensors["group_ids"]
+    one = advserve.compute_advantages(estimator, params=params, dtype="float64", **tensors)
+    for shards in (2, 3):
+        sharded = RayClient(cluster["app"], shards=shards).compute_advantages(estimator, params=params,
+                                                                              dtype="float64", **tensors)
+        assert np.array_equal(sharded.advantages, one.advantages) and np.array_equal(sharded.returns, one.returns)
+        assert sharded.advantages.tobytes() == one.advantages.tobytes()  # signed zeros too
+        assert sharded.stats == one.stats and sharded.params == one.params
+
+
+def test_the_sharding_plan_keeps_groups_whole_and_whitening_in_two_passes():
+    rng, mask, groups = _grouped_batch(11, b=40)
+    engine = advserve.Engine("cpu")
+    request = advserve.AdvantageRequest("rloo", {"rewards": rng.random(40), "response_mask": mask, "group_ids": groups},
+                                        params={"whiten": True})
+    plan = sharding.plan(engine.prepare_advantages(request), 3)
+    assert plan.mode == "two_pass" and len(plan.shards) == 3
+    assert sorted(np.concatenate(plan.shards).tolist()) == list(range(40))
+    owner = {int(g): k for k, rows in enumerate(plan.shards) for g in groups[rows]}
+    assert all(owner[int(g)] == k for k, rows in enumerate(plan.shards) for g in groups[rows])  # never split
+    batch_std = advserve.AdvantageRequest("grpo", request.tensors, params={"std_scope": "batch"}, preset="trl")
+    assert sharding.plan(engine.prepare_advantages(batch_std), 3).mode == "whole"
+    assert sharding.plan(engine.prepare_advantages(advserve.AdvantageRequest("grpo", request.tensors)), 3).mode == "rows"
+
+
+def test_a_sharded_seq_mean_loss_has_the_one_call_gradients(cluster):
+    rng = np.random.default_rng(5)
+    b, t = 21, 30
+    mask = np.arange(t) < rng.integers(0, t + 1, b)[:, None]
+    logp = rng.standard_normal((b, t)) * mask
+    tensors = dict(logprobs=logp, old_logprobs=logp + 0.2 * rng.standard_normal((b, t)) * mask,
+                   advantages=rng.standard_normal((b, t)) * mask, response_mask=mask,
+                   ref_logprobs=logp + 0.1 * rng.standard_normal((b, t)) * mask,
+                   entropy=rng.random((b, t)) * mask)
+    kwargs = dict(preset="verl", policy_loss={"agg": "seq-mean-token-mean"}, kl_loss={"coef": 0.1},
+                  entropy_bonus={"coef": 0.01}, dtype="float64")
+    one = advserve.compute_losses(**kwargs, **tensors)
+    for shards in (2, 3):
+        got = RayClient(cluster["app"], shards=shards).compute_losses(**kwargs, **tensors)
+        assert got.grad_logprobs.tobytes() == one.grad_logprobs.tobytes()
+        assert got.grad_entropy.tobytes() == one.grad_entropy.tobytes()
+        assert got.loss == pytest.approx(one.loss, rel=1e-14, abs=1e-15)
+        for name, value in one.components.items():
+            assert (got.components[name] is None) == (value is None)
+            if value is not None:
+                assert got.components[name] == pytest.approx(value, rel=1e-14, abs=1e-15)
+        assert got.metrics.keys() == one.metrics.keys()
+        for name, value in one.metrics.items():
+            assert got.metrics[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        assert got.params == one.params
+
+
+# --- Serve's HTTP and gRPC ingress ------------------------------------------------------------------
+
+
+def test_the_http_ingress_answers_as_advserve_serve(cluster):
+    from fastapi.testclient import TestClient
+
+    from advserve.config import Settings
+    from advserve.runtime import Runtime
+    from advserve.server import create_app
+
+    body = {"estimator": "grpo", "preset": "verl", "tensors": {"rewards": [1, 0, 0, 1],
+            "response_mask": [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], "group_ids": ["q1", "q1", "q2", "q2"]}}
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    runtime = Runtime.build(Settings(device="cpu", auth_token=TOKEN))
+    try:
+        with TestClient(create_app(runtime)) as local:
+            expected = local.post("/v1/advantages", json=body, headers=auth)
+            refused = local.post("/v1/advantages", json=body)
+            bad = local.post("/v1/advantages", json={**body, "estimator": "nope"}, headers=auth)
+    finally:
+        runtime.close()
+    got = httpx.post(f"{cluster['http']}/v1/advantages", json=body, headers=auth, timeout=30)
+    assert got.status_code == expected.status_code == 200 and got.content == expected.content
+    no_token = httpx.post(f"{cluster['http']}/v1/advantages", json=body, timeout=30)
+    assert no_token.status_code == refused.status_code == 401 and no_token.json() == refused.json()
+    unknown = httpx.post(f"{cluster['http']}/v1/advantages", json={**body, "estimator": "nope"}, headers=auth,
+                         timeout=30)
+    assert unknown.status_code == 404 and unknown.json() == bad.json()
+    with advserve_client.Client(cluster["http"], headers=auth) as rest:  # the binary framing through the proxy
+        framed = rest.compute_advantages("gae", rewards=np.array([1.0, 0.5]), values=np.zeros((2, 4)),
+                                         response_mask=np.ones((2, 4), bool), dtype="float64")
+    assert np.array_equal(framed.advantages, advserve.compute_advantages(
+        "gae", rewards=np.array([1.0, 0.5]), values=np.zeros((2, 4)), response_mask=np.ones((2, 4), bool),
+        dtype="float64").advantages)
+
+
+def test_tritonclient_against_serves_grpc_proxy(cluster):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    triton = grpcclient.InferenceServerClient(cluster["grpc"])
+    assert triton.is_server_live()
+    rewards, mask = np.array([1, 0, 0, 1], np.float32), np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
+    ids = np.array([0, 0, 1, 1], np.int64)
+    inputs = []
+    for name, array in (("rewards", rewards), ("response_mask", mask), ("group_ids", ids)):
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    result = triton.infer("grpo", inputs, headers=auth)
+    expected = advserve.compute_advantages("grpo", rewards=rewards, response_mask=mask, group_ids=ids)
+    assert result.as_numpy("advantages").tobytes() == expected.advantages.tobytes()
+    assert triton.get_model_metadata("losses", headers=auth).name == "losses"
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer("nope", inputs, headers=auth)
+    assert "NOT_FOUND" in str(caught.value.status()) and "model_name" in caught.value.message()
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer("grpo", inputs)
+    assert "UNAUTHENTICATED" in str(caught.value.status())
+
+
+# --- the config file, the import ----------------------------------------------------------------------
+
+
+def test_the_config_file_builds_the_application():
+    app = _config().applications[0]
+    module, _, name = app.import_path.partition(":")
+    assert getattr(importlib.import_module(module), name) is build_app
+    assert type(build_app(app.args)).__name__ == "Application"
+    with pytest.raises(ValueError, match="num_replica"):
+        build_app({"num_replica": 2})
+    with pytest.raises(ValueError, match="max-tokens"):
+        build_app({"settings": {"max_tokens": 0}})
+
+
+def test_import_advserve_never_imports_ray():
+    code = ("import sys, advserve, numpy as np; advserve.compute_advantages('grpo', rewards=np.ones(2), "
+            "response_mask=np.ones((2, 2), bool), group_ids=[0, 0]); assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+
+
+# --- a replica killed under load (last: the cluster has one fresh replica after it) -----------------------
+
+
+def test_a_replica_killed_under_load_loses_no_request(cluster, monkeypatch):
+    client = RayClient(cluster["app"], timeout=60.0, max_retries=6)
+    rng = np.random.default_rng(1)
+    b, t = 128, 1024
+    mask = np.arange(t) < rng.integers(1, t + 1, b)[:, None]
+    batches = [dict(rewards=rng.standard_normal(b), values=rng.standard_normal((b, t)) * mask, response_mask=mask)
+               for _ in range(4)]
+    expected = [advserve.compute_advantages("gae", **batch).advantages for batch in batches]
+    names = [name for name in ray.util.list_named_actors(all_namespaces=True)
+             if name["name"].startswith("SERVE_REPLICA::")]
+    assert len(names) == 2
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+    retries = []
+    sleep = advserve_client._retry.sleep
+    monkeypatch.setattr(advserve_client._retry, "sleep", lambda s: (retries.append(s), sleep(min(s, 0.2))))
+
+    def work(i: int):
+        return i % 4, client.compute_advantages("gae", **batches[i % 4]).advantages
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(work, i) for i in range(32)]
+        next(concurrent.futures.as_completed(futures))  # under load: requests in flight on both replicas
+        ray.kill(victim, no_restart=True)
+        results = [future.result(timeout=120) for future in futures]
+    assert len(results) == 32
+    for i, advantages in results:
+        assert np.array_equal(advantages, expected[i])
+    assert retries, "no request was in flight on the killed replica: the retry path was not exercised"
