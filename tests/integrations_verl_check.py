@@ -87,8 +87,8 @@ class _Data:
         self.non_tensor_batch = non_tensor_batch
 
 
-def batch_inputs(dtype):
-    groups, size = int(rng.integers(2, 5)), int(rng.integers(1, 5))
+def batch_inputs(dtype, min_size=1):
+    groups, size = int(rng.integers(2, 5)), int(rng.integers(min_size, 5))
     B, T = groups * size, int(rng.integers(2, 9))
     lengths = rng.integers(1, T + 1, B)
     mask = np.arange(T)[None, :] < lengths[:, None]
@@ -115,14 +115,37 @@ def diff(a, b):
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+# verl's trainer passes the extra inputs of these to its own names only: compared by direct calls
+DIRECT = {"gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"}
+
+
+def direct(name, mask, scores, uids, norm):
+    function = ca.get_adv_estimator_fn(name)
+    if name.endswith("gdpo"):
+        out = function(token_level_rewards=scores.clone(), response_mask=mask, index=uids,
+                       norm_adv_by_std_in_grpo=norm)
+    else:
+        g = torch.Generator().manual_seed(len(uids))
+        old = torch.log(torch.rand(mask.shape, generator=g, dtype=scores.dtype) * 0.9 + 0.05)
+        sum_pi_squared = torch.rand(mask.shape, generator=g, dtype=scores.dtype)
+        weights = torch.rand(mask.shape, generator=g, dtype=scores.dtype) * 2 if norm else None
+        out = function(token_level_rewards=scores.clone(), response_mask=mask, index=uids, old_log_probs=old,
+                       sum_pi_squared=sum_pi_squared, rollout_is_weights=weights)
+    return out[0] * mask, out[1] * mask
+
+
 report = {"registered": registered, "advantages": [], "policy_losses": []}
 for verl_name in integration.ESTIMATORS:
     for trial in range(6):
         dtype = torch.float64 if trial % 2 else torch.float32
-        mask, scores, uids, baselines = batch_inputs(dtype)
+        mask, scores, uids, baselines = batch_inputs(dtype, min_size=2 if verl_name == "grpo_passk" else 1)
         gamma, norm = (1.0, trial % 3 != 0) if trial < 4 else (float(rng.uniform(0.5, 1.0)), True)
-        ours = advantages(integration.PREFIX + verl_name, mask, scores, uids, baselines, gamma, norm)
-        theirs = advantages(verl_name, mask, scores, uids, baselines, gamma, norm)
+        if verl_name in DIRECT:
+            ours = direct(integration.PREFIX + verl_name, mask, scores, uids, norm)
+            theirs = direct(verl_name, mask, scores, uids, norm)
+        else:
+            ours = advantages(integration.PREFIX + verl_name, mask, scores, uids, baselines, gamma, norm)
+            theirs = advantages(verl_name, mask, scores, uids, baselines, gamma, norm)
         report["advantages"].append({"estimator": verl_name, "dtype": str(dtype), "norm": norm, "gamma": gamma,
                                      "advantages": diff(ours[0], theirs[0]), "returns": diff(ours[1], theirs[1]),
                                      "dtype_kept": ours[0].dtype == theirs[0].dtype == dtype})

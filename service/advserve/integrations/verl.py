@@ -43,15 +43,25 @@ ESTIMATORS: dict[str, str] = {
     "grpo": "grpo",
     "grpo_vectorized": "grpo",
     "rloo": "rloo",
+    "rloo_vectorized": "rloo",
     "reinforce_plus_plus": "reinforce_pp",
     "reinforce_plus_plus_baseline": "reinforce_pp_baseline",
     "remax": "remax",
+    "grpo_passk": "grpo_passk",
+    "opo": "opo",
+    "gpg": "gpg",
+    "gdpo": "gdpo",
+    "optimal_token_baseline": "optimal_token_baseline",
+    "tir_optimal_token_baseline": "tir_optimal_token_baseline",
 }
 # advserve estimators that read verl's algorithm.gamma
 _GAMMA = {"reinforce_pp"}
-# verl estimators that honour algorithm.norm_adv_by_std_in_grpo=False (Dr.GRPO): verl's trainer passes the
-# flag to its own grpo only; grpo_vectorized, reached through the registry, always divides by the std
-_NORM_FLAG = {"grpo"}
+# verl estimators that read algorithm.norm_adv_by_std_in_grpo from the config (verl's trainer passes the flag
+# as an argument to its own grpo only: grpo_vectorized and gdpo, reached through the registry, read only
+# their argument, default True; grpo_passk reads only the config)
+_NORM_FLAG = {"grpo", "grpo_passk"}
+# estimators whose std division is params.scale_by_std (grpo's is the estimator dr_grpo)
+_SCALE_BY_STD = {"grpo_passk", "gdpo"}
 # torch dtypes the engine computes in as they are (others, e.g. bfloat16, in float32)
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -119,19 +129,27 @@ def estimator_request(verl_name: str, config: Any, norm_adv_by_std_in_grpo: bool
                       epsilon: float = 1e-6) -> tuple[str, dict[str, Any]]:
     """(advserve estimator, params) for verl's estimator `verl_name` under algorithm config `config`:
     norm_adv_by_std_in_grpo=False (the argument; for grpo also the config's, which verl's trainer passes
-    to its own grpo only) turns grpo into dr_grpo; epsilon is grpo's std_eps; gamma goes to the
+    to its own grpo only; grpo_passk reads the config's alone) turns grpo into dr_grpo and sets
+    scale_by_std=False on grpo_passk and gdpo; epsilon is the std_eps of those three; rloo_vectorized is
+    rloo with singleton_groups 'zero'; gamma goes to the
     estimators that read it. KL in the reward (use_kl_in_reward) is already in verl's
     token_level_rewards, so the estimators run with kl_coef 0 (the preset's default)."""
     if verl_name not in ESTIMATORS:
         raise ValueError(f"advserve has no verl estimator {verl_name!r}; valid: {', '.join(ESTIMATORS)}")
     estimator = ESTIMATORS[verl_name]
-    if verl_name in _NORM_FLAG:
+    if verl_name == "grpo_passk":
+        norm_adv_by_std_in_grpo = _get(config, "norm_adv_by_std_in_grpo", True)
+    elif verl_name in _NORM_FLAG:
         norm_adv_by_std_in_grpo = norm_adv_by_std_in_grpo and _get(config, "norm_adv_by_std_in_grpo", True)
     params: dict[str, Any] = {}
     if estimator == "grpo" and not norm_adv_by_std_in_grpo:
         estimator = "dr_grpo"
-    elif estimator == "grpo" and epsilon != 1e-6:
+    elif estimator in ("grpo", "grpo_passk", "gdpo") and epsilon != 1e-6:
         params["std_eps"] = float(epsilon)
+    if estimator in _SCALE_BY_STD and not norm_adv_by_std_in_grpo:
+        params["scale_by_std"] = False
+    if verl_name == "rloo_vectorized":
+        params["singleton_groups"] = "zero"  # verl's rloo_vectorized: a group of one gets 0
     if estimator in _GAMMA:
         params["gamma"] = float(_get(config, "gamma", 1.0))
     return estimator, params
@@ -151,8 +169,9 @@ def _advantages(estimator: str, params: Mapping[str, Any], token_level_rewards: 
 
 
 def _group_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """verl's grpo, grpo_vectorized: (token_level_rewards, response_mask, index, epsilon,
-    norm_adv_by_std_in_grpo, config)."""
+    """verl's grpo, grpo_vectorized, grpo_passk, gdpo: (token_level_rewards, response_mask, index, epsilon,
+    norm_adv_by_std_in_grpo, config, **kwargs). gdpo: one reward dimension, token_level_rewards (verl's
+    trainer passes the per-dimension rewards to its own 'gdpo' only)."""
 
     def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, epsilon: float = 1e-6,
                   norm_adv_by_std_in_grpo: bool = True, config: Any = None, **_: Any,
@@ -164,8 +183,8 @@ def _group_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.
 
 
 def _baseline_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """verl's rloo, reinforce_plus_plus_baseline: (token_level_rewards, response_mask, index, epsilon,
-    config, **kwargs); epsilon is unused by both, in verl too."""
+    """verl's rloo, rloo_vectorized, reinforce_plus_plus_baseline, opo: (token_level_rewards, response_mask,
+    index, epsilon, config, **kwargs); epsilon is unused by all four, in verl too."""
 
     def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, epsilon: float = 1e-6,
                   config: Any = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +209,44 @@ def _remax(token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor, re
     return _advantages(name, params, token_level_rewards, response_mask, greedy_rewards=reward_baselines)
 
 
+def _gpg(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, epsilon: float = 1e-6,
+         f_norm: float = 1.0, alpha: float = 1.0, config: Any = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's gpg: (token_level_rewards, response_mask, index, epsilon, f_norm, alpha, config, **kwargs); the
+    advantages divided by f_norm; alpha is recomputed from the batch (B / nonzero scores), as verl does."""
+    name, params = estimator_request("gpg", config)
+    advantages, returns = _advantages(name, params, token_level_rewards, response_mask, group_ids=_ids(index))
+    return (advantages / f_norm, returns / f_norm) if f_norm != 1.0 else (advantages, returns)
+
+
+def _token_baseline(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """verl's optimal_token_baseline, tir_optimal_token_baseline: (token_level_rewards, response_mask, index,
+    old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon, **kwargs). verl's trainer
+    passes old_log_probs and sum_pi_squared to its own two names only, so these are for direct calls."""
+
+    def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any,
+                  old_log_probs: torch.Tensor | None = None, sum_pi_squared: torch.Tensor | None = None,
+                  rollout_is_weights: torch.Tensor | None = None, handle_zero_tail: bool = True,
+                  epsilon: float = 1e-8, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if old_log_probs is None or sum_pi_squared is None:
+            raise ValueError(f"advserve_{verl_name} needs old_log_probs and sum_pi_squared, which verl's trainer "
+                             f"passes only to its own {verl_name!r}: call the function with them")
+        name, params = estimator_request(verl_name, None)
+        params.update(handle_zero_tail=bool(handle_zero_tail), baseline_eps=float(epsilon))
+        return _advantages(name, params, token_level_rewards, response_mask, group_ids=_ids(index),
+                           old_logprobs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                           rollout_is_weights=rollout_is_weights)
+
+    return estimator
+
+
 _ESTIMATOR_MAKERS: dict[str, Callable[[], Callable[..., Any]]] = {
+    "rloo_vectorized": lambda: _baseline_estimator("rloo_vectorized"),
+    "grpo_passk": lambda: _group_estimator("grpo_passk"),
+    "gdpo": lambda: _group_estimator("gdpo"),
+    "opo": lambda: _baseline_estimator("opo"),
+    "gpg": lambda: _gpg,
+    "optimal_token_baseline": lambda: _token_baseline("optimal_token_baseline"),
+    "tir_optimal_token_baseline": lambda: _token_baseline("tir_optimal_token_baseline"),
     "grpo": lambda: _group_estimator("grpo"),
     "grpo_vectorized": lambda: _group_estimator("grpo_vectorized"),
     "rloo": lambda: _baseline_estimator("rloo"),
