@@ -171,7 +171,10 @@ for verl_mode in integration.POLICY_LOSSES:
         for name in (integration.PREFIX + verl_mode, verl_mode):
             config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
                                  clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=clip_c, loss_agg_mode=agg, loss_scale_factor=info["loss_scale_factor"],
-                                 policy_loss=PolicyLossConfig(loss_mode=name))
+                                 tau_pos=1.2, tau_neg=1.5,
+                                 policy_loss=PolicyLossConfig(loss_mode=name, clip_cov_ratio=1.0, clip_cov_lb=-1.0,
+                                                              clip_cov_ub=0.5, kl_cov_ratio=0.25, ppo_kl_coef=0.3,
+                                                              dro_beta=0.7))
             config.global_batch_info.update(info)
             new.grad = None
             loss, metrics = ca.get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))(

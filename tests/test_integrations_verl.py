@@ -304,7 +304,7 @@ def test_verl_options_translate(verl):
         global_batch_info={"loss_scale_factor": 512}))
     assert term == {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
                     "agg": "seq-mean-token-sum-norm", "loss_scale_factor": 512.0}
-    assert integration.verl_metrics({"clip_fraction_high": 0.25, "clip_fraction_low": 0.5, "approx_kl": 0.1,
+    assert integration.verl_metrics("vanilla", {"clip_fraction_high": 0.25, "clip_fraction_low": 0.5, "approx_kl": 0.1,
                                      "dual_clip_fraction": 0.125}) == {
         "actor/pg_clipfrac": 0.75, "actor/ppo_kl": 0.1, "actor/pg_clipfrac_lower": 0.125}
     with pytest.raises(ValueError, match="no verl estimator 'gae'"):

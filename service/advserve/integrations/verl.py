@@ -71,9 +71,33 @@ POLICY_LOSSES: dict[str, str] = {
     "vanilla": "ppo_clip",
     "gspo": "gspo",
     "cispo": "cispo",
+    "dppo_tv": "dppo_tv",
+    "dppo_kl": "dppo_kl",
+    "sapo": "sapo",
+    "gpg": "gpg",
+    "clip_cov": "clip_cov",
+    "kl_cov": "kl_cov",
+    "geo_mean": "geo_mean",
+    "dro": "dro",
 }
-# modes whose dual clip c is verl's actor.clip_ratio_c
-_DUAL_CLIP = {"ppo_clip"}
+# modes that read verl's clip_ratio_low / clip_ratio_high (dppo: its divergence bounds; geo_mean: log space)
+_CLIPS = {"ppo_clip", "gspo", "cispo", "dppo_tv", "dppo_kl", "clip_cov", "geo_mean"}
+# the mode's parameter <- (where in verl's ActorConfig, verl's default where the config lacks it)
+_MODE_OPTIONS: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
+    "ppo_clip": {"dual_clip": (("clip_ratio_c",), 3.0)},
+    "dppo_tv": {"ratio_cap": (("clip_ratio_c",), 20.0)},
+    "dppo_kl": {"ratio_cap": (("clip_ratio_c",), 20.0)},
+    "sapo": {"tau_pos": (("tau_pos",), 1.0), "tau_neg": (("tau_neg",), 1.05)},
+    "clip_cov": {"clip_cov_ratio": (("policy_loss", "clip_cov_ratio"), 0.0002),
+                 "clip_cov_lb": (("policy_loss", "clip_cov_lb"), 1.0),
+                 "clip_cov_ub": (("policy_loss", "clip_cov_ub"), 5.0)},
+    "kl_cov": {"kl_cov_ratio": (("policy_loss", "kl_cov_ratio"), 0.0002),
+               "kl_cov_coef": (("policy_loss", "ppo_kl_coef"), 1.0)},
+    "dro": {"dro_beta": (("policy_loss", "dro_beta"), None)},
+}
+# modes that aggregate their own way whatever loss_agg_mode says (verl 0.9.1): sapo seq-mean-token-mean
+# (with the global normalizers), geo_mean the mean of its B sequence losses (none)
+_OWN_AGG: dict[str, str | None] = {"sapo": "seq-mean-token-mean", "geo_mean": None}
 
 
 # --- the backend: a remote advserve, or the in-process engine ---------------------------------------
@@ -270,22 +294,37 @@ def make_estimator(verl_name: str) -> Callable[..., tuple[torch.Tensor, torch.Te
 # --- policy losses -----------------------------------------------------------------------------------
 
 
+def _option(config: Any, path: tuple[str, ...], default: Any) -> Any:
+    for key in path:
+        config = _get(config, key)
+    return default if config is None else config
+
+
 def policy_loss_term(verl_mode: str, loss_agg_mode: str, config: Any) -> dict[str, Any]:
     """advserve's policy_loss term for verl's `actor.policy_loss.loss_mode=verl_mode` under actor config
     `config`: clip_ratio_low / clip_ratio_high (each defaulting to clip_ratio) -> clip_low / clip_high,
-    clip_ratio_c -> dual_clip (vanilla), loss_agg_mode -> agg, loss_scale_factor -> loss_scale_factor."""
+    clip_ratio_c -> dual_clip (vanilla; inf: none) or ratio_cap (dppo), tau_pos / tau_neg (sapo),
+    policy_loss.clip_cov_* / kl_cov_ratio / ppo_kl_coef / dro_beta -> clip_cov_*, kl_cov_ratio, kl_cov_coef,
+    dro_beta, loss_agg_mode -> agg (not sapo's and geo_mean's, which aggregate their own way),
+    loss_scale_factor -> loss_scale_factor."""
     if verl_mode not in POLICY_LOSSES:
         raise ValueError(f"advserve has no verl policy loss {verl_mode!r}; valid: {', '.join(POLICY_LOSSES)}")
     mode = POLICY_LOSSES[verl_mode]
-    clip = _get(config, "clip_ratio", 0.2)
-    term: dict[str, Any] = {"mode": mode, "clip_low": float(_get(config, "clip_ratio_low", clip)),
-                            "clip_high": float(_get(config, "clip_ratio_high", clip)), "agg": loss_agg_mode}
-    if mode in _DUAL_CLIP:
-        dual = float(_get(config, "clip_ratio_c", 3.0))
-        term["dual_clip"] = dual if math.isfinite(dual) else None  # c = inf: no dual clip
+    term: dict[str, Any] = {"mode": mode}
+    if mode in _CLIPS:
+        clip = _get(config, "clip_ratio", 0.2)
+        term.update(clip_low=float(_get(config, "clip_ratio_low", clip)),
+                    clip_high=float(_get(config, "clip_ratio_high", clip)))
+    for name, (path, default) in _MODE_OPTIONS.get(mode, {}).items():
+        value = _option(config, path, default)
+        if value is not None:
+            value = float(value)
+            term[name] = value if math.isfinite(value) else None  # clip_ratio_c = inf: no dual clip
+    if mode not in _OWN_AGG:
+        term["agg"] = loss_agg_mode
     info = _get(config, "global_batch_info", {}) or {}
     scale = info.get("loss_scale_factor", _get(config, "loss_scale_factor"))
-    if scale is not None:
+    if scale is not None and term.get("agg") == "seq-mean-token-sum-norm":
         term["loss_scale_factor"] = float(scale)
     return term
 
@@ -316,13 +355,28 @@ def _scaled(result: Any, factor: float) -> Any:
     return dataclasses.replace(result, loss=result.loss * factor, **grads)
 
 
-def verl_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """advserve's policy metrics under verl's names: pg_clipfrac (the tokens whose clipped branch is
-    active, either side: clip_fraction_high + clip_fraction_low), ppo_kl (approx_kl: mean of old − new
-    log-prob), pg_clipfrac_lower (the dual clip's share, dual_clip_fraction; 0 without a dual clip)."""
-    return {"actor/pg_clipfrac": metrics.get("clip_fraction_high", 0.0) + metrics.get("clip_fraction_low", 0.0),
-            "actor/ppo_kl": metrics.get("approx_kl", 0.0),
-            "actor/pg_clipfrac_lower": metrics.get("dual_clip_fraction", 0.0)}
+def verl_metrics(verl_mode: str, metrics: Mapping[str, float], abs_kl: float | None = None) -> dict[str, float]:
+    """advserve's policy metrics under verl's names, the keys verl's `verl_mode` returns: pg_clipfrac (the
+    tokens whose clipped branch is active: clip_fraction_high + clip_fraction_low; geo_mean: the high side;
+    clip_cov: its selected tokens, cov_selected_fraction), ppo_kl (approx_kl, the mean of old − new
+    log-prob; kl_cov: the mean of |new − old|, `abs_kl`), pg_clipfrac_lower (the dual clip's share; dppo:
+    the capped ratios', ratio_cap_fraction; geo_mean: the low side; 0 where verl returns 0); gpg: none."""
+    get = metrics.get
+    kl = get("approx_kl", 0.0)
+    if verl_mode == "gpg":
+        return {}
+    if verl_mode in ("dro",):
+        return {"actor/ppo_kl": kl}
+    if verl_mode == "kl_cov":
+        return {"actor/ppo_kl": abs_kl if abs_kl is not None else 0.0}
+    if verl_mode == "clip_cov":
+        return {"actor/pg_clipfrac": get("cov_selected_fraction", 0.0), "actor/ppo_kl": kl}
+    both = get("clip_fraction_high", 0.0) + get("clip_fraction_low", 0.0)
+    if verl_mode == "geo_mean":
+        return {"actor/pg_clipfrac": get("clip_fraction_high", 0.0), "actor/ppo_kl": kl,
+                "actor/pg_clipfrac_lower": get("clip_fraction_low", 0.0)}
+    lower = get("ratio_cap_fraction", 0.0) if verl_mode.startswith("dppo") else get("dual_clip_fraction", 0.0)
+    return {"actor/pg_clipfrac": both, "actor/ppo_kl": kl, "actor/pg_clipfrac_lower": lower}
 
 
 def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
@@ -334,7 +388,8 @@ def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[s
                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
                     rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         term = policy_loss_term(verl_mode, loss_agg_mode, config)
-        counts, factor = normalizers(loss_agg_mode, _get(config, "global_batch_info", {}) or {})
+        agg = _OWN_AGG.get(POLICY_LOSSES[verl_mode], loss_agg_mode)
+        counts, factor = normalizers(agg, _get(config, "global_batch_info", {}) or {}) if agg else ({}, 1.0)
         compute = backend().compute_losses
 
         def scaled(**request: Any) -> Any:
@@ -344,7 +399,12 @@ def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[s
             scaled, preset="verl", policy_loss=term, logprobs=log_prob, old_logprobs=old_log_prob,
             advantages=advantages, response_mask=response_mask, rollout_is_weights=rollout_is_weights,
             dtype=_DTYPES.get(log_prob.dtype), **counts)
-        return loss, verl_metrics(result.metrics)
+        abs_kl = None
+        if verl_mode == "kl_cov":  # verl's kl_cov logs the mean |new − old| (computed here: a metric only)
+            with torch.no_grad():
+                valid = response_mask.to(log_prob.dtype)
+                abs_kl = float(((log_prob - old_log_prob).abs() * valid).sum() / (valid.sum() + 1e-8))
+        return loss, verl_metrics(verl_mode, result.metrics, abs_kl)
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"advserve_{verl_mode}"
     policy_loss.__doc__ = f"verl's {verl_mode!r} policy loss computed by advserve (preset 'verl')."
