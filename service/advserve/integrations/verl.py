@@ -22,7 +22,6 @@ and `value_loss` themselves, not looked up in a registry).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import math
@@ -329,30 +328,23 @@ def policy_loss_term(verl_mode: str, loss_agg_mode: str, config: Any) -> dict[st
     return term
 
 
-def normalizers(loss_agg_mode: str, global_batch_info: Mapping[str, Any]) -> tuple[dict[str, float], float]:
-    """({num_tokens or num_sequences}, factor) reproducing verl's agg_loss(dp_size, batch_num_tokens,
-    global_batch_size): token-mean divides by batch_num_tokens / dp_size, the seq-mean modes by
-    global_batch_size / dp_size, token-sum is multiplied by dp_size (the factor, applied to the loss
-    and its gradients). Raises ValueError where verl's agg_loss does (dp_size > 1 without the count)."""
-    dp = _number(global_batch_info.get("dp_size")) or 1.0
+def normalizers(loss_agg_mode: str, global_batch_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's dp_size, num_tokens or num_sequences reproducing verl's agg_loss(dp_size,
+    batch_num_tokens, global_batch_size): token-mean divides by batch_num_tokens, the seq-mean modes by
+    global_batch_size, each times dp_size; token-sum is multiplied by dp_size. Raises ValueError where
+    verl's agg_loss does (dp_size > 1 without the global count), with verl's message."""
+    dp = int(_number(global_batch_info.get("dp_size")) or 1)
+    out: dict[str, Any] = {"dp_size": dp} if dp != 1 else {}
     if loss_agg_mode == "token-sum":
-        return {}, dp
+        return out
     key, count = (("num_tokens", "batch_num_tokens") if loss_agg_mode == "token-mean"
                   else ("num_sequences", "global_batch_size"))
     total = _number(global_batch_info.get(count))
     if total is None:
         if dp > 1:
             raise ValueError(f"(global) {count} is required when dp_size > 1")
-        return {}, 1.0
-    return {key: total / dp}, 1.0
-
-
-def _scaled(result: Any, factor: float) -> Any:
-    if factor == 1.0:
-        return result
-    grads = {name: None if getattr(result, name) is None else getattr(result, name) * factor
-             for name in ("grad_logprobs", "grad_values", "grad_entropy")}
-    return dataclasses.replace(result, loss=result.loss * factor, **grads)
+        return out
+    return {**out, key: total}
 
 
 def verl_metrics(verl_mode: str, metrics: Mapping[str, float], abs_kl: float | None = None) -> dict[str, float]:
@@ -389,14 +381,9 @@ def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[s
                     rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         term = policy_loss_term(verl_mode, loss_agg_mode, config)
         agg = _OWN_AGG.get(POLICY_LOSSES[verl_mode], loss_agg_mode)
-        counts, factor = normalizers(agg, _get(config, "global_batch_info", {}) or {}) if agg else ({}, 1.0)
-        compute = backend().compute_losses
-
-        def scaled(**request: Any) -> Any:
-            return _scaled(compute(**request), factor)
-
+        counts = normalizers(agg, _get(config, "global_batch_info", {}) or {}) if agg else {}
         loss, result = loss_with_gradients(
-            scaled, preset="verl", policy_loss=term, logprobs=log_prob, old_logprobs=old_log_prob,
+            backend().compute_losses, preset="verl", policy_loss=term, logprobs=log_prob, old_logprobs=old_log_prob,
             advantages=advantages, response_mask=response_mask, rollout_is_weights=rollout_is_weights,
             dtype=_DTYPES.get(log_prob.dtype), **counts)
         abs_kl = None
