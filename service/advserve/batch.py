@@ -29,7 +29,8 @@ LAYOUTS = ("padded", "packed")
 DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
 TOKEN_TENSORS = frozenset({
     "token_rewards", "response_mask", "values", "old_logprobs", "ref_logprobs", "logprobs", "rollout_logprobs",
-    "advantages", "returns", "old_values", "entropy", "token_losses", "rollout_is_weights", "sum_pi_squared",
+    "advantages", "returns", "old_values", "entropy", "token_losses", "rollout_is_weights",
+    "sum_pi_squared",
 })
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
 ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
@@ -452,17 +453,23 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
                               field=_field("response_mask"))
     tensor = to_device(tensor, device)
     mask = tensor if tensor.dtype == torch.bool else tensor.bool()
-    lengths = _count_valid(mask, dim=1)
     if tensor.dtype != torch.bool and tensor.numel():
         low, high = torch.aminmax(tensor)
         valid = bool(low >= 0) and bool(high <= 1)
         if valid and tensor.is_floating_point():
-            # within [0, 1], every value is 0 or 1 iff the sum equals the number of non-zeros
-            exact = torch.float64 if tensor.numel() >= 2**24 else None  # float32 sums of 0/1 are exact below
-            valid = bool(tensor.sum(dtype=exact) == lengths.sum())
+            # within [0, 1], every value is 0 or 1 iff the sum equals the number of non-zeros; the row sums
+            # are then the lengths (one read of the float mask, not a second of the bool one)
+            # sums of 0/1 are exact below 2^24 terms in float32 (2^53 in float64); half types sum in float32
+            exact = torch.float64 if tensor.shape[1] >= 2**24 else (
+                None if tensor.dtype in (torch.float32, torch.float64) else torch.float32)
+            row_sums = tensor.sum(dim=1, dtype=exact)
+            valid = bool(row_sums.sum(dtype=torch.float64) == torch.count_nonzero(mask))
+            if not valid:
+                raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+            return mask, tensor.to(dtype), row_sums.to(torch.int32)
         if not valid:
             raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
-    return mask, tensor.to(dtype), lengths
+    return mask, tensor.to(dtype), _count_valid(mask, dim=1)
 
 
 def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:

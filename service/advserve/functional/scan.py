@@ -50,39 +50,91 @@ def active_kernels() -> str:
     return _KERNELS.get()
 
 
-@functools.lru_cache(maxsize=256)
-def _decay_matrix(c: float, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """D [n, n] with D[j, i] = c^(j−i) for j ≥ i else 0, so (x @ D)_i = Σ_{j≥i} c^(j−i) x_j.
-
-    Cached (a handful of small matrices per discount): callers must not modify it."""
-    idx = torch.arange(n, device=device, dtype=dtype)
-    exponent = idx.unsqueeze(1) - idx.unsqueeze(0)  # j - i
-    power = torch.pow(torch.tensor(c, dtype=dtype, device=device), exponent.clamp_min(0))
-    return torch.where(exponent >= 0, power, torch.zeros((), dtype=dtype, device=device))
+def chunked_width(length: int, chunk: int = CHUNK) -> int:
+    """The width [B, T] rows are padded to for the chunked scan: T itself up to one chunk, else the
+    next multiple of `chunk`."""
+    return length if length <= chunk else -(-length // chunk) * chunk
 
 
 @functools.lru_cache(maxsize=256)
-def _decay_to_next_chunk(c: float, chunk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[C] with entry i = c^(C − i): the weight of the next chunk's first value at position i."""
-    offsets = torch.arange(chunk, 0, -1, device=device, dtype=dtype)
-    return torch.pow(torch.tensor(c, dtype=dtype, device=device), offsets)
+def _decay_matrices(c: float, gamma: float | None, n: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(D, E, tail) for chunks of n tokens, computed in float64 and rounded to `dtype` once:
+
+    * D [n, n], D[j, i] = c^(j−i) for j ≥ i else 0, so (x @ D)_i = Σ_{j≥i} c^(j−i) x_j;
+    * E [n, n] (None without `gamma`), the coefficient of V_j in the chunk's sum when the step is
+      δ_j = r_j − V_j + γ·V_{j+1}: E[j, i] = γ·D[j−1, i] − D[j, i] (D[−1, ·] = 0), so
+      r @ D + V @ E = δ @ D except for the γ·V of the next chunk's first token (added with the carry);
+    * tail [n], tail_i = c^(n−1−i): the weight at position i of a value entering at the chunk's end.
+
+    Powers are running products (c^k = c^(k−1)·c), so with γ = c (λ = 1) E is 0 off its diagonal
+    exactly. Cached (a handful of small matrices per discount): callers must not modify them.
+    """
+    powers = [1.0]
+    for _ in range(n - 1):
+        powers.append(powers[-1] * c)
+    p = torch.tensor(powers, dtype=torch.float64)
+    idx = torch.arange(n)
+    k = idx.unsqueeze(1) - idx.unsqueeze(0)  # j − i
+    d = torch.where(k >= 0, p[k.clamp_min(0)], 0.0)
+    e = None
+    if gamma is not None:
+        shifted = torch.zeros_like(d)
+        shifted[1:] = d[:-1]
+        e = (gamma * shifted - d).to(dtype=dtype, device=device)
+    return d.to(dtype=dtype, device=device), e, p.flip(0).to(dtype=dtype, device=device)
 
 
-def reverse_discounted_cumsum(x: Tensor, c: float, chunk: int = CHUNK) -> Tensor:
-    """y [B, T] with y_t = Σ_{t' ≥ t} c^(t'−t) x_t' for x [B, T] (right-padding must be 0 in x)."""
+def reverse_discounted_cumsum(x: Tensor, c: float, chunk: int = CHUNK, *, values: Tensor | None = None,
+                              gamma: float = 0.0) -> Tensor:
+    """y [B, T] with y_t = Σ_{t' ≥ t} c^(t'−t) δ_t' for x [B, T], where δ = x, or with `values` V
+    [B, T] the GAE step δ_t = x_t − V_t + γ·V_{t+1} (V past the row is 0). Right-padding must be 0
+    in x and V; the result may be a view of a wider buffer (T not a multiple of `chunk`).
+
+    Inside each chunk of C tokens: y_local = x @ D (+ V @ E), two GEMMs over every chunk of every row
+    (δ is never materialized); across chunks: the same scan, recursively, over the chunks' first
+    values with discount c^C, added back as carry_k·c^(C−1−i) in one in-place pass.
+    """
     batch, length = x.shape
+    gamma_ = None if values is None else float(gamma)
     if length <= chunk:
-        return x @ _decay_matrix(c, length, x.dtype, x.device)
-    n_chunks = -(-length // chunk)
-    if n_chunks * chunk != length:
-        x = torch.nn.functional.pad(x, (0, n_chunks * chunk - length))
+        d, e, _ = _decay_matrices(float(c), gamma_, length, x.dtype, x.device)
+        y = x @ d
+        return y if values is None else y.addmm_(values, e)
+    width = chunked_width(length, chunk)
+    n_chunks = width // chunk
+    x = _padded(x, width)
+    d, e, tail = _decay_matrices(float(c), gamma_, chunk, x.dtype, x.device)
     # one 2-D GEMM for every chunk of every row (a batched 3-D matmul is ~5x slower on CPU)
-    local = torch.mm(x.reshape(-1, chunk), _decay_matrix(c, chunk, x.dtype, x.device)).view(batch, n_chunks, chunk)
-    chunk_start = reverse_discounted_cumsum(local[:, :, 0].contiguous(), c**chunk, chunk)
-    carry_in = torch.zeros_like(chunk_start)
-    carry_in[:, :-1] = chunk_start[:, 1:]  # value of y at the first token of the next chunk
-    local.addcmul_(carry_in.unsqueeze(-1), _decay_to_next_chunk(c, chunk, x.dtype, x.device))
-    return local.view(batch, -1)[:, :length]
+    local = torch.mm(x.view(-1, chunk), d)
+    if values is not None:
+        values = _padded(values, width)
+        local.addmm_(values.view(-1, chunk), e)
+    local = local.view(batch, n_chunks, chunk)
+    # y at each chunk's first token, from the chunks' local first values: y_k = z_k + c^C·y_{k+1},
+    # z_k = local_k,0 + c^(C−1)·u_k with u_k = γ·V at the next chunk's first token
+    z = local[:, :, 0].contiguous()
+    u = None
+    if values is not None:
+        u = values.view(batch, n_chunks, chunk)[:, 1:, 0] * gamma
+        z[:, :-1].addcmul_(u, tail[:1])  # tail_0 = c^(C−1)
+    first = reverse_discounted_cumsum(z, float(c) ** chunk, chunk)
+    carry = torch.zeros_like(z)  # what enters chunk k at its end: c·y_{k+1} (+ u_k)
+    torch.mul(first[:, 1:], c, out=carry[:, :-1])
+    if u is not None:
+        carry[:, :-1].add_(u)
+    local.addcmul_(carry.unsqueeze(-1), tail)
+    out = local.view(batch, width)
+    return out if width == length else out[:, :length]
+
+
+def _padded(x: Tensor, width: int) -> Tensor:
+    """x [B, T] as a contiguous [B, width] (zeros after column T): x itself when it already is."""
+    if x.shape[1] == width:
+        return x.contiguous()
+    out = x.new_zeros(x.shape[0], width)
+    out[:, :x.shape[1]] = x
+    return out
 
 
 class Compactor:
@@ -91,6 +143,11 @@ class Compactor:
     mask [B, T] bool; inputs are 0 at masked positions (the engine's invariant). For right-padded
     masks both directions are the identity: no copy. `gaps="step"` keeps every position where it is
     (the zeros at masked positions are the zero-valued steps); unpacking then zeroes masked positions.
+
+    Packing is a permutation of each row: its valid tokens first, in order, then its masked ones (0s),
+    in order; `pack` and `unpack` are one gather each, and `pack` writes rows already padded to the
+    scan's chunked width. Unpacked, a masked position reads the packed row past its valid tokens,
+    where every scan of zeros is exactly 0.
     """
 
     def __init__(self, mask: Tensor, gaps: str = "skip"):
@@ -101,26 +158,33 @@ class Compactor:
         self.identity = right_padded or gaps == "step"
         self.zero_masked = not right_padded and gaps == "step"
         if not self.identity:
-            position = mask.long().cumsum(dim=1) - 1
-            # masked tokens go to a dump column T, dropped after the scatter
-            self.target = torch.where(mask, position, mask.shape[1])
-            self.source = position.clamp_min(0)
+            batch, length = mask.shape
+            valid_so_far = mask.view(torch.uint8).cumsum(dim=1, dtype=torch.int64)  # valid tokens in [0, t]
+            position = torch.arange(length, device=mask.device)
+            # valid token t -> its rank among the valid ones; masked t -> after every valid token, in order
+            self.target = torch.where(mask, valid_so_far - 1, valid_so_far[:, -1:] + position - valid_so_far)
+            self.source = torch.empty_like(self.target).scatter_(1, self.target, position.expand(batch, length))
 
     def pack(self, x: Tensor) -> Tensor:
-        """[B, T] -> [B, T] with row i's valid tokens first, zeros after."""
+        """[B, T] -> [B, W] (W = `chunked_width(T)` when packing, else T) with row i's valid tokens
+        first, zeros after."""
         if self.identity:
             return x
-        out = x.new_zeros(x.shape[0], x.shape[1] + 1)
-        out.scatter_(1, self.target, x)
-        return out[:, :-1]
+        length = x.shape[1]
+        width = chunked_width(length)
+        out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
+        torch.gather(x, 1, self.source, out=out[:, :length])
+        out[:, length:].zero_()
+        return out
 
     def unpack(self, packed: Tensor) -> Tensor:
-        """Inverse of `pack`; masked positions become 0 (a packed row is 0 after its valid tokens)."""
+        """Inverse of `pack` ([B, W] or [B, T] -> [B, T]); masked positions become 0 (a packed row is 0
+        after its valid tokens)."""
         if self.zero_masked:
             return packed.mul_(self.mask)
         if self.identity:
             return packed
-        return packed.gather(1, self.source).mul_(self.mask)
+        return packed.gather(1, self.target)
 
 
 def reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float, gaps: str = "skip") -> Tensor:
@@ -152,10 +216,8 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: 
         from ..kernels import scan as fused
         return fused.gae(token_rewards, values, mask, gamma, lam, gaps)
     compactor = Compactor(mask, gaps)
-    v = compactor.pack(values)
-    # a new tensor (not sub_): without gaps pack is the identity, and the caller's rewards must stay as given
-    delta = compactor.pack(token_rewards) - v
-    delta[:, :-1].add_(v[:, 1:], alpha=gamma)  # + γ V_next; V past the last valid token is 0
-    advantages = compactor.unpack(reverse_discounted_cumsum(delta, gamma * lam))
+    # δ = r − V + γ·V_next is never materialized: the scan takes r and V (V past the row's last valid token is 0)
+    advantages = compactor.unpack(reverse_discounted_cumsum(compactor.pack(token_rewards), gamma * lam,
+                                                            values=compactor.pack(values), gamma=gamma))
     # unpack(pack(values)) is `values` itself (0 at masked positions): no second unpack
     return advantages, advantages + values
