@@ -20,6 +20,7 @@ relies on; `test_first_order_combine_is_associative` checks that.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -39,6 +40,7 @@ from advserve.engine import Engine
 from advserve.errors import InvalidArgument
 from advserve.estimators import ESTIMATORS
 from advserve.functional import groups as functional_groups
+from advserve.functional import masks
 from advserve.functional import scan as reference
 from advserve.kernels import resolve_kernels
 from advserve.model import AdvantageRequest
@@ -226,6 +228,39 @@ class TestUnderTheInterpreter:
             expected = functional_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons)
             _close(fused_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons), expected)
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_whitening_matches_the_torch_path(self, dtype):
+        """Every preset's whitening form (ddof, eps, where eps goes, with and without the std) over tokens
+        [B, T] and over sequences [B], in blocks of 16 (many block summaries merged) and of the default
+        size; a constant batch and an empty one give exact zeros, as the torch path does."""
+        fused_whiten = importlib.import_module("advserve.kernels.whiten")
+        rewards, _, mask = _batch(LENGTHS, 53, 0.2, dtype, seed=17)
+        valid = mask.to(dtype)
+        x = (3 * rewards + 5) * valid  # a mean far from 0
+        rows = valid[:, 0] * 0 + 1
+        for ddof, eps, mode, use_std in WHITEN_FORMS:
+            kwargs = dict(ddof=ddof, eps=eps, eps_mode=mode, use_std=use_std)
+            for block in (16, None):
+                _close(fused_whiten.whiten(x, valid, block=block, **kwargs), masks.whiten(x, valid, **kwargs))
+            _close(fused_whiten.whiten(x[:, 0], rows, block=4, **kwargs), masks.whiten(x[:, 0], rows, **kwargs))
+        constant = torch.full_like(x, 0.75) * valid
+        assert torch.equal(fused_whiten.whiten(constant, valid, ddof=1, eps=0.0, block=16), torch.zeros_like(x))
+        empty = torch.zeros_like(x)
+        assert torch.equal(fused_whiten.whiten(empty, empty, ddof=1, eps=1e-8, block=16), torch.zeros_like(x))
+
+    def test_engine_whitens_with_the_kernel(self, fused, monkeypatch):
+        fused_whiten = importlib.import_module("advserve.kernels.whiten")
+        calls = []
+        kernel = fused_whiten.whiten
+        monkeypatch.setattr(fused_whiten, "whiten", lambda *a, **kw: calls.append(kw["eps_mode"]) or kernel(*a, **kw))
+        request = _gae_request("openrlhf", seed=19)
+        request = dataclasses.replace(request, params={**request.params, "whiten": True})  # OpenRLHF's: eps "floor"
+        actual = Engine("cpu", kernels="triton").compute_advantages(request)
+        expected = Engine("cpu", kernels="torch").compute_advantages(request)
+        assert calls == ["floor"]
+        _close(actual.advantages, expected.advantages)
+        _close(actual.returns, expected.returns)
+
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, fused, monkeypatch, preset):
         """The setting changes no result beyond rounding: each estimator of the preset, with its KL
@@ -301,6 +336,24 @@ class TestCompiledForTheGpu:
             assert f"div.rn.f{dtype[2:]}" in ptx
 
 
+    @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+    def test_whitening_divides_and_takes_roots_rounded_to_nearest(self, dtype):
+        whiten = importlib.import_module("advserve.kernels.whiten")
+        data, f32 = f"*{dtype}", dtype == "fp32"
+        moments = self._ptx(whiten._moments_kernel, {"x": data, "valid": data, "summary": data, "N": "i64"},
+                            {"F32": f32, "BLOCK": whiten.BLOCK})
+        apply = self._ptx(whiten._apply_kernel, {"x": data, "valid": data, "stats": data, "out": data, "N": "i64"},
+                          {"USE_STD": True, "F32": f32, "BLOCK": whiten.BLOCK})
+        for mode in range(3):
+            combine = self._ptx(whiten._combine_kernel, {"summary": data, "stats": data, "n_blocks": "i32",
+                                                         "ddof": "i32", "eps": "fp64"},
+                                {"EPS_MODE": mode, "USE_STD": True, "F32": f32, "BLOCK": whiten.COMBINE_BLOCK})
+            assert ".approx" not in combine and "div.full" not in combine
+        for ptx in (moments, apply):
+            assert ".approx" not in ptx and "div.full" not in ptx
+            assert f"div.rn.f{dtype[2:]}" in ptx
+
+
 class TestOnTheGpu:
     """The compiled kernels on CUDA tensors against the torch path on the same device: collected only
     where CUDA and triton are there (a GPU session runs them; CPU-only machines have nothing to run)."""
@@ -369,6 +422,11 @@ def _close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 # the (std_ddof, std_eps, singleton_groups) of the presets: paper, verl, openrlhf, trl
 STD_FORMS = [(0, 0.0, "zero"), (1, 1e-6, "raw"), (1, 1e-9, "error"), (1, 1e-4, "zero")]
+# whitening forms (ddof, eps, eps_mode, use_std): verl's (1, 1e-8 inside), OpenRLHF's (0, 1e-8 floor; and
+# no_std_norm), TRL's (1, 1e-4 outside), the paper's (0, 0); each eps form at both ddof
+WHITEN_FORMS = [(1, 1e-8, "inside", True), (0, 1e-8, "floor", True), (0, 1e-8, "floor", False),
+                (1, 1e-4, "outside", True), (0, 0.0, "inside", True), (0, 1e-4, "outside", True),
+                (1, 1e-8, "floor", True), (0, 1e-8, "inside", True)]
 
 
 def _scattered_groups(dtype: torch.dtype, seed: int):
@@ -391,8 +449,10 @@ def _estimator_batch(seed: int) -> dict:
     scores = torch.randint(0, 2, (10,), generator=gen).double() + 0.1 * torch.randn(10, generator=gen, dtype=torch.float64)
     scores[group_ids == 3] = 1.0
     logprobs = -torch.rand(2, *mask.shape, generator=gen, dtype=torch.float64) * mask
+    sum_pi_squared = torch.rand(mask.shape, generator=gen, dtype=torch.float64) * mask  # Σ_v π(v)² in (0, 1]
     return {"rewards": scores, "response_mask": mask, "group_ids": group_ids, "values": values,
-            "old_logprobs": logprobs[0], "ref_logprobs": logprobs[1], "greedy_rewards": torch.rand(10, generator=gen)}
+            "old_logprobs": logprobs[0], "ref_logprobs": logprobs[1], "greedy_rewards": torch.rand(10, generator=gen),
+            "sum_pi_squared": sum_pi_squared}
 
 
 def _gae_request(preset: str, seed: int) -> AdvantageRequest:
@@ -441,3 +501,47 @@ def test_the_in_process_api_takes_the_kernels_argument(monkeypatch):
         with pytest.raises(InvalidArgument) as refused:
             advserve.compute_advantages("grpo", device="cpu", kernels=kernels, **tensors)
         assert refused.value.field == "kernels"
+
+
+def _loop_gae(rewards, values, mask, gamma: float, lam: float, gaps: str) -> torch.Tensor:
+    """A_t token by token in Python floats (float64): next(t) the next valid token ("skip"), or t + 1 with
+    a masked position a step of r = V = 0 ("step"); 0 at masked positions."""
+    out = torch.zeros(rewards.shape, dtype=torch.float64)
+    for i in range(rewards.shape[0]):
+        next_value = next_adv = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if not mask[i, t]:
+                if gaps == "step":
+                    next_adv, next_value = gamma * next_value + gamma * lam * next_adv, 0.0
+                continue
+            next_adv = float(rewards[i, t]) + gamma * next_value - float(values[i, t]) + gamma * lam * next_adv
+            next_value = float(values[i, t])
+            out[i, t] = next_adv
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+    extra=st.integers(0, 20),
+    gap_rate=st.sampled_from([0.0, 0.3]),
+    coefficients=st.sampled_from([(1.0, 1.0), (0.99, 0.95), (1.0, 0.95), (0.97, 1.0), (0.9, 0.0), (0.0, 0.5)]),
+    gaps=st.sampled_from(["skip", "step"]),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_scans_match_a_loop_over_tokens(lengths, extra, gap_rate, coefficients, gaps, seed):
+    """The chunked scans (two GEMMs per chunk, carries across chunks, rows packed by a permutation when
+    masks have interior gaps) in float64 against the recursion itself: T below, at and above one chunk
+    and not a multiple of it, empty rows, γλ = 0 and 1."""
+    gamma, lam = coefficients
+    width = max(lengths) + extra or 1
+    rewards, values, mask = _batch(lengths, width, gap_rate, torch.float64, seed)
+    before = rewards.clone(), values.clone()
+    adv, ret = reference.gae(rewards, values, mask, gamma, lam, gaps)
+    expected = _loop_gae(rewards, values, mask, gamma, lam, gaps)
+    torch.testing.assert_close(adv, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ret, adv + values) and bool((adv[~mask] == 0).all())
+    rtg = reference.reward_to_go(rewards, mask, gamma, gaps)
+    torch.testing.assert_close(rtg, _loop_gae(rewards, torch.zeros_like(values), mask, gamma, 1.0, gaps),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(rewards, before[0]) and torch.equal(values, before[1])  # inputs left as given

@@ -92,7 +92,13 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
     `eps_mode`: "inside" sqrt(σ² + eps) (verl), "floor" sqrt(max(σ², eps)) (OpenRLHF),
     "outside" σ + eps (TRL). `use_std` False: d = 1, only the mean is subtracted (OpenRLHF's
     no_std_norm). When d == 0 (all values equal, eps 0) the result is 0.
+    Inside `scan.use_kernels("triton")`: `advserve.kernels.whiten`, the same values to rounding.
     """
+    from .scan import active_kernels  # here: scan imports this module
+
+    if active_kernels() == "triton":
+        from ..kernels import whiten as fused
+        return fused.whiten(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
     n = valid.sum()
     mean = x.sum() / n.clamp_min(1)
     centered = (x - mean).mul_(valid)
