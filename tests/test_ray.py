@@ -123,15 +123,24 @@ def same_as_in_process(client: RayClient, case: fz.Case) -> fz.Outcome:
 
 
 def test_every_estimator_and_preset_is_the_in_process_result(client):
+    outcomes = []
     for index, (estimator, preset) in enumerate(fz.estimator_presets()):
         for seed in (index, 1000 + index):
-            same_as_in_process(client, fz.advantage_case(fz.RandomDraw(seed), estimator, preset))
+            draw = fz.RandomDraw(seed)
+            case = fz.valid_case(draw, lambda: fz.advantage_case(draw, estimator, preset))
+            outcomes.append(same_as_in_process(client, case))
+    # results compared, not only agreeing errors (the fuzzer's generator cannot yet draw a valid batch for
+    # verl's optimal_token_baseline pair: it sends no old_logprobs; those cases compare the error)
+    assert sum(o.error is None for o in outcomes) >= 0.9 * len(outcomes)
 
 
 def test_every_loss_mode_and_preset_is_the_in_process_result(client):
+    outcomes = []
     for index, (mode, preset) in enumerate((m, p) for m in (*fz.MODES, None) for p in fz.PRESETS):
         for seed in (index, 2000 + index):
-            same_as_in_process(client, fz.loss_case(fz.RandomDraw(seed), mode, preset))
+            draw = fz.RandomDraw(seed)
+            outcomes.append(same_as_in_process(client, fz.valid_case(draw, lambda: fz.loss_case(draw, mode, preset))))
+    assert sum(o.error is None for o in outcomes) >= 0.95 * len(outcomes)
 
 
 def test_invalid_requests_raise_the_in_process_error_and_field(client):
@@ -204,6 +213,9 @@ def test_a_sharded_batch_is_the_one_call_result_bit_for_bit(cluster, estimator, 
     if estimator in ("reinforce_pp", "gae"):
         del tensors["group_ids"]
     one = advserve.compute_advantages(estimator, params=params, dtype="float64", **tensors)
+    prepared = advserve.Engine("cpu").prepare_advantages(
+        advserve.AdvantageRequest(estimator, tensors, params=params, dtype="float64"))
+    assert sharding.plan(prepared, 2).mode == ("two_pass" if params.get("whiten") else "rows")
     for shards in (2, 3):
         sharded = RayClient(cluster["app"], shards=shards).compute_advantages(estimator, params=params,
                                                                               dtype="float64", **tensors)
@@ -285,9 +297,14 @@ def test_the_http_ingress_answers_as_advserve_serve(cluster):
     with advserve_client.Client(cluster["http"], headers=auth) as rest:  # the binary framing through the proxy
         framed = rest.compute_advantages("gae", rewards=np.array([1.0, 0.5]), values=np.zeros((2, 4)),
                                          response_mask=np.ones((2, 4), bool), dtype="float64")
+        rng = np.random.default_rng(3)  # a body past 256 KiB: sent as views of the arrays (memoryviews)
+        batch = dict(logprobs=rng.standard_normal((64, 1024)), old_logprobs=rng.standard_normal((64, 1024)),
+                     advantages=rng.standard_normal((64, 1024)), response_mask=np.ones((64, 1024), bool))
+        large = rest.compute_losses(preset="verl", **batch)
     assert np.array_equal(framed.advantages, advserve.compute_advantages(
         "gae", rewards=np.array([1.0, 0.5]), values=np.zeros((2, 4)), response_mask=np.ones((2, 4), bool),
         dtype="float64").advantages)
+    assert large.grad_logprobs.tobytes() == advserve.compute_losses(preset="verl", **batch).grad_logprobs.tobytes()
 
 
 def test_tritonclient_against_serves_grpc_proxy(cluster):

@@ -59,6 +59,24 @@ def error_envelope(error: BaseException) -> dict[str, Any]:
                       "retry_after": None}}
 
 
+class PicklableBodies:
+    """ASGI middleware: response body chunks as bytes. The REST app sends binary tensors as memoryviews
+    of the result arrays (no copy under uvicorn); a Serve replica pickles every ASGI message to the
+    proxy, and a memoryview does not pickle."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_bytes(message: Any) -> None:
+            body = message.get("body")
+            if body is not None and not isinstance(body, bytes):
+                message = {**message, "body": bytes(body)}
+            await send(message)
+
+        await self.app(scope, receive, send_bytes)
+
+
 class AdvServe:
     """One replica: the runtime of `advserve serve` (engine, compute thread, admission, limits, auth)
     built from `settings` (Settings field names: device, kernels, max_tokens, admission_bytes,
@@ -78,7 +96,9 @@ class AdvServe:
         """The REST ingress: the FastAPI application of `advserve serve` over this replica's runtime."""
         from ..server import create_app
 
-        return create_app(self.runtime)
+        app = create_app(self.runtime)
+        app.add_middleware(PicklableBodies)
+        return app
 
     # --- the handle API (RayClient) -----------------------------------------------------------
 

@@ -111,11 +111,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def assemble(prepared: PreparedAdvantages, shards: Sequence[np.ndarray], parts: Sequence[Mapping[str, Any]],
              name: str) -> Tensor:
     """The padded [B, T] tensor `name` of the whole batch from the shards' padded results."""
-    batch = prepared.batch
-    out = torch.zeros(batch.mask.shape, dtype=prepared.dtype)
+    out = np.zeros(tuple(prepared.batch.mask.shape), dtype=torch.empty(0, dtype=prepared.dtype).numpy().dtype)
     for rows, part in zip(shards, parts):
-        out[torch.from_numpy(rows)] = torch.as_tensor(np.asarray(part[name]))
-    return out
+        out[rows] = part[name]  # the shards' arrays may be read-only views of the object store: only read
+    return torch.from_numpy(out)
 
 
 def second_pass(prepared: PreparedAdvantages, advantages: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
