@@ -49,6 +49,7 @@ bench: dev
 	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_shm.py
 	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_ray.py
 
 proto: dev
 	$(BIN)/python scripts/gen_proto.py
