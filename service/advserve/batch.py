@@ -378,8 +378,10 @@ def build_batch(
             kind = "not used by" if name in ALL_TENSORS else "unknown for"
             if name == "cu_seqlens":
                 kind, context = "only for", "layout 'packed'"
-            raise InvalidArgument(f"tensor {name!r} is {kind} {context}; accepted: {', '.join(sorted(allowed))}",
-                                  field=_field(name))
+            from .hints import verl_hint  # (imported here: hints imports this module)
+
+            raise InvalidArgument(f"tensor {name!r} is {kind} {context}{verl_hint('tensor', name)}; accepted: "
+                                  f"{', '.join(sorted(allowed))}", field=_field(name))
     for name in sorted(required):
         if raw.get(name) is None:
             hint = (hints or {}).get(name)

@@ -25,7 +25,7 @@ from .functional.losses import (PolicyTerm, Ratio, geometric_mean_weight, kl_los
 from .functional.masks import aggregation_weights, host_reads_are_free, masked_extremes, masked_sums, moments
 from .functional.rollout import rollout_weights
 from .functional.scan import use_kernels
-from .hints import keyword_hint
+from .hints import keyword_hint, verl_hint
 from .kernels import resolve_kernels
 from .loss_specs import (AGGREGATED_TERMS, LOSS_TERMS, TERM_OPTIONAL_TENSORS, TERM_TENSORS, check_loss_terms,
                          echoed_params)
@@ -72,7 +72,8 @@ class Engine:
     @staticmethod
     def estimator(name: str, preset: Preset) -> Estimator:
         if name not in ESTIMATORS:
-            raise NotFound(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}", field="estimator")
+            raise NotFound(f"unknown estimator {name!r}{verl_hint('estimator', name)}; valid: {', '.join(ESTIMATORS)}",
+                           field="estimator")
         if name not in preset.estimators:
             hint = preset.unavailable.get(name, "")
             raise NotFound(f"estimator {name!r} is not part of preset {preset.name!r}"

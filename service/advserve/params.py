@@ -58,7 +58,10 @@ class ParamSpec:
             raise InvalidArgument(f"{field} must be a string, got {value!r}", field=field)
         if self.choices is not None and value not in self.choices:
             valid = ", ".join(repr(c) for c in self.choices)
-            raise InvalidArgument(f"{field} must be one of {valid}, got {value!r}", field=field)
+            from .hints import verl_hint  # (imported here: hints imports the catalog, which imports this)
+
+            raise InvalidArgument(f"{field} must be one of {valid}, got {value!r}{verl_hint('value', value, field)}",
+                                  field=field)
         return value
 
     def describe(self) -> dict:
@@ -117,7 +120,10 @@ def resolve_params(
     unknown = sorted(set(given) - set(specs))
     if unknown:
         valid = ", ".join(sorted(specs)) or "none"
-        raise InvalidArgument(f"{field}: unknown or inapplicable parameter {unknown[0]!r}; valid: {valid}", field=f"{field}.{unknown[0]}")
+        from .hints import verl_hint  # (imported here: hints imports the catalog, which imports this)
+
+        raise InvalidArgument(f"{field}: unknown or inapplicable parameter {unknown[0]!r}"
+                              f"{verl_hint('parameter', unknown[0])}; valid: {valid}", field=f"{field}.{unknown[0]}")
     resolved: dict[str, Any] = {}
     deferred = []
     for name, spec in specs.items():
