@@ -35,7 +35,8 @@ Rows (full sizes; --quick shrinks them):
 
 With --device cuda every tensor (inputs, references, results) lives on the GPU and each timed call
 ends with torch.cuda.synchronize(); GAE rows then add "kernels.scan.gae" (the Triton kernel alone)
-when --kernels resolves to triton, and GRPO runs at 4096 and 65536 sequences (the verl loop is the
+and the losses row "kernels.losses.ppo_clip_kl" (the fused loss + gradient kernel with its token-mean
+weights, not yet called by the engine; target 3x autograd) when --kernels resolves to triton, and GRPO runs at 4096 and 65536 sequences (the verl loop is the
 reference; 1M sequences would take it minutes).
 
 Every reference runs in this process, right after the engine, so the ratios are comparable even
@@ -458,7 +459,7 @@ def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Gen
     }
 
 
-def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
+def loss_rows(batch: int, length: int, cfg: dict, gen: torch.Generator) -> list[dict]:
     x = on_target(loss_inputs(batch, length, gen))
 
     def engine():
@@ -473,13 +474,29 @@ def loss_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
     checks = [compare("loss", torch.tensor(out.loss), ref_loss), compare("grad_logprobs", out.grad_logprobs, ref_grad)]
     t_engine = timeit(engine, cfg["repeats"])
     t_ref = timeit(autograd, cfg["repeats"])
-    return {
+    row = {
         "row": "losses, ppo_clip + kl k3", "impl": "advserve.compute_losses", "size": f"{batch}x{length}",
         "dtype": "float32", "engine": t_engine, "reference": t_ref,
         "reference_impl": "torch autograd (forward + backward)",
         "ratio": t_ref["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
         "params": out.params,
     }
+    if resolve_kernels(TARGET["kernels"], torch.device(TARGET["device"])) != "triton":
+        return [row]
+    from advserve.kernels import losses as fused
+
+    def kernel():
+        # the token-mean weights (one division) and the fused loss + gradient: what the engine would launch
+        weights = x["response_mask"] / x["response_mask"].sum().clamp_min(1)
+        return fused.ppo_clip_kl(x["logprobs"], x["old_logprobs"], x["ref_logprobs"], x["advantages"], weights,
+                                 weights, clip_low=0.2, clip_high=0.2, dual_clip=3.0, ratio_clamp=20.0,
+                                 kl_coef=0.001, kl_estimator="k3", kl_clamp=10.0)
+
+    k_loss, _, _, k_grad = kernel()
+    t_kernel = timeit(kernel, cfg["repeats"])
+    return [row, {**row, "impl": "kernels.losses.ppo_clip_kl", "engine": t_kernel,
+                  "ratio": t_ref["p50_ms"] / t_kernel["p50_ms"], "target_ratio": 3.0,
+                  "checks": [compare("loss", k_loss, ref_loss), compare("grad_logprobs", k_grad, ref_grad)]}]
 
 
 def gae_openrlhf_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
@@ -641,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         elif case == "grpo":
             rows += [grpo_row(*size, cfg, gen, rng) for size in sizes["grpo"]]
         elif case == "losses":
-            rows.append(loss_row(*sizes["loss"], cfg, gen))
+            rows += loss_rows(*sizes["loss"], cfg, gen)
         elif case == "gae_openrlhf":
             rows.append(gae_openrlhf_row(*sizes["gae_openrlhf"], cfg, gen))
         else:

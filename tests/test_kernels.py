@@ -40,10 +40,11 @@ from advserve.engine import Engine
 from advserve.errors import InvalidArgument
 from advserve.estimators import ESTIMATORS
 from advserve.functional import groups as functional_groups
+from advserve.functional import losses as functional_losses
 from advserve.functional import masks
 from advserve.functional import scan as reference
 from advserve.kernels import resolve_kernels
-from advserve.model import AdvantageRequest
+from advserve.model import AdvantageRequest, LossRequest
 from advserve.presets import PRESETS
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -261,6 +262,50 @@ class TestUnderTheInterpreter:
         _close(actual.advantages, expected.advantages)
         _close(actual.returns, expected.returns)
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_fused_ppo_clip_kl_matches_the_torch_path(self, dtype):
+        """kernels.losses.ppo_clip_kl against the torch functions the engine composes (policy_ratio,
+        policy_loss "ppo_clip", kl_loss, aggregation_weights): each KL estimator with and without its
+        clamps (one that binds), with and without the dual clip and the ratio clamp (one that binds),
+        token-mean and seq-mean-token-mean weights, several blocks per batch."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        lp, old, ref, adv, mask = _loss_batch(dtype, seed=23)
+        valid = mask.to(dtype)
+        lengths = valid.sum(dim=1)
+        for estimator, kl_clamp, dual_clip, ratio_clamp, agg in LOSS_FORMS:
+            w_pol = masks.aggregation_weights(valid, lengths, agg)
+            w_kl = masks.aggregation_weights(valid, lengths, "token-mean")
+            rho = functional_losses.policy_ratio("ppo_clip", lp, old, mask, ratio_clamp=ratio_clamp)
+            loss_t, grad_t, _ = functional_losses.policy_loss("ppo_clip", rho, lp, adv, clip_low=0.2, clip_high=0.28,
+                                                              dual_clip=dual_clip)
+            kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
+            policy, kl = (w_pol * loss_t).sum(), (w_kl * kl_t).sum()
+            loss, got_policy, got_kl, grad = fused_losses.ppo_clip_kl(
+                lp, old, ref, adv, w_pol, w_kl, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+                ratio_clamp=ratio_clamp, kl_coef=0.05, kl_estimator=estimator, kl_clamp=kl_clamp, block=64)
+            _close(grad, w_pol * grad_t + (0.05 * w_kl) * dkl)
+            _close(got_policy, policy)
+            _close(got_kl, kl)
+            _close(loss, policy + 0.05 * kl)
+
+    def test_fused_ppo_clip_kl_gives_the_engines_loss_and_gradient(self):
+        """The verl preset's ppo_clip (dual clip 3, log-ratio clamp 20, token-mean) + kl_loss k3 (clamp 10)
+        through Engine.compute_losses, and the kernel with the same weights."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        lp, old, ref, adv, mask = _loss_batch(torch.float64, seed=29)
+        result = Engine("cpu", kernels="torch").compute_losses(LossRequest(
+            preset="verl", kl_loss={"estimator": "k3"}, dtype="float64",
+            tensors={"logprobs": lp, "old_logprobs": old, "ref_logprobs": ref, "advantages": adv,
+                     "response_mask": mask}))
+        w = masks.aggregation_weights(mask.double(), mask.double().sum(dim=1), "token-mean")
+        loss, policy, kl, grad = fused_losses.ppo_clip_kl(lp, old, ref, adv, w, w, clip_low=0.2, clip_high=0.2,
+                                                          dual_clip=3.0, ratio_clamp=20.0, kl_coef=0.001,
+                                                          kl_estimator="k3", kl_clamp=10.0)
+        _close(grad, result.grad_logprobs)
+        assert float(loss) == pytest.approx(result.loss, rel=1e-12)
+        assert float(policy) == pytest.approx(result.components["policy"], rel=1e-12)
+        assert float(kl) == pytest.approx(result.components["kl"], rel=1e-12)
+
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, fused, monkeypatch, preset):
         """The setting changes no result beyond rounding: each estimator of the preset, with its KL
@@ -337,6 +382,19 @@ class TestCompiledForTheGpu:
 
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+    def test_fused_ppo_clip_kl(self, dtype):
+        losses = importlib.import_module("advserve.kernels.losses")
+        data = f"*{dtype}"
+        signature = {**dict.fromkeys(("logp", "old", "ref", "adv", "w_pol", "w_kl", "grad", "partials"), data),
+                     "N": "i64", **dict.fromkeys(("clip_low", "clip_high", "dual_clip", "ratio_clamp", "kl_coef",
+                                                  "kl_clamp"), "fp64")}
+        for kl in range(3):
+            ptx = self._ptx(losses._ppo_clip_kl_kernel, signature, {"HAS_DUAL": True, "HAS_RATIO_CLAMP": True,
+                                                                      "KL": kl, "HAS_KL_CLAMP": True,
+                                                                      "BLOCK": losses.BLOCK})
+            assert ".entry _ppo_clip_kl_kernel" in ptx
+
+    @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
     def test_whitening_divides_and_takes_roots_rounded_to_nearest(self, dtype):
         whiten = importlib.import_module("advserve.kernels.whiten")
         data, f32 = f"*{dtype}", dtype == "fp32"
@@ -395,6 +453,38 @@ class TestOnTheGpu:
             _close_scaled(fused_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons),
                           functional_groups.leave_one_out_advantages(scores, groups, singleton_groups=singletons))
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_whitening(self, dtype):
+        fused_whiten = importlib.import_module("advserve.kernels.whiten")
+        rewards, _, mask = (t.cuda() for t in _batch([5000, 1, 0, 4096, 1025, 3333] * 40, 5000, 0.2, dtype, seed=3))
+        valid = mask.to(dtype)
+        x = (3 * rewards + 5) * valid
+        for ddof, eps, mode, use_std in WHITEN_FORMS:
+            kwargs = dict(ddof=ddof, eps=eps, eps_mode=mode, use_std=use_std)
+            got = fused_whiten.whiten(x, valid, **kwargs)
+            _close_scaled(got, masks.whiten(x, valid, **kwargs))
+            assert torch.equal(got, fused_whiten.whiten(x, valid, **kwargs))  # deterministic
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_fused_ppo_clip_kl(self, dtype):
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        lp, old, ref, adv, mask = (t.cuda().repeat(200, 30) for t in _loss_batch(dtype, seed=31))  # [1000, 4500]
+        valid = mask.to(dtype)
+        lengths = valid.sum(dim=1)
+        for estimator, kl_clamp, dual_clip, ratio_clamp, agg in LOSS_FORMS:
+            w_pol = masks.aggregation_weights(valid, lengths, agg)
+            w_kl = masks.aggregation_weights(valid, lengths, "token-mean")
+            rho = functional_losses.policy_ratio("ppo_clip", lp, old, mask, ratio_clamp=ratio_clamp)
+            loss_t, grad_t, _ = functional_losses.policy_loss("ppo_clip", rho, lp, adv, clip_low=0.2, clip_high=0.28,
+                                                              dual_clip=dual_clip)
+            kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
+            loss, policy, kl, grad = fused_losses.ppo_clip_kl(
+                lp, old, ref, adv, w_pol, w_kl, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+                ratio_clamp=ratio_clamp, kl_coef=0.05, kl_estimator=estimator, kl_clamp=kl_clamp)
+            _close_scaled(grad, w_pol * grad_t + (0.05 * w_kl) * dkl)
+            _close_scaled(policy, (w_pol * loss_t).sum())
+            _close_scaled(kl, (w_kl * kl_t).sum())
+
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, preset):
         triton_engine, torch_engine = Engine("cuda", kernels="triton"), Engine("cuda", kernels="torch")
@@ -422,6 +512,11 @@ def _close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 # the (std_ddof, std_eps, singleton_groups) of the presets: paper, verl, openrlhf, trl
 STD_FORMS = [(0, 0.0, "zero"), (1, 1e-6, "raw"), (1, 1e-9, "error"), (1, 1e-4, "zero")]
+# (kl estimator, kl clamp, dual clip, ratio clamp, policy agg): clamps that bind (0.05, 0.1) and the presets'
+LOSS_FORMS = [("k3", 10.0, 3.0, 20.0, "token-mean"), ("k3", None, None, None, "seq-mean-token-mean"),
+              ("k3", 0.05, 3.0, 0.1, "token-mean"), ("k1", 10.0, None, 20.0, "seq-mean-token-mean"),
+              ("k1", None, 3.0, None, "token-mean"), ("k2", 0.05, 3.0, 20.0, "token-mean"),
+              ("k2", None, None, 0.1, "seq-mean-token-mean")]
 # whitening forms (ddof, eps, eps_mode, use_std): verl's (1, 1e-8 inside), OpenRLHF's (0, 1e-8 floor; and
 # no_std_norm), TRL's (1, 1e-4 outside), the paper's (0, 0); each eps form at both ddof
 WHITEN_FORMS = [(1, 1e-8, "inside", True), (0, 1e-8, "floor", True), (0, 1e-8, "floor", False),
@@ -453,6 +548,19 @@ def _estimator_batch(seed: int) -> dict:
     return {"rewards": scores, "response_mask": mask, "group_ids": group_ids, "values": values,
             "old_logprobs": logprobs[0], "ref_logprobs": logprobs[1], "greedy_rewards": torch.rand(10, generator=gen),
             "sum_pi_squared": sum_pi_squared}
+
+
+def _loss_batch(dtype: torch.dtype, seed: int):
+    """logprobs, old, ref, advantages [5, 150] (0 where masked; ratios on both sides of the clips, some
+    log-ratios beyond 0.1) and the mask: rows of 150, 1, 0, 93 and 40 tokens (three blocks of 64)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.arange(150).unsqueeze(0) < torch.tensor([150, 1, 0, 93, 40]).unsqueeze(1)
+    valid = mask.to(dtype)
+    old = -torch.rand(mask.shape, generator=gen, dtype=dtype) * 3
+    lp = old + 0.3 * torch.randn(mask.shape, generator=gen, dtype=dtype)
+    ref = old + 0.3 * torch.randn(mask.shape, generator=gen, dtype=dtype)
+    adv = torch.randn(mask.shape, generator=gen, dtype=dtype)
+    return lp * valid, old * valid, ref * valid, adv * valid, mask
 
 
 def _gae_request(preset: str, seed: int) -> AdvantageRequest:
