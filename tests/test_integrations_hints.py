@@ -96,3 +96,15 @@ def test_every_hint_points_at_a_real_advserve_name():
             assert term == "params" or name in LOSS_TERMS[term], (term, name)
     for name in [*hints.VERL_ESTIMATORS, *hints.VERL_TENSORS]:  # verl's spelling is not also advserve's
         assert name not in ESTIMATORS and name not in ALL_TENSORS
+
+
+def test_readme_verl_table_is_the_presets_options():
+    """README's "verl 0.9.1 options" table is the verl preset's options, row for row (GET /v1/estimators)."""
+    from pathlib import Path
+
+    from advserve.presets import VERL
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("\n### verl 0.9.1 options\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows == [f"| `{option}` | {request} |" for option, request in VERL.options.items()]

@@ -180,6 +180,41 @@ _VERL_OPTIONS = {
     "critic.cliprange_value=C": "value_loss.clip=C (0.5; verl's gradient at an exact clip bound: clip_ties='split')",
     "rollout_corr_helper: rollout_is=token / sequence, rollout_is_threshold=H or 'L_H'":
         "rollout_correction.level, mode='truncate' (high=H) or 'mask' (low=L, high=H)",
+    # verl 0.9.1's other policy losses (docs/semantics.md)
+    "actor.policy_loss.loss_mode=dppo_tv / dppo_kl": "policy_loss.mode='dppo_tv' / 'dppo_kl'; clip_ratio_low / "
+    "clip_ratio_high are the divergence bounds policy_loss.clip_low / clip_high, clip_ratio_c the cap "
+    "policy_loss.ratio_cap (3.0)",
+    "actor.policy_loss.loss_mode=sapo, actor.tau_pos, actor.tau_neg": "policy_loss.mode='sapo', policy_loss.tau_pos, "
+    "policy_loss.tau_neg (1.0, 1.05; aggregated seq-mean-token-mean whatever loss_agg_mode says, as in verl)",
+    "actor.policy_loss.loss_mode=gpg": "policy_loss.mode='gpg' (−A·log π, no ratio)",
+    "actor.policy_loss.loss_mode=clip_cov, policy_loss.clip_cov_ratio / clip_cov_lb / clip_cov_ub":
+        "policy_loss.mode='clip_cov', policy_loss.clip_cov_ratio, policy_loss.clip_cov_lb, policy_loss.clip_cov_ub "
+        "(verl draws from torch's global generator, advserve from policy_loss.clip_cov_seed)",
+    "actor.policy_loss.loss_mode=kl_cov, policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef":
+        "policy_loss.mode='kl_cov', policy_loss.kl_cov_ratio, policy_loss.kl_cov_coef",
+    "actor.policy_loss.loss_mode=geo_mean": "policy_loss.mode='geo_mean' (GMPO: the mean of B sequence losses)",
+    "actor.policy_loss.loss_mode=dro, policy_loss.dro_beta=B": "policy_loss.mode='dro', policy_loss.dro_beta=B",
+    "actor.policy_loss.loss_mode=bypass_mode, policy_loss.rollout_correction.loss_type / rollout_is / "
+    "rollout_is_threshold": "policy_loss.mode='bypass_mode', policy_loss.bypass_loss, policy_loss.bypass_is, "
+    "policy_loss.bypass_is_high ('L_H': policy_loss.bypass_is_low=L too); old_logprobs are the rollout's",
+    # the rest of verl's vocabulary
+    "actor.kl_loss_type=low_var_kl+ (any estimator with '+')": "kl_loss={'estimator': 'k3', "
+    "'gradient_estimator': 'k2'} (straight-through: k3's value, k2's gradient)",
+    "core_algos.agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)":
+        "a token_loss term with token_losses=loss_mat and token_loss.agg (null: the policy's); dp_size, num_tokens, "
+        "num_sequences",
+    "actor global_batch_info: dp_size, batch_num_tokens, global_batch_size": "dp_size, num_tokens, num_sequences",
+    "rollout_is_weights (from rollout_corr_helper, zeros allowed)": "the tensor rollout_is_weights, multiplying the "
+    "policy's per-token loss (instead of a rollout_correction term)",
+    "kl_penalty(logprob, ref_logprob, kl_penalty) per token": "return_kl_values=true: the result's kl_values [B, T]",
+    "batch keys values / vpreds / returns (the critic's)": "tensors old_values / values / returns",
+    "batch key reward_baselines (ReMax)": "tensor greedy_rewards",
+    "non_tensor_batch uid (compute_advantage's index)": "tensor group_ids",
+    "metrics actor/pg_clipfrac, actor/pg_clipfrac_lower, actor/ppo_kl": "metrics clip_fraction_high + "
+    "clip_fraction_low, dual_clip_fraction, approx_kl (advserve.integrations.verl returns verl's names)",
+    "metric critic/vf_clipfrac": "metric value_clip_fraction",
+    "algorithm.adv_estimator=advserve_<name>, actor.policy_loss.loss_mode=advserve or advserve_<mode>":
+        "advserve.integrations.verl: verl's own registries, computed by advserve (docs/integrations.md)",
 }
 
 # verl's log-ratio clamp: ±20 (vanilla, cispo, sapo, dppo, bypass_mode), 10 above for gspo, none in
