@@ -22,10 +22,8 @@ and `value_loss` themselves, not looked up in a registry).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
-import os
 import sys
 from typing import Any, Callable, Mapping
 
@@ -34,7 +32,8 @@ import torch
 
 from advserve_client.integrations.torch import loss_with_gradients
 
-ADDRESS_ENV = "ADVSERVE_ADDRESS"
+from ._backend import backend
+
 PREFIX = "advserve_"
 
 # verl's algorithm.adv_estimator -> advserve's estimator (preset "verl"); registered as advserve_<key>
@@ -100,27 +99,6 @@ _OWN_AGG: dict[str, str | None] = {"sapo": "seq-mean-token-mean", "geo_mean": No
 
 
 # --- the backend: a remote advserve, or the in-process engine ---------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _client(address: str) -> Any:
-    from advserve_client import Client
-
-    if address.startswith("grpc://"):
-        return Client(address[len("grpc://"):], transport="grpc")
-    return Client(address)
-
-
-def backend(address: str | None = None) -> Any:
-    """What computes: a `Client` of `address` (default: the ADVSERVE_ADDRESS environment variable; one
-    client per address and process, reused), or the in-process API (`advserve.api`) when neither is set.
-    Both have compute_advantages and compute_losses with the same arguments and results."""
-    address = address if address is not None else os.environ.get(ADDRESS_ENV, "").strip()
-    if address:
-        return _client(address)
-    from .. import api
-
-    return api
 
 
 # --- configs: verl passes DictConfigs or its dataclass configs (both are Mappings with .get) ---------
