@@ -347,6 +347,15 @@ def test_the_config_file_builds_the_application():
         build_app({"settings": {"max_tokens": 0}})
 
 
+def test_deployment_options_reach_serve():
+    made = deployment(Options(num_replicas="auto", num_gpus=1, num_cpus=2, max_queued_requests=8,
+                              autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1}))
+    assert made.ray_actor_options == {"num_cpus": 2, "num_gpus": 1} and made.max_ongoing_requests == 2
+    config = made._deployment_config
+    assert config.max_queued_requests == 8 and config.autoscaling_config.max_replicas == 3
+    assert config.autoscaling_config.target_ongoing_requests == 1
+
+
 def test_import_advserve_never_imports_ray():
     code = ("import sys, advserve, numpy as np; advserve.compute_advantages('grpo', rewards=np.ones(2), "
             "response_mask=np.ones((2, 2), bool), group_ids=[0, 0]); assert 'ray' not in sys.modules")

@@ -103,6 +103,10 @@ class RayClient:
     # --- calls --------------------------------------------------------------------------------
 
     def _submit(self, kind: str, document: Mapping[str, Any], tensors: Mapping[str, Any]) -> Any:
+        """Send one request; the replica's deadline is this client's timeout (its --request-timeout-s if
+        shorter), so work this client stopped waiting for is dropped there too."""
+        if self.timeout is not None:
+            document = {**document, "timeout_s": self.timeout}
         return self.handle.compute.remote(kind, dict(document), tensors)
 
     def _answer(self, response: Any) -> dict[str, Any]:
@@ -166,7 +170,8 @@ class RayClient:
             answer = self._sharded_advantages(document, tensors)
         else:
             answer = self._call("advantages", document, self._wire(tensors))
-        return _advantages_result(answer["document"], _own(answer["tensors"]), outputs, estimator, preset)
+            answer["tensors"] = _own(answer["tensors"])
+        return _advantages_result(answer["document"], answer["tensors"], outputs, estimator, preset)
 
     def compute_losses(self, *, preset: str | None = None, policy_loss: TermSpec = None, kl_loss: TermSpec = None,
                        value_loss: TermSpec = None, entropy_bonus: TermSpec = None,
@@ -184,7 +189,8 @@ class RayClient:
         answer = self._sharded_losses(document, wire) if self.shards > 1 else None
         if answer is None:
             answer = self._call("losses", document, wire)
-        return _losses_result(answer["document"], _own(answer["tensors"]), outputs, preset)
+            answer["tensors"] = _own(answer["tensors"])
+        return _losses_result(answer["document"], answer["tensors"], outputs, preset)
 
     def analyze(self, estimators: Sequence[str] | None = None, *, preset: str | None = None,
                 params: Mapping[str, Mapping[str, Any]] | None = None, dtype: str | None = None,
@@ -227,7 +233,8 @@ class RayClient:
             raise error_from(exc.code, exc.message, field=exc.field) from None
         plan = sharding.plan(prepared, self.shards)
         if plan.mode == "whole":
-            return self._call("advantages", document, self._wire(tensors))
+            answer = self._call("advantages", document, self._wire(tensors))
+            return {**answer, "tensors": _own(answer["tensors"])}
         requests = [sharding.shard_request(prepared, rows, two_pass=plan.mode == "two_pass") for rows in plan.shards]
         parts = self._calls("advantages", [(_without_tensors(r), r["tensors"]) for r in requests])
         parts = [part["tensors"] for part in parts]

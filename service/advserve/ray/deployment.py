@@ -264,7 +264,19 @@ def deployment(options: Options = Options()):
             config["num_replicas"] = options.num_replicas
     else:
         config["num_replicas"] = options.num_replicas
-    return serve.deployment(**config)(serve.ingress()(AdvServe))
+    return serve.deployment(**config)(ingress(AdvServe))
+
+
+def ingress(cls: type) -> type:
+    """`cls` as Serve's HTTP ingress, its ASGI app built in each replica (`__serve_build_asgi_app__`:
+    Ray 2.60 has it). A Ray whose `serve.ingress` cannot defer the app gets `cls` as it is: the handle
+    API and the gRPC ingress, no REST through Serve's HTTP proxy (logged)."""
+    try:
+        return serve.ingress()(cls)
+    except (TypeError, ValueError) as exc:
+        log.warning("advserve.ray: this Ray's serve.ingress cannot build the REST app in the replica (%s): "
+                    "no HTTP ingress; the handle API and the gRPC ingress are served", exc)
+        return cls
 
 
 def build_app(args: Mapping[str, Any] | None = None):

@@ -92,11 +92,18 @@ def shard_request(prepared: PreparedAdvantages, rows: np.ndarray, *, two_pass: b
     validated padded rows (numpy, the compute dtype), group ids as the engine's group index; whitening
     off in pass 1 of `two_pass`."""
     batch = prepared.batch
-    index = torch.from_numpy(rows)
-    tensors: dict[str, Any] = {name: value.index_select(0, index).numpy() for name, value in batch.tensors.items()}
-    tensors["response_mask"] = batch.mask.index_select(0, index).numpy()
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a run of rows: views, serialized once by Ray
+        def take(value: Tensor) -> np.ndarray:
+            return value[int(rows[0]):int(rows[-1]) + 1].numpy()
+    else:
+        index = torch.from_numpy(rows)
+
+        def take(value: Tensor) -> np.ndarray:
+            return value.index_select(0, index).numpy()
+    tensors: dict[str, Any] = {name: take(value) for name, value in batch.tensors.items()}
+    tensors["response_mask"] = take(batch.mask)
     if batch.group_index is not None:
-        tensors["group_ids"] = batch.group_index.index_select(0, index).numpy()
+        tensors["group_ids"] = take(batch.group_index)
     params = dict(prepared.params)
     if two_pass:
         params["whiten"] = False
