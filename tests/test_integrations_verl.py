@@ -154,9 +154,8 @@ def verl(monkeypatch):
     monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core_algos)
     sys.modules["verl.trainer.ppo"].core_algos = core_algos
     monkeypatch.delenv("ADVSERVE_ADDRESS", raising=False)
-    module = importlib.import_module("advserve.integrations.verl")
-    module = importlib.reload(module)
-    return core_algos, module
+    monkeypatch.delitem(sys.modules, "advserve.integrations.verl", raising=False)  # imported afresh, as by verl
+    return core_algos, importlib.import_module("advserve.integrations.verl")
 
 
 def test_importing_the_module_registers_every_name(verl):
