@@ -55,7 +55,8 @@ def _ray_error(exc: BaseException, timeout: float | None) -> AdvserveError:
     if isinstance(exc, (TimeoutError, rex.GetTimeoutError)):
         return DeadlineExceeded(f"no answer within the client's timeout of {timeout} s ({name})")
     if isinstance(exc, sex.BackPressureError):
-        return Overloaded(f"every replica's queue is full (max_queued_requests): {exc}", retry_after=1.0)
+        return Overloaded(f"every replica's queue is full (max_queued_requests): {exc}",
+                          retry_after=getattr(exc, "retry_after_s", None) or 1.0)
     if isinstance(exc, rex.RayTaskError):
         return InternalError(f"the replica failed outside the engine: {name}: {exc}")
     if isinstance(exc, (rex.RayError, sex.RayServeException, ConnectionError)):
