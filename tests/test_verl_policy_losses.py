@@ -278,3 +278,36 @@ def test_clip_cov_seed_is_the_draw():
     assert runs[0].loss == runs[1].loss and np.array_equal(runs[0].grad_logprobs, runs[1].grad_logprobs)
     assert not np.array_equal(runs[0].grad_logprobs, runs[2].grad_logprobs)
     assert runs[0].metrics["cov_selected_fraction"] == pytest.approx(6 / 128)
+
+
+# --- the `paper` preset: the objectives as SAPO's and GMPO's papers write them (hand-derived, float64) ------
+
+
+def test_paper_geo_mean_is_gmpos_objective_by_hand():
+    """GMPO (arXiv:2507.20673): token log-ratios clipped to (−0.4, 0.4) on the advantage's side, the
+    geometric mean per response, the mean over all G responses. Row 0 (A = 1): d = (0.5, 0.1) → (0.4, 0.1),
+    r₀ = e^0.25, ℓ₀ = −e^0.25. Row 1 (A = −2): d = (−0.5, 0.25, 0) → (−0.4, 0.25, 0), r₁ = e^−0.05,
+    ℓ₁ = 2e^−0.05. Loss (ℓ₀ + ℓ₁)/2; the gradient reaches a row's unclipped tokens: ℓ_i/(L_i·2)."""
+    m = np.array([[1, 1, 0], [1, 1, 1]], dtype=bool)
+    old = np.array([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    lp = old + np.array([[0.5, 0.1, 0.0], [-0.5, 0.25, 0.0]])
+    a = np.array([[1.0, 1.0, 0.0], [-2.0, -2.0, -2.0]])
+    res = advserve.compute_losses(preset="paper", dtype="float64", policy_loss={"mode": "geo_mean"}, logprobs=lp,
+                                  old_logprobs=old, advantages=a, response_mask=m)
+    l0, l1 = -np.exp(0.25), 2 * np.exp(-0.05)
+    _close(res.loss, (l0 + l1) / 2, 1e-15)
+    _close(res.grad_logprobs, [[0.0, l0 / 4, 0.0], [0.0, l1 / 6, l1 / 6]], 1e-15)
+    assert res.params["policy_loss"]["clip_low"] == res.params["policy_loss"]["clip_high"] == 0.4
+
+
+def test_paper_sapo_averages_token_means_by_hand():
+    """SAPO (arXiv:2511.20347): f = (4/τ)σ(τ(ρ − 1)), τ 1 where A > 0 and 1.05 elsewhere, each response's
+    token mean averaged. One response: A = (1, −1), ρ = (1, 2): ℓ = (−2, (4/1.05)σ(1.05)), loss their mean;
+    ∂ℓ/∂lp = −A·4σ(1 − σ)ρ: (−1, 8σ(1.05)(1 − σ(1.05))), halved."""
+    sig = 1 / (1 + np.exp(-1.05))
+    res = advserve.compute_losses(preset="paper", dtype="float64", policy_loss={"mode": "sapo"},
+                                  logprobs=np.array([[-1.0, -1.0 + np.log(2.0)]]), old_logprobs=np.array([[-1.0, -1.0]]),
+                                  advantages=np.array([[1.0, -1.0]]), response_mask=np.ones((1, 2), dtype=bool))
+    _close(res.loss, (-2 + 4 / 1.05 * sig) / 2, 1e-15)
+    _close(res.grad_logprobs, [[-0.5, 4 * sig * (1 - sig)]], 1e-14)
+    assert res.params["policy_loss"]["agg"] == "seq-mean-token-mean"

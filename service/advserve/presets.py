@@ -97,6 +97,8 @@ _PAPER_WHITEN = {"whiten": True, "whiten_std": True, "whiten_ddof": 0, "whiten_e
 _PAPER_STD = {"std_ddof": 0, "std_eps": 0.0, "std_scope": "group", "singleton_groups": "zero"}
 _PAPER_GRPO = _merge(_PAPER_KL, {"kl_estimator": "k3", "kl_placement": "token"}, _PAPER_STD)
 
+_GMPO_CLIP = DependsOn("mode", {"geo_mean": 0.4}, 0.2)
+
 PAPER = Preset(
     name="paper",
     description="The seed document's formulas to the letter: population std, no epsilons, "
@@ -123,9 +125,14 @@ PAPER = Preset(
     losses={
         # PPO's clipped surrogate (clip 0.2/0.2) aggregated as the seed's eq. (14) prescribes for every
         # method of its table: the tokens of a response summed, the responses averaged (docs/semantics.md);
-        # the seed's unclipped surrogate (5) is mode 'reinforce'
-        "policy_loss": {"mode": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                        "ratio_clamp": None, "agg": "seq-mean-token-sum", "loss_scale_factor": None},
+        # the seed's unclipped surrogate (5) is mode 'reinforce'. Where an algorithm's paper defines its own
+        # objective: SAPO (arXiv:2511.20347) and GMPO (arXiv:2507.20673) average their responses' token
+        # means; GMPO clips lp − old to (−0.4, 0.4) (its Sec. 4) and means over all G responses
+        "policy_loss": {"mode": "ppo_clip", "clip_low": _GMPO_CLIP, "clip_high": _GMPO_CLIP, "dual_clip": None,
+                        "ratio_clamp": None, "loss_scale_factor": None,
+                        "agg": DependsOn("mode", {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"},
+                                         "seq-mean-token-sum"),
+                        "seq_denominator": DependsOn("mode", {"geo_mean": "all"}, "nonempty")},
         "kl_loss": {"coef": 0.001, "estimator": "k3", "clamp": None},
         "value_loss": {"coef": 1.0, "clip": None, "clip_ties": "pass", "agg": None},
         "entropy_bonus": {"coef": 0.0, "agg": None},
