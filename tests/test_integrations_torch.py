@@ -103,6 +103,19 @@ def test_each_input_gets_its_gradient_times_the_upstream_one(clients, where):
                                    atol=1e-15)
 
 
+def test_token_losses_get_their_gradient():
+    """Any per-token loss matrix (the token_loss term, verl's agg_loss): its gradient is the aggregation's,
+    here token-mean over the valid tokens, times coef."""
+    t = batch(8)
+    token_losses = torch.rand(B, T, dtype=torch.float64, requires_grad=True)
+    loss, result = in_process_loss(preset="verl", policy_loss=False, token_loss={"coef": 2.0, "agg": "token-mean"},
+                                   token_losses=token_losses, response_mask=t["response_mask"], dtype="float64")
+    loss.backward()
+    mask = t["response_mask"].double()
+    assert float(loss.detach()) == pytest.approx(2.0 * float((token_losses.detach() * mask).sum() / mask.sum()))
+    torch.testing.assert_close(token_losses.grad, 2.0 * mask / mask.sum(), rtol=1e-12, atol=0)
+
+
 def test_float32_and_no_grad_inputs():
     """The loss takes the first differentiable input's dtype; an input without requires_grad is fine."""
     t = batch(4, torch.float32)
