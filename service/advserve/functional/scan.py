@@ -4,13 +4,15 @@ The core is `reverse_discounted_cumsum`, y_t = x_t + c·y_{t+1}, computed in chu
 inside a chunk with one [C, C] matmul against the decay matrix D[j, i] = c^(j−i) (j ≥ i), across
 chunks by the same scan applied recursively to the chunk totals with discount c^C. Sequential depth
 is log_C(T); no power of c is ever divided by, so nothing overflows for any T (the cumsum trick
-x·c^−t does in float32 past T≈1.5k).
+x·c^−t does in float32 past T≈1.5k). GAE's step δ_t = r_t − V_t + γ·V_{t+1} is never materialized:
+the chunk sums are r @ D + V @ E, a second GEMM, and the next chunk's first V joins the carry.
 
 Multi-turn rows have zeros inside the mask (observation tokens). By default (`gaps="skip"`) the
 recursions skip them and carry the running value across, which is the same as running over the
-row's valid tokens packed to the left; `Compactor` does that packing when, and only when, a mask has
-interior gaps. `gaps="step"` (OpenRLHF) instead treats every position as a step: a masked position
-adds a zero reward (and value 0) and still discounts by γ (γλ for GAE); no packing is needed.
+row's valid tokens packed to the left; `Compactor` does that packing (a permutation of each row, one
+gather each way) when, and only when, a mask has interior gaps. `gaps="step"` (OpenRLHF) instead
+treats every position as a step: a masked position adds a zero reward (and value 0) and still
+discounts by γ (γλ for GAE); no packing is needed.
 
 Inside `use_kernels("triton")` (the engine's `kernels` setting), `reward_to_go` and `gae` run the
 fused kernels of `advserve.kernels.scan` instead (and the group baselines of `groups` those of
@@ -144,10 +146,10 @@ class Compactor:
     masks both directions are the identity: no copy. `gaps="step"` keeps every position where it is
     (the zeros at masked positions are the zero-valued steps); unpacking then zeroes masked positions.
 
-    Packing is a permutation of each row: its valid tokens first, in order, then its masked ones (0s),
-    in order; `pack` and `unpack` are one gather each, and `pack` writes rows already padded to the
-    scan's chunked width. Unpacked, a masked position reads the packed row past its valid tokens,
-    where every scan of zeros is exactly 0.
+    Packing is one scatter into rows of zeros already padded to the scan's chunked width: valid token t
+    goes to its rank among the row's valid tokens, and every masked token (a 0) to the row's first
+    position past them, which stays 0. Unpacking is one gather by the same index: a masked position
+    reads that position back, where every scan of the zeros after a row's last valid token is exactly 0.
     """
 
     def __init__(self, mask: Tensor, gaps: str = "skip"):
@@ -158,12 +160,8 @@ class Compactor:
         self.identity = right_padded or gaps == "step"
         self.zero_masked = not right_padded and gaps == "step"
         if not self.identity:
-            batch, length = mask.shape
-            valid_so_far = mask.view(torch.uint8).cumsum(dim=1, dtype=torch.int64)  # valid tokens in [0, t]
-            position = torch.arange(length, device=mask.device)
-            # valid token t -> its rank among the valid ones; masked t -> after every valid token, in order
-            self.target = torch.where(mask, valid_so_far - 1, valid_so_far[:, -1:] + position - valid_so_far)
-            self.source = torch.empty_like(self.target).scatter_(1, self.target, position.expand(batch, length))
+            rank = mask.view(torch.uint8).cumsum(dim=1, dtype=torch.int64).sub_(1)  # valid tokens before t
+            self.target = torch.where(mask, rank, rank[:, -1:] + 1)  # masked: the row's count of valid tokens
 
     def pack(self, x: Tensor) -> Tensor:
         """[B, T] -> [B, W] (W = `chunked_width(T)` when packing, else T) with row i's valid tokens
@@ -171,10 +169,8 @@ class Compactor:
         if self.identity:
             return x
         length = x.shape[1]
-        width = chunked_width(length)
-        out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
-        torch.gather(x, 1, self.source, out=out[:, :length])
-        out[:, length:].zero_()
+        out = x.new_zeros(x.shape[0], chunked_width(length))
+        out[:, :length].scatter_(1, self.target, x)
         return out
 
     def unpack(self, packed: Tensor) -> Tensor:
