@@ -189,4 +189,54 @@ for verl_mode in integration.POLICY_LOSSES:
             "metrics": {k: abs(ours[2][k] - theirs[2][k]) for k in theirs[2]},
             "metric_names": sorted(ours[2]) == sorted(theirs[2]), "scalar_of_dtype": ours[3] == dtype and ours[4] == 0})
 
-print(json.dumps(report))
+# the whole actor loss: verl's ppo_loss composition (pg − entropy_coeff · entropy + kl_coef · kl, agg_loss with
+# the global batch info) against compute_actor_loss
+report["actor_losses"] = []
+KL_TYPES = ("low_var_kl", "low_var_kl+", "k3+", "kl", "k1+", "mse", "abs")
+for trial in range(14):
+    dtype = torch.float64 if trial % 2 else torch.float32
+    mask, _, _, _ = batch_inputs(dtype)
+    B, T = mask.shape
+    old = torch.tensor(np.log(rng.uniform(0.05, 0.95, (B, T))), dtype=dtype)
+    ref = old + torch.tensor(rng.normal(0, 0.3, (B, T)), dtype=dtype)
+    adv = torch.tensor(rng.normal(size=(B, T)), dtype=dtype)
+    agg = AGGS[trial % len(AGGS)]
+    mode = ("vanilla", "gspo", "cispo")[trial % 3]
+    kl_type = KL_TYPES[trial % len(KL_TYPES)]
+    dp = 2 if trial >= 9 else 1
+    info = {"dp_size": dp, "batch_num_tokens": int(mask.sum()) * dp if dp > 1 else None,
+            "global_batch_size": B * dp if dp > 1 else None, "loss_scale_factor": None}
+    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                         clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg, entropy_coeff=0.01,
+                         use_kl_loss=True, kl_loss_coef=float(rng.uniform(0.001, 0.1)), kl_loss_type=kl_type,
+                         policy_loss=PolicyLossConfig(loss_mode=mode))
+    config.global_batch_info.update(info)
+    grads, totals, metric_sets = [], [], []
+    new = old + torch.tensor(rng.normal(0, 0.3, (B, T)), dtype=dtype)
+    entropy = torch.tensor(rng.uniform(0, 2, (B, T)), dtype=dtype)
+    for ours in (True, False):
+        lp, ent = new.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
+        m = mask.to(bool)
+        if ours:
+            total, metrics = integration.compute_actor_loss(config, lp, old, adv, m, entropy=ent, ref_log_prob=ref)
+        else:
+            pg, metrics = ca.get_policy_loss_fn(mode)(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=m,
+                                                      loss_agg_mode=agg, config=config)
+            entropy_loss = ca.agg_loss(loss_mat=ent, loss_mask=m, loss_agg_mode=agg, **config.global_batch_info)
+            kl = ca.agg_loss(loss_mat=ca.kl_penalty(lp, ref, kl_type), loss_mask=m, loss_agg_mode=agg,
+                             **config.global_batch_info)
+            total = pg - config.entropy_coeff * entropy_loss + kl * config.kl_loss_coef
+            metrics = dict(metrics, **{"actor/pg_loss": float(pg), "actor/entropy_loss": float(entropy_loss),
+                                       "kl_loss": float(kl), "kl_coef": config.kl_loss_coef})
+        total.backward()
+        grads.append((lp.grad.clone(), ent.grad.clone()))
+        totals.append(total.detach())
+        metric_sets.append(metrics)
+    report["actor_losses"].append({
+        "mode": mode, "agg": agg, "kl": kl_type, "dtype": str(dtype), "dp_size": dp,
+        "loss": diff(totals[0], totals[1]), "grad": diff(grads[0][0], grads[1][0]),
+        "grad_entropy": diff(grads[0][1], grads[1][1]),
+        "metric_names": sorted(metric_sets[0]) == sorted(metric_sets[1]),
+        "metrics": max(abs(metric_sets[0][k] - metric_sets[1][k]) for k in metric_sets[1])})
+
+print("\n" + json.dumps(report))  # the last line

@@ -68,6 +68,11 @@ def test_real_verl_registries_and_numbers(where, request):
         tolerance = 1e-6 if case["dtype"] == "torch.float32" else 1e-12
         assert case["loss"] <= tolerance and case["grad"] <= tolerance, case
         assert max(case["metrics"].values(), default=0.0) <= 1e-6, case  # verl's masked_mean: N + 1e-8
+    assert len(report["actor_losses"]) == 14  # verl's ppo_loss composition, k3+ and dp_size 2 included
+    for case in report["actor_losses"]:
+        tolerance = 1e-6 if case["dtype"] == "torch.float32" else 1e-12
+        assert case["metric_names"] and case["metrics"] <= 1e-6, case
+        assert max(case["loss"], case["grad"], case["grad_entropy"]) <= tolerance, case
 
 
 # --- a faithful minimal verl registry API (verl 0.9.1, verl/trainer/ppo/core_algos.py) -------------------
@@ -278,6 +283,54 @@ def test_registered_policy_losses_give_the_real_verls_golden_numbers(verl, case)
     assert float(loss.detach()) == pytest.approx(case["expected"]["loss"], rel=1e-12, abs=1e-14)
     np.testing.assert_allclose(log_prob.grad.numpy(), case["expected"]["grad_logprobs"], rtol=1e-10, atol=1e-14)
     assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+
+
+KL_NAMES = {"k1": "kl", "k2": "mse", "k3": "low_var_kl", "abs": "abs"}
+ACTOR_CASES = [c for c in GOLDEN["losses"] if set(c["request"]) - {"num_tokens", "num_sequences"}
+               in ({"policy_loss", "kl_loss"}, {"policy_loss", "entropy_bonus"})
+               and c["request"]["policy_loss"]["mode"] in VERL_MODE]
+
+
+@pytest.mark.parametrize("case", ACTOR_CASES, ids=[c["case"] for c in ACTOR_CASES])
+def test_the_whole_actor_loss_gives_the_real_verls_golden_numbers(verl, case):
+    """compute_actor_loss (verl's ppo_loss in one call: policy − entropy_coeff · entropy + kl_loss_coef · kl,
+    translated from the ActorConfig) on the golden cases with a KL or entropy term: the real verl's loss and
+    gradients with respect to the log-probs and the entropy."""
+    _, integration = verl
+    request, tensors = case["request"], case["tensors"]
+    term = request["policy_loss"]
+    config = actor_config(term, VERL_MODE[term["mode"]], batch_num_tokens=request.get("num_tokens"),
+                          global_batch_size=request.get("num_sequences"))
+    kl, entropy_bonus = request.get("kl_loss"), request.get("entropy_bonus")
+    config.update(use_kl_loss=kl is not None, kl_loss_coef=(kl or {}).get("coef", 0.001),
+                  kl_loss_type=KL_NAMES[(kl or {}).get("estimator", "k3")],
+                  entropy_coeff=(entropy_bonus or {}).get("coef", 0.0))
+
+    def tensor(name, grad=False):
+        return torch.tensor(tensors[name], dtype=torch.float64, requires_grad=grad) if name in tensors else None
+
+    log_prob, entropy = tensor("logprobs", True), tensor("entropy", True)
+    loss, metrics = integration.compute_actor_loss(config, log_prob, tensor("old_logprobs"), tensor("advantages"),
+                                                   torch.tensor(tensors["response_mask"], dtype=torch.bool),
+                                                   entropy=entropy, ref_log_prob=tensor("ref_logprobs"))
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(case["expected"]["loss"], rel=1e-12, abs=1e-14)
+    np.testing.assert_allclose(log_prob.grad.numpy(), case["expected"]["grad_logprobs"], rtol=1e-10, atol=1e-14)
+    if entropy is not None:
+        np.testing.assert_allclose(entropy.grad.numpy(), case["expected"]["grad_entropy"], rtol=1e-10, atol=1e-14)
+    assert {"actor/pg_loss", "actor/ppo_kl"} <= set(metrics)
+    assert ("kl_loss" in metrics) == (kl is not None) and ("actor/entropy_loss" in metrics) == (entropy is not None)
+
+
+def test_kl_loss_types_translate(verl):
+    _, integration = verl
+    assert integration.kl_loss_term("low_var_kl", 0.01, "token-mean") == {"coef": 0.01, "estimator": "k3",
+                                                                         "agg": "token-mean"}
+    assert integration.kl_loss_term("k3+", 0.01, "token-mean")["gradient_estimator"] == "k2"
+    assert integration.kl_loss_term("low_var_kl+", 0.01, "token-mean")["gradient_estimator"] == "k2"
+    assert "gradient_estimator" not in integration.kl_loss_term("mse+", 0.01, "token-mean")  # k2's own gradient
+    with pytest.raises(ValueError, match="'full' needs the logits"):
+        integration.kl_loss_term("full", 0.01, "token-mean")
 
 
 def test_data_parallel_normalizers_are_verls(verl):

@@ -376,6 +376,73 @@ def make_policy_loss(verl_mode: str) -> Callable[..., tuple[torch.Tensor, dict[s
     return policy_loss
 
 
+# --- the whole actor loss (verl.workers.utils.losses.ppo_loss): policy, entropy and KL terms ------------
+
+# verl's kl_loss_type / kl_penalty -> advserve's kl_loss.estimator; a trailing "+" is verl's straight-through
+# gradient (k2's): kl_loss.gradient_estimator "k2"
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def kl_loss_term(kl_loss_type: str, coef: float, loss_agg_mode: str) -> dict[str, Any]:
+    """advserve's kl_loss term for verl's actor.kl_loss_type (low_var_kl is k3; "k3+", "low_var_kl+", ...:
+    the estimator's value with k2's gradient, kl_loss.gradient_estimator) and kl_loss_coef, aggregated
+    with the actor's loss_agg_mode as verl's ppo_loss does."""
+    base = kl_loss_type[:-1] if kl_loss_type.endswith("+") else kl_loss_type
+    if base not in KL_ESTIMATORS:
+        raise ValueError(f"verl's kl_loss_type {kl_loss_type!r} has no advserve estimator ('full' needs the logits); "
+                         f"valid: {', '.join(KL_ESTIMATORS)} and each with '+'")
+    term: dict[str, Any] = {"coef": float(coef), "estimator": KL_ESTIMATORS[base], "agg": loss_agg_mode}
+    if kl_loss_type.endswith("+") and KL_ESTIMATORS[base] != "k2":
+        term["gradient_estimator"] = "k2"
+    return term
+
+
+def _loss_mode(config: Any) -> str:
+    """The actor's policy_loss.loss_mode as verl's own name (advserve's registered names map back)."""
+    mode = _option(config, ("policy_loss", "loss_mode"), "vanilla")
+    return "vanilla" if mode == "advserve" else mode.removeprefix(PREFIX)
+
+
+def actor_loss_request(config: Any, entropy: bool, kl: bool) -> dict[str, Any]:
+    """The losses request of verl's ppo_loss under actor config `config`: the policy term (policy_loss_term
+    of config.policy_loss.loss_mode), entropy_bonus {coef: entropy_coeff} when there is an entropy, kl_loss
+    (kl_loss_term) when use_kl_loss, both aggregated with loss_agg_mode, and the global normalizers."""
+    loss_agg_mode = _get(config, "loss_agg_mode", "token-mean")
+    verl_mode = _loss_mode(config)
+    request: dict[str, Any] = {"preset": "verl", "policy_loss": policy_loss_term(verl_mode, loss_agg_mode, config)}
+    if entropy:
+        request["entropy_bonus"] = {"coef": float(_get(config, "entropy_coeff", 0.0)), "agg": loss_agg_mode}
+    if kl and _get(config, "use_kl_loss", False):
+        request["kl_loss"] = kl_loss_term(_get(config, "kl_loss_type", "low_var_kl"),
+                                          _get(config, "kl_loss_coef", 0.001), loss_agg_mode)
+    request.update(normalizers(loss_agg_mode, _get(config, "global_batch_info", {}) or {}))
+    return request
+
+
+def compute_actor_loss(config: Any, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                       response_mask: torch.Tensor, entropy: torch.Tensor | None = None,
+                       ref_log_prob: torch.Tensor | None = None, rollout_is_weights: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl's ppo_loss (verl.workers.utils.losses) in one advserve call: pg_loss − entropy_coeff · entropy_loss
+    + kl_loss_coef · kl_loss, each aggregated with the actor's loss_agg_mode and global batch info, for a
+    trainer that calls its actor loss itself. Returns (loss, metrics): the loss a 0-dim tensor whose
+    backward reaches log_prob and entropy; the metrics under verl's names (the policy's, actor/pg_loss,
+    actor/entropy_loss, kl_loss, kl_coef) as floats."""
+    request = actor_loss_request(config, entropy is not None, ref_log_prob is not None)
+    loss, result = loss_with_gradients(
+        backend().compute_losses, logprobs=log_prob, entropy=entropy, old_logprobs=old_log_prob,
+        advantages=advantages, response_mask=response_mask, ref_logprobs=ref_log_prob if "kl_loss" in request else None,
+        rollout_is_weights=rollout_is_weights, dtype=_DTYPES.get(log_prob.dtype), **request)
+    metrics = verl_metrics(_loss_mode(config), result.metrics)
+    metrics["actor/pg_loss"] = result.components["policy"]
+    if "entropy_bonus" in request:
+        metrics["actor/entropy_loss"] = result.components["entropy"]
+    if "kl_loss" in request:
+        metrics["kl_loss"] = result.components["kl"]
+        metrics["kl_coef"] = request["kl_loss"]["coef"]
+    return loss, metrics
+
+
 ESTIMATOR_FUNCTIONS = {PREFIX + name: make_estimator(name) for name in ESTIMATORS}
 POLICY_LOSS_FUNCTIONS = {PREFIX + name: make_policy_loss(name) for name in POLICY_LOSSES}
 POLICY_LOSS_FUNCTIONS["advserve"] = POLICY_LOSS_FUNCTIONS[PREFIX + "vanilla"]
