@@ -52,9 +52,11 @@ import numpy as np
 
 TRANSPORTS = ("rest-json", "rest-binary", "grpc", "rest-shm", "grpc-shm", "v2-http", "v2-json", "v2-grpc")
 PRESETS = ("paper", "verl", "openrlhf", "trl")
-LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction")
+LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "token_loss")
+LOSS_OUTPUTS = ("grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses", "kl_values")
+LOSS_FIELDS = ("num_tokens", "num_sequences", "dp_size", "return_kl_values")  # the request's own, besides the terms
 TOKEN_TENSORS = ("token_rewards", "values", "old_logprobs", "ref_logprobs", "logprobs", "advantages", "old_values",
-                 "returns", "entropy", "rollout_logprobs")
+                 "returns", "entropy", "rollout_logprobs", "token_losses", "rollout_is_weights")
 SEQUENCE_TENSORS = ("rewards", "greedy_rewards")
 GARBAGE = (float("nan"), float("inf"), -float("inf"), 1e30, -7.5)
 SCAN_CHUNK = 16
@@ -361,12 +363,23 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
     else:
         document["policy_loss"] = False
     for term in LOSS_TERMS[1:]:
-        if draw.flip(0.35):
+        policy_off = document["policy_loss"] is False and term == "rollout_correction"
+        if draw.flip(0.05 if policy_off else 0.35):  # a rollout correction without a policy term is an error
             document[term] = draw_params(draw, rng, specs[term]["params"], most=2)
-    if draw.flip(0.1):
-        document["num_tokens"] = float(draw.choice([1.0, 100.0, float(layout.mask.sum() + 3)]))
-    if draw.flip(0.1):
-        document["num_sequences"] = float(draw.choice([1.0, 7.0, float(b + 2)]))
+    aggs = _aggregations(document, specs, preset)
+    reads = {"num_tokens": "token-mean" in aggs, "num_sequences": any(a.startswith("seq-mean") for a in aggs)}
+    counts = {"num_tokens": float(draw.choice([1.0, 100.0, float(layout.mask.sum() + 3)])),
+              "num_sequences": float(draw.choice([1.0, 7.0, float(b + 2)]))}
+    for key in ("num_tokens", "num_sequences"):  # one no term reads is an error (now and then)
+        if draw.flip(0.12 if reads[key] else 0.02):
+            document[key] = counts[key]
+    if draw.flip(0.1):  # verl's dp_size: > 1 needs the counts the aggregations read (an error without)
+        document["dp_size"] = draw.choice([1, 2, 4])
+        for key in ("num_tokens", "num_sequences"):
+            if reads[key] and document["dp_size"] > 1 and draw.flip(0.9):
+                document[key] = counts[key]
+    if draw.flip(0.3 if "kl_loss" in document else 0.03):  # kl_values: an error without kl_loss
+        document["return_kl_values"] = draw.flip(0.8)
     lp = np.log(rng.uniform(0.05, 0.95, size=(b, t)))
     old = lp + rng.normal(scale=0.3, size=(b, t))
     if draw.flip(0.2):  # ratios exactly 1 (ties at the clip's centre)
@@ -377,13 +390,21 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
     if "policy_loss" in on or document.get("policy_loss") is None:
         wanted |= {"logprobs", "old_logprobs", "advantages"}
     if "kl_loss" in on:
-        wanted |= {"logprobs", "ref_logprobs", "old_logprobs"}
+        wanted |= {"logprobs", "ref_logprobs"}
+        kl_defaults = specs["kl_loss"]["defaults"][preset]
+        if any(document["kl_loss"].get(k, kl_defaults[k]) for k in ("unbiased_gradient", "importance_weighted")):
+            wanted |= {"old_logprobs"}  # (without them and without a policy term, old_logprobs is an error)
     if "value_loss" in on:
         wanted |= {"values", "old_values", "returns"}
     if "entropy_bonus" in on:
         wanted |= {"entropy"}
     if "rollout_correction" in on:
         wanted |= {"old_logprobs", "rollout_logprobs"}
+    if "token_loss" in on:
+        wanted |= {"token_losses"}
+    if ("policy_loss" in on or document.get("policy_loss") is None) and "rollout_correction" not in on \
+            and draw.flip(0.2):
+        wanted |= {"rollout_is_weights"}  # precomputed importance weights, zeros included
     values = rng.normal(size=(b, t))
     clip = (document.get("value_loss") or {}).get("clip") or 0.5
     candidates = {
@@ -392,6 +413,8 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
         "old_values": values + rng.choice([-clip, clip, 0.1, -0.3], size=(b, t)),  # value-clip ties too
         "returns": rng.normal(size=(b, t)), "entropy": rng.uniform(0, 2, size=(b, t)),
         "rollout_logprobs": old + rng.normal(scale=0.2, size=(b, t)),
+        "token_losses": rng.normal(size=(b, t)),
+        "rollout_is_weights": rng.uniform(0, 2, size=(b, t)) * (rng.uniform(size=(b, t)) > 0.25),
     }
     tensors.update({name: candidates[name] for name in sorted(wanted)})
     tensors = _cast(draw, tensors)
@@ -402,6 +425,26 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
         tensors = _pack(draw, tensors, layout)
         document["layout"] = "packed"
     return Case("losses", document, tensors)
+
+
+def _aggregations(document: dict[str, Any], specs: dict[str, Any], preset: str) -> set[str]:
+    """The aggregation modes the request's terms use (a term's own agg, else the policy's; the preset's
+    defaults where the request sets none), to draw mostly the global counts they read."""
+    def default(term: str, name: str, resolved: dict[str, Any]) -> Any:
+        value = specs[term]["defaults"][preset][name]
+        if isinstance(value, dict) and "depends_on" in value:  # a DependsOn default (the policy's agg by mode)
+            value = value["values"].get(resolved.get(value["depends_on"]), value["otherwise"])
+        return value
+
+    policy = document.get("policy_loss") if isinstance(document.get("policy_loss"), dict) else {}
+    mode = policy.get("mode") or default("policy_loss", "mode", {})
+    policy_agg = policy.get("agg") or default("policy_loss", "agg", {"mode": mode})
+    aggs = {policy_agg} if document.get("policy_loss") is not False else set()
+    for term in ("kl_loss", "value_loss", "entropy_bonus", "token_loss"):
+        if isinstance(document.get(term), dict):
+            given = document[term]
+            aggs.add((given["agg"] if "agg" in given else default(term, "agg", given)) or policy_agg)
+    return aggs
 
 
 INVALID = ("nan_unmasked", "inf_unmasked", "wrong_shape", "unknown_estimator", "unknown_preset", "unknown_param",
@@ -636,7 +679,7 @@ def _result_outcome(kind: str, result: Any) -> Outcome:
         _flatten("stats", result.stats, scalars)
         scalars["preset"], scalars["estimator"] = result.preset, result.estimator
     else:
-        tensors = {name: getattr(result, name) for name in ("grad_logprobs", "grad_values", "grad_entropy")}
+        tensors = {name: getattr(result, name) for name in LOSS_OUTPUTS}
         scalars["loss"], scalars["preset"] = result.loss, result.preset
         _flatten("components", result.components, scalars)
         _flatten("metrics", result.metrics, scalars)
@@ -839,7 +882,7 @@ def oip_parameters(case: Case) -> dict[str, Any]:
     """The request parameters of docs/oip.md: preset, dtype, layout, the estimator's parameters by name,
     or "<term>" on/off and "<term>.<param>" for losses."""
     doc = case.document
-    params = {key: doc[key] for key in ("preset", "dtype", "layout", "num_tokens", "num_sequences") if key in doc}
+    params = {key: doc[key] for key in ("preset", "dtype", "layout", *LOSS_FIELDS) if key in doc}
     if case.deadline_us is not None:
         params["timeout"] = case.deadline_us
     if case.kind == "advantages":
@@ -866,7 +909,7 @@ def oip_field(field_: str | None) -> str | None:
         return "parameters." + field_[len("params."):]
     if field_ == "estimator":
         return "model_name"
-    if field_.split(".", 1)[0] in ("preset", "dtype", "layout", "num_tokens", "num_sequences", *LOSS_TERMS):
+    if field_.split(".", 1)[0] in ("preset", "dtype", "layout", *LOSS_FIELDS, *LOSS_TERMS):
         return "parameters." + field_
     return field_
 

@@ -421,3 +421,24 @@ def test_new_fields_are_the_same_over_every_transport(clients):
                     assert getattr(got, name) is None, (kind, name)
                 else:
                     np.testing.assert_array_equal(getattr(got, name), expected, err_msg=f"{kind} {name}")
+
+
+def test_every_loss_parameter_round_trips_the_proto():
+    """Each parameter of every loss term, at every choice and at null where nullable, survives
+    protocol.params_to_pb / params_from_pb (an enum field needs its kind in protocol._ENUMS, a nullable
+    one its no_* flag), so the gRPC client sends what REST sends."""
+    from advserve.loss_specs import LOSS_TERMS
+    from advserve_client import protocol
+    from advserve_client._pb import advserve_pb2 as pb
+
+    messages = {"policy_loss": pb.PolicyLoss, "kl_loss": pb.KLLoss, "value_loss": pb.ValueLoss,
+                "entropy_bonus": pb.EntropyBonus, "rollout_correction": pb.RolloutCorrection,
+                "token_loss": pb.TokenLoss}
+    assert set(messages) == set(LOSS_TERMS) == set(protocol.LOSS_TERMS)
+    for term, specs in LOSS_TERMS.items():
+        for name, spec in specs.items():
+            values = list(spec.choices or []) or [{"float": 0.5, "int": 3, "bool": True}[spec.kind.__name__]]
+            values += [None] if spec.nullable else []
+            for value in values:
+                message = protocol.params_to_pb(messages[term](), {name: value})
+                assert protocol.params_from_pb(message) == {name: value}, (term, name, value)

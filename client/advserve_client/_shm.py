@@ -27,7 +27,8 @@ from .framing import ITEMSIZE, OUTPUTS_KEY, RawTensor, RegionRef
 
 ALIGNMENT = 64  # every tensor starts at a multiple of 64 bytes of the region
 MIN_REGION_BYTES = 1 << 20
-OUTPUTS_PER_TOKEN_TENSOR = {"/v1/advantages": 2, "/v1/losses": 3, "/v1/analysis": 0}  # advantages, returns; grads
+# advantages, returns; the loss's grad_logprobs, grad_values, grad_entropy, grad_token_losses and kl_values
+OUTPUTS_PER_TOKEN_TENSOR = {"/v1/advantages": 2, "/v1/losses": 5, "/v1/analysis": 0}
 
 Register = Callable[[str, str, int], None]  # (name, key, byte_size); raises the server's error
 Unregister = Callable[[str], None]

@@ -54,6 +54,8 @@ _ENUMS = {
     "clip_ties": (pb.ClipTies, "CLIP_TIES_"),
     "clip_form": (pb.ValueClipForm, "VALUE_CLIP_FORM_"),
     "gradient_estimator": (pb.KLEstimator, "KL_ESTIMATOR_"),
+    "bypass_loss": (pb.BypassLoss, "BYPASS_LOSS_"),
+    "bypass_is": (pb.BypassIs, "BYPASS_IS_"),
     "bias": (pb.Bias, "BIAS_"),
 }
 # nullable parameters: message field -> the bool field that means "null" (off)
@@ -62,7 +64,8 @@ _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clam
              "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
              "high": "no_high", "log_clamp": "no_log_clamp", "reward_clip_low": "no_reward_clip_low",
              "reward_clip_high": "no_reward_clip_high", "seq_denominator": "no_seq_denominator",
-             "gradient_estimator": "no_gradient_estimator"}
+             "gradient_estimator": "no_gradient_estimator", "dro_beta": "no_dro_beta", "bypass_is": "no_bypass_is",
+             "bypass_is_low": "no_bypass_is_low"}
 
 
 def _enum_kind(message: Any, field: str) -> str:
