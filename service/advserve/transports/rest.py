@@ -29,6 +29,8 @@ from ..device import copy_to_host, to_host
 from ..errors import (InvalidArgument)
 from ..model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from ..observability import REQUEST_ID_HEADER, error_body_message, estimator_named_in, request_id, server_timing
+from ..loss_specs import LOSS_TERMS
+from ..params import resolve_params
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..runtime import (Runtime, admitted, charge_compute,
                       watch_disconnect)
@@ -52,8 +54,10 @@ def _presets_text() -> str:
 
 
 def _policy_default_text() -> str:
-    """The default preset's policy loss, e.g. "paper: ppo_clip, clip 0.2/0.2, agg seq-mean-token-sum"."""
-    policy = PRESETS[DEFAULT_PRESET].losses["policy_loss"]
+    """The default preset's policy loss, e.g. "paper: ppo_clip, clip 0.2/0.2, agg seq-mean-token-sum"
+    (its defaults resolved: a default may depend on the mode)."""
+    policy = resolve_params(LOSS_TERMS["policy_loss"], PRESETS[DEFAULT_PRESET].losses["policy_loss"], None,
+                            "policy_loss")
     return (f"{DEFAULT_PRESET}: {policy['mode']}, clip {policy['clip_low']:g}/{policy['clip_high']:g}, "
             f"agg {policy['agg']}")
 
