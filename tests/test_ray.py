@@ -248,6 +248,40 @@ def test_a_sharded_batch_is_the_one_call_result_bit_for_bit(cluster, estimator, 
         assert sharded.stats == one.stats and sharded.params == one.params
 
 
+def test_a_sharded_call_raises_the_one_calls_errors(cluster):
+    sharded = RayClient(cluster["app"], shards=2)
+    rng, mask, groups = _grouped_batch(13)
+    b, t = mask.shape
+    bad_rewards = rng.random(b)
+    bad_rewards[3] = np.nan
+    logp = rng.standard_normal((b, t)) * mask
+    bad_logp = logp.copy()
+    bad_logp[np.nonzero(mask)[0][-1], 0] = np.inf  # at an unmasked position of the last shard's rows
+    requests = [
+        ("advantages", dict(estimator="grpo", rewards=rng.random(b), response_mask=mask)),  # no group_ids
+        ("advantages", dict(estimator="grpo", rewards=bad_rewards, response_mask=mask, group_ids=groups)),
+        ("advantages", dict(estimator="rloo", rewards=rng.random(b), response_mask=mask, group_ids=groups,
+                            params={"whiten": True, "gamma": 0.5})),
+        ("losses", dict(logprobs=bad_logp, old_logprobs=logp, advantages=logp, response_mask=mask)),
+        ("losses", dict(logprobs=logp, old_logprobs=logp, advantages=logp, response_mask=mask, num_tokens=5.0,
+                        policy_loss={"agg": "seq-mean-token-sum"})),
+    ]
+    for kind, request in requests:
+        request = dict(request)
+        if kind == "advantages":
+            estimator = request.pop("estimator")
+            call, local = (lambda c: c.compute_advantages(estimator, **request),
+                           lambda: advserve.compute_advantages(estimator, **request))
+        else:
+            call, local = (lambda c: c.compute_losses(**request), lambda: advserve.compute_losses(**request))
+        with pytest.raises(advserve.AdvserveError) as expected:
+            local()
+        with pytest.raises(client_errors.AdvserveError) as got:
+            call(sharded)
+        assert (got.value.code, got.value.field) == (expected.value.code, expected.value.field), request.keys()
+        assert type(got.value).__name__ == type(expected.value).__name__
+
+
 def test_the_sharding_plan_keeps_groups_whole_and_whitening_in_two_passes():
     rng, mask, groups = _grouped_batch(11, b=40)
     engine = advserve.Engine("cpu")
