@@ -78,7 +78,7 @@ def test_backward_through_a_model_is_autograd_of_verls_ppo_loss(clients, where):
     logp = t["old_logprobs"] + 0.3 * torch.tanh(hidden @ weight)
     reference = verl_ppo_loss(logp, t["old_logprobs"], t["advantages"], t["response_mask"])
     reference.backward()
-    assert float(loss.detach()) == pytest.approx(float(reference), rel=1e-12, abs=1e-14)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12, abs=1e-14)
     torch.testing.assert_close(ours, weight.grad, rtol=1e-10, atol=1e-12)
     assert set(result.metrics) >= {"clip_fraction_high", "clip_fraction_low", "approx_kl"}
 
