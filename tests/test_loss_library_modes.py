@@ -277,7 +277,7 @@ def test_kl_corrections_need_old_logprobs(flag):
 # --------------------------------------------------------------------------------------------------
 
 MESSAGES = {"policy_loss": "PolicyLoss", "kl_loss": "KLLoss", "value_loss": "ValueLoss",
-            "entropy_bonus": "EntropyBonus", "rollout_correction": "RolloutCorrection"}
+            "entropy_bonus": "EntropyBonus", "rollout_correction": "RolloutCorrection", "token_loss": "TokenLoss"}
 
 
 def test_every_loss_parameter_has_a_proto_field():

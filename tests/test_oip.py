@@ -161,7 +161,8 @@ def test_model_metadata_lists_inputs_and_outputs(http, grpc_client):
     grpo = {t["name"]: t["datatype"] for t in http.get_model_metadata("grpo")["inputs"]}
     assert grpo["group_ids"] == "INT64"
     losses = http.get_model_metadata("losses")
-    assert {t["name"] for t in losses["outputs"]} == {"grad_logprobs", "grad_values", "grad_entropy", "loss"}
+    assert {t["name"] for t in losses["outputs"]} == {"grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses",
+                                                      "kl_values", "loss"}
     assert {t["name"] for t in losses["inputs"]} >= {"logprobs", "old_logprobs", "advantages", "values", "entropy"}
 
 

@@ -310,6 +310,23 @@ def loss_kwargs(mode, agg, lsf=None):
     )
 
 
+def read_normalizers(kw, preset, N, S):
+    """The global counts the request's aggregations read: num_tokens (token-mean), num_sequences (the
+    seq-mean modes); advserve refuses one that no term reads (verl's agg_loss ignores it)."""
+    losses = advserve.catalog()["losses"]
+    policy = kw["policy_loss"]["agg"]
+    aggs = {policy}
+    for term in ("kl_loss", "value_loss", "entropy_bonus"):
+        if term in kw:
+            aggs.add(kw[term].get("agg", losses[term]["defaults"][preset]["agg"]) or policy)
+    out = {}
+    if "token-mean" in aggs:
+        out["num_tokens"] = N
+    if any(agg.startswith("seq-mean") for agg in aggs):
+        out["num_sequences"] = S
+    return out
+
+
 def run_loss(kw, tensors, dtype="float64", **extra):
     res = advserve.compute_losses(preset="paper", dtype=dtype, **kw, **extra, **tensors)
     return res
@@ -334,7 +351,7 @@ def test_loss_sharding_adds_up(agg, b, mode, data):
     grads = {"grad_logprobs": [], "grad_values": [], "grad_entropy": []}
     for sl in parts:
         shard = {key: v[sl] for key, v in b.items()}
-        res = run_loss(kw, shard, num_tokens=N, num_sequences=S)
+        res = run_loss(kw, shard, **read_normalizers(kw, "paper", N, S))
         loss_sum += res.loss
         for g in grads:
             grads[g].append(np.asarray(getattr(res, g)))
@@ -473,11 +490,12 @@ def test_library_loss_sharding_adds_up(preset, b, agg, mode, data):
                                                                       low=None, high=2.0))
     if agg == "seq-mean-token-sum-norm":
         kw["policy_loss"]["loss_scale_factor"] = 5.0
-    full = advserve.compute_losses(preset=preset, dtype="float64", num_tokens=N, num_sequences=S, **kw, **b)
+    counts = read_normalizers(kw, preset, N, S)
+    full = advserve.compute_losses(preset=preset, dtype="float64", **counts, **kw, **b)
     k = data.draw(st.integers(1, B - 1))
     total, pieces = 0.0, {"grad_logprobs": [], "grad_values": [], "grad_entropy": []}
     for sl in (slice(0, k), slice(k, B)):
-        res = advserve.compute_losses(preset=preset, dtype="float64", num_tokens=N, num_sequences=S, **kw,
+        res = advserve.compute_losses(preset=preset, dtype="float64", **counts, **kw,
                                       **{key: v[sl] for key, v in b.items()})
         total += res.loss
         for g in pieces:
