@@ -3,11 +3,12 @@
 # torch, triton, numpy, pytest, hypothesis, httpx but not the server's other packages). A session whose
 # task is lent a GPU runs, here first:
 #     scripts/fetch_device_wheels.sh                      # .whl/: the missing packages, cp312 wheels
-# then the device tool's run with carry [".whl"], timeout_s 560, command:
+# then the device tool's run with carry [".whl"], timeout_s 600, command:
 #     bash scripts/device_check.sh
 # Everything lands in $OUT (at most 8 files come back): the CUDA tests' log, the engine benchmark with
 # and without the Triton kernels, GAE [1024, 8192] end to end over binary REST, and the GPU memory each
-# --workers process holds. Copy what matters under bench/results/ and into the closing note.
+# --workers process holds. Copy what matters under bench/results/ and into the closing note (docs/kernels.md
+# says what each kernel computes and the tolerances the CUDA tests hold them to).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/device-check}; mkdir -p "$OUT"
@@ -19,15 +20,15 @@ log() { echo "== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
   python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 } | tee -a "$OUT/summary.txt"
 
-log "1. CUDA tests: kernels on the GPU, device syncs, CUDA shared memory, streamed responses, goldens on CUDA"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "OnTheGpu or compile_for_the_gpu" \
+log "1. CUDA tests: kernels on the GPU (scans, group baselines, whitening, the fused ppo_clip + KL loss), device syncs, CUDA shared memory, streamed responses, goldens on CUDA"
+timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "OnTheGpu or compile_for_the_gpu" \
     tests/test_device_syncs.py tests/test_http_stack.py tests/test_verl_golden.py tests/test_paper_golden.py \
     > "$OUT/tests.log" 2>&1; echo "exit $?" >> "$OUT/tests.log"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_shm.py >> "$OUT/tests.log" 2>&1
 echo "exit $?" >> "$OUT/tests.log"
 tail -n 3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
-log "2. engine on CUDA: triton kernels vs torch, with the copy-bandwidth floor"
+log "2. engine on CUDA: triton kernels vs torch, with the copy-bandwidth floor (the losses row adds kernels.losses.ppo_clip_kl with --kernels triton)"
 for kernels in triton torch; do
     timeout 100 python3 bench/bench_engine.py --device cuda --kernels "$kernels" --cases gae,gae_gaps,grpo,losses \
         --max-wait 0 --out "$OUT/engine-cuda-$kernels.json" > "$OUT/engine-cuda-$kernels.txt" 2>&1

@@ -244,3 +244,17 @@ def _bf16_words(value: torch.Tensor) -> np.ndarray:
     import ml_dtypes
 
     return value.float().numpy().astype(ml_dtypes.bfloat16)
+
+
+def test_bf16_where_integers_belong_is_refused_by_name():
+    """Group ids and cu_seqlens are integers: bf16 ones (floats) are an error naming the tensor."""
+    tensors = _pick(_bf16_batch(11), ("rewards", "response_mask", "group_ids"))
+    with pytest.raises(InvalidArgument) as refused:
+        advserve.compute_advantages("grpo", **{**tensors, "group_ids": tensors["group_ids"].to(torch.bfloat16)})
+    assert refused.value.field == "tensors.group_ids"
+    flat = torch.ones(5, dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgument) as refused:
+        advserve.compute_advantages("reinforce", layout="packed", rewards=torch.ones(2, dtype=torch.bfloat16),
+                                    token_rewards=None, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.bfloat16),
+                                    response_mask=flat.bool())
+    assert refused.value.field == "tensors.cu_seqlens"
