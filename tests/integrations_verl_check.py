@@ -239,4 +239,27 @@ for trial in range(14):
         "metric_names": sorted(metric_sets[0]) == sorted(metric_sets[1]),
         "metrics": max(abs(metric_sets[0][k] - metric_sets[1][k]) for k in metric_sets[1])})
 
+# the critic's loss: core_algos.compute_value_loss against advserve's (verl's own signature)
+report["value_losses"] = []
+for trial in range(10):
+    dtype = torch.float64 if trial % 2 else torch.float32
+    mask, _, _, _ = batch_inputs(dtype)
+    B, T = mask.shape
+    old_values = torch.tensor(rng.normal(size=(B, T)), dtype=dtype)
+    vpreds = old_values + torch.tensor(rng.normal(0, 0.5, (B, T)), dtype=dtype)
+    returns = torch.tensor(rng.normal(size=(B, T)), dtype=dtype)
+    agg = AGGS[trial % len(AGGS)]
+    dp = 2 if trial >= 5 else 1
+    kwargs = {"loss_agg_mode": agg, "dp_size": dp, "batch_num_tokens": int(mask.sum()) * dp if dp > 1 else None,
+              "global_batch_size": B * dp if dp > 1 else None, "loss_scale_factor": 16 if trial % 5 == 3 else None}
+    outs = []
+    for function in (integration.compute_value_loss, ca.compute_value_loss):
+        v = vpreds.clone().requires_grad_(True)
+        loss, clipfrac = function(v, returns, old_values, mask.to(bool), 0.2, **kwargs)
+        loss.backward()
+        outs.append((loss.detach(), v.grad.clone(), float(clipfrac), loss.dtype))
+    report["value_losses"].append({"agg": agg, "dtype": str(dtype), "dp_size": dp, "loss": diff(outs[0][0], outs[1][0]),
+                                   "grad": diff(outs[0][1], outs[1][1]), "clipfrac": abs(outs[0][2] - outs[1][2]),
+                                   "same_dtype": outs[0][3] == outs[1][3]})
+
 print("\n" + json.dumps(report))  # the last line

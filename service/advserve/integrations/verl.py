@@ -443,6 +443,31 @@ def compute_actor_loss(config: Any, log_prob: torch.Tensor, old_log_prob: torch.
     return loss, metrics
 
 
+def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                       cliprange_value: float, loss_agg_mode: str = "token-mean", dp_size: int = 1,
+                       batch_num_tokens: int | None = None, global_batch_size: int | None = None,
+                       loss_scale_factor: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's core_algos.compute_value_loss (its signature and results) computed by advserve: verl's
+    `vpreds` (the critic's new predictions) are advserve's values, its `values` (the old ones)
+    old_values; cliprange_value is value_loss.clip; the aggregation and global normalizers as verl's
+    agg_loss. Returns (vf_loss, a 0-dim tensor whose gradient reaches vpreds; vf_clipfrac, the share of
+    valid tokens where the clipped loss is the larger, as verl counts it)."""
+    term: dict[str, Any] = {"coef": 1.0, "clip": float(cliprange_value), "agg": loss_agg_mode}
+    if loss_scale_factor is not None and loss_agg_mode == "seq-mean-token-sum-norm":
+        term["loss_scale_factor"] = float(loss_scale_factor)
+    counts = normalizers(loss_agg_mode, {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens,
+                                         "global_batch_size": global_batch_size})
+    loss, _ = loss_with_gradients(backend().compute_losses, preset="verl", policy_loss=False, value_loss=term,
+                                  values=vpreds, old_values=values, returns=returns, response_mask=response_mask,
+                                  dtype=_DTYPES.get(vpreds.dtype), **counts)
+    with torch.no_grad():  # verl's vf_clipfrac: a metric, computed here as verl defines it
+        clipped = torch.clamp(vpreds, values - cliprange_value, values + cliprange_value)
+        larger = ((clipped - returns) ** 2 > (vpreds - returns) ** 2).to(vpreds.dtype)
+        valid = response_mask.to(vpreds.dtype)
+        clipfrac = (larger * valid).sum() / (valid.sum() + 1e-8)
+    return loss, clipfrac
+
+
 ESTIMATOR_FUNCTIONS = {PREFIX + name: make_estimator(name) for name in ESTIMATORS}
 POLICY_LOSS_FUNCTIONS = {PREFIX + name: make_policy_loss(name) for name in POLICY_LOSSES}
 POLICY_LOSS_FUNCTIONS["advserve"] = POLICY_LOSS_FUNCTIONS[PREFIX + "vanilla"]
