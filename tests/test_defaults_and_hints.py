@@ -75,8 +75,14 @@ def test_default_loss_is_ppo_clip_and_the_clip_binds():
 def test_catalog_lists_the_new_default(client):
     defaults = client.get("/v1/estimators").json()["losses"]["policy_loss"]["defaults"]
     paper = defaults["paper"]
-    assert (paper["mode"], paper["clip_low"], paper["clip_high"], paper["agg"]) == (
-        "ppo_clip", 0.2, 0.2, "seq-mean-token-sum")
+    assert paper["mode"] == "ppo_clip"
+    # defaults that depend on the mode: GMPO's paper clips its log-space ratio at ±0.4 and averages over
+    # all responses, SAPO's averages each response's token mean; every other mode keeps the seed's
+    clip = {"depends_on": "mode", "values": {"geo_mean": 0.4}, "otherwise": 0.2}
+    assert paper["clip_low"] == paper["clip_high"] == clip
+    assert paper["agg"] == {"depends_on": "mode", "values": {"sapo": "seq-mean-token-mean",
+                                                             "geo_mean": "seq-mean-token-mean"},
+                            "otherwise": "seq-mean-token-sum"}
     assert paper["dual_clip"] is None and paper["ratio_clamp"] is None
     assert {defaults[name]["mode"] for name in ("verl", "openrlhf", "trl")} == {"ppo_clip"}
     assert advserve.catalog()["losses"]["policy_loss"]["defaults"] == defaults

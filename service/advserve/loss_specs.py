@@ -42,7 +42,7 @@ VERL_MODE_SPECS = (
             1.0),
     neutral("clip_cov_ub", float, "clip_cov: ... and < clip_cov_ub", 5.0),
     neutral("clip_cov_seed", int, "clip_cov: seed of the draw among the candidates (torch.randperm on a CPU "
-            "generator; verl draws from torch's global generator)", 0, minimum=0.0),
+            "generator; verl draws from torch's global generator)", 0, minimum=0),
     neutral("kl_cov_ratio", float, "kl_cov: share of the valid tokens (the largest covariances, at least one) "
             "that get the |lp − old| penalty", 0.0002, maximum=1.0, **_POSITIVE),
     neutral("kl_cov_coef", float, "kl_cov: coefficient of |lp − old| on those tokens (verl's ppo_kl_coef)", 0.1,
