@@ -155,6 +155,8 @@ def advantage_batch(seed: int, estimator: str, preset: str) -> tuple[dict[str, A
         "greedy_rewards": rng.uniform(size=b),
         "old_logprobs": old,
         "ref_logprobs": old + rng.normal(scale=0.2, size=(b, t)),
+        "sum_pi_squared": np.exp(2 * old) + rng.uniform(0.0, 0.1, size=(b, t)),
+        "rollout_is_weights": rng.uniform(0.5, 1.5, size=(b, t)),
     }
     params = {"kl_coef": 0.05} if "kl_coef" in entry["params"] else {}
     if not params:

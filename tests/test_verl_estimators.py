@@ -22,8 +22,9 @@ from advserve.errors import InvalidArgument
 DATA = json.loads((golden_cases.GOLDEN_DIR / "verl_0.9.1_estimators.json").read_text())
 assert DATA["library"] == "verl" and DATA["version"] == "0.9.1"
 CASES = DATA["advantages"]
-# gdpo's whitening: verl's masked_mean divides by N + 1e-8 (see test_verl_golden.TOL); the rest ~1e-15
-TOL = 1e-8
+# gdpo's whitening: verl's masked_mean divides by N + 1e-8 (see test_verl_golden.TOL); the rest ~1e-15.
+# float32: gdpo with reward components, which verl's trainer reads as float32
+TOL = {"float64": 1e-8, "float32": 1e-5}
 
 
 def test_the_golden_file_covers_every_new_estimator_at_least_ten_times():
@@ -41,13 +42,13 @@ def test_verl_estimators(case):
     tensors = golden_cases.inputs(case["tensors"])
     if "error" in case["expected"]:
         with pytest.raises(InvalidArgument) as info:
-            advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype="float64",
+            advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype=case["dtype"],
                                         **tensors)
         assert info.value.field == "tensors.group_ids"
         return
-    res = advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype="float64",
+    res = advserve.compute_advantages(case["estimator"], preset="verl", params=case["params"], dtype=case["dtype"],
                                       **tensors)
-    golden_cases.check_advantages(case, res, TOL)
+    golden_cases.check_advantages(case, res, TOL[case["dtype"]])
 
 
 def test_masked_token_rewards_count_under_verl_only():
@@ -227,3 +228,120 @@ def test_the_analysis_leaves_out_what_the_seeds_table_lacks():
     with pytest.raises(InvalidArgument) as info:
         advserve.analyze(preset="verl", estimators=["opo"], **t)
     assert info.value.field == "estimators"
+
+
+def test_gdpo_components_by_hand():
+    """Two components, groups {0, 1} and {2, 3}, weights 1 and 0.5: A_k = (r_k − mean)/(std + 1e-6) per
+    group (two members: ±(d/2)/(|d|/√2 + 1e-6)), summed with the weights, then whitened over the tokens."""
+    comps = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    mask = np.array([[1, 1], [1, 0], [1, 1], [1, 1]])
+    out = advserve.compute_advantages("gdpo", preset="verl", reward_components=comps, response_mask=mask,
+                                      group_ids=[0, 0, 1, 1], params={"reward_weights": [1.0, 0.5]}, dtype="float64")
+
+    def norm(a, b):
+        d = (a - b) / 2
+        s = abs(a - b) / np.sqrt(2)
+        return np.array([d, -d]) / (s + 1e-6)
+    per_seq = np.concatenate([norm(1, 0) + 0.5 * norm(0, 1), norm(1, 1) + 0.5 * norm(1, 0)])
+    tokens = np.repeat(per_seq, mask.sum(axis=1))
+    want = (per_seq[:, None] - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8) * mask
+    np.testing.assert_allclose(out.advantages, want, rtol=1e-13, atol=1e-15)
+
+
+def test_gdpo_component_errors_name_the_field():
+    comps = np.ones((4, 2))
+    t = dict(reward_components=comps, response_mask=np.ones((4, 2)), group_ids=[0, 0, 1, 1])
+    for extra, field in ((dict(rewards=np.ones(4)), "tensors.rewards"),
+                         (dict(params={"reward_weights": [1.0]}), "params.reward_weights"),
+                         (dict(params={"reward_weights": [1.0, "x"]}), "params.reward_weights"),
+                         (dict(params={"kl_coef": 0.1}, old_logprobs=np.zeros((4, 2)), ref_logprobs=np.zeros((4, 2))),
+                          "params.kl_coef"),
+                         (dict(reward_components=np.ones((4, 0))), "tensors.reward_components"),
+                         (dict(reward_components=np.ones(4)), "tensors.reward_components")):
+        with pytest.raises(InvalidArgument) as info:
+            advserve.compute_advantages("gdpo", preset="verl", **{**t, **extra})
+        assert info.value.field == field, (extra, info.value)
+
+
+@pytest.mark.parametrize("kind", ["rest-binary", "rest-json", "grpc"])
+def test_the_new_inputs_cross_every_transport(server, kind):
+    """reward_components [B, K], the list parameter reward_weights, sum_pi_squared and rollout_is_weights,
+    and token rewards on masked positions: the same numbers and params over REST (binary, JSON) and gRPC
+    as in process."""
+    from advserve_client import Client
+
+    rng = np.random.default_rng(5)
+    mask = np.array([[1, 1, 0, 1], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    old = np.log(rng.uniform(0.1, 0.9, size=mask.shape))
+    requests = [
+        ("gdpo", dict(params={"reward_weights": [1.0, 0.3]}, reward_components=rng.normal(size=(4, 2)))),
+        ("gdpo", dict(rewards=rng.normal(size=4))),
+        ("optimal_token_baseline", dict(rewards=rng.normal(size=4), old_logprobs=old,
+                                        sum_pi_squared=np.exp(2 * old) + 0.05,
+                                        rollout_is_weights=rng.uniform(0.5, 1.5, size=mask.shape))),
+        ("grpo", dict(token_rewards=rng.normal(size=mask.shape))),  # masked positions summed (verl)
+    ]
+    address = server.grpc_address if kind == "grpc" else server.url
+    with (Client(address, transport="grpc") if kind == "grpc" else Client(address, binary=kind == "rest-binary")) as c:
+        for estimator, extra in requests:
+            t = dict(response_mask=mask, group_ids=["a", "a", "b", "b"], dtype="float64", **extra)
+            local = advserve.compute_advantages(estimator, preset="verl", **t)
+            remote = c.compute_advantages(estimator, preset="verl", **t)
+            np.testing.assert_array_equal(remote.advantages, np.asarray(local.advantages), err_msg=estimator)
+            np.testing.assert_array_equal(remote.returns, np.asarray(local.returns), err_msg=estimator)
+            assert remote.params == local.params, estimator
+        for bad in ([1.0, "x"], [], "x", [1.0, True]):
+            with pytest.raises(Exception) as info:
+                c.compute_advantages("gdpo", preset="verl", params={"reward_weights": bad}, response_mask=mask,
+                                     group_ids=["a", "a", "b", "b"], rewards=np.ones(4))
+            assert getattr(info.value, "field", None) == "params.reward_weights", (bad, info.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=grouped(), b=grouped())
+def test_group_local_estimators_see_only_their_group(a, b):
+    """Two batches with disjoint groups, computed together, give each row what its own batch gives (the
+    group-local estimators; gpg's α and gdpo's whitening are batch-wide and excluded)."""
+    (ma, ia, ra), (mb, ib, rb) = a, b
+    T = max(ma.shape[1], mb.shape[1])
+    ma, mb = np.pad(ma, ((0, 0), (0, T - ma.shape[1]))), np.pad(mb, ((0, 0), (0, T - mb.shape[1])))
+    ib = [i + 10 for i in ib]
+
+    def extra(m):
+        logp = -np.abs(np.cos(np.arange(m.size, dtype=float))).reshape(m.shape) - 0.05
+        return {"old_logprobs": logp, "sum_pi_squared": np.exp(2 * logp) + 0.01}
+    ea, eb = extra(ma), extra(mb)
+    for est, params in (("opo", {}), ("grpo_passk", {"singleton_groups": "zero"}), ("optimal_token_baseline", {}),
+                        ("tir_optimal_token_baseline", {})):
+        more = "baseline" in est
+
+        def run(m, ids, r, e):
+            return np.asarray(advserve.compute_advantages(est, preset="verl", params=params, rewards=r, response_mask=m,
+                                                          group_ids=ids, dtype="float64",
+                                                          **(e if more else {})).advantages)
+        both = run(np.concatenate([ma, mb]), ia + ib, np.concatenate([ra, rb]),
+                   {k: np.concatenate([ea[k], eb[k]]) for k in ea})
+        np.testing.assert_allclose(both[:len(ia)], run(ma, ia, ra, ea), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(both[len(ia):], run(mb, ib, rb, eb), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=grouped(), data=st.data())
+def test_under_sum_only_a_rows_total_token_reward_matters(b, data):
+    """masked_token_rewards 'sum': R is the row's total over all T positions, so moving reward between a
+    row's masked and valid positions leaves every outcome estimator's advantages unchanged."""
+    mask, ids, r = b
+    T = mask.shape[1]
+    where = np.array([data.draw(st.integers(0, T - 1)) for _ in range(len(r))])
+    placed = np.zeros(mask.shape)
+    placed[np.arange(len(r)), where] = r  # anywhere in the row, masked or not
+    last = np.zeros(mask.shape)
+    last[np.arange(len(r)), mask.sum(axis=1) - 1] = r
+    for est in ("grpo", "dr_grpo", "rloo", "opo", "gpg", "gdpo"):
+        t = dict(response_mask=mask, group_ids=ids, dtype="float64")
+        moved = advserve.compute_advantages(est, preset="verl", token_rewards=placed, **t)
+        at_end = advserve.compute_advantages(est, preset="verl", token_rewards=last, **t)
+        outcome = advserve.compute_advantages(est, preset="verl", rewards=r, **t)
+        np.testing.assert_array_equal(moved.advantages, at_end.advantages, err_msg=est)
+        np.testing.assert_allclose(np.asarray(moved.advantages), np.asarray(outcome.advantages), rtol=1e-12,
+                                   atol=1e-12, err_msg=est)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Mapping
 
@@ -99,6 +100,14 @@ def _value(field: Any, value: Any, name: str) -> Any:
     (1.0 is 1); enum names are checked by `protocol.name_to_enum`."""
     if value is None or field.enum_type is not None:
         return value
+    if protocol.is_repeated_field(field):  # a list parameter (gdpo's reward_weights), as ParamSpec checks it
+        if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+            raise InvalidArgument(f"{name} must be a list of numbers, got {value!r}", field=name)
+        items = list(value)
+        if not items or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
+                            or not math.isfinite(v) for v in items):
+            raise InvalidArgument(f"{name} must be a non-empty list of finite numbers, got {value!r}", field=name)
+        return [float(v) for v in items]
     if field.type == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)

@@ -21,7 +21,7 @@ DTYPE_NAMES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64",
                pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_BOOL: "bool"}
 DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
 ADVANTAGE_TENSORS = ("rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs",
-                     "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights")
+                     "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights", "reward_components")
 LOSS_TENSORS = ("logprobs", "old_logprobs", "advantages", "response_mask", "ref_logprobs", "values", "old_values",
                 "returns", "entropy", "rollout_logprobs", "cu_seqlens", "token_losses", "rollout_is_weights")
 LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction", "token_loss")
@@ -63,7 +63,7 @@ _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clam
              "clamp": "no_clamp", "clip": "no_clip", "loss_scale_factor": "no_loss_scale_factor",
              "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
              "high": "no_high", "log_clamp": "no_log_clamp", "reward_clip_low": "no_reward_clip_low",
-             "reward_clip_high": "no_reward_clip_high", "seq_denominator": "no_seq_denominator",
+             "reward_clip_high": "no_reward_clip_high", "reward_weights": "no_reward_weights", "seq_denominator": "no_seq_denominator",
              "gradient_estimator": "no_gradient_estimator", "dro_beta": "no_dro_beta", "bypass_is": "no_bypass_is",
              "bypass_is_low": "no_bypass_is_low"}
 
@@ -170,6 +170,11 @@ def _tensors_from_pb(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
 # --- parameter messages <-> dicts ---------------------------------------------------------------
 
 
+def is_repeated_field(field: Any) -> bool:
+    """A repeated field (protobuf 7 has is_repeated and no label; 5 and 6 have label)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
 def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
     """Fill a parameter message (AdvantageParams, PolicyLoss, ...) from a REST-style dict.
 
@@ -180,7 +185,12 @@ def params_to_pb(message: Any, params: Mapping[str, Any] | None) -> Any:
             valid = ", ".join(f.name for f in message.DESCRIPTOR.fields if not f.name.startswith("no_"))
             raise ValueError(f"{message.DESCRIPTOR.name} has no parameter {name!r}; valid: {valid}")
         field = message.DESCRIPTOR.fields_by_name[name]
-        if value is None:
+        if is_repeated_field(field):  # a list parameter (gdpo's reward_weights): empty is null
+            if value is None:
+                setattr(message, _NULLABLE[name], True)
+            else:
+                getattr(message, name).extend(value)
+        elif value is None:
             if _NULLABLE.get(name) in message.DESCRIPTOR.fields_by_name:
                 setattr(message, _NULLABLE[name], True)
             elif not field.has_presence:
@@ -206,6 +216,9 @@ def params_from_pb(message: Any) -> dict[str, Any]:
             value = getattr(message, name)
             if value:
                 out[name] = enum_to_name(_enum_kind(message, name), value)
+        elif is_repeated_field(field):
+            if len(getattr(message, name)):
+                out[name] = list(getattr(message, name))
         elif message.HasField(name):
             out[name] = getattr(message, name)
     for name, flag in _NULLABLE.items():

@@ -33,7 +33,8 @@ TOKEN_TENSORS = frozenset({
     "sum_pi_squared",
 })
 SEQUENCE_TENSORS = frozenset({"rewards", "group_ids", "greedy_rewards"})
-ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | {"cu_seqlens"}
+COMPONENT_TENSORS = frozenset({"reward_components"})  # [B, K]: K values per sequence (any K >= 1, not T)
+ALL_TENSORS = TOKEN_TENSORS | SEQUENCE_TENSORS | COMPONENT_TENSORS | {"cu_seqlens"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MAX_GROUP_ID_LENGTH = 1024  # bytes of a group id (a string's in UTF-8, as /v2 BYTES carry it); longer: a 400
 SHAPE_HINTS = {  # (tensor, rank given) -> (the tensor it was probably meant as, the hint)
@@ -503,17 +504,22 @@ def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] 
     T are what most tensors agree on (response_mask's on a tie), so a mismatch names the odd one out
     whatever the order the request listed the tensors in."""
     for name, shape in shapes.items():
-        want = 2 if name in TOKEN_TENSORS else 1
+        want = 2 if name in TOKEN_TENSORS or name in COMPONENT_TENSORS else 1
         if len(shape) != want:
-            expected = "[B, T]" if want == 2 else "[B]"
+            expected = "[B, K]" if name in COMPONENT_TENSORS else "[B, T]" if want == 2 else "[B]"
             other, hint = SHAPE_HINTS.get((name, len(shape)), (None, ""))
             hint = f"; {hint}" if other in allowed else ""
             raise InvalidArgument(f"tensor {name!r} must be {expected}, got shape {list(shape)}{hint}",
                                   field=_field(name))
     if not shapes:
         raise InvalidArgument("empty batch: B must be at least 1", field=_field("response_mask"))
+    for name in COMPONENT_TENSORS & set(shapes):
+        if shapes[name][1] == 0:
+            raise InvalidArgument(f"tensor {name!r} needs at least one component: K must be at least 1",
+                                  field=_field(name))
     sizes = {"B": {name: shape[0] for name, shape in shapes.items()},
-             "T": {name: shape[1] for name, shape in shapes.items() if len(shape) == 2}}
+             "T": {name: shape[1] for name, shape in shapes.items()
+                   if len(shape) == 2 and name not in COMPONENT_TENSORS}}
     agreed = {}
     for dim, of in sizes.items():
         if not of:

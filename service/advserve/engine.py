@@ -114,7 +114,16 @@ class Engine:
             hints = dict.fromkeys(KL_TENSORS, "send old_logprobs and ref_logprobs [B, T] for the KL penalty, or set "
                                               "params.kl_coef = 0 to leave it out")
         given_rewards = [name for name in REWARD_TENSORS if raw.get(name) is not None]
-        if len(given_rewards) != 1:
+        if "reward_components" in estimator.optional and raw.get("reward_components") is not None:
+            if given_rewards:  # verl's gdpo reads the components alone
+                raise InvalidArgument(f"{estimator.name!r} reads its rewards from 'reward_components' [B, K] when "
+                                      f"they are given: leave out {given_rewards[0]!r}",
+                                      field=f"tensors.{given_rewards[0]}")
+            if params.get("kl_coef", 0) > 0:
+                raise InvalidArgument("kl_coef > 0 with reward_components: verl's gdpo normalizes the components "
+                                      "without the KL penalty of the rewards; set params.kl_coef = 0",
+                                      field="params.kl_coef")
+        elif len(given_rewards) != 1:
             raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]",
                                   field="tensors.rewards")
         batch = build_batch(
@@ -178,6 +187,14 @@ class Engine:
             raise InvalidArgument("whiten_scope 'sequence' whitens one advantage per sequence, but kl_placement "
                                   "'reward_to_go' makes it vary along the sequence: use kl_placement 'sequence' "
                                   "or whiten_scope 'token'", field="params.whiten_scope")
+        weights = params.get("reward_weights")
+        if weights is not None:
+            components = batch.tensors.get("reward_components")
+            count = 1 if components is None else components.shape[1]
+            if len(weights) != count:
+                raise InvalidArgument(f"reward_weights has {len(weights)} weights for {count} reward component"
+                                      f"{'s' if count != 1 else ''} (reward_components [B, K], else the one "
+                                      "reward)", field="params.reward_weights")
         low, high = params.get("reward_clip_low"), params.get("reward_clip_high")
         if low is not None and high is not None and low > high:
             raise InvalidArgument(f"reward_clip_low ({low}) must be <= reward_clip_high ({high})",
@@ -516,6 +533,7 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
         sum_pi_squared=t.get("sum_pi_squared"),
         rollout_is_weights=t.get("rollout_is_weights"),
         unmasked_token_rewards=t.get("token_rewards:unmasked"),
+        reward_components=t.get("reward_components"),
     )
 
 

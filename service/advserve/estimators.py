@@ -28,7 +28,8 @@ class AdvantageInputs:
     """A validated batch on the compute device. [B, T] tensors are 0 at masked positions.
 
     mask [B, T] bool and `valid`, the same as 0/1 in the compute dtype (multiplying by it is the
-    fast way to zero masked positions); scores [B] = R (the outcome reward, or Σ_t token_rewards); lengths [B] valid
+    fast way to zero masked positions); scores [B] = R (the outcome reward, or Σ_t token_rewards, or
+    Σ_k reward_components [B, K] when those replace the rewards); lengths [B] valid
     tokens per row (compute dtype); token_rewards [B, T] is built on first use (an outcome reward
     sits on the row's last valid token), so outcome-only estimators never materialize it.
     `unmasked_token_rewards` [B, T]: the token rewards as given, masked positions included; set only
@@ -48,6 +49,7 @@ class AdvantageInputs:
     sum_pi_squared: Tensor | None = None
     rollout_is_weights: Tensor | None = None
     unmasked_token_rewards: Tensor | None = None
+    reward_components: Tensor | None = None
 
     @functools.cached_property
     def scores(self) -> Tensor:
@@ -55,6 +57,8 @@ class AdvantageInputs:
             return self.given_rewards
         if self.unmasked_token_rewards is not None:
             return self.unmasked_token_rewards.sum(dim=1)
+        if self.given_token_rewards is None:  # gdpo's reward_components: their sum, for the stats
+            return self.reward_components.sum(dim=1)
         return self.given_token_rewards.sum(dim=1)
 
     @functools.cached_property
@@ -106,6 +110,8 @@ PARAMS: dict[str, ParamSpec] = {
         ParamSpec("scale_by_std", bool, "divide by the group std + std_eps (verl norm_adv_by_std_in_grpo)"),
         ParamSpec("handle_zero_tail", bool, "optimal token baseline: the part of a group's single longest "
                   "response beyond the second longest gets baseline 0 (verl handle_zero_tail)"),
+        ParamSpec("reward_weights", list, "gdpo: weight w_k of each reward component's normalized advantage "
+                  "(verl gdpo_reward_weights; rounded to float32 as verl does); null: all 1", nullable=True),
         ParamSpec("baseline_eps", float, "ε added to the optimal token baseline's denominator Σ W_t", minimum=0.0),
         neutral("mask_gaps", str, "zeros inside a row's mask: 'skip' (the recursion carries across them) or "
                 "'step' (zero-valued steps that still discount, OpenRLHF)", "skip", choices=MASK_GAPS),
@@ -439,12 +445,20 @@ def gpg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 
 
 def gdpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
-    """GDPO with one reward dimension (verl's form without gdpo_reward_keys): the GRPO advantage
-    (R − mean_g R)/(std_g R + ε) (`scale_by_std`) broadcast over the valid tokens, then whitened over
-    the batch's valid tokens (verl_F.masked_whiten: unbiased variance, rsqrt(var + 1e-8))."""
-    per_seq = group_normalized_advantages(
-        _outcome_scores(x, p), x.groups, scale_by_std=p["scale_by_std"], std_ddof=p["std_ddof"], std_eps=p["std_eps"],
-        singleton_groups=p["singleton_groups"])
+    """GDPO: each reward component r_k [B] (`reward_components` [B, K]; without it the one score R)
+    normalized in its group on its own, A_k = (r_k − mean_g r_k)/(std_g r_k + ε) (`scale_by_std`),
+    summed with the weights w_k (`reward_weights`, float32-rounded as verl's torch.tensor(..., float32);
+    null: 1), broadcast over the valid tokens and whitened over the batch's valid tokens
+    (verl_F.masked_whiten: unbiased variance, rsqrt(var + 1e-8)). The loop is over the K components."""
+    columns = x.reward_components.unbind(dim=1) if x.reward_components is not None else (_outcome_scores(x, p),)
+    weights = p.get("reward_weights") or (1.0,) * len(columns)
+    weights = torch.tensor(weights, dtype=torch.float32).tolist()  # verl's float32 weights, exactly
+    per_seq = None
+    for weight, column in zip(weights, columns):
+        normalized = weight * group_normalized_advantages(
+            column, x.groups, scale_by_std=p["scale_by_std"], std_ddof=p["std_ddof"], std_eps=p["std_eps"],
+            singleton_groups=p["singleton_groups"])
+        per_seq = normalized if per_seq is None else per_seq + normalized
     adv = _maybe_whiten(_broadcast(per_seq, x.valid), x, p)
     return adv, adv
 
@@ -572,10 +586,11 @@ ESTIMATORS: dict[str, Estimator] = {
                   "share of nonzero rewards", "A = B/#{R ≠ 0} · (R − mean_g R)",
                   "arXiv:2504.02546; verl 0.9.1 compute_gpg_outcome_advantage", requires=GROUPED,
                   optional=KL_TENSORS, batch_baseline=True),
-        Estimator("gdpo", gdpo, ("scale_by_std", *GROUP_STD_PARAMS, *WHITEN_PARAMS, *KL_PARAMS, *MASKED),
-                  "GDPO (one reward dimension): GRPO then batch whitening",
-                  "A = whiten_batch((R − mean_g R)/(std_g R + ε))", "arXiv:2601.05242", requires=GROUPED,
-                  optional=KL_TENSORS),
+        Estimator("gdpo", gdpo, ("scale_by_std", "reward_weights", *GROUP_STD_PARAMS, *WHITEN_PARAMS, *KL_PARAMS,
+                                 *MASKED),
+                  "GDPO: each reward component normalized in its group, weighted, summed, batch-whitened",
+                  "A = whiten_batch(Σ_k w_k (r_k − mean_g r_k)/(std_g r_k + ε))", "arXiv:2601.05242",
+                  requires=GROUPED, optional=KL_TENSORS | {"reward_components"}),
         Estimator("optimal_token_baseline", optimal_token_baseline, ("handle_zero_tail", "baseline_eps", *KL_PARAMS),
                   "Optimal token baseline: a per-position group baseline weighted by the path variance",
                   "A_t = G_t − Σ_i G_it W_it / Σ_i W_it, W_t = Σ_{j≤t} (1 − 2π_j + Σπ²_j) ρ_j²",

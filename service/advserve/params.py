@@ -21,7 +21,7 @@ class ParamSpec:
     """One parameter: its type, allowed values and meaning."""
 
     name: str
-    kind: type  # float, int, bool or str
+    kind: type  # float, int, bool, str, or list (of finite numbers, at least one: a list of floats)
     doc: str
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
@@ -37,6 +37,15 @@ class ParamSpec:
             if self.nullable:
                 return None
             raise InvalidArgument(f"{field} must not be null", field=field)
+        if self.kind is list:
+            if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+                raise InvalidArgument(f"{field} must be a list of numbers, got {value!r}", field=field)
+            items = list(value)
+            if not items or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
+                                or not math.isfinite(v) for v in items):
+                raise InvalidArgument(f"{field} must be a non-empty list of finite numbers, got {value!r}",
+                                      field=field)
+            return [float(v) for v in items]
         if self.kind is bool:
             if not isinstance(value, (bool, np.bool_)):
                 raise InvalidArgument(f"{field} must be true or false, got {value!r}", field=field)

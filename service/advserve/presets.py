@@ -255,11 +255,12 @@ VERL = Preset(
                                         _VERL_WHITEN, {"returns_whitened": True}, _VERL_MASKED),
         "remax": _VERL_KL,
         # compute_grpo_passk_outcome_advantage: torch.std + 1e-6, a group of one is an error
-        "grpo_passk": _merge({"scale_by_std": True}, _VERL_STD, {"singleton_groups": "error"}, _VERL_KL,
-                             _VERL_MASKED),
+        "grpo_passk": _merge({"scale_by_std": True, "std_ddof": 1, "std_eps": 1e-6, "singleton_groups": "error"},
+                             _VERL_KL, _VERL_MASKED),
         "opo": _merge({"singleton_groups": "raw"}, _VERL_KL, _VERL_MASKED),  # a group of one: baseline 0
         "gpg": _merge({"singleton_groups": "raw"}, _VERL_KL, _VERL_MASKED),  # a group of one: mean 0
-        "gdpo": _merge({"scale_by_std": True}, _VERL_STD, _VERL_WHITEN, _VERL_KL, _VERL_MASKED),
+        "gdpo": _merge({"scale_by_std": True, "reward_weights": None}, _VERL_STD, _VERL_WHITEN, _VERL_KL,
+                       _VERL_MASKED),
         "optimal_token_baseline": _merge({"handle_zero_tail": True, "baseline_eps": 1e-8}, _VERL_KL),
         "tir_optimal_token_baseline": _merge({"handle_zero_tail": True, "baseline_eps": 1e-8}, _VERL_KL),
     },

@@ -11,12 +11,15 @@ omegaconf; the rest of verl's import-time dependencies stubbed by verl_stub.py):
 Every number in "expected" comes out of verl's own functions, called the way verl's trainer calls them:
 ``ray_trainer.apply_kl_penalty`` (KL in the reward) then ``ray_trainer.compute_advantage`` on a minimal
 stand-in for DataProto, with ``sum_pi_squared``, ``old_log_probs`` and ``rollout_is_weights`` in the batch
-for the optimal-token-baseline estimators. Two kinds of case call ``core_algos`` directly, because verl's
-trainer cannot reach them: gdpo with one reward dimension (the trainer asserts gdpo_reward_keys; the
-function's own fallback is the single-dimension form advserve implements) and the optimal token baseline
-with handle_zero_tail=False (the trainer passes no such argument). Outcome ``rewards`` [B] are placed on
+for the optimal-token-baseline estimators. gdpo with ``reward_components`` goes through the trainer's own path:
+``algorithm.gdpo_reward_keys`` (and ``gdpo_reward_weights``) with the components in ``non_tensor_batch``
+and ``prompts``/``attention_mask`` in the batch, which verl reads as float32 (those cases are float32).
+Two kinds of case call ``core_algos`` directly, because verl's trainer cannot reach them: gdpo with one
+reward dimension (the trainer asserts gdpo_reward_keys; the function's own fallback is the
+single-dimension form) and the optimal token baseline with handle_zero_tail=False (the trainer passes no
+such argument). Outcome ``rewards`` [B] are placed on
 the last valid position to build ``token_level_scores``; ``token_rewards`` [B, T] are given as they are,
-masked positions included. Inputs float64; outputs [B, T] multiplied by response_mask. A case whose
+masked positions included. Inputs float64 (gdpo with components: float32); outputs [B, T] multiplied by response_mask. A case whose
 ``expected`` is ``{"error": ...}`` is one verl refuses (a pass@k group of one).
 """
 
@@ -238,6 +241,16 @@ def build():
         for n, sz in enumerate([(3, 2, 1), (4, 4), (2, 3, 2)]):
             add(f"{est}_masked_token_rewards_{n}", est, {}, batch(sum(sz), 7, sz, token=True))
         add(f"{est}_masked_token_rewards_kl", est, {"kl_coef": 0.02}, batch(6, 6, (3, 3), token=True, kl=True))
+    # gdpo with several reward components (verl's trainer path: float32)
+    for n, (sz, k, weights) in enumerate([((4, 4), 2, None), ((3, 5, 2), 3, [1.0, 0.5, 0.25]), ((2, 2, 2), 2, [0.1, 2.0]),
+                                          ((1, 4, 3), 2, None), ((5, 1, 1, 2), 3, [1.0, 1.0, 0.3]),
+                                          ((3, 3), 1, [0.7]), ((6, 2), 4, None), ((2, 3, 1), 2, [1.0, -0.5])]):
+        t = batch(sum(sz), 6, sz, gaps=n % 2 == 0)
+        del t["rewards"]
+        levels = np.array([0.0, 0.25, 0.5, 1.0])
+        t["reward_components"] = np.where(rng.uniform(size=(sum(sz), k)) < 0.5, rng.choice(levels, size=(sum(sz), k)),
+                                          np.round(rng.normal(0.0, 1.0, size=(sum(sz), k)), 3))
+        add(f"gdpo_components_{n}", "gdpo", {} if weights is None else {"reward_weights": weights}, t)
     # the optimal token baselines
     for est in ("optimal_token_baseline", "tir_optimal_token_baseline"):
         for n, sz in enumerate([(4, 4), (3, 1, 2), (2, 2, 2, 2), (5, 3), (1, 1, 4), (3, 3, 3), (6, 2)]):
@@ -255,17 +268,43 @@ def build():
                 {"handle_zero_tail": False})
 
 
+def verl_gdpo_components(params, tensors):
+    """verl's trainer path for gdpo: one non_tensor_batch entry per reward component, placed by verl at
+    the last non-padding response position (attention_mask), normalized per dimension, weighted, whitened."""
+    m_np = np.asarray(tensors["response_mask"])
+    B, T = m_np.shape
+    m = torch.tensor(m_np, dtype=torch.float32)
+    last = np.array([np.nonzero(row)[0][-1] for row in m_np])
+    attention = (np.arange(T)[None, :] <= last[:, None]).astype(np.int64)
+    P = 2
+    batch = _Batch(B, response_mask=m, token_level_rewards=torch.zeros(B, T),
+                   prompts=torch.zeros(B, P, dtype=torch.long),
+                   attention_mask=torch.tensor(np.concatenate([np.ones((B, P), dtype=np.int64), attention], 1)))
+    components = np.asarray(tensors["reward_components"])
+    keys = [f"reward_{k}" for k in range(components.shape[1])]
+    non_tensor = {"uid": np.array(list(tensors["group_ids"]), dtype=object)}
+    for k, key in enumerate(keys):
+        non_tensor[key] = components[:, k].tolist()
+    config = AlgoConfig(adv_estimator="gdpo", gdpo_reward_keys=keys, gdpo_reward_weights=params.get("reward_weights"))
+    data = rt.compute_advantage(_Data(batch, non_tensor), adv_estimator="gdpo", num_repeat=1, config=config)
+    adv, ret = data.batch["advantages"], data.batch["returns"]
+    assert adv.dtype == torch.float32, adv.dtype
+    return adv * m, ret * m
+
+
 def tolist(x):
     return np.asarray(x, dtype=np.float64).tolist()
 
 
 def record(name, estimator, params, tensors, direct):
-    case = {"case": name, "estimator": estimator, "params": params, "dtype": "float64",
+    components = "reward_components" in tensors
+    case = {"case": name, "estimator": estimator, "params": params, "dtype": "float32" if components else "float64",
             "tensors": {k: (list(v) if k == "group_ids" else tolist(v)) for k, v in tensors.items()}}
     if direct is not None:
         case["verl_call"] = f"core_algos.{ca.get_adv_estimator_fn(VERL_NAME[estimator]).__name__}(**{direct!r})"
     try:
-        adv, ret = verl_advantages(estimator, params, tensors, direct)
+        adv, ret = (verl_gdpo_components(params, tensors) if components
+                    else verl_advantages(estimator, params, tensors, direct))
     except ValueError as e:
         case["expected"] = {"error": str(e)}
         return case

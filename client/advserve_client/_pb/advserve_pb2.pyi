@@ -334,7 +334,7 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdvantageParams(_message.Message):
-    __slots__ = ("gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "no_kl_clamp", "kl_placement", "std_ddof", "std_eps", "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "reward_clip_low", "no_reward_clip_low", "reward_clip_high", "no_reward_clip_high", "mask_gaps", "std_scope", "whiten_std", "whiten_eps_mode", "whiten_scope", "returns_whitened", "masked_token_rewards", "scale_by_std", "handle_zero_tail", "baseline_eps")
+    __slots__ = ("gamma", "lam", "kl_coef", "kl_estimator", "kl_clamp", "no_kl_clamp", "kl_placement", "std_ddof", "std_eps", "singleton_groups", "whiten", "whiten_ddof", "whiten_eps", "reward_clip_low", "no_reward_clip_low", "reward_clip_high", "no_reward_clip_high", "mask_gaps", "std_scope", "whiten_std", "whiten_eps_mode", "whiten_scope", "returns_whitened", "masked_token_rewards", "scale_by_std", "handle_zero_tail", "baseline_eps", "reward_weights", "no_reward_weights")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     LAM_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +362,8 @@ class AdvantageParams(_message.Message):
     SCALE_BY_STD_FIELD_NUMBER: _ClassVar[int]
     HANDLE_ZERO_TAIL_FIELD_NUMBER: _ClassVar[int]
     BASELINE_EPS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    NO_REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     lam: float
     kl_coef: float
@@ -389,10 +391,12 @@ class AdvantageParams(_message.Message):
     scale_by_std: bool
     handle_zero_tail: bool
     baseline_eps: float
-    def __init__(self, gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., kl_estimator: _Optional[_Union[KLEstimator, str]] = ..., kl_clamp: _Optional[float] = ..., no_kl_clamp: _Optional[bool] = ..., kl_placement: _Optional[_Union[KLPlacement, str]] = ..., std_ddof: _Optional[int] = ..., std_eps: _Optional[float] = ..., singleton_groups: _Optional[_Union[SingletonGroups, str]] = ..., whiten: _Optional[bool] = ..., whiten_ddof: _Optional[int] = ..., whiten_eps: _Optional[float] = ..., reward_clip_low: _Optional[float] = ..., no_reward_clip_low: _Optional[bool] = ..., reward_clip_high: _Optional[float] = ..., no_reward_clip_high: _Optional[bool] = ..., mask_gaps: _Optional[_Union[MaskGaps, str]] = ..., std_scope: _Optional[_Union[StdScope, str]] = ..., whiten_std: _Optional[bool] = ..., whiten_eps_mode: _Optional[_Union[WhitenEpsMode, str]] = ..., whiten_scope: _Optional[_Union[WhitenScope, str]] = ..., returns_whitened: _Optional[bool] = ..., masked_token_rewards: _Optional[_Union[MaskedTokenRewards, str]] = ..., scale_by_std: _Optional[bool] = ..., handle_zero_tail: _Optional[bool] = ..., baseline_eps: _Optional[float] = ...) -> None: ...
+    reward_weights: _containers.RepeatedScalarFieldContainer[float]
+    no_reward_weights: bool
+    def __init__(self, gamma: _Optional[float] = ..., lam: _Optional[float] = ..., kl_coef: _Optional[float] = ..., kl_estimator: _Optional[_Union[KLEstimator, str]] = ..., kl_clamp: _Optional[float] = ..., no_kl_clamp: _Optional[bool] = ..., kl_placement: _Optional[_Union[KLPlacement, str]] = ..., std_ddof: _Optional[int] = ..., std_eps: _Optional[float] = ..., singleton_groups: _Optional[_Union[SingletonGroups, str]] = ..., whiten: _Optional[bool] = ..., whiten_ddof: _Optional[int] = ..., whiten_eps: _Optional[float] = ..., reward_clip_low: _Optional[float] = ..., no_reward_clip_low: _Optional[bool] = ..., reward_clip_high: _Optional[float] = ..., no_reward_clip_high: _Optional[bool] = ..., mask_gaps: _Optional[_Union[MaskGaps, str]] = ..., std_scope: _Optional[_Union[StdScope, str]] = ..., whiten_std: _Optional[bool] = ..., whiten_eps_mode: _Optional[_Union[WhitenEpsMode, str]] = ..., whiten_scope: _Optional[_Union[WhitenScope, str]] = ..., returns_whitened: _Optional[bool] = ..., masked_token_rewards: _Optional[_Union[MaskedTokenRewards, str]] = ..., scale_by_std: _Optional[bool] = ..., handle_zero_tail: _Optional[bool] = ..., baseline_eps: _Optional[float] = ..., reward_weights: _Optional[_Iterable[float]] = ..., no_reward_weights: _Optional[bool] = ...) -> None: ...
 
 class ComputeAdvantagesRequest(_message.Message):
-    __slots__ = ("estimator", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights", "output_shared_memory")
+    __slots__ = ("estimator", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights", "reward_components", "output_shared_memory")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +413,7 @@ class ComputeAdvantagesRequest(_message.Message):
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
     SUM_PI_SQUARED_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_IS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     estimator: Estimator
     preset: Preset
@@ -426,8 +431,9 @@ class ComputeAdvantagesRequest(_message.Message):
     cu_seqlens: Tensor
     sum_pi_squared: Tensor
     rollout_is_weights: Tensor
+    reward_components: Tensor
     output_shared_memory: SharedMemoryRef
-    def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., sum_pi_squared: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_is_weights: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Union[AdvantageParams, _Mapping]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., sum_pi_squared: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_is_weights: _Optional[_Union[Tensor, _Mapping]] = ..., reward_components: _Optional[_Union[Tensor, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class Moments(_message.Message):
     __slots__ = ("mean", "std", "min", "max")
@@ -892,7 +898,7 @@ class ListEstimatorsResponse(_message.Message):
     def __init__(self, estimators: _Optional[_Iterable[_Union[EstimatorInfo, _Mapping]]] = ..., default_preset: _Optional[_Union[Preset, str]] = ..., catalog: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("estimators", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights")
+    __slots__ = ("estimators", "preset", "params", "dtype", "layout", "rewards", "token_rewards", "response_mask", "group_ids", "values", "old_logprobs", "ref_logprobs", "greedy_rewards", "cu_seqlens", "sum_pi_squared", "rollout_is_weights", "reward_components")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -916,6 +922,7 @@ class AnalyzeRequest(_message.Message):
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
     SUM_PI_SQUARED_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_IS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     estimators: _containers.RepeatedScalarFieldContainer[Estimator]
     preset: Preset
     params: _containers.MessageMap[str, AdvantageParams]
@@ -932,7 +939,8 @@ class AnalyzeRequest(_message.Message):
     cu_seqlens: Tensor
     sum_pi_squared: Tensor
     rollout_is_weights: Tensor
-    def __init__(self, estimators: _Optional[_Iterable[_Union[Estimator, str]]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Mapping[str, AdvantageParams]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., sum_pi_squared: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_is_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    reward_components: Tensor
+    def __init__(self, estimators: _Optional[_Iterable[_Union[Estimator, str]]] = ..., preset: _Optional[_Union[Preset, str]] = ..., params: _Optional[_Mapping[str, AdvantageParams]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., token_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., response_mask: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[GroupIds, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., greedy_rewards: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., sum_pi_squared: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_is_weights: _Optional[_Union[Tensor, _Mapping]] = ..., reward_components: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DoubleList(_message.Message):
     __slots__ = ("values",)
