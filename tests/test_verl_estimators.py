@@ -345,3 +345,35 @@ def test_under_sum_only_a_rows_total_token_reward_matters(b, data):
         np.testing.assert_array_equal(moved.advantages, at_end.advantages, err_msg=est)
         np.testing.assert_allclose(np.asarray(moved.advantages), np.asarray(outcome.advantages), rtol=1e-12,
                                    atol=1e-12, err_msg=est)
+
+
+@pytest.mark.parametrize("transport", ["http-binary", "http-json", "grpc"])
+def test_gdpo_components_over_the_open_inference_protocol(server, transport):
+    """tritonclient: reward_components as a [B, K] input, reward_weights as JSON text (OIP parameters are
+    scalars), the optimal token baseline's sum_pi_squared; the same numbers as in process."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from test_oip import infer
+
+    rng = np.random.default_rng(9)
+    mask = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], bool)
+    ids = np.array([0, 0, 1, 1], np.int64)
+    comps = rng.normal(size=(4, 2)).astype(np.float32)
+    old = np.log(rng.uniform(0.1, 0.9, size=mask.shape)).astype(np.float32)
+    cases = [("gdpo", {"reward_components": comps}, {"preset": "verl", "reward_weights": "[1.0, 0.25]"},
+              {"reward_components": comps, "params": {"reward_weights": [1.0, 0.25]}}),
+             ("optimal_token_baseline", {"rewards": np.array([1, 0, 1, 0.5], np.float32), "old_logprobs": old,
+                                         "sum_pi_squared": np.exp(2 * old)}, {"preset": "verl"}, {})]
+    http = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+    grpc_ = grpcclient.InferenceServerClient(server.grpc_address)
+    try:
+        for model, arrays, parameters, local_kw in cases:
+            arrays = {"response_mask": mask, "group_ids": ids, **arrays}
+            result = infer(transport, (http, grpc_), model, arrays, parameters)
+            local_arrays = {k: v for k, v in arrays.items() if k not in local_kw}
+            local = advserve.compute_advantages(model, preset="verl", **local_arrays, **local_kw)
+            np.testing.assert_array_equal(result.as_numpy("advantages"), np.asarray(local.advantages), err_msg=model)
+    finally:
+        http.close()
+        grpc_.close()

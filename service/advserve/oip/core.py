@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import __version__
-from ..batch import TOKEN_TENSORS
+from ..batch import COMPONENT_TENSORS, TOKEN_TENSORS
 from ..engine import Engine
 from ..errors import AdvserveError, InvalidArgument, NotFound
 from ..model import AdvantageRequest, LossRequest
@@ -97,7 +97,7 @@ class Model:
 
 
 def _input(name: str) -> TensorSpec:
-    shape = (-1, -1) if name in TOKEN_TENSORS else (-1,)
+    shape = (-1, -1) if name in TOKEN_TENSORS or name in COMPONENT_TENSORS else (-1,)
     accepts = ACCEPTED.get(name, NUMERIC)
     return TensorSpec(name, PREFERRED.get(name, "FP32"), shape, accepts)
 
@@ -415,7 +415,8 @@ def read_parameters(model: Model, given: Mapping[str, Any]) -> tuple[dict[str, A
 
 def _typed(value: Any, kind: str, nullable: bool) -> Any:
     """A string parameter value as JSON text where the parameter is not a string ("0.28", "true",
-    "null"); for a nullable string parameter, "null" is null. Anything else as given."""
+    "null", a list parameter's "[1.0, 0.5]"); for a nullable string parameter, "null" is null. Anything
+    else as given."""
     if not isinstance(value, str):
         return value
     if kind == "str":
@@ -424,6 +425,8 @@ def _typed(value: Any, kind: str, nullable: bool) -> Any:
         parsed = json.loads(value)
     except ValueError:
         return value
+    if kind == "list" and isinstance(parsed, list):
+        return parsed
     return parsed if parsed is None or isinstance(parsed, (bool, int, float)) else value
 
 
