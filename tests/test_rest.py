@@ -54,7 +54,7 @@ def test_every_estimator_over_rest_equals_in_process(client, estimator):
     tensors = {
         "rewards": RNG.integers(0, 2, size=b).astype(float), "response_mask": mask,
         "group_ids": [0, 1, 0, 1, 0, 1], "values": RNG.normal(size=(b, t)),
-        "greedy_rewards": RNG.random(b),
+        "greedy_rewards": RNG.random(b), "old_logprobs": -RNG.random((b, t)), "sum_pi_squared": RNG.random((b, t)),
     }
     spec = advserve.estimators.ESTIMATORS[estimator]
     tensors = {k: v for k, v in tensors.items() if k in spec.requires | {"rewards", "response_mask"}}
@@ -97,7 +97,8 @@ def test_catalog(client):
     catalog = client.get("/v1/estimators").json()
     names = {e["name"] for e in catalog["estimators"]}
     assert names == {"reinforce", "reinforce_rtg", "reinforce_pp", "reinforce_pp_baseline", "rloo", "remax", "gae",
-                     "orz", "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce"}
+                     "orz", "grpo", "grpo_original", "dapo", "dr_grpo", "flash_reinforce", "grpo_passk", "opo", "gpg",
+                     "gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"}
     grpo = next(e for e in catalog["estimators"] if e["name"] == "grpo")
     assert grpo["presets"]["paper"]["defaults"]["std_ddof"] == 0
     assert grpo["presets"]["verl"]["defaults"]["std_eps"] == 1e-6
