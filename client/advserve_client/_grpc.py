@@ -46,9 +46,12 @@ def credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -
                                         certificate_chain=chain)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """The channel's message limits, and per-call balancing over every address the target resolves to
+    (gRPC's round_robin: a "dns:///name:port" of a Kubernetes headless Service spreads calls over its pods)."""
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.lb_policy_name", "round_robin")]
 
 
 def metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:

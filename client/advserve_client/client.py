@@ -30,7 +30,7 @@ from ._shm import RegionPool, layout
 from ._grpc import ADVANTAGES, ANALYSIS, LOSSES, AsyncGrpcTransport, GrpcTransport
 from ._http import AsyncHttpTransport, HttpTransport
 from ._retry import RetryPolicy
-from .errors import AdvserveError, InvalidArgument
+from .errors import InvalidArgument, Unavailable
 
 Transport = Literal["http", "grpc"]
 TermSpec = Mapping[str, Any] | bool | None
@@ -137,10 +137,19 @@ def _losses_result(document: Mapping[str, Any], raw: Mapping[str, Any], outputs:
                       grad_token_losses=outputs(raw.get("grad_token_losses")), kl_values=outputs(raw.get("kl_values")))
 
 
+def _addresses(address: str | Sequence[str]) -> list[str]:
+    """The server addresses of a client: one, several comma-separated in one string, or a list."""
+    items = address.split(",") if isinstance(address, str) else list(address)
+    if not items or not all(isinstance(a, str) and a.strip() for a in items):
+        raise ValueError(f"address must be 'host:port', several comma-separated, or a list of them; got {address!r}")
+    return [a.strip() for a in items]
+
+
 class _Base:
     _asynchronous = False  # AsyncClient: True
 
-    def __init__(self, address: str = "127.0.0.1:8000", *, transport: Transport = "http", timeout: float | None = 300.0,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:8000", *, transport: Transport = "http",
+                 timeout: float | None = 300.0,
                  max_retries: int = 2, binary: bool = True, headers: Mapping[str, str] | None = None,
                  max_message_bytes: int = 1 << 30, tls: bool = False, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, shared_memory: bool = False):
@@ -148,30 +157,35 @@ class _Base:
             raise ValueError(f"transport must be 'http' or 'grpc', got {transport!r}")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
-        self.address = address
+        self.addresses = _addresses(address)
+        if shared_memory and len(self.addresses) > 1:
+            raise ValueError("shared_memory=True needs one address: a region is registered with one server")
+        self.address = ",".join(self.addresses)
         self.transport = transport
         self.timeout = timeout
         self.binary = binary
         self.headers = dict(headers or {})
         self.max_message_bytes = max_message_bytes
-        self.tls = bool(tls or tls_ca or tls_cert or address.startswith(("https://", "grpcs://")))
+        self.tls = bool(tls or tls_ca or tls_cert or any(a.startswith(("https://", "grpcs://")) for a in self.addresses))
         self._tls_files = (tls_ca, tls_cert, tls_key)
         self.retry = RetryPolicy(max_retries=max_retries)
-        self._transport = self._make_transport(self._asynchronous)
+        self._transports = [self._make_transport(self._asynchronous, a) for a in self.addresses]
+        self._transport = self._transports[0]
+        self._balancer = _retry.Balancer(len(self._transports))
         self.shared_memory = shared_memory
         self._regions: RegionPool | None = None
         if shared_memory:  # regions are registered over a synchronous transport (AsyncClient: from a thread)
-            self._registrar = self._make_transport(False) if self._asynchronous else self._transport
+            self._registrar = self._make_transport(False, self.address) if self._asynchronous else self._transport
             self._regions = RegionPool(self._registrar.register_region, self._registrar.unregister_region)
 
-    def _make_transport(self, asynchronous: bool) -> Any:
+    def _make_transport(self, asynchronous: bool, address: str) -> Any:
         if self.transport == "http":
             context = _http.ssl_context(*self._tls_files) if self.tls else None
             http = AsyncHttpTransport if asynchronous else HttpTransport
-            return http(self.address, timeout=self.timeout, binary=self.binary, headers=self.headers, tls=context)
+            return http(address, timeout=self.timeout, binary=self.binary, headers=self.headers, tls=context)
         credentials = _grpc.credentials(*self._tls_files) if self.tls else None
         rpc = AsyncGrpcTransport if asynchronous else GrpcTransport
-        return rpc(self.address, timeout=self.timeout, headers=self.headers, max_message_bytes=self.max_message_bytes,
+        return rpc(address, timeout=self.timeout, headers=self.headers, max_message_bytes=self.max_message_bytes,
                    tls=credentials)
 
     def __repr__(self) -> str:
@@ -182,7 +196,11 @@ class Client(_Base):
     """A synchronous advserve client (thread-safe: one connection pool or channel, shared).
 
     address: "host:port" of the REST port (transport="http"; "http://..." or "https://..." URLs work
-    too) or of the gRPC port (transport="grpc"). timeout: seconds; over HTTP each connect, write and
+    too) or of the gRPC port (transport="grpc"); or several servers, as a list or comma-separated: each
+    request goes to the next in turn (round robin), and one that answers `Unavailable` (down, draining,
+    overloaded) is skipped for 5 s while the request goes to the next at once (`_retry.Balancer`). A
+    gRPC target that resolves to several servers itself ("dns:///name:port", a Kubernetes headless
+    Service) is balanced per call by gRPC's round_robin policy. timeout: seconds; over HTTP each connect, write and
     read must finish within it, over gRPC it is the call's deadline; None waits forever. max_retries:
     retries of `Unavailable` / `Overloaded` errors. binary: HTTP only, binary-framed tensors (default)
     or JSON (False). headers: extra HTTP headers or gRPC metadata (e.g. {"authorization": "Bearer ..."}).
@@ -199,16 +217,25 @@ class Client(_Base):
 
     _transport: HttpTransport | GrpcTransport
 
-    def _with_retries(self, call: Any, *args: Any) -> Any:
+    def _with_retries(self, method: str, *args: Any) -> Any:
+        """transport.`method`(*args) on the addresses in turn (`_retry.Balancer`): an `Unavailable` one is
+        skipped for the next at once; when every address failed, the retry policy's backoff, then
+        another round."""
         attempt = 0
         while True:
-            try:
-                return call(*args)
-            except AdvserveError as error:
-                if not self.retry.should_retry(error, attempt):
-                    raise
-                _retry.sleep(self.retry.delay(error, attempt))
-                attempt += 1
+            for index in self._balancer.order():
+                try:
+                    result = getattr(self._transports[index], method)(*args)
+                except Unavailable as error:
+                    self._balancer.down(index)
+                    failure = error
+                    continue
+                self._balancer.up(index)
+                return result
+            if not self.retry.should_retry(failure, attempt):
+                raise failure
+            _retry.sleep(self.retry.delay(failure, attempt))
+            attempt += 1
 
     def _compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, Any],
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -216,11 +243,11 @@ class Client(_Base):
         regions, held for the call and its results copied out before it is released."""
         wire = wire_tensors(tensors)
         if self._regions is None:
-            return self._with_retries(self._transport.compute, path, document, wire)
+            return self._with_retries("compute", path, document, wire)
         region = self._regions.acquire(layout(path, document, wire)[2])
         try:
             placed_document, placed = region.place(path, document, wire)
-            answer, raw = self._with_retries(self._transport.compute, path, placed_document, placed)
+            answer, raw = self._with_retries("compute", path, placed_document, placed)
             return answer, region.results(raw)
         finally:
             self._regions.release(region)
@@ -286,12 +313,13 @@ class Client(_Base):
     def list_estimators(self) -> dict[str, Any]:
         """The catalog (GET /v1/estimators): every estimator's formula, tensors, parameters and defaults
         per preset, and the loss terms."""
-        return self._with_retries(self._transport.catalog)
+        return self._with_retries("catalog")
 
     def close(self) -> None:
         if self._regions is not None:
             self._regions.close()  # unregistered while the transport is still open
-        self._transport.close()
+        for transport in self._transports:
+            transport.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -307,27 +335,34 @@ class AsyncClient(_Base):
     _asynchronous = True
     _transport: AsyncHttpTransport | AsyncGrpcTransport
 
-    async def _with_retries(self, call: Any, *args: Any) -> Any:
+    async def _with_retries(self, method: str, *args: Any) -> Any:
+        """See `Client._with_retries`."""
         attempt = 0
         while True:
-            try:
-                return await call(*args)
-            except AdvserveError as error:
-                if not self.retry.should_retry(error, attempt):
-                    raise
-                await _retry.async_sleep(self.retry.delay(error, attempt))
-                attempt += 1
+            for index in self._balancer.order():
+                try:
+                    result = await getattr(self._transports[index], method)(*args)
+                except Unavailable as error:
+                    self._balancer.down(index)
+                    failure = error
+                    continue
+                self._balancer.up(index)
+                return result
+            if not self.retry.should_retry(failure, attempt):
+                raise failure
+            await _retry.async_sleep(self.retry.delay(failure, attempt))
+            attempt += 1
 
     async def _compute(self, path: str, document: Mapping[str, Any], tensors: Mapping[str, Any],
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
         """See `Client._compute` (a region is created and registered in a thread, off the event loop)."""
         wire = wire_tensors(tensors)
         if self._regions is None:
-            return await self._with_retries(self._transport.compute, path, document, wire)
+            return await self._with_retries("compute", path, document, wire)
         region = await asyncio.to_thread(self._regions.acquire, layout(path, document, wire)[2])
         try:
             placed_document, placed = region.place(path, document, wire)
-            answer, raw = await self._with_retries(self._transport.compute, path, placed_document, placed)
+            answer, raw = await self._with_retries("compute", path, placed_document, placed)
             return answer, region.results(raw)
         finally:
             self._regions.release(region)
@@ -368,13 +403,14 @@ class AsyncClient(_Base):
 
     async def list_estimators(self) -> dict[str, Any]:
         """See `Client.list_estimators`."""
-        return await self._with_retries(self._transport.catalog)
+        return await self._with_retries("catalog")
 
     async def close(self) -> None:
         if self._regions is not None:
             await asyncio.to_thread(self._regions.close)
             self._registrar.close()
-        await self._transport.close()
+        for transport in self._transports:
+            await transport.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
