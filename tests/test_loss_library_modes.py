@@ -282,6 +282,7 @@ MESSAGES = {"policy_loss": "PolicyLoss", "kl_loss": "KLLoss", "value_loss": "Val
 
 def test_every_loss_parameter_has_a_proto_field():
     from advserve.loss_specs import LOSS_TERMS
+    from advserve_client import protocol
     from advserve_client._pb import advserve_pb2 as pb
 
     for term, specs in LOSS_TERMS.items():
@@ -292,6 +293,9 @@ def test_every_loss_parameter_has_a_proto_field():
                 assert fields[name].enum_type is not None, (term, name)
             if spec.nullable:
                 assert f"no_{name}" in fields, (term, name)  # null must be sayable where a preset's default is not
+            if spec.kind is int and spec.choices is None:  # an int field, or a double the server checks
+                integral = fields[name].type in (fields[name].TYPE_INT32, fields[name].TYPE_INT64)
+                assert integral or name in protocol.INTEGER_DOUBLES, (term, name)
 
 
 LIBRARY_REQUESTS = [

@@ -58,12 +58,16 @@ _ENUMS = {
     "bypass_is": (pb.BypassIs, "BYPASS_IS_"),
     "bias": (pb.Bias, "BIAS_"),
 }
+# integer parameters carried in a double field, so that the server checks them as it does over REST
+# (a non-integer is its error, reported in the order of its other checks); read back as ints
+INTEGER_DOUBLES = frozenset({"clip_cov_seed"})
 # nullable parameters: message field -> the bool field that means "null" (off)
 _NULLABLE = {"kl_clamp": "no_kl_clamp", "dual_clip": "no_dual_clip", "ratio_clamp": "no_ratio_clamp",
              "clamp": "no_clamp", "clip": "no_clip", "loss_scale_factor": "no_loss_scale_factor",
              "ratio_cap": "no_ratio_cap", "cispo_cap": "no_cispo_cap", "agg": "no_agg", "low": "no_low",
              "high": "no_high", "log_clamp": "no_log_clamp", "reward_clip_low": "no_reward_clip_low",
-             "reward_clip_high": "no_reward_clip_high", "reward_weights": "no_reward_weights", "seq_denominator": "no_seq_denominator",
+             "reward_clip_high": "no_reward_clip_high", "reward_weights": "no_reward_weights",
+             "seq_denominator": "no_seq_denominator",
              "gradient_estimator": "no_gradient_estimator", "dro_beta": "no_dro_beta", "bypass_is": "no_bypass_is",
              "bypass_is_low": "no_bypass_is_low"}
 
@@ -220,7 +224,8 @@ def params_from_pb(message: Any) -> dict[str, Any]:
             if len(getattr(message, name)):
                 out[name] = list(getattr(message, name))
         elif message.HasField(name):
-            out[name] = getattr(message, name)
+            value = getattr(message, name)
+            out[name] = int(value) if name in INTEGER_DOUBLES and float(value).is_integer() else value
     for name, flag in _NULLABLE.items():
         if flag in message.DESCRIPTOR.fields_by_name and getattr(message, flag) and name not in out:
             out[name] = None

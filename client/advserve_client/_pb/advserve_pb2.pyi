@@ -548,7 +548,7 @@ class PolicyLoss(_message.Message):
     clip_cov_ratio: float
     clip_cov_lb: float
     clip_cov_ub: float
-    clip_cov_seed: int
+    clip_cov_seed: float
     kl_cov_ratio: float
     kl_cov_coef: float
     bypass_loss: BypassLoss
@@ -557,7 +557,7 @@ class PolicyLoss(_message.Message):
     bypass_is_high: float
     bypass_is_low: float
     no_bypass_is_low: bool
-    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., dro_beta: _Optional[float] = ..., no_dro_beta: _Optional[bool] = ..., tau_pos: _Optional[float] = ..., tau_neg: _Optional[float] = ..., clip_cov_ratio: _Optional[float] = ..., clip_cov_lb: _Optional[float] = ..., clip_cov_ub: _Optional[float] = ..., clip_cov_seed: _Optional[int] = ..., kl_cov_ratio: _Optional[float] = ..., kl_cov_coef: _Optional[float] = ..., bypass_loss: _Optional[_Union[BypassLoss, str]] = ..., bypass_is: _Optional[_Union[BypassIs, str]] = ..., no_bypass_is: _Optional[bool] = ..., bypass_is_high: _Optional[float] = ..., bypass_is_low: _Optional[float] = ..., no_bypass_is_low: _Optional[bool] = ...) -> None: ...
+    def __init__(self, mode: _Optional[_Union[PolicyLossMode, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., dual_clip: _Optional[float] = ..., no_dual_clip: _Optional[bool] = ..., ratio_clamp: _Optional[float] = ..., no_ratio_clamp: _Optional[bool] = ..., agg: _Optional[_Union[Aggregation, str]] = ..., loss_scale_factor: _Optional[float] = ..., no_loss_scale_factor: _Optional[bool] = ..., ratio_cap: _Optional[float] = ..., no_ratio_cap: _Optional[bool] = ..., cispo_cap: _Optional[float] = ..., no_cispo_cap: _Optional[bool] = ..., cispo_level: _Optional[_Union[CispoLevel, str]] = ..., sequence_ratio_gradient: _Optional[_Union[SequenceRatioGradient, str]] = ..., seq_denominator: _Optional[_Union[SeqDenominator, str]] = ..., dro_beta: _Optional[float] = ..., no_dro_beta: _Optional[bool] = ..., tau_pos: _Optional[float] = ..., tau_neg: _Optional[float] = ..., clip_cov_ratio: _Optional[float] = ..., clip_cov_lb: _Optional[float] = ..., clip_cov_ub: _Optional[float] = ..., clip_cov_seed: _Optional[float] = ..., kl_cov_ratio: _Optional[float] = ..., kl_cov_coef: _Optional[float] = ..., bypass_loss: _Optional[_Union[BypassLoss, str]] = ..., bypass_is: _Optional[_Union[BypassIs, str]] = ..., no_bypass_is: _Optional[bool] = ..., bypass_is_high: _Optional[float] = ..., bypass_is_low: _Optional[float] = ..., no_bypass_is_low: _Optional[bool] = ...) -> None: ...
 
 class KLLoss(_message.Message):
     __slots__ = ("coef", "estimator", "clamp", "no_clamp", "agg", "no_agg", "unbiased_gradient", "importance_weighted", "loss_scale_factor", "no_loss_scale_factor", "seq_denominator", "no_seq_denominator", "gradient_estimator", "no_gradient_estimator")
