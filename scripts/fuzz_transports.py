@@ -247,6 +247,8 @@ def _param_value(draw: Draw, rng: np.random.Generator, spec: dict[str, Any]) -> 
         return draw.choice(spec["choices"])
     if kind == "bool":
         return draw.choice([False, True])
+    if kind == "list":  # gdpo's reward_weights: one weight per component (a wrong count is an error)
+        return [round(float(v), 3) for v in rng.normal(size=draw.integer(1, 3))]
     lo, hi = spec.get("minimum"), spec.get("maximum")
     if lo is None:
         return draw.choice([-1.0, 1.0, 0.0, round(float(rng.normal()) * 3, 3)])
@@ -330,9 +332,15 @@ def advantage_case(draw: Draw, estimator: str | None = None, preset: str | None 
         tensors["values"] = rng.normal(size=(b, t))
     if "greedy_rewards" in needs:
         tensors["greedy_rewards"] = draw_rewards(draw, rng, b)
-    kl = params.get("kl_coef", defaults.get("kl_coef", 0.0))
-    if "old_logprobs" in entry["tensors"]["optional"] and (kl or draw.flip(0.1)):
+    if "sum_pi_squared" in needs:  # the optimal token baselines: π of the sampled token and Σ_v π_v²
         old = np.log(rng.uniform(0.05, 0.95, size=(b, t)))
+        tensors["old_logprobs"] = old
+        tensors["sum_pi_squared"] = np.exp(2 * old) + rng.uniform(0.0, 0.1, size=(b, t))
+        if draw.flip(0.3):
+            tensors["rollout_is_weights"] = rng.uniform(0.0, 2.0, size=(b, t))
+    kl = params.get("kl_coef", defaults.get("kl_coef", 0.0))
+    if "ref_logprobs" in entry["tensors"]["optional"] and (kl or draw.flip(0.1)):
+        old = tensors.get("old_logprobs", np.log(rng.uniform(0.05, 0.95, size=(b, t))))
         tensors["old_logprobs"] = old
         tensors["ref_logprobs"] = old + rng.normal(scale=0.2, size=(b, t))
     tensors = _cast(draw, tensors)
@@ -875,6 +883,8 @@ def oip_inputs(case: Case) -> list[tuple[str, np.ndarray]]:
 
 
 def _oip_value(value: Any) -> Any:
+    if isinstance(value, list):  # a list parameter (gdpo's reward_weights) as JSON text: the protocol's are scalars
+        return json.dumps(value)
     return "null" if value is None else value  # docs/oip.md: "null" sets a nullable parameter to none
 
 
@@ -923,7 +933,8 @@ def oip_view(case: Case, expected: Outcome) -> Outcome:
     s = expected.scalars
     params: dict[str, Any] = {"preset": s["preset"]}
     if case.kind == "advantages":
-        params.update({k[len("params."):]: v for k, v in s.items() if k.startswith("params.") and v is not None})
+        params.update({k[len("params."):]: json.dumps(v) if isinstance(v, list) else v  # a list: JSON text
+                       for k, v in s.items() if k.startswith("params.") and v is not None})
     else:
         tensors["loss"] = np.array([s["loss"]], np.float64)
         params["loss"] = s["loss"]

@@ -385,8 +385,10 @@ class OipService:
 
 
 def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Response parameters from a mapping of scalars (None left out: the protocol has no null)."""
-    return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
+    """Response parameters from a mapping of scalars (None left out: the protocol has no null; a list
+    parameter as JSON text, as requests carry it)."""
+    return {f"{prefix}{k}": json.dumps(v) if isinstance(v, list) else v for k, v in values.items()
+            if isinstance(v, (bool, int, float, str, list))}
 
 
 # --- parameters ---------------------------------------------------------------------------------------
