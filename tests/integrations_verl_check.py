@@ -73,18 +73,7 @@ from advserve.integrations import verl as integration  # noqa: E402
 rng = np.random.default_rng(20261204)
 
 
-class _Batch(dict):
-    def __init__(self, bsz, **kw):
-        super().__init__(**kw)
-        self.batch_size = (bsz,)
-
-
-class _Data:
-    """The slice of DataProto that compute_advantage touches."""
-
-    def __init__(self, batch, non_tensor_batch):
-        self.batch = batch
-        self.non_tensor_batch = non_tensor_batch
+_Batch, _Data = verl_stub.Batch, verl_stub.Data  # DataProto stand-ins
 
 
 def batch_inputs(dtype, min_size=1):

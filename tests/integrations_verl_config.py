@@ -97,15 +97,7 @@ runtime_env = OmegaConf.to_container(OmegaConf.merge({"env_vars": {"NCCL_DEBUG":
                                                      after.ray_kwargs.ray_init.runtime_env))
 
 
-class _Batch(dict):
-    def __init__(self, bsz, **kw):
-        super().__init__(**kw)
-        self.batch_size = (bsz,)
-
-
-class _Data:
-    def __init__(self, batch, non_tensor_batch):
-        self.batch, self.non_tensor_batch = batch, non_tensor_batch
+_Batch, _Data = verl_stub.Batch, verl_stub.Data  # DataProto stand-ins
 
 
 rng = np.random.default_rng(0)

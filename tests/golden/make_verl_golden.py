@@ -111,18 +111,7 @@ def kl_inputs(m, spread=0.4, extremes=()):
 
 
 # ------------------------------------------------------------------------------------- verl: advantages
-class _Batch(dict):
-    """The slice of DataProto.batch that apply_kl_penalty / compute_advantage touch."""
-
-    def __init__(self, bsz, **kw):
-        super().__init__(**kw)
-        self.batch_size = (bsz,)
-
-
-class _Data:
-    def __init__(self, batch, non_tensor_batch):
-        self.batch = batch
-        self.non_tensor_batch = non_tensor_batch
+_Batch, _Data = verl_stub.Batch, verl_stub.Data  # DataProto stand-ins
 
 
 def last_valid_index(m: np.ndarray) -> np.ndarray:

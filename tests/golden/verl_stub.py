@@ -153,3 +153,20 @@ def install(extra=()):
             missing.append(root)
     sys.meta_path.append(_StubFinder(missing))
     return missing
+
+
+class Batch(dict):
+    """A stand-in for DataProto.batch (its tensordict is stubbed): the tensors by name, and batch_size,
+    all that verl's apply_kl_penalty and compute_advantage touch."""
+
+    def __init__(self, bsz, **tensors):
+        super().__init__(**tensors)
+        self.batch_size = (bsz,)
+
+
+class Data:
+    """A stand-in for DataProto: `batch` (a `Batch`) and `non_tensor_batch` (uid and the like)."""
+
+    def __init__(self, batch, non_tensor_batch):
+        self.batch = batch
+        self.non_tensor_batch = non_tensor_batch
