@@ -353,7 +353,8 @@ def advantage_case(draw: Draw, estimator: str | None = None, preset: str | None 
     return Case("advantages", {k: v for k, v in document.items() if v is not None}, tensors)
 
 
-MODES = ("ppo_clip", "gspo", "cispo", "reinforce")
+MODES = tuple(catalog()["losses"]["policy_loss"]["params"]["mode"]["choices"])  # every policy loss mode
+CLASSIC_MODES = ("ppo_clip", "gspo", "cispo", "reinforce")  # the modes every preset's library has
 
 
 def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) -> Case:
@@ -367,6 +368,8 @@ def loss_case(draw: Draw, mode: str | None = None, preset: str | None = None) ->
     if mode is not None or not draw.flip(0.1):
         policy = draw_params(draw, rng, specs["policy_loss"]["params"])
         policy["mode"] = mode or draw.choice(MODES)
+        if policy["mode"] == "dro" and "dro_beta" not in policy and draw.flip(0.9):  # verl requires it
+            policy["dro_beta"] = draw.choice([0.01, 0.1, 1.0])
         document["policy_loss"] = policy
     else:
         document["policy_loss"] = False

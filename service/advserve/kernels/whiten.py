@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..functional.masks import WHITEN_EPS_MODES
+from .groups import _div, _sqrt  # rounded-to-nearest float32 division and root
 
 BLOCK = 1024  # positions per program of the moments and apply kernels
 COMBINE_BLOCK = 256  # block summaries merged at once by the combine kernel
@@ -50,24 +51,6 @@ def _chan_rn(n_a, m_a, q_a, n_b, m_b, q_b):
     w = tl.div_rn(n_b, tl.where(n > 0, n, 1.0))
     delta = m_b - m_a
     return n, m_a + delta * w, q_a + q_b + delta * delta * (n_a * w)
-
-
-@triton.jit
-def _div(x, y, F32: tl.constexpr):
-    """x / y rounded to nearest (Triton's plain float32 `/` may be approximate)."""
-    if F32:
-        return tl.div_rn(x, y)
-    else:
-        return x / y
-
-
-@triton.jit
-def _sqrt(x, F32: tl.constexpr):
-    """√x rounded to nearest (Triton's float32 `tl.sqrt` may be approximate)."""
-    if F32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
 
 
 @triton.jit

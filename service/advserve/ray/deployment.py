@@ -196,13 +196,7 @@ class AdvServe:
     async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
             self._authenticate(grpc_context)
-            metadata = self.oip.model(request.name, request.version).metadata()
-            response = pb.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
-                                                platform=metadata["platform"])
-            for side in ("inputs", "outputs"):
-                for tensor in metadata[side]:
-                    getattr(response, side).add(**tensor)
-            return response
+            return oip_grpc.model_metadata_response(self.oip, request)
         except Exception as exc:  # noqa: BLE001
             return self._fail(grpc_context, exc, pb.ModelMetadataResponse())
 

@@ -57,6 +57,16 @@ def set_parameter(parameter: pb.InferParameter, value: Any) -> None:
         parameter.string_param = str(value)
 
 
+def model_metadata_response(service: Any, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+    """ModelMetadata: the model's inputs and outputs (`OipService.model(...).metadata()`) as the message."""
+    metadata = service.model(request.name, request.version).metadata()
+    response = pb.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
+                                        platform=metadata["platform"])
+    for side in ("inputs", "outputs"):
+        for tensor in metadata[side]:
+            getattr(response, side).add(**tensor)
+    return response
+
 def request_from_pb(request: pb.ModelInferRequest, service: OipService,
                     charge: Callable[[int], None] | None = None) -> InferRequest:
     """A ModelInferRequest -> an InferRequest with decoded inputs: raw ones are views of the bytes,
@@ -200,13 +210,7 @@ class OipServicer:
         return pb.ServerMetadataResponse(**self.service.server_metadata())
 
     async def _model_metadata(self, request: pb.ModelMetadataRequest, call: _Call) -> pb.ModelMetadataResponse:
-        metadata = self.service.model(request.name, request.version).metadata()
-        response = pb.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
-                                            platform=metadata["platform"])
-        for side in ("inputs", "outputs"):
-            for tensor in metadata[side]:
-                getattr(response, side).add(**tensor)
-        return response
+        return model_metadata_response(self.service, request)
 
     def _decode(self, request: pb.ModelInferRequest, charge: Callable[[int], None]) -> Any:
         return request_from_pb(request, self.service, charge)
