@@ -113,16 +113,7 @@ def sum_pi_sq(old):
 
 
 # ------------------------------------------------------------------------------------ verl: advantages
-class _Batch(dict):
-    def __init__(self, bsz, **kw):
-        super().__init__(**kw)
-        self.batch_size = (bsz,)
-
-
-class _Data:
-    def __init__(self, batch, non_tensor_batch):
-        self.batch = batch
-        self.non_tensor_batch = non_tensor_batch
+_Batch, _Data = verl_stub.Batch, verl_stub.Data  # DataProto stand-ins
 
 
 def token_scores(tensors):
