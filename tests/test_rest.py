@@ -115,7 +115,8 @@ def test_catalog(client):
     assert presets["openrlhf"]["library"] == "openrlhf 0.11.2" and presets["trl"]["library"] == "trl 1.16.0"
     assert presets["openrlhf"]["options"]["--algo.advantage.estimator group_norm"] == "estimator='grpo'"
     assert "std_scope='batch'" in presets["trl"]["options"]["GRPOConfig.scale_rewards='batch'"]
-    assert set(catalog["losses"]) == {"policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction"}
+    assert set(catalog["losses"]) == {"policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_correction",
+                                      "token_loss"}
 
 
 def test_openapi_documents_the_bodies(client):
