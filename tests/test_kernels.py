@@ -272,20 +272,13 @@ class TestUnderTheInterpreter:
         token-mean and seq-mean-token-mean weights, several blocks per batch."""
         fused_losses = importlib.import_module("advserve.kernels.losses")
         lp, old, ref, adv, mask = _loss_batch(dtype, seed=23)
-        valid = mask.to(dtype)
-        lengths = valid.sum(dim=1)
-        for estimator, kl_clamp, dual_clip, ratio_clamp, agg in LOSS_FORMS:
-            w_pol = masks.aggregation_weights(valid, lengths, agg)
-            w_kl = masks.aggregation_weights(valid, lengths, "token-mean")
-            rho = functional_losses.policy_ratio("ppo_clip", lp, old, mask, ratio_clamp=ratio_clamp)
-            loss_t, grad_t, _ = functional_losses.policy_loss("ppo_clip", rho, lp, adv, clip_low=0.2, clip_high=0.28,
-                                                              dual_clip=dual_clip)
-            kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
-            policy, kl = (w_pol * loss_t).sum(), (w_kl * kl_t).sum()
+        for form in LOSS_FORMS:
+            weights, policy, kl, expected_grad = _torch_ppo_clip_kl(lp, old, ref, adv, mask, form)
+            estimator, kl_clamp, dual_clip, ratio_clamp, _ = form
             loss, got_policy, got_kl, grad = fused_losses.ppo_clip_kl(
-                lp, old, ref, adv, w_pol, w_kl, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+                lp, old, ref, adv, *weights, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
                 ratio_clamp=ratio_clamp, kl_coef=0.05, kl_estimator=estimator, kl_clamp=kl_clamp, block=64)
-            _close(grad, w_pol * grad_t + (0.05 * w_kl) * dkl)
+            _close(grad, expected_grad)
             _close(got_policy, policy)
             _close(got_kl, kl)
             _close(loss, policy + 0.05 * kl)
@@ -471,21 +464,15 @@ class TestOnTheGpu:
     def test_fused_ppo_clip_kl(self, dtype):
         fused_losses = importlib.import_module("advserve.kernels.losses")
         lp, old, ref, adv, mask = (t.cuda().repeat(200, 30) for t in _loss_batch(dtype, seed=31))  # [1000, 4500]
-        valid = mask.to(dtype)
-        lengths = valid.sum(dim=1)
-        for estimator, kl_clamp, dual_clip, ratio_clamp, agg in LOSS_FORMS:
-            w_pol = masks.aggregation_weights(valid, lengths, agg)
-            w_kl = masks.aggregation_weights(valid, lengths, "token-mean")
-            rho = functional_losses.policy_ratio("ppo_clip", lp, old, mask, ratio_clamp=ratio_clamp)
-            loss_t, grad_t, _ = functional_losses.policy_loss("ppo_clip", rho, lp, adv, clip_low=0.2, clip_high=0.28,
-                                                              dual_clip=dual_clip)
-            kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
+        for form in LOSS_FORMS:
+            weights, expected_policy, expected_kl, expected_grad = _torch_ppo_clip_kl(lp, old, ref, adv, mask, form)
+            estimator, kl_clamp, dual_clip, ratio_clamp, _ = form
             loss, policy, kl, grad = fused_losses.ppo_clip_kl(
-                lp, old, ref, adv, w_pol, w_kl, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+                lp, old, ref, adv, *weights, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
                 ratio_clamp=ratio_clamp, kl_coef=0.05, kl_estimator=estimator, kl_clamp=kl_clamp)
-            _close_scaled(grad, w_pol * grad_t + (0.05 * w_kl) * dkl)
-            _close_scaled(policy, (w_pol * loss_t).sum())
-            _close_scaled(kl, (w_kl * kl_t).sum())
+            _close_scaled(grad, expected_grad)
+            _close_scaled(policy, expected_policy)
+            _close_scaled(kl, expected_kl)
 
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, preset):
@@ -563,6 +550,21 @@ def _loss_batch(dtype: torch.dtype, seed: int):
     ref = old + 0.3 * torch.randn(mask.shape, generator=gen, dtype=dtype)
     adv = torch.randn(mask.shape, generator=gen, dtype=dtype)
     return lp * valid, old * valid, ref * valid, adv * valid, mask
+
+
+def _torch_ppo_clip_kl(lp, old, ref, adv, mask, form):
+    """The torch path's answer for one of LOSS_FORMS (ppo_clip, clip 0.2/0.28, + 0.05 · KL token-mean):
+    ((policy weights, kl weights), policy term, kl term, ∂loss/∂lp)."""
+    estimator, kl_clamp, dual_clip, ratio_clamp, agg = form
+    valid = mask.to(lp.dtype)
+    lengths = valid.sum(dim=1)
+    w_pol = masks.aggregation_weights(valid, lengths, agg)
+    w_kl = masks.aggregation_weights(valid, lengths, "token-mean")
+    rho = functional_losses.policy_ratio("ppo_clip", lp, old, mask, ratio_clamp=ratio_clamp)
+    loss_t, grad_t, _ = functional_losses.policy_loss("ppo_clip", rho, lp, adv, clip_low=0.2, clip_high=0.28,
+                                                      dual_clip=dual_clip)
+    kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
+    return ((w_pol, w_kl), (w_pol * loss_t).sum(), (w_kl * kl_t).sum(), w_pol * grad_t + (0.05 * w_kl) * dkl)
 
 
 def _gae_request(preset: str, seed: int) -> AdvantageRequest:
