@@ -106,9 +106,11 @@ def test_the_async_client_alternates_too(pair):
 def test_a_grpc_target_with_several_addresses_is_balanced_per_call(pair):
     """One channel, gRPC's own resolver and round_robin policy ("ipv4:a,b" here; "dns:///name:port" for a
     headless Service resolves the same way to several addresses)."""
-    before = [served(s, "grpc") for s in pair]
     target = "ipv4:" + ",".join(address(s, "grpc") for s in pair)
     with Client([target], transport="grpc") as client:
+        for _ in range(4):  # until both connections are up (round_robin picks among the ready ones)
+            grpo(client)
+        before = [served(s, "grpc") for s in pair]
         for _ in range(8):
             grpo(client)
     counts = [served(s, "grpc") - b for s, b in zip(pair, before)]
