@@ -10,11 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_quick(tmp_path: Path, name: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, Path]:
+    """`bench/bench_<name>.py --quick --out <tmp>/<name>.json`: the process (asserted to exit 0) and the
+    output path."""
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"bench_{name}.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, out
+
+
 def test_bench_engine_quick(tmp_path):
-    out = tmp_path / "engine.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc, out = run_quick(tmp_path, "engine")
     assert "correctness: all checks within" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses",
@@ -23,36 +30,24 @@ def test_bench_engine_quick(tmp_path):
 
 
 def test_bench_transport_quick(tmp_path):
-    out = tmp_path / "transport.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_transport.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc, out = run_quick(tmp_path, "transport", timeout=600)
     assert "correctness: every checked response matched" in proc.stdout
     assert out.exists()
 
 
 def test_bench_oip_quick(tmp_path):
-    out = tmp_path / "oip.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_oip.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc, out = run_quick(tmp_path, "oip")
     assert "correctness: every answer matched the in-process result" in proc.stdout
     result = json.loads(out.read_text())
     assert result["correct"] and {"large", "small"} <= result.keys()
 
 
 def test_bench_http_quick(tmp_path):
-    out = tmp_path / "http.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_http.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc, out = run_quick(tmp_path, "http")
     assert out.exists()
 
 
 def test_bench_shm_quick(tmp_path):
-    out = tmp_path / "shm.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shm.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc, out = run_quick(tmp_path, "shm")
     assert "correctness: every answer matched" in proc.stdout
     assert out.exists()
