@@ -71,8 +71,15 @@ def test_packed_equals_padded_for_every_estimator(seed, b, t, gaps, estimator, k
     if "kl_coef" in ESTIMATORS[estimator].params:
         params["kl_coef"] = 0.1 if kl else 0.0
     tensors = select(estimator, batch, params.get("kl_coef", 0.0) > 0)
-    padded = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", **tensors)
     packed_tensors, keep = pack(tensors, batch["response_mask"])
+    try:
+        padded = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", **tensors)
+    except advserve.InvalidArgument as refused:  # (whitening with ddof 1 over one valid token): the same refusal
+        with pytest.raises(advserve.InvalidArgument) as err:
+            advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", layout="packed",
+                                        **packed_tensors)
+        assert (err.value.field, str(err.value)) == (refused.field, str(refused))
+        return
     packed = advserve.compute_advantages(estimator, preset=preset, params=params, dtype="float64", layout="packed",
                                          **packed_tensors)
     np.testing.assert_allclose(packed.advantages, padded.advantages[keep], rtol=1e-12, atol=1e-12)
