@@ -4,6 +4,7 @@ device, runs the math, and returns results. Every transport and the in-process A
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -141,6 +142,39 @@ class Engine:
         self._check_estimator_preconditions(estimator, params, batch)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
 
+    def batch_statistics(self, prepared: PreparedAdvantages) -> dict[str, Tensor]:
+        """The batch-wide statistics of `prepared`'s estimator over its batch (`Estimator.statistics`:
+        {} when it has none with these parameters), computed as its estimator computes them."""
+        statistics = prepared.estimator.statistics
+        if statistics is None or not prepared.estimator.has_batch_statistics(prepared.params):
+            return {}
+        with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
+            return statistics(advantage_inputs(prepared.batch, prepared.dtype), prepared.params)
+
+    def as_shard(self, prepared: PreparedAdvantages, statistics: Mapping[str, Any]) -> PreparedAdvantages:
+        """`prepared` as a shard of a larger batch whose `batch_statistics` are `statistics` (numbers or
+        arrays by name): its rows are then those of the larger batch's result (advserve.ray.sharding).
+        The names must be those the estimator takes with these parameters, the values finite."""
+        field = "batch_statistics"
+        if not isinstance(statistics, Mapping):
+            raise InvalidArgument("batch_statistics must be a mapping of names to numbers or arrays", field=field)
+        expected = self.batch_statistics(prepared)
+        if set(statistics) != set(expected):
+            raise InvalidArgument(f"batch_statistics of {prepared.estimator.name!r} with these parameters are "
+                                  f"{sorted(expected) or 'none'}, not {sorted(statistics)}", field=field)
+        given = {}
+        for name, value in statistics.items():
+            try:
+                tensor = torch.as_tensor(np.asarray(value, dtype=np.float64)).to(prepared.dtype)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"batch_statistics.{name} must be a number or an array of numbers",
+                                      field=f"{field}.{name}") from None
+            if tensor.shape != expected[name].shape or not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgument(f"batch_statistics.{name} must be finite, of shape "
+                                      f"{list(expected[name].shape)}", field=f"{field}.{name}")
+            given[name] = tensor.to(self.device)
+        return dataclasses.replace(prepared, statistics=given)
+
     def run_advantages(self, jobs: list[PreparedAdvantages]) -> list[AdvantageResult]:
         """Compute prepared requests; several with one `coalescing_key` (not None) run as one device
         batch: rows concatenated, groups kept apart, results split back, bit for bit what each gives
@@ -151,7 +185,7 @@ class Engine:
                                                                    for j in jobs)):
             raise ValueError("run_advantages: only jobs of one (non-None) coalescing key share a batch")
         batch = first.batch if len(jobs) == 1 else Batch.concat([job.batch for job in jobs])
-        inputs = advantage_inputs(batch, first.dtype)
+        inputs = advantage_inputs(batch, first.dtype, first.statistics)
         with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
             advantages, returns = first.estimator.fn(inputs, first.params)
         results, row = [], 0
@@ -481,13 +515,15 @@ def check_normalizers(aggregations: Mapping[str, str], num_tokens: float | None,
 
 @dataclass(frozen=True)
 class PreparedAdvantages:
-    """A validated advantage request, ready for the device."""
+    """A validated advantage request, ready for the device. `statistics`: the batch-wide statistics of a
+    larger batch this one is a shard of (`Engine.as_shard`); None: the batch's own."""
 
     estimator: Estimator
     preset: str
     params: dict[str, Any]
     dtype: torch.dtype
     batch: Batch
+    statistics: Mapping[str, Tensor] | None = None
 
     @functools.cached_property
     def coalescing_key(self) -> tuple | None:
@@ -495,7 +531,8 @@ class PreparedAdvantages:
         None (run alone) unless the estimator is `coalescible` with these parameters and the rewards
         are outcome rewards [B] (token rewards are summed over T, and that sum's rounding depends on
         the width)."""
-        if not self.estimator.coalescible(self.params) or "rewards" not in self.batch.tensors:
+        if (not self.estimator.coalescible(self.params) or "rewards" not in self.batch.tensors
+                or self.statistics is not None):
             return None
         return (self.estimator.name, self.preset, tuple(sorted(self.params.items())), self.dtype,
                 tuple(sorted(self.batch.tensors)), self.batch.group_index is not None)
@@ -515,8 +552,9 @@ def fits_in_memory() -> Iterator[None]:
                               "batch", field="tensors.response_mask") from None
 
 
-def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
-    """The estimators' view of a validated batch."""
+def advantage_inputs(batch: Batch, dtype: torch.dtype,
+                     statistics: Mapping[str, Tensor] | None = None) -> AdvantageInputs:
+    """The estimators' view of a validated batch (`statistics`: a larger batch's, see PreparedAdvantages)."""
     t = batch.tensors
     token_rewards = t.get("token_rewards")
     return AdvantageInputs(
@@ -534,6 +572,7 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype) -> AdvantageInputs:
         rollout_is_weights=t.get("rollout_is_weights"),
         unmasked_token_rewards=t.get("token_rewards:unmasked"),
         reward_components=t.get("reward_components"),
+        statistics=statistics,
     )
 
 

@@ -13,10 +13,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .functional.groups import (STD_SCOPES, Groups, centered_scores, group_normalized_advantages, group_std,
-                                leave_one_out_advantages)
+from .functional.groups import (STD_SCOPES, Groups, batch_score_std, centered_scores, group_normalized_advantages,
+                                group_std, leave_one_out_advantages)
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
-from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten
+from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten, whitening_statistics
 from .functional.scan import MASK_GAPS, gae, reward_to_go
 from .params import ParamSpec, neutral
 
@@ -34,6 +34,8 @@ class AdvantageInputs:
     sits on the row's last valid token), so outcome-only estimators never materialize it.
     `unmasked_token_rewards` [B, T]: the token rewards as given, masked positions included; set only
     under params.masked_token_rewards = 'sum' (verl sums them into R), and then R = Σ over all T.
+    `statistics`: the batch-wide statistics of the estimator (`Estimator.statistics`) of a larger batch
+    that this one is a shard of (advserve.ray.sharding), used instead of this batch's own; None: its own.
     """
 
     mask: Tensor
@@ -50,6 +52,7 @@ class AdvantageInputs:
     rollout_is_weights: Tensor | None = None
     unmasked_token_rewards: Tensor | None = None
     reward_components: Tensor | None = None
+    statistics: Mapping[str, Tensor] | None = None
 
     @functools.cached_property
     def scores(self) -> Tensor:
@@ -70,6 +73,7 @@ class AdvantageInputs:
 
 Params = Mapping[str, Any]
 EstimatorFn = Callable[[AdvantageInputs, Params], tuple[Tensor, Tensor]]
+StatisticsFn = Callable[[AdvantageInputs, Params], dict[str, Tensor]]
 
 PARAMS: dict[str, ParamSpec] = {
     spec.name: spec
@@ -131,7 +135,11 @@ class Estimator:
     `optional`: tensors accepted (KL inputs, needed when kl_coef > 0); `batch_baseline`: the
     baseline is a statistic of the whole batch; `exact_rows`: with kl_coef = 0 and outcome rewards
     [B], a row's advantage is computed from its own reward and length and its group's sums only, by
-    operations whose every element rounds the same wherever the row sits (see `coalescible`)."""
+    operations whose every element rounds the same wherever the row sits (see `coalescible`);
+    `statistics`: the batch-wide statistics its rows depend on besides token whitening (a batch std
+    or mean, sequence whitening), as 0-d or [K] tensors by name ({} when the parameters need none):
+    a shard of the batch computed with the whole batch's (`AdvantageInputs.statistics`) gets its rows
+    of the whole batch's result."""
 
     name: str
     fn: EstimatorFn
@@ -144,6 +152,7 @@ class Estimator:
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     batch_baseline: bool = False
     exact_rows: bool = False
+    statistics: StatisticsFn | None = None
 
     @property
     def uses_groups(self) -> bool:
@@ -152,7 +161,18 @@ class Estimator:
     def uses_whole_batch(self, params: Params) -> bool:
         """A row's result depends on rows outside its group (whitening, a batch std or a batch mean),
         so the request cannot share a device batch with another."""
-        return self.batch_baseline or bool(params.get("whiten")) or params.get("std_scope") == "batch"
+        return self.whitens_tokens(params) or self.has_batch_statistics(params)
+
+    @staticmethod
+    def whitens_tokens(params: Params) -> bool:
+        """The advantages are whitened over the batch's valid tokens, last."""
+        return bool(params.get("whiten")) and params.get("whiten_scope", "token") == "token"
+
+    def has_batch_statistics(self, params: Params) -> bool:
+        """A statistic of the whole batch other than token whitening enters the rows: a batch baseline,
+        GRPO's batch std or the whitening of one value per sequence."""
+        return (self.batch_baseline or params.get("std_scope") == "batch"
+                or (bool(params.get("whiten")) and params.get("whiten_scope") == "sequence"))
 
     def coalescible(self, params: Params) -> bool:
         """True when a request's rows computed in one device batch with other requests' rows give the
@@ -240,9 +260,9 @@ def _broadcast(per_sequence: Tensor, valid: Tensor) -> Tensor:
     return per_sequence.unsqueeze(1) * valid
 
 
-def _whiten(adv: Tensor, valid: Tensor, p: Params) -> Tensor:
+def _whiten(adv: Tensor, valid: Tensor, p: Params, statistics: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
     return whiten(adv, valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"], eps_mode=p["whiten_eps_mode"],
-                  use_std=p["whiten_std"])
+                  use_std=p["whiten_std"], statistics=statistics)
 
 
 def _maybe_whiten(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
@@ -301,15 +321,36 @@ def reinforce_pp_baseline(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor
     return whitened, (whitened if p["returns_whitened"] else adv)
 
 
+def _rloo_sequence_advantages(x: AdvantageInputs, p: Params) -> Tensor:
+    """RLOO's clip(R̃_i − mean_{l≠i} R̃_l) [B], before any whitening."""
+    scores = _shaped_scores(x, p) if p["kl_placement"] == "sequence" else x.scores
+    return _clip(leave_one_out_advantages(scores, x.groups, singleton_groups=p["singleton_groups"]), p)
+
+
+def _sequence_whitening_statistics(per_seq: Tensor, p: Params) -> dict[str, Tensor]:
+    """{"sequence_mean": μ, "sequence_scale": d (with whiten_std)} of the whitening of per_seq [B]."""
+    mean, scale = whitening_statistics(per_seq, torch.ones_like(per_seq), ddof=p["whiten_ddof"], eps=p["whiten_eps"],
+                                       eps_mode=p["whiten_eps_mode"], use_std=p["whiten_std"])
+    return {"sequence_mean": mean} | ({} if scale is None else {"sequence_scale": scale})
+
+
+def rloo_statistics(x: AdvantageInputs, p: Params) -> dict[str, Tensor]:
+    """RLOO's batch-wide statistics: the whitening of its B sequence values (whiten_scope 'sequence')."""
+    if not (p["whiten"] and p["whiten_scope"] == "sequence"):
+        return {}
+    return _sequence_whitening_statistics(_rloo_sequence_advantages(x, p), p)
+
+
 def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A = clip(R̃_i − mean_{l≠i} R̃_l) with R̃ = R − β Σ_t kl_t ('sequence'), or
     clip(R_i − mean_{l≠i} R_l) − β Σ_{t'≥t} kl_t' ('reward_to_go'); then optionally whitened over
     the batch's tokens or its B sequence values."""
     placement = p["kl_placement"]
-    scores = _shaped_scores(x, p) if placement == "sequence" else x.scores
-    per_seq = _clip(leave_one_out_advantages(scores, x.groups, singleton_groups=p["singleton_groups"]), p)
+    per_seq = _rloo_sequence_advantages(x, p)
     if p["whiten"] and p["whiten_scope"] == "sequence":
-        per_seq = _whiten(per_seq, torch.ones_like(per_seq), p)
+        given = x.statistics
+        statistics = None if given is None else (given["sequence_mean"], given.get("sequence_scale"))
+        per_seq = _whiten(per_seq, torch.ones_like(per_seq), p, statistics)
     adv = _broadcast(per_seq, x.valid)
     if placement == "reward_to_go":
         adv = _minus_kl_to_go(adv, x, p)
@@ -318,11 +359,18 @@ def rloo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
+def flash_reinforce_statistics(x: AdvantageInputs, p: Params) -> dict[str, Tensor]:
+    """FlashREINFORCE's baseline: the batch's mean score, and its largest and smallest (equal: no signal)."""
+    scores = x.scores
+    return {"score_mean": scores.mean(), "score_max": scores.amax(), "score_min": scores.amin()}
+
+
 def flash_reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A_t = clip(R_i − mean_batch R) − β Σ_{t'≥t} kl_t' (OpenRLHF's FlashREINFORCE: the mean score of
     the whole batch as baseline, no groups, no whitening). An all-equal batch gives exactly 0."""
     scores = x.scores
-    centered = torch.where(scores.amax() == scores.amin(), 0, scores - scores.mean())
+    batch = flash_reinforce_statistics(x, p) if x.statistics is None else x.statistics
+    centered = torch.where(batch["score_max"] == batch["score_min"], 0, scores - batch["score_mean"])
     adv = _minus_kl_to_go(_broadcast(_clip(centered, p), x.valid), x, p)
     return adv, adv
 
@@ -346,16 +394,29 @@ def orz(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return _maybe_whiten(adv, x, p), returns
 
 
+def _grpo_scores(x: AdvantageInputs, p: Params) -> Tensor:
+    """The scores [B] GRPO's group statistics are taken over: R, or R − β Σ_t kl_t ('sequence')."""
+    penalty = _token_kl(x, p) if p.get("kl_placement", "sequence") == "sequence" else None
+    return x.scores if penalty is None else x.scores - penalty.sum(dim=1)
+
+
+def grpo_statistics(x: AdvantageInputs, p: Params) -> dict[str, Tensor]:
+    """GRPO's batch-wide statistics: with std_scope 'batch', the std of all B scores ("score_std")."""
+    if p.get("std_scope") != "batch":
+        return {}
+    return {"score_std": batch_score_std(_grpo_scores(x, p), p["std_ddof"])}
+
+
 def _grpo_family(x: AdvantageInputs, p: Params, *, scale_by_std: bool) -> Tensor:
     """Group-normalized advantage [B, T], clipped, with the KL term of `kl_placement` (before length
     factors): 'sequence' R − β Σ_t kl_t before the statistics, 'token' GRPO's per-token term,
     'reward_to_go' − β Σ_{t'≥t} kl_t' after them (OpenRLHF)."""
     placement = p.get("kl_placement", "sequence")
-    penalty = _token_kl(x, p) if placement == "sequence" else None
-    scores = x.scores if penalty is None else x.scores - penalty.sum(dim=1)
+    scores = _grpo_scores(x, p)
     per_seq = group_normalized_advantages(
         scores, x.groups, scale_by_std=scale_by_std, std_ddof=p.get("std_ddof", 0), std_eps=p.get("std_eps", 0.0),
         singleton_groups=p["singleton_groups"], std_scope=p.get("std_scope", "group"),
+        batch_std=None if x.statistics is None else x.statistics.get("score_std"),
     )
     adv = _broadcast(_clip(per_seq, p), x.valid)
     if placement == "token" and p["kl_coef"] != 0:
@@ -429,14 +490,24 @@ def opo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
+def _gpg_factor(scores: Tensor) -> Tensor:
+    """α = B / max(#{i: R_i ≠ 0}, 1) over scores [B] -> 0-d, in float32 as verl, as the scores' dtype."""
+    nonzero = (scores != 0).sum().clamp_min(1)
+    alpha = torch.tensor(scores.shape[0], dtype=torch.float32, device=scores.device) / nonzero.to(torch.float32)
+    return alpha.to(scores.dtype)
+
+
+def gpg_statistics(x: AdvantageInputs, p: Params) -> dict[str, Tensor]:
+    """GPG's batch-wide factor α ("alpha")."""
+    return {"alpha": _gpg_factor(_outcome_scores(x, p))}
+
+
 def gpg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GPG: A = α (R_i − mean_g R), α = B / max(#{i: R_i ≠ 0}, 1) over the whole batch (verl computes
     α in float32: B / m rounded there, as here); F_norm = 1 (verl's trainer passes no other). Size-1
     groups have mean 0 (verl) under singleton_groups 'raw', A = 0 under 'zero'."""
     scores = _outcome_scores(x, p)
-    nonzero = (scores != 0).sum().clamp_min(1)
-    alpha = (torch.tensor(scores.shape[0], dtype=torch.float32, device=scores.device)
-             / nonzero.to(torch.float32)).to(scores.dtype)
+    alpha = _gpg_factor(scores) if x.statistics is None else x.statistics["alpha"]
     centered = scores - _group_mean_baseline(scores, x, p)
     if p["singleton_groups"] == "zero":
         centered = torch.where(x.groups.sizes[x.groups.index] == 1, 0, centered)
@@ -444,20 +515,35 @@ def gpg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
+def _gdpo_columns(x: AdvantageInputs, p: Params) -> tuple[Tensor, ...]:
+    """The reward components [B] each, or the one outcome score."""
+    return x.reward_components.unbind(dim=1) if x.reward_components is not None else (_outcome_scores(x, p),)
+
+
+def gdpo_statistics(x: AdvantageInputs, p: Params) -> dict[str, Tensor]:
+    """GDPO's batch-wide statistics besides its token whitening: with std_scope 'batch', the std of all
+    B values of each component ("component_std" [K])."""
+    if p["std_scope"] != "batch":
+        return {}
+    return {"component_std": torch.stack([batch_score_std(c, p["std_ddof"]) for c in _gdpo_columns(x, p)])}
+
+
 def gdpo(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GDPO: each reward component r_k [B] (`reward_components` [B, K]; without it the one score R)
-    normalized in its group on its own, A_k = (r_k − mean_g r_k)/(std_g r_k + ε) (`scale_by_std`),
-    summed with the weights w_k (`reward_weights`, float32-rounded as verl's torch.tensor(..., float32);
+    normalized in its group on its own, A_k = (r_k − mean_g r_k)/(std_g r_k + ε) (`scale_by_std`; with
+    std_scope 'batch' the std of r_k over the batch), summed with the weights w_k (`reward_weights`, float32-rounded as verl's torch.tensor(..., float32);
     null: 1), broadcast over the valid tokens and whitened over the batch's valid tokens
     (verl_F.masked_whiten: unbiased variance, rsqrt(var + 1e-8)). The loop is over the K components."""
-    columns = x.reward_components.unbind(dim=1) if x.reward_components is not None else (_outcome_scores(x, p),)
+    columns = _gdpo_columns(x, p)
     weights = p.get("reward_weights") or (1.0,) * len(columns)
     weights = torch.tensor(weights, dtype=torch.float32).tolist()  # verl's float32 weights, exactly
+    given = None if x.statistics is None else x.statistics.get("component_std")
     per_seq = None
-    for weight, column in zip(weights, columns):
+    for k, (weight, column) in enumerate(zip(weights, columns)):
         normalized = weight * group_normalized_advantages(
             column, x.groups, scale_by_std=p["scale_by_std"], std_ddof=p["std_ddof"], std_eps=p["std_eps"],
-            singleton_groups=p["singleton_groups"])
+            singleton_groups=p["singleton_groups"], std_scope=p["std_scope"],
+            batch_std=None if given is None else given[k])
         per_seq = normalized if per_seq is None else per_seq + normalized
     adv = _maybe_whiten(_broadcast(per_seq, x.valid), x, p)
     return adv, adv
@@ -543,7 +629,7 @@ ESTIMATORS: dict[str, Estimator] = {
                                  "whiten_scope", *MASKED), "REINFORCE leave-one-out",
                   "A = R_ij − 1/(M−1) Σ_{l≠j} R_il, R = r − β Σ_t kl_t", "arXiv:2402.14740",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
-                  exact_rows=True),
+                  exact_rows=True, statistics=rloo_statistics),
         Estimator("remax", remax, KL_PARAMS, "ReMax: greedy-decode reward as baseline",
                   "A_t = r − r(x, ŷ_greedy) − β Σ_{t'≥t} kl_t'", "arXiv:2310.10505",
                   requires=frozenset({"greedy_rewards"}), optional=KL_TENSORS),
@@ -557,15 +643,16 @@ ESTIMATORS: dict[str, Estimator] = {
                   "GRPO (R1 version)",
                   "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
                   requires=GROUPED, optional=KL_TENSORS,
-                  choices={"kl_placement": ("token", "sequence", "reward_to_go")}, exact_rows=True),
+                  choices={"kl_placement": ("token", "sequence", "reward_to_go")}, exact_rows=True,
+                  statistics=grpo_statistics),
         Estimator("grpo_original", grpo_original, (*KL_PARAMS, "kl_placement", *GROUP_STD_PARAMS),
                   "GRPO (original, 1/|o| length normalization)",
                   "A = 1/T_ij [(r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)]", "arXiv:2402.03300",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("token", "sequence")},
-                  exact_rows=True),
+                  exact_rows=True, statistics=grpo_statistics),
         Estimator("dapo", dapo, (*KL_PARAMS, *GROUP_STD_PARAMS), "DAPO (token-mean within the group)",
                   "A = 1/mean_j(T_ij) · (r − mean(R_i))/std(R_i)", "arXiv:2503.14476",
-                  requires=GROUPED, optional=KL_TENSORS, exact_rows=True),
+                  requires=GROUPED, optional=KL_TENSORS, exact_rows=True, statistics=grpo_statistics),
         Estimator("dr_grpo", dr_grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *MASKED),
                   "Dr.GRPO (no std, no length normalization)", "A = r − mean(R_i)", "arXiv:2503.20783",
                   requires=GROUPED, optional=KL_TENSORS, choices={"kl_placement": ("sequence", "reward_to_go")},
@@ -573,7 +660,8 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("flash_reinforce", flash_reinforce, (*KL_PARAMS, *REWARD_CLIP_PARAMS),
                   "FlashREINFORCE: the batch's mean score as baseline, reward-to-go KL (OpenRLHF)",
                   "A_t = r − mean_batch(r) − β Σ_{t'≥t} kl_t'", "OpenRLHF 0.11 (--algo.advantage.estimator "
-                  "flash_reinforce)", optional=KL_TENSORS, batch_baseline=True),
+                  "flash_reinforce)", optional=KL_TENSORS, batch_baseline=True,
+                  statistics=flash_reinforce_statistics),
         Estimator("grpo_passk", grpo_passk, ("scale_by_std", "std_ddof", "std_eps", "singleton_groups", *KL_PARAMS,
                                              *MASKED),
                   "Pass@k GRPO: only each group's best response is reinforced",
@@ -585,12 +673,12 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("gpg", gpg, ("singleton_groups", *KL_PARAMS, *MASKED), "GPG: group-mean baseline scaled by the batch's "
                   "share of nonzero rewards", "A = B/#{R ≠ 0} · (R − mean_g R)",
                   "arXiv:2504.02546; verl 0.9.1 compute_gpg_outcome_advantage", requires=GROUPED,
-                  optional=KL_TENSORS, batch_baseline=True),
+                  optional=KL_TENSORS, batch_baseline=True, statistics=gpg_statistics),
         Estimator("gdpo", gdpo, ("scale_by_std", "reward_weights", *GROUP_STD_PARAMS, *WHITEN_PARAMS, *KL_PARAMS,
                                  *MASKED),
                   "GDPO: each reward component normalized in its group, weighted, summed, batch-whitened",
                   "A = whiten_batch(Σ_k w_k (r_k − mean_g r_k)/(std_g r_k + ε))", "arXiv:2601.05242",
-                  requires=GROUPED, optional=KL_TENSORS | {"reward_components"}),
+                  requires=GROUPED, optional=KL_TENSORS | {"reward_components"}, statistics=gdpo_statistics),
         Estimator("optimal_token_baseline", optimal_token_baseline, ("handle_zero_tail", "baseline_eps", *KL_PARAMS),
                   "Optimal token baseline: a per-position group baseline weighted by the path variance",
                   "A_t = G_t − Σ_i G_it W_it / Σ_i W_it, W_t = Σ_{j≤t} (1 − 2π_j + Σπ²_j) ρ_j²",

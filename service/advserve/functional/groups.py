@@ -68,13 +68,20 @@ def group_std(centered: Tensor, groups: Groups, ddof: int) -> Tensor:
     return torch.where(n > ddof, var.sqrt(), 0)
 
 
+def batch_score_std(scores: Tensor, ddof: int) -> Tensor:
+    """The std of all B scores [B] -> 0-d, with `ddof` (TRL's scale_rewards="batch"); a single score
+    has std 0."""
+    deviation = scores - scores.mean()
+    return (torch.dot(deviation, deviation) / max(scores.shape[0] - ddof, 1)).sqrt()
+
+
 def group_std_divisor(scores: Tensor, centered: Tensor, groups: Groups, *, std_ddof: int, std_eps: float,
-                      std_scope: str = "group") -> Tensor:
+                      std_scope: str = "group", batch_std: Tensor | None = None) -> Tensor:
     """GRPO's divisor per group [G]: std_g(R; std_ddof) + std_eps, or with `std_scope` "batch" (TRL's
-    scale_rewards="batch") the std of all B scores + std_eps for every group. scores, centered [B]."""
+    scale_rewards="batch") the std of all B scores + std_eps for every group (`batch_std`: that std
+    given, when these scores are a shard of a larger batch). scores, centered [B]."""
     if std_scope == "batch":
-        deviation = scores - scores.mean()  # a single score has std 0
-        std = (torch.dot(deviation, deviation) / max(scores.shape[0] - std_ddof, 1)).sqrt()
+        std = batch_score_std(scores, std_ddof) if batch_std is None else batch_std
         return std.expand(groups.count) + std_eps
     if std_scope == "group":
         return group_std(centered, groups, std_ddof) + std_eps
@@ -90,12 +97,14 @@ def group_normalized_advantages(
     std_eps: float,
     singleton_groups: str,
     std_scope: str = "group",
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """GRPO: (R_i − mean_g R) / (std_g R + eps); Dr.GRPO (`scale_by_std`=False): R_i − mean_g R.
 
     scores [B] -> [B]. A group whose scores are all equal gives 0 (std 0, the seed's undefined case).
     `std_scope` "batch" (TRL's scale_rewards="batch"): the std is that of all B scores (with
-    `std_ddof`), the mean stays the group's. Size-1 groups follow `singleton_groups`: "zero" -> 0;
+    `std_ddof`; `batch_std`: given, when the scores are a shard of a larger batch), the mean stays the
+    group's. Size-1 groups follow `singleton_groups`: "zero" -> 0;
     "raw" -> mean 0 and std 1 (verl), i.e. R/(1 + eps) (R for Dr.GRPO); "error" is checked by the caller.
     Inside `scan.use_kernels("triton")`: `advserve.kernels.groups`' kernel, the same values to rounding.
     """
@@ -103,11 +112,11 @@ def group_normalized_advantages(
         from ..kernels import groups as fused
         return fused.group_normalized_advantages(scores, groups, scale_by_std=scale_by_std, std_ddof=std_ddof,
                                                  std_eps=std_eps, singleton_groups=singleton_groups,
-                                                 std_scope=std_scope)
+                                                 std_scope=std_scope, batch_std=batch_std)
     centered, _ = centered_scores(scores, groups)
     if scale_by_std:
         denom = group_std_divisor(scores, centered, groups, std_ddof=std_ddof, std_eps=std_eps,
-                                  std_scope=std_scope)[groups.index]
+                                  std_scope=std_scope, batch_std=batch_std)[groups.index]
         advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
     else:
         advantages = centered

@@ -83,7 +83,8 @@ def moments(sums: dict[str, float], n: int) -> dict[str, float]:
 WHITEN_EPS_MODES = ("inside", "floor", "outside")
 
 
-def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "inside", use_std: bool = True) -> Tensor:
+def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "inside", use_std: bool = True,
+           statistics: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
     """Batch whitening over all valid positions: (x − μ) / d, 0 at masked positions.
 
     x [B, T] (0 at masked positions), valid [B, T] the 0/1 mask in x's dtype; or x [B] and valid [B]
@@ -91,19 +92,43 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
     σ² with `ddof` (0: population, 1: unbiased; a single value has σ² = 0). The scale d by
     `eps_mode`: "inside" sqrt(σ² + eps) (verl), "floor" sqrt(max(σ², eps)) (OpenRLHF),
     "outside" σ + eps (TRL). `use_std` False: d = 1, only the mean is subtracted (OpenRLHF's
-    no_std_norm). When d == 0 (all values equal, eps 0) the result is 0.
+    no_std_norm). When d == 0 (all values equal, eps 0) the result is 0. `statistics`: (μ, d) given
+    (`whitening_statistics` of a larger batch that x is a shard of; d None without `use_std`).
     Inside `scan.use_kernels("triton")`: `advserve.kernels.whiten`, the same values to rounding.
     """
     from .scan import active_kernels  # here: scan imports this module
 
-    if active_kernels() == "triton":
+    if statistics is not None:
+        mean, denom = statistics
+        centered = (x - mean).mul_(valid)
+    elif active_kernels() == "triton":
         from ..kernels import whiten as fused
         return fused.whiten(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
+    else:
+        mean, centered, denom = _whitening_moments(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
+    if denom is None:
+        return centered
+    if host_reads_are_free(denom.device):
+        return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
+    return torch.where(denom > 0, centered / denom, 0.0)  # on a GPU: no read of denom, one more pass
+
+
+def whitening_statistics(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "inside",
+                         use_std: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(μ, d) of `whiten` over x and valid (0-d tensors; d None without `use_std`): what a shard of
+    this batch is whitened with to get its rows of the whole batch's result."""
+    mean, _, denom = _whitening_moments(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
+    return mean, denom
+
+
+def _whitening_moments(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str,
+                       use_std: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """μ, (x − μ)·valid and d (None without `use_std`), as `whiten` defines them."""
     n = valid.sum()
     mean = x.sum() / n.clamp_min(1)
     centered = (x - mean).mul_(valid)
     if not use_std:
-        return centered
+        return mean, centered, None
     flat = centered.reshape(-1)
     var = torch.dot(flat, flat) / (n - ddof).clamp_min(1)
     if eps_mode == "inside":
@@ -114,9 +139,7 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
         denom = var.sqrt() + eps
     else:
         raise ValueError(f"unknown whitening eps_mode {eps_mode!r}; valid: {', '.join(WHITEN_EPS_MODES)}")
-    if host_reads_are_free(denom.device):
-        return centered / denom if bool(denom > 0) else torch.zeros_like(centered)
-    return torch.where(denom > 0, centered / denom, 0.0)  # on a GPU: no read of denom, one more pass
+    return mean, centered, denom
 
 
 def aggregation_weights(

@@ -128,18 +128,20 @@ def _check(policy: str, scope: str) -> None:
 
 
 def group_normalized_advantages(scores: Tensor, groups: Groups, *, scale_by_std: bool, std_ddof: int,
-                                std_eps: float, singleton_groups: str, std_scope: str = "group") -> Tensor:
+                                std_eps: float, singleton_groups: str, std_scope: str = "group",
+                                batch_std: Tensor | None = None) -> Tensor:
     """[B]: `advserve.functional.groups.group_normalized_advantages` in one kernel launch (plus the
     stable sort of the group index, and for std_scope "batch" the batch's std in torch).
 
     scores [B] float32/float64, groups: `Groups` of the batch. (R_i − mean_g R) / (std_g R + eps),
-    or R_i − mean_g R without `scale_by_std`; see the module's docstring for the edge cases.
+    or R_i − mean_g R without `scale_by_std`; `batch_std` as in the torch function; see the module's
+    docstring for the edge cases.
     """
     _check(singleton_groups, std_scope)
     batch_divisor = None
     if scale_by_std and std_scope == "batch":
         batch_divisor = group_std_divisor(scores, scores, groups, std_ddof=std_ddof, std_eps=std_eps,
-                                          std_scope="batch")[:1].contiguous()
+                                          std_scope="batch", batch_std=batch_std)[:1].contiguous()
     # "raw" mirrors verl: std = torch.tensor(1.0), so 1 + eps is rounded to float32
     raw_divisor = float(torch.tensor(1.0, dtype=torch.float32) + std_eps) if scale_by_std else 1.0
     return _launch(scores, groups, loo=False, scale=scale_by_std, batch_divisor=batch_divisor, eps=std_eps,
