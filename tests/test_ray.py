@@ -16,6 +16,7 @@ deployment options; two fixed replicas of a quarter CPU instead of its autoscali
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import os
@@ -28,6 +29,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import advserve
 import advserve_client
@@ -45,7 +48,7 @@ from ray.serve.config import gRPCOptions  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from advserve.ray import RayClient, build_app, sharding  # noqa: E402
-from advserve.ray.deployment import Options, deployment  # noqa: E402
+from advserve.ray.deployment import AdvServe, Options, deployment  # noqa: E402
 
 CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
 TOKEN = "ray-test-token"
@@ -227,6 +230,8 @@ def _grouped_batch(seed: int, b: int = 24, t: int = 37):
     ("gae", {"whiten": True}),
     ("reinforce_pp", {"whiten": True}),
     ("dr_grpo", {}),
+    ("grpo", {"std_scope": "batch"}),
+    ("rloo", {"whiten": True, "whiten_scope": "sequence"}),
 ])
 def test_a_sharded_batch_is_the_one_call_result_bit_for_bit(cluster, estimator, params):
     rng, mask, groups = _grouped_batch(7)
@@ -239,7 +244,8 @@ def test_a_sharded_batch_is_the_one_call_result_bit_for_bit(cluster, estimator, 
     one = advserve.compute_advantages(estimator, params=params, dtype="float64", **tensors)
     prepared = advserve.Engine("cpu").prepare_advantages(
         advserve.AdvantageRequest(estimator, tensors, params=params, dtype="float64"))
-    assert sharding.plan(prepared, 2).mode == ("two_pass" if params.get("whiten") else "rows")
+    two_pass = params.get("whiten") and params.get("whiten_scope") != "sequence"
+    assert sharding.plan(prepared, 2).mode == ("two_pass" if two_pass else "rows")
     for shards in (2, 3):
         sharded = RayClient(cluster["app"], shards=shards).compute_advantages(estimator, params=params,
                                                                               dtype="float64", **tensors)
@@ -293,9 +299,125 @@ def test_the_sharding_plan_keeps_groups_whole_and_whitening_in_two_passes():
     owner = {int(g): k for k, rows in enumerate(plan.shards) for g in groups[rows]}
     assert all(owner[int(g)] == k for k, rows in enumerate(plan.shards) for g in groups[rows])  # never split
     batch_std = advserve.AdvantageRequest("grpo", request.tensors, params={"std_scope": "batch"}, preset="trl")
-    assert sharding.plan(engine.prepare_advantages(batch_std), 3).mode == "whole"
+    plan = sharding.plan(engine.prepare_advantages(batch_std), 3)
+    assert plan.mode == "rows" and set(plan.statistics) == {"score_std"}
     plain = advserve.AdvantageRequest("grpo", request.tensors)
-    assert sharding.plan(engine.prepare_advantages(plain), 3).mode == "rows"
+    plan = sharding.plan(engine.prepare_advantages(plain), 3)
+    assert plan.mode == "rows" and plan.statistics == {}
+
+
+# --- batch-wide statistics: every shard computed with the whole batch's ------------------------------
+
+
+class _Done:
+    """A finished call, as a DeploymentResponse answers it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout_s=None):
+        return self.value
+
+
+class InProcessHandle:
+    """A DeploymentHandle over one AdvServe replica in this process: its `compute` as Serve calls it, the
+    numpy inputs read-only (as the object store gives them), so the sharding's math is checked on many
+    batches without Ray's per-call cost."""
+
+    def __init__(self):
+        replica = AdvServe({})
+        handle = self
+
+        class Compute:
+            @staticmethod
+            def remote(kind, document, tensors):
+                handle.calls += 1
+                return _Done(asyncio.run(replica.compute(kind, document, read_only(tensors))))
+
+        self.compute = Compute()
+        self.calls = 0
+
+
+# (estimator, preset, params): every estimator with batch-wide statistics, in the forms the presets give
+STATISTICS_CASES = [
+    ("grpo", "verl", {"std_scope": "batch"}),
+    ("grpo", "trl", {"std_scope": "batch"}),
+    ("grpo", "verl", {"std_scope": "batch", "kl_coef": 0.05, "kl_placement": "sequence"}),
+    ("grpo", "paper", {"std_scope": "batch", "kl_coef": 0.05, "kl_placement": "token"}),
+    ("grpo_original", "paper", {"std_scope": "batch"}),
+    ("dapo", "paper", {"std_scope": "batch"}),
+    ("rloo", "trl", {"whiten": True, "whiten_scope": "sequence", "singleton_groups": "raw"}),
+    ("rloo", "openrlhf", {"whiten": True, "whiten_scope": "sequence", "kl_coef": 0.05, "kl_placement": "sequence",
+                          "singleton_groups": "zero"}),
+    ("rloo", "paper", {"whiten": True, "whiten_scope": "sequence", "whiten_std": False, "singleton_groups": "zero"}),
+    ("flash_reinforce", "openrlhf", {}),
+    ("flash_reinforce", "openrlhf", {"kl_coef": 0.05}),
+    ("gpg", "verl", {}),
+    ("gdpo", "verl", {"std_scope": "batch"}),  # and its token whitening, in two passes
+]
+
+
+@pytest.fixture(scope="module")
+def in_process_handle():
+    return InProcessHandle()
+
+
+def _statistics_batch(seed: int, estimator: str) -> dict:
+    """A ragged batch: rows of 0..T valid tokens with interior gaps, groups of 1..5 members scattered
+    through it, tied rewards, KL inputs (read when the preset's or the params' kl_coef > 0)."""
+    rng = np.random.default_rng(seed)
+    b, t = int(rng.integers(2, 30)), int(rng.integers(1, 12))
+    mask = (np.arange(t) < rng.integers(0, t + 1, b)[:, None]) & (rng.random((b, t)) < 0.9)
+    tensors = {"rewards": rng.integers(0, 3, b) * rng.choice([0.5, 1.0, 1.3], b), "response_mask": mask}
+    if estimator != "flash_reinforce":
+        tensors["group_ids"] = rng.integers(0, max(b // 3, 1), b)
+    tensors["old_logprobs"] = -rng.random((b, t)) * mask
+    tensors["ref_logprobs"] = -rng.random((b, t)) * mask
+    return tensors
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(STATISTICS_CASES), seed=st.integers(0, 2**32 - 1), shards=st.integers(2, 5),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_batch_statistics_make_a_sharded_batch_the_one_call_result(in_process_handle, case, seed, shards, dtype):
+    estimator, preset, params = case
+    tensors = _statistics_batch(seed, estimator)
+    try:
+        one = advserve.compute_advantages(estimator, preset=preset, params=params, dtype=dtype, **tensors)
+    except advserve.AdvserveError as refused:  # e.g. a preset's singleton_groups 'error': refused the same way
+        with pytest.raises(client_errors.AdvserveError) as got:
+            RayClient(handle=in_process_handle, shards=shards).compute_advantages(
+                estimator, preset=preset, params=params, dtype=dtype, **tensors)
+        assert (got.value.code, got.value.field) == (refused.code, refused.field)
+        return
+    prepared = advserve.Engine("cpu").prepare_advantages(
+        advserve.AdvantageRequest(estimator, tensors, preset=preset, params=params, dtype=dtype))
+    plan = sharding.plan(prepared, shards)
+    assert plan.mode != "whole" or len(plan.shards) == 1  # whole only when the groups leave one shard
+    assert plan.mode == "whole" or plan.statistics  # sent with the shards, not taken from each shard's rows
+    calls = in_process_handle.calls
+    sharded = RayClient(handle=in_process_handle, shards=shards).compute_advantages(
+        estimator, preset=preset, params=params, dtype=dtype, **tensors)
+    assert in_process_handle.calls - calls == len(plan.shards)
+    assert sharded.advantages.tobytes() == one.advantages.tobytes(), case  # bit for bit, signed zeros too
+    assert sharded.returns.tobytes() == one.returns.tobytes() and sharded.stats == one.stats
+
+
+def test_a_shards_statistics_are_checked_by_name_shape_and_value():
+    engine = advserve.Engine("cpu")
+    tensors = _statistics_batch(3, "grpo")
+    prepared = engine.prepare_advantages(advserve.AdvantageRequest("grpo", tensors, params={"std_scope": "batch"}))
+    assert set(engine.as_shard(prepared, {"score_std": 0.5}).statistics) == {"score_std"}
+    for statistics, field in [({}, "batch_statistics"), ({"score_std": 0.5, "alpha": 2.0}, "batch_statistics"),
+                              ({"score_std": float("nan")}, "batch_statistics.score_std"),
+                              ({"score_std": [0.5, 0.5]}, "batch_statistics.score_std"),
+                              ({"score_std": "wide"}, "batch_statistics.score_std"), ([0.5], "batch_statistics")]:
+        with pytest.raises(advserve.AdvserveError) as info:
+            engine.as_shard(prepared, statistics)
+        assert info.value.field == field, statistics
+    plain = engine.prepare_advantages(advserve.AdvantageRequest("grpo", tensors))
+    with pytest.raises(advserve.AdvserveError, match="none"):
+        engine.as_shard(plain, {"score_std": 0.5})
 
 
 def test_a_sharded_seq_mean_loss_has_the_one_call_gradients(cluster):

@@ -248,6 +248,20 @@ def test_gdpo_components_by_hand():
     np.testing.assert_allclose(out.advantages, want, rtol=1e-13, atol=1e-15)
 
 
+def test_gdpo_with_the_batch_std_divides_each_component_by_its_std_over_the_batch():
+    """std_scope 'batch' (not verl's; TRL's scale_rewards='batch' applied per component): A_k =
+    (r_k − mean_g r_k)/(std_batch r_k + 1e-6), the std unbiased over all B values of component k."""
+    comps = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.0], [0.5, 0.5]])
+    mask = np.ones((5, 2))
+    groups = np.array([0, 0, 1, 1, 1])
+    out = advserve.compute_advantages("gdpo", preset="verl", reward_components=comps, response_mask=mask,
+                                      group_ids=groups, dtype="float64",
+                                      params={"reward_weights": [1.0, 0.5], "std_scope": "batch", "whiten": False})
+    means = np.array([[comps[groups == g, k].mean() for k in (0, 1)] for g in groups])
+    per_seq = ((comps - means) / (comps.std(axis=0, ddof=1) + 1e-6)) @ np.array([1.0, 0.5])
+    np.testing.assert_allclose(out.advantages, per_seq[:, None] * mask, rtol=1e-13, atol=1e-15)
+
+
 def test_gdpo_component_errors_name_the_field():
     comps = np.ones((4, 2))
     t = dict(reward_components=comps, response_mask=np.ones((4, 2)), group_ids=[0, 0, 1, 1])

@@ -142,15 +142,6 @@ class Engine:
         self._check_estimator_preconditions(estimator, params, batch)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
 
-    def batch_statistics(self, prepared: PreparedAdvantages) -> dict[str, Tensor]:
-        """The batch-wide statistics of `prepared`'s estimator over its batch (`Estimator.statistics`:
-        {} when it has none with these parameters), computed as its estimator computes them."""
-        statistics = prepared.estimator.statistics
-        if statistics is None or not prepared.estimator.has_batch_statistics(prepared.params):
-            return {}
-        with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
-            return statistics(advantage_inputs(prepared.batch, prepared.dtype), prepared.params)
-
     def as_shard(self, prepared: PreparedAdvantages, statistics: Mapping[str, Any]) -> PreparedAdvantages:
         """`prepared` as a shard of a larger batch whose `batch_statistics` are `statistics` (numbers or
         arrays by name): its rows are then those of the larger batch's result (advserve.ray.sharding).
@@ -158,7 +149,8 @@ class Engine:
         field = "batch_statistics"
         if not isinstance(statistics, Mapping):
             raise InvalidArgument("batch_statistics must be a mapping of names to numbers or arrays", field=field)
-        expected = self.batch_statistics(prepared)
+        with use_kernels(self.kernels):
+            expected = batch_statistics(prepared)
         if set(statistics) != set(expected):
             raise InvalidArgument(f"batch_statistics of {prepared.estimator.name!r} with these parameters are "
                                   f"{sorted(expected) or 'none'}, not {sorted(statistics)}", field=field)
@@ -550,6 +542,16 @@ def fits_in_memory() -> Iterator[None]:
     except MemoryError:
         raise PayloadTooLarge("the batch does not fit in the server's memory while computing: send a smaller "
                               "batch", field="tensors.response_mask") from None
+
+
+def batch_statistics(prepared: PreparedAdvantages) -> dict[str, Tensor]:
+    """The batch-wide statistics of `prepared`'s estimator over its batch (`Estimator.statistics`: {}
+    when it has none with these parameters), computed as the estimator computes them."""
+    statistics = prepared.estimator.statistics
+    if statistics is None or not prepared.estimator.has_batch_statistics(prepared.params):
+        return {}
+    with torch.no_grad(), fits_in_memory():
+        return statistics(advantage_inputs(prepared.batch, prepared.dtype), prepared.params)
 
 
 def advantage_inputs(batch: Batch, dtype: torch.dtype,

@@ -236,7 +236,8 @@ class RayClient:
         if plan.mode == "whole":
             answer = self._call("advantages", document, self._wire(tensors))
             return {**answer, "tensors": _own(answer["tensors"])}
-        requests = [sharding.shard_request(prepared, rows, two_pass=plan.mode == "two_pass") for rows in plan.shards]
+        requests = [sharding.shard_request(prepared, rows, two_pass=plan.mode == "two_pass", statistics=plan.statistics)
+                    for rows in plan.shards]
         parts = self._calls("advantages", [(_without_tensors(r), r["tensors"]) for r in requests])
         parts = [part["tensors"] for part in parts]
         advantages = sharding.assemble(prepared, plan.shards, parts, "advantages")

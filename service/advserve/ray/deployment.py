@@ -117,11 +117,14 @@ class AdvServe:
             raise NotFound(f"unknown request kind {kind!r}; valid: {', '.join(KINDS)}", field="kind")
         if not isinstance(document, Mapping):
             raise InvalidArgument("the request document must be a mapping", field="body")
-        request = _request(kind, document, tensors)
+        statistics = document.get("batch_statistics") if kind == "advantages" else None
+        request = _request(kind, {k: v for k, v in document.items() if k != "batch_statistics"}, tensors)
         with runtime.serving(), runtime.admission.held(compute_bytes(request, runtime.settings.max_tokens)):
             deadline = runtime.deadline(document.get("timeout_s"))
             if kind == "advantages":
                 prepared = await asyncio.to_thread(engine.prepare_advantages, request)
+                if statistics is not None:  # a shard of a larger batch (RayClient(shards=k))
+                    prepared = await asyncio.to_thread(engine.as_shard, prepared, statistics)
                 result, _ = await deadline.wait(runtime.scheduler.advantages(prepared))
                 stats = await asyncio.to_thread(lambda: result.stats)
                 return {"document": {"estimator": result.estimator, "preset": result.preset, "params": result.params,

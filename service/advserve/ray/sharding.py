@@ -7,14 +7,17 @@ group of every row, the padded tensors in the compute dtype. Whole groups go to 
 (`shard_rows`: a group is never split, shards balanced by valid tokens), each shard sent as the
 validated padded rows (same width T, group ids as the engine's group index). Estimators whose rows
 depend only on their own group are then exact by construction: the engine adds a group's members in
-row order and the shards keep that order. Estimators with a batch-wide statistic take two passes
-(`two_pass`): pass 1 on the replicas with whitening off, pass 2 here, the engine's own `whiten` over
-the assembled batch, so its two reductions (mean, variance) run over the very tensor the one call
-reduces: bit for bit the one-call result computed in this process (a one-call on a machine with
-another torch thread count may differ in the last bits of the moments, as two one-calls do).
-Batch-wide statistics that cannot be taken after the fact from pass 1 (GRPO's std_scope 'batch',
-RLOO's whiten_scope 'sequence', flash_reinforce's and gpg's batch baselines, and any estimator not
-listed in WHITENED_RETURNS) send the batch whole to one replica (`plan` says "whole").
+row order, and the shards keep that order. Whitening over the batch's tokens, which comes
+last, takes two passes (`two_pass`): pass 1 on the replicas with whitening off, pass 2 here, the
+engine's own `whiten` over the assembled batch, so its two reductions (mean, variance) run over the
+very tensor the one call reduces. Other batch-wide statistics (GRPO's std_scope 'batch', RLOO's
+whiten_scope 'sequence', FlashREINFORCE's mean score, GPG's factor, GDPO's component stds:
+`Estimator.statistics`) enter the rows before the end: they are computed here over the whole batch by
+the estimator's own function (`engine.batch_statistics`) and sent with every shard, which the replica
+computes as a shard of that batch (`Engine.as_shard`). Either way the result is the one-call result
+computed in this process, bit for bit (a one-call on a machine with another torch thread count may
+differ in the last bits of the moments, as two one-calls do). A token-whitening estimator not listed
+in WHITENED_RETURNS is sent whole to one replica (`plan` says "whole").
 
 Losses. Rows are cut into contiguous shards; each is computed with the global normalizers of the whole
 batch (`loss_normalizers`: num_tokens = Σ L_i, num_sequences per the terms' seq_denominator), so every
@@ -26,14 +29,14 @@ all tokens in one reduction, so they agree to the last bits (float64: a few ulps
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine import Engine, PreparedAdvantages, aggregation_of
+from ..engine import Engine, PreparedAdvantages, aggregation_of, batch_statistics
 from ..functional.masks import whiten
 from ..loss_specs import AGGREGATED_TERMS, LOSS_TERMS
 from ..model import LossRequest
@@ -48,11 +51,14 @@ WHITENED_RETURNS = {"gae": "pass1", "orz": "pass1", "reinforce_pp": "pass1", "rl
 
 @dataclass(frozen=True)
 class AdvantagePlan:
-    """How to shard one advantage request: `mode` "rows" (every row depends on its group only),
-    "two_pass" (token whitening after pass 1) or "whole" (one replica); `shards`: row indices per shard."""
+    """How to shard one advantage request: `mode` "rows" (every row depends on its group and
+    `statistics` only), "two_pass" (the same, then token whitening after pass 1) or "whole" (one
+    replica); `shards`: row indices per shard; `statistics`: the whole batch's batch-wide statistics
+    every shard is computed with (numpy, by name; empty: none)."""
 
     mode: str
     shards: list[np.ndarray]
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def plan(prepared: PreparedAdvantages, shards: int) -> AdvantagePlan:
@@ -62,14 +68,17 @@ def plan(prepared: PreparedAdvantages, shards: int) -> AdvantagePlan:
     if shards <= 1 or rows < 2:
         return AdvantagePlan("whole", [np.arange(rows)])
     mode = "rows"
-    if estimator.uses_whole_batch(params):
-        token_whitening_only = (not estimator.batch_baseline and params.get("std_scope", "group") != "batch"
-                                and params.get("whiten_scope", "token") == "token")
-        if not (token_whitening_only and estimator.name in WHITENED_RETURNS):
+    if estimator.whitens_tokens(params):
+        if estimator.name not in WHITENED_RETURNS:
             return AdvantagePlan("whole", [np.arange(rows)])
         mode = "two_pass"
+    if estimator.has_batch_statistics(params) and estimator.statistics is None:
+        return AdvantagePlan("whole", [np.arange(rows)])
     parts = shard_rows(batch.lengths.numpy(), None if batch.group_index is None else batch.group_index.numpy(), shards)
-    return AdvantagePlan(mode if len(parts) > 1 else "whole", parts)
+    if len(parts) < 2:
+        return AdvantagePlan("whole", parts)
+    statistics = {name: value.cpu().numpy() for name, value in batch_statistics(prepared).items()}
+    return AdvantagePlan(mode, parts, statistics)
 
 
 def shard_rows(lengths: np.ndarray, group_index: np.ndarray | None, shards: int) -> list[np.ndarray]:
@@ -87,10 +96,11 @@ def shard_rows(lengths: np.ndarray, group_index: np.ndarray | None, shards: int)
     return [np.flatnonzero(shard_of_row == s) for s in used]
 
 
-def shard_request(prepared: PreparedAdvantages, rows: np.ndarray, *, two_pass: bool) -> dict[str, Any]:
-    """The document and tensors of one shard ("estimator", "preset", "params", "dtype", "tensors"): the
-    validated padded rows (numpy, the compute dtype), group ids as the engine's group index; whitening
-    off in pass 1 of `two_pass`."""
+def shard_request(prepared: PreparedAdvantages, rows: np.ndarray, *, two_pass: bool,
+                  statistics: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The document and tensors of one shard ("estimator", "preset", "params", "dtype", "tensors", and
+    "batch_statistics" when `statistics` are given): the validated padded rows (numpy, the compute
+    dtype), group ids as the engine's group index; whitening off in pass 1 of `two_pass`."""
     batch = prepared.batch
     if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a run of rows: views, serialized once by Ray
         def take(value: Tensor) -> np.ndarray:
@@ -107,8 +117,9 @@ def shard_request(prepared: PreparedAdvantages, rows: np.ndarray, *, two_pass: b
     params = dict(prepared.params)
     if two_pass:
         params["whiten"] = False
-    return {"estimator": prepared.estimator.name, "preset": prepared.preset, "params": params,
-            "dtype": _dtype_name(prepared.dtype), "tensors": tensors}
+    document = {"estimator": prepared.estimator.name, "preset": prepared.preset, "params": params,
+                "dtype": _dtype_name(prepared.dtype), "tensors": tensors}
+    return document | ({"batch_statistics": dict(statistics)} if statistics else {})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
