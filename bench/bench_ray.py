@@ -15,10 +15,12 @@ application of advserve.ray (replicas of one CPU each, the engine on the CPU), a
      the same client to `advserve serve`: the GRPO [8, 256] request and POST /v1/losses [256, 4096]
      (logprobs, old_logprobs, advantages float32, bool mask: 13.6 MB in, 4.2 MB out). Ratio Serve / serve.
   3. Sharded throughput: GAE [512, 4096] float32 with whitening (two passes), 1 replica and shards=1
-     against 2 replicas and shards=2; the sharded result is checked bit for bit against the one call.
+     against 2 replicas and shards=2; the sharded result is checked bit for bit against the one call,
+     and so is a sharded GRPO with the batch's std (TRL's scale_rewards='batch': a batch statistic
+     sent with the shards) on 4,096 sequences of 64 groups.
 
 Every answer is checked against the in-process result (exit 1 on a mismatch). Results go to
-bench/results/ray.json (git-ignored).
+bench/results/ray.json (git-ignored; --out to choose).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def batches(quick: bool, rng: np.random.Generator) -> dict[str, dict[str, Any]]:
         "losses": dict(logprobs=logp, old_logprobs=logp + np.float32(0.05) * rng.standard_normal((b, t),
                                                                                                   np.float32) * mask,
                        advantages=rng.standard_normal((b, t)).astype(np.float32) * mask, response_mask=mask),
+        "grpo_batch_std": dict(rewards=rng.random(4096).astype(np.float32), response_mask=np.ones((4096, 64), bool),
+                               group_ids=rng.permutation(np.repeat(np.arange(64), 64))),
         "gae_big": dict(rewards=rng.standard_normal(big_b).astype(np.float32),
                         values=rng.standard_normal((big_b, t)).astype(np.float32) * big_mask, response_mask=big_mask),
     }
@@ -97,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     args = parser.parse_args()
     repeat = args.repeat or (3 if args.quick else 15)
     started = time.perf_counter()
@@ -187,12 +192,22 @@ def main() -> int:
         check("1 replica", one.advantages, ref)
         if two.advantages.tobytes() != ref.tobytes():
             failures.append("2 replicas, shards=2: not the one-call result bit for bit")
+        grpo = data["grpo_batch_std"]
+        grpo_one = advserve.compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}, **grpo)
+        grpo_two = sharded_client.compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}, **grpo)
+        grpo_exact = grpo_two.advantages.tobytes() == grpo_one.advantages.tobytes()
+        if not grpo_exact:
+            failures.append("GRPO batch std, 2 replicas, shards=2: not the one-call result bit for bit")
         shape = list(batch["response_mask"].shape)
         results["sharded"] = {"shape": shape, "one_replica_ms": one_ms, "one_replica_shards2_ms": split_ms,
-                              "two_replicas_shards2_ms": two_ms, "speedup": one_ms / two_ms}
+                              "two_replicas_shards2_ms": two_ms, "speedup": one_ms / two_ms,
+                              "bit_for_bit": two.advantages.tobytes() == ref.tobytes(),
+                              "grpo_batch_std_bit_for_bit": grpo_exact}
         print(f"  gae {shape} whiten: 1 replica {one_ms:.1f} ms (shards=2 on it: {split_ms:.1f} ms), "
               f"2 replicas shards=2 {two_ms:.1f} ms (x{one_ms / two_ms:.2f} throughput; bit for bit: "
               f"{two.advantages.tobytes() == ref.tobytes()})", flush=True)
+        print(f"  grpo {list(grpo['response_mask'].shape)} std_scope batch, shards=2: bit for bit {grpo_exact}",
+              flush=True)
     finally:
         server.stop()
         serve.shutdown()
@@ -200,9 +215,9 @@ def main() -> int:
 
     results["elapsed_s"] = time.perf_counter() - started
     results["failures"] = failures
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\nadvserve serve: {' '.join(server.argv)}\nresults: {RESULTS} ({results['elapsed_s']:.0f} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nadvserve serve: {' '.join(server.argv)}\nresults: {args.out} ({results['elapsed_s']:.0f} s)")
     print("FAILED" if failures else "all answers equal the in-process results")
     return 1 if failures else 0
 

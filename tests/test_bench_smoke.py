@@ -29,6 +29,16 @@ def test_bench_engine_quick(tmp_path):
     assert all(c["rel"] <= 1e-4 for r in rows for c in r["checks"])
 
 
+def test_bench_ray_quick(tmp_path):
+    """One local Ray with Serve, an `advserve serve` beside it: every part runs, every answer is the
+    in-process result (bench_ray exits 1 otherwise), the sharded ones bit for bit."""
+    proc, out = run_quick(tmp_path, "ray", timeout=600)
+    assert "all answers equal the in-process results" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["quick"] and set(results) >= {"handle", "ingress", "sharded"}
+    assert results["sharded"]["bit_for_bit"] and results["sharded"]["grpo_batch_std_bit_for_bit"]
+
+
 def test_bench_transport_quick(tmp_path):
     proc, out = run_quick(tmp_path, "transport", timeout=600)
     assert "correctness: every checked response matched" in proc.stdout
