@@ -203,6 +203,67 @@ def test_health_answers_while_a_batch_computes(server):
     assert probes and sorted(probes)[len(probes) // 2] < 0.5
 
 
+@pytest.mark.parametrize("round_", range(5))
+def test_bodies_received_together_do_not_hold_back_every_compute(round_):
+    """Six requests hold their bodies (25 units each) and then ask for their compute (151) at once, on
+    a capacity of 200: room for one. The first to find no room waits for it, the others are refused
+    at once and give their bodies back, so one is computed (without the line, each one's compute is
+    held back by the five others' bodies and all six are refused)."""
+    from advserve.errors import Overloaded
+    from advserve.runtime import Admission
+
+    admission = Admission(200)
+    barrier = threading.Barrier(6)
+
+    def request(_):
+        lease = admission.lease()
+        lease.grow(25)
+        barrier.wait()
+        try:
+            lease.grow(151, compute=True, wait_s=5.0)
+            time.sleep(0.01)  # computing
+            return "computed"
+        except Overloaded:
+            time.sleep(0.2)  # its 503 being written: the body is given back a moment later
+            return "refused"
+        finally:
+            lease.close()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        outcomes = sorted(pool.map(request, range(6)))
+    assert outcomes.count("computed") >= 1 and set(outcomes) <= {"computed", "refused"}, outcomes
+    assert admission.in_flight == 0
+    assert time.monotonic() - started < 4.0  # the one waiting got in when the others gave back, not at its limit
+
+
+def test_the_line_waits_at_most_its_limit_and_never_on_the_event_loop():
+    from advserve.errors import Overloaded
+    from advserve.runtime import Admission, charge_compute, compute_bytes
+
+    admission = Admission(10_000)
+    holder = admission.lease()
+    holder.grow(9_000)  # never given back while the other waits
+    lease = admission.lease()
+    started = time.monotonic()
+    with pytest.raises(Overloaded):
+        lease.grow(2_000, compute=True, wait_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2.0
+
+    request = AdvantageRequest("grpo", {"rewards": np.ones(4), "response_mask": np.ones((4, 8))})
+    assert 1_000 < compute_bytes(request) <= 10_000  # no room now, room once the holder is gone
+
+    async def on_the_loop():
+        begun = time.monotonic()
+        with pytest.raises(Overloaded):
+            charge_compute(lease, request)
+        return time.monotonic() - begun
+    assert asyncio.run(on_the_loop()) < 0.2  # refused at once: a wait there would stall every connection
+    holder.close()
+    lease.close()
+    assert admission.in_flight == 0
+
+
 def test_admission_turns_load_away_with_503_and_loses_nothing():
     # room for one request at a time: its 25 MB body and its compute (2M float32 tokens x 72 bytes, 151 MB)
     small = RunningServer("--admission-bytes", str(200 << 20))

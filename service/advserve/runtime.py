@@ -141,20 +141,32 @@ def charge_compute(lease: "Lease | None", work: Any) -> None:
     known (before the batch is validated, which allocates) and again once it is validated, before its
     job is queued (an estimate that was too high is given back). HTTP (/v1 and /v2): PayloadTooLarge
     (413, field body) when its body and its compute could never fit the admission capacity, Overloaded
-    (503 + Retry-After) when they do not fit now. HTTP refuses at once, as it does a body chunk that
-    does not fit: there is no line to wait in (gRPC's `Door.grow` waits up to --grpc-admission-wait-s,
-    its calls being in line for their receive reservation anyway). No lease (an application without
-    AdmissionControl): nothing to charge."""
+    (503 + Retry-After) when they do not fit now: the first request to find no room waits up to
+    COMPUTE_WAIT_S for it, the others are refused at once (`Admission.acquire_waiting`: bodies received
+    together would otherwise each hold back the others' compute, and all be refused). gRPC's
+    `Door.grow` waits in its own line, up to --grpc-admission-wait-s. No lease (an application without
+    AdmissionControl): nothing to charge. On the event loop (a small body decoded inline, the charge
+    after validation) it never waits."""
     if lease is None:
         return
     due = lease.compute_due(work)
     if due >= 0:
-        lease.grow(due, what=COMPUTED, compute=True)
+        lease.grow(due, what=COMPUTED, compute=True, wait_s=0.0 if _on_event_loop() else COMPUTE_WAIT_S)
     else:
         lease.shrink(-due, compute=True)
 
 
 COMPUTED = "request (its body, and the memory to compute its batch)"
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+COMPUTE_WAIT_S = 1.0  # HTTP: the longest wait of the head of the line for room to compute (`charge_compute`)
+LINE_POLL_S = 0.005  # how often a request waiting for room looks again without a wake-up
 
 
 class Admission:
@@ -169,6 +181,11 @@ class Admission:
         self.max_tokens = max_tokens  # --max-tokens, for `compute_bytes`
         self.in_flight = 0
         self._lock = threading.Lock()
+        self._init_line()
+
+    def _init_line(self) -> None:
+        self._released = threading.Condition()  # notified when bytes are given back (`acquire_waiting`)
+        self._someone_waits = False
 
     def try_acquire(self, nbytes: int) -> bool:
         with self._lock:
@@ -180,6 +197,11 @@ class Admission:
     def release(self, nbytes: int) -> None:
         with self._lock:
             self.in_flight -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._released:
+            self._released.notify_all()
 
     def check(self, nbytes: int) -> None:
         """Raise as `acquire` would for `nbytes`, taking nothing: the door's test of a declared length."""
@@ -198,6 +220,34 @@ class Admission:
         if not self.try_acquire(nbytes):
             raise Overloaded(f"server busy: {self.in_flight} request bytes in flight of {self.capacity}; "
                              f"retry later")
+
+    def acquire_waiting(self, nbytes: int, wait_s: float) -> None:
+        """`acquire`, but the first request to find no room waits up to `wait_s` for it (bytes given back
+        by requests that finish or are refused); one that finds another already waiting is refused at
+        once, so that its own bytes (its body) go back and the one waiting gets in. Without this, bodies
+        received together each hold back the others' compute and every one of them is refused. Called
+        from worker threads, never on the event loop."""
+        if nbytes > self.capacity:
+            self.acquire(nbytes)  # PayloadTooLarge
+        if self.try_acquire(nbytes):
+            return
+        with self._released:
+            if self._someone_waits:
+                self.acquire(nbytes)  # one more try; Overloaded when there is still no room
+                return
+            self._someone_waits = True
+        try:
+            give_up = time.monotonic() + wait_s
+            while not self.try_acquire(nbytes):
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    self.acquire(nbytes)  # the last try, or Overloaded
+                    return
+                with self._released:  # polled too: other workers' bytes (SharedAdmission) send no wake-up
+                    self._released.wait(min(left, LINE_POLL_S))
+        finally:
+            with self._released:
+                self._someone_waits = False
 
     @contextlib.contextmanager
     def held(self, nbytes: int):
@@ -226,6 +276,7 @@ class SharedAdmission(Admission):
         self.capacity = capacity
         self.max_tokens = max_tokens
         self._board, self._slot = board, slot
+        self._init_line()
 
     @property
     def in_flight(self) -> int:
@@ -244,6 +295,7 @@ class SharedAdmission(Admission):
     def release(self, nbytes: int) -> None:
         with self._board.locked():
             self._board.add(self._slot, ADMITTED, -nbytes)
+        self._wake()
 
 
 class Lease:
@@ -260,15 +312,19 @@ class Lease:
         self._closed = False
         self._lock = threading.Lock()
 
-    def grow(self, nbytes: int, what: str = "request", *, compute: bool = False) -> None:
+    def grow(self, nbytes: int, what: str = "request", *, compute: bool = False, wait_s: float = 0.0) -> None:
         """Take `nbytes` more (`compute`: for computing the request); raises PayloadTooLarge (never
-        fits; the message says what `what` is held) or Overloaded (not now)."""
+        fits; the message says what `what` is held) or Overloaded (not now; `wait_s` > 0: after waiting
+        at the head of the line that long, `Admission.acquire_waiting`)."""
         if nbytes <= 0:
             return
         if self.held + nbytes > self.admission.capacity:
             raise PayloadTooLarge(f"{what} of {self.held + nbytes} bytes exceeds the server's admission capacity "
                                   f"of {self.admission.capacity} bytes", field="body")
-        self.admission.acquire(nbytes)
+        if wait_s > 0:
+            self.admission.acquire_waiting(nbytes, wait_s)
+        else:
+            self.admission.acquire(nbytes)
         with self._lock:
             self.held += nbytes
             self.computed += nbytes if compute else 0
