@@ -7,6 +7,10 @@ a client leaves there (NaN included) cannot leak into a result. JSON has no NaN:
 tensor reads as NaN (ignored where masked, refused where not, as binary NaN is). Group ids are
 factorized as Python objects, never widened to a fixed width, each at most MAX_GROUP_ID_LENGTH long.
 Running out of memory while converting a tensor is a PayloadTooLarge naming it.
+
+Checks of values (0/1 masks, finiteness) are computed on the device as 0-d verdicts and read together
+(`Checks`: one host read, on CUDA one sync, per request); only when one fails is the error looked for
+and worded, in the order the checks are listed above, so the first mistake is the one named.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import contextlib
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .device import to_device
-from .errors import InvalidArgument, PayloadTooLarge
+from .device import host_scalars, to_device
+from .errors import AdvserveError, InvalidArgument, PayloadTooLarge
 
 LAYOUTS = ("padded", "packed")
 DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
@@ -97,6 +101,57 @@ class Batch:
     @property
     def batch_size(self) -> int:
         return self.mask.shape[0]
+
+
+class Checks:
+    """A request's value checks, read from the device together.
+
+    A check is a verdict (a 0-d bool tensor, True: passed, computed where the data is) and `on_fail`,
+    run on the host only when the verdict says it did not pass. `on_fail` raises the check's error, or
+    adds a closer look (another check) when the verdict can fail for data that is fine (a sum overflows
+    although every term is finite), or returns. `settle()` reads every verdict with one
+    `device.host_scalars` call (one device sync on CUDA) and runs the failed checks' `on_fail` in the
+    order they were added; closer looks are read together in a next round. A check whose error would
+    overtake an earlier check's closer look waits for it, so the error raised is the one an immediate
+    read of each check would have raised first. Errors found on the host (shapes, dtypes) must not
+    overtake an earlier check either: `host_errors_after()`."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Tensor | bool, Callable[[], None]]] = []
+
+    def add(self, passed: Tensor | bool, on_fail: Callable[[], None]) -> None:
+        self._pending.append((passed, on_fail))
+
+    def settle(self) -> None:
+        """Read the verdicts (one host read a round; data that passes takes one round) and run `on_fail`
+        of each failed check, in order."""
+        while self._pending:
+            pending, self._pending = self._pending, []
+            on_device = [passed.reshape(()) for passed, _ in pending if isinstance(passed, Tensor)]
+            read = iter(host_scalars({"passed": torch.stack(on_device)})["passed"] if on_device else ())
+            verdicts = [next(read) if isinstance(passed, Tensor) else passed for passed, _ in pending]
+            for passed, (_, on_fail) in zip(verdicts, pending):
+                if passed:
+                    continue
+                if self._pending:  # an earlier check looks closer in the next round: this one comes after it
+                    self._pending.append((False, on_fail))
+                else:
+                    on_fail()
+
+    @contextlib.contextmanager
+    def host_errors_after(self) -> Iterator[None]:
+        """An AdvserveError raised in the block comes after the failures of the checks added so far."""
+        try:
+            yield
+        except AdvserveError as error:
+            found = error
+        else:
+            return
+        try:
+            self.settle()
+        except AdvserveError as earlier:
+            raise earlier from None  # the error of the request, not one raised while handling another
+        raise found
 
 
 def _field(name: str) -> str:
@@ -178,14 +233,21 @@ def _not_numeric(name: str, value: list | tuple) -> InvalidArgument:
 
 
 def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _on_device(name, array, device).to(dtype)
+
+
+def _on_device(name: str, array: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """A numeric array as a tensor on `device`, in its own dtype (converted where it is cheapest: on the
+    device)."""
     if isinstance(array, Tensor):
         if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
             raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
-        return to_device(array, device).to(dtype)
-    return to_device(torch.as_tensor(array), device).to(dtype)  # converted where it is cheapest: on the device
+        return to_device(array, device)
+    return to_device(torch.as_tensor(array), device)
 
 
 _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
+_WIDENED_BY_MUL = _INT_TORCH | {torch.bool, torch.bfloat16, torch.float16, torch.float32, torch.float64}
 
 
 def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
@@ -209,7 +271,7 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
             order = np.argsort(first, kind="stable")  # group k = k-th id to appear
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
-            index = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=device)
+            index = to_device(torch.from_numpy(rank[inverse.reshape(-1)].astype(np.int64)), device)
             return index, labels[order].tolist()
         if value.dtype.kind in "US":  # more characters than the limit are more UTF-8 bytes too
             if value.size and int(np.char.str_len(value).max()) > MAX_GROUP_ID_LENGTH:
@@ -221,7 +283,7 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
         raise InvalidArgument(f"group_ids must be an array [B] of integers or strings, got {type(value).__name__}",
                               field=field)
     index, labels = _factorize(value)
-    return torch.from_numpy(index).to(device), labels
+    return to_device(torch.from_numpy(index), device), labels  # pinned, non-blocking: no sync
 
 
 def _factorize(ids: list | tuple) -> tuple[np.ndarray, list]:
@@ -293,17 +355,21 @@ class PackedLayout:
             raise InvalidArgument(f"cu_seqlens must be integers, got {_what(cu.dtype)}", field=field)
         if cu.ndim != 1 or cu.numel() < 2:
             raise InvalidArgument(f"cu_seqlens must be [B + 1] with B >= 1, got shape {list(cu.shape)}", field=field)
-        cu = cu.to(device=device, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0 or bool((lengths < 0).any()):
+        # the offsets define the padded shape, so the host needs them: read once, where they were given
+        # (host memory, as every transport gives them: no device sync; a device tensor: one)
+        offsets = (cu_seqlens if isinstance(cu_seqlens, np.ndarray) else cu.detach().cpu().numpy()).astype(np.int64)
+        steps = np.diff(offsets)
+        if offsets[0] != 0 or (steps < 0).any():
             raise InvalidArgument("cu_seqlens must start at 0 and be non-decreasing", field=field)
-        self.batch_size = cu.numel() - 1
-        self.tokens = int(cu[-1])
-        self.width = max(int(lengths.max()), 1)
+        self.batch_size = offsets.size - 1
+        self.tokens = int(offsets[-1])
+        self.width = max(int(steps.max()), 1)
         if max(self.tokens, self.batch_size * self.width) > max_tokens:  # before anything of that size exists
             raise PayloadTooLarge(f"cu_seqlens describes {self.tokens} tokens ({self.batch_size} rows, the longest "
                                   f"{self.width}): more than the limit of {max_tokens} tokens per request", field=field)
-        row = torch.repeat_interleave(torch.arange(self.batch_size, device=device), lengths)
+        cu = to_device(torch.from_numpy(offsets), device)
+        lengths = to_device(torch.from_numpy(steps), device)
+        row = torch.repeat_interleave(torch.arange(self.batch_size, device=device), lengths, output_size=self.tokens)
         col = torch.arange(self.tokens, device=device) - cu[row]
         self.flat_index = row * self.width + col  # position of each packed token in the padded [B, T]
         self.lengths = lengths
@@ -355,6 +421,7 @@ def build_batch(
     needed_by: Mapping[str, str] | None = None,
     hints: Mapping[str, str] | None = None,
     keep_masked: Iterable[str] = (),
+    checks: Checks | None = None,
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
     `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
@@ -367,6 +434,8 @@ def build_batch(
     so that every transport names the same tensor for the same mistake.
     `keep_masked`: token tensors also kept as given, masked positions included, under the name
     "<name>:unmasked" (then finite everywhere: verl sums masked token rewards).
+    `checks`: where the value checks go, for the caller to add its own and `settle()` them all with one
+    host read; without it they are settled here, before returning.
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -403,29 +472,35 @@ def build_batch(
         raise PayloadTooLarge(f"{batch_size} x {length} tokens: more than the limit of {max_tokens} tokens per "
                               "request", field="tensors.response_mask")
 
-    with _fits("response_mask"):
-        mask, valid, lengths = _mask(arrays["response_mask"], dtype, device)
-
+    own_checks = checks is None
+    checks = Checks() if own_checks else checks
     tensors: dict[str, Tensor] = {}
     group_index, group_labels = None, None
-    for name, array in arrays.items():
-        if name == "response_mask":
-            continue
-        with _fits(name):
-            if name == "group_ids":
-                group_index, group_labels = _group_index(array, device)
+    with checks.host_errors_after():
+        with _fits("response_mask"):
+            mask, valid, lengths = _mask(arrays["response_mask"], dtype, device, checks)
+        for name, array in arrays.items():
+            if name == "response_mask":
                 continue
-            tensor = _numeric(name, array, dtype, device)
-            if name in TOKEN_TENSORS:
-                if name in keep_masked:
-                    if not _all_finite(tensor):
-                        raise InvalidArgument(f"tensor {name!r} has NaN or Inf, which masked_token_rewards='sum' "
-                                              "adds up (masked positions included)", field=_field(name))
-                    tensors[f"{name}:unmasked"] = tensor
-                tensor = _zero_masked(name, tensor, mask, valid)  # the engine's invariant: 0 where the mask is 0
-            elif not _all_finite(tensor):
-                raise InvalidArgument(f"tensor {name!r} has NaN or Inf", field=_field(name))
-        tensors[name] = tensor
+            with _fits(name):
+                if name == "group_ids":
+                    group_index, group_labels = _group_index(array, device)
+                    continue
+                if name in TOKEN_TENSORS:
+                    if name in keep_masked:
+                        unmasked = _numeric(name, array, dtype, device)
+                        checks.add(*_finite(unmasked, lambda name=name: InvalidArgument(
+                            f"tensor {name!r} has NaN or Inf, which masked_token_rewards='sum' adds up (masked "
+                            "positions included)", field=_field(name)), checks))
+                        tensors[f"{name}:unmasked"] = array = unmasked
+                    # the engine's invariant: 0 where the mask is 0
+                    tensors[name] = _zero_masked(name, array, mask, valid, dtype, device, tensors, checks)
+                else:
+                    tensors[name] = _numeric(name, array, dtype, device)
+                    checks.add(*_finite(tensors[name], lambda name=name: InvalidArgument(
+                        f"tensor {name!r} has NaN or Inf", field=_field(name)), checks))
+    if own_checks:
+        checks.settle()
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
                  group_labels=group_labels, layout=packed)
 
@@ -445,10 +520,12 @@ def _shape(name: str, array: Any) -> tuple[int, ...]:
     return tuple(array.shape)
 
 
-def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device,
+          checks: Checks) -> tuple[Tensor, Tensor, Tensor]:
     """response_mask as (bool [B, T], 0/1 in `dtype` [B, T], valid tokens per row [B] int32).
 
-    Numbers must be 0 or 1: checked in a few reads; a float mask in the compute dtype is not copied.
+    Numbers must be 0 or 1: one verdict in `checks` (range, and the sum equals the number of
+    non-zeros); a float mask in the compute dtype is not copied, its row sums are the lengths.
     """
     tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if tensor.dtype != torch.bool and (tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INT_TORCH)):
@@ -456,23 +533,47 @@ def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) 
                               field=_field("response_mask"))
     tensor = to_device(tensor, device)
     mask = tensor if tensor.dtype == torch.bool else tensor.bool()
-    if tensor.dtype != torch.bool and tensor.numel():
+    if tensor.dtype == torch.bool or not tensor.numel():
+        return mask, tensor.to(dtype), _count_valid(mask, dim=1)
+
+    def refuse() -> None:
+        raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+
+    if not tensor.is_floating_point():
         low, high = torch.aminmax(tensor)
-        valid = bool(low >= 0) and bool(high <= 1)
-        if valid and tensor.is_floating_point():
-            # within [0, 1], every value is 0 or 1 iff the sum equals the number of non-zeros; the row sums
-            # are then the lengths (one read of the float mask, not a second of the bool one)
-            # sums of 0/1 are exact below 2^24 terms in float32 (2^53 in float64); half types sum in float32
-            exact = torch.float64 if tensor.shape[1] >= 2**24 else (
-                None if tensor.dtype in (torch.float32, torch.float64) else torch.float32)
-            row_sums = tensor.sum(dim=1, dtype=exact)
-            valid = bool(row_sums.sum(dtype=torch.float64) == torch.count_nonzero(mask))
-            if not valid:
-                raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
-            return mask, tensor.to(dtype), row_sums.to(torch.int32)
-        if not valid:
-            raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
-    return mask, tensor.to(dtype), _count_valid(mask, dim=1)
+        checks.add((low >= 0) & (high <= 1), refuse)
+        return mask, tensor.to(dtype), _count_valid(mask, dim=1)
+    # within [0, 1], every value is 0 or 1 iff the sum equals the number of non-zeros; the row sums
+    # are then the lengths (one read of the float mask, not a second of the bool one)
+    row_sums = tensor.sum(dim=1, dtype=_exact_count_dtype(tensor))
+    sums_match = row_sums.sum(dtype=torch.float64) == torch.count_nonzero(mask)
+    if tensor.dtype == torch.float32:  # the range from the bits: +0.0 .. 1.0 are 0 .. 0x3F800000, in order
+        low, high = torch.aminmax(tensor.view(torch.int32))
+        checks.add((low >= 0) & (high <= _FLOAT32_ONE_BITS) & sums_match,
+                   lambda: checks.add(_is_zero_one(tensor, mask), refuse))  # -0.0 is a 0: look closer
+    else:
+        low, high = torch.aminmax(tensor)
+        checks.add((low >= 0) & (high <= 1) & sums_match, refuse)
+    return mask, tensor.to(dtype), row_sums.to(torch.int32)
+
+
+_FLOAT32_ONE_BITS = 0x3F800000
+
+
+def _exact_count_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The dtype in which a float mask's row sums count its ones exactly: sums of 0/1 are exact below
+    2^24 terms in float32 (2^53 in float64); half types sum in float32."""
+    if tensor.shape[1] >= 2**24:
+        return torch.float64
+    return None if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _is_zero_one(tensor: Tensor, mask: Tensor) -> Tensor:
+    """The float mask check of `_mask` from the values' range (0-d bool): in [0, 1], and the sum equals
+    the number of non-zeros."""
+    low, high = torch.aminmax(tensor)
+    count = tensor.sum(dim=1, dtype=_exact_count_dtype(tensor)).sum(dtype=torch.float64)
+    return (low >= 0) & (high <= 1) & (count == torch.count_nonzero(mask))
 
 
 def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:
@@ -480,22 +581,40 @@ def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:
     return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
 
-def _zero_masked(name: str, tensor: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
-    """`tensor` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the mask
-    are ignored). Fast path: one multiply by the 0/1 mask and one sum; `where` only when something is
-    not finite."""
-    zeroed = tensor * valid
-    if _all_finite(zeroed):
-        return zeroed
-    zeroed = torch.where(mask, tensor, 0)
-    if not _all_finite(zeroed):
+def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Tensor, dtype: torch.dtype,
+                 device: torch.device, tensors: dict[str, Tensor], checks: Checks) -> Tensor:
+    """`array` in `dtype` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the
+    mask are ignored). One multiply by the 0/1 mask, which also widens the dtype where `x * valid` does
+    it as `.to(dtype)` would (bfloat16, float16, integers, booleans into float32: `valid` is in `dtype`),
+    and one sum, whose verdict goes to `checks`. Only when that sum is not finite: an exact check, and
+    where NaN/Inf sit under the mask, `where` (which then replaces `tensors[name]`), both on the device:
+    the closer look is read in the checks' next round."""
+    source = _on_device(name, array, device)
+    widens = source.dtype in _WIDENED_BY_MUL and torch.promote_types(source.dtype, dtype) == dtype
+    zeroed = (source if widens else source.to(dtype)) * valid
+
+    def refuse() -> None:
         raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
+
+    def on_fail() -> None:
+        kept = torch.where(mask, source.to(dtype), 0)
+        # the product itself when every term is finite (the sum overflowed), else NaN/Inf were masked
+        tensors[name] = torch.where(torch.isfinite(zeroed).all(), zeroed, kept)
+        checks.add(torch.isfinite(kept).all(), refuse)
+
+    checks.add(torch.isfinite(zeroed.sum()), on_fail)
     return zeroed
 
 
-def _all_finite(tensor: Tensor) -> bool:
-    """A sum is finite when every term is (the rare overflow of a finite sum is re-checked exactly)."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+def _finite(tensor: Tensor, error: Callable[[], InvalidArgument],
+            checks: Checks) -> tuple[Tensor, Callable[[], None]]:
+    """A check (verdict, on_fail) that `tensor` is finite: its sum is finite when every term is; a sum
+    that is not is looked at term by term in the next round (a finite sum can overflow), and `error()`
+    raised only when a term is not finite."""
+    def refuse() -> None:
+        raise error()
+
+    return torch.isfinite(tensor.sum()), lambda: checks.add(torch.isfinite(tensor).all(), refuse)
 
 
 def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] = ()) -> tuple[int, int]:
