@@ -232,18 +232,21 @@ def _not_numeric(name: str, value: list | tuple) -> InvalidArgument:
     return InvalidArgument(f"tensor {name!r} must hold numbers (null reads as NaN), got {what}", field=_field(name))
 
 
-def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return _on_device(name, array, device).to(dtype)
-
-
-def _on_device(name: str, array: np.ndarray | Tensor, device: torch.device) -> Tensor:
-    """A numeric array as a tensor on `device`, in its own dtype (converted where it is cheapest: on the
-    device)."""
+def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device,
+             widened_by_multiply: bool = False) -> Tensor:
+    """A numeric array as a tensor on `device` in `dtype` (converted where it is cheapest: on the device).
+    `widened_by_multiply`: the caller multiplies it by a `dtype` tensor next, which widens bfloat16,
+    float16, integers and booleans exactly as `.to(dtype)` would: those stay in their dtype (one pass
+    less)."""
     if isinstance(array, Tensor):
         if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
             raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
-        return to_device(array, device)
-    return to_device(torch.as_tensor(array), device)
+        tensor = to_device(array, device)
+    else:
+        tensor = to_device(torch.as_tensor(array), device)
+    if widened_by_multiply and tensor.dtype in _WIDENED_BY_MUL and torch.promote_types(tensor.dtype, dtype) == dtype:
+        return tensor
+    return tensor.to(dtype)
 
 
 _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
@@ -494,7 +497,8 @@ def build_batch(
                             "positions included)", field=_field(name)), checks))
                         tensors[f"{name}:unmasked"] = array = unmasked
                     # the engine's invariant: 0 where the mask is 0
-                    tensors[name] = _zero_masked(name, array, mask, valid, dtype, device, tensors, checks)
+                    tensor = _numeric(name, array, dtype, device, True)
+                    tensors[name] = _zero_masked(name, tensor, mask, valid, dtype, tensors, checks)
                 else:
                     tensors[name] = _numeric(name, array, dtype, device)
                     checks.add(*_finite(tensors[name], lambda name=name: InvalidArgument(
@@ -581,17 +585,14 @@ def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:
     return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
 
-def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Tensor, dtype: torch.dtype,
-                 device: torch.device, tensors: dict[str, Tensor], checks: Checks) -> Tensor:
-    """`array` in `dtype` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the
-    mask are ignored). One multiply by the 0/1 mask, which also widens the dtype where `x * valid` does
-    it as `.to(dtype)` would (bfloat16, float16, integers, booleans into float32: `valid` is in `dtype`),
-    and one sum, whose verdict goes to `checks`. Only when that sum is not finite: an exact check, and
+def _zero_masked(name: str, source: Tensor, mask: Tensor, valid: Tensor, dtype: torch.dtype,
+                 tensors: dict[str, Tensor], checks: Checks) -> Tensor:
+    """`source` in `dtype` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the
+    mask are ignored). One multiply by the 0/1 mask (`valid`, in `dtype`: it also widens a `source` that
+    `_numeric` left in its dtype) and one sum, whose verdict goes to `checks`. Only when that sum is not finite: an exact check, and
     where NaN/Inf sit under the mask, `where` (which then replaces `tensors[name]`), both on the device:
     the closer look is read in the checks' next round."""
-    source = _on_device(name, array, device)
-    widens = source.dtype in _WIDENED_BY_MUL and torch.promote_types(source.dtype, dtype) == dtype
-    zeroed = (source if widens else source.to(dtype)) * valid
+    zeroed = source * valid
 
     def refuse() -> None:
         raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
