@@ -55,7 +55,9 @@ TOKEN = "ray-test-token"
 
 
 def _config() -> ServeDeploySchema:
-    return ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    # Serve's schemas are pydantic v2 models in Ray 2.55 and later, pydantic.v1 ones (parse_obj) in 2.41-2.43
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    return validate(yaml.safe_load(CONFIG.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from ray import serve
+from starlette.applications import Starlette
 
 from .._oip_pb import grpc_service_pb2 as pb
 from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
@@ -264,16 +265,36 @@ def deployment(options: Options = Options()):
     return serve.deployment(**config)(ingress(AdvServe))
 
 
+class ReplicaApp(Starlette):
+    """The ASGI app given to `serve.ingress` on a Ray whose `serve.ingress()` cannot defer the app to
+    the replica (before Ray 2.56, which calls `__serve_build_asgi_app__` itself): it answers the
+    lifespan itself and hands every HTTP request to the app its replica builds on the first one
+    (`serve.get_replica_context().servable_object.__serve_build_asgi_app__()`), with the exception
+    handlers Serve added to this one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replica_app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        if self.replica_app is None:
+            app = serve.get_replica_context().servable_object.__serve_build_asgi_app__()
+            for exc, handler in self.exception_handlers.items():
+                app.add_exception_handler(exc, handler)
+            self.replica_app = app
+        await self.replica_app(scope, receive, send)
+
+
 def ingress(cls: type) -> type:
-    """`cls` as Serve's HTTP ingress, its ASGI app built in each replica (`__serve_build_asgi_app__`:
-    Ray 2.60 has it). A Ray whose `serve.ingress` cannot defer the app gets `cls` as it is: the handle
-    API and the gRPC ingress, no REST through Serve's HTTP proxy (logged)."""
+    """`cls` as Serve's HTTP ingress, its ASGI app built in each replica by `__serve_build_asgi_app__`:
+    by Serve itself where `serve.ingress()` takes no app (Ray 2.56 on), through `ReplicaApp` before."""
     try:
         return serve.ingress()(cls)
-    except (TypeError, ValueError) as exc:
-        log.warning("advserve.ray: this Ray's serve.ingress cannot build the REST app in the replica (%s): "
-                    "no HTTP ingress; the handle API and the gRPC ingress are served", exc)
-        return cls
+    except TypeError:  # serve.ingress() missing its app argument
+        return serve.ingress(ReplicaApp())(cls)
 
 
 def build_app(args: Mapping[str, Any] | None = None):
