@@ -127,8 +127,7 @@ class Checks:
         of each failed check, in order."""
         while self._pending:
             pending, self._pending = self._pending, []
-            on_device = [passed.reshape(()) for passed, _ in pending if isinstance(passed, Tensor)]
-            read = iter(host_scalars({"passed": torch.stack(on_device)})["passed"] if on_device else ())
+            read = iter(_read_verdicts([passed for passed, _ in pending if isinstance(passed, Tensor)]))
             verdicts = [next(read) if isinstance(passed, Tensor) else passed for passed, _ in pending]
             for passed, (_, on_fail) in zip(verdicts, pending):
                 if passed:
@@ -152,6 +151,17 @@ class Checks:
         except AdvserveError as earlier:
             raise earlier from None  # the error of the request, not one raised while handling another
         raise found
+
+
+def _read_verdicts(verdicts: list[Tensor]) -> list[bool]:
+    """0-d bool tensors (of one device) as Python values, with one host read: on the CPU the values
+    themselves, on a device one `host_scalars` copy."""
+    if not verdicts:
+        return []
+    stacked = torch.stack(verdicts)
+    if stacked.device.type == "cpu":
+        return stacked.tolist()
+    return host_scalars({"verdicts": stacked})["verdicts"]
 
 
 def _field(name: str) -> str:
