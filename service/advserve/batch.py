@@ -111,7 +111,7 @@ class Checks:
     adds a closer look (another check) when the verdict can fail for data that is fine (a sum overflows
     although every term is finite), or returns. `settle()` reads every verdict with one
     `device.host_scalars` call (one device sync on CUDA) and runs the failed checks' `on_fail` in the
-    order they were added; closer looks are read together in a next round. A check whose error would
+    order they were added; closer looks are read together in a next round. An error that would
     overtake an earlier check's closer look waits for it, so the error raised is the one an immediate
     read of each check would have raised first. Errors found on the host (shapes, dtypes) must not
     overtake an earlier check either: `host_errors_after()`."""
@@ -132,10 +132,13 @@ class Checks:
             for passed, (_, on_fail) in zip(verdicts, pending):
                 if passed:
                     continue
-                if self._pending:  # an earlier check looks closer in the next round: this one comes after it
-                    self._pending.append((False, on_fail))
-                else:
+                if not self._pending:
                     on_fail()
+                    continue
+                try:
+                    on_fail()
+                except AdvserveError as error:  # an earlier check looks closer in the next round: it comes first
+                    self._pending.append((False, functools.partial(_reraise, error)))
 
     @contextlib.contextmanager
     def host_errors_after(self) -> Iterator[None]:
@@ -151,6 +154,10 @@ class Checks:
         except AdvserveError as earlier:
             raise earlier from None  # the error of the request, not one raised while handling another
         raise found
+
+
+def _reraise(error: Exception) -> None:
+    raise error
 
 
 def _read_verdicts(verdicts: list[Tensor]) -> list[bool]:
@@ -507,8 +514,7 @@ def build_batch(
                             "positions included)", field=_field(name)), checks))
                         tensors[f"{name}:unmasked"] = array = unmasked
                     # the engine's invariant: 0 where the mask is 0
-                    tensor = _numeric(name, array, dtype, device, True)
-                    tensors[name] = _zero_masked(name, tensor, mask, valid, dtype, tensors, checks)
+                    tensors[name] = _zero_masked(name, array, mask, valid, dtype, device, tensors, checks)
                 else:
                     tensors[name] = _numeric(name, array, dtype, device)
                     checks.add(*_finite(tensors[name], lambda name=name: InvalidArgument(
@@ -595,20 +601,22 @@ def _count_valid(mask: Tensor, dim: int = 1) -> Tensor:
     return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
 
-def _zero_masked(name: str, source: Tensor, mask: Tensor, valid: Tensor, dtype: torch.dtype,
-                 tensors: dict[str, Tensor], checks: Checks) -> Tensor:
-    """`source` in `dtype` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the
-    mask are ignored). One multiply by the 0/1 mask (`valid`, in `dtype`: it also widens a `source` that
-    `_numeric` left in its dtype) and one sum, whose verdict goes to `checks`. Only when that sum is not finite: an exact check, and
+def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Tensor, dtype: torch.dtype,
+                 device: torch.device, tensors: dict[str, Tensor], checks: Checks) -> Tensor:
+    """`array` in `dtype` with 0 at masked positions, checked finite on the valid ones (NaN/Inf under the
+    mask are ignored). One multiply by the 0/1 mask (`valid`, in `dtype`: it also widens what `_numeric`
+    left in its dtype) and one sum, whose verdict goes to `checks`; nothing converted is kept for the
+    check (`array` is the request's own). Only when that sum is not finite: an exact check, and
     where NaN/Inf sit under the mask, `where` (which then replaces `tensors[name]`), both on the device:
     the closer look is read in the checks' next round."""
-    zeroed = source * valid
+    zeroed = _numeric(name, array, dtype, device, True) * valid
 
     def refuse() -> None:
         raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
 
     def on_fail() -> None:
-        kept = torch.where(mask, source.to(dtype), 0)
+        with _fits(name):
+            kept = torch.where(mask, _numeric(name, array, dtype, device), 0)
         # the product itself when every term is finite (the sum overflowed), else NaN/Inf were masked
         tensors[name] = torch.where(torch.isfinite(zeroed).all(), zeroed, kept)
         checks.add(torch.isfinite(kept).all(), refuse)
