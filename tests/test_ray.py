@@ -594,3 +594,75 @@ def test_a_replica_killed_under_load_loses_no_request(cluster, monkeypatch):
         if retries:
             break
     assert retries, "no request was in flight on a killed replica in three tries: the retry path was not exercised"
+
+
+# --- the paths for older Ray, checked here on this one ------------------------------------------------
+
+
+def test_replica_app_hands_http_requests_to_the_app_its_replica_builds(monkeypatch):
+    """Before Ray 2.56 Serve's ingress gets `ReplicaApp`: each request goes to the app the replica builds
+    (`__serve_build_asgi_app__`, once), with the exception handlers Serve put on the ingress app."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    deployment_module = importlib.import_module("advserve.ray.deployment")
+
+    class Boom(Exception):
+        pass
+
+    async def hello(request):
+        return PlainTextResponse(f"replica {request.url.path}")
+
+    async def boom(request):
+        raise Boom()
+
+    built = []
+
+    class Replica:
+        def __serve_build_asgi_app__(self):
+            built.append(1)
+            return Starlette(routes=[Route("/hello", hello), Route("/boom", boom)])
+
+    context = type("Context", (), {"servable_object": Replica()})()
+    monkeypatch.setattr(deployment_module.serve, "get_replica_context", lambda: context)
+    app = deployment_module.ReplicaApp()
+    app.add_exception_handler(Boom, lambda request, exc: PlainTextResponse("handled by Serve's handler", 599))
+    with TestClient(app) as http:
+        assert http.get("/hello").text == "replica /hello"
+        assert http.get("/hello").status_code == 200
+        answer = http.get("/boom")
+        assert (answer.status_code, answer.text) == (599, "handled by Serve's handler")
+    assert built == [1]
+
+
+def test_the_oip_servicer_registers_generic_handlers_only_on_a_proxy_that_routes_only_those():
+    """Serve's gRPC proxy before Ray 2.60 overrides add_generic_rpc_handlers only: the registered-method
+    handlers (preferred by grpcio >= 1.63) would call the proxy's dummy servicer, so they are left out."""
+    from advserve._oip_pb import grpc_service_pb2_grpc
+    from advserve.ray import grpc_proxy
+
+    class Base:
+        def __init__(self):
+            self.generic, self.registered = [], []
+
+        def add_generic_rpc_handlers(self, handlers):
+            self.generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.registered.append(service)
+
+    class OldProxy(Base):  # routes generic handlers only
+        def add_generic_rpc_handlers(self, handlers):
+            super().add_generic_rpc_handlers(handlers)
+
+    class NewProxy(OldProxy):  # routes both (Ray 2.60)
+        def add_registered_method_handlers(self, service, handlers):
+            super().add_registered_method_handlers(service, handlers)
+
+    for server_class, registered in ((OldProxy, []), (NewProxy, ["inference.GRPCInferenceService"])):
+        server = server_class()
+        grpc_proxy.add_GRPCInferenceServiceServicer_to_server(grpc_service_pb2_grpc.GRPCInferenceServiceServicer(),
+                                                             server)
+        assert len(server.generic) == 1 and server.registered == registered, server_class
