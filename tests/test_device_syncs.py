@@ -1,4 +1,5 @@
-"""Statistics cost at most one device synchronization per request (issue 13, item 2).
+"""Statistics cost at most one device synchronization per request (issue 13, item 2), and so does
+validation (issue 14).
 
 Every number a response carries (advantage stats, loss value, components, metrics) is computed as a 0-d
 tensor on the device and brought to the host by one `device.host_scalars` call. On the CPU there is no
@@ -7,6 +8,14 @@ value (`item`, `tolist`, `numpy`, `float()`, `int()`, `bool()`, `__index__`, a d
 from `nonzero`), with one `host_scalars` / `fetch_scalars` call counted once, from the moment the compute starts (after
 validation) until the response's numbers and tensors are on the host (`copy_to_host`, as the encoder
 does). On CUDA the same runs under torch's own sync debug mode.
+
+Validation (`build_batch`, `Engine.prepare_advantages`, the loss request's checks) is counted on its own,
+from the request to the end of `Checks.settle`: its value checks are 0-d verdicts read together, at most
+one read per request, padded or packed, whatever the tensors' dtypes. Two inputs are needed on the host
+by their nature and are read there, before anything goes to a device: group ids (factorized into labels)
+and cu_seqlens (the padded shape). Given in host memory, as every transport gives them, reading them is
+no device sync; the counter leaves out reads of exactly those tensors' own memory (`host_inputs`) and
+counts everything else, including any other read of an input.
 
 Two reads inside the estimators are not counted, each for its stated reason (`NOT_DEVICE_READS`); every
 other read fails the test, and so does a read of those two from anywhere else.
@@ -20,13 +29,16 @@ import linecache
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
+from advserve import batch as batch_module
 from advserve import device as device_module
 from advserve import engine as engine_module
 from advserve.device import copy_to_host
 from advserve.engine import Engine
+from advserve.errors import InvalidArgument
 from advserve.functional import masks
 from advserve.loss_specs import TERM_TENSORS
 from advserve.model import AdvantageRequest, LossRequest
@@ -53,6 +65,8 @@ class Reads:
         self.where: list[str] = []
         self.active = False
         self._inside_fetch = False
+        self.host_inputs: set[int] = set()  # storages of inputs read on the host by design (group ids, cu_seqlens)
+        self.validation: int | None = None  # the count when validation ended (the last `Checks.settle`)
 
     @contextlib.contextmanager
     def fetching(self):
@@ -63,8 +77,11 @@ class Reads:
         finally:
             self._inside_fetch = False
 
-    def hit(self, what: str) -> None:
+    def hit(self, what: str, tensor: torch.Tensor | None = None) -> None:
         if not self.active or self._inside_fetch:
+            return
+        if (tensor is not None and tensor.device.type == "cpu"
+                and tensor.untyped_storage().data_ptr() in self.host_inputs):
             return
         frame = sys._getframe(2)  # the function that read the value (above the counting wrapper)
         line = _source_line(frame)
@@ -85,14 +102,14 @@ def reads(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            counter.hit(_name)
+            counter.hit(_name, self)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     original_nonzero = torch.nonzero
 
     def nonzero(*args, **kwargs):
-        counter.hit("torch.nonzero")
+        counter.hit("torch.nonzero", args[0] if args else None)
         return original_nonzero(*args, **kwargs)
 
     monkeypatch.setattr(torch, "nonzero", nonzero)
@@ -113,6 +130,13 @@ def reads(monkeypatch):
 
     for module in (device_module, engine_module):
         monkeypatch.setattr(module, "fetch_scalars", fetch_scalars)
+    original_settle = batch_module.Checks.settle
+
+    def settle(self):  # validation ends with the last one
+        original_settle(self)
+        counter.validation = counter.count
+
+    monkeypatch.setattr(batch_module.Checks, "settle", settle)
     return counter
 
 
@@ -209,27 +233,137 @@ def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, 
 
 @pytest.mark.parametrize("terms", LOSS_CASES, ids=lambda v: ",".join(f"{k}" for k in v))
 def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
+    """Validation reads once, and the compute once more."""
     engine = Engine("cpu")
     request = LossRequest(_loss_tensors(terms), preset="verl", **terms)
     expected = engine.compute_losses(request)  # the CPU's branches; the GPU's give the same numbers
     as_on_a_gpu(monkeypatch)
-    original_build = engine_module.build_batch
-
-    def build_batch(*args, **kwargs):  # the compute starts once the batch is validated
-        batch = original_build(*args, **kwargs)
-        reads.active = True
-        return batch
-
-    monkeypatch.setattr(engine_module, "build_batch", build_batch)
+    reads.active = True
     result = engine.compute_losses(request)
     copy_to_host([t for t in (result.grad_logprobs, result.grad_values, result.grad_entropy) if t is not None])
     numbers = (result.loss, dict(result.components), dict(result.metrics))
     reads.active = False
-    assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
+    assert reads.validation is not None and reads.validation <= 1, f"validation: {reads.where}"
+    assert reads.count - reads.validation <= 1, f"{reads.count} reads: {reads.where}"
     assert repr(numbers) == repr((expected.loss, expected.components, expected.metrics))  # same types and order
     for name in ("grad_logprobs", "grad_values", "grad_entropy"):
         got, want = getattr(result, name), getattr(expected, name)
         assert (got is None and want is None) or torch.equal(got, want), name
+
+
+def _as_float(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask as 0/1 numbers, as trainers send it (float or integer)."""
+    return mask.to(dtype)
+
+
+def _packed(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Right-padded tensors packed (each row's first L_i tokens, L_i = the last valid position + 1), with
+    cu_seqlens as numpy (as the transports give it); the mask travels along (it has an interior gap)."""
+    mask = tensors["response_mask"]
+    width = torch.where(mask, torch.arange(mask.shape[1]) + 1, 0).amax(dim=1)
+    keep = torch.arange(mask.shape[1]) < width[:, None]
+    out: dict[str, object] = {name: (t[keep] if t.ndim == 2 else t) for name, t in tensors.items()}
+    out["cu_seqlens"] = np.concatenate([[0], np.cumsum(width.numpy())])
+    return out
+
+
+def _with(tensors: dict[str, torch.Tensor], **changes) -> dict[str, torch.Tensor]:
+    return {**tensors, **changes}
+
+
+# id -> (estimator, preset, params, how the inputs are changed, reads): NaN under the mask is allowed
+# but makes the sum of the zeroed tensor NaN; which positions hold it is a closer look, one more read
+VALIDATION_CASES = {
+    "grpo, bool mask, tensor ids": ("grpo", "verl", {}, lambda x: x, 1),
+    "grpo, float mask, string ids, token rewards kept as given": (
+        "grpo", "verl", {}, lambda x: _with({k: v for k, v in x.items() if k != "rewards"},
+                                            response_mask=_as_float(x["response_mask"]),
+                                            token_rewards=torch.ones(B, T),
+                                            group_ids=[f"g{int(i)}" for i in x["group_ids"]]), 1),
+    "rloo, the singleton check (paper), int mask": (
+        "rloo", "paper", {}, lambda x: _with(x, response_mask=_as_float(x["response_mask"], torch.int64)), 1),
+    "gae, whitening with ddof 1, bf16 values, float64 mask": (
+        "gae", "paper", {"whiten": True, "whiten_ddof": 1},
+        lambda x: _with(x, values=x["values"].to(torch.bfloat16), response_mask=_as_float(x["response_mask"],
+                                                                                           torch.float64)), 1),
+    "reinforce_pp, KL tensors, masked NaN": (
+        "reinforce_pp", "openrlhf", {}, lambda x: _with(x, values=None, ref_logprobs=x["ref_logprobs"].masked_fill(
+            ~x["response_mask"], float("nan"))), 2),
+    "remax, packed": ("remax", "verl", {}, _packed, 1),
+    "grpo, packed, tensor ids": ("grpo", "verl", {}, _packed, 1),
+    "grpo, packed, cu_seqlens a tensor": ("grpo", "verl", {}, lambda x: _with(
+        _packed(x), cu_seqlens=torch.from_numpy(_packed(x)["cu_seqlens"])), 1),
+}
+
+
+@pytest.mark.parametrize("case", VALIDATION_CASES)
+def test_advantage_validation_reads_the_device_at_most_once(reads, monkeypatch, case):
+    """prepare_advantages (every check of values: masks, finiteness, the estimator's own) reads once."""
+    estimator, preset, params, change, bound = VALIDATION_CASES[case]
+    engine = Engine("cpu")
+    tensors = change(_advantage_tensors(estimator, engine, preset) | (
+        {"ref_logprobs": _inputs()["ref_logprobs"]} if estimator == "reinforce_pp" else {}))
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    layout = "packed" if "cu_seqlens" in tensors else None
+    request = AdvantageRequest(estimator, tensors, preset=preset, params=params, layout=layout)
+    expected = engine.compute_advantages(request)
+    as_on_a_gpu(monkeypatch)
+    reads.host_inputs = {t.untyped_storage().data_ptr() for name, t in tensors.items()
+                         if name in ("group_ids", "cu_seqlens") and isinstance(t, torch.Tensor)}
+    reads.active = True
+    prepared = engine.prepare_advantages(request)
+    reads.active = False
+    assert reads.count <= bound, f"{reads.count} reads: {reads.where}"
+    result = engine.run_advantages([prepared])[0]
+    assert torch.equal(result.advantages, expected.advantages) and repr(result.stats) == repr(expected.stats)
+
+
+LOSS_VALIDATION_CASES = {  # id -> (terms, how the inputs are changed)
+    "ppo_clip, float mask, precomputed rollout_is_weights": (
+        {"policy_loss": {"mode": "ppo_clip"}},
+        lambda x: _with(x, response_mask=_as_float(x["response_mask"]), rollout_is_weights=_inputs()["entropy"] + 0.5)),
+    "value loss and entropy, bf16 logprobs": (
+        {"policy_loss": {"mode": "ppo_clip"}, "value_loss": {"coef": 0.5}, "entropy_bonus": {"coef": 0.01}},
+        lambda x: _with(x, logprobs=x["logprobs"].to(torch.bfloat16))),
+    "kl, packed": ({"policy_loss": False, "kl_loss": {"coef": 0.1}}, _packed),
+}
+
+
+@pytest.mark.parametrize("case", LOSS_VALIDATION_CASES)
+def test_loss_validation_reads_the_device_at_most_once(reads, monkeypatch, case):
+    terms, change = LOSS_VALIDATION_CASES[case]
+    tensors = change(_loss_tensors(terms))
+    layout = "packed" if "cu_seqlens" in tensors else None
+    engine = Engine("cpu")
+    expected = engine.compute_losses(LossRequest(tensors, preset="verl", layout=layout, **terms))
+    as_on_a_gpu(monkeypatch)
+    reads.active = True
+    result = engine.compute_losses(LossRequest(tensors, preset="verl", layout=layout, **terms))
+    reads.active = False
+    assert reads.validation is not None and reads.validation <= 1, f"validation: {reads.where}"
+    assert reads.count - reads.validation <= 1, f"{reads.count} reads: {reads.where}"
+    assert result.loss == expected.loss and torch.equal(result.grad_logprobs, expected.grad_logprobs)
+
+
+INVALID = {  # id -> (estimator, preset, params, change, field named): each must fail as it does read at once
+    "NaN on a valid token": ("gae", "verl", {}, lambda x: _with(x, values=x["values"].masked_fill(
+        x["response_mask"] & (torch.arange(T) == 0), float("nan"))), "tensors.values"),
+    "mask not 0/1": ("gae", "verl", {}, lambda x: _with(x, response_mask=_as_float(x["response_mask"]) * 0.5),
+                     "tensors.response_mask"),
+    "singleton group": ("rloo", "paper", {}, lambda x: _with(x, group_ids=torch.arange(B)), "tensors.group_ids"),
+}
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_a_failed_check_is_worded_on_the_host(reads, monkeypatch, case):
+    """The error path may read more; it names the field an immediate read would."""
+    estimator, preset, params, change, field = INVALID[case]
+    engine = Engine("cpu")
+    tensors = change(_advantage_tensors(estimator, engine, preset))
+    as_on_a_gpu(monkeypatch)
+    with pytest.raises(InvalidArgument) as caught:
+        engine.prepare_advantages(AdvantageRequest(estimator, tensors, preset=preset, params=params))
+    assert caught.value.field == field
 
 
 def test_coalesced_and_packed_requests_read_once_each(reads, monkeypatch):
@@ -258,6 +392,45 @@ def test_coalesced_and_packed_requests_read_once_each(reads, monkeypatch):
     reads.active = False
     assert reads.count <= 3, f"{reads.count} reads: {reads.where}"
     assert [repr(s) for s in stats] == [repr(s) for s in alone]
+
+
+def test_closer_looks_accept_what_an_immediate_read_accepted(reads):
+    """A verdict that fails for data that is fine takes a closer look, not an error: finite values whose
+    sum overflows (the product is kept, bit for bit), NaN under the mask (zeroed by `where`), -0.0 in a
+    float mask (a 0). Each costs one more read; nothing else does."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    big = torch.tensor([[3e38, 3e38, -5.0], [-3e38, -2.0, 7.0]])
+    nan_masked = torch.tensor([[1.0, -2.0, float("nan")], [-3.0, float("inf"), -4.0]])
+    float_mask = mask.float()
+    float_mask[1, 2] = -0.0
+
+    def build(tensors):
+        return batch_module.build_batch(tensors, allowed=set(tensors), required={"response_mask"},
+                                        dtype=torch.float32, device=torch.device("cpu"), context="test")
+
+    reads.active = True
+    batch = build({"response_mask": mask, "values": big, "rewards": torch.tensor([3e38, 3e38])})
+    assert reads.count == 2  # the verdicts, then the closer looks of both sums together
+    assert torch.equal((big * mask).view(torch.int32), batch.tensors["values"].view(torch.int32))
+    batch = build({"response_mask": mask, "values": nan_masked})
+    assert reads.count == 4
+    assert torch.equal(torch.where(mask, nan_masked, 0).view(torch.int32), batch.tensors["values"].view(torch.int32))
+    batch = build({"response_mask": float_mask, "values": big})
+    assert batch.lengths.tolist() == [2, 1] and torch.equal(batch.mask, mask)
+
+
+def test_a_host_error_waits_for_an_earlier_value_check():
+    """Tensors are checked in name order: Inf in old_logprobs is named before complex values, although
+    the dtype is known on the host at once and the Inf only when the verdicts are read."""
+    x = _inputs()
+    old = x["old_logprobs"].clone()
+    old[0, 0] = float("inf")
+    tensors = {"response_mask": x["response_mask"], "rewards": x["rewards"], "old_logprobs": old,
+               "ref_logprobs": x["ref_logprobs"], "values": torch.zeros(B, T, dtype=torch.complex64)}
+    with pytest.raises(InvalidArgument) as caught:
+        Engine("cpu").prepare_advantages(AdvantageRequest("gae", tensors, preset="openrlhf"))
+    assert caught.value.field == "tensors.old_logprobs"
+    assert "NaN or Inf" in str(caught.value)
 
 
 def test_counter_sees_reads(reads):
@@ -320,19 +493,35 @@ class TestOnCuda:
         engine = Engine("cuda")
         cpu_tensors = _loss_tensors(terms)
         request = LossRequest({k: v.cuda() for k, v in cpu_tensors.items()}, preset="verl", **terms)
-        original_build = engine_module.build_batch
+        original_settle = batch_module.Checks.settle
         with self.syncs() as start:
-            def build_batch(*args, **kwargs):  # counted once the batch is validated
-                batch = original_build(*args, **kwargs)
+            def settle(checks):  # counted once the batch is validated
+                original_settle(checks)
                 start()
-                return batch
 
-            monkeypatch.setattr(engine_module, "build_batch", build_batch)
+            monkeypatch.setattr(batch_module.Checks, "settle", settle)
             result = engine.compute_losses(request)
         assert len(self.caught) <= 1, self.caught
         cpu = Engine("cpu").compute_losses(LossRequest(cpu_tensors, preset="verl", **terms))
         assert result.loss == pytest.approx(cpu.loss, rel=1e-5, abs=1e-6)
         assert result.metrics.keys() == cpu.metrics.keys()
+
+    @pytest.mark.parametrize("case", [c for c in VALIDATION_CASES if VALIDATION_CASES[c][4] == 1])
+    def test_validation(self, case):
+        """prepare_advantages with CUDA tensors (group ids and cu_seqlens as given: host memory)."""
+        estimator, preset, params, change, _ = VALIDATION_CASES[case]
+        engine = Engine("cuda")
+        tensors = change(_advantage_tensors(estimator, engine, preset))
+        on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) and k not in ("group_ids", "cu_seqlens") else v
+                  for k, v in tensors.items()}
+        layout = "packed" if "cu_seqlens" in tensors else None
+        with self.syncs() as start:
+            start()
+            prepared = engine.prepare_advantages(AdvantageRequest(estimator, on_gpu, preset=preset, params=params,
+                                                                  layout=layout))
+        assert len(self.caught) <= 1, self.caught
+        assert prepared.batch.tensors.keys() >= {k for k in tensors if k not in ("group_ids", "cu_seqlens")} - {
+            "response_mask"}
 
     def test_copies_wait_for_their_job_only(self):
         """A job's result copies (and its stats) land while later work queued on the stream still runs."""

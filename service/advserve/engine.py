@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, build_batch
+from .batch import DEFAULT_MAX_TOKENS, DTYPES, Batch, Checks, build_batch
 from .device import fetch_scalars, resolve_device
 from .errors import InvalidArgument, NotFound, PayloadTooLarge
 from .estimators import ESTIMATORS, KL_TENSORS, AdvantageInputs, Estimator
@@ -127,6 +127,7 @@ class Engine:
         elif len(given_rewards) != 1:
             raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]",
                                   field="tensors.rewards")
+        checks = Checks()
         batch = build_batch(
             request.tensors,
             allowed=required | set(estimator.optional) | set(REWARD_TENSORS),
@@ -138,8 +139,11 @@ class Engine:
             max_tokens=self.max_tokens,
             hints=hints,
             keep_masked=("token_rewards",) if params.get("masked_token_rewards") == "sum" else (),
+            checks=checks,
         )
-        self._check_estimator_preconditions(estimator, params, batch)
+        with checks.host_errors_after():
+            self._check_estimator_preconditions(estimator, params, batch, checks)
+        checks.settle()  # every value check of the request: one host read (one device sync on a GPU)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
 
     def as_shard(self, prepared: PreparedAdvantages, statistics: Mapping[str, Any]) -> PreparedAdvantages:
@@ -195,19 +199,28 @@ class Engine:
         return results
 
     @staticmethod
-    def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], batch: Batch) -> None:
+    def _check_estimator_preconditions(estimator: Estimator, params: Mapping[str, Any], batch: Batch,
+                                       checks: Checks) -> None:
+        """The estimator's own checks of the batch: those of values go to `checks` (read with the batch's),
+        the others raise at once."""
         if params.get("singleton_groups") == "error" and batch.group_index is not None:
-            small = torch.nonzero(batch_groups(batch).sizes < 2).flatten()
-            if small.numel():
-                label = batch.group_labels[int(small[0])]
+            sizes = batch_groups(batch).sizes
+
+            def singleton() -> None:
+                label = batch.group_labels[int(torch.nonzero(sizes < 2).flatten()[0])]
                 others = " or ".join(repr(c) for c in estimator.param_specs()["singleton_groups"].choices if c != "error")
                 raise InvalidArgument(
                     f"group {label!r} has a single response; {estimator.name!r} needs at least 2 per group "
                     f"(or set params.singleton_groups to {others})", field="tensors.group_ids")
+
+            checks.add(sizes.amin() >= 2, singleton)
         whiten_tokens = params.get("whiten") and params.get("whiten_scope", "token") == "token"
-        if whiten_tokens and params.get("whiten_ddof") == 1 and batch.tokens < 2:
-            raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
-                                  field="tensors.response_mask")
+        if whiten_tokens and params.get("whiten_ddof") == 1:
+            def too_few() -> None:
+                raise InvalidArgument("whitening with whiten_ddof=1 needs at least 2 valid tokens in the batch",
+                                      field="tensors.response_mask")
+
+            checks.add(batch.lengths.sum() >= 2, too_few)
         if (params.get("whiten") and params.get("whiten_scope") == "sequence"
                 and params.get("kl_placement") == "reward_to_go" and params.get("kl_coef", 0) > 0):
             raise InvalidArgument("whiten_scope 'sequence' whitens one advantage per sequence, but kl_placement "
@@ -277,12 +290,20 @@ class Engine:
             required.add("old_logprobs")
             option = "unbiased_gradient" if kl_params["unbiased_gradient"] else "importance_weighted"
             needed_by.setdefault("old_logprobs", f"kl_loss (with {option})")
+        checks = Checks()
         batch = build_batch(request.tensors, allowed=required | optional, required=required, dtype=dtype,
                             device=self.device, context="the requested loss terms", layout=request.layout or "padded",
-                            max_tokens=self.max_tokens, needed_by=needed_by)
+                            max_tokens=self.max_tokens, needed_by=needed_by, checks=checks)
         t, mask = batch.tensors, batch.mask
-        if "rollout_is_weights" in t and bool((t["rollout_is_weights"] < 0).any()):
-            raise InvalidArgument("rollout_is_weights must be >= 0 (0 drops a token)", field="tensors.rollout_is_weights")
+        if "rollout_is_weights" in t:
+            def negative_weights() -> None:
+                raise InvalidArgument("rollout_is_weights must be >= 0 (0 drops a token)",
+                                      field="tensors.rollout_is_weights")
+
+            # amin is NaN only when NaN sits under the mask (or is refused before): then a closer look
+            checks.add(t["rollout_is_weights"].amin() >= 0,
+                       lambda: checks.add(~(t["rollout_is_weights"] < 0).any(), negative_weights))
+        checks.settle()  # every value check of the request: one host read (one device sync on a GPU)
         lengths = batch.lengths.to(dtype)
 
         @functools.cache
