@@ -109,8 +109,8 @@ class Checks:
     A check is a verdict (a 0-d bool tensor, True: passed, computed where the data is) and `on_fail`,
     run on the host only when the verdict says it did not pass. `on_fail` raises the check's error, or
     adds a closer look (another check) when the verdict can fail for data that is fine (a sum overflows
-    although every term is finite), or returns. `settle()` reads every verdict with one
-    `device.host_scalars` call (one device sync on CUDA) and runs the failed checks' `on_fail` in the
+    although every term is finite), or returns. `settle()` reads every verdict with one host read (on a
+    device one `device.host_scalars` copy: one sync) and runs the failed checks' `on_fail` in the
     order they were added; closer looks are read together in a next round. An error that would
     overtake an earlier check's closer look waits for it, so the error raised is the one an immediate
     read of each check would have raised first. Errors found on the host (shapes, dtypes) must not
