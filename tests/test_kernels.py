@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 import advserve
 import advserve.kernels
+from advserve import loss_specs
 from advserve.engine import Engine
 from advserve.errors import InvalidArgument
 from advserve.estimators import ESTIMATORS
@@ -113,6 +114,18 @@ def _batch(lengths: list[int], width: int, gap_rate: float, dtype: torch.dtype, 
 # ragged rows, a length-1 row, an empty row, a full row; interior gaps; T = 53 is 4 blocks of 16, the last partial
 LENGTHS = [53, 1, 0, 30, 17, 2]
 COEFFICIENTS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.0, 0.5)]
+
+# term sets the kernel does not cover: the torch path runs under kernels="triton" too
+UNCOVERED_LOSS_OPTIONS = [
+    {"policy_loss": {"mode": "gspo"}, "kl_loss": {"estimator": "k3"}},
+    {"policy_loss": {"mode": "geo_mean"}},
+    {"policy_loss": {"mode": "clip_cov"}},
+    {"policy_loss": {"mode": "kl_cov"}},
+    {"policy_loss": {"mode": "ppo_clip"}, "rollout_correction": {"level": "sequence"}},
+    {"policy_loss": {"mode": "ppo_clip"}, "kl_loss": {"estimator": "k1", "importance_weighted": True}},
+    {"policy_loss": {"mode": "reinforce"}},
+    {"policy_loss": {"mode": "ppo_clip"}, "value_loss": {"clip": 0.2}},
+]
 
 
 class TestUnderTheInterpreter:
@@ -301,6 +314,43 @@ class TestUnderTheInterpreter:
         assert float(policy) == pytest.approx(result.components["policy"], rel=1e-12)
         assert float(kl) == pytest.approx(result.components["kl"], rel=1e-12)
 
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=st.data())
+    def test_engine_computes_the_losses_with_the_kernel(self, monkeypatch, case):
+        """Engine(kernels="triton") and the in-process API dispatch the terms the kernel covers to it (one
+        launch, in blocks of 64 here) and agree with kernels="torch": loss, components, metrics and every
+        gradient, for random batches (ragged rows, interior gaps, an empty row) and random term sets."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        calls = []
+        kernel = fused_losses.loss_terms
+        monkeypatch.setattr(fused_losses, "loss_terms", lambda *a, **kw: calls.append(sorted(a[0])) or kernel(*a, **kw))
+        monkeypatch.setattr(fused_losses, "BLOCK", 64)
+        dtype = case.draw(st.sampled_from([torch.float64, torch.float32]))
+        lengths = case.draw(st.lists(st.integers(0, 60), min_size=1, max_size=6))
+        width = max(lengths) + case.draw(st.integers(0, 7)) or 1
+        tensors = _loss_tensors(lengths, width, case.draw(st.sampled_from([0.0, 0.3])), dtype,
+                                case.draw(st.integers(0, 2**16)))
+        options = case.draw(_covered_loss_options())
+        expected = _losses(tensors, options, "torch", dtype, engine=True)
+        actual = _losses(tensors, options, "triton", dtype, engine=case.draw(st.booleans()))
+        assert calls == [sorted(t for t in options if t.endswith(("_loss", "_bonus")))]
+        _same_losses(actual, expected, dtype)
+
+    @pytest.mark.parametrize("options", UNCOVERED_LOSS_OPTIONS)
+    def test_terms_the_kernel_does_not_cover_run_the_torch_path(self, monkeypatch, options):
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        calls = []
+        monkeypatch.setattr(fused_losses, "loss_terms", lambda *a, **kw: calls.append(a))
+        tensors = _loss_tensors([40, 0, 17, 33], 41, 0.3, torch.float64, seed=37)
+        actual = _losses(tensors, options, "triton", torch.float64, engine=True)
+        expected = _losses(tensors, options, "torch", torch.float64, engine=True)
+        assert calls == []
+        assert actual.loss == expected.loss and actual.components == expected.components
+        assert actual.metrics == expected.metrics
+        for name, grad in expected.output_tensors().items():
+            other = actual.output_tensors()[name]
+            assert (grad is None and other is None) or torch.equal(grad, other)
+
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, fused, monkeypatch, preset):
         """The setting changes no result beyond rounding: each estimator of the preset, with its KL
@@ -377,17 +427,30 @@ class TestCompiledForTheGpu:
 
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-    def test_fused_ppo_clip_kl(self, dtype):
+    def test_fused_losses(self, dtype):
+        """The loss kernel with every policy mode, KL estimator and gradient variant, value form and the
+        entropy and token terms (each code path compiled at least once); float32 divisions rounded."""
         losses = importlib.import_module("advserve.kernels.losses")
         data = f"*{dtype}"
-        signature = {**dict.fromkeys(("logp", "old", "ref", "adv", "w_pol", "w_kl", "grad", "partials"), data),
-                     "N": "i64", **dict.fromkeys(("clip_low", "clip_high", "dual_clip", "ratio_clamp", "kl_coef",
-                                                  "kl_clamp"), "fp64")}
-        for kl in range(3):
-            ptx = self._ptx(losses._ppo_clip_kl_kernel, signature, {"HAS_DUAL": True, "HAS_RATIO_CLAMP": True,
-                                                                      "KL": kl, "HAS_KL_CLAMP": True,
-                                                                      "BLOCK": losses.BLOCK})
-            assert ".entry _ppo_clip_kl_kernel" in ptx
+        pointers = ("logp", "old", "ref", "adv", "w_pol", "is_w", "w_kl", "values", "old_values", "returns", "w_val",
+                    "entropy", "w_ent", "token_losses", "w_tok", "grad_lp", "grad_v", "grad_e", "grad_tok", "kl_out")
+        scalars = ("low", "high", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "cap", "p1", "p2", "kl_coef",
+                   "kl_clamp", "value_coef", "value_clip", "entropy_coef", "token_coef")
+        signature = {**dict.fromkeys(pointers, data), "dropped_out": "*u8", "partials": data, "counts": "*i64",
+                     "N": "i64", **dict.fromkeys(scalars, "fp64")}
+        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "HAS_IS_W": False,
+                 "WRITE_DROPPED": False, "KL": 2, "KL_GRAD": -1, "HAS_KL_CLAMP": True, "KL_IW": False,
+                 "WRITE_KL": True, "VALUE": 2, "SPLIT_TIES": True, "ENTROPY": True, "TOKEN": True,
+                 "F32": dtype == "fp32", "BLOCK": losses.BLOCK}
+        variants = [{}, {"HAS_CAP": False, "HAS_DUAL": False, "KL": 0, "VALUE": 3, "SPLIT_TIES": False},
+                    {"POLICY": 0, "KL": 1, "KL_GRAD": 2, "VALUE": 1}, {"POLICY": 0, "KL": -1, "VALUE": 0},
+                    {"POLICY": 2, "KL": 3, "KL_IW": True}, {"POLICY": 3, "KL_GRAD": losses.UNBIASED},
+                    {"POLICY": 4, "HAS_IS_W": True}, {"POLICY": 5}, {"POLICY": 6},
+                    {"POLICY": 7, "WRITE_DROPPED": True}, {"POLICY": 8, "WRITE_DROPPED": True}]
+        for variant in variants:
+            ptx = self._ptx(losses._loss_kernel, signature, {**flags, **variant})
+            assert ".entry _loss_kernel" in ptx
+            assert "div.approx" not in ptx and "div.full" not in ptx  # as torch divides (tl.exp: ex2.approx)
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
     def test_whitening_divides_and_takes_roots_rounded_to_nearest(self, dtype):
@@ -565,6 +628,94 @@ def _torch_ppo_clip_kl(lp, old, ref, adv, mask, form):
                                                       dual_clip=dual_clip)
     kl_t, dkl, _ = functional_losses.kl_loss(lp, ref, estimator, kl_clamp)
     return ((w_pol, w_kl), (w_pol * loss_t).sum(), (w_kl * kl_t).sum(), w_pol * grad_t + (0.05 * w_kl) * dkl)
+
+
+AGGREGATIONS = list(masks.AGG_MODES)
+
+
+def _loss_tensors(lengths: list[int], width: int, gap_rate: float, dtype: torch.dtype, seed: int) -> dict:
+    """Every tensor of every loss term [B, width] (0 where masked; ragged rows, interior gaps as `_batch`):
+    log-probs below 0 with log-ratios on both sides of the clips, some beyond a dual clip of 3 and a
+    ratio clamp of 0.1, values exactly on a clip bound of 0.2 here and there."""
+    _, _, mask = _batch(lengths, width, gap_rate, dtype, seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def noise() -> torch.Tensor:
+        return torch.randn(mask.shape, generator=gen, dtype=dtype)
+
+    old = -torch.rand(mask.shape, generator=gen, dtype=dtype) * 3 - 0.05
+    jumps = (torch.rand(mask.shape, generator=gen) < 0.1).to(dtype) * 1.5
+    logprobs = (old + 0.4 * noise() + jumps).clamp(max=-0.01)
+    old_values = noise()
+    values = torch.where(torch.rand(mask.shape, generator=gen) < 0.1, old_values + 0.2, old_values + 0.3 * noise())
+    tensors = {"logprobs": logprobs, "old_logprobs": old, "ref_logprobs": old + 0.4 * noise(), "advantages": noise(),
+               "values": values, "old_values": old_values, "returns": noise(),
+               "entropy": torch.rand(mask.shape, generator=gen, dtype=dtype) * 2, "token_losses": noise()}
+    return {**{name: t * mask for name, t in tensors.items()}, "response_mask": mask}
+
+
+@st.composite
+def _covered_loss_options(draw) -> dict:
+    """A request's loss options (terms and normalizers) that the fused kernel covers."""
+    options: dict = {"policy_loss": {"mode": "ppo_clip", "agg": draw(st.sampled_from(AGGREGATIONS)),
+                                     "clip_high": draw(st.sampled_from([0.2, 0.28])),
+                                     "dual_clip": draw(st.sampled_from([None, 3.0])),
+                                     "ratio_clamp": draw(st.sampled_from([None, 20.0, 0.1])),
+                                     "ratio_cap": draw(st.sampled_from([None, None, 1.5])),
+                                     "seq_denominator": draw(st.sampled_from(["nonempty", "all"])),
+                                     "loss_scale_factor": draw(st.sampled_from([None, 7.0]))}}
+    if draw(st.booleans()):
+        options["kl_loss"] = {"estimator": draw(st.sampled_from(["k1", "k2", "k3"])),
+                              "coef": draw(st.sampled_from([0.001, 0.5])),
+                              "clamp": draw(st.sampled_from([None, 10.0, 0.05])),
+                              "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
+    return _with_normalizers(draw, options)
+
+
+def _with_normalizers(draw, options: dict) -> dict:
+    """`options` with, now and then, the global normalizers its aggregations read and a dp_size."""
+    if draw(st.booleans()):
+        aggs = {t["agg"] or options["policy_loss"]["agg"] for t in options.values()}
+        if "token-mean" in aggs:
+            options["num_tokens"] = draw(st.sampled_from([1.0, 250.0]))
+        if any(agg.startswith("seq-mean") for agg in aggs):
+            options["num_sequences"] = draw(st.sampled_from([3.0, 9.0]))
+        options["dp_size"] = draw(st.sampled_from([1, 4]))
+    return options
+
+
+def _losses(tensors: dict, options: dict, kernels: str, dtype: torch.dtype, engine: bool):
+    """compute_losses of the verl preset through an Engine (engine True) or the in-process API."""
+    tensors = dict(tensors)
+    if "rollout_correction" in options:
+        tensors["rollout_logprobs"] = tensors["old_logprobs"] + 0.1 * tensors["ref_logprobs"].sin()
+    terms = {term for term in options if term.endswith(("_loss", "_bonus", "_correction"))}
+    needed = {"response_mask"}.union(*(loss_specs.TERM_TENSORS[t] for t in terms))
+    if options.get("kl_loss", {}).get("importance_weighted") or options.get("kl_loss", {}).get("unbiased_gradient"):
+        needed.add("old_logprobs")
+    tensors = {name: t for name, t in tensors.items() if name in needed}
+    dtype_name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
+    if engine:
+        return Engine("cpu", kernels=kernels).compute_losses(LossRequest(tensors=tensors, preset="verl",
+                                                                         dtype=dtype_name, **options))
+    return advserve.compute_losses(preset="verl", dtype=dtype_name, device="cpu", kernels=kernels, **options,
+                                   **tensors)
+
+
+def _same_losses(actual, expected, dtype: torch.dtype) -> None:
+    """Two LossResults equal to the tolerance of `dtype`: loss, components, metrics, every output tensor."""
+    tol = TOLERANCE[dtype]
+    assert actual.loss == pytest.approx(expected.loss, rel=tol, abs=tol)
+    assert actual.components.keys() == expected.components.keys()
+    for name, value in expected.components.items():
+        assert (value is None) == (actual.components[name] is None), name
+        assert value is None or actual.components[name] == pytest.approx(value, rel=tol, abs=tol), name
+    assert actual.metrics == pytest.approx(expected.metrics, rel=tol, abs=tol)
+    for name, grad in expected.output_tensors().items():
+        other = actual.output_tensors()[name]
+        assert (grad is None) == (other is None), name
+        if grad is not None:
+            _close(other, grad)
 
 
 def _gae_request(preset: str, seed: int) -> AdvantageRequest:

@@ -337,7 +337,16 @@ class Engine:
 
         with torch.no_grad(), fits_in_memory():
             rho = None
-            if "policy_loss" in terms:
+            fused = self._fused_losses(terms, pol, t, batch, weights, bool(return_kl_values))
+            if fused is not None:  # every term in one kernel launch; the metrics as below
+                total, components, kl_values = fused.total, fused.components, fused.kl_values
+                grad_logprobs, grad_values, grad_entropy = fused.grad_logprobs, fused.grad_values, fused.grad_entropy
+                grad_token_losses = fused.grad_token_losses
+                if "policy_loss" in terms:
+                    metrics.update(policy_metrics(pol, ratio().value, t["logprobs"], t["old_logprobs"], t["advantages"],
+                                                  mask, batch, fused.policy_term))
+                metrics.update({name: (value, per_token) for name, value in fused.sums.items()})
+            if "policy_loss" in terms and fused is None:
                 rho = ratio()
                 if pol["mode"] == "bypass_mode" and "rollout_is_weights" in t:
                     raise InvalidArgument("bypass_mode computes its own importance weights (policy_loss.bypass_is); "
@@ -370,7 +379,7 @@ class Engine:
                 components["policy"] = policy
                 metrics.update(policy_metrics(pol, rho.value, t["logprobs"], t["old_logprobs"], t["advantages"],
                                               mask, batch, term))
-            if kl_params:
+            if kl_params and fused is None:
                 p = kl_params
                 kl_t, dkl, dkl_spread = kl_loss(
                     t["logprobs"], t["ref_logprobs"], p["estimator"], p["clamp"], old=t.get("old_logprobs"),
@@ -389,7 +398,7 @@ class Engine:
                     add_grad((p["coef"] * w) * dkl_spread, True)
                 components["kl"] = kl
                 metrics["kl_mean"] = (kl_t.sum(), per_token)
-            if "value_loss" in terms:
+            if "value_loss" in terms and fused is None:
                 p = terms["value_loss"]
                 loss_v, dv, beyond = value_loss(t["values"], t["old_values"], t["returns"], p["clip"],
                                                 p["clip_ties"], p["clip_form"])
@@ -400,7 +409,7 @@ class Engine:
                 components["value"] = value
                 if beyond is not None:
                     metrics["value_clip_fraction"] = (torch.count_nonzero(beyond), per_token)
-            if "entropy_bonus" in terms:
+            if "entropy_bonus" in terms and fused is None:
                 p = terms["entropy_bonus"]
                 w = weights("entropy_bonus")
                 entropy = (w * t["entropy"]).sum()
@@ -408,7 +417,7 @@ class Engine:
                 grad_entropy = -p["coef"] * w
                 components["entropy"] = entropy
                 metrics["entropy_mean"] = (t["entropy"].sum(), per_token)
-            if "token_loss" in terms:  # verl's agg_loss of any per-token loss matrix
+            if "token_loss" in terms and fused is None:  # verl's agg_loss of any per-token loss matrix
                 p = terms["token_loss"]
                 w = weights("token_loss")
                 token_loss = (w * t["token_losses"]).sum()
@@ -429,6 +438,20 @@ class Engine:
                           batch.output(grad_logprobs), batch.output(grad_values), batch.output(grad_entropy),
                           params=echoed_params(terms), grad_token_losses=batch.output(grad_token_losses),
                           kl_values=batch.output(kl_values))
+
+    def _fused_losses(self, terms: Mapping[str, Mapping[str, Any]], pol: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                      batch: Batch, weights: Callable[[str], Tensor], return_kl_values: bool) -> Any:
+        """The loss terms by the Triton kernel (`kernels.losses.loss_terms`: one launch, the torch path's
+        values to rounding) when the kernels setting is "triton" and the kernel covers every requested term
+        (`kernels.losses.covers`); else None: the torch path. weights: a term's aggregation weights [B, T]."""
+        if self.kernels != "triton":
+            return None
+        from .kernels import losses as fused  # imports triton
+
+        if not fused.covers(terms, pol, tensors):
+            return None
+        return fused.loss_terms(terms, pol, tensors, {term: weights(term) for term in terms if term in AGGREGATED_TERMS},
+                                batch.mask, batch.lengths, return_kl_values=return_kl_values)
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:
