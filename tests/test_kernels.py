@@ -1,5 +1,6 @@
-"""The Triton kernels (advserve.kernels: scans, group baselines, whitening, the fused ppo_clip + KL loss)
-against the torch path (advserve.functional), without a GPU; and the torch scans against a token loop.
+"""The Triton kernels (advserve.kernels: scans, group baselines, whitening, the fused loss terms) against
+the torch path (advserve.functional and Engine.compute_losses with kernels="torch"), without a GPU; and
+the torch scans against a token loop.
 
 * `TestUnderTheInterpreter`: the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on CPU
   tensors. Triton reads that variable when a function is decorated (its own standard library at
@@ -115,17 +116,27 @@ def _batch(lengths: list[int], width: int, gap_rate: float, dtype: torch.dtype, 
 LENGTHS = [53, 1, 0, 30, 17, 2]
 COEFFICIENTS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.0, 0.5)]
 
-# term sets the kernel does not cover: the torch path runs under kernels="triton" too
+# the policy modes the fused loss kernel covers, and term sets it does not (the torch path runs under
+# kernels="triton" too)
+COVERED_POLICY_MODES = ["ppo_clip", "gspo", "reinforce", "cispo", "gpg", "dro", "sapo", "dppo_tv", "dppo_kl",
+                        "bypass_mode"]
+THROUGH_MEAN = {"sequence_ratio_gradient": "through_mean"}
 UNCOVERED_LOSS_OPTIONS = [
-    {"policy_loss": {"mode": "gspo"}, "kl_loss": {"estimator": "k3"}},
-    {"policy_loss": {"mode": "geo_mean"}},
+    {"policy_loss": {"mode": "gspo", **THROUGH_MEAN}, "kl_loss": {"estimator": "k3"}},
+    {"policy_loss": {"mode": "cispo", "cispo_level": "sequence", **THROUGH_MEAN},
+     "kl_loss": {"estimator": "k1", "importance_weighted": True}},
+    {"policy_loss": {"mode": "geo_mean"}, "value_loss": {"clip": 0.2}},
     {"policy_loss": {"mode": "clip_cov"}},
-    {"policy_loss": {"mode": "kl_cov"}},
-    {"policy_loss": {"mode": "ppo_clip"}, "rollout_correction": {"level": "sequence"}},
-    {"policy_loss": {"mode": "ppo_clip"}, "kl_loss": {"estimator": "k1", "importance_weighted": True}},
-    {"policy_loss": {"mode": "reinforce"}},
-    {"policy_loss": {"mode": "ppo_clip"}, "value_loss": {"clip": 0.2}},
+    {"policy_loss": {"mode": "kl_cov"}, "entropy_bonus": {"coef": 0.01}},
+    {"policy_loss": {"mode": "reinforce"}, "rollout_is_weights": True},
 ]
+# rollout_correction forms: each level, truncate and mask, a divergence gate, the token weight
+ROLLOUT_CORRECTIONS = [{"level": "token", "mode": "truncate", "high": 2.0},
+                       {"level": "sequence", "mode": "mask", "low": 0.5, "high": 2.0},
+                       {"level": "sequence_mean", "mode": "truncate", "low": 0.98, "high": 1.02},
+                       {"level": "token", "mode": "mask", "gating": "binary_kl", "low": None, "high": 0.001,
+                        "weight": "token"},
+                       {"level": "sequence", "mode": "mask", "weight": "token", "high": 3.0}]
 
 
 class TestUnderTheInterpreter:
@@ -314,7 +325,7 @@ class TestUnderTheInterpreter:
         assert float(policy) == pytest.approx(result.components["policy"], rel=1e-12)
         assert float(kl) == pytest.approx(result.components["kl"], rel=1e-12)
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(case=st.data())
     def test_engine_computes_the_losses_with_the_kernel(self, monkeypatch, case):
         """Engine(kernels="triton") and the in-process API dispatch the terms the kernel covers to it (one
@@ -333,8 +344,29 @@ class TestUnderTheInterpreter:
         options = case.draw(_covered_loss_options())
         expected = _losses(tensors, options, "torch", dtype, engine=True)
         actual = _losses(tensors, options, "triton", dtype, engine=case.draw(st.booleans()))
-        assert calls == [sorted(t for t in options if t.endswith(("_loss", "_bonus")))]
+        assert calls == [sorted(t for t, given in options.items() if t.endswith(("_loss", "_bonus", "_correction"))
+                                and given)]
         _same_losses(actual, expected, dtype)
+
+    def test_packed_requests_run_the_kernel(self, monkeypatch):
+        """layout "packed" (sequences end to end, cu_seqlens): the kernel runs on the padded batch the
+        engine lays out, and the outputs come back packed as the torch path's do."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        calls = []
+        kernel = fused_losses.loss_terms
+        monkeypatch.setattr(fused_losses, "loss_terms", lambda *a, **kw: calls.append(a) or kernel(*a, **kw))
+        padded = _loss_tensors([40, 0, 17, 33, 1], 41, 0.3, torch.float64, seed=41)
+        mask = padded["response_mask"]
+        ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(dim=1)  # each row up to its last valid token
+        keep = torch.arange(mask.shape[1]) < ends.unsqueeze(1)
+        packed = {name: t[keep] for name, t in padded.items()} | {"cu_seqlens": torch.cat([ends.new_zeros(1),
+                                                                                            ends.cumsum(0)])}
+        options = {"policy_loss": {"mode": "gspo"}, "kl_loss": {"estimator": "k3"}, "value_loss": {"clip": 0.2},
+                   "entropy_bonus": {"coef": 0.01}, "layout": "packed", "return_kl_values": True}
+        actual = _losses(packed, options, "triton", torch.float64, engine=False)
+        expected = _losses(packed, options, "torch", torch.float64, engine=False)
+        assert len(calls) == 1 and actual.grad_logprobs.shape == (int(ends.sum()),)
+        _same_losses(actual, expected, torch.float64)
 
     @pytest.mark.parametrize("options", UNCOVERED_LOSS_OPTIONS)
     def test_terms_the_kernel_does_not_cover_run_the_torch_path(self, monkeypatch, options):
@@ -428,24 +460,27 @@ class TestCompiledForTheGpu:
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
     def test_fused_losses(self, dtype):
-        """The loss kernel with every policy mode, KL estimator and gradient variant, value form and the
-        entropy and token terms (each code path compiled at least once); float32 divisions rounded."""
+        """The loss kernel with every policy mode (token and sequence ratios, importance weights), KL
+        estimator and gradient variant, value form and the entropy and token terms (each code path compiled
+        at least once); float32 divisions rounded to nearest."""
         losses = importlib.import_module("advserve.kernels.losses")
         data = f"*{dtype}"
         pointers = ("logp", "old", "ref", "adv", "w_pol", "is_w", "w_kl", "values", "old_values", "returns", "w_val",
-                    "entropy", "w_ent", "token_losses", "w_tok", "grad_lp", "grad_v", "grad_e", "grad_tok", "kl_out")
+                    "entropy", "w_ent", "token_losses", "w_tok", "grad_lp", "grad_v", "grad_e", "grad_tok", "kl_out",
+                    "seq_log_ratio")
         scalars = ("low", "high", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "cap", "p1", "p2", "kl_coef",
                    "kl_clamp", "value_coef", "value_clip", "entropy_coef", "token_coef")
         signature = {**dict.fromkeys(pointers, data), "dropped_out": "*u8", "partials": data, "counts": "*i64",
-                     "N": "i64", **dict.fromkeys(scalars, "fp64")}
-        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "HAS_IS_W": False,
+                     "N": "i64", "T": "i32", **dict.fromkeys(scalars, "fp64")}
+        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "IS_W": 0, "SEQ_RATIO": False,
                  "WRITE_DROPPED": False, "KL": 2, "KL_GRAD": -1, "HAS_KL_CLAMP": True, "KL_IW": False,
                  "WRITE_KL": True, "VALUE": 2, "SPLIT_TIES": True, "ENTROPY": True, "TOKEN": True,
                  "F32": dtype == "fp32", "BLOCK": losses.BLOCK}
         variants = [{}, {"HAS_CAP": False, "HAS_DUAL": False, "KL": 0, "VALUE": 3, "SPLIT_TIES": False},
                     {"POLICY": 0, "KL": 1, "KL_GRAD": 2, "VALUE": 1}, {"POLICY": 0, "KL": -1, "VALUE": 0},
                     {"POLICY": 2, "KL": 3, "KL_IW": True}, {"POLICY": 3, "KL_GRAD": losses.UNBIASED},
-                    {"POLICY": 4, "HAS_IS_W": True}, {"POLICY": 5}, {"POLICY": 6},
+                    {"POLICY": 4, "IS_W": losses.IS_ON_LOSS}, {"POLICY": 5, "IS_W": losses.IS_ON_WEIGHTS}, {"POLICY": 6},
+                    {"POLICY": 1, "SEQ_RATIO": True, "KL_IW": True}, {"POLICY": 3, "SEQ_RATIO": True},
                     {"POLICY": 7, "WRITE_DROPPED": True}, {"POLICY": 8, "WRITE_DROPPED": True}]
         for variant in variants:
             ptx = self._ptx(losses._loss_kernel, signature, {**flags, **variant})
@@ -536,6 +571,28 @@ class TestOnTheGpu:
             _close_scaled(grad, expected_grad)
             _close_scaled(policy, expected_policy)
             _close_scaled(kl, expected_kl)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("mode", COVERED_POLICY_MODES)
+    def test_engine_losses(self, monkeypatch, dtype, mode):
+        """Engine("cuda", kernels="triton") runs the loss kernel and agrees with kernels="torch" at [1000, 4500]:
+        each covered policy mode with a KL (k3, clamp), clipped value loss, entropy and token terms."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        calls = []
+        kernel = fused_losses.loss_terms
+        monkeypatch.setattr(fused_losses, "loss_terms", lambda *a, **kw: calls.append(a) or kernel(*a, **kw))
+        tensors = {name: t.cuda().repeat(200, 30) for name, t in
+                   _loss_tensors([150, 1, 0, 93, 40], 150, 0.2, dtype, seed=43).items()}
+        options = {"policy_loss": {"mode": mode, **({"dro_beta": 0.5} if mode == "dro" else {})},
+                   "kl_loss": {"estimator": "k3", "clamp": 10.0}, "value_loss": {"clip": 0.2},
+                   "entropy_bonus": {"coef": 0.01}, "token_loss": {}}
+        dtype_name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
+        expected = Engine("cuda", kernels="torch").compute_losses(LossRequest(tensors=tensors, preset="verl",
+                                                                              dtype=dtype_name, **options))
+        actual = Engine("cuda", kernels="triton").compute_losses(LossRequest(tensors=tensors, preset="verl",
+                                                                             dtype=dtype_name, **options))
+        assert len(calls) == 1
+        _same_losses(actual, expected, dtype)
 
     @pytest.mark.parametrize("preset", list(PRESETS))
     def test_every_estimator_of_every_preset_agrees(self, preset):
@@ -656,26 +713,66 @@ def _loss_tensors(lengths: list[int], width: int, gap_rate: float, dtype: torch.
 
 @st.composite
 def _covered_loss_options(draw) -> dict:
-    """A request's loss options (terms and normalizers) that the fused kernel covers."""
-    options: dict = {"policy_loss": {"mode": "ppo_clip", "agg": draw(st.sampled_from(AGGREGATIONS)),
-                                     "clip_high": draw(st.sampled_from([0.2, 0.28])),
-                                     "dual_clip": draw(st.sampled_from([None, 3.0])),
-                                     "ratio_clamp": draw(st.sampled_from([None, 20.0, 0.1])),
-                                     "ratio_cap": draw(st.sampled_from([None, None, 1.5])),
-                                     "seq_denominator": draw(st.sampled_from(["nonempty", "all"])),
-                                     "loss_scale_factor": draw(st.sampled_from([None, 7.0]))}}
+    """A request's loss options (terms and normalizers) that the fused kernel covers: every policy mode
+    it takes with its parameters (or no policy term), the KL estimators with their clamps and gradient
+    variants, the value loss's forms, the entropy and token terms."""
+    mode = draw(st.sampled_from([None, *COVERED_POLICY_MODES]))
+    policy = {"mode": mode or "ppo_clip", "agg": draw(st.sampled_from(AGGREGATIONS)),
+              "clip_low": draw(st.sampled_from([0.2, 0.1])), "clip_high": draw(st.sampled_from([0.2, 0.28])),
+              "ratio_clamp": draw(st.sampled_from([None, 20.0, 0.1])),
+              "seq_denominator": draw(st.sampled_from(["nonempty", "all"])),
+              "loss_scale_factor": draw(st.sampled_from([None, 7.0]))}
+    if mode in ("ppo_clip", "gspo", "bypass_mode"):
+        policy["dual_clip"] = draw(st.sampled_from([None, 3.0]))
+    if mode in ("ppo_clip", "gspo", "dppo_tv", "dppo_kl"):
+        policy["ratio_cap"] = draw(st.sampled_from([None, 1.5]))
+    if mode == "cispo":
+        policy["cispo_cap"] = draw(st.sampled_from([None, 1.1]))
+        policy["cispo_level"] = draw(st.sampled_from(["token", "sequence"]))
+        if policy["cispo_level"] == "sequence":
+            policy["sequence_ratio_gradient"] = draw(st.sampled_from(["token_trick", "through_mean"]))
+    if mode == "dro":
+        policy["dro_beta"] = draw(st.sampled_from([0.1, 2.0]))
+    if mode == "sapo":
+        policy |= {"tau_pos": draw(st.sampled_from([1.0, 3.0])), "tau_neg": draw(st.sampled_from([1.05, 0.5]))}
+    if mode in ("dppo_tv", "dppo_kl"):  # the trust region's thresholds: some tokens in it, some out
+        policy |= {"clip_low": draw(st.sampled_from([0.02, 0.2])), "clip_high": draw(st.sampled_from([0.02, 0.2]))}
+    if mode == "bypass_mode":
+        policy |= {"bypass_loss": draw(st.sampled_from(["ppo_clip", "reinforce"])),
+                   "bypass_is": draw(st.sampled_from([None, "token", "sequence"])),
+                   "bypass_is_low": draw(st.sampled_from([None, 0.5]))}
+    options: dict = {"policy_loss": policy if mode else False}
+    if draw(st.booleans()) or not mode:
+        kl = {"estimator": draw(st.sampled_from(["k1", "k2", "k3", "abs"])), "coef": draw(st.sampled_from([0.001, 0.5])),
+              "clamp": draw(st.sampled_from([None, 10.0, 0.05])), "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
+        variant = draw(st.sampled_from([None, "gradient_estimator", "unbiased_gradient", "importance_weighted"]))
+        if variant == "gradient_estimator":
+            kl["gradient_estimator"] = draw(st.sampled_from(["k1", "k2", "k3", "abs"]))
+        elif variant is not None and not (variant == "importance_weighted" and policy.get("sequence_ratio_gradient")):
+            kl[variant] = True  # (an importance-weighted KL through the row mean is not covered)
+        options["kl_loss"] = kl
+        options["return_kl_values"] = draw(st.booleans())
+    if mode not in (None, "bypass_mode") and draw(st.booleans()):
+        options["rollout_correction"] = draw(st.sampled_from(ROLLOUT_CORRECTIONS))
     if draw(st.booleans()):
-        options["kl_loss"] = {"estimator": draw(st.sampled_from(["k1", "k2", "k3"])),
-                              "coef": draw(st.sampled_from([0.001, 0.5])),
-                              "clamp": draw(st.sampled_from([None, 10.0, 0.05])),
-                              "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
+        options["value_loss"] = {"coef": draw(st.sampled_from([0.5, 1.0])), "clip": draw(st.sampled_from([None, 0.2])),
+                                 "clip_ties": draw(st.sampled_from(["pass", "split"])),
+                                 "clip_form": draw(st.sampled_from(["bounds", "delta"])),
+                                 "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
+    if draw(st.booleans()):
+        options["entropy_bonus"] = {"coef": draw(st.sampled_from([0.0, 0.01])),
+                                    "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
+    if draw(st.booleans()):
+        options["token_loss"] = {"coef": draw(st.sampled_from([1.0, -0.3])),
+                                 "agg": draw(st.sampled_from([None, *AGGREGATIONS]))}
     return _with_normalizers(draw, options)
 
 
 def _with_normalizers(draw, options: dict) -> dict:
     """`options` with, now and then, the global normalizers its aggregations read and a dp_size."""
     if draw(st.booleans()):
-        aggs = {t["agg"] or options["policy_loss"]["agg"] for t in options.values()}
+        policy_agg = options["policy_loss"]["agg"] if options["policy_loss"] else "token-mean"  # the verl preset's
+        aggs = {t.get("agg") or policy_agg for name, t in options.items() if name.endswith(("_loss", "_bonus")) and t}
         if "token-mean" in aggs:
             options["num_tokens"] = draw(st.sampled_from([1.0, 250.0]))
         if any(agg.startswith("seq-mean") for agg in aggs):
@@ -686,11 +783,13 @@ def _with_normalizers(draw, options: dict) -> dict:
 
 def _losses(tensors: dict, options: dict, kernels: str, dtype: torch.dtype, engine: bool):
     """compute_losses of the verl preset through an Engine (engine True) or the in-process API."""
-    tensors = dict(tensors)
+    tensors, options = dict(tensors), dict(options)
+    if options.pop("rollout_is_weights", False):
+        tensors["rollout_is_weights"] = tensors["entropy"]
     if "rollout_correction" in options:
         tensors["rollout_logprobs"] = tensors["old_logprobs"] + 0.1 * tensors["ref_logprobs"].sin()
-    terms = {term for term in options if term.endswith(("_loss", "_bonus", "_correction"))}
-    needed = {"response_mask"}.union(*(loss_specs.TERM_TENSORS[t] for t in terms))
+    terms = {term for term, given in options.items() if term.endswith(("_loss", "_bonus", "_correction")) and given}
+    needed = {"response_mask", "rollout_is_weights", "cu_seqlens"}.union(*(loss_specs.TERM_TENSORS[t] for t in terms))
     if options.get("kl_loss", {}).get("importance_weighted") or options.get("kl_loss", {}).get("unbiased_gradient"):
         needed.add("old_logprobs")
     tensors = {name: t for name, t in tensors.items() if name in needed}

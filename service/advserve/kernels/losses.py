@@ -7,9 +7,12 @@ the aggregation weights w [B, T] of `functional.masks.aggregation_weights` (0 at
 they carry the mask, the agg mode and the normalizers):
 
     ρ_t = exp(clamp(lp − old, ±ratio_clamp)),  ∂ρ = ρ where the clamp passes, else 0 (the token ratio);
-    policy ℓ^π_t, ∂ℓ^π_t/∂lp of the mode (`functional.losses.policy_term`): ppo_clip (clip, dual clip,
-        ratio cap), reinforce, cispo (token level), gpg, dro, sapo, dppo_tv, dppo_kl, bypass_mode (its
-        importance weights, computed by the torch path, multiply ℓ and ∂ℓ);
+        or the row's s_i = exp(min(mean_t(lp − old), ratio_clamp)) for gspo and cispo at sequence level,
+        its gradient per token (token_trick; the row means computed by the torch path first);
+    policy ℓ^π_t, ∂ℓ^π_t/∂lp of the mode (`functional.losses.policy_term`): ppo_clip and gspo (clip,
+        dual clip, ratio cap), reinforce, cispo, gpg, dro, sapo, dppo_tv, dppo_kl, bypass_mode (its
+        importance weights, computed by the torch path, multiply ℓ and ∂ℓ); rollout correction's
+        weights (torch path's `functional.rollout.rollout_weights`) multiply w^π;
     kl_t, ∂kl/∂lp of x = lp − ref by k1, k2, k3 or abs with their clamps (`functional.kl.kl_and_grad`),
         the straight-through gradient of another estimator, OpenRLHF's unbiased gradient, or × ρ_t
         (importance_weighted: ∂ = ρ ∂kl + kl ∂ρ) (`functional.losses.kl_loss`);
@@ -23,12 +26,13 @@ they carry the mask, the agg mode and the normalizers):
 The sums are per-block partials added in block order (the same bits on every run), with the
 unweighted sums the metrics read (Σ kl_t, Σ e_t) and the count of clipped values. float32 or float64
 on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, read when this module
-is imported). The row-level policy modes (gspo, cispo at sequence level, geo_mean), the batch-level
-selections (clip_cov, kl_cov) and rollout correction stay on the torch path (docs/kernels.md).
+is imported). geo_mean, clip_cov, kl_cov, gradients through a row mean (sequence_ratio_gradient
+through_mean) and precomputed rollout_is_weights stay on the torch path (`covers`, docs/kernels.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -38,7 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..functional.kl import K3_LOG_RATIO_BOUND
-from ..functional.losses import KL_IS_WEIGHT_CAP, PolicyTerm, bypass_weights
+from ..functional.losses import KL_IS_WEIGHT_CAP, PolicyTerm, bypass_weights, sequence_log_ratio
+from ..functional.rollout import rollout_weights
 from .groups import _div  # float32 division rounded to nearest, as torch divides
 
 BLOCK = 1024
@@ -47,7 +52,8 @@ _KL = {name: i for i, name in enumerate(KERNEL_KL_ESTIMATORS)}
 UNBIASED = len(KERNEL_KL_ESTIMATORS)  # the KL gradient code of OpenRLHF's unbiased gradient
 # the kernel's policy codes; bypass_mode maps to ppo_clip or gpg (`_policy_code`)
 POLICY_CODES = {"ppo_clip": 1, "reinforce": 2, "cispo": 3, "gpg": 4, "dro": 5, "sapo": 6, "dppo_tv": 7, "dppo_kl": 8}
-FUSED_POLICY_MODES = (*POLICY_CODES, "bypass_mode")
+FUSED_POLICY_MODES = (*POLICY_CODES, "gspo", "bypass_mode")  # gspo: ppo_clip on the sequence ratio
+IS_ON_LOSS, IS_ON_WEIGHTS = 1, 2  # importance weights multiply ℓ and ∂ℓ (bypass_mode) or w^π (rollout correction)
 VALUE_CODES = {None: 1, "bounds": 2, "delta": 3}  # unclipped, and the two clip forms
 # columns of the partial sums
 TOTAL, POLICY, KL, KL_SUM, VALUE, ENTROPY, ENTROPY_SUM, TOKEN = range(8)
@@ -90,19 +96,21 @@ def _tie_split(x, bound, BELOW: tl.constexpr):
 
 @triton.jit
 def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, returns, w_val, entropy, w_ent,
-                 token_losses, w_tok, grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped_out, partials, counts, N,
+                 token_losses, w_tok, grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped_out, seq_log_ratio, partials,
+                 counts, N, T,
                  low: tl.float64, high: tl.float64, clip_low: tl.float64, clip_high: tl.float64,
                  dual_clip: tl.float64, ratio_clamp: tl.float64, cap: tl.float64, p1: tl.float64, p2: tl.float64,
                  kl_coef: tl.float64, kl_clamp: tl.float64, value_coef: tl.float64, value_clip: tl.float64,
                  entropy_coef: tl.float64, token_coef: tl.float64,
                  POLICY: tl.constexpr, HAS_RATIO_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr,
-                 HAS_CAP: tl.constexpr, HAS_IS_W: tl.constexpr, WRITE_DROPPED: tl.constexpr,
+                 HAS_CAP: tl.constexpr, IS_W: tl.constexpr, SEQ_RATIO: tl.constexpr, WRITE_DROPPED: tl.constexpr,
                  KL: tl.constexpr, KL_GRAD: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_IW: tl.constexpr,
                  WRITE_KL: tl.constexpr, VALUE: tl.constexpr, SPLIT_TIES: tl.constexpr, ENTROPY: tl.constexpr,
                  TOKEN: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
     # POLICY: 0 none, else POLICY_CODES; p1, p2: the mode's own parameters (cispo: none; dro: ½β, β;
-    # sapo: τ+, τ−; dppo: none); KL: −1 none, else _KL; KL_GRAD: −1 the estimator's own, _KL (unclamped)
-    # or UNBIASED; VALUE: 0 none, else VALUE_CODES
+    # sapo: τ+, τ−; dppo: none); IS_W: 0 none, IS_ON_LOSS or IS_ON_WEIGHTS; SEQ_RATIO: the ratio is the
+    # row's exp(min(seq_log_ratio[row], ratio_clamp)) (T: the row length); KL: −1 none, else _KL; KL_GRAD:
+    # −1 the estimator's own, _KL (unclamped) or UNBIASED; VALUE: 0 none, else VALUE_CODES
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
@@ -113,12 +121,19 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
         grad = tl.zeros((BLOCK,), dtype)
     if POLICY != 0 or KL_IW or KL_GRAD == 4:
         o = tl.load(old + offs, mask=inside, other=0.0)
-        log_ratio = lp - o
         passes = tl.full((BLOCK,), 1.0, dtype)
-        if HAS_RATIO_CLAMP:
-            bound = tl.full((), ratio_clamp, dtype)
-            passes = tl.where((log_ratio >= -bound) & (log_ratio <= bound), 1.0, 0.0).to(dtype)
-            log_ratio = tl.minimum(tl.maximum(log_ratio, -bound), bound)
+        if SEQ_RATIO:  # the row's mean log-ratio, bounded above only (policy_ratio)
+            log_ratio = tl.load(seq_log_ratio + offs // T, mask=inside, other=0.0)
+            if HAS_RATIO_CLAMP:
+                bound = tl.full((), ratio_clamp, dtype)
+                passes = tl.where(log_ratio <= bound, 1.0, 0.0).to(dtype)
+                log_ratio = tl.minimum(log_ratio, bound)
+        else:
+            log_ratio = lp - o
+            if HAS_RATIO_CLAMP:
+                bound = tl.full((), ratio_clamp, dtype)
+                passes = tl.where((log_ratio >= -bound) & (log_ratio <= bound), 1.0, 0.0).to(dtype)
+                log_ratio = tl.minimum(tl.maximum(log_ratio, -bound), bound)
         ratio = tl.exp(log_ratio)
         dratio = ratio * passes
 
@@ -187,10 +202,13 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             grad_pol = tl.where(trusted, scaled, 0.0)
             if WRITE_DROPPED:
                 tl.store(dropped_out + offs, tl.where(trusted, 0, 1).to(tl.uint8), mask=inside)
-        if HAS_IS_W:  # bypass_mode's importance weights
+        if IS_W != 0:
             weight_is = tl.load(is_w + offs, mask=inside, other=0.0)
-            loss_pol = loss_pol * weight_is
-            grad_pol = grad_pol * weight_is
+            if IS_W == 1:  # bypass_mode's: −A·lp·sg(w)
+                loss_pol = loss_pol * weight_is
+                grad_pol = grad_pol * weight_is
+            else:  # rollout correction's: w^π·w
+                wp = wp * weight_is
         policy_part = wp * loss_pol
         total += policy_part
         grad = wp * grad_pol
@@ -311,15 +329,16 @@ def token_ratio(policy: Mapping[str, Any]) -> bool:
 
 def covers(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> bool:
     """True when `loss_terms` computes every term of `terms` (the engine's resolved parameters; `policy`
-    the policy term's, or the preset's when it is off; `tensors` the request's): policy_loss ppo_clip
-    and kl_loss k1, k2 or k3 (no gradient variant), no other term, no importance weights."""
-    if "rollout_is_weights" in tensors or not set(terms) <= {"policy_loss", "kl_loss"}:
+    the policy term's, or the preset's when it is off; `tensors` the request's). Not covered: geo_mean,
+    clip_cov, kl_cov, a sequence ratio whose gradient goes through the row mean (gspo's and an
+    importance-weighted KL's with sequence_ratio_gradient through_mean), precomputed rollout_is_weights."""
+    if "rollout_is_weights" in tensors:
         return False
-    if "policy_loss" in terms and policy["mode"] != "ppo_clip":
+    spread = not token_ratio(policy) and policy["sequence_ratio_gradient"] == "through_mean"
+    if "policy_loss" in terms and (policy["mode"] not in FUSED_POLICY_MODES or (policy["mode"] == "gspo" and spread)):
         return False
     kl = terms.get("kl_loss")
-    return kl is None or (kl["estimator"] in ("k1", "k2", "k3") and not kl["importance_weighted"]
-                          and not kl["unbiased_gradient"] and kl["gradient_estimator"] is None)
+    return kl is None or not kl["importance_weighted"] or not spread
 
 
 def _policy_code(p: Mapping[str, Any], logp: Tensor, old: Tensor, mask: Tensor,
@@ -327,6 +346,8 @@ def _policy_code(p: Mapping[str, Any], logp: Tensor, old: Tensor, mask: Tensor,
     """The kernel's policy code, its scalar arguments, bypass_mode's importance weights (multiplying ℓ
     and ∂ℓ; None: none) and the PolicyTerm the metrics read (None: nothing mode-specific)."""
     mode, args = p["mode"], {}
+    if mode == "gspo":
+        mode = "ppo_clip"  # on the sequence ratio
     if mode == "bypass_mode":  # the weights are the metrics' (and reinforce's factor): the torch path's
         weights, outside = bypass_weights(logp, old, mask, level=p["bypass_is"], high=p["bypass_is_high"],
                                           low=p["bypass_is_low"], lengths=lengths)
@@ -356,10 +377,9 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     terms: each requested term's resolved parameters (the engine's); policy: the policy term's (the
     preset's when it is off: its ratio_clamp bounds an importance-weighted KL's ratio); tensors: the
     batch's [B, T] tensors in one float dtype, 0 at masked positions; weights: each aggregated term's
-    w [B, T]; mask [B, T] bool and lengths [B] valid tokens per row (read by bypass_mode and dppo only).
-    return_kl_values: also
-    the KL estimate per token (before an importance weight). `block`: positions per program (a power of
-    2, default BLOCK).
+    w [B, T]; mask [B, T] bool and lengths [B] valid tokens per row (read by bypass_mode, dppo, rollout
+    correction and sequence ratios only). return_kl_values: also the KL estimate per token (before an
+    importance weight). `block`: positions per program (a power of 2, default BLOCK).
     """
     any_weights = next(iter(weights.values()))
     dtype, device, shape = any_weights.dtype, any_weights.device, any_weights.shape
@@ -380,6 +400,17 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     code, args, is_weights, term = 0, {}, None, None
     if pol is not None:
         code, args, is_weights, term = _policy_code(pol, tensors["logprobs"], tensors["old_logprobs"], mask, lengths)
+    is_kind = 0 if is_weights is None else IS_ON_LOSS
+    rc = terms.get("rollout_correction")
+    if rc is not None:  # the torch path's weights (a sequence's is a row product), multiplying w^π as there
+        is_weights, outside = rollout_weights(
+            tensors["old_logprobs"], tensors["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
+            low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"], weight=rc["weight"],
+            lengths=lengths)
+        term, is_kind = PolicyTerm(None, None, is_weights=is_weights, is_outside=outside), IS_ON_WEIGHTS  # type: ignore[arg-type]
+    sequence = None
+    if (pol is not None or (kl is not None and kl["importance_weighted"])) and not token_ratio(policy):
+        sequence = sequence_log_ratio(tensors["logprobs"], tensors["old_logprobs"], mask, lengths)  # [B]
     kl_grad = -1
     if kl is not None and kl["unbiased_gradient"]:
         kl_grad = UNBIASED
@@ -411,7 +442,8 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             flat("old_values" if value_clip is not None else None), flat("returns" if value is not None else None),
             flat_weights("value_loss"), flat("entropy" if entropy is not None else None), flat_weights("entropy_bonus"),
             flat("token_losses" if token is not None else None), flat_weights("token_loss"),
-            grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped, partials, counts, count,
+            grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped, dummy if sequence is None else sequence.contiguous(),
+            partials, counts, count, shape[-1],
             *(number(args.get(name)) for name in ("low", "high", "clip_low", "clip_high", "dual_clip")),
             number(policy["ratio_clamp"]), *(number(args.get(name)) for name in ("cap", "p1", "p2")),
             number(kl["coef"] if kl else None), number(kl["clamp"] if kl else None),
@@ -419,7 +451,7 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             number(entropy["coef"] if entropy else None), number(token["coef"] if token else None),
             POLICY=code, HAS_RATIO_CLAMP=policy["ratio_clamp"] is not None,
             HAS_DUAL=args.get("dual_clip") is not None, HAS_CAP=args.get("cap") is not None,
-            HAS_IS_W=is_weights is not None, WRITE_DROPPED=write_dropped,
+            IS_W=is_kind, SEQ_RATIO=sequence is not None, WRITE_DROPPED=write_dropped,
             KL=-1 if kl is None else _KL[kl["estimator"]], KL_GRAD=kl_grad,
             HAS_KL_CLAMP=kl is not None and kl["clamp"] is not None, KL_IW=kl is not None and kl["importance_weighted"],
             WRITE_KL=write_kl, VALUE=0 if value is None else VALUE_CODES[value["clip_form"] if value_clip is not None else None],
@@ -438,7 +470,7 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     if entropy is not None:
         metric_sums["entropy_mean"] = sums[ENTROPY_SUM]
     if write_dropped:
-        term = PolicyTerm(None, None, dropped=dropped.view(torch.bool).view(shape) & mask)  # type: ignore[arg-type]
+        term = dataclasses.replace(term or PolicyTerm(None, None), dropped=dropped.view(torch.bool).view(shape) & mask)  # type: ignore[arg-type]
     components = {"policy": sums[POLICY] if pol is not None else None, "kl": sums[KL] if kl is not None else None,
                   "value": sums[VALUE] if value is not None else None,
                   "entropy": sums[ENTROPY] if entropy is not None else None,
