@@ -128,7 +128,7 @@ UNCOVERED_LOSS_OPTIONS = [
     {"policy_loss": {"mode": "geo_mean"}, "value_loss": {"clip": 0.2}},
     {"policy_loss": {"mode": "clip_cov"}},
     {"policy_loss": {"mode": "kl_cov"}, "entropy_bonus": {"coef": 0.01}},
-    {"policy_loss": {"mode": "reinforce"}, "rollout_is_weights": True},
+    {"policy_loss": {"mode": "geo_mean"}, "rollout_is_weights": True},
 ]
 # rollout_correction forms: each level, truncate and mask, a divergence gate, the token weight
 ROLLOUT_CORRECTIONS = [{"level": "token", "mode": "truncate", "high": 2.0},
@@ -367,6 +367,15 @@ class TestUnderTheInterpreter:
         expected = _losses(packed, options, "torch", torch.float64, engine=False)
         assert len(calls) == 1 and actual.grad_logprobs.shape == (int(ends.sum()),)
         _same_losses(actual, expected, torch.float64)
+
+    def test_an_error_of_the_torch_path_stays_an_error(self):
+        """bypass_mode with rollout_is_weights is refused naming the tensor (the kernel does not take it)."""
+        tensors = _loss_tensors([12, 5], 12, 0.0, torch.float64, seed=3)
+        bypass = {"policy_loss": {"mode": "bypass_mode"}, "rollout_is_weights": True}
+        for kernels in ("triton", "torch"):
+            with pytest.raises(InvalidArgument) as refused:
+                _losses(tensors, bypass, kernels, torch.float64, engine=True)
+            assert refused.value.field == "tensors.rollout_is_weights"
 
     @pytest.mark.parametrize("options", UNCOVERED_LOSS_OPTIONS)
     def test_terms_the_kernel_does_not_cover_run_the_torch_path(self, monkeypatch, options):
@@ -752,8 +761,11 @@ def _covered_loss_options(draw) -> dict:
             kl[variant] = True  # (an importance-weighted KL through the row mean is not covered)
         options["kl_loss"] = kl
         options["return_kl_values"] = draw(st.booleans())
-    if mode not in (None, "bypass_mode") and draw(st.booleans()):
+    importance = draw(st.sampled_from([None, "rollout_correction", "rollout_is_weights"]))
+    if mode not in (None, "bypass_mode") and importance == "rollout_correction":
         options["rollout_correction"] = draw(st.sampled_from(ROLLOUT_CORRECTIONS))
+    elif mode not in (None, "bypass_mode") and importance == "rollout_is_weights":
+        options["rollout_is_weights"] = True  # a tensor of them (`_losses`)
     if draw(st.booleans()):
         options["value_loss"] = {"coef": draw(st.sampled_from([0.5, 1.0])), "clip": draw(st.sampled_from([None, 0.2])),
                                  "clip_ties": draw(st.sampled_from(["pass", "split"])),

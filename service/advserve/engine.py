@@ -335,9 +335,29 @@ class Engine:
                                 cispo_level=pol["cispo_level"], sequence_ratio_gradient=pol["sequence_ratio_gradient"],
                                 lengths=batch.lengths)
 
+        def importance_weights() -> Tensor | None:
+            """The policy term's importance weights [B, T] (rollout_correction's, or the given
+            rollout_is_weights, as verl's policy losses apply them; None: neither), their metrics added."""
+            outside = None
+            if "rollout_correction" in terms:
+                rc = terms["rollout_correction"]
+                is_weight, outside = rollout_weights(
+                    t["old_logprobs"], t["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"], low=rc["low"],
+                    high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"], weight=rc["weight"],
+                    lengths=batch.lengths)
+            elif "rollout_is_weights" in t:
+                is_weight = t["rollout_is_weights"]
+            else:
+                return None
+            metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
+            metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
+            if outside is not None:
+                metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
+            return is_weight
+
         with torch.no_grad(), fits_in_memory():
             rho = None
-            fused = self._fused_losses(terms, pol, t, batch, weights, bool(return_kl_values))
+            fused = self._fused_losses(terms, pol, t, batch, weights, importance_weights, bool(return_kl_values))
             if fused is not None:  # every term in one kernel launch; the metrics as below
                 total, components, kl_values = fused.total, fused.components, fused.kl_values
                 grad_logprobs, grad_values, grad_entropy = fused.grad_logprobs, fused.grad_values, fused.grad_entropy
@@ -353,20 +373,7 @@ class Engine:
                                           "verl ignores precomputed ones", field="tensors.rollout_is_weights")
                 term = policy_term(pol, rho, t["logprobs"], t["old_logprobs"], t["advantages"], mask, batch.lengths)
                 w = weights("policy_loss")
-                is_weight = None
-                if "rollout_correction" in terms:
-                    rc = terms["rollout_correction"]
-                    is_weight, outside = rollout_weights(
-                        t["old_logprobs"], t["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
-                        low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"],
-                        weight=rc["weight"], lengths=batch.lengths)
-                    metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
-                    metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
-                    metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
-                elif "rollout_is_weights" in t:  # precomputed weights, as verl's policy losses apply them
-                    is_weight = t["rollout_is_weights"]
-                    metrics["rollout_is_weight_mean"] = (is_weight.sum(), per_token)
-                    metrics["rollout_is_weight_max"] = (is_weight.max() if is_weight.numel() else 0.0, if_any_token)
+                is_weight = importance_weights()
                 if is_weight is not None:  # geo_mean weighs a sequence by its tokens' geometric mean (verl)
                     w = w * (geometric_mean_weight(is_weight, mask, batch.lengths) if pol["mode"] == "geo_mean"
                              else is_weight)
@@ -440,10 +447,12 @@ class Engine:
                           kl_values=batch.output(kl_values))
 
     def _fused_losses(self, terms: Mapping[str, Mapping[str, Any]], pol: Mapping[str, Any], tensors: Mapping[str, Tensor],
-                      batch: Batch, weights: Callable[[str], Tensor], return_kl_values: bool) -> Any:
+                      batch: Batch, weights: Callable[[str], Tensor], importance_weights: Callable[[], Tensor | None],
+                      return_kl_values: bool) -> Any:
         """The loss terms by the Triton kernel (`kernels.losses.loss_terms`: one launch, the torch path's
         values to rounding) when the kernels setting is "triton" and the kernel covers every requested term
-        (`kernels.losses.covers`); else None: the torch path. weights: a term's aggregation weights [B, T]."""
+        (`kernels.losses.covers`); else None: the torch path. weights: a term's aggregation weights [B, T];
+        importance_weights: the policy term's (their metrics added), called only with a policy term."""
         if self.kernels != "triton":
             return None
         from .kernels import losses as fused  # imports triton
@@ -451,7 +460,8 @@ class Engine:
         if not fused.covers(terms, pol, tensors):
             return None
         return fused.loss_terms(terms, pol, tensors, {term: weights(term) for term in terms if term in AGGREGATED_TERMS},
-                                batch.mask, batch.lengths, return_kl_values=return_kl_values)
+                                batch.mask, batch.lengths, return_kl_values=return_kl_values,
+                                importance_weights=importance_weights() if "policy_loss" in terms else None)
 
     @staticmethod
     def _resolve_terms(request: LossRequest, preset: Preset) -> dict[str, dict[str, Any]]:

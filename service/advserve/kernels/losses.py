@@ -12,7 +12,7 @@ they carry the mask, the agg mode and the normalizers):
     policy ℓ^π_t, ∂ℓ^π_t/∂lp of the mode (`functional.losses.policy_term`): ppo_clip and gspo (clip,
         dual clip, ratio cap), reinforce, cispo, gpg, dro, sapo, dppo_tv, dppo_kl, bypass_mode (its
         importance weights, computed by the torch path, multiply ℓ and ∂ℓ); rollout correction's
-        weights (torch path's `functional.rollout.rollout_weights`) multiply w^π;
+        weights or the given rollout_is_weights multiply w^π;
     kl_t, ∂kl/∂lp of x = lp − ref by k1, k2, k3 or abs with their clamps (`functional.kl.kl_and_grad`),
         the straight-through gradient of another estimator, OpenRLHF's unbiased gradient, or × ρ_t
         (importance_weighted: ∂ = ρ ∂kl + kl ∂ρ) (`functional.losses.kl_loss`);
@@ -27,7 +27,7 @@ The sums are per-block partials added in block order (the same bits on every run
 unweighted sums the metrics read (Σ kl_t, Σ e_t) and the count of clipped values. float32 or float64
 on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, read when this module
 is imported). geo_mean, clip_cov, kl_cov, gradients through a row mean (sequence_ratio_gradient
-through_mean) and precomputed rollout_is_weights stay on the torch path (`covers`, docs/kernels.md).
+through_mean) stay on the torch path (`covers`, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from torch import Tensor
 
 from ..functional.kl import K3_LOG_RATIO_BOUND
 from ..functional.losses import KL_IS_WEIGHT_CAP, PolicyTerm, bypass_weights, sequence_log_ratio
-from ..functional.rollout import rollout_weights
 from .groups import _div  # float32 division rounded to nearest, as torch divides
 
 BLOCK = 1024
@@ -331,11 +330,12 @@ def covers(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any], te
     """True when `loss_terms` computes every term of `terms` (the engine's resolved parameters; `policy`
     the policy term's, or the preset's when it is off; `tensors` the request's). Not covered: geo_mean,
     clip_cov, kl_cov, a sequence ratio whose gradient goes through the row mean (gspo's and an
-    importance-weighted KL's with sequence_ratio_gradient through_mean), precomputed rollout_is_weights."""
-    if "rollout_is_weights" in tensors:
-        return False
+    importance-weighted KL's with sequence_ratio_gradient through_mean), and bypass_mode with
+    rollout_is_weights (an error, which the torch path raises)."""
+    mode = policy["mode"]
     spread = not token_ratio(policy) and policy["sequence_ratio_gradient"] == "through_mean"
-    if "policy_loss" in terms and (policy["mode"] not in FUSED_POLICY_MODES or (policy["mode"] == "gspo" and spread)):
+    if "policy_loss" in terms and (mode not in FUSED_POLICY_MODES or (mode == "gspo" and spread)
+                                   or (mode == "bypass_mode" and "rollout_is_weights" in tensors)):
         return False
     kl = terms.get("kl_loss")
     return kl is None or not kl["importance_weighted"] or not spread
@@ -371,15 +371,18 @@ def _policy_code(p: Mapping[str, Any], logp: Tensor, old: Tensor, mask: Tensor,
 
 def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any], tensors: Mapping[str, Tensor],
                weights: Mapping[str, Tensor], mask: Tensor | None = None, lengths: Tensor | None = None, *,
-               return_kl_values: bool = False, block: int | None = None) -> FusedLosses:
+               importance_weights: Tensor | None = None, return_kl_values: bool = False,
+               block: int | None = None) -> FusedLosses:
     """The terms of `terms` (`covers` must hold) in one kernel launch: the formulas of the module's docstring.
 
     terms: each requested term's resolved parameters (the engine's); policy: the policy term's (the
     preset's when it is off: its ratio_clamp bounds an importance-weighted KL's ratio); tensors: the
     batch's [B, T] tensors in one float dtype, 0 at masked positions; weights: each aggregated term's
-    w [B, T]; mask [B, T] bool and lengths [B] valid tokens per row (read by bypass_mode, dppo, rollout
-    correction and sequence ratios only). return_kl_values: also the KL estimate per token (before an
-    importance weight). `block`: positions per program (a power of 2, default BLOCK).
+    w [B, T]; mask [B, T] bool and lengths [B] valid tokens per row (read by bypass_mode, dppo and
+    sequence ratios only). importance_weights [B, T]: rollout correction's or the given
+    rollout_is_weights, multiplying w^π (the engine computes them and their metrics). return_kl_values:
+    also the KL estimate per token (before an importance weight). `block`: positions per program (a
+    power of 2, default BLOCK).
     """
     any_weights = next(iter(weights.values()))
     dtype, device, shape = any_weights.dtype, any_weights.device, any_weights.shape
@@ -401,13 +404,8 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     if pol is not None:
         code, args, is_weights, term = _policy_code(pol, tensors["logprobs"], tensors["old_logprobs"], mask, lengths)
     is_kind = 0 if is_weights is None else IS_ON_LOSS
-    rc = terms.get("rollout_correction")
-    if rc is not None:  # the torch path's weights (a sequence's is a row product), multiplying w^π as there
-        is_weights, outside = rollout_weights(
-            tensors["old_logprobs"], tensors["rollout_logprobs"], mask, level=rc["level"], mode=rc["mode"],
-            low=rc["low"], high=rc["high"], log_clamp=rc["log_clamp"], gating=rc["gating"], weight=rc["weight"],
-            lengths=lengths)
-        term, is_kind = PolicyTerm(None, None, is_weights=is_weights, is_outside=outside), IS_ON_WEIGHTS  # type: ignore[arg-type]
+    if importance_weights is not None:  # (bypass_mode has none of these: check_loss_terms, covers)
+        is_weights, is_kind = importance_weights, IS_ON_WEIGHTS
     sequence = None
     if (pol is not None or (kl is not None and kl["importance_weighted"])) and not token_ratio(policy):
         sequence = sequence_log_ratio(tensors["logprobs"], tensors["old_logprobs"], mask, lengths)  # [B]
