@@ -120,12 +120,18 @@ COEFFICIENTS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.0, 0.5)]
 # kernels="triton" too)
 COVERED_POLICY_MODES = ["ppo_clip", "gspo", "reinforce", "cispo", "gpg", "dro", "sapo", "dppo_tv", "dppo_kl",
                         "bypass_mode"]
-THROUGH_MEAN = {"sequence_ratio_gradient": "through_mean"}
+COVERED_POLICIES = [
+    {"mode": "ppo_clip", "dual_clip": 3.0, "ratio_clamp": 0.1, "ratio_cap": 1.5}, {"mode": "ppo_clip"},
+    {"mode": "gspo", "dual_clip": 3.0}, {"mode": "gspo", "sequence_ratio_gradient": "through_mean"},
+    {"mode": "cispo", "cispo_cap": 1.1}, {"mode": "cispo", "cispo_level": "sequence"},
+    {"mode": "cispo", "cispo_level": "sequence", "sequence_ratio_gradient": "through_mean"},
+    {"mode": "reinforce"}, {"mode": "gpg"}, {"mode": "dro", "dro_beta": 2.0}, {"mode": "sapo", "tau_pos": 3.0},
+    {"mode": "dppo_tv", "clip_low": 0.02, "clip_high": 0.02}, {"mode": "dppo_kl", "clip_low": 0.02, "clip_high": 0.02},
+    {"mode": "bypass_mode", "dual_clip": 3.0}, {"mode": "bypass_mode", "bypass_loss": "reinforce"},
+    {"mode": "bypass_mode", "bypass_loss": "reinforce", "bypass_is": "token", "bypass_is_low": 0.5},
+]
 UNCOVERED_LOSS_OPTIONS = [
-    {"policy_loss": {"mode": "gspo", **THROUGH_MEAN}, "kl_loss": {"estimator": "k3"}},
-    {"policy_loss": {"mode": "cispo", "cispo_level": "sequence", **THROUGH_MEAN},
-     "kl_loss": {"estimator": "k1", "importance_weighted": True}},
-    {"policy_loss": {"mode": "geo_mean"}, "value_loss": {"clip": 0.2}},
+    {"policy_loss": {"mode": "geo_mean"}, "value_loss": {"clip": 0.2}, "kl_loss": {"estimator": "k3"}},
     {"policy_loss": {"mode": "clip_cov"}},
     {"policy_loss": {"mode": "kl_cov"}, "entropy_bonus": {"coef": 0.01}},
     {"policy_loss": {"mode": "geo_mean"}, "rollout_is_weights": True},
@@ -348,6 +354,26 @@ class TestUnderTheInterpreter:
                                 and given)]
         _same_losses(actual, expected, dtype)
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("policy", COVERED_POLICIES, ids=lambda p: "-".join(str(v) for v in p.values()))
+    def test_every_covered_policy_agrees(self, monkeypatch, dtype, policy):
+        """Each covered policy form, with every other term (an importance-weighted k3 KL, a clipped value
+        loss, entropy, token_loss), through the kernel in blocks of 64, as kernels="torch" computes it
+        (the random requests above may miss a form in a given run; these never do)."""
+        fused_losses = importlib.import_module("advserve.kernels.losses")
+        calls = []
+        kernel = fused_losses.loss_terms
+        monkeypatch.setattr(fused_losses, "loss_terms", lambda *a, **kw: calls.append(a) or kernel(*a, **kw))
+        monkeypatch.setattr(fused_losses, "BLOCK", 64)
+        tensors = _loss_tensors([60, 0, 1, 37, 59, 12], 61, 0.3, dtype, seed=47)
+        options = {"policy_loss": policy, "kl_loss": {"estimator": "k3", "importance_weighted": True, "coef": 0.5},
+                   "value_loss": {"clip": 0.2, "clip_ties": "split"}, "entropy_bonus": {"coef": 0.01},
+                   "token_loss": {}, "return_kl_values": True}
+        actual = _losses(tensors, options, "triton", dtype, engine=True)
+        expected = _losses(tensors, options, "torch", dtype, engine=True)
+        assert len(calls) == 1
+        _same_losses(actual, expected, dtype)
+
     def test_packed_requests_run_the_kernel(self, monkeypatch):
         """layout "packed" (sequences end to end, cu_seqlens): the kernel runs on the padded batch the
         engine lays out, and the outputs come back packed as the torch path's do."""
@@ -476,12 +502,12 @@ class TestCompiledForTheGpu:
         data = f"*{dtype}"
         pointers = ("logp", "old", "ref", "adv", "w_pol", "is_w", "w_kl", "values", "old_values", "returns", "w_val",
                     "entropy", "w_ent", "token_losses", "w_tok", "grad_lp", "grad_v", "grad_e", "grad_tok", "kl_out",
-                    "seq_log_ratio")
+                    "seq_log_ratio", "spread_out")
         scalars = ("low", "high", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "cap", "p1", "p2", "kl_coef",
                    "kl_clamp", "value_coef", "value_clip", "entropy_coef", "token_coef")
         signature = {**dict.fromkeys(pointers, data), "dropped_out": "*u8", "partials": data, "counts": "*i64",
                      "N": "i64", "T": "i32", **dict.fromkeys(scalars, "fp64")}
-        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "IS_W": 0, "SEQ_RATIO": False,
+        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "IS_W": 0, "SEQ_RATIO": False, "SPREAD": False,
                  "WRITE_DROPPED": False, "KL": 2, "KL_GRAD": -1, "HAS_KL_CLAMP": True, "KL_IW": False,
                  "WRITE_KL": True, "VALUE": 2, "SPLIT_TIES": True, "ENTROPY": True, "TOKEN": True,
                  "F32": dtype == "fp32", "BLOCK": losses.BLOCK}
@@ -490,6 +516,8 @@ class TestCompiledForTheGpu:
                     {"POLICY": 2, "KL": 3, "KL_IW": True}, {"POLICY": 3, "KL_GRAD": losses.UNBIASED},
                     {"POLICY": 4, "IS_W": losses.IS_ON_LOSS}, {"POLICY": 5, "IS_W": losses.IS_ON_WEIGHTS}, {"POLICY": 6},
                     {"POLICY": 1, "SEQ_RATIO": True, "KL_IW": True}, {"POLICY": 3, "SEQ_RATIO": True},
+                    {"POLICY": 1, "SEQ_RATIO": True, "SPREAD": True, "KL_IW": True},
+                    {"POLICY": 3, "SEQ_RATIO": True, "SPREAD": True, "KL_IW": True},
                     {"POLICY": 7, "WRITE_DROPPED": True}, {"POLICY": 8, "WRITE_DROPPED": True}]
         for variant in variants:
             ptx = self._ptx(losses._loss_kernel, signature, {**flags, **variant})
@@ -738,8 +766,8 @@ def _covered_loss_options(draw) -> dict:
     if mode == "cispo":
         policy["cispo_cap"] = draw(st.sampled_from([None, 1.1]))
         policy["cispo_level"] = draw(st.sampled_from(["token", "sequence"]))
-        if policy["cispo_level"] == "sequence":
-            policy["sequence_ratio_gradient"] = draw(st.sampled_from(["token_trick", "through_mean"]))
+    if mode == "gspo" or policy.get("cispo_level") == "sequence":
+        policy["sequence_ratio_gradient"] = draw(st.sampled_from(["token_trick", "through_mean"]))
     if mode == "dro":
         policy["dro_beta"] = draw(st.sampled_from([0.1, 2.0]))
     if mode == "sapo":
@@ -757,8 +785,8 @@ def _covered_loss_options(draw) -> dict:
         variant = draw(st.sampled_from([None, "gradient_estimator", "unbiased_gradient", "importance_weighted"]))
         if variant == "gradient_estimator":
             kl["gradient_estimator"] = draw(st.sampled_from(["k1", "k2", "k3", "abs"]))
-        elif variant is not None and not (variant == "importance_weighted" and policy.get("sequence_ratio_gradient")):
-            kl[variant] = True  # (an importance-weighted KL through the row mean is not covered)
+        elif variant is not None:
+            kl[variant] = True
         options["kl_loss"] = kl
         options["return_kl_values"] = draw(st.booleans())
     importance = draw(st.sampled_from([None, "rollout_correction", "rollout_is_weights"]))
@@ -800,7 +828,8 @@ def _losses(tensors: dict, options: dict, kernels: str, dtype: torch.dtype, engi
         tensors["rollout_is_weights"] = tensors["entropy"]
     if "rollout_correction" in options:
         tensors["rollout_logprobs"] = tensors["old_logprobs"] + 0.1 * tensors["ref_logprobs"].sin()
-    terms = {term for term, given in options.items() if term.endswith(("_loss", "_bonus", "_correction")) and given}
+    terms = {term for term, given in options.items()
+             if term.endswith(("_loss", "_bonus", "_correction")) and given is not False}
     needed = {"response_mask", "rollout_is_weights", "cu_seqlens"}.union(*(loss_specs.TERM_TENSORS[t] for t in terms))
     if options.get("kl_loss", {}).get("importance_weighted") or options.get("kl_loss", {}).get("unbiased_gradient"):
         needed.add("old_logprobs")

@@ -7,8 +7,9 @@ the aggregation weights w [B, T] of `functional.masks.aggregation_weights` (0 at
 they carry the mask, the agg mode and the normalizers):
 
     ρ_t = exp(clamp(lp − old, ±ratio_clamp)),  ∂ρ = ρ where the clamp passes, else 0 (the token ratio);
-        or the row's s_i = exp(min(mean_t(lp − old), ratio_clamp)) for gspo and cispo at sequence level,
-        its gradient per token (token_trick; the row means computed by the torch path first);
+        or the row's s_i = exp(min(mean_t(lp − old), ratio_clamp)) for gspo and cispo at sequence level
+        (the row means computed by the torch path first), its gradient per token (token_trick) or
+        through the row mean (through_mean: the kernel writes ∂ℓ/∂log s_i, `spread_over_row` after);
     policy ℓ^π_t, ∂ℓ^π_t/∂lp of the mode (`functional.losses.policy_term`): ppo_clip and gspo (clip,
         dual clip, ratio cap), reinforce, cispo, gpg, dro, sapo, dppo_tv, dppo_kl, bypass_mode (its
         importance weights, computed by the torch path, multiply ℓ and ∂ℓ); rollout correction's
@@ -26,8 +27,7 @@ they carry the mask, the agg mode and the normalizers):
 The sums are per-block partials added in block order (the same bits on every run), with the
 unweighted sums the metrics read (Σ kl_t, Σ e_t) and the count of clipped values. float32 or float64
 on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, read when this module
-is imported). geo_mean, clip_cov, kl_cov, gradients through a row mean (sequence_ratio_gradient
-through_mean) stay on the torch path (`covers`, docs/kernels.md).
+is imported). geo_mean, clip_cov and kl_cov stay on the torch path (`covers`, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..functional.kl import K3_LOG_RATIO_BOUND
-from ..functional.losses import KL_IS_WEIGHT_CAP, PolicyTerm, bypass_weights, sequence_log_ratio
+from ..functional.losses import KL_IS_WEIGHT_CAP, PolicyTerm, bypass_weights, sequence_log_ratio, spread_over_row
 from .groups import _div  # float32 division rounded to nearest, as torch divides
 
 BLOCK = 1024
@@ -95,20 +95,22 @@ def _tie_split(x, bound, BELOW: tl.constexpr):
 
 @triton.jit
 def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, returns, w_val, entropy, w_ent,
-                 token_losses, w_tok, grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped_out, seq_log_ratio, partials,
+                 token_losses, w_tok, grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped_out, seq_log_ratio, spread_out, partials,
                  counts, N, T,
                  low: tl.float64, high: tl.float64, clip_low: tl.float64, clip_high: tl.float64,
                  dual_clip: tl.float64, ratio_clamp: tl.float64, cap: tl.float64, p1: tl.float64, p2: tl.float64,
                  kl_coef: tl.float64, kl_clamp: tl.float64, value_coef: tl.float64, value_clip: tl.float64,
                  entropy_coef: tl.float64, token_coef: tl.float64,
                  POLICY: tl.constexpr, HAS_RATIO_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr,
-                 HAS_CAP: tl.constexpr, IS_W: tl.constexpr, SEQ_RATIO: tl.constexpr, WRITE_DROPPED: tl.constexpr,
+                 HAS_CAP: tl.constexpr, IS_W: tl.constexpr, SEQ_RATIO: tl.constexpr, SPREAD: tl.constexpr,
+                 WRITE_DROPPED: tl.constexpr,
                  KL: tl.constexpr, KL_GRAD: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_IW: tl.constexpr,
                  WRITE_KL: tl.constexpr, VALUE: tl.constexpr, SPLIT_TIES: tl.constexpr, ENTROPY: tl.constexpr,
                  TOKEN: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
     # POLICY: 0 none, else POLICY_CODES; p1, p2: the mode's own parameters (cispo: none; dro: ½β, β;
     # sapo: τ+, τ−; dppo: none); IS_W: 0 none, IS_ON_LOSS or IS_ON_WEIGHTS; SEQ_RATIO: the ratio is the
-    # row's exp(min(seq_log_ratio[row], ratio_clamp)) (T: the row length); KL: −1 none, else _KL; KL_GRAD:
+    # row's exp(min(seq_log_ratio[row], ratio_clamp)) (T: the row length); SPREAD: its gradient goes
+    # through the row mean: gspo's and an importance-weighted KL's part to spread_out; KL: −1 none, else _KL; KL_GRAD:
     # −1 the estimator's own, _KL (unclamped) or UNBIASED; VALUE: 0 none, else VALUE_CODES
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -118,6 +120,8 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
     if POLICY != 0 or KL >= 0:
         lp = tl.load(logp + offs, mask=inside, other=0.0)
         grad = tl.zeros((BLOCK,), dtype)
+    if SPREAD:
+        spread = tl.zeros((BLOCK,), dtype)
     if POLICY != 0 or KL_IW or KL_GRAD == 4:
         o = tl.load(old + offs, mask=inside, other=0.0)
         passes = tl.full((BLOCK,), 1.0, dtype)
@@ -210,7 +214,10 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
                 wp = wp * weight_is
         policy_part = wp * loss_pol
         total += policy_part
-        grad = wp * grad_pol
+        if SPREAD and POLICY == 1:  # gspo through the row mean: ∂ℓ/∂log s_i, spread afterwards
+            spread = wp * grad_pol
+        else:
+            grad = wp * grad_pol
         tl.store(partials + pid * 8 + 1, tl.sum(tl.where(inside, policy_part, 0.0), axis=0))
 
     if KL >= 0:
@@ -228,16 +235,23 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             grad_kl = tl.minimum(tl.exp(lp - o), IS_WEIGHT_CAP) * x
         elif KL_GRAD >= 0:  # straight-through: another estimator's gradient, unclamped
             _, grad_kl = _kl_estimate(x, KL_GRAD, False)
-        if KL_IW:  # × ρ, differentiable
-            grad_kl = grad_kl * ratio + kl * dratio
-            kl = kl * ratio
         beta = tl.full((), kl_coef, dtype)
+        if KL_IW:  # × ρ, differentiable: ∂ = ρ ∂kl + kl ∂ρ (the second through the row mean with SPREAD)
+            through = kl * dratio
+            grad_kl = grad_kl * ratio
+            if SPREAD:
+                spread += (beta * wk) * through
+            else:
+                grad_kl = grad_kl + through
+            kl = kl * ratio
         total += beta * (wk * kl)
         grad += (beta * wk) * grad_kl
         tl.store(partials + pid * 8 + 2, tl.sum(tl.where(inside, wk * kl, 0.0), axis=0))
         tl.store(partials + pid * 8 + 3, tl.sum(tl.where(inside, kl, 0.0), axis=0))
     if POLICY != 0 or KL >= 0:
         tl.store(grad_lp + offs, grad, mask=inside)
+    if SPREAD:
+        tl.store(spread_out + offs, spread, mask=inside)
 
     if VALUE != 0:
         v = tl.load(values + offs, mask=inside, other=0.0)
@@ -329,16 +343,11 @@ def token_ratio(policy: Mapping[str, Any]) -> bool:
 def covers(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> bool:
     """True when `loss_terms` computes every term of `terms` (the engine's resolved parameters; `policy`
     the policy term's, or the preset's when it is off; `tensors` the request's). Not covered: geo_mean,
-    clip_cov, kl_cov, a sequence ratio whose gradient goes through the row mean (gspo's and an
-    importance-weighted KL's with sequence_ratio_gradient through_mean), and bypass_mode with
-    rollout_is_weights (an error, which the torch path raises)."""
+    clip_cov, kl_cov, and bypass_mode with rollout_is_weights (an error, which the torch path raises)."""
+    if "policy_loss" not in terms:
+        return True
     mode = policy["mode"]
-    spread = not token_ratio(policy) and policy["sequence_ratio_gradient"] == "through_mean"
-    if "policy_loss" in terms and (mode not in FUSED_POLICY_MODES or (mode == "gspo" and spread)
-                                   or (mode == "bypass_mode" and "rollout_is_weights" in tensors)):
-        return False
-    kl = terms.get("kl_loss")
-    return kl is None or not kl["importance_weighted"] or not spread
+    return mode in FUSED_POLICY_MODES and not (mode == "bypass_mode" and "rollout_is_weights" in tensors)
 
 
 def _policy_code(p: Mapping[str, Any], logp: Tensor, old: Tensor, mask: Tensor,
@@ -379,7 +388,7 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     preset's when it is off: its ratio_clamp bounds an importance-weighted KL's ratio); tensors: the
     batch's [B, T] tensors in one float dtype, 0 at masked positions; weights: each aggregated term's
     w [B, T]; mask [B, T] bool and lengths [B] valid tokens per row (read by bypass_mode, dppo and
-    sequence ratios only). importance_weights [B, T]: rollout correction's or the given
+    sequence ratios only: None is fine without them). importance_weights [B, T]: rollout correction's or the given
     rollout_is_weights, multiplying w^π (the engine computes them and their metrics). return_kl_values:
     also the KL estimate per token (before an importance weight). `block`: positions per program (a
     power of 2, default BLOCK).
@@ -409,6 +418,9 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     sequence = None
     if (pol is not None or (kl is not None and kl["importance_weighted"])) and not token_ratio(policy):
         sequence = sequence_log_ratio(tensors["logprobs"], tensors["old_logprobs"], mask, lengths)  # [B]
+    spread = sequence is not None and policy["sequence_ratio_gradient"] == "through_mean" and (
+        (pol is not None and pol["mode"] == "gspo") or (kl is not None and kl["importance_weighted"]))
+    spread_out = output(spread)
     kl_grad = -1
     if kl is not None and kl["unbiased_gradient"]:
         kl_grad = UNBIASED
@@ -441,7 +453,7 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             flat_weights("value_loss"), flat("entropy" if entropy is not None else None), flat_weights("entropy_bonus"),
             flat("token_losses" if token is not None else None), flat_weights("token_loss"),
             grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped, dummy if sequence is None else sequence.contiguous(),
-            partials, counts, count, shape[-1],
+            spread_out, partials, counts, count, shape[-1],
             *(number(args.get(name)) for name in ("low", "high", "clip_low", "clip_high", "dual_clip")),
             number(policy["ratio_clamp"]), *(number(args.get(name)) for name in ("cap", "p1", "p2")),
             number(kl["coef"] if kl else None), number(kl["clamp"] if kl else None),
@@ -449,13 +461,15 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             number(entropy["coef"] if entropy else None), number(token["coef"] if token else None),
             POLICY=code, HAS_RATIO_CLAMP=policy["ratio_clamp"] is not None,
             HAS_DUAL=args.get("dual_clip") is not None, HAS_CAP=args.get("cap") is not None,
-            IS_W=is_kind, SEQ_RATIO=sequence is not None, WRITE_DROPPED=write_dropped,
+            IS_W=is_kind, SEQ_RATIO=sequence is not None, SPREAD=spread, WRITE_DROPPED=write_dropped,
             KL=-1 if kl is None else _KL[kl["estimator"]], KL_GRAD=kl_grad,
             HAS_KL_CLAMP=kl is not None and kl["clamp"] is not None, KL_IW=kl is not None and kl["importance_weighted"],
             WRITE_KL=write_kl, VALUE=0 if value is None else VALUE_CODES[value["clip_form"] if value_clip is not None else None],
             SPLIT_TIES=value is not None and value["clip_ties"] == "split", ENTROPY=entropy is not None,
             TOKEN=token is not None, F32=dtype == torch.float32, BLOCK=block)
     sums = partials.sum(dim=0)
+    if spread:  # the row-mean part of the gradient: every valid token gets its row's sum / L_i
+        grad_lp += spread_over_row(spread_out.view(shape), mask, lengths).view(-1)
 
     def present(x: Tensor, on: bool) -> Tensor | None:
         return x.view(shape) if on else None
