@@ -112,7 +112,7 @@ def main() -> int:
     import advserve
     from advserve.ray import RayClient
     from advserve.ray.deployment import Options, deployment
-    from advserve.testing import ServerProcess, free_port
+    from advserve.testing import ServerProcess, free_port, start_local_ray
     from advserve_client import Client
 
     import torch
@@ -131,7 +131,7 @@ def main() -> int:
             failures.append(f"{where}: {outcome}")
             print(f"  FAILURE {where}: {outcome}", flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     settings = {"device": "cpu", "kernels": "torch"}

@@ -37,7 +37,7 @@ import advserve_client
 import advserve_client._retry
 from advserve_client import errors as client_errors
 from conftest import ROOT
-from advserve.testing import free_port
+from advserve.testing import free_port, start_local_ray
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_transports as fz  # noqa: E402
@@ -67,7 +67,7 @@ def cluster():
     config = _config()
     app = config.applications[0]
     spec = app.deployments[0]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port,
@@ -666,3 +666,27 @@ def test_the_oip_servicer_registers_generic_handlers_only_on_a_proxy_that_routes
         grpc_proxy.add_GRPCInferenceServiceServicer_to_server(grpc_service_pb2_grpc.GRPCInferenceServiceServicer(),
                                                              server)
         assert len(server.generic) == 1 and server.registered == registered, server_class
+
+
+def test_a_local_ray_that_does_not_start_is_started_again_once(monkeypatch):
+    calls = []
+
+    def init(**kwargs):
+        calls.append("init")
+        if calls.count("init") <= failures:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        return "started"
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    failures = 1
+    assert start_local_ray(num_cpus=2) == "started" and calls == ["init", "shutdown", "init"]
+    calls.clear()
+    failures = 2
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_local_ray(num_cpus=2)
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(ValueError("bad argument")))
+    with pytest.raises(ValueError):
+        start_local_ray(num_cpus=2)
+    assert calls == []

@@ -222,5 +222,22 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> dict[str, Any]
     return {"load": load, "waited_s": time.perf_counter() - start, "quiet": load is None or load < threshold}
 
 
-__all__: Sequence[str] = ("ServerProcess", "free_port", "advserve_command", "cpu_model", "background_load",
+def start_local_ray(**init_kwargs: Any) -> Any:
+    """`ray.init(**init_kwargs)` for a local test cluster, tried twice: on a busy small machine Ray's raylet
+    sometimes fails to register with its GCS within Ray's fixed 30 s ("The current node timed out during
+    startup"), a start-up failure of Ray's own that a second start does not repeat. Any other error,
+    or the same one twice, is raised."""
+    import ray
+
+    try:
+        return ray.init(**init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this one
+        if "timed out during startup" not in str(exc):
+            raise
+        print(f"advserve.testing: Ray did not start ({exc}); starting it again", file=sys.stderr, flush=True)
+        ray.shutdown()
+        return ray.init(**init_kwargs)
+
+
+__all__: Sequence[str] = ("ServerProcess", "free_port", "start_local_ray", "advserve_command", "cpu_model", "background_load",
                           "wait_for_quiet")
