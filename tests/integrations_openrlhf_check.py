@@ -1,4 +1,4 @@
-"""Run by tests/test_integrations_openrlhf.py under the REAL OpenRLHF 0.11.2 (`/tmp/orlhfenv/bin/python`,
+"""Run by tests/test_integrations_openrlhf.py under the REAL OpenRLHF 0.11.2 (tests/real_libraries.py:
 installed --no-deps, its other import-time dependencies stubbed by tests/golden/openrlhf_stub.py), with
 advserve's own dependencies from the project venv appended to sys.path.
 

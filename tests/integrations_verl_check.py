@@ -1,4 +1,4 @@
-"""Run by tests/test_integrations_verl.py under the REAL verl 0.9.1 (`/tmp/verlenv/bin/python`, verl installed
+"""Run by tests/test_integrations_verl.py under the REAL verl 0.9.1 (tests/real_libraries.py: verl installed
 --no-deps, its other import-time dependencies stubbed by tests/golden/verl_stub.py).
 
 advserve's own dependencies come from the project venv (its site-packages appended to sys.path, as if

@@ -1,4 +1,4 @@
-"""Run by tests/test_integrations_verl.py under the REAL verl 0.9.1 (`/tmp/verlenv/bin/python`): docs/integrations.md's
+"""Run by tests/test_integrations_verl.py under the REAL verl 0.9.1 (tests/real_libraries.py): docs/integrations.md's
 GRPO config diff applied to verl's own trainer config (verl/trainer/config/_generated_ppo_trainer.yaml), the
 overrides as Hydra applies them (`+key` adds a key). Reports the keys whose values differ between the two
 configs, whether `import verl` (the entry point) registered what the new config names, whether the actor's

@@ -1,8 +1,8 @@
 """advserve in OpenRLHF 0.11.2 (advserve.integrations.openrlhf): RemoteExperienceMaker.compute_advantages_and_returns
 wrapped, advserve's advantages and returns in place of OpenRLHF's.
 
-* Against the REAL OpenRLHF (`/tmp/orlhfenv`, the golden generator's throwaway venv; skipped only where it
-  does not exist, as on CI): tests/integrations_openrlhf_check.py installs the hook and compares the
+* Against the REAL OpenRLHF 0.11.2 (installed by the suite, --no-deps, into build/real-libraries/openrlhf:
+  tests/real_libraries.py): tests/integrations_openrlhf_check.py installs the hook and compares the
   wrapped method with OpenRLHF's own on random experience lists, every estimator, in process, against a
   server, and against a list of servers used in turn (the --reward.remote_url convention).
 * Everywhere: the golden advantage cases of tests/golden/openrlhf_0.11.2.json (computed by the real
@@ -12,7 +12,6 @@ wrapped, advserve's advantages and returns in place of OpenRLHF's.
 from __future__ import annotations
 
 import json
-import subprocess
 import sysconfig
 from pathlib import Path
 from types import SimpleNamespace as NS
@@ -21,24 +20,24 @@ import numpy as np
 import pytest
 import torch
 
+import real_libraries
+
 from advserve.integrations import openrlhf as integration
 from advserve.integrations._backend import RoundRobin, backend
 
 ROOT = Path(__file__).resolve().parents[1]
-ORLHF_PYTHON = Path("/tmp/orlhfenv/bin/python")
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "openrlhf_0.11.2.json").read_text())
 OPENRLHF_NAME = {ours: theirs for theirs, ours in integration.ESTIMATORS.items()}
 
 
-@pytest.mark.skipif(not ORLHF_PYTHON.exists(), reason="no /tmp/orlhfenv (the real OpenRLHF 0.11.2's throwaway venv)")
 @pytest.mark.parametrize("where", ["in process", "remote", "two servers"])
 def test_real_openrlhf_wrapped_method(where, request):
     address = ""
     if where != "in process":
         server = request.getfixturevalue("server")
         address = server.url if where == "remote" else f"{server.url},grpc://{server.grpc_address}"
-    out = subprocess.run([str(ORLHF_PYTHON), str(ROOT / "tests" / "integrations_openrlhf_check.py"),
-                          sysconfig.get_paths()["purelib"], address], capture_output=True, text=True, timeout=300)
+    out = real_libraries.run("openrlhf", ROOT / "tests" / "integrations_openrlhf_check.py",
+                             sysconfig.get_paths()["purelib"], address)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["wrapped"]

@@ -1,8 +1,8 @@
 """advserve in verl (`advserve.integrations.verl`): estimators and policy losses registered in verl's
 registries, selected by verl's config, computing verl's numbers.
 
-* Against the REAL verl 0.9.1 (`/tmp/verlenv`, the throwaway venv of the golden generators; skipped
-  only when that venv does not exist, as on CI): tests/integrations_verl_check.py runs there, where
+* Against the REAL verl 0.9.1 (installed by the suite, --no-deps, into build/real-libraries/verl:
+  tests/real_libraries.py): tests/integrations_verl_check.py runs with it, where
   `import verl` loads advserve through the `verl.plugins` entry point, and compares, on random batches,
   verl's trainer function `compute_advantage(adv_estimator="advserve_<name>")` with verl's own `<name>`,
   and `get_policy_loss_fn("advserve_<mode>")` (loss, autograd gradient, metrics) with verl's own
@@ -32,8 +32,9 @@ import numpy as np
 import pytest
 import torch
 
+import real_libraries
+
 ROOT = Path(__file__).resolve().parents[1]
-VERL_PYTHON = Path("/tmp/verlenv/bin/python")
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "verl_0.9.1.json").read_text())
 
 
@@ -42,13 +43,11 @@ GOLDEN = json.loads((ROOT / "tests" / "golden" / "verl_0.9.1.json").read_text())
 
 def run_real_verl(address: str) -> dict:
     script = ROOT / "tests" / "integrations_verl_check.py"
-    out = subprocess.run([str(VERL_PYTHON), str(script), sysconfig.get_paths()["purelib"], address],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = real_libraries.run("verl", script, sysconfig.get_paths()["purelib"], address)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not VERL_PYTHON.exists(), reason="no /tmp/verlenv (the real verl 0.9.1's throwaway venv)")
 @pytest.mark.parametrize("where", ["in process", "remote"])
 def test_real_verl_registries_and_numbers(where, request):
     address = request.getfixturevalue("server").url if where == "remote" else ""
@@ -435,14 +434,12 @@ def test_the_documented_verl_config_diff_is_exactly_the_switch(verl):
     assert sum(line.startswith(" ") for line in lines) >= 15  # a whole GRPO command around them
 
 
-@pytest.mark.skipif(not VERL_PYTHON.exists(), reason="no /tmp/verlenv (the real verl 0.9.1's throwaway venv)")
 def test_the_documented_diff_applied_to_verls_own_config():
     """Applied to verl's trainer config (as Hydra applies overrides), the diff changes exactly three keys;
     `import verl` registered what they name; the actor's policy_loss section still converts to verl's
     PolicyLossConfig; Ray gets the address; GRPO through verl's compute_advantage with the switched config
     gives verl's own numbers."""
-    out = subprocess.run([str(VERL_PYTHON), str(ROOT / "tests" / "integrations_verl_config.py"),
-                          sysconfig.get_paths()["purelib"]], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = real_libraries.run("verl", ROOT / "tests" / "integrations_verl_config.py", sysconfig.get_paths()["purelib"])
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["changed"] == ["actor_rollout_ref.actor.policy_loss.loss_mode", "algorithm.adv_estimator",
@@ -452,7 +449,7 @@ def test_the_documented_diff_applied_to_verls_own_config():
     assert report["advantages_diff"] <= 1e-6
 
 
-VERL_TESTS = Path("/tmp/verlenv/lib/python3.11/site-packages/tests/trainer/ppo")
+VERL_TESTS = Path("tests") / "trainer" / "ppo"  # in verl's wheel, beside the verl package
 VERL_TEST_FILES = ("test_core_algos_on_cpu.py", "test_dynamic_policy_losses_on_cpu.py",
                    "test_reinforce_pp_multiturn_on_cpu.py", "test_rollout_corr_integration.py",
                    "test_value_loss_normalization_on_cpu.py")
@@ -492,18 +489,18 @@ def pytest_collection_modifyitems(session, config, items):
 '''
 
 
-@pytest.mark.skipif(not VERL_TESTS.exists(), reason="no /tmp/verlenv (the real verl 0.9.1 with its tests)")
 def test_verls_own_tests_pass_with_advserves_functions(tmp_path):
     """verl 0.9.1's own CPU tests of its estimators and policy losses, run with each function they call
     replaced by the advserve function registered for it: every test that passes with verl's functions
     passes with advserve's (the ones that need verl's real tensordict fail alike under the stubs)."""
     import shutil
 
+    verl_site = real_libraries.installed("verl")
     for name in VERL_TEST_FILES:
-        shutil.copy(VERL_TESTS / name, tmp_path / name)
+        shutil.copy(verl_site / VERL_TESTS / name, tmp_path / name)
     (tmp_path / "conftest.py").write_text(CONFTEST.format(
         golden=str(ROOT / "tests" / "golden"), client=str(ROOT / "client"), service=str(ROOT / "service"),
-        verl_site=str(VERL_TESTS.parents[2]), swap=VERL_SWAP))
+        verl_site=str(verl_site), swap=VERL_SWAP))
     outcomes = {}
     for swap in ("0", "1"):
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", str(tmp_path)],
