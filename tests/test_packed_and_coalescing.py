@@ -264,6 +264,26 @@ def test_the_line_waits_at_most_its_limit_and_never_on_the_event_loop():
     assert admission.in_flight == 0
 
 
+def test_the_line_sees_room_another_worker_gives_back(tmp_path):
+    """--workers: admission is one budget on a shared board; bytes another worker gives back send no
+    wake-up to this one, so the request at the head of its line looks again every few milliseconds."""
+    from advserve.runtime import SharedAdmission
+    from advserve.workers import Board
+
+    board = Board(2, str(tmp_path / "board.lock"))
+    here, other = SharedAdmission(10_000, None, board, 0), SharedAdmission(10_000, None, board, 1)
+    holder = other.lease()
+    holder.grow(9_000)
+    threading.Timer(0.2, holder.close).start()  # the other worker's request ends
+    lease = here.lease()
+    started = time.monotonic()
+    lease.grow(2_000, compute=True, wait_s=5.0)
+    assert 0.15 <= time.monotonic() - started < 2.0
+    assert here.in_flight == 2_000
+    lease.close()
+    assert here.in_flight == 0
+
+
 def test_admission_turns_load_away_with_503_and_loses_nothing():
     # room for one request at a time: its 25 MB body and its compute (2M float32 tokens x 72 bytes, 151 MB)
     small = RunningServer("--admission-bytes", str(200 << 20))
