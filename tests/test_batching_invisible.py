@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from advserve import batch as batch_module
 from advserve import estimators as estimators_module
+from advserve.kernels import cpu as cpu_kernels
 from advserve.engine import Engine
 from advserve.errors import InvalidArgument, PayloadTooLarge
 from advserve.estimators import ESTIMATORS
@@ -353,10 +354,15 @@ def test_running_out_of_memory_is_a_413_naming_the_tensor(monkeypatch):
             ENGINE.compute_advantages(AdvantageRequest("grpo", {"rewards": [1.0, 0.0], "response_mask": [[1], [1]],
                                                                 "group_ids": ["a", "a"]}))
         assert err.value.field == "tensors.group_ids"
-    with monkeypatch.context() as patch:  # and while computing
+    with monkeypatch.context() as patch:  # and while computing, on the torch path
         patch.setattr(estimators_module, "gae", lambda *args: (_ for _ in ()).throw(MemoryError()))
         with pytest.raises(PayloadTooLarge) as err:
-            ENGINE.compute_advantages(AdvantageRequest("gae", tensors))
+            Engine("cpu", kernels="torch").compute_advantages(AdvantageRequest("gae", tensors))
+        assert err.value.field == "tensors.response_mask"
+    with monkeypatch.context() as patch:  # and in the numba kernel's pass (validation and scan in one)
+        patch.setattr(cpu_kernels, "scan", lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(PayloadTooLarge) as err:
+            Engine("cpu", kernels="numba").compute_advantages(AdvantageRequest("gae", tensors))
         assert err.value.field == "tensors.response_mask"
 
 

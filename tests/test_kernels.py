@@ -867,11 +867,24 @@ def _gae_request(preset: str, seed: int) -> AdvantageRequest:
 def test_kernels_setting_resolves():
     cpu = torch.device("cpu")
     assert resolve_kernels("torch", cpu) == "torch"
-    assert resolve_kernels("auto", cpu) == "torch"  # the kernels are for CUDA tensors
-    assert Engine("cpu").kernels == "torch"
+    assert resolve_kernels("auto", cpu) == "numba"  # the Triton kernels are for CUDA tensors, numba's for the CPU
+    assert Engine("cpu").kernels == "numba"
     with pytest.raises(InvalidArgument) as bad:
         resolve_kernels("cuda-graphs", cpu)
-    assert bad.value.field == "kernels" and "auto, torch, triton" in str(bad.value)
+    assert bad.value.field == "kernels" and "auto, torch, triton, numba" in str(bad.value)
+
+
+def test_numba_kernels_setting(monkeypatch):
+    """kernels 'numba' runs on the CPU only, and needs numba; without it 'auto' on the CPU is torch."""
+    assert Engine("cpu", kernels="numba").kernels == "numba"
+    with pytest.raises(InvalidArgument) as on_cuda:
+        resolve_kernels("numba", torch.device("cuda"))
+    assert on_cuda.value.field == "kernels" and "runs on the CPU" in str(on_cuda.value)
+    monkeypatch.setattr(advserve.kernels, "numba_available", lambda: False)
+    assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(InvalidArgument) as missing:
+        Engine("cpu", kernels="numba")
+    assert missing.value.field == "kernels" and "numba package" in str(missing.value)
 
 
 def test_triton_kernels_on_the_cpu_need_the_interpreter(monkeypatch):
@@ -890,7 +903,7 @@ def test_triton_kernels_without_triton_are_an_error(monkeypatch):
     with pytest.raises(InvalidArgument) as missing:
         Engine("cpu", kernels="triton")
     assert missing.value.field == "kernels" and "advserve[kernels]" in str(missing.value)
-    assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+    assert resolve_kernels("auto", torch.device("cpu")) == "numba"
 
 
 def test_the_in_process_api_takes_the_kernels_argument(monkeypatch):

@@ -58,7 +58,8 @@ def compute_advantages(
     [B + 1] (response_mask optional), results flat too. Returns `.advantages`, `.returns` [B, T], `.stats`,
     `.params` (the resolved parameters). Parameters go in `params` (params={"gamma": 1}); one given as
     a keyword argument is an error that says so. Raises `advserve.InvalidArgument` / `advserve.NotFound`.
-    kernels: "auto" (the Triton kernels on a CUDA device when triton is installed), "torch" or "triton".
+    kernels: "auto" (the Triton kernels on a CUDA device when triton is installed, the numba ones on the
+    CPU when numba is), "torch", "triton" or "numba" (`advserve.kernels`).
     """
     request = AdvantageRequest(estimator=estimator, tensors=tensors, preset=preset, params=params, dtype=dtype,
                                layout=layout)

@@ -53,7 +53,8 @@ class Batch:
     finite, and 0 at masked positions; `mask` [B, T] bool and `valid` the same as 0/1 in the compute
     dtype; `lengths` [B] valid tokens per row (int32);
     `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
-    given."""
+    given; `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
+    the batch computed it too (`build_batch`'s `scan`)."""
 
     tensors: dict[str, Tensor]
     mask: Tensor
@@ -62,6 +63,7 @@ class Batch:
     group_index: Tensor | None
     group_labels: list | None
     layout: "PackedLayout | None" = None
+    scan: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":
@@ -442,6 +444,7 @@ def build_batch(
     hints: Mapping[str, str] | None = None,
     keep_masked: Iterable[str] = (),
     checks: Checks | None = None,
+    scan: Any = None,
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
     `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
@@ -456,6 +459,10 @@ def build_batch(
     "<name>:unmasked" (then finite everywhere: verl sums masked token rewards).
     `checks`: where the value checks go, for the caller to add its own and `settle()` them all with one
     host read; without it they are settled here, before returning.
+    `scan`: an `estimators.ScanSpec` when the caller's estimator starts from that scan and the numba
+    kernels may run (a CPU device): a padded batch of exactly the rewards, the mask and the values
+    the scan reads is then validated and scanned in one pass (`scanned_batch`), its `scan` set; where
+    that pass finds a mistake, the checks below run and word it.
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -492,6 +499,10 @@ def build_batch(
         raise PayloadTooLarge(f"{batch_size} x {length} tokens: more than the limit of {max_tokens} tokens per "
                               "request", field="tensors.response_mask")
 
+    if scan is not None and packed is None:
+        batch = scanned_batch(arrays, scan, dtype)
+        if batch is not None:
+            return batch
     own_checks = checks is None
     checks = Checks() if own_checks else checks
     tensors: dict[str, Tensor] = {}
@@ -523,6 +534,41 @@ def build_batch(
         checks.settle()
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
                  group_labels=group_labels, layout=packed)
+
+
+def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: torch.dtype) -> Batch | None:
+    """The Batch of `arrays` (shapes checked, on the CPU) with its `scan` (an estimators.ScanSpec)
+    computed, by `kernels.cpu.scan`: validation, zeroed copies and the scan in one pass. None when the
+    arrays are not exactly what the scan reads (response_mask, one of rewards and token_rewards, values
+    when it takes them), are not all real numbers, or fail a check: the caller validates them the
+    torch way, which words the mistake."""
+    rewards_name = "token_rewards" if "token_rewards" in arrays else "rewards"
+    if set(arrays) != {"response_mask", rewards_name} | ({"values"} if scan.values else set()):
+        return None
+    if any(isinstance(a, Tensor) and (a.is_complex() or a.requires_grad or a.device.type != "cpu")
+           for a in arrays.values()):
+        return None
+    from .kernels import cpu  # imports numba
+
+    tensors = {}
+    for name in sorted(arrays, key=_check_order):
+        with _fits(name):
+            if name == "response_mask":
+                given_mask = torch.as_tensor(arrays[name]).contiguous()
+            else:
+                tensors[name] = _numeric(name, arrays[name], dtype, torch.device("cpu")).contiguous()
+    with _fits("response_mask"):  # its outputs: the batch's size
+        result = cpu.scan(tensors.get("token_rewards"), tensors.get("values"), given_mask, scan.gamma, scan.lam,
+                          scan.gaps, outcome=tensors.get("rewards"))
+    if result is None:
+        return None
+    if "token_rewards" in tensors:
+        tensors["token_rewards"] = result.rewards
+    if scan.values:
+        tensors["values"] = result.values
+    valid = given_mask if given_mask.dtype == dtype else result.mask.to(dtype)
+    return Batch(tensors=tensors, mask=result.mask, valid=valid, lengths=result.lengths, group_index=None,
+                 group_labels=None, scan=(result.advantages, result.returns))
 
 
 def _check_order(name: Any) -> tuple[bool, str]:

@@ -94,9 +94,10 @@ class Settings:
                                                                     "(malloc_trim) once no request has been in "
                                                                     "flight for this long (0: never)"})
     kernels: str = field(default="auto", metadata={"help": "the engine's math: 'triton' (fused Triton kernels; a "
-                                                         "CUDA device and the triton package), 'torch', or "
-                                                         "'auto' (triton when both are there)",
-                                                 "choices": ("auto", "torch", "triton")})
+                                                         "CUDA device and the triton package), 'numba' (GAE and "
+                                                         "reward-to-go in one pass on the CPU), 'torch', or 'auto' "
+                                                         "(triton on CUDA, numba on the CPU, where installed)",
+                                                 "choices": ("auto", "torch", "triton", "numba")})
     shared_memory: str = field(default="local", metadata={
         "help": "who may register shared-memory regions (/v2/systemsharedmemory, /v2/cudasharedmemory; "
                 "docs/shared-memory.md): 'local' (callers connected over loopback), 'any' (every authenticated "

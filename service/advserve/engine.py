@@ -52,8 +52,9 @@ def refuse_params_as_tensors(raw: Any, kind: str, estimator: str | None = None) 
 class Engine:
     """Computes advantages and losses on one device. Thread-compatible: holds no mutable state.
 
-    `kernels`: "auto" (the Triton kernels on a CUDA device when triton imports, else torch), "torch"
-    or "triton" (`advserve.kernels`); `self.kernels` is what it resolved to, "torch" or "triton"."""
+    `kernels`: "auto" (the Triton kernels on a CUDA device when triton imports, the numba ones on the
+    CPU when numba does, else torch), "torch", "triton" or "numba" (`advserve.kernels`); `self.kernels`
+    is what it resolved to, "torch", "triton" or "numba"."""
 
     def __init__(self, device: str | torch.device | None = "auto", *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  kernels: str = "auto"):
@@ -140,6 +141,7 @@ class Engine:
             hints=hints,
             keep_masked=("token_rewards",) if params.get("masked_token_rewards") == "sum" else (),
             checks=checks,
+            scan=estimator.scan(params) if self.kernels == "numba" and estimator.scan is not None else None,
         )
         with checks.host_errors_after():
             self._check_estimator_preconditions(estimator, params, batch, checks)
@@ -629,6 +631,7 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype,
         unmasked_token_rewards=t.get("token_rewards:unmasked"),
         reward_components=t.get("reward_components"),
         statistics=statistics,
+        scan=batch.scan,
     )
 
 

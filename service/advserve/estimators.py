@@ -36,6 +36,9 @@ class AdvantageInputs:
     under params.masked_token_rewards = 'sum' (verl sums them into R), and then R = Σ over all T.
     `statistics`: the batch-wide statistics of the estimator (`Estimator.statistics`) of a larger batch
     that this one is a shard of (advserve.ray.sharding), used instead of this batch's own; None: its own.
+    `scan`: (advantages, returns) [B, T] of the estimator's `Estimator.scan` over these rewards and
+    values, when a kernel computed it while validating the batch (`advserve.kernels.cpu`); None: the
+    estimator computes it.
     """
 
     mask: Tensor
@@ -53,6 +56,7 @@ class AdvantageInputs:
     unmasked_token_rewards: Tensor | None = None
     reward_components: Tensor | None = None
     statistics: Mapping[str, Tensor] | None = None
+    scan: tuple[Tensor, Tensor] | None = None
 
     @functools.cached_property
     def scores(self) -> Tensor:
@@ -130,6 +134,18 @@ MASKED = ("masked_token_rewards",)
 
 
 @dataclass(frozen=True)
+class ScanSpec:
+    """The scan an estimator's advantages start from when it reads the rewards as given (no KL, no clip):
+    GAE with γ and λ over the values, or without them the reward-to-go with γ; `gaps` the mask_gaps
+    convention."""
+
+    gamma: float
+    lam: float
+    gaps: str
+    values: bool
+
+
+@dataclass(frozen=True)
 class Estimator:
     """A catalog entry. `requires`: tensors always needed besides response_mask and the rewards;
     `optional`: tensors accepted (KL inputs, needed when kl_coef > 0); `batch_baseline`: the
@@ -139,7 +155,9 @@ class Estimator:
     `statistics`: the batch-wide statistics its rows depend on besides token whitening (a batch std
     or mean, sequence whitening), as 0-d or [K] tensors by name ({} when the parameters need none):
     a shard of the batch computed with the whole batch's (`AdvantageInputs.statistics`) gets its rows
-    of the whole batch's result."""
+    of the whole batch's result. `scan`: with these parameters, the scan over the batch's rewards and
+    values as given that the advantages start from (None: none such), which a kernel may compute while
+    validating the batch and hand over in `AdvantageInputs.scan`."""
 
     name: str
     fn: EstimatorFn
@@ -153,6 +171,7 @@ class Estimator:
     batch_baseline: bool = False
     exact_rows: bool = False
     statistics: StatisticsFn | None = None
+    scan: Callable[[Params], ScanSpec | None] | None = None
 
     @property
     def uses_groups(self) -> bool:
@@ -288,15 +307,38 @@ def reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
+def _as_given(p: Params) -> bool:
+    """The rewards enter as given: no KL penalty and no reward clip."""
+    return p.get("kl_coef", 0) == 0 and _reward_clip(p) is None
+
+
+def reward_to_go_scan(p: Params) -> ScanSpec | None:
+    return ScanSpec(p["gamma"], 1.0, p["mask_gaps"], values=False) if _as_given(p) else None
+
+
+def gae_scan(p: Params) -> ScanSpec | None:
+    return ScanSpec(p["gamma"], p["lam"], p["mask_gaps"], values=True) if _as_given(p) else None
+
+
+def orz_scan(p: Params) -> ScanSpec:
+    return ScanSpec(1.0, 1.0, "skip", values=True)
+
+
 def reinforce_rtg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A_t = Σ_{t' ≥ t} γ^(t'−t) (r_t' − β kl_t') (REINFORCE with the KL trick)."""
+    if x.scan is not None:
+        return x.scan
     adv = reward_to_go(_shaped_rewards(x, p), x.mask, p["gamma"], p["mask_gaps"])
     return adv, adv
 
 
 def reinforce_pp(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A = whiten(reward-to-go of clip(r) − β kl) over the batch; returns = the reward-to-go."""
-    returns = reward_to_go(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.mask, p["gamma"], p["mask_gaps"])
+    if x.scan is not None:
+        returns = x.scan[0]
+    else:
+        returns = reward_to_go(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.mask, p["gamma"],
+                               p["mask_gaps"])
     return _maybe_whiten(returns, x, p), returns
 
 
@@ -383,14 +425,17 @@ def remax(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 
 def gae_estimator(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GAE with δ_t = clip(r_t) − β kl_t + γ V_{t+1} − V_t; returns = A + V (before whitening)."""
-    shaped = _shaped_rewards(x, p, _clipped_token_rewards(x, p))
-    adv, returns = gae(shaped, x.values, x.mask, p["gamma"], p["lam"], p["mask_gaps"])
+    if x.scan is not None:
+        adv, returns = x.scan
+    else:
+        shaped = _shaped_rewards(x, p, _clipped_token_rewards(x, p))
+        adv, returns = gae(shaped, x.values, x.mask, p["gamma"], p["lam"], p["mask_gaps"])
     return _maybe_whiten(adv, x, p), returns
 
 
 def orz(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GAE with γ = λ = 1 and no KL: A_t = R − V_t."""
-    adv, returns = gae(x.token_rewards, x.values, x.mask, 1.0, 1.0)
+    adv, returns = x.scan if x.scan is not None else gae(x.token_rewards, x.values, x.mask, 1.0, 1.0)
     return _maybe_whiten(adv, x, p), returns
 
 
@@ -615,10 +660,12 @@ ESTIMATORS: dict[str, Estimator] = {
                   optional=KL_TENSORS, exact_rows=True),
         Estimator("reinforce_rtg", reinforce_rtg, ("gamma", "mask_gaps", *KL_PARAMS),
                   "REINFORCE with the KL trick (reward-to-go KL)",
-                  "A_t = r − β Σ_{t'=t}^{T−1} log π_old/π_ref", "seed eq. (9), Theorem 3", optional=KL_TENSORS),
+                  "A_t = r − β Σ_{t'=t}^{T−1} log π_old/π_ref", "seed eq. (9), Theorem 3", optional=KL_TENSORS,
+                  scan=reward_to_go_scan),
         Estimator("reinforce_pp", reinforce_pp, ("gamma", "mask_gaps", *KL_PARAMS, *REWARD_CLIP_PARAMS, *WHITEN_PARAMS),
                   "REINFORCE++: reward-to-go KL, global batch normalization",
-                  "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t')", "arXiv:2501.03262", optional=KL_TENSORS),
+                  "A_t = whiten_batch(r − β Σ_{t'≥t} kl_t')", "arXiv:2501.03262", optional=KL_TENSORS,
+                  scan=reward_to_go_scan),
         Estimator("reinforce_pp_baseline", reinforce_pp_baseline,
                   (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, "singleton_groups", *WHITEN_PARAMS,
                    "returns_whitened", *MASKED),
@@ -636,9 +683,10 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("gae", gae_estimator, ("gamma", "lam", "mask_gaps", *KL_PARAMS, *REWARD_CLIP_PARAMS, *WHITEN_PARAMS),
                   "PPO with GAE",
                   "A_t = Σ_{t'≥t} (γλ)^{t'−t} δ_t', δ_t = 1{t=T−1} r − β kl_t + γ V_{t+1} − V_t",
-                  "arXiv:1506.02438; arXiv:1707.06347", requires=frozenset({"values"}), optional=KL_TENSORS),
+                  "arXiv:1506.02438; arXiv:1707.06347", requires=frozenset({"values"}), optional=KL_TENSORS,
+                  scan=gae_scan),
         Estimator("orz", orz, WHITEN_PARAMS, "Open-Reasoner-Zero: PPO with γ = λ = 1, no KL",
-                  "A_t = r − V_t", "arXiv:2503.24290", requires=frozenset({"values"})),
+                  "A_t = r − V_t", "arXiv:2503.24290", requires=frozenset({"values"}), scan=orz_scan),
         Estimator("grpo", grpo, (*KL_PARAMS, "kl_placement", *REWARD_CLIP_PARAMS, *GROUP_STD_PARAMS, *MASKED),
                   "GRPO (R1 version)",
                   "A = (r − mean(R_i))/std(R_i) + β(π_ref/π_old − 1)", "arXiv:2501.12948",
