@@ -134,13 +134,13 @@ def main() -> int:
     start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    settings = {"device": "cpu", "kernels": "torch"}
+    settings = {"device": "cpu", "kernels": "auto"}  # the in-process references below use "auto" too
 
     def deploy(replicas: int) -> None:
         options = Options(num_replicas=replicas, num_cpus=1.0, max_ongoing_requests=2)
         serve.run(deployment(options).bind(settings), name="advserve", route_prefix="/")
 
-    server = ServerProcess("--device", "cpu", "--kernels", "torch", name="bench-ray-serve").start()
+    server = ServerProcess("--device", "cpu", "--kernels", "auto", name="bench-ray-serve").start()
     try:
         deploy(1)
         handle = RayClient("advserve", timeout=120.0)

@@ -83,4 +83,7 @@ case "$mode" in
         "${pip[@]}" install --quiet -c constraints.txt -e ./client -e '.[test]'
         ;;
 esac
+# compile the CPU kernels now, into numba's cache beside them, so that no request waits for a compile
+echo "install.sh: compiling the CPU kernels (advserve.kernels.cpu.warm)"
+"$venv/bin/python" -c "from advserve.kernels import cpu; cpu.warm()"
 echo "install.sh: done ($("$venv/bin/python" -m pip list --format=freeze | wc -l) packages)"

@@ -54,7 +54,8 @@ class Batch:
     dtype; `lengths` [B] valid tokens per row (int32);
     `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
     given; `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
-    the batch computed it too (`build_batch`'s `scan`)."""
+    the batch computed it too (`build_batch`'s `scan`): the values it read are then not in `tensors`
+    (the scan was all that reads them)."""
 
     tensors: dict[str, Tensor]
     mask: Tensor
@@ -564,8 +565,7 @@ def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: t
         return None
     if "token_rewards" in tensors:
         tensors["token_rewards"] = result.rewards
-    if scan.values:
-        tensors["values"] = result.values
+    tensors.pop("values", None)  # consumed by the scan (`Batch.scan`)
     valid = given_mask if given_mask.dtype == dtype else result.mask.to(dtype)
     return Batch(tensors=tensors, mask=result.mask, valid=valid, lengths=result.lengths, group_index=None,
                  group_labels=None, scan=(result.advantages, result.returns))

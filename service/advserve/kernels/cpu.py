@@ -27,8 +27,9 @@ Speed: the chain A_t → A_{t−1} is a multiply and an add of latency, so one r
 that latency. Right-padded rows (every valid token before every masked one) are therefore walked
 four at a time, each from its own last token, sorted by length so the four end together; rows with
 interior gaps go one at a time. Rows are independent: a large batch is split by rows over
-`torch.get_num_threads()` threads (the kernels release the GIL). Each dtype and variant compiles on
-first use (cached on disk by numba where the package directory is writable).
+`torch.get_num_threads()` threads (the kernels release the GIL). Each dtype combination compiles on
+first use, cached on disk by numba where the package directory is writable (`warm`, which
+scripts/install.sh runs).
 
 The torch path (`advserve.functional.scan`) stays the reference; this one agrees with it to
 rounding (tests/test_cpu_kernels.py).
@@ -60,171 +61,197 @@ def _jit(fn):
         return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
-NOT_ZERO_ONE, NOT_FINITE, REWARDS_MASKED, VALUES_MASKED = 1, 2, 4, 8  # the verdict's bits
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels(with_values: bool):
-    """The pass over rows [start, stop), compiled with or without values (GAE or reward-to-go)."""
-
-    @_jit
-    def rows(rewards, outcome, values, mask, coef, use_outcome, step_gaps, advantages, returns, mask_out,
-             lengths, start, stop):  # pragma: no cover (compiled)
-        """rewards [B, T] or outcome [B] (`use_outcome`), values [B, T] (`with_values`), mask [B, T]
-        bool or float; coef [3] in the compute dtype: γ, the discount c (γλ, or γ without values), 0.
-        Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B]; returns the verdict:
-        NOT_ZERO_ONE, NOT_FINITE (a row's first advantage), REWARDS_MASKED and VALUES_MASKED (not 0
-        somewhere masked: the caller zeroes a copy)."""
-        g, c, zero = coef[0], coef[1], coef[2]
-        width = mask.shape[1]
-        m_in, r_in, v_in = mask.ravel(), rewards.ravel(), values.ravel()
-        m_out, adv, ret = mask_out.ravel(), advantages.ravel(), returns.ravel()
-        bad, finite, dirty_rewards, dirty_values = False, True, False, False
-        chained = np.empty(stop - start, np.int64)
-        count = 0
-        for b in range(start, stop):
-            # the mask: each step a loop over the row (in L1 after the first), vectorized
-            row = uint64(b * width)
-            end = row + uint64(width)
-            for p in range(row, end):
-                m_out[p] = m_in[p] != 0
-            for p in range(row, end):
-                bad |= (m_in[p] != 0) & (m_in[p] != 1)
-            n = 0
-            for p in range(row, end):
-                n += m_out[p]
-            lengths[b] = n
-            head = row + uint64(n)
-            prefix = 0
-            for p in range(row, head):
-                prefix += m_out[p]
-            if prefix == n:  # right-padded: zeros after the valid tokens here, the scan below
-                for p in range(head, end):
-                    adv[p] = zero
-                if with_values:
-                    for p in range(head, end):
-                        ret[p] = zero
-                    for p in range(head, end):
-                        dirty_values |= v_in[p] != 0
-                if not use_outcome:
-                    for p in range(head, end):
-                        dirty_rewards |= r_in[p] != 0
-                chained[count] = b
-                count += 1
-                continue
-            # a row with gaps: one token at a time
-            a, nv = zero, zero
-            pending = outcome[b] if use_outcome else zero  # an outcome reward, until its token is met
-            for i in range(1, width + 1):
-                p = end - uint64(i)
-                if m_out[p]:
-                    rv = zero
-                    if use_outcome:
-                        rv, pending = pending, zero
-                    else:
-                        rv = r_in[p]
-                    if with_values:
-                        vv = v_in[p]
-                        a = (rv + g * nv - vv) + c * a
-                        ret[p] = a + vv
-                        nv = vv
-                    else:
-                        a = rv + c * a
-                    adv[p] = a
-                else:
-                    if step_gaps:  # a step with r = V = 0
-                        if with_values:
-                            a = (zero + g * nv - zero) + c * a
-                            nv = zero
-                        else:
-                            a = zero + c * a
-                    adv[p] = zero
-                    if with_values:
-                        ret[p] = zero
-                        dirty_values |= v_in[p] != 0
-                    if not use_outcome:
-                        dirty_rewards |= r_in[p] != 0
-            finite &= a - a == 0
-        # right-padded rows by length, four walked together from their own last tokens (the shortest
-        # first: its length is the walk's), then what is left of the other three, one at a time
-        order = chained[:count][np.argsort(lengths[chained[:count]], kind="mergesort")]
-        for k in range(0, count, 4):
-            quad = order[k:k + 4]
-            ends = np.zeros(4, np.uint64)
-            pend = np.zeros(4, coef.dtype)
-            for j in range(quad.size):
-                ends[j] = uint64(quad[j] * width + lengths[quad[j]])
-                if use_outcome:
-                    pend[j] = outcome[quad[j]]
-            e0, e1, e2, e3 = ends[0], ends[1], ends[2], ends[3]
-            q0, q1, q2, q3 = pend[0], pend[1], pend[2], pend[3]
-            a0 = a1 = a2 = a3 = n0 = n1 = n2 = n3 = zero
-            walk = lengths[quad[0]] if quad.size == 4 else 0
-            for i in range(1, walk + 1):
-                p0, p1, p2, p3 = e0 - uint64(i), e1 - uint64(i), e2 - uint64(i), e3 - uint64(i)
-                if use_outcome:
-                    r0, r1, r2, r3 = q0, q1, q2, q3
-                    q0 = q1 = q2 = q3 = zero
-                else:
-                    r0, r1, r2, r3 = r_in[p0], r_in[p1], r_in[p2], r_in[p3]
-                if with_values:
-                    x0, x1, x2, x3 = v_in[p0], v_in[p1], v_in[p2], v_in[p3]
-                    a0 = (r0 + g * n0 - x0) + c * a0
-                    a1 = (r1 + g * n1 - x1) + c * a1
-                    a2 = (r2 + g * n2 - x2) + c * a2
-                    a3 = (r3 + g * n3 - x3) + c * a3
-                    ret[p0], ret[p1], ret[p2], ret[p3] = a0 + x0, a1 + x1, a2 + x2, a3 + x3
-                    n0, n1, n2, n3 = x0, x1, x2, x3
-                else:
-                    a0, a1, a2, a3 = r0 + c * a0, r1 + c * a1, r2 + c * a2, r3 + c * a3
-                adv[p0], adv[p1], adv[p2], adv[p3] = a0, a1, a2, a3
-            state = ((a0, n0, q0), (a1, n1, q1), (a2, n2, q2), (a3, n3, q3))
-            for j in range(quad.size):
-                a, nv, pending = state[j]
-                for i in range(walk + 1, lengths[quad[j]] + 1):
-                    p = ends[j] - uint64(i)
-                    rv = zero
-                    if use_outcome:
-                        rv, pending = pending, zero
-                    else:
-                        rv = r_in[p]
-                    if with_values:
-                        vv = v_in[p]
-                        a = (rv + g * nv - vv) + c * a
-                        ret[p] = a + vv
-                        nv = vv
-                    else:
-                        a = rv + c * a
-                    adv[p] = a
-                finite &= a - a == 0
-        return ((NOT_ZERO_ONE if bad else 0) | (0 if finite else NOT_FINITE)
-                | (REWARDS_MASKED if dirty_rewards else 0) | (VALUES_MASKED if dirty_values else 0))
-
-    return rows
+NOT_ZERO_ONE, NOT_FINITE, REWARDS_MASKED = 1, 2, 4  # the verdict's bits
 
 
 @_jit
-def _zeroed_rows(x, mask, zero, out, start, stop):  # pragma: no cover (compiled)
-    """Rows [start, stop) of out = x where mask else 0 ([B, T]; mask bool, zero the dtype's 0)."""
+def _mask_row(m_in, m_out, row, end):  # pragma: no cover (compiled)
+    """One row [row, end) of the flat mask: m_out = m_in ≠ 0; (valid count, a value is not 0 or 1,
+    right-padded: every valid token before every masked one). Each a loop over the row, vectorized
+    (in L1 after the first)."""
+    bad = False
+    for p in range(row, end):
+        m_out[p] = m_in[p] != 0
+    for p in range(row, end):
+        bad |= (m_in[p] != 0) & (m_in[p] != 1)
+    n = 0
+    for p in range(row, end):
+        n += m_out[p]
+    prefix = 0
+    for p in range(row, row + uint64(n)):
+        prefix += m_out[p]
+    return n, bad, prefix == n
+
+
+@_jit
+def _zeroed_row(x_in, m_out, x_out, row, end, zero):  # pragma: no cover (compiled)
+    """x_out = x_in where the mask, else 0, over [row, end) (a row with gaps' zeroed copy); True."""
+    for p in range(row, end):
+        x_out[p] = x_in[p] if m_out[p] else zero
+    return True
+
+
+@_jit
+def _copy_head(x_in, x_out, row, head, end, zero):  # pragma: no cover (compiled)
+    """x_out = x_in over [row, head), 0 over [head, end): a right-padded row's zeroed copy."""
+    for p in range(row, head):
+        x_out[p] = x_in[p]
+    for p in range(head, end):
+        x_out[p] = zero
+
+
+@_jit
+def _dirty_row(x_in, m_out, row, end):  # pragma: no cover (compiled)
+    """True when x_in is not 0 somewhere masked in [row, end)."""
+    dirty = False
+    for p in range(row, end):
+        dirty |= (not m_out[p]) & (x_in[p] != 0)
+    return dirty
+
+
+@numba.njit(inline="always")
+def _step(rv, vv, a, nv, g, c, with_values):  # pragma: no cover (compiled)
+    """One token of the recurrence: (A_t, V_next for the token before) from r_t, V_t, A_next, V_next."""
+    if with_values:
+        return (rv + g * nv - vv) + c * a, vv
+    return rv + c * a, nv
+
+
+@_jit
+def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_gaps, advantages, returns,
+          mask_out, lengths, rewards_out, copied, start, stop):  # pragma: no cover (compiled)
+    """rewards [B, T] or outcome [B] (`use_outcome`), values [B, T] (`with_values`), mask [B, T]
+    bool or float; coef [3] in the compute dtype: γ, the discount c (γλ, or γ without values), 0.
+    Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for each row whose
+    token rewards hold something not 0 at a masked position its zeroed copy in rewards_out, copied[b]
+    set. Returns the verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage), REWARDS_MASKED
+    (some row was copied)."""
+    g, c, zero = coef[0], coef[1], coef[2]
     width = mask.shape[1]
-    x_in, m_in, x_out = x.ravel(), mask.ravel(), out.ravel()
-    for p in range(uint64(start * width), uint64(stop * width)):
-        x_out[p] = x_in[p] if m_in[p] else zero
-    return 0
+    m_in, r_in, v_in = mask.ravel(), rewards.ravel(), values.ravel()
+    m_out, adv, ret = mask_out.ravel(), advantages.ravel(), returns.ravel()
+    r_out = rewards_out.ravel()
+    bad, finite = False, True
+    chained = np.empty(stop - start, np.int64)
+    count = 0
+    for b in range(start, stop):
+        row = uint64(b * width)
+        end = row + uint64(width)
+        n, row_bad, right_padded = _mask_row(m_in, m_out, row, end)
+        lengths[b] = n
+        bad |= row_bad
+        if right_padded:  # the rest below, four rows at a time
+            chained[count] = b
+            count += 1
+            continue
+        # a row with gaps: its copies, then one token at a time
+        if not use_outcome:
+            copied[b] = _dirty_row(r_in, m_out, row, end) and _zeroed_row(r_in, m_out, r_out, row, end, zero)
+        a, nv = zero, zero
+        pending = outcome[b] if use_outcome else zero  # an outcome reward, until its token is met
+        for i in range(1, width + 1):
+            p = end - uint64(i)
+            if m_out[p]:
+                rv = zero
+                if use_outcome:
+                    rv, pending = pending, zero
+                else:
+                    rv = r_in[p]
+                vv = v_in[p] if with_values else zero
+                a, nv = _step(rv, vv, a, nv, g, c, with_values)
+                adv[p] = a
+                if with_values:
+                    ret[p] = a + vv
+            else:
+                if step_gaps:  # a step with r = V = 0
+                    a, nv = _step(zero, zero, a, nv, g, c, with_values)
+                adv[p] = zero
+                if with_values:
+                    ret[p] = zero
+        finite &= a - a == 0
+    # right-padded rows by length, four at a time: their zeros and copies (the rows come into the
+    # cache), then the four walked together from their own last tokens (the shortest first: its
+    # length is the walk's), then what is left of the other three, one at a time
+    order = chained[:count][np.argsort(lengths[chained[:count]], kind="mergesort")]
+    ends = np.zeros(4, np.uint64)
+    pend = np.zeros(4, coef.dtype)
+    for k in range(0, count, 4):
+        quad = order[k:k + 4]
+        for j in range(quad.size):
+            b = quad[j]
+            row = uint64(b * width)
+            end = row + uint64(width)
+            head = row + uint64(lengths[b])
+            ends[j] = head
+            pend[j] = outcome[b] if use_outcome else zero
+            for p in range(head, end):
+                adv[p] = zero
+            if with_values:
+                for p in range(head, end):
+                    ret[p] = zero
+            if not use_outcome:
+                dirty = False
+                for p in range(head, end):
+                    dirty |= r_in[p] != 0
+                if dirty:
+                    _copy_head(r_in, r_out, row, head, end, zero)
+                    copied[b] = True
+        e0, e1, e2, e3 = ends[0], ends[1], ends[2], ends[3]
+        q0, q1, q2, q3 = pend[0], pend[1], pend[2], pend[3]
+        a0 = a1 = a2 = a3 = n0 = n1 = n2 = n3 = zero
+        walk = lengths[quad[0]] if quad.size == 4 else 0
+        for i in range(1, walk + 1):
+            p0, p1, p2, p3 = e0 - uint64(i), e1 - uint64(i), e2 - uint64(i), e3 - uint64(i)
+            if use_outcome:
+                r0, r1, r2, r3 = q0, q1, q2, q3
+                q0 = q1 = q2 = q3 = zero
+            else:
+                r0, r1, r2, r3 = r_in[p0], r_in[p1], r_in[p2], r_in[p3]
+            if with_values:
+                x0, x1, x2, x3 = v_in[p0], v_in[p1], v_in[p2], v_in[p3]
+            else:
+                x0 = x1 = x2 = x3 = zero
+            a0, n0 = _step(r0, x0, a0, n0, g, c, with_values)
+            a1, n1 = _step(r1, x1, a1, n1, g, c, with_values)
+            a2, n2 = _step(r2, x2, a2, n2, g, c, with_values)
+            a3, n3 = _step(r3, x3, a3, n3, g, c, with_values)
+            adv[p0], adv[p1], adv[p2], adv[p3] = a0, a1, a2, a3
+            if with_values:
+                ret[p0], ret[p1], ret[p2], ret[p3] = a0 + x0, a1 + x1, a2 + x2, a3 + x3
+        state = ((a0, n0, q0), (a1, n1, q1), (a2, n2, q2), (a3, n3, q3))
+        for j in range(quad.size):
+            a, nv, pending = state[j]
+            for i in range(walk + 1, lengths[quad[j]] + 1):
+                p = ends[j] - uint64(i)
+                rv = zero
+                if use_outcome:
+                    rv, pending = pending, zero
+                else:
+                    rv = r_in[p]
+                vv = v_in[p] if with_values else zero
+                a, nv = _step(rv, vv, a, nv, g, c, with_values)
+                adv[p] = a
+                if with_values:
+                    ret[p] = a + vv
+            finite &= a - a == 0
+    dirty_rewards = False
+    for b in range(start, stop):
+        dirty_rewards |= copied[b]
+    return (NOT_ZERO_ONE if bad else 0) | (0 if finite else NOT_FINITE) | (REWARDS_MASKED if dirty_rewards else 0)
 
 
 @dataclass
 class Scan:
     """The fused pass's results: advantages and returns [B, T] in the compute dtype (returns is
-    `advantages` itself without values), mask [B, T] bool, lengths [B] int32, and the zeroed copies
-    of the token rewards (None for outcome rewards) and of the values (None without)."""
+    `advantages` itself without values), mask [B, T] bool, lengths [B] int32, and the token rewards 0
+    at masked positions (the given tensor when it already is, else a zeroed copy; None for outcome
+    rewards). The values are read by the scan and not kept: nothing else in the engine reads them."""
 
     advantages: Tensor
     returns: Tensor
     mask: Tensor
     lengths: Tensor
     rewards: Tensor | None
-    values: Tensor | None
 
 
 def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: float, lam: float,
@@ -234,10 +261,9 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     MASK_DTYPES and WIDENED_MASK_DTYPES.
 
     rewards [B, T] or outcome [B] (exactly one), values [B, T] or None, in the compute dtype (float32
-    or float64), contiguous; mask [B, T], contiguous, of any real dtype (bool and the float dtypes are
-    read as they are, others widened to the compute dtype first, which keeps every value that is not
-    0 or 1 away from 0 and 1). Masked positions of the inputs may hold anything (NaN included).
-    Outputs are new tensors; nothing given is modified.
+    or float64), contiguous; mask [B, T], contiguous (MASK_DTYPES are read as they are,
+    WIDENED_MASK_DTYPES widened to the compute dtype first, exactly: a value that is not 0 or 1 stays
+    so). Masked positions of the inputs may hold anything (NaN included). Nothing given is modified.
     """
     dtype = (rewards if rewards is not None else outcome).dtype
     if mask.dtype not in MASK_DTYPES:
@@ -253,38 +279,40 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     advantages = torch.empty((batch, width), dtype=dtype)
     returns = torch.empty((batch, width), dtype=dtype) if values is not None else advantages
     args = (placeholder if rewards is None else rewards.numpy(), coef[2:] if outcome is None else outcome.numpy(),
-            placeholder if values is None else values.numpy(), mask.numpy(), coef, outcome is not None,
+            placeholder if values is None else values.numpy(), mask.numpy(), coef, values is not None, outcome is not None,
             gaps == "step", advantages.numpy(), returns.numpy(), mask_out.numpy(), lengths.numpy())
-    rows = _kernels(values is not None)
-    # the zeroed copies, written by each part whose rows hold something at a masked position (kept when any does)
-    copies = {name: (given, torch.empty_like(given)) for name, given in (("rewards", rewards), ("values", values))
-              if given is not None}
-
-    def part(start: int, stop: int) -> int:
-        verdict = rows(*args, start, stop)
-        for name, bit in (("rewards", REWARDS_MASKED), ("values", VALUES_MASKED)):
-            if verdict & bit and not verdict & (NOT_ZERO_ONE | NOT_FINITE):
-                given, copy = copies[name]
-                _zeroed_rows(given.numpy(), mask_out.numpy(), coef[2], copy.numpy(), start, stop)
-        return verdict
-
-    parts = max(1, min(torch.get_num_threads(), batch, mask.numel() // TOKENS_PER_THREAD))
-    bounds = [batch * k // parts for k in range(parts + 1)]
-    futures = [_pool().submit(part, start, stop) for start, stop in zip(bounds[1:-1], bounds[2:])]
-    verdicts = [part(bounds[0], bounds[1])] + [future.result() for future in futures]
-    if any(verdict & (NOT_ZERO_ONE | NOT_FINITE) for verdict in verdicts):
+    # the rewards' zeroed copy: rows holding something at a masked position are copied by the pass while
+    # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
+    rewards_out = torch.empty_like(rewards) if rewards is not None else None
+    copied = np.zeros(batch, np.bool_)
+    args = (*args, placeholder if rewards is None else rewards_out.numpy(), copied)
+    verdict = _in_parts(args, batch, min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD))
+    if verdict & (NOT_ZERO_ONE | NOT_FINITE):
         return None
     if outcome is not None and not bool(torch.isfinite(outcome).all()):  # every row's, empty ones too
         return None
-    out = {"rewards": rewards, "values": values}
-    for name, bit in (("rewards", REWARDS_MASKED), ("values", VALUES_MASKED)):
-        if any(verdict & bit for verdict in verdicts):
-            given, copy = copies[name]
-            for verdict, start, stop in zip(verdicts, bounds, bounds[1:]):
-                if not verdict & bit:  # a part with nothing at masked positions: its rows as they are
-                    copy[start:stop] = given[start:stop]
-            out[name] = copy
-    return Scan(advantages, returns, mask_out, lengths, out["rewards"], out["values"])
+    if verdict & REWARDS_MASKED:
+        if not copied.all():
+            rest = torch.from_numpy(~copied)
+            rewards_out[rest] = rewards[rest]
+        rewards = rewards_out
+    return Scan(advantages, returns, mask_out, lengths, rewards)
+
+
+def _in_parts(args: tuple, batch: int, threads: int) -> int:
+    """`_rows` over the batch, on up to `threads` threads: the union of the verdicts. The rows are cut
+    into twice as many parts as threads (rows differ in work); this thread runs the first part, then
+    every part no pool thread has started yet (a cancelled future), from the last."""
+    parts = max(1, min(batch, 2 * threads if threads > 1 else 1))
+    bounds = [batch * k // parts for k in range(parts + 1)]
+    futures = [(_pool().submit(_rows, *args, start, stop), start, stop) for start, stop in zip(bounds[1:-1], bounds[2:])]
+    verdict = _rows(*args, bounds[0], bounds[1])
+    for future, start, stop in reversed(futures):
+        verdict |= _rows(*args, start, stop) if future.cancel() else 0
+    for future, _, _ in futures:
+        if not future.cancelled():
+            verdict |= future.result()
+    return verdict
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,3 +320,17 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     """Threads for the parts of a batch beyond the caller's own (which it runs itself)."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
                                                  thread_name_prefix="advserve-scan")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked worker (--workers) starts its own threads
+
+
+def warm() -> None:
+    """Compile (or load from numba's disk cache) the variants requests use most: float32 and float64,
+    a mask of bool or of the compute dtype. scripts/install.sh (`make venv`, the Docker image) calls it,
+    so that the cache is there before the first request: with it, a process loads a variant in well
+    under a second; without it, the first request of each variant compiles for a few seconds."""
+    for dtype in (torch.float32, torch.float64):
+        for mask_dtype in (torch.bool, dtype):
+            rewards = torch.zeros(1, 2, dtype=dtype)
+            scan(rewards, rewards, torch.ones(1, 2, dtype=mask_dtype), 1.0, 1.0)
