@@ -37,7 +37,11 @@ from hypothesis import strategies as st
 
 from advserve.functional.scan import gae as torch_gae
 from advserve.functional.scan import reward_to_go as torch_reward_to_go
+from advserve.engine import Engine
+from advserve.errors import AdvserveError
 from advserve.kernels import cpu
+from advserve.model import AdvantageRequest
+from advserve.presets import PRESETS
 
 PROPERTY = settings(max_examples=80, deadline=None)
 GARBAGE = (math.nan, math.inf, -math.inf, 1e30, -1e30, -0.0, 7.5)
@@ -484,3 +488,96 @@ def test_negative_zero_in_a_float_mask_is_masked():
     assert torch.equal(minus.lengths, torch.tensor([2], dtype=torch.int32))
     assert torch.equal(bits(minus.advantages), bits(plus.advantages))
     assert torch.equal(bits(minus.returns), bits(plus.returns))
+
+
+# --- the engine with the kernel against the engine without it ------------------------------------
+
+NUMBA_ENGINE = Engine("cpu", kernels="numba")
+TORCH_ENGINE = Engine("cpu", kernels="torch")
+SCANNED = ("gae", "orz", "reinforce_rtg", "reinforce_pp")
+
+
+@st.composite
+def engine_requests(draw):
+    """A request for an estimator that starts from a scan, as a client sends it: raw tensors (garbage
+    at masked positions), a preset that has the estimator, its parameters (γ, λ, gaps, whitening, a KL
+    penalty of each estimator, clamped or not, a reward clip on either side), and sometimes a mistake:
+    a mask value that is not 0/1, or NaN at a valid position (of any tensor, the log-probs included)."""
+    case = draw(cases(max_width=40))
+    estimator = draw(st.sampled_from(SCANNED))
+    preset = draw(st.sampled_from([name for name, p in PRESETS.items() if estimator in p.estimators]))
+    params = {}
+    if estimator in ("gae", "reinforce_rtg", "reinforce_pp"):
+        params |= {"gamma": case["gamma"], "mask_gaps": case["gaps"],
+                   "kl_coef": draw(st.sampled_from([0.0, 0.0, 0.05, 1.0])),
+                   "kl_estimator": draw(st.sampled_from(["k1", "k2", "k3", "abs"])),
+                   "kl_clamp": draw(st.sampled_from([None, 0.5, 10.0]))}
+    if estimator == "gae":
+        params["lam"] = case["lam"]
+    if estimator in ("gae", "reinforce_pp"):
+        params |= draw(st.sampled_from([{}, {"reward_clip_low": None, "reward_clip_high": None},
+                                        {"reward_clip_low": -0.5, "reward_clip_high": 0.25},
+                                        {"reward_clip_low": 0.1}, {"reward_clip_high": -0.1}]))
+    if estimator != "reinforce_rtg":
+        params["whiten"] = draw(st.sampled_from([True, False]))
+    case |= {"with_values": estimator in ("gae", "orz")}
+    raw, _, _, valid = make_inputs(case)
+    tensors = {"response_mask": raw["mask"]}
+    if raw["outcome"] is not None:
+        tensors["rewards"] = raw["outcome"]
+    else:
+        tensors["token_rewards"] = raw["rewards"]
+    if raw["values"] is not None:
+        tensors["values"] = raw["values"]
+    if params.get("kl_coef", 0) > 0:  # log-probs around −1, garbage at masked positions too
+        rng = np.random.default_rng(case["seed"] + 1)
+        for name in ("old_logprobs", "ref_logprobs"):
+            logprobs = -finite_values(rng, valid.shape, case["dtype"]).abs() * valid
+            tensors[name] = with_garbage(logprobs, valid, rng, case["garbage"])
+    mistake = draw(st.sampled_from([None, None, None, None, "mask", "nan"]))
+    if mistake == "mask":
+        tensors["response_mask"] = raw["mask"].to(torch.float64).flatten().index_fill(
+            0, torch.tensor([draw(st.integers(0, valid.numel() - 1))]), 0.5).view(valid.shape)
+    elif mistake == "nan" and bool(valid.any()):
+        name = draw(st.sampled_from([n for n in tensors if n not in ("response_mask", "rewards")] or ["rewards"]))
+        poisoned = tensors[name].clone()
+        if poisoned.ndim == 2:
+            poisoned[valid.nonzero()[draw(st.integers(0, int(valid.sum()) - 1))].unbind()] = math.nan
+        else:
+            poisoned[draw(st.integers(0, poisoned.numel() - 1))] = math.nan
+        tensors[name] = poisoned
+    dtype = "float64" if case["dtype"] == torch.float64 else "float32"
+    return AdvantageRequest(estimator, tensors, preset=preset, params=params, dtype=dtype)
+
+
+@settings(max_examples=150, deadline=None)
+@given(engine_requests())
+def test_the_engine_with_the_kernel_is_the_engine_without_it(request):
+    """On any such request the numba engine gives the torch engine's advantages and returns to rounding
+    (float64 1e-12, float32 1e-5 of the largest input or output), the same statistics to rounding, and
+    the same error (class, field, message) for the same mistake."""
+    try:
+        want = TORCH_ENGINE.compute_advantages(request)
+    except AdvserveError as error:
+        with pytest.raises(type(error)) as got:
+            NUMBA_ENGINE.compute_advantages(request)
+        assert (got.value.field, str(got.value)) == (error.field, str(error))
+        return
+    got = NUMBA_ENGINE.compute_advantages(request)
+    assert got.params == want.params
+    tolerance = 1e-12 if request.dtype == "float64" else 1e-5
+    scale = max([1.0] + [float(t[torch.isfinite(t)].abs().max()) for t in request.tensors.values()
+                          if t.is_floating_point() and bool(torch.isfinite(t).any())]
+                + [float(torch.where(torch.isfinite(t), t, 0).abs().max()) for t in (want.advantages, want.returns)])
+    for name in ("advantages", "returns"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        finite = torch.isfinite(b)  # an overflow (k3 without a clamp) is the same inf or NaN on both paths
+        assert torch.equal(torch.isfinite(a), finite) and torch.equal(a[~finite].isnan(), b[~finite].isnan())
+        assert torch.equal(a[~finite & ~b.isnan()], b[~finite & ~b.isnan()]), name
+        assert float(torch.where(finite, a - b, 0).abs().max()) <= tolerance * scale, name
+    assert got.stats["tokens"] == want.stats["tokens"] and got.stats["sequences"] == want.stats["sequences"]
+    for key in ("mean", "std", "min", "max"):
+        assert got.stats["advantages"][key] == pytest.approx(want.stats["advantages"][key], rel=1e-4, abs=1e-4 * scale,
+                                                             nan_ok=True)
+    assert got.stats["rewards"] == pytest.approx(want.stats["rewards"], rel=1e-9, abs=1e-9)

@@ -539,17 +539,23 @@ def build_batch(
 
 def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: torch.dtype) -> Batch | None:
     """The Batch of `arrays` (shapes checked, on the CPU) with its `scan` (an estimators.ScanSpec)
-    computed, by `kernels.cpu.scan`: validation, zeroed copies and the scan in one pass. None when the
-    arrays are not exactly what the scan reads (response_mask, one of rewards and token_rewards, values
-    when it takes them), are not all real numbers, or fail a check: the caller validates them the
-    torch way, which words the mistake."""
+    computed, by `kernels.cpu.scan`: validation, the zeroed rewards and the scan in one pass. None when
+    the arrays are not exactly what the scan reads (response_mask, one of rewards and token_rewards,
+    values when it takes them, old_logprobs and ref_logprobs with a KL penalty of an estimator the
+    kernel has), are not all real numbers, or fail a check: the caller validates them the torch way, which words the mistake. What
+    only the scan reads (values, the log-probs) is not kept in the batch."""
+    from .kernels import cpu  # imports numba
+
     rewards_name = "token_rewards" if "token_rewards" in arrays else "rewards"
-    if set(arrays) != {"response_mask", rewards_name} | ({"values"} if scan.values else set()):
+    kl = scan.kl_coef > 0
+    if set(arrays) != ({"response_mask", rewards_name} | ({"values"} if scan.values else set())
+                       | ({"old_logprobs", "ref_logprobs"} if kl else set())):
+        return None
+    if kl and scan.kl_estimator not in cpu.KL_KINDS:
         return None
     if any(isinstance(a, Tensor) and (a.is_complex() or a.requires_grad or a.device.type != "cpu")
            for a in arrays.values()):
         return None
-    from .kernels import cpu  # imports numba
 
     tensors = {}
     for name in sorted(arrays, key=_check_order):
@@ -559,13 +565,14 @@ def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: t
             else:
                 tensors[name] = _numeric(name, arrays[name], dtype, torch.device("cpu")).contiguous()
     with _fits("response_mask"):  # its outputs: the batch's size
-        result = cpu.scan(tensors.get("token_rewards"), tensors.get("values"), given_mask, scan.gamma, scan.lam,
-                          scan.gaps, outcome=tensors.get("rewards"))
+        result = cpu.scan(tensors.get("token_rewards"), tensors.pop("values", None), given_mask, scan.gamma,
+                          scan.lam, scan.gaps, outcome=tensors.get("rewards"),
+                          old_logprobs=tensors.pop("old_logprobs", None), ref_logprobs=tensors.pop("ref_logprobs", None),
+                          kl_coef=scan.kl_coef, kl_estimator=scan.kl_estimator, kl_clamp=scan.kl_clamp, clip=scan.clip)
     if result is None:
         return None
     if "token_rewards" in tensors:
         tensors["token_rewards"] = result.rewards
-    tensors.pop("values", None)  # consumed by the scan (`Batch.scan`)
     valid = given_mask if given_mask.dtype == dtype else result.mask.to(dtype)
     return Batch(tensors=tensors, mask=result.mask, valid=valid, lengths=result.lengths, group_index=None,
                  group_labels=None, scan=(result.advantages, result.returns))

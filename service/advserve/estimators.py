@@ -135,14 +135,18 @@ MASKED = ("masked_token_rewards",)
 
 @dataclass(frozen=True)
 class ScanSpec:
-    """The scan an estimator's advantages start from when it reads the rewards as given (no KL, no clip):
-    GAE with γ and λ over the values, or without them the reward-to-go with γ; `gaps` the mask_gaps
-    convention."""
+    """The scan an estimator's advantages start from: GAE with γ and λ over the values, or without them
+    the reward-to-go with γ; `gaps` the mask_gaps convention; over the rewards clipped to `clip` (low,
+    high; None: no bound) minus kl_coef·kl(old_logprobs, ref_logprobs) (`kl_estimator`, `kl_clamp`)."""
 
     gamma: float
     lam: float
     gaps: str
     values: bool
+    clip: tuple[float | None, float | None] = (None, None)
+    kl_coef: float = 0.0
+    kl_estimator: str = "k1"
+    kl_clamp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -307,17 +311,19 @@ def reinforce(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     return adv, adv
 
 
-def _as_given(p: Params) -> bool:
-    """The rewards enter as given: no KL penalty and no reward clip."""
-    return p.get("kl_coef", 0) == 0 and _reward_clip(p) is None
+def _shaping(p: Params) -> dict[str, Any]:
+    """A ScanSpec's reward shaping from the parameters: the reward clip (if the estimator has one) and
+    the KL penalty."""
+    return {"clip": (p.get("reward_clip_low"), p.get("reward_clip_high")), "kl_coef": p["kl_coef"],
+            "kl_estimator": p["kl_estimator"], "kl_clamp": p["kl_clamp"]}
 
 
-def reward_to_go_scan(p: Params) -> ScanSpec | None:
-    return ScanSpec(p["gamma"], 1.0, p["mask_gaps"], values=False) if _as_given(p) else None
+def reward_to_go_scan(p: Params) -> ScanSpec:
+    return ScanSpec(p["gamma"], 1.0, p["mask_gaps"], values=False, **_shaping(p))
 
 
-def gae_scan(p: Params) -> ScanSpec | None:
-    return ScanSpec(p["gamma"], p["lam"], p["mask_gaps"], values=True) if _as_given(p) else None
+def gae_scan(p: Params) -> ScanSpec:
+    return ScanSpec(p["gamma"], p["lam"], p["mask_gaps"], values=True, **_shaping(p))
 
 
 def orz_scan(p: Params) -> ScanSpec:

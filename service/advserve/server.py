@@ -167,6 +167,10 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
     except AdvserveError as exc:
         sys.exit(f"advserve: {exc.message}")
     app = create_app(runtime)
+    if runtime.engine.kernels == "numba":  # no request waits for a compile (kernels.cpu.warm)
+        from .kernels import cpu
+
+        threading.Thread(target=cpu.warm, kwargs={"until_cached": True}, name="advserve-warm", daemon=True).start()
 
     class Server(uvicorn.Server):
         """uvicorn whose first exit signal drains instead of stopping at once."""

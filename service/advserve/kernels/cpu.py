@@ -4,15 +4,21 @@ The torch path validates a request in several passes over memory (the mask's 0/1
 tensor zeroed and summed for finiteness) and scans in several more (two GEMMs, the carries,
 returns = A + V). Here each row is read once as the client sent it, and everything the engine's
 `Batch` and the estimator need is written in the same pass: the bool mask, the row lengths, the
-zeroed copies of the rewards and values, the advantages and the returns. The same pass checks what
-validation checks, and `scan` returns None when a check fails (the caller then validates the torch
-way, which words the error):
+advantages, the returns, and the token rewards' zeroed copy where they are not 0 at masked
+positions already (the values and log-probs are consumed by the scan: nothing else reads them, so
+no copy is kept). The same pass checks what validation checks, and `scan` returns None when a check
+fails (the caller then validates the torch way, which words the error):
 
   * every mask value is 0 or 1 (a float mask: ±0 or 1);
-  * the rewards and values are finite at valid positions (an outcome reward [B] at every row).
-    Non-finite inputs make the row's first advantage non-finite (A_t feeds every earlier A), so one
-    test per row suffices; a finite batch whose advantages overflow also lands there, and the torch
-    path then computes it (returns A + V that overflow are inf on both paths).
+  * the rewards, values and log-probs are finite at valid positions (an outcome reward [B] at every
+    row). Without reward shaping, non-finite inputs make the row's first advantage non-finite (A_t
+    feeds every earlier A), so one test per row suffices; a finite batch whose advantages overflow
+    also lands there, and the torch path then computes it (returns A + V that overflow are inf on
+    both paths). A clip or a KL penalty could hide a non-finite input: with them each is checked.
+
+The rewards are shaped as the estimators shape them (`_shaped`): the reward clip on each token
+reward or on the outcome, then minus β·kl(old_logprobs, ref_logprobs) at every valid token
+(functional.kl's k1, k2 and abs, clamped or not; k3 takes the torch path).
 
 The recurrence is the sequential one of verl's and OpenRLHF's loops, operation for operation in the
 compute dtype (no fused multiply-add), so it reproduces those loops bit for bit:
@@ -39,7 +45,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import os
+import time
 from dataclasses import dataclass
 
 import numba
@@ -47,6 +55,7 @@ import numpy as np
 import torch
 from numba import uint64
 from torch import Tensor
+
 
 TOKENS_PER_THREAD = 1 << 16  # below this many tokens per thread, one thread (a split costs ~20 µs)
 MASK_DTYPES = (torch.bool, torch.float32, torch.float64)  # read as they are
@@ -117,21 +126,106 @@ def _step(rv, vv, a, nv, g, c, with_values):  # pragma: no cover (compiled)
     return rv + c * a, nv
 
 
+KL_KINDS = {"k1": 1, "k2": 2, "abs": 4}  # functional.kl's estimators computed here (k3: the torch path, see _kl)
+CLIP_LOW, CLIP_HIGH, KL = 1, 2, 4  # the shaping's bits
+# coef [9], in the compute dtype: γ, the discount c, 0, β, the KL clamp, the reward clip's low and high
+# bounds (−inf and inf: none), ½ and inf (typed like the data: no float64 creeps in)
+G, C, ZERO, BETA, KL_CLAMP, LOW, HIGH, HALF, INF = range(9)
+
+
+@numba.njit(inline="always")
+def _kl(old, ref, coef, kind, clamped):  # pragma: no cover (compiled)
+    """functional.kl.kl_and_grad's value, operation for operation: x = old − ref; k1 x, k2 ½x², abs |x|;
+    then to ±clamp when clamped. (k3's e^−x is left to the torch path: compiled next to the others, the
+    exponential is computed for every token whatever the estimator, 5x the pass.)"""
+    x = old - ref
+    if kind == 1:
+        value = x
+    elif kind == 2:
+        value = coef[HALF] * (x * x)
+    else:
+        value = abs(x)
+    if clamped:
+        value = -coef[KL_CLAMP] if value < -coef[KL_CLAMP] else value
+        value = coef[KL_CLAMP] if value > coef[KL_CLAMP] else value
+    return value
+
+
+@numba.njit(inline="always")
+def _shaped(rv, low, high, old, ref, coef, with_kl, kl_kind, kl_clamped):  # pragma: no cover (compiled)
+    """(r̃, the inputs are finite) for one valid token: rv clipped to [low, high] (±inf: no bound; as
+    torch.clamp, NaN stays NaN), minus β·kl(old, ref) when `with_kl`. A clip or the KL could hide a
+    non-finite reward, so each input is checked here. Selects, not branches: the loops vectorize."""
+    finite = rv - rv == 0
+    rv = low if rv < low else rv
+    rv = high if rv > high else rv
+    if with_kl:
+        finite &= (old - old == 0) & (ref - ref == 0)
+        rv = rv - coef[BETA] * _kl(old, ref, coef, kl_kind, kl_clamped)
+    return rv, finite
+
+
 @_jit
-def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_gaps, advantages, returns,
-          mask_out, lengths, rewards_out, copied, start, stop):  # pragma: no cover (compiled)
-    """rewards [B, T] or outcome [B] (`use_outcome`), values [B, T] (`with_values`), mask [B, T]
-    bool or float; coef [3] in the compute dtype: γ, the discount c (γλ, or γ without values), 0.
-    Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for each row whose
-    token rewards hold something not 0 at a masked position its zeroed copy in rewards_out, copied[b]
-    set. Returns the verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage), REWARDS_MASKED
-    (some row was copied)."""
-    g, c, zero = coef[0], coef[1], coef[2]
+def _shape_tokens(r_in, o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamped):  # pragma: no cover
+    """out[t] = r̃ of the token reward at flat position row + t, t < count (`_shaped`); True when the
+    inputs read are finite. A row's shaped rewards are written first, in a loop of their own, so that
+    the walks stay short (and in one function per kind of reward: one loop choosing between kinds is
+    5x slower)."""
+    low, high = coef[LOW], coef[HIGH]
+    with_kl = shaping & KL != 0
+    finite = True
+    if with_kl:
+        for t in range(count):
+            p = row + uint64(t)
+            rv, ok = _shaped(r_in[p], low, high, o_in[p], f_in[p], coef, True, kl_kind, kl_clamped)
+            out[t] = rv
+            finite &= ok
+    else:
+        for t in range(count):
+            p = row + uint64(t)
+            rv, ok = _shaped(r_in[p], low, high, coef[ZERO], coef[ZERO], coef, False, kl_kind, kl_clamped)
+            out[t] = rv
+            finite &= ok
+    return finite
+
+
+@_jit
+def _shape_outcome(o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamped, outcome,
+                   last):  # pragma: no cover (compiled)
+    """`_shape_tokens` for an outcome reward (clipped already) on the token t = `last`, 0 elsewhere."""
+    zero = coef[ZERO]
+    with_kl = shaping & KL != 0
+    finite = True
+    for t in range(count):
+        p = row + uint64(t)
+        rv, ok = _shaped(outcome if t == last else zero, -coef[INF], coef[INF], o_in[p] if with_kl else zero,
+                         f_in[p] if with_kl else zero, coef, with_kl, kl_kind, kl_clamped)
+        out[t] = rv
+        finite &= ok
+    return finite
+
+
+@_jit
+def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
+          shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, start,
+          stop):  # pragma: no cover (compiled)
+    """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
+    mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
+    coef: see above; shaping: CLIP_LOW, CLIP_HIGH and KL bits, the KL estimator `kl_kind` (KL_KINDS)
+    clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
+    each row whose token rewards hold something not 0 at a masked position its zeroed copy in
+    rewards_out, copied[b] set. Returns the verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage,
+    or a shaped input), REWARDS_MASKED (some row was copied). With shaping, each row's shaped rewards
+    are written to a scratch row first (`_shape_tokens`, `_shape_outcome`) and the walks read them."""
+    g, c, zero = coef[G], coef[C], coef[ZERO]
     width = mask.shape[1]
     m_in, r_in, v_in = mask.ravel(), rewards.ravel(), values.ravel()
+    o_in, f_in = old_logprobs.ravel(), ref_logprobs.ravel()
     m_out, adv, ret = mask_out.ravel(), advantages.ravel(), returns.ravel()
     r_out = rewards_out.ravel()
     bad, finite = False, True
+    shaped = np.empty((4, width if shaping else 1), coef.dtype)  # a shaped row of rewards per walk
+    s_in = shaped.ravel()
     chained = np.empty(stop - start, np.int64)
     count = 0
     for b in range(start, stop):
@@ -147,13 +241,24 @@ def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_g
         # a row with gaps: its copies, then one token at a time
         if not use_outcome:
             copied[b] = _dirty_row(r_in, m_out, row, end) and _zeroed_row(r_in, m_out, r_out, row, end, zero)
+        if shaping:
+            last = width - 1
+            while last > 0 and not m_out[row + uint64(last)]:
+                last -= 1
+            if use_outcome:
+                finite &= _shape_outcome(o_in, f_in, row, width, s_in, coef, shaping, kl_kind, kl_clamped, outcome[b],
+                                         last)
+            else:
+                finite &= _shape_tokens(r_in, o_in, f_in, row, width, s_in, coef, shaping, kl_kind, kl_clamped)
         a, nv = zero, zero
         pending = outcome[b] if use_outcome else zero  # an outcome reward, until its token is met
         for i in range(1, width + 1):
             p = end - uint64(i)
             if m_out[p]:
                 rv = zero
-                if use_outcome:
+                if shaping:
+                    rv = s_in[width - i]
+                elif use_outcome:
                     rv, pending = pending, zero
                 else:
                     rv = r_in[p]
@@ -174,6 +279,7 @@ def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_g
     # length is the walk's), then what is left of the other three, one at a time
     order = chained[:count][np.argsort(lengths[chained[:count]], kind="mergesort")]
     ends = np.zeros(4, np.uint64)
+    shaped_ends = np.zeros(4, np.uint64)
     pend = np.zeros(4, coef.dtype)
     for k in range(0, count, 4):
         quad = order[k:k + 4]
@@ -184,6 +290,14 @@ def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_g
             head = row + uint64(lengths[b])
             ends[j] = head
             pend[j] = outcome[b] if use_outcome else zero
+            if shaping:
+                if use_outcome:
+                    finite &= _shape_outcome(o_in, f_in, row, lengths[b], s_in[j * width:], coef, shaping, kl_kind,
+                                             kl_clamped, pend[j], lengths[b] - 1)
+                else:
+                    finite &= _shape_tokens(r_in, o_in, f_in, row, lengths[b], s_in[j * width:], coef, shaping,
+                                            kl_kind, kl_clamped)
+                shaped_ends[j] = uint64(j * width + lengths[b])
             for p in range(head, end):
                 adv[p] = zero
             if with_values:
@@ -197,12 +311,15 @@ def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_g
                     _copy_head(r_in, r_out, row, head, end, zero)
                     copied[b] = True
         e0, e1, e2, e3 = ends[0], ends[1], ends[2], ends[3]
+        z0, z1, z2, z3 = shaped_ends[0], shaped_ends[1], shaped_ends[2], shaped_ends[3]
         q0, q1, q2, q3 = pend[0], pend[1], pend[2], pend[3]
         a0 = a1 = a2 = a3 = n0 = n1 = n2 = n3 = zero
         walk = lengths[quad[0]] if quad.size == 4 else 0
         for i in range(1, walk + 1):
             p0, p1, p2, p3 = e0 - uint64(i), e1 - uint64(i), e2 - uint64(i), e3 - uint64(i)
-            if use_outcome:
+            if shaping:
+                r0, r1, r2, r3 = s_in[z0 - uint64(i)], s_in[z1 - uint64(i)], s_in[z2 - uint64(i)], s_in[z3 - uint64(i)]
+            elif use_outcome:
                 r0, r1, r2, r3 = q0, q1, q2, q3
                 q0 = q1 = q2 = q3 = zero
             else:
@@ -224,7 +341,9 @@ def _rows(rewards, outcome, values, mask, coef, with_values, use_outcome, step_g
             for i in range(walk + 1, lengths[quad[j]] + 1):
                 p = ends[j] - uint64(i)
                 rv = zero
-                if use_outcome:
+                if shaping:
+                    rv = s_in[shaped_ends[j] - uint64(i)]
+                elif use_outcome:
                     rv, pending = pending, zero
                 else:
                     rv = r_in[p]
@@ -255,7 +374,9 @@ class Scan:
 
 
 def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: float, lam: float,
-         gaps: str = "skip", outcome: Tensor | None = None) -> Scan | None:
+         gaps: str = "skip", outcome: Tensor | None = None, *, old_logprobs: Tensor | None = None,
+         ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1",
+         kl_clamp: float | None = None, clip: tuple[float | None, float | None] = (None, None)) -> Scan | None:
     """GAE (with `values`) or reward-to-go (without: `lam` unused) over raw CPU inputs, checked in the
     same pass; None when a check fails (see the module's docstring), or when the mask's dtype is none of
     MASK_DTYPES and WIDENED_MASK_DTYPES.
@@ -264,6 +385,10 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     or float64), contiguous; mask [B, T], contiguous (MASK_DTYPES are read as they are,
     WIDENED_MASK_DTYPES widened to the compute dtype first, exactly: a value that is not 0 or 1 stays
     so). Masked positions of the inputs may hold anything (NaN included). Nothing given is modified.
+    The rewards the scan runs on are shaped as the estimators shape them: `clip` (low, high; None: no
+    bound) on each token reward or on the outcome, then minus kl_coef·kl(old_logprobs, ref_logprobs)
+    (`functional.kl` estimator, one of KL_KINDS, and clamp) at every valid token when kl_coef > 0
+    (both [B, T], then checked finite at valid positions).
     """
     dtype = (rewards if rewards is not None else outcome).dtype
     if mask.dtype not in MASK_DTYPES:
@@ -273,23 +398,35 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     batch, width = mask.shape
     mask_out = torch.empty((batch, width), dtype=torch.bool)
     lengths = torch.empty(batch, dtype=torch.int32)
-    coef = np.array([gamma, gamma * lam if values is not None else gamma, 0.0],
-                    dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-    placeholder = np.zeros((1, 1), dtype=coef.dtype)
+    low, high = clip
+    shaping = (CLIP_LOW if low is not None else 0) | (CLIP_HIGH if high is not None else 0) | (KL if kl_coef else 0)
+    coef = np.array([gamma, gamma * lam if values is not None else gamma, 0.0, kl_coef,
+                     0.0 if kl_clamp is None else kl_clamp, -math.inf if low is None else low,
+                     math.inf if high is None else high, 0.5, math.inf], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+    given_outcome = outcome
+    if outcome is not None and (low is not None or high is not None):
+        outcome = outcome.clamp(low, high)  # on the outcome, before it is placed (the caller's is kept)
     advantages = torch.empty((batch, width), dtype=dtype)
     returns = torch.empty((batch, width), dtype=dtype) if values is not None else advantages
-    args = (placeholder if rewards is None else rewards.numpy(), coef[2:] if outcome is None else outcome.numpy(),
-            placeholder if values is None else values.numpy(), mask.numpy(), coef, values is not None, outcome is not None,
-            gaps == "step", advantages.numpy(), returns.numpy(), mask_out.numpy(), lengths.numpy())
+    with_kl = bool(shaping & KL)
+    # an input the call does not have is stood in for by an array of its shape (`advantages`, or zeros
+    # [B]), never a smaller one: the compiled code may read it ahead of the flag that says it is unused
+    stand_in = advantages.numpy()
+    args = (stand_in if rewards is None else rewards.numpy(),
+            np.zeros(batch, coef.dtype) if outcome is None else outcome.numpy(),
+            stand_in if values is None else values.numpy(), mask.numpy(),
+            old_logprobs.numpy() if with_kl else stand_in, ref_logprobs.numpy() if with_kl else stand_in, coef,
+            values is not None, outcome is not None, gaps == "step", shaping, KL_KINDS[kl_estimator] if with_kl else 0,
+            kl_clamp is not None, advantages.numpy(), returns.numpy(), mask_out.numpy(), lengths.numpy())
     # the rewards' zeroed copy: rows holding something at a masked position are copied by the pass while
     # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
     rewards_out = torch.empty_like(rewards) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
-    args = (*args, placeholder if rewards is None else rewards_out.numpy(), copied)
+    args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied)  # never written
     verdict = _in_parts(args, batch, min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD))
     if verdict & (NOT_ZERO_ONE | NOT_FINITE):
         return None
-    if outcome is not None and not bool(torch.isfinite(outcome).all()):  # every row's, empty ones too
+    if outcome is not None and not bool(torch.isfinite(given_outcome).all()):  # every row's, empty ones too
         return None
     if verdict & REWARDS_MASKED:
         if not copied.all():
@@ -325,12 +462,16 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked worker (--workers) starts its own threads
 
 
-def warm() -> None:
+def warm(until_cached: bool = False) -> None:
     """Compile (or load from numba's disk cache) the variants requests use most: float32 and float64,
-    a mask of bool or of the compute dtype. scripts/install.sh (`make venv`, the Docker image) calls it,
-    so that the cache is there before the first request: with it, a process loads a variant in well
-    under a second; without it, the first request of each variant compiles for a few seconds."""
+    a mask of bool or of the compute dtype. scripts/install.sh (`make venv`, the Docker image) calls it
+    so that the cache is there before the first request; the server calls it at start, in a thread,
+    with `until_cached`: it stops at the first variant that loads from the cache in under a second (the
+    others will too, on first use), and otherwise compiles them all before a request needs them."""
     for dtype in (torch.float32, torch.float64):
-        for mask_dtype in (torch.bool, dtype):
+        for mask_dtype in (dtype, torch.bool):
             rewards = torch.zeros(1, 2, dtype=dtype)
+            started = time.perf_counter()
             scan(rewards, rewards, torch.ones(1, 2, dtype=mask_dtype), 1.0, 1.0)
+            if until_cached and time.perf_counter() - started < 1.0:
+                return
