@@ -19,6 +19,9 @@ counts everything else, including any other read of an input.
 
 Two reads inside the estimators are not counted, each for its stated reason (`NOT_DEVICE_READS`); every
 other read fails the test, and so does a read of those two from anywhere else.
+
+The CPU engines here take the torch path (`kernels="torch"`): it is the path a device runs. The numba
+kernels (`advserve.kernels.cpu`) run on the CPU only, where a host read is no sync.
 """
 
 from __future__ import annotations
@@ -214,7 +217,7 @@ def _loss_tensors(terms: dict) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("estimator,preset,params", ADVANTAGE_CASES, ids=lambda v: str(v))
 def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, preset, params):
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     request = AdvantageRequest(estimator, _advantage_tensors(estimator, engine, preset), preset=preset,
                                params=params)
     alone = engine.compute_advantages(request)  # the CPU's branches; the GPU's give the same numbers
@@ -234,7 +237,7 @@ def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, 
 @pytest.mark.parametrize("terms", LOSS_CASES, ids=lambda v: ",".join(f"{k}" for k in v))
 def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
     """Validation reads once, and the compute once more."""
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     request = LossRequest(_loss_tensors(terms), preset="verl", **terms)
     expected = engine.compute_losses(request)  # the CPU's branches; the GPU's give the same numbers
     as_on_a_gpu(monkeypatch)
@@ -300,7 +303,7 @@ VALIDATION_CASES = {
 def test_advantage_validation_reads_the_device_at_most_once(reads, monkeypatch, case):
     """prepare_advantages (every check of values: masks, finiteness, the estimator's own) reads once."""
     estimator, preset, params, change, bound = VALIDATION_CASES[case]
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     tensors = change(_advantage_tensors(estimator, engine, preset) | (
         {"ref_logprobs": _inputs()["ref_logprobs"]} if estimator == "reinforce_pp" else {}))
     tensors = {k: v for k, v in tensors.items() if v is not None}
@@ -334,7 +337,7 @@ def test_loss_validation_reads_the_device_at_most_once(reads, monkeypatch, case)
     terms, change = LOSS_VALIDATION_CASES[case]
     tensors = change(_loss_tensors(terms))
     layout = "packed" if "cu_seqlens" in tensors else None
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     expected = engine.compute_losses(LossRequest(tensors, preset="verl", layout=layout, **terms))
     as_on_a_gpu(monkeypatch)
     reads.active = True
@@ -358,7 +361,7 @@ INVALID = {  # id -> (estimator, preset, params, change, field named): each must
 def test_a_failed_check_is_worded_on_the_host(reads, monkeypatch, case):
     """The error path may read more; it names the field an immediate read would."""
     estimator, preset, params, change, field = INVALID[case]
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     tensors = change(_advantage_tensors(estimator, engine, preset))
     as_on_a_gpu(monkeypatch)
     with pytest.raises(InvalidArgument) as caught:
@@ -368,7 +371,7 @@ def test_a_failed_check_is_worded_on_the_host(reads, monkeypatch, case):
 
 def test_coalesced_and_packed_requests_read_once_each(reads, monkeypatch):
     """Requests sharing a device batch: one read per request; a packed request: one read."""
-    engine = Engine("cpu")
+    engine = Engine("cpu", kernels="torch")
     x = _inputs()
     mask = x["response_mask"]
     requests = [AdvantageRequest("grpo", {"response_mask": mask, "rewards": x["rewards"] * scale,
@@ -428,7 +431,7 @@ def test_a_host_error_waits_for_an_earlier_value_check():
     tensors = {"response_mask": x["response_mask"], "rewards": x["rewards"], "old_logprobs": old,
                "ref_logprobs": x["ref_logprobs"], "values": torch.zeros(B, T, dtype=torch.complex64)}
     with pytest.raises(InvalidArgument) as caught:
-        Engine("cpu").prepare_advantages(AdvantageRequest("gae", tensors, preset="openrlhf"))
+        Engine("cpu", kernels="torch").prepare_advantages(AdvantageRequest("gae", tensors, preset="openrlhf"))
     assert caught.value.field == "tensors.old_logprobs"
     assert "NaN or Inf" in str(caught.value)
 
@@ -484,7 +487,7 @@ class TestOnCuda:
         # the torch scans choose their path by a read of the mask (functional/scan.py Compactor)
         allowed = 1 if engine.kernels == "triton" else 2
         assert len(self.caught) <= allowed, self.caught
-        cpu = Engine("cpu").compute_advantages(AdvantageRequest(estimator, cpu_tensors, preset=preset, params=params))
+        cpu = Engine("cpu", kernels="torch").compute_advantages(AdvantageRequest(estimator, cpu_tensors, preset=preset, params=params))
         assert stats.keys() == cpu.stats.keys() and stats["tokens"] == cpu.stats["tokens"]
         assert stats["advantages"] == pytest.approx(cpu.stats["advantages"], rel=1e-5, abs=1e-6)
 
@@ -502,7 +505,7 @@ class TestOnCuda:
             monkeypatch.setattr(batch_module.Checks, "settle", settle)
             result = engine.compute_losses(request)
         assert len(self.caught) <= 1, self.caught
-        cpu = Engine("cpu").compute_losses(LossRequest(cpu_tensors, preset="verl", **terms))
+        cpu = Engine("cpu", kernels="torch").compute_losses(LossRequest(cpu_tensors, preset="verl", **terms))
         assert result.loss == pytest.approx(cpu.loss, rel=1e-5, abs=1e-6)
         assert result.metrics.keys() == cpu.metrics.keys()
 
@@ -546,7 +549,7 @@ class TestOnCuda:
             still_running = not torch.cuda.current_stream().query()
             torch.cuda.synchronize()
             assert still_running
-            cpu = Engine("cpu").compute_advantages(AdvantageRequest(
+            cpu = Engine("cpu", kernels="torch").compute_advantages(AdvantageRequest(
                 "grpo", _advantage_tensors("grpo", engine, "verl"), preset="verl"))
             assert torch.allclose(copies[0].tensor, cpu.advantages, atol=1e-6) and stats["tokens"] == cpu.stats["tokens"]
         finally:

@@ -238,7 +238,8 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
             chained[count] = b
             count += 1
             continue
-        # a row with gaps: its copies, then one token at a time
+        # a row with gaps: its copies, then one token at a time (the valid token's lines are those of the
+        # leftover walk below, written out twice: as an inlined helper they made this loop 10x slower)
         if not use_outcome:
             copied[b] = _dirty_row(r_in, m_out, row, end) and _zeroed_row(r_in, m_out, r_out, row, end, zero)
         if shaping:
