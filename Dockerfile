@@ -19,6 +19,7 @@
 # only that venv onto the same base, so the venv's interpreter path holds.
 # Configuration: every ADVSERVE_* environment variable of `advserve serve` (README, Configuration).
 # Memory allocator: nothing to set; the server raises glibc's mmap/trim thresholds itself (mallopt).
+# CPU kernels: compiled at build into NUMBA_CACHE_DIR (the builder's CPU; another CPU recompiles them once).
 
 ARG BASE=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -44,6 +45,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 FROM base AS builder
 ARG BASE
+# numba's cache of the CPU kernels (scripts/install.sh compiles them, advserve.kernels.cpu.warm): a directory
+# of its own, copied to the final stage and writable there, since numba only uses a cache it can write to
+ENV NUMBA_CACHE_DIR=/opt/numba-cache
 # Where torch comes from: "auto" is the PyTorch CPU index for BASE=cpu and pip's usual index (PyPI: the
 # CUDA build) for BASE=cuda; any other value is used as given, empty meaning pip's usual index.
 ARG TORCH_INDEX_URL=auto
@@ -62,7 +66,9 @@ FROM base
 RUN groupadd --gid 10001 advserve \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin advserve
 COPY --from=builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+COPY --from=builder --chown=10001:10001 /opt/numba-cache /opt/numba-cache
+ENV NUMBA_CACHE_DIR=/opt/numba-cache \
+    PATH=/opt/venv/bin:$PATH \
     ADVSERVE_HOST=0.0.0.0
 # numeric, so that runtimes (Kubernetes runAsNonRoot) can check it is not root
 USER 10001:10001

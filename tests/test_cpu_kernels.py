@@ -266,9 +266,10 @@ def test_right_padded_rows_of_every_length_bit_for_bit(dtype, gaps):
 @pytest.mark.parametrize("with_values", [True, False])
 @pytest.mark.parametrize("outcome", [False, True])
 def test_threads_do_not_change_the_bits(monkeypatch, dtype, with_values, outcome):
-    """[64, 2048] (2^17 tokens: two threads' worth of TOKENS_PER_THREAD) gives the same bits on two
-    threads as on one, the two-thread call really splits the rows (the compiled row pass is observed
-    being called once on each quarter), and the result is the loop's."""
+    """[64, 2048] (2^17 tokens; TOKENS_PER_THREAD lowered to 2^16, two threads' worth) gives the same
+    bits on two threads as on one, the two-thread call really splits the rows (the compiled row pass is
+    observed being called once on each quarter), and the result is the loop's."""
+    monkeypatch.setattr(cpu, "TOKENS_PER_THREAD", 1 << 16)
     batch, width = 64, 2048
     case = dict(batch=batch, width=width, kinds=[ROW_KINDS[i % len(ROW_KINDS)] for i in range(batch)],
                 dtype=dtype, mask_dtype=torch.bool, negative_zero=False, gamma=0.99, lam=0.95, gaps="skip",
@@ -294,8 +295,8 @@ def test_threads_do_not_change_the_bits(monkeypatch, dtype, with_values, outcome
         torch.set_num_threads(threads)
     assert batch * width // cpu.TOKENS_PER_THREAD >= 2
     # two threads: four parts of the rows (twice the threads), each run once, on this thread or the
-    # pool's (a part the pool has not started when this thread is free is run here: which runs where
-    # is a race, the parts are not)
+    # pool's (a part the pool has not started when this thread is free is run here: which runs where is
+    # a race, the parts are not)
     assert sorted(call[:2] for call in calls) == [(0, 16), (16, 32), (32, 48), (48, 64)]
     pool_threads = {thread.ident for thread in threading.enumerate() if thread.name.startswith("advserve-scan")}
     assert {call[2] for call in calls} <= pool_threads | {threading.get_ident()}
@@ -316,8 +317,9 @@ def test_threads_do_not_change_the_bits(monkeypatch, dtype, with_values, outcome
 
 
 @pytest.mark.parametrize("poisoned_row", [0, 40, 63])
-def test_a_bad_row_in_any_thread_part_gives_none(poisoned_row):
+def test_a_bad_row_in_any_thread_part_gives_none(monkeypatch, poisoned_row):
     """The parts' verdicts are combined: a NaN reward at a valid position in either part's rows -> None."""
+    monkeypatch.setattr(cpu, "TOKENS_PER_THREAD", 1 << 16)
     batch, width = 64, 2048
     rewards = torch.randn(batch, width, dtype=torch.float64)
     values = torch.randn(batch, width, dtype=torch.float64)
