@@ -36,9 +36,9 @@ class AdvantageInputs:
     under params.masked_token_rewards = 'sum' (verl sums them into R), and then R = Σ over all T.
     `statistics`: the batch-wide statistics of the estimator (`Estimator.statistics`) of a larger batch
     that this one is a shard of (advserve.ray.sharding), used instead of this batch's own; None: its own.
-    `scan`: (advantages, returns) [B, T] of the estimator's `Estimator.scan` over these rewards and
-    values, when a kernel computed it while validating the batch (`advserve.kernels.cpu`); None: the
-    estimator computes it.
+    `scan`: (advantages, returns) [B, T] of the estimator's `Estimator.scan` over these rewards (and
+    values, log-probs), when a kernel computed it while validating the batch (`advserve.kernels.cpu`;
+    the values and log-probs are then not given here); None: the estimator computes it.
     """
 
     mask: Tensor
@@ -159,9 +159,9 @@ class Estimator:
     `statistics`: the batch-wide statistics its rows depend on besides token whitening (a batch std
     or mean, sequence whitening), as 0-d or [K] tensors by name ({} when the parameters need none):
     a shard of the batch computed with the whole batch's (`AdvantageInputs.statistics`) gets its rows
-    of the whole batch's result. `scan`: with these parameters, the scan over the batch's rewards and
-    values as given that the advantages start from (None: none such), which a kernel may compute while
-    validating the batch and hand over in `AdvantageInputs.scan`."""
+    of the whole batch's result. `scan`: the scan (a ScanSpec of the parameters) over the batch's
+    rewards, shaped (clip, KL), and values that the advantages start from, which a kernel may compute
+    while validating the batch and hand over in `AdvantageInputs.scan`; None: the estimator has none."""
 
     name: str
     fn: EstimatorFn
@@ -175,7 +175,7 @@ class Estimator:
     batch_baseline: bool = False
     exact_rows: bool = False
     statistics: StatisticsFn | None = None
-    scan: Callable[[Params], ScanSpec | None] | None = None
+    scan: Callable[[Params], ScanSpec] | None = None
 
     @property
     def uses_groups(self) -> bool:
