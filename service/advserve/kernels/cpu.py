@@ -94,10 +94,9 @@ def _mask_row(m_in, m_out, row, end):  # pragma: no cover (compiled)
 
 @_jit
 def _zeroed_row(x_in, m_out, x_out, row, end, zero):  # pragma: no cover (compiled)
-    """x_out = x_in where the mask, else 0, over [row, end) (a row with gaps' zeroed copy); True."""
+    """x_out = x_in where the mask, else 0, over [row, end) (a row with gaps' zeroed copy)."""
     for p in range(row, end):
         x_out[p] = x_in[p] if m_out[p] else zero
-    return True
 
 
 @_jit
@@ -127,7 +126,7 @@ def _step(rv, vv, a, nv, g, c, with_values):  # pragma: no cover (compiled)
 
 
 KL_KINDS = {"k1": 1, "k2": 2, "abs": 4}  # functional.kl's estimators computed here (k3: the torch path, see _kl)
-CLIP_LOW, CLIP_HIGH, KL = 1, 2, 4  # the shaping's bits
+CLIP, KL = 1, 2  # the shaping's bits: a reward clip (its bounds in coef), a KL penalty
 # coef [9], in the compute dtype: γ, the discount c, 0, β, the KL clamp, the reward clip's low and high
 # bounds (−inf and inf: none), ½ and inf (typed like the data: no float64 creeps in)
 G, C, ZERO, BETA, KL_CLAMP, LOW, HIGH, HALF, INF = range(9)
@@ -211,7 +210,7 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
           stop):  # pragma: no cover (compiled)
     """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
     mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
-    coef: see above; shaping: CLIP_LOW, CLIP_HIGH and KL bits, the KL estimator `kl_kind` (KL_KINDS)
+    coef: see above; shaping: the CLIP and KL bits, the KL estimator `kl_kind` (KL_KINDS)
     clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
     each row whose token rewards hold something not 0 at a masked position its zeroed copy in
     rewards_out, copied[b] set. Returns the verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage,
@@ -241,7 +240,9 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
         # a row with gaps: its copies, then one token at a time (the valid token's lines are those of the
         # leftover walk below, written out twice: as an inlined helper they made this loop 10x slower)
         if not use_outcome:
-            copied[b] = _dirty_row(r_in, m_out, row, end) and _zeroed_row(r_in, m_out, r_out, row, end, zero)
+            if _dirty_row(r_in, m_out, row, end):
+                _zeroed_row(r_in, m_out, r_out, row, end, zero)
+                copied[b] = True
         if shaping:
             last = width - 1
             while last > 0 and not m_out[row + uint64(last)]:
@@ -400,7 +401,7 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     mask_out = torch.empty((batch, width), dtype=torch.bool)
     lengths = torch.empty(batch, dtype=torch.int32)
     low, high = clip
-    shaping = (CLIP_LOW if low is not None else 0) | (CLIP_HIGH if high is not None else 0) | (KL if kl_coef else 0)
+    shaping = (CLIP if low is not None or high is not None else 0) | (KL if kl_coef else 0)
     coef = np.array([gamma, gamma * lam if values is not None else gamma, 0.0, kl_coef,
                      0.0 if kl_clamp is None else kl_clamp, -math.inf if low is None else low,
                      math.inf if high is None else high, 0.5, math.inf], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
