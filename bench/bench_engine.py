@@ -14,6 +14,9 @@ Rows (full sizes; --quick shrinks them):
     against a verl-style loop over tokens (verl 0.9.1 compute_gae_advantage_return, without the
     final whitening). Also the memory-bandwidth bound of the op.
   * The same with interior mask gaps (multi-turn: 10% of the tokens inside each row masked).
+  * gae_verl: the right-padded batch with preset="verl" (the advantages whitened over the batch's
+    tokens: unbiased variance, rsqrt(var + 1e-8)), against verl 0.9.1 compute_gae_advantage_return
+    whole: the loop, then verl_F.masked_whiten as verl writes it.
   * GRPO over 4096 sequences (groups of 16, rows shuffled, uuid-like string group ids, 0/1
     rewards) with preset="verl", against verl's dict-of-lists loop: at sequence level
     (response_mask [4096, 1]: the group statistics, target 20x) and at token level ([4096, 1024]:
@@ -75,7 +78,7 @@ from advserve.testing import cpu_model, wait_for_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4
-CASES = ("gae", "gae_gaps", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
+CASES = ("gae", "gae_gaps", "gae_verl", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
 # where the engine runs (set by main from --device and --kernels): every row's tensors go there
 TARGET = {"device": "cpu", "kernels": "auto"}
 
@@ -266,6 +269,20 @@ def gae_loop(token_rewards, values, response_mask, gamma: float, lam: float):
     return advantages, returns
 
 
+def verl_gae_whitened(token_rewards, values, response_mask, gamma: float, lam: float):
+    """verl 0.9.1 compute_gae_advantage_return whole: `gae_loop`, then verl_F.masked_whiten(advantages,
+    response_mask) as verl writes it (masked_mean divides by mask.sum() + 1e-8; masked_var unbiased,
+    x n/(n-1); (x - mean) * rsqrt(var + 1e-8))."""
+    advantages, returns = gae_loop(token_rewards, values, response_mask, gamma, lam)
+    with torch.no_grad():
+        mean = (advantages * response_mask).sum() / (response_mask.sum() + 1e-8)
+        variance = ((advantages - mean) ** 2 * response_mask).sum() / (response_mask.sum() + 1e-8)
+        count = response_mask.sum()
+        variance = variance * (count / (count - 1))
+        advantages = (advantages - mean) * torch.rsqrt(variance + 1e-8)
+    return advantages, returns
+
+
 def grpo_loop(scores, response_mask, index, epsilon: float = 1e-6):
     """verl 0.9.1 compute_grpo_outcome_advantage (norm by std): dict of lists keyed by uid,
     torch.mean / torch.std per group, a loop over rows, then broadcast * mask. Takes the [B]
@@ -432,6 +449,32 @@ def gae_rows(batch: int, length: int, gaps: float, cfg: dict, gen: torch.Generat
                       "multiple": t["p50_ms"] / bound_ms},
         })
     return rows
+
+
+def gae_verl_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> dict:
+    x = on_target(gae_inputs(batch, length, gen, 0.0))
+    gamma, lam = 1.0, 0.95
+
+    def engine():
+        return advserve.compute_advantages("gae", preset="verl", params={"gamma": gamma, "lam": lam}, **x,
+                                           **engine_options())
+
+    def loop():
+        return verl_gae_whitened(x["token_rewards"], x["values"], x["response_mask"], gamma, lam)
+
+    valid = x["response_mask"].bool()
+    ref_adv, ref_ret = (torch.where(valid, t, 0) for t in loop())
+    out = engine()
+    checks = [compare("advantages", out.advantages, ref_adv), compare("returns", out.returns, ref_ret)]
+    t_engine = timeit(engine, cfg["repeats"])
+    t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
+    return {
+        "row": "gae verl, whitened", "impl": "advserve.compute_advantages", "size": f"{batch}x{length}",
+        "dtype": "float32", "engine": t_engine, "reference": t_loop,
+        "reference_impl": "verl 0.9.1 compute_gae_advantage_return (loop over T, [B] slices) + masked_whiten",
+        "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+        "params": out.params, "semantics": "gamma 1, lam 0.95, right-padded, whitened (ddof 1, eps 1e-8 inside)",
+    }
 
 
 def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator, rng: random.Random) -> dict:
@@ -655,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [row for size in sizes["gae"] for row in gae_rows(*size, 0.0, cfg, gen, bandwidth)]
         elif case == "gae_gaps":
             rows += [row for size in sizes["gae"] for row in gae_rows(*size, 0.1, cfg, gen, bandwidth)]
+        elif case == "gae_verl":
+            rows += [gae_verl_row(*size, cfg, gen) for size in sizes["gae"]]
         elif case == "grpo":
             rows += [grpo_row(*size, cfg, gen, rng) for size in sizes["grpo"]]
         elif case == "losses":
@@ -671,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if busiest < 0.15 else '  <- CONTENDED: rerun on an idle machine'}")
     print()
     print("ref: GAE/GRPO = verl-style Python loop in this process; losses = the same loss by torch autograd "
-          "(forward + backward); gae openrlhf = OpenRLHF 0.11.2's own code (loop over T); grpo trl = TRL 1.16.0's "
+          "(forward + backward); gae verl = verl 0.9.1's loop and masked_whiten; gae openrlhf = OpenRLHF 0.11.2's own code (loop over T); grpo trl = TRL 1.16.0's "
           f"own torch code (view(-1, n), vectorised). rel = max|diff| / max|ref| (worst output), limit {REL_TOLERANCE:.0e}. faults = minor "
           "page faults per impl call (median). Targets are reported, not enforced.")
     print(f"GAE memory bound ({bandwidth['gb_per_s']:.1f} GB/s copy): bytes over all B*T (padded) tokens, "

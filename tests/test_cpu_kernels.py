@@ -22,6 +22,8 @@ compiled pass over the caller's raw tensors, so what it must get right is tested
   positions, a non-finite outcome reward of any row), never modifies its inputs, and returns the
   caller's tensor itself when it is already 0 at masked positions.
 * **Mask outputs**: `Scan.mask` is `mask != 0` (so −0.0 is masked) and `Scan.lengths` its row sums.
+* **Whitening** (`test_whitening_*`): `scan(..., whiten=form)` is `functional.masks.whiten` of the
+  scan's advantages to rounding in every form, and the same bits on one thread and on two.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from advserve.functional import masks
+from advserve.functional.masks import Whitening
 from advserve.functional.scan import gae as torch_gae
 from advserve.functional.scan import reward_to_go as torch_reward_to_go
 from advserve.engine import Engine
@@ -490,6 +494,61 @@ def test_negative_zero_in_a_float_mask_is_masked():
     assert torch.equal(minus.lengths, torch.tensor([2], dtype=torch.int32))
     assert torch.equal(bits(minus.advantages), bits(plus.advantages))
     assert torch.equal(bits(minus.returns), bits(plus.returns))
+
+
+# --- 6. whitening --------------------------------------------------------------------------------
+
+WHITENINGS = (Whitening(1, 1e-8, "inside"), Whitening(0, 1e-8, "floor"), Whitening(0, 1e-8, "floor", use_std=False),
+              Whitening(1, 1e-5, "outside"), Whitening(0, 0.0, "inside"), Whitening(1, 0.0, "outside"))
+
+
+@PROPERTY
+@given(cases(max_width=120), st.sampled_from(WHITENINGS))
+def test_whitening_in_the_scan_is_whiten_of_the_scan(case, form):
+    """scan(..., whiten=form) gives functional.masks.whiten(advantages, valid, form) of the scan without
+    it, to rounding (float64 1e-12, float32 1e-5, of max|A|/d + 1: the whitened value's rounding is
+    that of A − μ, divided by the scale d), exact zeros at masked positions; the returns are the scan's, bit for bit (without values:
+    the reward-to-go before whitening)."""
+    raw, _, _, valid = make_inputs(case)
+    plain = run_scan(raw, case)
+    whitened = cpu.scan(raw["rewards"], raw["values"], raw["mask"], case["gamma"], case["lam"], case["gaps"],
+                        outcome=raw["outcome"], whiten=form)
+    weights = valid.to(case["dtype"])
+    want = masks.whiten(plain.advantages, weights, **vars(form))
+    assert torch.equal(bits(whitened.returns), bits(plain.returns))
+    assert whitened.advantages is not whitened.returns
+    _, denom = masks.whitening_statistics(plain.advantages, weights, **vars(form))
+    d = 1.0 if denom is None else float(denom)
+    if d > 0:
+        tolerance = 1e-12 if case["dtype"] == torch.float64 else 1e-5
+        scale = float(plain.advantages.abs().max()) / d + 1.0
+        error = float((whitened.advantages - want).abs().max())
+        assert error <= tolerance * scale, (error, scale, form)
+    # (d = 0: every valid A equal and eps 0, where whiten gives zeros; the kernel's float64 moments may
+    # see a variance of rounding size there and divide by it: ill-conditioned, as the torch path is)
+    assert bool((whitened.advantages[~valid] == 0).all())
+
+
+@pytest.mark.parametrize("with_values", [True, False])
+def test_whitening_gives_the_same_bits_on_any_threads(monkeypatch, with_values):
+    """The moments are taken per row and merged in row order, so two threads (both passes split) give
+    one thread's bits."""
+    monkeypatch.setattr(cpu, "TOKENS_PER_THREAD", 1 << 16)
+    monkeypatch.setattr(cpu, "WHITENED_PER_THREAD", 1 << 16)
+    case = dict(batch=64, width=2048, kinds=[ROW_KINDS[i % len(ROW_KINDS)] for i in range(64)],
+                dtype=torch.float32, mask_dtype=torch.float32, negative_zero=False, gamma=1.0, lam=0.95, gaps="skip",
+                outcome=False, with_values=with_values, garbage=0.3, seed=5)
+    raw, _, _, _ = make_inputs(case)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(cpu.scan(raw["rewards"], raw["values"], raw["mask"], 1.0, 0.95, whiten=WHITENINGS[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bits(results[0].advantages), bits(results[1].advantages))
+    assert torch.equal(bits(results[0].returns), bits(results[1].returns))
 
 
 # --- the engine with the kernel against the engine without it ------------------------------------

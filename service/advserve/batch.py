@@ -568,7 +568,8 @@ def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: t
         result = cpu.scan(tensors.get("token_rewards"), tensors.pop("values", None), given_mask, scan.gamma,
                           scan.lam, scan.gaps, outcome=tensors.get("rewards"),
                           old_logprobs=tensors.pop("old_logprobs", None), ref_logprobs=tensors.pop("ref_logprobs", None),
-                          kl_coef=scan.kl_coef, kl_estimator=scan.kl_estimator, kl_clamp=scan.kl_clamp, clip=scan.clip)
+                          kl_coef=scan.kl_coef, kl_estimator=scan.kl_estimator, kl_clamp=scan.kl_clamp, clip=scan.clip,
+                          whiten=scan.whiten)
     if result is None:
         return None
     if "token_rewards" in tensors:

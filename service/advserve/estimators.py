@@ -16,7 +16,7 @@ from torch import Tensor
 from .functional.groups import (STD_SCOPES, Groups, batch_score_std, centered_scores, group_normalized_advantages,
                                 group_std, leave_one_out_advantages)
 from .functional.kl import KL_ESTIMATORS, kl_and_grad
-from .functional.masks import WHITEN_EPS_MODES, place_on_last_token, whiten, whitening_statistics
+from .functional.masks import WHITEN_EPS_MODES, Whitening, place_on_last_token, whiten, whitening_statistics
 from .functional.scan import MASK_GAPS, gae, reward_to_go
 from .params import ParamSpec, neutral
 
@@ -37,8 +37,9 @@ class AdvantageInputs:
     `statistics`: the batch-wide statistics of the estimator (`Estimator.statistics`) of a larger batch
     that this one is a shard of (advserve.ray.sharding), used instead of this batch's own; None: its own.
     `scan`: (advantages, returns) [B, T] of the estimator's `Estimator.scan` over these rewards (and
-    values, log-probs), when a kernel computed it while validating the batch (`advserve.kernels.cpu`;
-    the values and log-probs are then not given here); None: the estimator computes it.
+    values, log-probs), whitened as its ScanSpec says: the estimator's result, when a kernel computed
+    it while validating the batch (`advserve.kernels.cpu`; the values and log-probs are then not given
+    here); None: the estimator computes it.
     """
 
     mask: Tensor
@@ -137,7 +138,9 @@ MASKED = ("masked_token_rewards",)
 class ScanSpec:
     """The scan an estimator's advantages start from: GAE with γ and λ over the values, or without them
     the reward-to-go with γ; `gaps` the mask_gaps convention; over the rewards clipped to `clip` (low,
-    high; None: no bound) minus kl_coef·kl(old_logprobs, ref_logprobs) (`kl_estimator`, `kl_clamp`)."""
+    high; None: no bound) minus kl_coef·kl(old_logprobs, ref_logprobs) (`kl_estimator`, `kl_clamp`);
+    the advantages then whitened over the batch's tokens in the form `whiten` (None: not whitened),
+    the returns not. The estimator's (advantages, returns) are then the scan's."""
 
     gamma: float
     lam: float
@@ -147,6 +150,7 @@ class ScanSpec:
     kl_coef: float = 0.0
     kl_estimator: str = "k1"
     kl_clamp: float | None = None
+    whiten: Whitening | None = None
 
 
 @dataclass(frozen=True)
@@ -283,9 +287,12 @@ def _broadcast(per_sequence: Tensor, valid: Tensor) -> Tensor:
     return per_sequence.unsqueeze(1) * valid
 
 
+def _whitening(p: Params) -> Whitening:
+    return Whitening(p["whiten_ddof"], p["whiten_eps"], p["whiten_eps_mode"], p["whiten_std"])
+
+
 def _whiten(adv: Tensor, valid: Tensor, p: Params, statistics: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-    return whiten(adv, valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"], eps_mode=p["whiten_eps_mode"],
-                  use_std=p["whiten_std"], statistics=statistics)
+    return whiten(adv, valid, **vars(_whitening(p)), statistics=statistics)
 
 
 def _maybe_whiten(adv: Tensor, x: AdvantageInputs, p: Params) -> Tensor:
@@ -318,16 +325,20 @@ def _shaping(p: Params) -> dict[str, Any]:
             "kl_estimator": p["kl_estimator"], "kl_clamp": p["kl_clamp"]}
 
 
+def _scan_whitening(p: Params) -> Whitening | None:
+    return _whitening(p) if p.get("whiten") else None
+
+
 def reward_to_go_scan(p: Params) -> ScanSpec:
-    return ScanSpec(p["gamma"], 1.0, p["mask_gaps"], values=False, **_shaping(p))
+    return ScanSpec(p["gamma"], 1.0, p["mask_gaps"], values=False, **_shaping(p), whiten=_scan_whitening(p))
 
 
 def gae_scan(p: Params) -> ScanSpec:
-    return ScanSpec(p["gamma"], p["lam"], p["mask_gaps"], values=True, **_shaping(p))
+    return ScanSpec(p["gamma"], p["lam"], p["mask_gaps"], values=True, **_shaping(p), whiten=_scan_whitening(p))
 
 
 def orz_scan(p: Params) -> ScanSpec:
-    return ScanSpec(1.0, 1.0, "skip", values=True)
+    return ScanSpec(1.0, 1.0, "skip", values=True, whiten=_scan_whitening(p))
 
 
 def reinforce_rtg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
@@ -341,10 +352,8 @@ def reinforce_rtg(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 def reinforce_pp(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """A = whiten(reward-to-go of clip(r) − β kl) over the batch; returns = the reward-to-go."""
     if x.scan is not None:
-        returns = x.scan[0]
-    else:
-        returns = reward_to_go(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.mask, p["gamma"],
-                               p["mask_gaps"])
+        return x.scan
+    returns = reward_to_go(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.mask, p["gamma"], p["mask_gaps"])
     return _maybe_whiten(returns, x, p), returns
 
 
@@ -432,16 +441,17 @@ def remax(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
 def gae_estimator(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GAE with δ_t = clip(r_t) − β kl_t + γ V_{t+1} − V_t; returns = A + V (before whitening)."""
     if x.scan is not None:
-        adv, returns = x.scan
-    else:
-        shaped = _shaped_rewards(x, p, _clipped_token_rewards(x, p))
-        adv, returns = gae(shaped, x.values, x.mask, p["gamma"], p["lam"], p["mask_gaps"])
+        return x.scan
+    adv, returns = gae(_shaped_rewards(x, p, _clipped_token_rewards(x, p)), x.values, x.mask, p["gamma"], p["lam"],
+                       p["mask_gaps"])
     return _maybe_whiten(adv, x, p), returns
 
 
 def orz(x: AdvantageInputs, p: Params) -> tuple[Tensor, Tensor]:
     """GAE with γ = λ = 1 and no KL: A_t = R − V_t."""
-    adv, returns = x.scan if x.scan is not None else gae(x.token_rewards, x.values, x.mask, 1.0, 1.0)
+    if x.scan is not None:
+        return x.scan
+    adv, returns = gae(x.token_rewards, x.values, x.mask, 1.0, 1.0)
     return _maybe_whiten(adv, x, p), returns
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,16 @@ def moments(sums: dict[str, float], n: int) -> dict[str, float]:
 WHITEN_EPS_MODES = ("inside", "floor", "outside")
 
 
+@dataclass(frozen=True)
+class Whitening:
+    """The form of a `whiten`: its keyword arguments ddof, eps, eps_mode and use_std."""
+
+    ddof: int
+    eps: float
+    eps_mode: str = "inside"
+    use_std: bool = True
+
+
 def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "inside", use_std: bool = True,
            statistics: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
     """Batch whitening over all valid positions: (x − μ) / d, 0 at masked positions.
@@ -131,15 +143,19 @@ def _whitening_moments(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_m
         return mean, centered, None
     flat = centered.reshape(-1)
     var = torch.dot(flat, flat) / (n - ddof).clamp_min(1)
+    return mean, centered, whitening_scale(var, eps=eps, eps_mode=eps_mode)
+
+
+def whitening_scale(var: Tensor, *, eps: float, eps_mode: str) -> Tensor:
+    """`whiten`'s scale d from the variance σ² (a 0-d tensor, in its dtype): sqrt(σ² + eps) "inside",
+    sqrt(max(σ², eps)) "floor", σ + eps "outside"."""
     if eps_mode == "inside":
-        denom = (var + eps).sqrt()
-    elif eps_mode == "floor":
-        denom = var.clamp_min(eps).sqrt()
-    elif eps_mode == "outside":
-        denom = var.sqrt() + eps
-    else:
-        raise ValueError(f"unknown whitening eps_mode {eps_mode!r}; valid: {', '.join(WHITEN_EPS_MODES)}")
-    return mean, centered, denom
+        return (var + eps).sqrt()
+    if eps_mode == "floor":
+        return var.clamp_min(eps).sqrt()
+    if eps_mode == "outside":
+        return var.sqrt() + eps
+    raise ValueError(f"unknown whitening eps_mode {eps_mode!r}; valid: {', '.join(WHITEN_EPS_MODES)}")
 
 
 def aggregation_weights(

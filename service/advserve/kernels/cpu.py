@@ -56,18 +56,25 @@ import torch
 from numba import uint64
 from torch import Tensor
 
+from ..functional.masks import Whitening, whitening_scale
 
 TOKENS_PER_THREAD = 1 << 18  # below this many tokens per thread, one (waking a pool thread costs ~0.15 ms)
+WHITENED_PER_THREAD = 1 << 21  # the same for the whitening's pass, bound by memory: 2 threads pay from 4M
 MASK_DTYPES = (torch.bool, torch.float32, torch.float64)  # read as they are
 WIDENED_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16)
 
 
-def _jit(fn):
-    """numba.njit without the GIL, cached on disk where the package directory is writable."""
+def _jit(fn=None, **options):
+    """numba.njit without the GIL, with numpy's division (x / 0 is ±inf or NaN, as in torch: Python's
+    ZeroDivisionError check keeps a loop from vectorizing) and `options`, cached on disk where the
+    package directory is writable."""
+    if fn is None:
+        return functools.partial(_jit, **options)
+    options = {"nogil": True, "boundscheck": False, "error_model": "numpy", **options}
     try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+        return numba.njit(cache=True, **options)(fn)
     except RuntimeError:  # no writable cache location: compile in each process
-        return numba.njit(nogil=True, boundscheck=False)(fn)
+        return numba.njit(**options)(fn)
 
 
 NOT_ZERO_ONE, NOT_FINITE, REWARDS_MASKED = 1, 2, 4  # the verdict's bits
@@ -204,18 +211,44 @@ def _shape_outcome(o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamp
     return finite
 
 
+@_jit(fastmath={"reassoc", "nsz"})
+def _row_moments(adv, m_out, start, end, count, gaps):  # pragma: no cover (compiled)
+    """(mean, M2 = Σ valid·(a − mean)²) in float64 of the `count` valid advantages in the flat
+    [start, end) (0 at masked positions; `gaps`: some of them are masked, else [start, end) is all
+    valid). Two loops over a row in the cache; the sums are reassociated so that they vectorize (the
+    same data gives the same bits: the order depends on the length only)."""
+    if count == 0:
+        return 0.0, 0.0
+    total = 0.0
+    for p in range(start, end):
+        total += np.float64(adv[p])
+    mean = total / count
+    m2 = 0.0
+    if gaps:
+        for p in range(start, end):
+            d = np.float64(adv[p]) - mean
+            m2 += d * d if m_out[p] else 0.0
+    else:
+        for p in range(start, end):
+            d = np.float64(adv[p]) - mean
+            m2 += d * d
+    return mean, m2
+
+
 @_jit
 def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
-          shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, start,
-          stop):  # pragma: no cover (compiled)
+          shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, moments,
+          with_moments, start, stop):  # pragma: no cover (compiled)
     """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
     mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
     coef: see above; shaping: the CLIP and KL bits, the KL estimator `kl_kind` (KL_KINDS)
     clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
     each row whose token rewards hold something not 0 at a masked position its zeroed copy in
-    rewards_out, copied[b] set. Returns the verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage,
-    or a shaped input), REWARDS_MASKED (some row was copied). With shaping, each row's shaped rewards
-    are written to a scratch row first (`_shape_tokens`, `_shape_outcome`) and the walks read them."""
+    rewards_out, copied[b] set; `with_moments`: each row's (mean, M2) of its advantages in moments
+    [B, 2] float64 (`_row_moments`, while the row is in the cache). Returns the verdict: NOT_ZERO_ONE,
+    NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some row was copied). With
+    shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
+    `_shape_outcome`) and the walks read them."""
     g, c, zero = coef[G], coef[C], coef[ZERO]
     width = mask.shape[1]
     m_in, r_in, v_in = mask.ravel(), rewards.ravel(), values.ravel()
@@ -276,6 +309,8 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
                 if with_values:
                     ret[p] = zero
         finite &= a - a == 0
+        if with_moments:
+            moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, row, end, n, True)
     # right-padded rows by length, four at a time: their zeros and copies (the rows come into the
     # cache), then the four walked together from their own last tokens (the shortest first: its
     # length is the walk's), then what is left of the other three, one at a time
@@ -355,10 +390,49 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
                 if with_values:
                     ret[p] = a + vv
             finite &= a - a == 0
+            if with_moments:
+                b = quad[j]
+                moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, ends[j] - uint64(lengths[b]), ends[j],
+                                                            lengths[b], False)
     dirty_rewards = False
     for b in range(start, stop):
         dirty_rewards |= copied[b]
     return (NOT_ZERO_ONE if bad else 0) | (0 if finite else NOT_FINITE) | (REWARDS_MASKED if dirty_rewards else 0)
+
+
+@_jit
+def _merged_moments(moments, lengths):  # pragma: no cover (compiled)
+    """(N, mean, M2) of the whole batch from its rows' (mean, M2) [B, 2] and lengths [B], merged in row
+    order by Chan et al.'s update (n = n_a + n_b, δ = m_b − m_a, m = m_a + δ·n_b/n, M2 = M2_a + M2_b +
+    δ²·n_a·n_b/n): one order whatever the threads, so the same bits on every run."""
+    n, mean, m2 = 0.0, 0.0, 0.0
+    for b in range(lengths.size):
+        count = np.float64(lengths[b])
+        if count == 0:
+            continue
+        total = n + count
+        delta = moments[b, 0] - mean
+        mean += delta * (count / total)
+        m2 += moments[b, 1] + delta * delta * (n * count / total)
+        n = total
+    return n, mean, m2
+
+
+@_jit
+def _whitened_rows(adv, mask_out, out, in_place, stats, start, stop):  # pragma: no cover (compiled)
+    """out = (adv − μ)·valid / d over rows [start, stop), or adv itself so (`in_place`; `out` unused);
+    stats = (μ, d, 1, 0) in the compute dtype: the operations of `functional.masks.whiten`, so the same
+    bits given the same μ and d. (In place is a loop of its own: a loop from an array to itself fails
+    the vectorized loop's overlap check and runs one element at a time.)"""
+    mean, denom, one, zero = stats[0], stats[1], stats[2], stats[3]
+    a_in, m_in, a_out = adv[start:stop].ravel(), mask_out[start:stop].ravel(), out[start:stop].ravel()
+    if in_place:  # (indices from 0: a loop from another start checks each for wraparound, 5x slower)
+        for p in range(a_in.size):
+            a_in[p] = ((a_in[p] - mean) * (one if m_in[p] else zero)) / denom
+    else:
+        for p in range(a_in.size):
+            a_out[p] = ((a_in[p] - mean) * (one if m_in[p] else zero)) / denom
+    return 0
 
 
 @dataclass
@@ -378,7 +452,8 @@ class Scan:
 def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: float, lam: float,
          gaps: str = "skip", outcome: Tensor | None = None, *, old_logprobs: Tensor | None = None,
          ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1",
-         kl_clamp: float | None = None, clip: tuple[float | None, float | None] = (None, None)) -> Scan | None:
+         kl_clamp: float | None = None, clip: tuple[float | None, float | None] = (None, None),
+         whiten: Whitening | None = None) -> Scan | None:
     """GAE (with `values`) or reward-to-go (without: `lam` unused) over raw CPU inputs, checked in the
     same pass; None when a check fails (see the module's docstring), or when the mask's dtype is none of
     MASK_DTYPES and WIDENED_MASK_DTYPES.
@@ -390,7 +465,10 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     The rewards the scan runs on are shaped as the estimators shape them: `clip` (low, high; None: no
     bound) on each token reward or on the outcome, then minus kl_coef·kl(old_logprobs, ref_logprobs)
     (`functional.kl` estimator, one of KL_KINDS, and clamp) at every valid token when kl_coef > 0
-    (both [B, T], then checked finite at valid positions).
+    (both [B, T], then checked finite at valid positions). `whiten`: the advantages are then whitened
+    over the batch's valid tokens in that form (`functional.masks.whiten`, to rounding: the moments are
+    taken in float64 row by row in the scan's pass and merged, then μ and d rounded to the compute
+    dtype and applied in a second pass); the returns (the reward-to-go without values) are not.
     """
     dtype = (rewards if rewards is not None else outcome).dtype
     if mask.dtype not in MASK_DTYPES:
@@ -424,8 +502,11 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
     rewards_out = torch.empty_like(rewards) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
-    args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied)  # never written
-    verdict = _in_parts(args, batch, min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD))
+    moments = np.empty((batch if whiten is not None else 0, 2), np.float64)
+    args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied,  # never written
+            moments, whiten is not None)
+    threads = min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD)
+    verdict = _in_parts(_rows, args, batch, threads)
     if verdict & (NOT_ZERO_ONE | NOT_FINITE):
         return None
     if outcome is not None and not bool(torch.isfinite(given_outcome).all()):  # every row's, empty ones too
@@ -435,20 +516,43 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
             rest = torch.from_numpy(~copied)
             rewards_out[rest] = rewards[rest]
         rewards = rewards_out
+    if whiten is not None:
+        out = advantages if values is not None else torch.empty_like(advantages)  # rtg: returns stay
+        advantages = _whitened(advantages, mask_out, lengths, moments, whiten, out,
+                               min(threads, mask.numel() // WHITENED_PER_THREAD))
     return Scan(advantages, returns, mask_out, lengths, rewards)
 
 
-def _in_parts(args: tuple, batch: int, threads: int) -> int:
-    """`_rows` over the batch, on up to `threads` threads: the union of the verdicts. The rows are cut
-    into twice as many parts as threads (rows differ in work); this thread runs the first, then every
-    part no pool thread has started yet (a cancelled future), from the last: the pool is shared, and a
-    request never waits behind another's part."""
+def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np.ndarray, form: Whitening,
+              out: Tensor, threads: int) -> Tensor:
+    """`functional.masks.whiten(advantages, valid, **vars(form))` written to `out` (which may be
+    `advantages`), from the rows' moments [B, 2] of `_rows`."""
+    n, mean, m2 = _merged_moments(moments, lengths.numpy())
+    dtype = advantages.dtype
+    mu = torch.tensor(mean, dtype=dtype)
+    denom = torch.tensor(1.0, dtype=dtype)
+    if form.use_std:
+        denom = whitening_scale(torch.tensor(m2 / max(n - form.ddof, 1.0), dtype=dtype), eps=form.eps,
+                                eps_mode=form.eps_mode)
+        if not bool(denom > 0):  # all equal, eps 0: whiten's zeros
+            return out.zero_()
+    stats = torch.stack([mu, denom, torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)]).numpy()
+    _in_parts(_whitened_rows, (advantages.numpy(), mask_out.numpy(), out.numpy(), out is advantages, stats),
+              advantages.shape[0], threads)
+    return out
+
+
+def _in_parts(fn, args: tuple, batch: int, threads: int) -> int:
+    """fn(*args, start, stop) over the rows of the batch, on up to `threads` threads: the union of the
+    verdicts (ints) it returns. The rows are cut into twice as many parts as threads (rows differ in
+    work); this thread runs the first, then every part no pool thread has started yet (a cancelled
+    future), from the last: the pool is shared, and a request never waits behind another's part."""
     parts = max(1, min(batch, 2 * threads if threads > 1 else 1))
     bounds = [batch * k // parts for k in range(parts + 1)]
-    futures = [(_pool().submit(_rows, *args, start, stop), start, stop) for start, stop in zip(bounds[1:-1], bounds[2:])]
-    verdict = _rows(*args, bounds[0], bounds[1])
+    futures = [(_pool().submit(fn, *args, start, stop), start, stop) for start, stop in zip(bounds[1:-1], bounds[2:])]
+    verdict = fn(*args, bounds[0], bounds[1])
     for future, start, stop in reversed(futures):
-        verdict |= _rows(*args, start, stop) if future.cancel() else 0
+        verdict |= fn(*args, start, stop) if future.cancel() else 0
     for future, _, _ in futures:
         if not future.cancelled():
             verdict |= future.result()
