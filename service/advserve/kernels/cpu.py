@@ -172,9 +172,10 @@ def _shaped(rv, low, high, old, ref, coef, with_kl, kl_kind, kl_clamped):  # pra
 
 
 @_jit
-def _shape_tokens(r_in, o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamped):  # pragma: no cover
+def _shape_tokens(r_in, o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind,
+                  kl_clamped):  # pragma: no cover (compiled)
     """out[t] = r̃ of the token reward at flat position row + t, t < count (`_shaped`); True when the
-    inputs read are finite. A row's shaped rewards are written first, in a loop of their own, so that
+    inputs read at valid positions (m_out) are finite (masked ones may hold anything). A row's shaped rewards are written first, in a loop of their own, so that
     the walks stay short (and in one function per kind of reward: one loop choosing between kinds is
     5x slower)."""
     low, high = coef[LOW], coef[HIGH]
@@ -185,18 +186,18 @@ def _shape_tokens(r_in, o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_
             p = row + uint64(t)
             rv, ok = _shaped(r_in[p], low, high, o_in[p], f_in[p], coef, True, kl_kind, kl_clamped)
             out[t] = rv
-            finite &= ok
+            finite &= ok | (not m_out[p])
     else:
         for t in range(count):
             p = row + uint64(t)
             rv, ok = _shaped(r_in[p], low, high, coef[ZERO], coef[ZERO], coef, False, kl_kind, kl_clamped)
             out[t] = rv
-            finite &= ok
+            finite &= ok | (not m_out[p])
     return finite
 
 
 @_jit
-def _shape_outcome(o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamped, outcome,
+def _shape_outcome(o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind, kl_clamped, outcome,
                    last):  # pragma: no cover (compiled)
     """`_shape_tokens` for an outcome reward (clipped already) on the token t = `last`, 0 elsewhere."""
     zero = coef[ZERO]
@@ -207,7 +208,7 @@ def _shape_outcome(o_in, f_in, row, count, out, coef, shaping, kl_kind, kl_clamp
         rv, ok = _shaped(outcome if t == last else zero, -coef[INF], coef[INF], o_in[p] if with_kl else zero,
                          f_in[p] if with_kl else zero, coef, with_kl, kl_kind, kl_clamped)
         out[t] = rv
-        finite &= ok
+        finite &= ok | (not m_out[p])
     return finite
 
 
@@ -235,6 +236,23 @@ def _row_moments(adv, m_out, start, end, count, gaps):  # pragma: no cover (comp
     return mean, m2
 
 
+@numba.njit(inline="always")
+def _gapped_step(rv, vv, valid, a, nv, g, c, with_values, step_gaps):  # pragma: no cover (compiled)
+    """One position of a row with gaps: (A, V_next) after it, and (its advantage, its return) as written
+    (0 at a masked position). "skip": a masked position leaves A and V_next as they are; "step": it is a
+    step with r = V = 0. Selects, not branches (the four-row walk runs them side by side)."""
+    zero = c - c
+    if step_gaps:
+        rv = rv if valid else zero
+        vv = vv if valid else zero
+        a, nv = _step(rv, vv, a, nv, g, c, with_values)
+    else:
+        stepped, carried = _step(rv, vv, a, nv, g, c, with_values)
+        a = stepped if valid else a
+        nv = carried if valid else nv
+    return a, nv, a if valid else zero, a + vv if valid else zero
+
+
 @_jit
 def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
           shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, moments,
@@ -248,7 +266,12 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
     [B, 2] float64 (`_row_moments`, while the row is in the cache). Returns the verdict: NOT_ZERO_ONE,
     NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some row was copied). With
     shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
-    `_shape_outcome`) and the walks read them."""
+    `_shape_outcome`) and the walks read them.
+
+    Rows are walked four at a time, each from its last valid token (its `span` = that index + 1), the
+    four sorted by span so that they end together: right-padded rows (every valid token before every
+    masked one) without reading the mask, rows with gaps with a select per position
+    (`_gapped_step`); what is left of the three longer rows of a four afterwards, one row at a time."""
     g, c, zero = coef[G], coef[C], coef[ZERO]
     width = mask.shape[1]
     m_in, r_in, v_in = mask.ravel(), rewards.ravel(), values.ravel()
@@ -258,142 +281,130 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
     bad, finite = False, True
     shaped = np.empty((4, width if shaping else 1), coef.dtype)  # a shaped row of rewards per walk
     s_in = shaped.ravel()
-    chained = np.empty(stop - start, np.int64)
-    count = 0
+    spans = np.empty(stop - start, np.int64)
+    padded = np.empty(stop - start, np.int64)
+    gapped = np.empty(stop - start, np.int64)
+    n_padded = n_gapped = 0
     for b in range(start, stop):
         row = uint64(b * width)
         end = row + uint64(width)
         n, row_bad, right_padded = _mask_row(m_in, m_out, row, end)
         lengths[b] = n
         bad |= row_bad
-        if right_padded:  # the rest below, four rows at a time
-            chained[count] = b
-            count += 1
-            continue
-        # a row with gaps: its copies, then one token at a time (the valid token's lines are those of the
-        # leftover walk below, written out twice: as an inlined helper they made this loop 10x slower)
-        if not use_outcome:
-            if _dirty_row(r_in, m_out, row, end):
-                _zeroed_row(r_in, m_out, r_out, row, end, zero)
-                copied[b] = True
-        if shaping:
-            last = width - 1
-            while last > 0 and not m_out[row + uint64(last)]:
+        if right_padded:
+            spans[b - start] = n
+            padded[n_padded] = b
+            n_padded += 1
+        else:
+            last = width
+            while not m_out[row + uint64(last - 1)]:
                 last -= 1
-            if use_outcome:
-                finite &= _shape_outcome(o_in, f_in, row, width, s_in, coef, shaping, kl_kind, kl_clamped, outcome[b],
-                                         last)
-            else:
-                finite &= _shape_tokens(r_in, o_in, f_in, row, width, s_in, coef, shaping, kl_kind, kl_clamped)
-        a, nv = zero, zero
-        pending = outcome[b] if use_outcome else zero  # an outcome reward, until its token is met
-        for i in range(1, width + 1):
-            p = end - uint64(i)
-            if m_out[p]:
-                rv = zero
-                if shaping:
-                    rv = s_in[width - i]
-                elif use_outcome:
-                    rv, pending = pending, zero
-                else:
-                    rv = r_in[p]
-                vv = v_in[p] if with_values else zero
-                a, nv = _step(rv, vv, a, nv, g, c, with_values)
-                adv[p] = a
-                if with_values:
-                    ret[p] = a + vv
-            else:
-                if step_gaps:  # a step with r = V = 0
-                    a, nv = _step(zero, zero, a, nv, g, c, with_values)
-                adv[p] = zero
-                if with_values:
-                    ret[p] = zero
-        finite &= a - a == 0
-        if with_moments:
-            moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, row, end, n, True)
-    # right-padded rows by length, four at a time: their zeros and copies (the rows come into the
-    # cache), then the four walked together from their own last tokens (the shortest first: its
-    # length is the walk's), then what is left of the other three, one at a time
-    order = chained[:count][np.argsort(lengths[chained[:count]], kind="mergesort")]
+            spans[b - start] = last
+            gapped[n_gapped] = b
+            n_gapped += 1
     ends = np.zeros(4, np.uint64)
     shaped_ends = np.zeros(4, np.uint64)
     pend = np.zeros(4, coef.dtype)
-    for k in range(0, count, 4):
-        quad = order[k:k + 4]
-        for j in range(quad.size):
-            b = quad[j]
-            row = uint64(b * width)
-            end = row + uint64(width)
-            head = row + uint64(lengths[b])
-            ends[j] = head
-            pend[j] = outcome[b] if use_outcome else zero
-            if shaping:
-                if use_outcome:
-                    finite &= _shape_outcome(o_in, f_in, row, lengths[b], s_in[j * width:], coef, shaping, kl_kind,
-                                             kl_clamped, pend[j], lengths[b] - 1)
-                else:
-                    finite &= _shape_tokens(r_in, o_in, f_in, row, lengths[b], s_in[j * width:], coef, shaping,
-                                            kl_kind, kl_clamped)
-                shaped_ends[j] = uint64(j * width + lengths[b])
-            for p in range(head, end):
-                adv[p] = zero
-            if with_values:
-                for p in range(head, end):
-                    ret[p] = zero
-            if not use_outcome:
-                dirty = False
-                for p in range(head, end):
-                    dirty |= r_in[p] != 0
-                if dirty:
-                    _copy_head(r_in, r_out, row, head, end, zero)
-                    copied[b] = True
-        e0, e1, e2, e3 = ends[0], ends[1], ends[2], ends[3]
-        z0, z1, z2, z3 = shaped_ends[0], shaped_ends[1], shaped_ends[2], shaped_ends[3]
-        q0, q1, q2, q3 = pend[0], pend[1], pend[2], pend[3]
-        a0 = a1 = a2 = a3 = n0 = n1 = n2 = n3 = zero
-        walk = lengths[quad[0]] if quad.size == 4 else 0
-        for i in range(1, walk + 1):
-            p0, p1, p2, p3 = e0 - uint64(i), e1 - uint64(i), e2 - uint64(i), e3 - uint64(i)
-            if shaping:
-                r0, r1, r2, r3 = s_in[z0 - uint64(i)], s_in[z1 - uint64(i)], s_in[z2 - uint64(i)], s_in[z3 - uint64(i)]
-            elif use_outcome:
-                r0, r1, r2, r3 = q0, q1, q2, q3
-                q0 = q1 = q2 = q3 = zero
-            else:
-                r0, r1, r2, r3 = r_in[p0], r_in[p1], r_in[p2], r_in[p3]
-            if with_values:
-                x0, x1, x2, x3 = v_in[p0], v_in[p1], v_in[p2], v_in[p3]
-            else:
-                x0 = x1 = x2 = x3 = zero
-            a0, n0 = _step(r0, x0, a0, n0, g, c, with_values)
-            a1, n1 = _step(r1, x1, a1, n1, g, c, with_values)
-            a2, n2 = _step(r2, x2, a2, n2, g, c, with_values)
-            a3, n3 = _step(r3, x3, a3, n3, g, c, with_values)
-            adv[p0], adv[p1], adv[p2], adv[p3] = a0, a1, a2, a3
-            if with_values:
-                ret[p0], ret[p1], ret[p2], ret[p3] = a0 + x0, a1 + x1, a2 + x2, a3 + x3
-        state = ((a0, n0, q0), (a1, n1, q1), (a2, n2, q2), (a3, n3, q3))
-        for j in range(quad.size):
-            a, nv, pending = state[j]
-            for i in range(walk + 1, lengths[quad[j]] + 1):
-                p = ends[j] - uint64(i)
-                rv = zero
-                if shaping:
-                    rv = s_in[shaped_ends[j] - uint64(i)]
-                elif use_outcome:
-                    rv, pending = pending, zero
-                else:
-                    rv = r_in[p]
-                vv = v_in[p] if with_values else zero
-                a, nv = _step(rv, vv, a, nv, g, c, with_values)
-                adv[p] = a
-                if with_values:
-                    ret[p] = a + vv
-            finite &= a - a == 0
-            if with_moments:
+    for kind in range(2):
+        with_gaps = kind == 1
+        group = gapped[:n_gapped] if with_gaps else padded[:n_padded]
+        order = group[np.argsort(spans[group - start], kind="mergesort")]
+        for k in range(0, order.size, 4):
+            quad = order[k:k + 4]
+            # each row's zeros past its span, rewards copy and shaped rewards (the rows come into the cache)
+            for j in range(quad.size):
                 b = quad[j]
-                moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, ends[j] - uint64(lengths[b]), ends[j],
-                                                            lengths[b], False)
+                row = uint64(b * width)
+                end = row + uint64(width)
+                span = spans[b - start]
+                head = row + uint64(span)
+                ends[j] = head
+                pend[j] = outcome[b] if use_outcome else zero
+                if shaping:
+                    if use_outcome:
+                        finite &= _shape_outcome(o_in, f_in, m_out, row, span, s_in[j * width:], coef, shaping,
+                                                 kl_kind, kl_clamped, pend[j], span - 1)
+                    else:
+                        finite &= _shape_tokens(r_in, o_in, f_in, m_out, row, span, s_in[j * width:], coef,
+                                                shaping, kl_kind, kl_clamped)
+                    shaped_ends[j] = uint64(j * width + span)
+                for p in range(head, end):
+                    adv[p] = zero
+                if with_values:
+                    for p in range(head, end):
+                        ret[p] = zero
+                if not use_outcome:
+                    if with_gaps:
+                        if _dirty_row(r_in, m_out, row, end):
+                            _zeroed_row(r_in, m_out, r_out, row, end, zero)
+                            copied[b] = True
+                    else:
+                        dirty = False
+                        for p in range(head, end):
+                            dirty |= r_in[p] != 0
+                        if dirty:
+                            _copy_head(r_in, r_out, row, head, end, zero)
+                            copied[b] = True
+            # the four walked together from their own last valid tokens, for the shortest span
+            e0, e1, e2, e3 = ends[0], ends[1], ends[2], ends[3]
+            z0, z1, z2, z3 = shaped_ends[0], shaped_ends[1], shaped_ends[2], shaped_ends[3]
+            q0, q1, q2, q3 = pend[0], pend[1], pend[2], pend[3]
+            a0 = a1 = a2 = a3 = n0 = n1 = n2 = n3 = zero
+            walk = spans[quad[0] - start] if quad.size == 4 else 0
+            for i in range(1, walk + 1):
+                p0, p1, p2, p3 = e0 - uint64(i), e1 - uint64(i), e2 - uint64(i), e3 - uint64(i)
+                if shaping:
+                    r0, r1, r2, r3 = s_in[z0 - uint64(i)], s_in[z1 - uint64(i)], s_in[z2 - uint64(i)], s_in[z3 - uint64(i)]
+                elif use_outcome:
+                    r0, r1, r2, r3 = q0, q1, q2, q3
+                    q0 = q1 = q2 = q3 = zero
+                else:
+                    r0, r1, r2, r3 = r_in[p0], r_in[p1], r_in[p2], r_in[p3]
+                if with_values:
+                    x0, x1, x2, x3 = v_in[p0], v_in[p1], v_in[p2], v_in[p3]
+                else:
+                    x0 = x1 = x2 = x3 = zero
+                if with_gaps:
+                    a0, n0, y0, w0 = _gapped_step(r0, x0, m_out[p0], a0, n0, g, c, with_values, step_gaps)
+                    a1, n1, y1, w1 = _gapped_step(r1, x1, m_out[p1], a1, n1, g, c, with_values, step_gaps)
+                    a2, n2, y2, w2 = _gapped_step(r2, x2, m_out[p2], a2, n2, g, c, with_values, step_gaps)
+                    a3, n3, y3, w3 = _gapped_step(r3, x3, m_out[p3], a3, n3, g, c, with_values, step_gaps)
+                    adv[p0], adv[p1], adv[p2], adv[p3] = y0, y1, y2, y3
+                    if with_values:
+                        ret[p0], ret[p1], ret[p2], ret[p3] = w0, w1, w2, w3
+                else:
+                    a0, n0 = _step(r0, x0, a0, n0, g, c, with_values)
+                    a1, n1 = _step(r1, x1, a1, n1, g, c, with_values)
+                    a2, n2 = _step(r2, x2, a2, n2, g, c, with_values)
+                    a3, n3 = _step(r3, x3, a3, n3, g, c, with_values)
+                    adv[p0], adv[p1], adv[p2], adv[p3] = a0, a1, a2, a3
+                    if with_values:
+                        ret[p0], ret[p1], ret[p2], ret[p3] = a0 + x0, a1 + x1, a2 + x2, a3 + x3
+            # what is left of each row, one at a time (a right-padded row's mask is all valid there)
+            state = ((a0, n0, q0), (a1, n1, q1), (a2, n2, q2), (a3, n3, q3))
+            for j in range(quad.size):
+                a, nv, pending = state[j]
+                b = quad[j]
+                for i in range(walk + 1, spans[b - start] + 1):
+                    p = ends[j] - uint64(i)
+                    valid = m_out[p]
+                    rv = zero
+                    if shaping:
+                        rv = s_in[shaped_ends[j] - uint64(i)]
+                    elif use_outcome:
+                        rv = pending
+                        pending = pending if not valid else zero
+                    else:
+                        rv = r_in[p]
+                    vv = v_in[p] if with_values else zero
+                    a, nv, y, w = _gapped_step(rv, vv, valid, a, nv, g, c, with_values, step_gaps)
+                    adv[p] = y
+                    if with_values:
+                        ret[p] = w
+                finite &= a - a == 0
+                if with_moments:
+                    row = ends[j] - uint64(spans[b - start])
+                    moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, row, ends[j], lengths[b], with_gaps)
     dirty_rewards = False
     for b in range(start, stop):
         dirty_rewards |= copied[b]
