@@ -38,6 +38,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advserve.functional import masks
+from advserve.functional.kl import kl_and_grad
 from advserve.functional.masks import Whitening
 from advserve.functional.scan import gae as torch_gae
 from advserve.functional.scan import reward_to_go as torch_reward_to_go
@@ -494,6 +495,34 @@ def test_negative_zero_in_a_float_mask_is_masked():
     assert torch.equal(minus.lengths, torch.tensor([2], dtype=torch.int32))
     assert torch.equal(bits(minus.advantages), bits(plus.advantages))
     assert torch.equal(bits(minus.returns), bits(plus.returns))
+
+
+@PROPERTY
+@given(cases(), st.sampled_from(["k1", "k2", "abs"]), st.sampled_from([None, 0.5]),
+       st.sampled_from([(None, None), (-0.5, 0.25), (0.1, None)]))
+def test_shaped_rewards_with_garbage_at_masked_positions_bit_for_bit(case, estimator, clamp, clip):
+    """With a reward clip and a KL penalty, garbage (NaN, ±inf) at masked positions of the rewards,
+    values and both log-probs is still no reason for None, in rows of every kind (gaps included): the
+    result is the loop's over the shaped rewards clamp(r, low, high) − β·kl(old, ref) computed by torch
+    (functional.kl), bit for bit at valid positions."""
+    case = dict(case, outcome=False, garbage=max(case["garbage"], 0.3))
+    raw, rewards, values, valid = make_inputs(case)
+    rng = np.random.default_rng(case["seed"] + 2)
+    old, ref = (-finite_values(rng, valid.shape, case["dtype"]).abs() * valid for _ in range(2))
+    beta = 0.05
+    result = cpu.scan(raw["rewards"], raw["values"], raw["mask"], case["gamma"], case["lam"], case["gaps"],
+                      old_logprobs=with_garbage(old, valid, rng, 1.0), ref_logprobs=with_garbage(ref, valid, rng, 1.0),
+                      kl_coef=beta, kl_estimator=estimator, kl_clamp=clamp, clip=clip)
+    assert result is not None
+    kl, _ = kl_and_grad(old, ref, estimator, clamp)
+    clipped = rewards if clip == (None, None) else rewards.clamp(*clip)
+    shaped = (clipped - beta * kl) * valid
+    if values is None:
+        advantages = returns = loop_reward_to_go(shaped, valid, case["gamma"], case["gaps"])
+    else:
+        advantages, returns = loop_gae(shaped, values, valid, case["gamma"], case["lam"], case["gaps"])
+    assert_exact_where_valid(result.advantages, advantages, valid)
+    assert_exact_where_valid(result.returns, returns, valid)
 
 
 # --- 6. whitening --------------------------------------------------------------------------------
