@@ -41,6 +41,7 @@ from advserve.functional import masks
 from advserve.functional.kl import kl_and_grad
 from advserve.functional.masks import Whitening
 from advserve.functional.scan import gae as torch_gae
+from advserve.functional.scan import use_kernels
 from advserve.functional.scan import reward_to_go as torch_reward_to_go
 from advserve.engine import Engine
 from advserve.errors import AdvserveError
@@ -556,6 +557,22 @@ def test_whitening_in_the_scan_is_whiten_of_the_scan(case, form):
     # (d = 0: every valid A equal and eps 0, where whiten gives zeros; the kernel's float64 moments may
     # see a variance of rounding size there and divide by it: ill-conditioned, as the torch path is)
     assert bool((whitened.advantages[~valid] == 0).all())
+
+
+@PROPERTY
+@given(cases(max_width=120), st.sampled_from(WHITENINGS))
+def test_whitening_afterwards_is_the_scans_own_whitening_bit_for_bit(case, form):
+    """cpu.whiten of a scan's advantages (what a sharded batch's second pass and the estimators' own
+    whitening under the numba kernels run) gives the bits of scan(..., whiten=form): the same row
+    moments over the same ranges, merged in the same order."""
+    raw, _, _, valid = make_inputs(case)
+    plain = run_scan(raw, case)
+    whitened = cpu.scan(raw["rewards"], raw["values"], raw["mask"], case["gamma"], case["lam"], case["gaps"],
+                        outcome=raw["outcome"], whiten=form)
+    assert torch.equal(bits(cpu.whiten(plain.advantages, plain.mask, form)), bits(whitened.advantages))
+    with use_kernels("numba"):
+        through_masks = masks.whiten(plain.advantages, valid.to(case["dtype"]), **vars(form))
+    assert torch.equal(bits(through_masks), bits(whitened.advantages))
 
 
 @pytest.mark.parametrize("with_values", [True, False])

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .config import Settings
 from .errors import AdvserveError, InvalidArgument, MethodNotAllowed, NotFound
+from .kernels.outputs import OUTPUTS
 from .runtime import Runtime, tune_allocator
 from .transports import oip_grpc, oip_rest, rest
 from .transports.grpc_door import HEALTH_NAMES, SERVICE, AuthGate, Door, grpc_options
@@ -158,6 +159,9 @@ def serve(settings: Settings, worker: Worker | None = None) -> None:
     advserve.workers): its own SO_REUSEPORT sockets on the server's ports, torch threads its share of
     the cores, admission and metrics shared through the supervisor's board."""
     tune_allocator()
+    # the allocator keeps freed memory now, so the CPU kernel's output pool would save no page faults;
+    # off, every byte a request uses is its own (admission's account) and freed with its response
+    OUTPUTS.enabled = False
     if worker is not None:
         import torch
 

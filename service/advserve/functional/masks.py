@@ -106,7 +106,9 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
     "outside" σ + eps (TRL). `use_std` False: d = 1, only the mean is subtracted (OpenRLHF's
     no_std_norm). When d == 0 (all values equal, eps 0) the result is 0. `statistics`: (μ, d) given
     (`whitening_statistics` of a larger batch that x is a shard of; d None without `use_std`).
-    Inside `scan.use_kernels("triton")`: `advserve.kernels.whiten`, the same values to rounding.
+    Inside `scan.use_kernels("triton")`: `advserve.kernels.whiten`, the same values to rounding; inside
+    `use_kernels("numba")`, for x [B, T] on the CPU: `advserve.kernels.cpu.whiten` (float64 row moments,
+    the bits of the numba scan's own whitening), the same values to rounding.
     """
     from .scan import active_kernels  # here: scan imports this module
 
@@ -116,6 +118,9 @@ def whiten(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str = "
     elif active_kernels() == "triton":
         from ..kernels import whiten as fused
         return fused.whiten(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
+    elif active_kernels() == "numba" and x.dim() == 2 and x.device.type == "cpu":
+        from ..kernels import cpu
+        return cpu.whiten(x, valid != 0, Whitening(ddof, eps, eps_mode, use_std))
     else:
         mean, centered, denom = _whitening_moments(x, valid, ddof=ddof, eps=eps, eps_mode=eps_mode, use_std=use_std)
     if denom is None:

@@ -39,7 +39,8 @@ _KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("advserve_scan_ke
 @contextlib.contextmanager
 def use_kernels(kernels: str) -> Iterator[None]:
     """Within the block (this thread or task), `reward_to_go` and `gae` run on `kernels`: "torch"
-    (these functions) or "triton" (`advserve.kernels.scan`, for CUDA tensors or Triton's interpreter)."""
+    (these functions) or "triton" (`advserve.kernels.scan`, for CUDA tensors or Triton's interpreter);
+    `masks.whiten` too, and under "numba" on the CPU (`advserve.kernels.cpu.whiten`)."""
     token = _KERNELS.set(kernels)
     try:
         yield
@@ -48,7 +49,7 @@ def use_kernels(kernels: str) -> Iterator[None]:
 
 
 def active_kernels() -> str:
-    """"torch" or "triton": the `use_kernels` block this code runs in ("torch" outside any)."""
+    """"torch", "triton" or "numba": the `use_kernels` block this code runs in ("torch" outside any)."""
     return _KERNELS.get()
 
 

@@ -57,6 +57,7 @@ from numba import uint64
 from torch import Tensor
 
 from ..functional.masks import Whitening, whitening_scale
+from .outputs import OUTPUTS
 
 TOKENS_PER_THREAD = 1 << 18  # below this many tokens per thread, one (waking a pool thread costs ~0.15 ms)
 WHITENED_PER_THREAD = 1 << 21  # the same for the whitening's pass, bound by memory: 2 threads pay from 4M
@@ -412,6 +413,28 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
 
 
 @_jit
+def _moments_of_rows(adv, mask_out, lengths, moments, start, stop):  # pragma: no cover (compiled)
+    """moments[b] = `_row_moments` of row b of adv [B, T] (0 at masked positions), over the range the
+    scan's pass takes it over (`_rows`: up to the last valid token; a right-padded row without reading
+    the mask), for rows [start, stop): so `whiten` gives the bits of the scan's own whitening."""
+    width = mask_out.shape[1]
+    a_in, m_in = adv.ravel(), mask_out.ravel()
+    for b in range(start, stop):
+        row = uint64(b * width)
+        n = lengths[b]
+        prefix = 0
+        for p in range(row, row + uint64(n)):
+            prefix += m_in[p]
+        span = n
+        if prefix != n:
+            span = width
+            while not m_in[row + uint64(span - 1)]:
+                span -= 1
+        moments[b, 0], moments[b, 1] = _row_moments(a_in, m_in, row, row + uint64(span), n, prefix != n)
+    return 0
+
+
+@_jit
 def _merged_moments(moments, lengths):  # pragma: no cover (compiled)
     """(N, mean, M2) of the whole batch from its rows' (mean, M2) [B, 2] and lengths [B], merged in row
     order by Chan et al.'s update (n = n_a + n_b, δ = m_b − m_a, m = m_a + δ·n_b/n, M2 = M2_a + M2_b +
@@ -487,7 +510,7 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
             return None
         mask = mask.to(dtype)
     batch, width = mask.shape
-    mask_out = torch.empty((batch, width), dtype=torch.bool)
+    mask_out = OUTPUTS.empty((batch, width), torch.bool)
     lengths = torch.empty(batch, dtype=torch.int32)
     low, high = clip
     shaping = (CLIP if low is not None or high is not None else 0) | (KL if kl_coef else 0)
@@ -497,8 +520,8 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     given_outcome = outcome
     if outcome is not None and (low is not None or high is not None):
         outcome = outcome.clamp(low, high)  # on the outcome, before it is placed (the caller's is kept)
-    advantages = torch.empty((batch, width), dtype=dtype)
-    returns = torch.empty((batch, width), dtype=dtype) if values is not None else advantages
+    advantages = OUTPUTS.empty((batch, width), dtype)
+    returns = OUTPUTS.empty((batch, width), dtype) if values is not None else advantages
     with_kl = bool(shaping & KL)
     # an input the call does not have is stood in for by an array of its shape (`advantages`, or zeros
     # [B]), never a smaller one: the compiled code may read it ahead of the flag that says it is unused
@@ -511,7 +534,7 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
             kl_clamp is not None, advantages.numpy(), returns.numpy(), mask_out.numpy(), lengths.numpy())
     # the rewards' zeroed copy: rows holding something at a masked position are copied by the pass while
     # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
-    rewards_out = torch.empty_like(rewards) if rewards is not None else None
+    rewards_out = OUTPUTS.empty(rewards.shape, dtype) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
     moments = np.empty((batch if whiten is not None else 0, 2), np.float64)
     args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied,  # never written
@@ -528,10 +551,24 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
             rewards_out[rest] = rewards[rest]
         rewards = rewards_out
     if whiten is not None:
-        out = advantages if values is not None else torch.empty_like(advantages)  # rtg: returns stay
+        out = advantages if values is not None else OUTPUTS.empty((batch, width), dtype)  # rtg: returns stay
         advantages = _whitened(advantages, mask_out, lengths, moments, whiten, out,
                                min(threads, mask.numel() // WHITENED_PER_THREAD))
     return Scan(advantages, returns, mask_out, lengths, rewards)
+
+
+def whiten(x: Tensor, mask: Tensor, form: Whitening) -> Tensor:
+    """`functional.masks.whiten(x, valid, **vars(form))` on the CPU, x [B, T] float32 or float64 (0 at
+    masked positions), mask [B, T] bool: the moments of each row in float64 merged in row order, as
+    `scan(..., whiten=form)` takes them, so whitening a scan's advantages afterwards gives the bits of
+    the scan's own whitening (the two passes of a sharded batch: advserve.ray.sharding). A new tensor."""
+    x, mask = x.contiguous(), mask.contiguous()
+    batch = x.shape[0]
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    moments = np.empty((batch, 2), np.float64)
+    threads = min(torch.get_num_threads(), x.numel() // TOKENS_PER_THREAD)
+    _in_parts(_moments_of_rows, (x.numpy(), mask.numpy(), lengths.numpy(), moments), batch, threads)
+    return _whitened(x, mask, lengths, moments, form, torch.empty_like(x), min(threads, x.numel() // WHITENED_PER_THREAD))
 
 
 def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np.ndarray, form: Whitening,

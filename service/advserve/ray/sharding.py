@@ -38,6 +38,8 @@ from torch import Tensor
 
 from ..engine import Engine, PreparedAdvantages, aggregation_of, batch_statistics
 from ..functional.masks import whiten
+from ..functional.scan import use_kernels
+from ..kernels import resolve_kernels
 from ..loss_specs import AGGREGATED_TERMS, LOSS_TERMS
 from ..model import LossRequest
 from ..params import resolve_params
@@ -137,11 +139,14 @@ def assemble(prepared: PreparedAdvantages, shards: Sequence[np.ndarray], parts: 
 
 def second_pass(prepared: PreparedAdvantages, advantages: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
     """Pass 2 of `two_pass`: the engine's whitening (functional.masks.whiten, as estimators._whiten
-    calls it) over the assembled pass-1 advantages [B, T], and the returns WHITENED_RETURNS says."""
+    calls it) over the assembled pass-1 advantages [B, T], and the returns WHITENED_RETURNS says. With
+    the kernels a replica on the CPU takes by default (numba where it imports: its whitening takes
+    float64 row moments, which the torch path does not), so the bits are those of one such call."""
     p, batch = prepared.params, prepared.batch
     valid = batch.mask.to(prepared.dtype)
-    whitened = whiten(advantages, valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"], eps_mode=p["whiten_eps_mode"],
-                      use_std=p["whiten_std"])
+    with use_kernels(resolve_kernels("auto", torch.device("cpu"))):  # a CPU replica's default: numba
+        whitened = whiten(advantages, valid, ddof=p["whiten_ddof"], eps=p["whiten_eps"],
+                          eps_mode=p["whiten_eps_mode"], use_std=p["whiten_std"])
     rule = WHITENED_RETURNS[prepared.estimator.name]
     follows = rule == "whitened" or (rule not in ("whitened", "pass1") and bool(p[rule]))
     return whitened, (whitened if follows else returns)

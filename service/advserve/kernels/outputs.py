@@ -1,0 +1,95 @@
+"""Memory for the CPU kernel's outputs, reused once nothing refers to it any more.
+
+An output [B, T] the kernel writes is new memory on every call. Where glibc has given freed memory back
+to the system (its default thresholds, as in a trainer's process: the server tunes them away at start,
+`runtime.tune_allocator`), each of its 4 KiB pages then costs a page fault on first write: at [256, 4096]
+float32 about 1,000 faults, which doubled the in-process GAE call (1.16 -> 2.2 ms, bench/bench_engine.py
+--no-tune-allocator and tests/test_output_pool.py). So the kernel takes its outputs from an `OutputPool`:
+
+  * a block is a numpy byte array the pool keeps; an output is a tensor over a view of it
+    (`torch.from_numpy`), so every tensor, view or array over the output holds a reference to the block
+    (through torch's storage and numpy's `base`);
+  * a block is free when the pool's own references are all there are (`sys.getrefcount`, calibrated
+    once): the caller has dropped every result over it. A free block of the exact size is handed out
+    again; otherwise a new one is made;
+  * free blocks beyond `max_free_bytes` are let go, least recently used first, so the pool keeps at
+    most that much memory beyond what the caller still holds; `clear()` lets go of every free block.
+
+Outputs under `min_bytes` come from torch.empty (glibc's heap serves small sizes without faults).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _references_when_free() -> int:
+    """sys.getrefcount of a block held only by the pool's list, read as `OutputPool` reads it."""
+    blocks = [np.empty(0, np.uint8)]
+    return sys.getrefcount(blocks[0])
+
+
+_FREE = _references_when_free()
+
+
+class OutputPool:
+    """Blocks of memory handed out as output tensors and reused once they are free (see the module's
+    docstring). Thread-safe. `enabled` False: `empty` is torch.empty."""
+
+    def __init__(self, max_free_bytes: int = 256 << 20, min_bytes: int = 1 << 20, enabled: bool = True):
+        self.max_free_bytes, self.min_bytes, self.enabled = max_free_bytes, min_bytes, enabled
+        self._blocks: list[np.ndarray] = []  # least recently handed out first
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialized contiguous tensor of `shape` and `dtype` on the CPU, over a reused block
+        when a free one of its size is held."""
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if not self.enabled or nbytes < self.min_bytes:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            block = None
+            for i in range(len(self._blocks) - 1, -1, -1):
+                if self._blocks[i].nbytes == nbytes and sys.getrefcount(self._blocks[i]) == _FREE:
+                    block = self._blocks.pop(i)
+                    break
+            if block is None:
+                block = np.empty(nbytes, np.uint8)
+            self._blocks.append(block)
+            output = torch.from_numpy(block).view(dtype).view(shape)
+            del block
+            self._let_go(self.max_free_bytes)
+        return output
+
+    def free_bytes(self) -> int:
+        """Bytes of the blocks no result refers to any more."""
+        with self._lock:
+            return sum(self._blocks[i].nbytes for i in range(len(self._blocks))
+                       if sys.getrefcount(self._blocks[i]) == _FREE)
+
+    def clear(self) -> None:
+        """Let go of every free block (the memory goes back to the allocator)."""
+        with self._lock:
+            self._let_go(0)
+
+    def _let_go(self, keep: int) -> None:
+        """Drop free blocks, least recently used first, until those left hold at most `keep` bytes."""
+        free = [i for i in range(len(self._blocks)) if sys.getrefcount(self._blocks[i]) == _FREE]
+        excess = sum(self._blocks[i].nbytes for i in free) - keep
+        dropped = set()
+        for i in free:
+            if excess <= 0:
+                break
+            excess -= self._blocks[i].nbytes
+            dropped.add(i)
+        if dropped:
+            self._blocks = [block for i, block in enumerate(self._blocks) if i not in dropped]
+
+
+OUTPUTS = OutputPool()  # the kernel's; the server turns it off (its allocator keeps freed memory already)
