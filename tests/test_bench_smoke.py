@@ -24,9 +24,15 @@ def test_bench_engine_quick(tmp_path):
     proc, out = run_quick(tmp_path, "engine")
     assert "correctness: all checks within" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {r["row"].split(",")[0] for r in rows} >= {"gae", "grpo sequence level", "grpo token level", "losses",
-                                                      "gae openrlhf", "grpo trl batch std"}
+    assert {r["row"].split(",")[0] for r in rows} >= {"gae", "gae verl", "grpo sequence level", "grpo token level",
+                                                      "losses", "gae openrlhf", "grpo trl batch std"}
     assert all(c["rel"] <= 1e-4 for r in rows for c in r["checks"])
+
+
+def test_bench_output_pool_quick(tmp_path):
+    proc, out = run_quick(tmp_path, "output_pool")
+    rounds = json.loads(out.read_text())["rounds"]
+    assert set(rounds) == {"pool", "no pool"} and all(len(r) == 2 for r in rounds.values())
 
 
 def test_bench_ray_quick(tmp_path):

@@ -688,3 +688,19 @@ def test_the_engine_with_the_kernel_is_the_engine_without_it(request):
         assert got.stats["advantages"][key] == pytest.approx(want.stats["advantages"][key], rel=1e-4, abs=1e-4 * scale,
                                                              nan_ok=True)
     assert got.stats["rewards"] == pytest.approx(want.stats["rewards"], rel=1e-9, abs=1e-9)
+
+
+def test_a_scanned_request_run_with_other_parameters_is_refused():
+    """The kernel scans (and whitens) while validating, and consumes the values: a prepared request run
+    with other parameters than it was prepared with is refused, not answered with the old scan."""
+    import dataclasses
+
+    mask = torch.ones(2, 5)
+    request = AdvantageRequest("gae", {"token_rewards": torch.randn(2, 5), "values": torch.randn(2, 5),
+                                       "response_mask": mask}, preset="verl")
+    prepared = NUMBA_ENGINE.prepare_advantages(request)
+    assert prepared.batch.scan is not None
+    NUMBA_ENGINE.run_advantages([prepared])
+    for change in ({"whiten": False}, {"lam": 0.5}):
+        with pytest.raises(RuntimeError, match="prepared .* with other parameters"):
+            NUMBA_ENGINE.run_advantages([dataclasses.replace(prepared, params={**prepared.params, **change})])

@@ -54,8 +54,9 @@ class Batch:
     dtype; `lengths` [B] valid tokens per row (int32);
     `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
     given; `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
-    the batch computed it too (`build_batch`'s `scan`): the values it read are then not in `tensors`
-    (the scan was all that reads them)."""
+    the batch computed it too (`build_batch`'s `scan`), `scan_spec` the ScanSpec it was computed for:
+    the values it read are then not in `tensors` (the scan was all that reads them), so the batch
+    serves those parameters only."""
 
     tensors: dict[str, Tensor]
     mask: Tensor
@@ -65,6 +66,7 @@ class Batch:
     group_labels: list | None
     layout: "PackedLayout | None" = None
     scan: tuple[Tensor, Tensor] | None = None
+    scan_spec: Any = None
 
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":
@@ -576,7 +578,7 @@ def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: t
         tensors["token_rewards"] = result.rewards
     valid = given_mask if given_mask.dtype == dtype else result.mask.to(dtype)
     return Batch(tensors=tensors, mask=result.mask, valid=valid, lengths=result.lengths, group_index=None,
-                 group_labels=None, scan=(result.advantages, result.returns))
+                 group_labels=None, scan=(result.advantages, result.returns), scan_spec=scan)
 
 
 def _check_order(name: Any) -> tuple[bool, str]:

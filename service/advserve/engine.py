@@ -183,6 +183,9 @@ class Engine:
                                                                    for j in jobs)):
             raise ValueError("run_advantages: only jobs of one (non-None) coalescing key share a batch")
         batch = first.batch if len(jobs) == 1 else Batch.concat([job.batch for job in jobs])
+        if batch.scan is not None and batch.scan_spec != first.estimator.scan(first.params):
+            raise RuntimeError("this request was prepared (and scanned, its values consumed) with other parameters "
+                               "than it is run with: prepare it again with these")
         inputs = advantage_inputs(batch, first.dtype, first.statistics)
         with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
             advantages, returns = first.estimator.fn(inputs, first.params)

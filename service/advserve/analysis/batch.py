@@ -89,6 +89,7 @@ class PreparedAnalysis:
     preset: str
     batch: Batch  # rewards, mask and groups of the rows (every job has the same rows)
     jobs: tuple[PreparedAdvantages, ...]
+    unwhitened: Mapping[str, PreparedAdvantages] = dataclasses.field(default_factory=dict)  # whitened jobs, whiten off
 
     @property
     def estimators(self) -> list[str]:
@@ -172,7 +173,7 @@ def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalys
         raise InvalidArgument(f"group {label!r} has a single response; the analysis needs at least 2 per group "
                               "(a pass rate is a group statistic)", field="tensors.group_ids")
 
-    jobs, used = [], set()
+    jobs, used, unwhitened = [], set(), {}
     for name in names:
         estimator = ESTIMATORS[name]
         accepted = set(estimator.requires) | set(estimator.optional) | {*REWARD_TENSORS, "response_mask"}
@@ -189,10 +190,14 @@ def prepare_analysis(engine: Engine, request: AnalysisRequest) -> PreparedAnalys
                 raise type(exc)(f"{name}: {exc.message}", field=field) from None
             raise
         jobs.append(job)
+        if job.params.get("whiten"):  # the same request without whitening, for the measured scale
+            unwhitened[name] = engine.prepare_advantages(AdvantageRequest(
+                estimator=name, tensors=own, preset=preset, params={**(params.get(name) or {}), "whiten": False},
+                dtype=request.dtype, layout=request.layout))
     for key in sorted(given - used - {"group_ids"}):
         raise InvalidArgument(f"tensor {key!r} is not used by any analysed estimator ({', '.join(names)})",
                               field=f"tensors.{key}")
-    return PreparedAnalysis(preset, batch, tuple(jobs))
+    return PreparedAnalysis(preset, batch, tuple(jobs), unwhitened)
 
 
 def analyze(engine: Engine, request: AnalysisRequest) -> dict[str, Any]:
@@ -213,12 +218,11 @@ def _advantages(engine: Engine, job: PreparedAdvantages) -> Tensor:
     return _padded(job, engine.run_advantages([job])[0].advantages)
 
 
-def _whitening_scale(engine: Engine, job: PreparedAdvantages, whitened: Tensor, mask: Tensor) -> float:
-    """1/d of the engine's whitening (x − μ)/d, measured: an engine call with whiten off gives x, and
-    the whitened advantages are affine in x with slope 1/d on every valid token, so 1/d =
+def _whitening_scale(engine: Engine, unwhitened: PreparedAdvantages, whitened: Tensor, mask: Tensor) -> float:
+    """1/d of the engine's whitening (x − μ)/d, measured: `unwhitened` (the request with whiten off)
+    gives x, and the whitened advantages are affine in x with slope 1/d on every valid token, so 1/d =
     std(whitened)/std(x) over the valid tokens, whatever the preset's ε placement, ddof or scope
     (tokens or sequences). 0 when x is constant (the engine whitens a constant to 0)."""
-    unwhitened = dataclasses.replace(job, params={**job.params, "whiten": False})
     raw = _advantages(engine, unwhitened)[mask].to(F64)
     spread = float(raw.std(correction=0)) if raw.numel() else 0.0
     return float(whitened[mask].to(F64).std(correction=0)) / spread if spread > 0 else 0.0
@@ -314,7 +318,7 @@ def run_analysis(engine: Engine, prepared: PreparedAnalysis) -> dict[str, Any]:
         nonzero_rows = (sign != 0).any(dim=1).to(F64)
         zero_groups = groups.sum(nonzero_rows) == 0
 
-        scale = _whitening_scale(engine, job, advantages, mask) if params.get("whiten") else None
+        scale = _whitening_scale(engine, prepared.unwhitened[name], advantages, mask) if params.get("whiten") else None
         lengths_for = harmonic_length if name == "grpo_original" else mean_length
         # reward_std 1: the whitening's 1/σ is the measured scale, applied to every estimator below
         weights = asymptotic_prompt_weight(name, pass_rate, sizes, lengths_for, reward_std=1.0,

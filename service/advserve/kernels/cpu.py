@@ -29,13 +29,18 @@ with next = the next valid token ("skip" gaps, verl) or t + 1 with r = V = 0 at 
 ("step" gaps, OpenRLHF). Without values it is the reward-to-go G_t = r_t + γ·G_next. An outcome
 reward R [B] sits on each row's last valid token. Outputs are 0 at masked positions.
 
+Whitening (`scan(..., whiten=form)`, and `whiten` for advantages given): each row's mean and M2 in
+float64 while the row is in the cache, merged in row order, then μ and d in the compute dtype and
+`functional.masks.whiten`'s operations in one vectorized pass.
+
 Speed: the chain A_t → A_{t−1} is a multiply and an add of latency, so one row at a time runs at
-that latency. Right-padded rows (every valid token before every masked one) are therefore walked
-four at a time, each from its own last token, sorted by length so the four end together; rows with
-interior gaps go one at a time. Rows are independent: a large batch is split by rows over
-`torch.get_num_threads()` threads (the kernels release the GIL). Each dtype combination compiles on
-first use, cached on disk by numba where the package directory is writable (`warm`, which
-scripts/install.sh runs).
+that latency. Rows are therefore walked four at a time, each from its own last valid token, sorted by
+that length so the four end together: right-padded rows (every valid token before every masked one)
+without reading the mask, rows with gaps with a select per position. Rows are independent: a large
+batch is split by rows over `torch.get_num_threads()` threads (the kernels release the GIL). The
+outputs come from `outputs.OUTPUTS`, which reuses their memory once the caller drops them. Each dtype
+combination compiles on first use, cached on disk by numba where the package directory is writable
+(`warm`, which scripts/install.sh runs).
 
 The torch path (`advserve.functional.scan`) stays the reference; this one agrees with it to
 rounding (tests/test_cpu_kernels.py).
@@ -619,7 +624,7 @@ os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked worker (--work
 
 def warm(until_cached: bool = False) -> None:
     """Compile (or load from numba's disk cache) the variants requests use most: float32 and float64,
-    a mask of bool or of the compute dtype. scripts/install.sh (`make venv`, the Docker image) calls it
+    a mask of bool or of the compute dtype, whitened or not (and `whiten`). scripts/install.sh (`make venv`, the Docker image) calls it
     so that the cache is there before the first request; the server calls it at start, in a thread,
     with `until_cached`: it stops at the first variant that loads from the cache in under a second (the
     others will too, on first use), and otherwise compiles them all before a request needs them."""
@@ -627,6 +632,7 @@ def warm(until_cached: bool = False) -> None:
         for mask_dtype in (dtype, torch.bool):
             rewards = torch.zeros(1, 2, dtype=dtype)
             started = time.perf_counter()
-            scan(rewards, rewards, torch.ones(1, 2, dtype=mask_dtype), 1.0, 1.0)
+            result = scan(rewards, rewards, torch.ones(1, 2, dtype=mask_dtype), 1.0, 1.0, whiten=Whitening(0, 1e-8))
+            whiten(result.advantages, result.mask, Whitening(0, 1e-8))
             if until_cached and time.perf_counter() - started < 1.0:
                 return

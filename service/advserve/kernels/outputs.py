@@ -3,8 +3,8 @@
 An output [B, T] the kernel writes is new memory on every call. Where glibc has given freed memory back
 to the system (its default thresholds, as in a trainer's process: the server tunes them away at start,
 `runtime.tune_allocator`), each of its 4 KiB pages then costs a page fault on first write: at [256, 4096]
-float32 about 1,000 faults, which doubled the in-process GAE call (1.16 -> 2.2 ms, bench/bench_engine.py
---no-tune-allocator and tests/test_output_pool.py). So the kernel takes its outputs from an `OutputPool`:
+float32 about 1,000 faults per GAE call, which doubled it (bench/bench_output_pool.py). So the kernel
+takes its outputs from an `OutputPool`:
 
   * a block is a numpy byte array the pool keeps; an output is a tensor over a view of it
     (`torch.from_numpy`), so every tensor, view or array over the output holds a reference to the block
@@ -50,7 +50,7 @@ class OutputPool:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialized contiguous tensor of `shape` and `dtype` on the CPU, over a reused block
         when a free one of its size is held."""
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if not self.enabled or nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
