@@ -134,6 +134,24 @@ def test_optimal_token_baseline_by_hand():
     np.testing.assert_allclose(out.returns, G * mask, rtol=0, atol=0)
 
 
+def test_optimal_token_baseline_without_eps_has_no_nan():
+    """baseline_eps 0, a column where every member of group 0 is masked, and a group (1) whose weights
+    are 0 everywhere (π = 1, Σπ² = 1: w = 1 − 2π + Σπ² = 0): verl divides 0 by 0 there; the baseline
+    is 0 instead, the masked positions are exactly 0 and the valid ones the by-hand values."""
+    mask = np.array([[1, 0, 1], [1, 0, 1], [1, 1, 1], [1, 1, 0]])
+    pi = np.array([[0.5] * 3, [0.5] * 3, [1.0] * 3, [1.0] * 3])
+    out = advserve.compute_advantages("optimal_token_baseline", preset="verl", rewards=np.array([1.0, 0.0, 1.0, 0.0]),
+                                      response_mask=mask, group_ids=[0, 0, 1, 1], old_logprobs=np.log(pi),
+                                      sum_pi_squared=2 * pi - 0.5 - (pi == 1) * 0.5,  # w = 0.5 for π = 0.5, 0 for π = 1
+                                      params={"baseline_eps": 0.0, "handle_zero_tail": False}, dtype="float64")
+    assert np.isfinite(out.advantages).all() and (out.advantages[mask == 0] == 0).all()
+    # group 0: W = 0.5, -, 1.0 at the valid columns; G = (1, -, 1) in row 0, 0 in row 1
+    b = np.array([0.5 / 1.0, 0.0, 1.0 / 2.0])
+    np.testing.assert_allclose(out.advantages[:2], (np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) - b) * mask[:2],
+                               rtol=1e-15, atol=1e-16)
+    np.testing.assert_array_equal(out.advantages[2:], out.returns[2:])  # group 1: no weight, no baseline
+
+
 # --- identities ------------------------------------------------------------------------------------
 
 

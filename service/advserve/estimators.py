@@ -618,7 +618,8 @@ def _token_baseline(x: AdvantageInputs, p: Params, *, compact: bool) -> tuple[Te
     or the token's rank among its row's valid tokens (`compact` True: verl's multi-turn variant, which
     also leaves rows with no valid token out of their group). Groups of one get b = 0.
     `handle_zero_tail`: in a group whose longest response is unique, its positions k at or beyond the
-    second longest length get b = 0. One index_add_ over (group, position) pairs: no loop."""
+    second longest length get b = 0; so does a (group, position) whose weights sum to 0 with ε = 0
+    (where verl divides 0 by 0). One index_add_ over (group, position) pairs: no loop."""
     mask, valid, groups = x.mask, x.valid, x.groups
     rows, width = mask.shape
     returns = _shaped_rewards(x, p).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1]) * valid
@@ -638,7 +639,9 @@ def _token_baseline(x: AdvantageInputs, p: Params, *, compact: bool) -> tuple[Te
     weighted = (w_cum * valid).reshape(-1)
     num = weighted.new_zeros(groups.count * width).index_add_(0, cell, (returns.reshape(-1) * weighted))
     den = weighted.new_zeros(groups.count * width).index_add_(0, cell, weighted)
-    baseline = (num / (den + p["baseline_eps"]))[cell].reshape(rows, width)
+    denominator = den + p["baseline_eps"]
+    # a (group, position) with no weight and ε = 0: 0/0, no baseline (verl gives NaN there)
+    baseline = torch.where(denominator != 0, num / denominator, 0)[cell].reshape(rows, width)
     keep = (size > 1).unsqueeze(1)
     if p["handle_zero_tail"]:
         length = torch.where(member, lengths, -1)
