@@ -462,19 +462,24 @@ def gae_verl_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -> di
     def loop():
         return verl_gae_whitened(x["token_rewards"], x["values"], x["response_mask"], gamma, lam)
 
-    valid = x["response_mask"].bool()
+    return library_gae_row("gae verl, whitened", engine, loop, x["response_mask"].bool(), f"{batch}x{length}", cfg,
+                           "verl 0.9.1 compute_gae_advantage_return (loop over T, [B] slices) + masked_whiten",
+                           "gamma 1, lam 0.95, right-padded, whitened (ddof 1, eps 1e-8 inside)")
+
+
+def library_gae_row(label: str, engine: Callable, loop: Callable, valid: torch.Tensor, size: str, cfg: dict,
+                    reference_impl: str, semantics: str) -> dict:
+    """A GAE row against a library's own code: both results compared on the valid tokens (the
+    libraries leave values at masked positions; the engine writes 0), both timed in this process."""
     ref_adv, ref_ret = (torch.where(valid, t, 0) for t in loop())
     out = engine()
     checks = [compare("advantages", out.advantages, ref_adv), compare("returns", out.returns, ref_ret)]
     t_engine = timeit(engine, cfg["repeats"])
     t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
-    return {
-        "row": "gae verl, whitened", "impl": "advserve.compute_advantages", "size": f"{batch}x{length}",
-        "dtype": "float32", "engine": t_engine, "reference": t_loop,
-        "reference_impl": "verl 0.9.1 compute_gae_advantage_return (loop over T, [B] slices) + masked_whiten",
-        "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
-        "params": out.params, "semantics": "gamma 1, lam 0.95, right-padded, whitened (ddof 1, eps 1e-8 inside)",
-    }
+    return {"row": label, "impl": "advserve.compute_advantages", "size": size, "dtype": "float32",
+            "engine": t_engine, "reference": t_loop, "reference_impl": reference_impl,
+            "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+            "params": out.params, "semantics": semantics}
 
 
 def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator, rng: random.Random) -> dict:
@@ -559,22 +564,10 @@ def gae_openrlhf_row(batch: int, length: int, cfg: dict, gen: torch.Generator) -
     def loop():
         return openrlhf_gae_loop(rewards, x["values"], mask, old, ref_lp, gamma, lam)
 
-    valid = mask.bool()
-    ref_adv, ref_ret = loop()
-    ref_adv, ref_ret = torch.where(valid, ref_adv, 0), torch.where(valid, ref_ret, 0)
-    out = engine()
-    checks = [compare("advantages", out.advantages, ref_adv), compare("returns", out.returns, ref_ret)]
-    t_engine = timeit(engine, cfg["repeats"])
-    t_loop = timeit(loop, cfg["loop_repeats"], warmup=1)
-    return {
-        "row": "gae openrlhf, 10% gaps", "impl": "advserve.compute_advantages", "size": f"{batch}x{length}",
-        "dtype": "float32", "engine": t_engine, "reference": t_loop,
-        "reference_impl": "OpenRLHF 0.11.2 compute_reward + get_advantages_and_returns (loop over T, [B] slices) "
-                          "+ whitening rsqrt(max(var, 1e-8))",
-        "ratio": t_loop["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
-        "params": out.params,
-        "semantics": "gamma 1, lam 0.95, mask_gaps step, KL k1 beta 0.01 in the reward, reward clip ±10, whitened",
-    }
+    return library_gae_row("gae openrlhf, 10% gaps", engine, loop, mask.bool(), f"{batch}x{length}", cfg,
+                           "OpenRLHF 0.11.2 compute_reward + get_advantages_and_returns (loop over T, [B] slices) "
+                           "+ whitening rsqrt(max(var, 1e-8))",
+                           "gamma 1, lam 0.95, mask_gaps step, KL k1 beta 0.01 in the reward, reward clip ±10, whitened")
 
 
 def grpo_trl_batch_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Generator) -> dict:

@@ -209,6 +209,18 @@ def assert_exact_where_valid(got: torch.Tensor, want: torch.Tensor, valid: torch
     assert bool((got[~valid] == 0).all())
 
 
+def assert_is_the_loop(result, rewards: torch.Tensor, values: torch.Tensor | None, valid: torch.Tensor,
+                       gamma: float, lam: float, gaps: str) -> None:
+    """The scan's advantages and returns are the loop's (`loop_gae`, or `loop_reward_to_go` without
+    values) over these clean rewards and values, bit for bit at valid positions, 0 at masked ones."""
+    if values is None:
+        advantages = returns = loop_reward_to_go(rewards, valid, gamma, gaps)
+    else:
+        advantages, returns = loop_gae(rewards, values, valid, gamma, lam, gaps)
+    assert_exact_where_valid(result.advantages, advantages, valid)
+    assert_exact_where_valid(result.returns, returns, valid)
+
+
 # --- 1. bit for bit with the loops (and 5. the mask outputs) --------------------------------------
 
 @PROPERTY
@@ -224,12 +236,7 @@ def test_scan_is_the_token_loop_bit_for_bit(case):
         assert torch.equal(bits(raw[name]) if t.is_floating_point() else raw[name],
                            bits(t) if t.is_floating_point() else t), f"{name} modified"
 
-    if values is None:
-        advantages = returns = loop_reward_to_go(rewards, valid, case["gamma"], case["gaps"])
-    else:
-        advantages, returns = loop_gae(rewards, values, valid, case["gamma"], case["lam"], case["gaps"])
-    assert_exact_where_valid(result.advantages, advantages, valid)
-    assert_exact_where_valid(result.returns, returns, valid)
+    assert_is_the_loop(result, rewards, values, valid, case["gamma"], case["lam"], case["gaps"])
 
     # 5. the mask and the lengths
     assert result.mask.dtype == torch.bool and torch.equal(result.mask, raw["mask"] != 0)
@@ -312,12 +319,7 @@ def test_threads_do_not_change_the_bits(monkeypatch, dtype, with_values, outcome
         else:
             assert torch.equal(bits(getattr(serial, name)), bits(getattr(threaded, name))), name
     assert torch.equal(serial.mask, threaded.mask) and torch.equal(serial.lengths, threaded.lengths)
-    if values is None:
-        advantages = returns = loop_reward_to_go(rewards, valid, 0.99, "skip")
-    else:
-        advantages, returns = loop_gae(rewards, values, valid, 0.99, 0.95, "skip")
-    assert_exact_where_valid(threaded.advantages, advantages, valid)
-    assert_exact_where_valid(threaded.returns, returns, valid)
+    assert_is_the_loop(threaded, rewards, values, valid, 0.99, 0.95, "skip")
     if not outcome:
         assert torch.equal(threaded.rewards, rewards)
 
@@ -518,12 +520,7 @@ def test_shaped_rewards_with_garbage_at_masked_positions_bit_for_bit(case, estim
     kl, _ = kl_and_grad(old, ref, estimator, clamp)
     clipped = rewards if clip == (None, None) else rewards.clamp(*clip)
     shaped = (clipped - beta * kl) * valid
-    if values is None:
-        advantages = returns = loop_reward_to_go(shaped, valid, case["gamma"], case["gaps"])
-    else:
-        advantages, returns = loop_gae(shaped, values, valid, case["gamma"], case["lam"], case["gaps"])
-    assert_exact_where_valid(result.advantages, advantages, valid)
-    assert_exact_where_valid(result.returns, returns, valid)
+    assert_is_the_loop(result, shaped, values, valid, case["gamma"], case["lam"], case["gaps"])
 
 
 # --- 6. whitening --------------------------------------------------------------------------------
