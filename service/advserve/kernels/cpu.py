@@ -262,14 +262,15 @@ def _gapped_step(rv, vv, valid, a, nv, g, c, with_values, step_gaps):  # pragma:
 @_jit
 def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
           shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, moments,
-          with_moments, start, stop):  # pragma: no cover (compiled)
+          row_spans, with_moments, start, stop):  # pragma: no cover (compiled)
     """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
     mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
     coef: see above; shaping: the CLIP and KL bits, the KL estimator `kl_kind` (KL_KINDS)
     clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
     each row whose token rewards hold something not 0 at a masked position its zeroed copy in
     rewards_out, copied[b] set; `with_moments`: each row's (mean, M2) of its advantages in moments
-    [B, 2] float64 (`_row_moments`, while the row is in the cache). Returns the verdict: NOT_ZERO_ONE,
+    [B, 2] float64 (`_row_moments`, while the row is in the cache) and its span in row_spans [B]
+    (`_whitened_rows`). Returns the verdict: NOT_ZERO_ONE,
     NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some row was copied). With
     shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
     `_shape_outcome`) and the walks read them.
@@ -308,6 +309,8 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
             spans[b - start] = last
             gapped[n_gapped] = b
             n_gapped += 1
+        if with_moments:
+            row_spans[b] = spans[b - start] if right_padded else -spans[b - start]
     ends = np.zeros(4, np.uint64)
     shaped_ends = np.zeros(4, np.uint64)
     pend = np.zeros(4, coef.dtype)
@@ -418,10 +421,11 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
 
 
 @_jit
-def _moments_of_rows(adv, mask_out, lengths, moments, start, stop):  # pragma: no cover (compiled)
+def _moments_of_rows(adv, mask_out, lengths, moments, row_spans, start, stop):  # pragma: no cover (compiled)
     """moments[b] = `_row_moments` of row b of adv [B, T] (0 at masked positions), over the range the
     scan's pass takes it over (`_rows`: up to the last valid token; a right-padded row without reading
-    the mask), for rows [start, stop): so `whiten` gives the bits of the scan's own whitening."""
+    the mask), and row_spans[b] as `_rows` writes it, for rows [start, stop): so `whiten` gives the
+    bits of the scan's own whitening."""
     width = mask_out.shape[1]
     a_in, m_in = adv.ravel(), mask_out.ravel()
     for b in range(start, stop):
@@ -436,6 +440,7 @@ def _moments_of_rows(adv, mask_out, lengths, moments, start, stop):  # pragma: n
             while not m_in[row + uint64(span - 1)]:
                 span -= 1
         moments[b, 0], moments[b, 1] = _row_moments(a_in, m_in, row, row + uint64(span), n, prefix != n)
+        row_spans[b] = span if prefix == n else -span
     return 0
 
 
@@ -458,19 +463,35 @@ def _merged_moments(moments, lengths):  # pragma: no cover (compiled)
 
 
 @_jit
-def _whitened_rows(adv, mask_out, out, in_place, stats, start, stop):  # pragma: no cover (compiled)
+def _whitened_rows(adv, mask_out, out, in_place, stats, row_spans, start, stop):  # pragma: no cover (compiled)
     """out = (adv − μ)·valid / d over rows [start, stop), or adv itself so (`in_place`; `out` unused);
     stats = (μ, d, 1, 0) in the compute dtype: the operations of `functional.masks.whiten`, so the same
-    bits given the same μ and d. (In place is a loop of its own: a loop from an array to itself fails
-    the vectorized loop's overlap check and runs one element at a time.)"""
+    bits at valid positions given the same μ and d. row_spans[b] (`_rows`): a right-padded row's
+    length, read without the mask (its valid tokens are its first ones, and ·1 is exact), or −(the
+    last valid token + 1) for a row with gaps, read with it. Past a row's span: 0 (+0; in place, the
+    scan's zeros are left). Each row a loop from index 0 (from another start, each index is checked
+    for wraparound: 5x slower), and in place a loop of its own (from an array to itself, the vectorized
+    loop's overlap check fails)."""
     mean, denom, one, zero = stats[0], stats[1], stats[2], stats[3]
-    a_in, m_in, a_out = adv[start:stop].ravel(), mask_out[start:stop].ravel(), out[start:stop].ravel()
-    if in_place:  # (indices from 0: a loop from another start checks each for wraparound, 5x slower)
-        for p in range(a_in.size):
-            a_in[p] = ((a_in[p] - mean) * (one if m_in[p] else zero)) / denom
-    else:
-        for p in range(a_in.size):
-            a_out[p] = ((a_in[p] - mean) * (one if m_in[p] else zero)) / denom
+    width = mask_out.shape[1]
+    for b in range(start, stop):
+        a_row, m_row, o_row = adv[b], mask_out[b], out[b]
+        span = row_spans[b]
+        if in_place and span >= 0:
+            for t in range(span):
+                a_row[t] = (a_row[t] - mean) / denom
+        elif in_place:
+            for t in range(-span):
+                a_row[t] = ((a_row[t] - mean) * (one if m_row[t] else zero)) / denom
+        else:
+            if span >= 0:
+                for t in range(span):
+                    o_row[t] = (a_row[t] - mean) / denom
+            else:
+                for t in range(-span):
+                    o_row[t] = ((a_row[t] - mean) * (one if m_row[t] else zero)) / denom
+            for t in range(abs(span), width):
+                o_row[t] = zero
     return 0
 
 
@@ -542,8 +563,9 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     rewards_out = OUTPUTS.empty(rewards.shape, dtype) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
     moments = np.empty((batch if whiten is not None else 0, 2), np.float64)
+    row_spans = np.empty(batch if whiten is not None else 0, np.int64)
     args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied,  # never written
-            moments, whiten is not None)
+            moments, row_spans, whiten is not None)
     threads = min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD)
     verdict = _in_parts(_rows, args, batch, threads)
     if verdict & (NOT_ZERO_ONE | NOT_FINITE):
@@ -557,7 +579,7 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
         rewards = rewards_out
     if whiten is not None:
         out = advantages if values is not None else OUTPUTS.empty((batch, width), dtype)  # rtg: returns stay
-        advantages = _whitened(advantages, mask_out, lengths, moments, whiten, out,
+        advantages = _whitened(advantages, mask_out, lengths, moments, row_spans, whiten, out,
                                min(threads, mask.numel() // WHITENED_PER_THREAD))
     return Scan(advantages, returns, mask_out, lengths, rewards)
 
@@ -570,16 +592,17 @@ def whiten(x: Tensor, mask: Tensor, form: Whitening) -> Tensor:
     x, mask = x.contiguous(), mask.contiguous()
     batch = x.shape[0]
     lengths = mask.sum(dim=1, dtype=torch.int32)
-    moments = np.empty((batch, 2), np.float64)
+    moments, row_spans = np.empty((batch, 2), np.float64), np.empty(batch, np.int64)
     threads = min(torch.get_num_threads(), x.numel() // TOKENS_PER_THREAD)
-    _in_parts(_moments_of_rows, (x.numpy(), mask.numpy(), lengths.numpy(), moments), batch, threads)
-    return _whitened(x, mask, lengths, moments, form, torch.empty_like(x), min(threads, x.numel() // WHITENED_PER_THREAD))
+    _in_parts(_moments_of_rows, (x.numpy(), mask.numpy(), lengths.numpy(), moments, row_spans), batch, threads)
+    return _whitened(x, mask, lengths, moments, row_spans, form, torch.empty_like(x),
+                     min(threads, x.numel() // WHITENED_PER_THREAD))
 
 
-def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np.ndarray, form: Whitening,
-              out: Tensor, threads: int) -> Tensor:
+def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np.ndarray, row_spans: np.ndarray,
+              form: Whitening, out: Tensor, threads: int) -> Tensor:
     """`functional.masks.whiten(advantages, valid, **vars(form))` written to `out` (which may be
-    `advantages`), from the rows' moments [B, 2] of `_rows`."""
+    `advantages`), from the rows' moments [B, 2] and spans [B] of `_rows` or `_moments_of_rows`."""
     n, mean, m2 = _merged_moments(moments, lengths.numpy())
     dtype = advantages.dtype
     mu = torch.tensor(mean, dtype=dtype)
@@ -590,8 +613,8 @@ def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np
         if not bool(denom > 0):  # all equal, eps 0: whiten's zeros
             return out.zero_()
     stats = torch.stack([mu, denom, torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)]).numpy()
-    _in_parts(_whitened_rows, (advantages.numpy(), mask_out.numpy(), out.numpy(), out is advantages, stats),
-              advantages.shape[0], threads)
+    _in_parts(_whitened_rows, (advantages.numpy(), mask_out.numpy(), out.numpy(), out is advantages, stats,
+                               row_spans), advantages.shape[0], threads)
     return out
 
 
