@@ -12,8 +12,11 @@ takes its outputs from an `OutputPool`:
   * a block is free when the pool's own references are all there are (`sys.getrefcount`, calibrated
     once): the caller has dropped every result over it. A free block of the exact size is handed out
     again; otherwise a new one is made;
-  * free blocks beyond `max_free_bytes` are let go, least recently used first, so the pool keeps at
-    most that much memory beyond what the caller still holds; `clear()` lets go of every free block.
+  * the pool tracks at most `max_bytes` of blocks, in use or free: to make room for a new block it lets
+    go of free ones, least recently used first, and an output it has no room for is a plain
+    torch.empty. So whatever the caller held and dropped, the pool keeps at most `max_bytes` once it is
+    done (it cannot see a drop when it happens: it looks at its next call); `clear()` lets go of every
+    free block.
 
 Outputs under `min_bytes` come from torch.empty (glibc's heap serves small sizes without faults).
 """
@@ -42,8 +45,8 @@ class OutputPool:
     """Blocks of memory handed out as output tensors and reused once they are free (see the module's
     docstring). Thread-safe. `enabled` False: `empty` is torch.empty."""
 
-    def __init__(self, max_free_bytes: int = 256 << 20, min_bytes: int = 1 << 20, enabled: bool = True):
-        self.max_free_bytes, self.min_bytes, self.enabled = max_free_bytes, min_bytes, enabled
+    def __init__(self, max_bytes: int = 256 << 20, min_bytes: int = 1 << 20, enabled: bool = True):
+        self.max_bytes, self.min_bytes, self.enabled = max_bytes, min_bytes, enabled
         self._blocks: list[np.ndarray] = []  # least recently handed out first
         self._lock = threading.Lock()
 
@@ -60,12 +63,12 @@ class OutputPool:
                     block = self._blocks.pop(i)
                     break
             if block is None:
+                self._let_go(self.max_bytes - nbytes)
+                if sum(block.nbytes for block in self._blocks) + nbytes > self.max_bytes:
+                    return torch.empty(shape, dtype=dtype)  # no room: not tracked
                 block = np.empty(nbytes, np.uint8)
             self._blocks.append(block)
-            output = torch.from_numpy(block).view(dtype).view(shape)
-            del block
-            self._let_go(self.max_free_bytes)
-        return output
+            return torch.from_numpy(block).view(dtype).view(shape)
 
     def free_bytes(self) -> int:
         """Bytes of the blocks no result refers to any more."""
@@ -79,9 +82,10 @@ class OutputPool:
             self._let_go(0)
 
     def _let_go(self, keep: int) -> None:
-        """Drop free blocks, least recently used first, until those left hold at most `keep` bytes."""
+        """Drop free blocks, least recently used first, until all the blocks left (in use or free) hold
+        at most `keep` bytes, or no free one is left."""
         free = [i for i in range(len(self._blocks)) if sys.getrefcount(self._blocks[i]) == _FREE]
-        excess = sum(self._blocks[i].nbytes for i in free) - keep
+        excess = sum(block.nbytes for block in self._blocks) - keep
         dropped = set()
         for i in free:
             if excess <= 0:
