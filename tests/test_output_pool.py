@@ -64,6 +64,21 @@ def test_a_different_size_or_dtype_width_gets_its_own_block():
     assert c.data_ptr() != address
 
 
+def test_a_smaller_output_reuses_a_free_block_up_to_twice_its_size():
+    """A trainer's padded width changes from step to step: a free block serves any output of at least
+    half its size (the smallest such block), not a smaller one."""
+    pool = OutputPool(min_bytes=0)
+    big = pool.empty((64, 4096), torch.float32)
+    address = big.data_ptr()
+    del big
+    smaller = pool.empty((64, 3000), torch.float32)
+    assert smaller.data_ptr() == address and smaller.shape == (64, 3000)
+    smaller.fill_(3.0)
+    del smaller
+    tiny = pool.empty((64, 1500), torch.float32)  # under half: a block of its own
+    assert tiny.data_ptr() != address
+
+
 def test_the_pool_never_keeps_more_than_its_limit():
     """Outputs beyond `max_bytes` of blocks are plain tensors, so once the caller drops everything the
     pool holds at most `max_bytes`, however much the caller held at once; free blocks make room for new

@@ -10,8 +10,9 @@ takes its outputs from an `OutputPool`:
     (`torch.from_numpy`), so every tensor, view or array over the output holds a reference to the block
     (through torch's storage and numpy's `base`);
   * a block is free when the pool's own references are all there are (`sys.getrefcount`, calibrated
-    once): the caller has dropped every result over it. A free block of the exact size is handed out
-    again; otherwise a new one is made;
+    once): the caller has dropped every result over it. The smallest free block that holds an output
+    and is at most twice its size is handed out again (its first bytes: a trainer's padded width
+    changes from step to step); otherwise a new one is made;
   * the pool tracks at most `max_bytes` of blocks, in use or free: to make room for a new block it lets
     go of free ones, least recently used first, and an output it has no room for is a plain
     torch.empty. So whatever the caller held and dropped, the pool keeps at most `max_bytes` once it is
@@ -52,23 +53,21 @@ class OutputPool:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialized contiguous tensor of `shape` and `dtype` on the CPU, over a reused block
-        when a free one of its size is held."""
+        when a free one of its size (up to twice it) is held."""
         nbytes = math.prod(shape) * dtype.itemsize
         if not self.enabled or nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            block = None
-            for i in range(len(self._blocks) - 1, -1, -1):
-                if self._blocks[i].nbytes == nbytes and sys.getrefcount(self._blocks[i]) == _FREE:
-                    block = self._blocks.pop(i)
-                    break
+            fits = [i for i in range(len(self._blocks)) if nbytes <= self._blocks[i].nbytes <= 2 * nbytes
+                    and sys.getrefcount(self._blocks[i]) == _FREE]
+            block = self._blocks.pop(min(fits, key=lambda i: self._blocks[i].nbytes)) if fits else None
             if block is None:
                 self._let_go(self.max_bytes - nbytes)
                 if sum(block.nbytes for block in self._blocks) + nbytes > self.max_bytes:
                     return torch.empty(shape, dtype=dtype)  # no room: not tracked
                 block = np.empty(nbytes, np.uint8)
             self._blocks.append(block)
-            return torch.from_numpy(block).view(dtype).view(shape)
+            return torch.from_numpy(block[:nbytes]).view(dtype).view(shape)
 
     def free_bytes(self) -> int:
         """Bytes of the blocks no result refers to any more."""
@@ -96,4 +95,6 @@ class OutputPool:
             self._blocks = [block for i, block in enumerate(self._blocks) if i not in dropped]
 
 
-OUTPUTS = OutputPool()  # the kernel's; the server turns it off (its allocator keeps freed memory already)
+# the kernel's; the server turns it off (its allocator keeps freed memory already). Off on a free-threaded
+# Python, whose reference counts another thread may still be merging (no `sys.getrefcount` verdict there)
+OUTPUTS = OutputPool(enabled=getattr(sys, "_is_gil_enabled", lambda: True)())
