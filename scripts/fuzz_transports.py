@@ -613,11 +613,13 @@ def invalid_case(draw: Draw, variant: str | None = None) -> Case:
             tensors["cu_seqlens"] = np.arange(len(next(iter(tensors.values()))) + 1)  # cu_seqlens with padded
         else:
             kind = draw.choice(["first", "decreasing", "end", "floats"])
+            if kind == "end" and not any(name in tensors for name in (*TOKEN_TENSORS, "response_mask")):
+                kind = "first"  # no flat token tensor whose length the end must match: one more token is valid
             cu = cu.copy()
             if kind == "first":
                 cu[0] = 1
-            elif kind == "decreasing" and len(cu) > 2:
-                cu[1] = cu[-1] + 1
+            elif kind == "decreasing":  # (one sequence, [0, N]: its end below its start)
+                cu[1] = cu[-1] + 1 if len(cu) > 2 else -1
             elif kind == "floats":
                 cu = cu.astype(np.float64)
             else:
