@@ -701,3 +701,19 @@ def test_a_scanned_request_run_with_other_parameters_is_refused():
     for change in ({"whiten": False}, {"lam": 0.5}):
         with pytest.raises(RuntimeError, match="prepared .* with other parameters"):
             NUMBA_ENGINE.run_advantages([dataclasses.replace(prepared, params={**prepared.params, **change})])
+
+
+@pytest.mark.parametrize("engine", [NUMBA_ENGINE, TORCH_ENGINE], ids=["numba", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("preset", ["paper", "verl"])  # whitening without ε, and with 1e-8 inside the root
+def test_an_all_equal_batch_whitens_to_exactly_zero(engine, dtype, preset):
+    """REINFORCE++ over rows whose reward-to-go is 0.1 everywhere: every valid advantage is equal, so the
+    whitened advantages are exactly 0 on both paths (a one-pass mean of 0.1s is off by an ulp in
+    float64, and dividing that by σ ≈ ulp, or by sqrt(1e-8), made ±1 or ±1e-9 of it)."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    rewards = torch.zeros(3, 4, dtype=torch.float64)
+    rewards[0, 2] = rewards[1, 1] = rewards[2, 3] = 0.1  # on each row's last valid token: G_t = 0.1
+    request = AdvantageRequest("reinforce_pp", {"token_rewards": rewards, "response_mask": mask}, preset=preset,
+                               params={"gamma": 1.0, "whiten": True}, dtype=dtype)
+    result = engine.compute_advantages(request)
+    assert torch.equal(result.advantages, torch.zeros(3, 4, dtype=result.advantages.dtype))

@@ -276,8 +276,13 @@ class TestUnderTheInterpreter:
             for block in (16, None):
                 _close(fused_whiten.whiten(x, valid, block=block, **kwargs), masks.whiten(x, valid, **kwargs))
             _close(fused_whiten.whiten(x[:, 0], rows, block=4, **kwargs), masks.whiten(x[:, 0], rows, **kwargs))
-        constant = torch.full_like(x, 0.75) * valid
-        assert torch.equal(fused_whiten.whiten(constant, valid, ddof=1, eps=0.0, block=16), torch.zeros_like(x))
+        for value in (0.75, 0.1):  # 0.1: a one-pass mean of it is an ulp off in float64
+            constant = torch.full_like(x, value) * valid
+            for eps in (0.0, 1e-8):
+                for block in (16, None):
+                    zeros = torch.zeros_like(x)
+                    assert torch.equal(fused_whiten.whiten(constant, valid, ddof=1, eps=eps, block=block), zeros)
+                assert torch.equal(masks.whiten(constant, valid, ddof=1, eps=eps), torch.zeros_like(x))
         empty = torch.zeros_like(x)
         assert torch.equal(fused_whiten.whiten(empty, empty, ddof=1, eps=1e-8, block=16), torch.zeros_like(x))
 

@@ -140,9 +140,13 @@ def whitening_statistics(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps
 
 def _whitening_moments(x: Tensor, valid: Tensor, *, ddof: int, eps: float, eps_mode: str,
                        use_std: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """μ, (x − μ)·valid and d (None without `use_std`), as `whiten` defines them."""
+    """μ, (x − μ)·valid and d (None without `use_std`), as `whiten` defines them. μ in two passes: the
+    sum's mean, then the mean of what is left, so that an all-equal batch has its value as μ exactly
+    (the first mean can be an ulp off, and whitening would blow that up to ±1) and whitens to 0."""
     n = valid.sum()
-    mean = x.sum() / n.clamp_min(1)
+    count = n.clamp_min(1)
+    mean = x.sum() / count
+    mean = mean + ((x - mean) * valid).sum() / count
     centered = (x - mean).mul_(valid)
     if not use_std:
         return mean, centered, None

@@ -222,14 +222,23 @@ def _shape_outcome(o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind, k
 def _row_moments(adv, m_out, start, end, count, gaps):  # pragma: no cover (compiled)
     """(mean, M2 = Σ valid·(a − mean)²) in float64 of the `count` valid advantages in the flat
     [start, end) (0 at masked positions; `gaps`: some of them are masked, else [start, end) is all
-    valid). Two loops over a row in the cache; the sums are reassociated so that they vectorize (the
-    same data gives the same bits: the order depends on the length only)."""
+    valid). Loops over a row in the cache; the sums are reassociated so that they vectorize (the same
+    data gives the same bits: the order depends on the length only). The mean in two passes, as the
+    torch path takes it: an all-equal row's mean is its value exactly, and its M2 0."""
     if count == 0:
         return 0.0, 0.0
     total = 0.0
     for p in range(start, end):
         total += np.float64(adv[p])
     mean = total / count
+    rest = 0.0
+    if gaps:
+        for p in range(start, end):
+            rest += np.float64(adv[p]) - mean if m_out[p] else 0.0
+    else:
+        for p in range(start, end):
+            rest += np.float64(adv[p]) - mean
+    mean += rest / count
     m2 = 0.0
     if gaps:
         for p in range(start, end):

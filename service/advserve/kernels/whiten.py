@@ -9,7 +9,8 @@ valid positions:
     out = valid·(x − μ) / d, and 0 everywhere when d = 0; without `use_std`, out = valid·(x − μ).
 
 Three launches, nothing read on the host:
-  1. `_moments_kernel`, one program per block of BLOCK positions: the block's count n_b, mean m_b and
+  1. `_moments_kernel`, one program per block of BLOCK positions: the block's count n_b, mean m_b (in
+     two passes, as the torch path: an all-equal block's mean is its value exactly) and
      M2_b = Σ valid·(x − m_b)² (centred on its own mean: no cancellation).
   2. `_combine_kernel`, one program: the blocks' (n, m, M2) merged in block order by Chan et al.'s
      pairwise update (n = n_a + n_b, δ = m_b − m_a, m = m_a + δ·n_b/n, M2 = M2_a + M2_b + δ²·n_a·n_b/n),
@@ -62,6 +63,7 @@ def _moments_kernel(x, valid, summary, N, F32: tl.constexpr, BLOCK: tl.constexpr
     w = tl.load(valid + offs, mask=inside, other=0.0)
     n = tl.sum(w, axis=0)
     m = _div(tl.sum(xs, axis=0), tl.where(n > 0, n, 1.0), F32)
+    m = m + _div(tl.sum((xs - m) * w, axis=0), tl.where(n > 0, n, 1.0), F32)  # 2nd pass: all-equal -> exact
     centered = (xs - m) * w
     q = tl.sum(centered * centered, axis=0)
     tl.store(summary + pid * 3, n)
