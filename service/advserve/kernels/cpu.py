@@ -30,8 +30,10 @@ with next = the next valid token ("skip" gaps, verl) or t + 1 with r = V = 0 at 
 reward R [B] sits on each row's last valid token. Outputs are 0 at masked positions.
 
 Whitening (`scan(..., whiten=form)`, and `whiten` for advantages given): each row's mean and M2 in
-float64 while the row is in the cache, merged in row order, then μ and d in the compute dtype and
-`functional.masks.whiten`'s operations in one vectorized pass.
+float64 over its span (recorded by the scan's pass), merged in row order, then μ and d in the compute
+dtype and `functional.masks.whiten`'s operations in one vectorized pass. The moments are taken in a
+pass of their own, one compiled loop for both callers: compiled into the scan's pass as well, the
+same loop summed in another order, and a sharded batch whitened afterwards would differ in the last bit.
 
 Speed: the chain A_t → A_{t−1} is a multiply and an add of latency, so one row at a time runs at
 that latency. Rows are therefore walked four at a time, each from its own last valid token, sorted by
@@ -222,8 +224,8 @@ def _shape_outcome(o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind, k
 def _row_moments(adv, m_out, start, end, count, gaps):  # pragma: no cover (compiled)
     """(mean, M2 = Σ valid·(a − mean)²) in float64 of the `count` valid advantages in the flat
     [start, end) (0 at masked positions; `gaps`: some of them are masked, else [start, end) is all
-    valid). Loops over a row in the cache; the sums are reassociated so that they vectorize (the same
-    data gives the same bits: the order depends on the length only). The mean in two passes, as the
+    valid). Loops over one row; the sums are reassociated so that they vectorize (the same data gives
+    the same bits from this compiled loop: the order depends on the length only). The mean in two passes, as the
     torch path takes it: an all-equal row's mean is its value exactly, and its M2 0."""
     if count == 0:
         return 0.0, 0.0
@@ -270,16 +272,14 @@ def _gapped_step(rv, vv, valid, a, nv, g, c, with_values, step_gaps):  # pragma:
 
 @_jit
 def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
-          shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, moments,
-          row_spans, with_moments, start, stop):  # pragma: no cover (compiled)
+          shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, row_spans,
+          with_spans, start, stop):  # pragma: no cover (compiled)
     """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
     mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
     coef: see above; shaping: the CLIP and KL bits, the KL estimator `kl_kind` (KL_KINDS)
     clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
     each row whose token rewards hold something not 0 at a masked position its zeroed copy in
-    rewards_out, copied[b] set; `with_moments`: each row's (mean, M2) of its advantages in moments
-    [B, 2] float64 (`_row_moments`, while the row is in the cache) and its span in row_spans [B]
-    (`_whitened_rows`). Returns the verdict: NOT_ZERO_ONE,
+    rewards_out, copied[b] set; `with_spans`: each row's span in row_spans [B] (`_whitened_rows`). Returns the verdict: NOT_ZERO_ONE,
     NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some row was copied). With
     shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
     `_shape_outcome`) and the walks read them.
@@ -318,7 +318,7 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
             spans[b - start] = last
             gapped[n_gapped] = b
             n_gapped += 1
-        if with_moments:
+        if with_spans:
             row_spans[b] = spans[b - start] if right_padded else -spans[b - start]
     ends = np.zeros(4, np.uint64)
     shaped_ends = np.zeros(4, np.uint64)
@@ -420,9 +420,6 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
                     if with_values:
                         ret[p] = w
                 finite &= a - a == 0
-                if with_moments:
-                    row = ends[j] - uint64(spans[b - start])
-                    moments[b, 0], moments[b, 1] = _row_moments(adv, m_out, row, ends[j], lengths[b], with_gaps)
     dirty_rewards = False
     for b in range(start, stop):
         dirty_rewards |= copied[b]
@@ -430,13 +427,11 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
 
 
 @_jit
-def _moments_of_rows(adv, mask_out, lengths, moments, row_spans, start, stop):  # pragma: no cover (compiled)
-    """moments[b] = `_row_moments` of row b of adv [B, T] (0 at masked positions), over the range the
-    scan's pass takes it over (`_rows`: up to the last valid token; a right-padded row without reading
-    the mask), and row_spans[b] as `_rows` writes it, for rows [start, stop): so `whiten` gives the
-    bits of the scan's own whitening."""
+def _spans_of_rows(mask_out, lengths, row_spans, start, stop):  # pragma: no cover (compiled)
+    """row_spans[b] for rows [start, stop) of mask_out [B, T], as `_rows` writes them: a right-padded
+    row's length, or −(its last valid token + 1) for a row with gaps."""
     width = mask_out.shape[1]
-    a_in, m_in = adv.ravel(), mask_out.ravel()
+    m_in = mask_out.ravel()
     for b in range(start, stop):
         row = uint64(b * width)
         n = lengths[b]
@@ -448,8 +443,22 @@ def _moments_of_rows(adv, mask_out, lengths, moments, row_spans, start, stop):  
             span = width
             while not m_in[row + uint64(span - 1)]:
                 span -= 1
-        moments[b, 0], moments[b, 1] = _row_moments(a_in, m_in, row, row + uint64(span), n, prefix != n)
         row_spans[b] = span if prefix == n else -span
+    return 0
+
+
+@_jit
+def _moments_of_rows(adv, mask_out, lengths, row_spans, moments, start, stop):  # pragma: no cover (compiled)
+    """moments[b] = `_row_moments` of row b of adv [B, T] (0 at masked positions) over its span
+    (row_spans), for rows [start, stop). The scan's whitening and `whiten` both take their moments
+    here, after the scan's pass: one compiled loop, so the same bits (a copy of the loop compiled into
+    the scan's pass summed in another order)."""
+    width = mask_out.shape[1]
+    a_in, m_in = adv.ravel(), mask_out.ravel()
+    for b in range(start, stop):
+        row = uint64(b * width)
+        span = row_spans[b]
+        moments[b, 0], moments[b, 1] = _row_moments(a_in, m_in, row, row + uint64(abs(span)), lengths[b], span < 0)
     return 0
 
 
@@ -536,8 +545,9 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     (`functional.kl` estimator, one of KL_KINDS, and clamp) at every valid token when kl_coef > 0
     (both [B, T], then checked finite at valid positions). `whiten`: the advantages are then whitened
     over the batch's valid tokens in that form (`functional.masks.whiten`, to rounding: the moments are
-    taken in float64 row by row in the scan's pass and merged, then μ and d rounded to the compute
-    dtype and applied in a second pass); the returns (the reward-to-go without values) are not.
+    taken in float64 row by row and merged, then μ and d rounded to the compute dtype and applied in
+    one more pass; the bits of `whiten` afterwards); the returns (the reward-to-go without values) are
+    not.
     """
     dtype = (rewards if rewards is not None else outcome).dtype
     if mask.dtype not in MASK_DTYPES:
@@ -571,10 +581,9 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
     rewards_out = OUTPUTS.empty(rewards.shape, dtype) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
-    moments = np.empty((batch if whiten is not None else 0, 2), np.float64)
     row_spans = np.empty(batch if whiten is not None else 0, np.int64)
     args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied,  # never written
-            moments, row_spans, whiten is not None)
+            row_spans, whiten is not None)
     threads = min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD)
     verdict = _in_parts(_rows, args, batch, threads)
     if verdict & (NOT_ZERO_ONE | NOT_FINITE):
@@ -588,8 +597,7 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
         rewards = rewards_out
     if whiten is not None:
         out = advantages if values is not None else OUTPUTS.empty((batch, width), dtype)  # rtg: returns stay
-        advantages = _whitened(advantages, mask_out, lengths, moments, row_spans, whiten, out,
-                               min(threads, mask.numel() // WHITENED_PER_THREAD))
+        advantages = _whitened(advantages, mask_out, lengths, row_spans, whiten, out, threads)
     return Scan(advantages, returns, mask_out, lengths, rewards)
 
 
@@ -601,17 +609,23 @@ def whiten(x: Tensor, mask: Tensor, form: Whitening) -> Tensor:
     x, mask = x.contiguous(), mask.contiguous()
     batch = x.shape[0]
     lengths = mask.sum(dim=1, dtype=torch.int32)
-    moments, row_spans = np.empty((batch, 2), np.float64), np.empty(batch, np.int64)
+    row_spans = np.empty(batch, np.int64)
     threads = min(torch.get_num_threads(), x.numel() // TOKENS_PER_THREAD)
-    _in_parts(_moments_of_rows, (x.numpy(), mask.numpy(), lengths.numpy(), moments, row_spans), batch, threads)
-    return _whitened(x, mask, lengths, moments, row_spans, form, torch.empty_like(x),
-                     min(threads, x.numel() // WHITENED_PER_THREAD))
+    _in_parts(_spans_of_rows, (mask.numpy(), lengths.numpy(), row_spans), batch, threads)
+    return _whitened(x, mask, lengths, row_spans, form, torch.empty_like(x), threads)
 
 
-def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, moments: np.ndarray, row_spans: np.ndarray,
-              form: Whitening, out: Tensor, threads: int) -> Tensor:
+def _whitened(advantages: Tensor, mask_out: Tensor, lengths: Tensor, row_spans: np.ndarray, form: Whitening,
+              out: Tensor, threads: int) -> Tensor:
     """`functional.masks.whiten(advantages, valid, **vars(form))` written to `out` (which may be
-    `advantages`), from the rows' moments [B, 2] and spans [B] of `_rows` or `_moments_of_rows`."""
+    `advantages`), given the rows' spans [B] (`_rows` or `_spans_of_rows`): the rows' moments
+    (`_moments_of_rows`), merged, then applied, on up to `threads` threads (from WHITENED_PER_THREAD
+    tokens each)."""
+    batch = advantages.shape[0]
+    threads = min(threads, advantages.numel() // WHITENED_PER_THREAD)  # two passes bound by memory
+    moments = np.empty((batch, 2), np.float64)
+    _in_parts(_moments_of_rows, (advantages.numpy(), mask_out.numpy(), lengths.numpy(), row_spans, moments), batch,
+              threads)
     n, mean, m2 = _merged_moments(moments, lengths.numpy())
     dtype = advantages.dtype
     mu = torch.tensor(mean, dtype=dtype)
