@@ -67,7 +67,7 @@ from ..functional.masks import Whitening, whitening_scale
 from .outputs import OUTPUTS
 
 TOKENS_PER_THREAD = 1 << 18  # below this many tokens per thread, one (waking a pool thread costs ~0.15 ms)
-WHITENED_PER_THREAD = 1 << 21  # the same for the whitening's pass, bound by memory: 2 threads pay from 4M
+WHITENED_PER_THREAD = 1 << 21  # the same for the whitening's two passes, bound by memory: 2 threads pay from 4M
 MASK_DTYPES = (torch.bool, torch.float32, torch.float64)  # read as they are
 WIDENED_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16)
 
@@ -183,8 +183,8 @@ def _shaped(rv, low, high, old, ref, coef, with_kl, kl_kind, kl_clamped):  # pra
 def _shape_tokens(r_in, o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind,
                   kl_clamped):  # pragma: no cover (compiled)
     """out[t] = r̃ of the token reward at flat position row + t, t < count (`_shaped`); True when the
-    inputs read at valid positions (m_out) are finite (masked ones may hold anything). A row's shaped rewards are written first, in a loop of their own, so that
-    the walks stay short (and in one function per kind of reward: one loop choosing between kinds is
+    inputs read at valid positions (m_out) are finite (masked ones may hold anything). A row's shaped
+    rewards are written first, in a loop of their own, so that the walks stay short (and in one function per kind of reward: one loop choosing between kinds is
     5x slower)."""
     low, high = coef[LOW], coef[HIGH]
     with_kl = shaping & KL != 0
@@ -225,8 +225,8 @@ def _row_moments(adv, m_out, start, end, count, gaps):  # pragma: no cover (comp
     """(mean, M2 = Σ valid·(a − mean)²) in float64 of the `count` valid advantages in the flat
     [start, end) (0 at masked positions; `gaps`: some of them are masked, else [start, end) is all
     valid). Loops over one row; the sums are reassociated so that they vectorize (the same data gives
-    the same bits from this compiled loop: the order depends on the length only). The mean in two passes, as the
-    torch path takes it: an all-equal row's mean is its value exactly, and its M2 0."""
+    the same bits from this compiled loop: the order depends on the length only). The mean in two
+    passes, as the torch path takes it: an all-equal row's mean is its value exactly, and its M2 0."""
     if count == 0:
         return 0.0, 0.0
     total = 0.0
@@ -270,18 +270,30 @@ def _gapped_step(rv, vv, valid, a, nv, g, c, with_values, step_gaps):  # pragma:
     return a, nv, a if valid else zero, a + vv if valid else zero
 
 
+@numba.njit(inline="always")
+def _signed_span(m, row, width, n, right_padded):  # pragma: no cover (compiled)
+    """A row's span as `row_spans` holds it: its length n when right-padded (every valid token before
+    every masked one), else −(its last valid token + 1), a row with gaps (n ≥ 1)."""
+    if right_padded:
+        return np.int64(n)
+    last = np.int64(width)
+    while not m[row + uint64(last - 1)]:
+        last -= 1
+    return -last
+
+
 @_jit
 def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with_values, use_outcome, step_gaps,
           shaping, kl_kind, kl_clamped, advantages, returns, mask_out, lengths, rewards_out, copied, row_spans,
-          with_spans, start, stop):  # pragma: no cover (compiled)
+          start, stop):  # pragma: no cover (compiled)
     """rewards [B, T] or outcome [B] (`use_outcome`; clipped already), values [B, T] (`with_values`),
     mask [B, T] bool or float, old_logprobs and ref_logprobs [B, T] (read when `shaping` has KL);
     coef: see above; shaping: the CLIP and KL bits, the KL estimator `kl_kind` (KL_KINDS)
     clamped or not. Writes advantages, returns, mask_out (mask ≠ 0) [B, T] and lengths [B], and for
     each row whose token rewards hold something not 0 at a masked position its zeroed copy in
-    rewards_out, copied[b] set; `with_spans`: each row's span in row_spans [B] (`_whitened_rows`). Returns the verdict: NOT_ZERO_ONE,
-    NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some row was copied). With
-    shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
+    rewards_out, copied[b] set, and each row's span in row_spans [B] (`_signed_span`). Returns the
+    verdict: NOT_ZERO_ONE, NOT_FINITE (a row's first advantage, or a shaped input), REWARDS_MASKED (some
+    row was copied). With shaping, each row's shaped rewards are written to a scratch row first (`_shape_tokens`,
     `_shape_outcome`) and the walks read them.
 
     Rows are walked four at a time, each from its last valid token (its `span` = that index + 1), the
@@ -297,7 +309,6 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
     bad, finite = False, True
     shaped = np.empty((4, width if shaping else 1), coef.dtype)  # a shaped row of rewards per walk
     s_in = shaped.ravel()
-    spans = np.empty(stop - start, np.int64)
     padded = np.empty(stop - start, np.int64)
     gapped = np.empty(stop - start, np.int64)
     n_padded = n_gapped = 0
@@ -307,19 +318,14 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
         n, row_bad, right_padded = _mask_row(m_in, m_out, row, end)
         lengths[b] = n
         bad |= row_bad
+        row_spans[b] = _signed_span(m_out, row, width, n, right_padded)
         if right_padded:
-            spans[b - start] = n
             padded[n_padded] = b
             n_padded += 1
         else:
-            last = width
-            while not m_out[row + uint64(last - 1)]:
-                last -= 1
-            spans[b - start] = last
             gapped[n_gapped] = b
             n_gapped += 1
-        if with_spans:
-            row_spans[b] = spans[b - start] if right_padded else -spans[b - start]
+    spans = np.abs(row_spans[start:stop])  # (rows of this part: index b − start)
     ends = np.zeros(4, np.uint64)
     shaped_ends = np.zeros(4, np.uint64)
     pend = np.zeros(4, coef.dtype)
@@ -428,8 +434,7 @@ def _rows(rewards, outcome, values, mask, old_logprobs, ref_logprobs, coef, with
 
 @_jit
 def _spans_of_rows(mask_out, lengths, row_spans, start, stop):  # pragma: no cover (compiled)
-    """row_spans[b] for rows [start, stop) of mask_out [B, T], as `_rows` writes them: a right-padded
-    row's length, or −(its last valid token + 1) for a row with gaps."""
+    """row_spans[b] (`_signed_span`) for rows [start, stop) of mask_out [B, T], as `_rows` writes them."""
     width = mask_out.shape[1]
     m_in = mask_out.ravel()
     for b in range(start, stop):
@@ -438,12 +443,7 @@ def _spans_of_rows(mask_out, lengths, row_spans, start, stop):  # pragma: no cov
         prefix = 0
         for p in range(row, row + uint64(n)):
             prefix += m_in[p]
-        span = n
-        if prefix != n:
-            span = width
-            while not m_in[row + uint64(span - 1)]:
-                span -= 1
-        row_spans[b] = span if prefix == n else -span
+        row_spans[b] = _signed_span(m_in, row, width, n, prefix == n)
     return 0
 
 
@@ -451,8 +451,8 @@ def _spans_of_rows(mask_out, lengths, row_spans, start, stop):  # pragma: no cov
 def _moments_of_rows(adv, mask_out, lengths, row_spans, moments, start, stop):  # pragma: no cover (compiled)
     """moments[b] = `_row_moments` of row b of adv [B, T] (0 at masked positions) over its span
     (row_spans), for rows [start, stop). The scan's whitening and `whiten` both take their moments
-    here, after the scan's pass: one compiled loop, so the same bits (a copy of the loop compiled into
-    the scan's pass summed in another order)."""
+    here, after the scan's pass: one compiled loop, so the same bits. (Compiled into the scan's pass as
+    well, the loop summed in another order there.)"""
     width = mask_out.shape[1]
     a_in, m_in = adv.ravel(), mask_out.ravel()
     for b in range(start, stop):
@@ -581,9 +581,9 @@ def scan(rewards: Tensor | None, values: Tensor | None, mask: Tensor, gamma: flo
     # they are in the cache, the others afterwards when any was (the copy is then the batch's tensor)
     rewards_out = OUTPUTS.empty(rewards.shape, dtype) if rewards is not None else None
     copied = np.zeros(batch, np.bool_)
-    row_spans = np.empty(batch if whiten is not None else 0, np.int64)
+    row_spans = np.empty(batch, np.int64)
     args = (*args, np.zeros((1, 1), coef.dtype) if rewards is None else rewards_out.numpy(), copied,  # never written
-            row_spans, whiten is not None)
+            row_spans)
     threads = min(torch.get_num_threads(), mask.numel() // TOKENS_PER_THREAD)
     verdict = _in_parts(_rows, args, batch, threads)
     if verdict & (NOT_ZERO_ONE | NOT_FINITE):
