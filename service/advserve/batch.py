@@ -544,8 +544,8 @@ def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: t
     computed, by `kernels.cpu.scan`: validation, the zeroed rewards and the scan in one pass. None when
     the arrays are not exactly what the scan reads (response_mask, one of rewards and token_rewards,
     values when it takes them, old_logprobs and ref_logprobs with a KL penalty of an estimator the
-    kernel has), are not all real numbers, or fail a check: the caller validates them the torch way, which words the mistake. What
-    only the scan reads (values, the log-probs) is not kept in the batch."""
+    kernel has), are not all real numbers, or fail a check: the caller validates them the torch way,
+    which words the mistake. What only the scan reads (values, the log-probs) is not kept in the batch."""
     from .kernels import cpu  # imports numba
 
     rewards_name = "token_rewards" if "token_rewards" in arrays else "rewards"
