@@ -1,21 +1,24 @@
-"""Statistics cost at most one device synchronization per request (issue 13, item 2), and so does
-validation (issue 14).
+"""A request costs at most one device synchronization, validation included (issue 14; issue 13 item 2
+for the statistics alone).
 
 Every number a response carries (advantage stats, loss value, components, metrics) is computed as a 0-d
-tensor on the device and brought to the host by one `device.host_scalars` call. On the CPU there is no
-device sync to observe, so these tests count what would be one on CUDA: every host read of a tensor's
-value (`item`, `tolist`, `numpy`, `float()`, `int()`, `bool()`, `__index__`, a data-dependent shape
-from `nonzero`), with one `host_scalars` / `fetch_scalars` call counted once, from the moment the compute starts (after
-validation) until the response's numbers and tensors are on the host (`copy_to_host`, as the encoder
+tensor on the device, and every value check of the request (NaN, masks, group sizes) as a 0-d verdict
+there; on a device all of them are brought to the host by one `device.fetch_scalars` copy, the verdicts
+with the numbers (`Engine.prepare_advantages(defer_checks=True)`, as every transport asks; losses always).
+A failed verdict raises the request's error then, worded on the host, the field the immediate read names.
+On the CPU there is no device sync to observe, so these tests count what would be one on CUDA: every host
+read of a tensor's value (`item`, `tolist`, `numpy`, `float()`, `int()`, `bool()`, `__index__`, a
+data-dependent shape from `nonzero`), with one `host_scalars` / `fetch_scalars` call counted once, from
+the request until the response's numbers and tensors are on the host (`copy_to_host`, as the encoder
 does). On CUDA the same runs under torch's own sync debug mode.
 
-Validation (`build_batch`, `Engine.prepare_advantages`, the loss request's checks) is counted on its own,
-from the request to the end of `Checks.settle`: its value checks are 0-d verdicts read together, at most
-one read per request, padded or packed, whatever the tensors' dtypes. Two inputs are needed on the host
-by their nature and are read there, before anything goes to a device: group ids (factorized into labels)
-and cu_seqlens (the padded shape). Given in host memory, as every transport gives them, reading them is
-no device sync; the counter leaves out reads of exactly those tensors' own memory (`host_inputs`) and
-counts everything else, including any other read of an input.
+Read at once (`defer_checks=False`: the analysis, the Ray client's shards), validation alone
+(`build_batch`, `Engine.prepare_advantages`) reads at most once too, padded or packed, whatever the
+tensors' dtypes. Two inputs are needed on the host by their nature and are read there, before anything
+goes to a device: group ids (factorized into labels) and cu_seqlens (the padded shape). Given in host
+memory, as every transport gives them, reading them is no device sync; the counter leaves out reads of
+exactly those tensors' own memory (`host_inputs`) and counts everything else, including any other read
+of an input.
 
 Two reads inside the estimators are not counted, each for its stated reason (`NOT_DEVICE_READS`); every
 other read fails the test, and so does a read of those two from anywhere else.
@@ -135,8 +138,8 @@ def reads(monkeypatch):
         monkeypatch.setattr(module, "fetch_scalars", fetch_scalars)
     original_settle = batch_module.Checks.settle
 
-    def settle(self):  # validation ends with the last one
-        original_settle(self)
+    def settle(self, *args, **kwargs):  # validation ends with the last one
+        original_settle(self, *args, **kwargs)
         counter.validation = counter.count
 
     monkeypatch.setattr(batch_module.Checks, "settle", settle)
@@ -215,20 +218,30 @@ def _loss_tensors(terms: dict) -> dict[str, torch.Tensor]:
     return {name: t for name, t in _inputs().items() if name in names}
 
 
+def _host_inputs(tensors: dict) -> set[int]:
+    """The storages of the inputs read on the host by design (group ids, cu_seqlens)."""
+    return {t.untyped_storage().data_ptr() for name, t in tensors.items()
+            if name in ("group_ids", "cu_seqlens") and isinstance(t, torch.Tensor)}
+
+
 @pytest.mark.parametrize("estimator,preset,params", ADVANTAGE_CASES, ids=lambda v: str(v))
 def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, preset, params):
+    """From the request to the response on the host: validation, compute, stats, copies: one read."""
     engine = Engine("cpu", kernels="torch")
     request = AdvantageRequest(estimator, _advantage_tensors(estimator, engine, preset), preset=preset,
                                params=params)
     alone = engine.compute_advantages(request)  # the CPU's branches; the GPU's give the same numbers
     expected = (alone.stats, alone.advantages, alone.returns)
     as_on_a_gpu(monkeypatch)
-    prepared = engine.prepare_advantages(request)
+    reads.host_inputs = _host_inputs(request.tensors)
     reads.active = True
+    prepared = engine.prepare_advantages(request, defer_checks=True)
     result = engine.run_advantages([prepared])[0]
     copy_to_host([result.advantages, result.returns])
+    result.check()
     stats = result.stats
     reads.active = False
+    assert prepared.checks is not None and result.deferred_checks  # the verdicts came with the stats
     assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
     assert repr(stats) == repr(expected[0])  # the same numbers, of the same Python types (int counts, -0.0)
     assert torch.equal(result.advantages, expected[1]) and torch.equal(result.returns, expected[2])
@@ -236,7 +249,7 @@ def test_advantages_read_the_device_at_most_once(reads, monkeypatch, estimator, 
 
 @pytest.mark.parametrize("terms", LOSS_CASES, ids=lambda v: ",".join(f"{k}" for k in v))
 def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
-    """Validation reads once, and the compute once more."""
+    """Validation and the compute's numbers: one read, the verdicts with the loss."""
     engine = Engine("cpu", kernels="torch")
     request = LossRequest(_loss_tensors(terms), preset="verl", **terms)
     expected = engine.compute_losses(request)  # the CPU's branches; the GPU's give the same numbers
@@ -246,8 +259,7 @@ def test_losses_read_the_device_at_most_once(reads, monkeypatch, terms):
     copy_to_host([t for t in (result.grad_logprobs, result.grad_values, result.grad_entropy) if t is not None])
     numbers = (result.loss, dict(result.components), dict(result.metrics))
     reads.active = False
-    assert reads.validation is not None and reads.validation <= 1, f"validation: {reads.where}"
-    assert reads.count - reads.validation <= 1, f"{reads.count} reads: {reads.where}"
+    assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
     assert repr(numbers) == repr((expected.loss, expected.components, expected.metrics))  # same types and order
     for name in ("grad_logprobs", "grad_values", "grad_entropy"):
         got, want = getattr(result, name), getattr(expected, name)
@@ -299,9 +311,11 @@ VALIDATION_CASES = {
 }
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["read at once", "read with the results"])
 @pytest.mark.parametrize("case", VALIDATION_CASES)
-def test_advantage_validation_reads_the_device_at_most_once(reads, monkeypatch, case):
-    """prepare_advantages (every check of values: masks, finiteness, the estimator's own) reads once."""
+def test_advantage_validation_reads_the_device_at_most_once(reads, monkeypatch, case, deferred):
+    """Every check of values (masks, finiteness, the estimator's own): read at once, prepare_advantages
+    reads once; read with the results, the whole request (prepare, compute, stats) reads once."""
     estimator, preset, params, change, bound = VALIDATION_CASES[case]
     engine = Engine("cpu", kernels="torch")
     tensors = change(_advantage_tensors(estimator, engine, preset) | (
@@ -311,14 +325,20 @@ def test_advantage_validation_reads_the_device_at_most_once(reads, monkeypatch, 
     request = AdvantageRequest(estimator, tensors, preset=preset, params=params, layout=layout)
     expected = engine.compute_advantages(request)
     as_on_a_gpu(monkeypatch)
-    reads.host_inputs = {t.untyped_storage().data_ptr() for name, t in tensors.items()
-                         if name in ("group_ids", "cu_seqlens") and isinstance(t, torch.Tensor)}
+    reads.host_inputs = _host_inputs(tensors)
     reads.active = True
-    prepared = engine.prepare_advantages(request)
+    prepared = engine.prepare_advantages(request, defer_checks=deferred)
+    if deferred:
+        result = engine.run_advantages([prepared])[0]
+        result.check()
+        stats = result.stats
     reads.active = False
+    assert (prepared.checks is not None) == deferred
     assert reads.count <= bound, f"{reads.count} reads: {reads.where}"
-    result = engine.run_advantages([prepared])[0]
-    assert torch.equal(result.advantages, expected.advantages) and repr(result.stats) == repr(expected.stats)
+    if not deferred:
+        result = engine.run_advantages([prepared])[0]
+        stats = result.stats
+    assert torch.equal(result.advantages, expected.advantages) and repr(stats) == repr(expected.stats)
 
 
 LOSS_VALIDATION_CASES = {  # id -> (terms, how the inputs are changed)
@@ -334,39 +354,142 @@ LOSS_VALIDATION_CASES = {  # id -> (terms, how the inputs are changed)
 
 @pytest.mark.parametrize("case", LOSS_VALIDATION_CASES)
 def test_loss_validation_reads_the_device_at_most_once(reads, monkeypatch, case):
+    """With the compute's numbers, one read in all."""
     terms, change = LOSS_VALIDATION_CASES[case]
     tensors = change(_loss_tensors(terms))
     layout = "packed" if "cu_seqlens" in tensors else None
     engine = Engine("cpu", kernels="torch")
     expected = engine.compute_losses(LossRequest(tensors, preset="verl", layout=layout, **terms))
     as_on_a_gpu(monkeypatch)
+    reads.host_inputs = _host_inputs(tensors)
     reads.active = True
     result = engine.compute_losses(LossRequest(tensors, preset="verl", layout=layout, **terms))
     reads.active = False
-    assert reads.validation is not None and reads.validation <= 1, f"validation: {reads.where}"
-    assert reads.count - reads.validation <= 1, f"{reads.count} reads: {reads.where}"
+    assert reads.count <= 1, f"{reads.count} reads: {reads.where}"
     assert result.loss == expected.loss and torch.equal(result.grad_logprobs, expected.grad_logprobs)
 
 
+def _nan_on_a_valid_token(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return tensor.masked_fill(mask & (torch.arange(T) == 0), float("nan"))
+
+
 INVALID = {  # id -> (estimator, preset, params, change, field named): each must fail as it does read at once
-    "NaN on a valid token": ("gae", "verl", {}, lambda x: _with(x, values=x["values"].masked_fill(
-        x["response_mask"] & (torch.arange(T) == 0), float("nan"))), "tensors.values"),
+    "NaN on a valid token": ("gae", "verl", {}, lambda x: _with(x, values=_nan_on_a_valid_token(
+        x["values"], x["response_mask"])), "tensors.values"),
     "mask not 0/1": ("gae", "verl", {}, lambda x: _with(x, response_mask=_as_float(x["response_mask"]) * 0.5),
                      "tensors.response_mask"),
     "singleton group": ("rloo", "paper", {}, lambda x: _with(x, group_ids=torch.arange(B)), "tensors.group_ids"),
+    "NaN rewards of a group estimator": ("grpo", "verl", {}, lambda x: _with(
+        x, rewards=x["rewards"].masked_fill(torch.arange(B) == 4, float("inf"))), "tensors.rewards"),
 }
 
 
 @pytest.mark.parametrize("case", INVALID)
 def test_a_failed_check_is_worded_on_the_host(reads, monkeypatch, case):
-    """The error path may read more; it names the field an immediate read would."""
+    """The error path may read more; it names the field an immediate read would: at once, from
+    prepare_advantages; read with the results, from the result's `check()` and `stats`, every time."""
     estimator, preset, params, change, field = INVALID[case]
     engine = Engine("cpu", kernels="torch")
-    tensors = change(_advantage_tensors(estimator, engine, preset))
+    request = AdvantageRequest(estimator, change(_advantage_tensors(estimator, engine, preset)), preset=preset,
+                               params=params)
     as_on_a_gpu(monkeypatch)
+    with pytest.raises(InvalidArgument) as at_once:
+        engine.prepare_advantages(request)
+    assert at_once.value.field == field
+    result = engine.run_advantages([engine.prepare_advantages(request, defer_checks=True)])[0]
+    for read in (result.check, lambda: result.stats, result.check):
+        with pytest.raises(InvalidArgument) as later:
+            read()
+        assert (later.value.field, str(later.value)) == (field, str(at_once.value))
+    with pytest.raises(InvalidArgument) as in_process:  # the one-call API reads them before it returns
+        engine.compute_advantages(request)
+    assert in_process.value.field == field
+
+
+def test_a_failed_loss_check_comes_before_the_losses_own_errors(monkeypatch):
+    """Losses read their checks with their numbers on a device: a NaN is still the error named, also
+    where the terms then fail on the host (bypass_mode refuses precomputed weights)."""
+    x = _inputs()
+    tensors = {"response_mask": x["response_mask"], "logprobs": x["logprobs"], "old_logprobs": x["old_logprobs"],
+               "advantages": _nan_on_a_valid_token(x["advantages"], x["response_mask"]),
+               "rollout_is_weights": x["entropy"]}
+    engine = Engine("cpu", kernels="torch")
+    request = LossRequest(tensors, preset="verl", policy_loss={"mode": "bypass_mode"})
+    with pytest.raises(InvalidArgument) as at_once:
+        engine.compute_losses(request)
+    as_on_a_gpu(monkeypatch)
+    with pytest.raises(InvalidArgument) as later:
+        engine.compute_losses(request)
+    assert at_once.value.field == later.value.field == "tensors.advantages"
+    assert str(later.value) == str(at_once.value)
+
+
+def test_errors_after_the_checks(monkeypatch):
+    """A caller's own check between preparing and computing (an output region too small) comes after a
+    failed value check, as with an immediate read; the server's state (overloaded) is raised as it is."""
+    from advserve.errors import Overloaded
+
+    engine = Engine("cpu", kernels="torch")
+    x = _inputs()
+    bad = AdvantageRequest("gae", {"response_mask": x["response_mask"], "rewards": x["rewards"],
+                                   "values": _nan_on_a_valid_token(x["values"], x["response_mask"])}, preset="verl")
+    as_on_a_gpu(monkeypatch)
+    prepared = engine.prepare_advantages(bad, defer_checks=True)
     with pytest.raises(InvalidArgument) as caught:
-        engine.prepare_advantages(AdvantageRequest(estimator, tensors, preset=preset, params=params))
-    assert caught.value.field == field
+        with prepared.errors_after_checks():
+            raise InvalidArgument("the output region is too small", field="outputs.advantages")
+    assert caught.value.field == "tensors.values"
+    with pytest.raises(Overloaded):
+        with prepared.errors_after_checks():
+            raise Overloaded("busy")
+    with pytest.raises(InvalidArgument) as shard:  # Engine.as_shard's own mistakes come after it too
+        engine.as_shard(prepared, {"wrong": 1.0})
+    assert shard.value.field == "tensors.values"
+
+
+def test_a_bad_request_in_a_shared_batch_fails_alone(monkeypatch):
+    """Requests coalesced on a device before their checks are read: the one with bad values gets its
+    error, the others exactly what they get alone, directly and through the scheduler."""
+    from advserve.scheduler import Scheduler
+
+    engine = Engine("cpu", kernels="torch")
+    x = _inputs()
+
+    def request(rewards: torch.Tensor) -> AdvantageRequest:
+        return AdvantageRequest("grpo", {"response_mask": x["response_mask"], "rewards": rewards,
+                                         "group_ids": x["group_ids"]}, preset="verl")
+
+    good = [request(x["rewards"]), request(x["rewards"] * 0.5)]
+    bad = request(x["rewards"].masked_fill(torch.arange(B) == 1, float("nan")))
+    alone = [engine.compute_advantages(r) for r in good]
+    as_on_a_gpu(monkeypatch)
+    prepared = [engine.prepare_advantages(r, defer_checks=True) for r in (good[0], bad, good[1])]
+    assert len({p.coalescing_key for p in prepared}) == 1
+
+    def same(result, expected) -> None:
+        result.check()
+        assert torch.equal(result.advantages, expected.advantages) and repr(result.stats) == repr(expected.stats)
+
+    shared = engine.run_advantages(prepared)
+    same(shared[0], alone[0])
+    same(shared[2], alone[1])
+    with pytest.raises(InvalidArgument, match="NaN or Inf") as caught:
+        shared[1].check()
+    assert caught.value.field == "tensors.rewards"
+
+    scheduler = Scheduler(engine, max_wait_s=0.2)
+    try:
+        async def all_three():
+            return await asyncio.gather(*(scheduler.advantages(p) for p in prepared))
+
+        answers = asyncio.run(all_three())
+    finally:
+        scheduler.close()
+    assert [timing.coalesced for _, timing in answers] == [3, 3, 3]
+    same(answers[0][0], alone[0])
+    same(answers[2][0], alone[1])
+    with pytest.raises(InvalidArgument):
+        answers[1][0].check()
 
 
 def test_coalesced_and_packed_requests_read_once_each(reads, monkeypatch):
@@ -478,11 +601,13 @@ class TestOnCuda:
     def test_advantages(self, estimator, preset, params):
         engine = Engine("cuda")
         cpu_tensors = _advantage_tensors(estimator, engine, preset)
-        tensors = {k: v.cuda() for k, v in cpu_tensors.items()}
-        prepared = engine.prepare_advantages(AdvantageRequest(estimator, tensors, preset=preset, params=params))
+        tensors = {k: v.cuda() if k != "group_ids" else v for k, v in cpu_tensors.items()}
         with self.syncs() as start:
             start()
+            prepared = engine.prepare_advantages(AdvantageRequest(estimator, tensors, preset=preset, params=params),
+                                                 defer_checks=True)
             result = engine.run_advantages([prepared])[0]
+            result.check()
             stats = result.stats
         # the torch scans choose their path by a read of the mask (functional/scan.py Compactor)
         allowed = 1 if engine.kernels == "triton" else 2
@@ -492,18 +617,13 @@ class TestOnCuda:
         assert stats["advantages"] == pytest.approx(cpu.stats["advantages"], rel=1e-5, abs=1e-6)
 
     @pytest.mark.parametrize("terms", LOSS_CASES, ids=lambda v: ",".join(f"{k}" for k in v))
-    def test_losses(self, monkeypatch, terms):
+    def test_losses(self, terms):
         engine = Engine("cuda")
         cpu_tensors = _loss_tensors(terms)
         request = LossRequest({k: v.cuda() for k, v in cpu_tensors.items()}, preset="verl", **terms)
-        original_settle = batch_module.Checks.settle
         with self.syncs() as start:
-            def settle(checks):  # counted once the batch is validated
-                original_settle(checks)
-                start()
-
-            monkeypatch.setattr(batch_module.Checks, "settle", settle)
-            result = engine.compute_losses(request)
+            start()
+            result = engine.compute_losses(request)  # validation included
         assert len(self.caught) <= 1, self.caught
         cpu = Engine("cpu", kernels="torch").compute_losses(LossRequest(cpu_tensors, preset="verl", **terms))
         assert result.loss == pytest.approx(cpu.loss, rel=1e-5, abs=1e-6)
@@ -518,11 +638,15 @@ class TestOnCuda:
         on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) and k not in ("group_ids", "cu_seqlens") else v
                   for k, v in tensors.items()}
         layout = "packed" if "cu_seqlens" in tensors else None
+        request = AdvantageRequest(estimator, on_gpu, preset=preset, params=params, layout=layout)
         with self.syncs() as start:
             start()
-            prepared = engine.prepare_advantages(AdvantageRequest(estimator, on_gpu, preset=preset, params=params,
-                                                                  layout=layout))
+            prepared = engine.prepare_advantages(request)
         assert len(self.caught) <= 1, self.caught
+        with self.syncs() as start:  # left to be read with the results: none
+            start()
+            deferred = engine.prepare_advantages(request, defer_checks=True)
+        assert not self.caught and deferred.checks is not None, self.caught
         assert prepared.batch.tensors.keys() >= {k for k in tensors if k not in ("group_ids", "cu_seqlens")} - {
             "response_mask"}
 

@@ -85,3 +85,35 @@ def test_an_error_while_picking_a_batch_is_the_callers_answer():
             scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_a_shared_batch_that_fails_is_computed_again_request_by_request(monkeypatch):
+    """One request that makes the shared batch's compute fail (its values found wrong only after it was
+    queued, on a GPU) fails alone: its batch mates get what they get alone, and their own timing."""
+    poisoned = grpo(2, 7)
+    original = engine.run_advantages
+    calls = []
+
+    def run_advantages(jobs):
+        calls.append(len(jobs))
+        if any(job is poisoned for job in jobs):
+            raise RuntimeError("the poisoned request")
+        return original(jobs)
+
+    monkeypatch.setattr(engine, "run_advantages", run_advantages)
+    mates = [grpo(2, 5), grpo(4, 3)]
+
+    async def scenario():
+        scheduler = Scheduler(engine, max_wait_s=0.3)
+        try:
+            futures = [asyncio.ensure_future(scheduler.advantages(p)) for p in (mates[0], poisoned, mates[1])]
+            return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=30)
+        finally:
+            scheduler.close()
+
+    first, failed, last = asyncio.run(scenario())
+    assert calls == [3, 1, 1, 1]  # shared, then each alone
+    assert isinstance(failed, RuntimeError) and str(failed) == "the poisoned request"
+    for (result, timing), prepared in zip((first, last), mates):
+        alone = original([prepared])[0]
+        assert timing.coalesced == 1 and np.array_equal(result.advantages, alone.advantages)

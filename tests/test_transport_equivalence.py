@@ -108,6 +108,72 @@ def test_invalid_requests_get_the_same_error_everywhere(transports, variant, dat
         assert expected.error[1], f"the error names no field: {expected.message}"
 
 
+# --- value checks read with the results, as on a GPU ------------------------------------------------------
+# On a device the value checks' verdicts are read with the results, one sync per request
+# (`Engine.prepare_advantages(defer_checks=True)`; tests/test_device_syncs.py). The CPU reads them at once,
+# so the properties above never see that path. Here a server (and the in-process API) takes the branches a
+# GPU takes, and must still give the in-process numbers and errors of the CPU's immediate reads.
+
+CHECKS_READ_LATE = ("import sys; import advserve.engine as engine, advserve.functional.masks as masks; "
+                    "masks.host_reads_are_free = engine.host_reads_are_free = lambda device: False; "
+                    "from advserve.cli import main; main(sys.argv[1:])")
+LATE_EXAMPLES = 40
+LATE_INVALID_EXAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def late_transports():
+    """The transports of a server whose engine reads the value checks with the results, as on a GPU."""
+    server = RunningServer(name="advserve-checks-late", argv=lambda http_port, grpc_port: [
+        sys.executable, "-c", CHECKS_READ_LATE, "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port), "--log-level", "warning", "--workers", "1"])
+    made = fz.Transports(server.url, server.grpc_address, timeout=30.0)
+    yield made
+    made.close()
+    server.stop()
+
+
+@settings(SLOW, max_examples=LATE_EXAMPLES)
+@given(data=st.data())
+def test_checks_read_with_the_results_give_the_same_numbers(late_transports, data):
+    """Any estimator and preset, any loss: the numbers of the immediate reads, over every transport."""
+    draw = fz.HypothesisDraw(data)
+    if data.draw(st.booleans(), label="losses"):
+        same_everywhere(late_transports, fz.loss_case(draw))
+    else:
+        estimator, preset = data.draw(st.sampled_from(PAIRS), label="estimator, preset")
+        same_everywhere(late_transports, fz.advantage_case(draw, estimator, preset))
+
+
+@pytest.mark.parametrize("variant", fz.INVALID)
+@settings(SLOW, max_examples=LATE_INVALID_EXAMPLES)
+@given(data=st.data())
+def test_checks_read_with_the_results_give_the_same_errors(late_transports, variant, data):
+    expected = same_everywhere(late_transports, fz.invalid_case(fz.HypothesisDraw(data), variant))
+    if variant in ALWAYS_INVALID:
+        assert expected.error is not None, expected.brief()
+
+
+@settings(SLOW, max_examples=LATE_EXAMPLES)
+@given(data=st.data())
+def test_the_in_process_api_reading_checks_with_the_results_is_the_same_function(data):
+    """The in-process API as on a GPU (compute_advantages reads the checks before it returns) against
+    itself on the CPU, for valid and invalid requests."""
+    from advserve import engine, functional
+
+    draw = fz.HypothesisDraw(data)
+    kind = data.draw(st.sampled_from(["advantages", "losses", "invalid"]), label="kind")
+    case = (fz.advantage_case(draw) if kind == "advantages" else fz.loss_case(draw) if kind == "losses"
+            else fz.invalid_case(draw))
+    expected = fz.in_process(case)
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (functional.masks, engine):
+            patch.setattr(module, "host_reads_are_free", lambda device: False)
+        got = fz.in_process(case)
+    assert not fz.differences(expected, got), (case.repro(), fz.differences(expected, got))
+    assert (got.error is None) == (expected.error is None) and got.message == expected.message
+
+
 def test_the_generated_batches_cover_what_the_property_claims():
     """The generators draw what the tests above promise (B 1-40, T 1-70 with T > 16 not a multiple of 16,
     ragged, one-token and gapped rows, int and string ids, singleton and all-equal groups, both dtypes and

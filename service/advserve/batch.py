@@ -20,14 +20,14 @@ import contextlib
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .device import host_scalars, to_device
-from .errors import AdvserveError, InvalidArgument, PayloadTooLarge
+from .errors import AdvserveError, DeadlineExceeded, InvalidArgument, PayloadTooLarge, RequestTimeout, Unavailable
 
 LAYOUTS = ("padded", "packed")
 DEFAULT_MAX_TOKENS = 1 << 28  # per request, B·T (the padded form of a packed request)
@@ -121,19 +121,47 @@ class Checks:
     read of each check would have raised first. Errors found on the host (shapes, dtypes) must not
     overtake an earlier check either: `host_errors_after()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_later: bool = False) -> None:
+        """read_later: the verdicts will be read after the request has been computed (on a device, with
+        its results): what the computation reads must then not wait for a closer look (`_zero_masked`)."""
         self._pending: list[tuple[Tensor | bool, Callable[[], None]]] = []
+        self._error: AdvserveError | None = None
+        self.read_later = read_later
 
     def add(self, passed: Tensor | bool, on_fail: Callable[[], None]) -> None:
         self._pending.append((passed, on_fail))
 
-    def settle(self) -> None:
+    @property
+    def pending(self) -> bool:
+        """Whether checks wait to be settled."""
+        return bool(self._pending)
+
+    def verdicts(self) -> Tensor | None:
+        """The verdicts of the checks added so far that are tensors, stacked ([K] bool), for a caller that
+        reads them with other numbers and passes what it read to `settle`; None when there are none."""
+        tensors = [passed for passed, _ in self._pending if isinstance(passed, Tensor)]
+        return torch.stack(tensors) if tensors else None
+
+    def settle(self, read: Sequence[Any] | None = None) -> None:
         """Read the verdicts (one host read a round; data that passes takes one round) and run `on_fail`
-        of each failed check, in order."""
+        of each failed check, in order. `read`: the first round's verdicts as read already (the host
+        values of `verdicts()`, taken when no check had been added since). The error raised is raised
+        again by every later call."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._settle(read)
+        except AdvserveError as error:
+            self._error = error
+            raise
+
+    def _settle(self, read: Sequence[Any] | None) -> None:
         while self._pending:
             pending, self._pending = self._pending, []
-            read = iter(_read_verdicts([passed for passed, _ in pending if isinstance(passed, Tensor)]))
-            verdicts = [next(read) if isinstance(passed, Tensor) else passed for passed, _ in pending]
+            if read is None:
+                read = _read_verdicts([passed for passed, _ in pending if isinstance(passed, Tensor)])
+            read, taken = None, iter(read)
+            verdicts = [next(taken) if isinstance(passed, Tensor) else passed for passed, _ in pending]
             for passed, (_, on_fail) in zip(verdicts, pending):
                 if passed:
                     continue
@@ -147,10 +175,15 @@ class Checks:
 
     @contextlib.contextmanager
     def host_errors_after(self) -> Iterator[None]:
-        """An AdvserveError raised in the block comes after the failures of the checks added so far."""
+        """An error raised in the block comes after the failures of the checks added so far: where one
+        of them fails, its error is raised instead (a mistake found on the host, or an error of a
+        computation that ran on data the checks had not yet passed). Errors of the server's state, not
+        of the request (overloaded, unavailable, out of time), are raised at once, without a read."""
         try:
             yield
-        except AdvserveError as error:
+        except (Unavailable, DeadlineExceeded, RequestTimeout):
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised below unless a check failed first
             found = error
         else:
             return
@@ -664,7 +697,9 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
     left in its dtype) and one sum, whose verdict goes to `checks`; nothing converted is kept for the
     check (`array` is the request's own). Only when that sum is not finite: an exact check, and
     where NaN/Inf sit under the mask, `where` (which then replaces `tensors[name]`), both on the device:
-    the closer look is read in the checks' next round."""
+    the closer look is read in the checks' next round. With `checks.read_later` (the request is
+    computed before the verdicts are read), the tensor returned is already what the closer look would
+    make of it, chosen on the device: the product where every term is finite, else `where`."""
     zeroed = _numeric(name, array, dtype, device, True) * valid
 
     def refuse() -> None:
@@ -673,11 +708,13 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
     def on_fail() -> None:
         with _fits(name):
             kept = torch.where(mask, _numeric(name, array, dtype, device), 0)
-        # the product itself when every term is finite (the sum overflowed), else NaN/Inf were masked
-        tensors[name] = torch.where(torch.isfinite(zeroed).all(), zeroed, kept)
+        if not checks.read_later:  # the product itself when every term is finite (the sum overflowed), else
+            tensors[name] = torch.where(torch.isfinite(zeroed).all(), zeroed, kept)  # NaN/Inf were masked
         checks.add(torch.isfinite(kept).all(), refuse)
 
     checks.add(torch.isfinite(zeroed.sum()), on_fail)
+    if checks.read_later:  # at a valid position the product is the value itself: `kept` there
+        return torch.where(mask | torch.isfinite(zeroed).all(), zeroed, 0)
     return zeroed
 
 

@@ -94,11 +94,21 @@ class Engine:
     # --- advantages -----------------------------------------------------------------------------
 
     def compute_advantages(self, request: AdvantageRequest) -> AdvantageResult:
-        """Validate and compute one request (`prepare_advantages` then `run_advantages`)."""
-        return self.run_advantages([self.prepare_advantages(request)])[0]
+        """Validate and compute one request (`prepare_advantages` then `run_advantages`): on a device with
+        one host read of its value checks and statistics together, before it returns."""
+        result = self.run_advantages([self.prepare_advantages(request, defer_checks=True)])[0]
+        result.check()
+        return result
 
-    def prepare_advantages(self, request: AdvantageRequest) -> PreparedAdvantages:
-        """Everything but the math: look-ups, parameters, tensor validation and layout on the device."""
+    def prepare_advantages(self, request: AdvantageRequest, *, defer_checks: bool = False) -> PreparedAdvantages:
+        """Everything but the math: look-ups, parameters, tensor validation and layout on the device.
+
+        `defer_checks`: on a device, where reading the checks' verdicts is a host sync, leave them to be
+        read with the statistics of the result (one sync per request instead of two): the request is
+        computed whatever its values, and its validation error, if any, is raised by the result's
+        `check()` (and `stats`). The caller must then call `check()` before it uses the result's
+        tensors, and run its own checks between preparing and computing under `errors_after_checks()`.
+        No effect on the CPU, where the verdicts are read at once (a host read is free there)."""
         preset = self.preset(request.preset)
         estimator = self.estimator(request.estimator, preset)
         params = resolve_params(estimator.param_specs(), preset.estimators[estimator.name], request.params, "params")
@@ -128,7 +138,7 @@ class Engine:
         elif len(given_rewards) != 1:
             raise InvalidArgument("give exactly one of 'rewards' [B] and 'token_rewards' [B, T]",
                                   field="tensors.rewards")
-        checks = Checks()
+        checks = Checks(read_later=defer_checks and not host_reads_are_free(self.device))
         batch = build_batch(
             request.tensors,
             allowed=required | set(estimator.optional) | set(REWARD_TENSORS),
@@ -145,6 +155,8 @@ class Engine:
         )
         with checks.host_errors_after():
             self._check_estimator_preconditions(estimator, params, batch, checks)
+        if checks.read_later and checks.pending:
+            return PreparedAdvantages(estimator, preset.name, params, dtype, batch, checks=checks)
         checks.settle()  # every value check of the request: one host read (one device sync on a GPU)
         return PreparedAdvantages(estimator, preset.name, params, dtype, batch)
 
@@ -152,6 +164,10 @@ class Engine:
         """`prepared` as a shard of a larger batch whose `batch_statistics` are `statistics` (numbers or
         arrays by name): its rows are then those of the larger batch's result (advserve.ray.sharding).
         The names must be those the estimator takes with these parameters, the values finite."""
+        with prepared.errors_after_checks():
+            return self._as_shard(prepared, statistics)
+
+    def _as_shard(self, prepared: PreparedAdvantages, statistics: Mapping[str, Any]) -> PreparedAdvantages:
         field = "batch_statistics"
         if not isinstance(statistics, Mapping):
             raise InvalidArgument("batch_statistics must be a mapping of names to numbers or arrays", field=field)
@@ -187,20 +203,24 @@ class Engine:
             raise RuntimeError("this request was prepared (and scanned, its values consumed) with other parameters "
                                "than it is run with: prepare it again with these")
         inputs = advantage_inputs(batch, first.dtype, first.statistics)
-        with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
-            advantages, returns = first.estimator.fn(inputs, first.params)
+        with contextlib.ExitStack() as stack:
+            for job in jobs:  # a request whose checks are still to be read: its own mistake comes first
+                stack.enter_context(job.errors_after_checks())
+            with torch.no_grad(), fits_in_memory(), use_kernels(self.kernels):
+                advantages, returns = first.estimator.fn(inputs, first.params)
         results, row = [], 0
         for job in jobs:
             rows, width = job.batch.mask.shape
             adv, ret = advantages[row:row + rows, :width], returns[row:row + rows, :width]
             row += rows
             own_inputs = inputs if len(jobs) == 1 else None
-            if host_reads_are_free(self.device):  # computed when first read: a caller who never reads them never pays
-                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)
+            if job.checks is None and host_reads_are_free(self.device):  # computed when first read: a caller
+                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)  # who never reads them never pays
             else:  # queued now, behind this job's kernels: reading them waits for this job, not for later ones
-                stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype)
+                stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype, job.checks)
             results.append(AdvantageResult(first.estimator.name, job.preset, job.batch.output(adv),
-                                           job.batch.output(ret), job.params, stats_fn=stats))
+                                           job.batch.output(ret), job.params, stats_fn=stats,
+                                           deferred_checks=job.checks is not None))
         return results
 
     @staticmethod
@@ -295,7 +315,9 @@ class Engine:
             required.add("old_logprobs")
             option = "unbiased_gradient" if kl_params["unbiased_gradient"] else "importance_weighted"
             needed_by.setdefault("old_logprobs", f"kl_loss (with {option})")
-        checks = Checks()
+        # every value check of the request: one host read; on a GPU, read with the loss's numbers below
+        # (the terms are computed whatever the values, and a failed check's error is raised then)
+        checks = Checks(read_later=not host_reads_are_free(self.device))
         batch = build_batch(request.tensors, allowed=required | optional, required=required, dtype=dtype,
                             device=self.device, context="the requested loss terms", layout=request.layout or "padded",
                             max_tokens=self.max_tokens, needed_by=needed_by, checks=checks)
@@ -308,7 +330,9 @@ class Engine:
             # amin is NaN only when NaN sits under the mask (or is refused before): then a closer look
             checks.add(t["rollout_is_weights"].amin() >= 0,
                        lambda: checks.add(~(t["rollout_is_weights"] < 0).any(), negative_weights))
-        checks.settle()  # every value check of the request: one host read (one device sync on a GPU)
+        deferred = checks if checks.read_later and checks.pending else None
+        if deferred is None:
+            checks.settle()
         lengths = batch.lengths.to(dtype)
 
         @functools.cache
@@ -360,7 +384,7 @@ class Engine:
                 metrics["rollout_is_fraction_outside"] = (torch.count_nonzero(outside), per_token)
             return is_weight
 
-        with torch.no_grad(), fits_in_memory():
+        with checks.host_errors_after(), torch.no_grad(), fits_in_memory():
             rho = None
             fused = self._fused_losses(terms, pol, t, batch, weights, importance_weights, bool(return_kl_values))
             if fused is not None:  # every term in one kernel launch; the metrics as below
@@ -440,7 +464,7 @@ class Engine:
         pending: Pending = {"loss": (total, as_is), **{f"components.{name}": (value, as_is)
                                                         for name, value in components.items() if value is not None},
                             **{f"metrics.{name}": entry for name, entry in metrics.items()}}
-        numbers = read_numbers(pending, batch)
+        numbers = read_numbers(pending, batch, deferred)
         if not math.isfinite(numbers["loss"]):
             raise InvalidArgument("the loss is not finite: an importance ratio overflowed (logprobs − old_logprobs "
                                   "too large); bound it with policy_loss.ratio_clamp", field="tensors.logprobs")
@@ -567,7 +591,9 @@ def check_normalizers(aggregations: Mapping[str, str], num_tokens: float | None,
 @dataclass(frozen=True)
 class PreparedAdvantages:
     """A validated advantage request, ready for the device. `statistics`: the batch-wide statistics of a
-    larger batch this one is a shard of (`Engine.as_shard`); None: the batch's own."""
+    larger batch this one is a shard of (`Engine.as_shard`); None: the batch's own. `checks`: its value
+    checks when they are left to be read with the results (`Engine.prepare_advantages(defer_checks=True)`
+    on a device); None when they were read at once."""
 
     estimator: Estimator
     preset: str
@@ -575,6 +601,12 @@ class PreparedAdvantages:
     dtype: torch.dtype
     batch: Batch
     statistics: Mapping[str, Tensor] | None = None
+    checks: Checks | None = None
+
+    def errors_after_checks(self) -> contextlib.AbstractContextManager:
+        """A block whose errors (a caller's own checks between preparing and computing) come after this
+        request's value checks, as they would if those had been read at once (`Checks.host_errors_after`)."""
+        return self.checks.host_errors_after() if self.checks is not None else contextlib.nullcontext()
 
     @functools.cached_property
     def coalescing_key(self) -> tuple | None:
@@ -591,6 +623,13 @@ class PreparedAdvantages:
     @property
     def tokens(self) -> int:
         return self.batch.mask.numel()
+
+
+def checks_first(prepared: Any) -> contextlib.AbstractContextManager:
+    """A prepared advantage request's `errors_after_checks()` (its value checks, if still to be read,
+    come before the block's errors); for any other request (a LossRequest, an analysis) a plain block."""
+    errors_after_checks = getattr(prepared, "errors_after_checks", None)
+    return errors_after_checks() if errors_after_checks is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -669,23 +708,30 @@ def per_token(value: float, tokens: int) -> float:
     return float(value) / max(tokens, 1)
 
 
-def read_numbers(pending: Pending, batch: Batch) -> dict[str, Any]:
+def read_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) -> dict[str, Any]:
     """The host values of `pending`, finished: `fetch_numbers(...)()`."""
-    return fetch_numbers(pending, batch)()
+    return fetch_numbers(pending, batch, checks)()
 
 
-def fetch_numbers(pending: Pending, batch: Batch) -> Callable[[], dict[str, Any]]:
+def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) -> Callable[[], dict[str, Any]]:
     """Start reading `pending` (one `device.fetch_scalars`: on a GPU one copy queued behind the work so
     far, at most one device sync when read): a function giving the finished host values, and the
-    valid-token count under "__tokens__" (fetched with them unless it is known already)."""
+    valid-token count under "__tokens__" (fetched with them unless it is known already). `checks`: the
+    request's value checks, still to be read: their verdicts come with the numbers, and the function
+    raises the request's validation error where one failed."""
     tokens = known_tokens(batch)
     values = {name: value for name, (value, _) in pending.items()}
     if tokens is None:
         values["__tokens__"] = batch.lengths.sum()
+    verdicts = checks.verdicts() if checks is not None else None
+    if verdicts is not None:
+        values["__verdicts__"] = verdicts
     fetch = fetch_scalars(values)
 
     def finished() -> dict[str, Any]:
         numbers = fetch.result()
+        if checks is not None:
+            checks.settle(numbers.pop("__verdicts__", ()))
         count = numbers.pop("__tokens__", tokens)
         return {name: finish(numbers[name], count) for name, (_, finish) in pending.items()} | {"__tokens__": count}
 
@@ -763,9 +809,10 @@ def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: B
 
 
 def fetch_advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: Batch,
-                          dtype: torch.dtype) -> Callable[[], dict[str, Any]]:
+                          dtype: torch.dtype, checks: Checks | None = None) -> Callable[[], dict[str, Any]]:
     """`advantage_stats` in two steps: the reductions and their copy to the host are queued now (on a
-    GPU, right behind the estimator's kernels), the function returned reads them (`fetch_numbers`)."""
+    GPU, right behind the estimator's kernels), the function returned reads them (`fetch_numbers`, with
+    the verdicts of `checks`: it raises the request's validation error where one failed)."""
     inputs = inputs or advantage_inputs(batch, dtype)
     advantages = advantages.contiguous()
     mask = inputs.mask
@@ -778,7 +825,7 @@ def fetch_advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, ba
         pending |= {"groups.size_min": (groups.sizes.min(), as_is), "groups.size_max": (groups.sizes.max(), as_is),
                     "groups.zero_variance_fraction": (constant.to(inputs.scores.dtype).mean(), as_is),
                     "groups.reward_mean": (groups.mean(inputs.scores), as_is)}
-    fetched = fetch_numbers(pending, batch)
+    fetched = fetch_numbers(pending, batch, checks)
     sequences, group_count = int(mask.shape[0]), None if groups is None else groups.count
 
     def stats() -> dict[str, Any]:

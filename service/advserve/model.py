@@ -21,26 +21,34 @@ class AdvantageRequest:
 
 class AdvantageResult:
     """advantages, returns [B, T] (0 at masked positions); params as resolved; `stats` (what a trainer
-    logs) computed on first access, so a caller that never reads them never pays for them."""
+    logs) computed on first access, so a caller that never reads them never pays for them.
+    `deferred_checks`: the request's value checks are read with the stats (`check()`)."""
 
     def __init__(self, estimator: str, preset: str, advantages: Any, returns: Any, params: dict[str, Any],
-                 stats_fn: Callable[[], dict[str, Any]]):
+                 stats_fn: Callable[[], dict[str, Any]], deferred_checks: bool = False):
         self.estimator = estimator
         self.preset = preset
         self.advantages = advantages
         self.returns = returns
         self.params = params
         self._stats_fn = stats_fn
+        self.deferred_checks = deferred_checks
 
     @functools.cached_property
     def stats(self) -> dict[str, Any]:
         return self._stats_fn()
 
+    def check(self) -> None:
+        """Raise the request's validation error where its value checks were left to be read with the
+        results (`Engine.prepare_advantages(defer_checks=True)` on a device) and one failed: they come
+        with the stats, in the same host read. Nothing otherwise."""
+        if self.deferred_checks:
+            _ = self.stats
+
     def with_arrays(self, convert: Callable[[Any], Any]) -> "AdvantageResult":
         """The same result with `convert` applied to advantages and returns (stats shared)."""
-        out = AdvantageResult(self.estimator, self.preset, convert(self.advantages), convert(self.returns),
-                              self.params, lambda: self.stats)
-        return out
+        return AdvantageResult(self.estimator, self.preset, convert(self.advantages), convert(self.returns),
+                               self.params, lambda: self.stats)
 
     def tensors(self) -> list[Any]:
         """The result tensors a response carries (what the scheduler marks ready, `device.mark_ready`)."""

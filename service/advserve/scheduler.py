@@ -1,8 +1,11 @@
 """The compute thread, its queue and the coalescing of small requests.
 
 One thread owns the device and runs jobs in arrival order. Decoding and validation happen before a
-job is queued (in the transport's threads), so the compute thread only computes, and a bad request
-never reaches a batch. When the thread picks up an advantage job it also takes every queued job with
+job is queued (in the transport's threads), so the compute thread only computes. On a GPU the value
+checks (NaN, masks, group sizes) are computed there too but read with the results, one host sync per
+request (`Engine.prepare_advantages(defer_checks=True)`): a request with bad values may then reach a
+batch. Its result carries its error, and where a shared batch fails as a whole, each of its requests
+is computed again alone, so that one request's mistake is never its batch mates'. When the thread picks up an advantage job it also takes every queued job with
 the same coalescing key (same estimator, preset, parameters, dtype and tensors) up to
 `max_batch_tokens`, waiting up to `max_wait_s` for more (default 0: only what already arrived), and
 runs them as one batch. Only requests whose result is bit for bit the same in a shared batch as alone
@@ -128,21 +131,30 @@ class Scheduler:
             if not batch:
                 continue
             first = batch[0]
-            started = time.perf_counter()
-            try:
-                if first.run is not None:
-                    outcomes = [first.run()]
-                else:
-                    outcomes = self.engine.run_advantages([job.prepared for job in batch])
-                self._mark_ready(outcomes)
-            except BaseException as exc:  # noqa: BLE001 - each caller gets its error, the thread lives on
-                for job in batch:
-                    job.finish(error=exc)
-                continue
-            done = time.perf_counter()
-            for job, outcome in zip(batch, outcomes):
-                job.finish((outcome, Timing(queue=started - job.queued_at, compute=done - started,
-                                            coalesced=len(batch))))
+            if first.run is not None:
+                self._answer(batch, lambda: [first.run()])
+            elif not self._answer(batch, lambda: self.engine.run_advantages([job.prepared for job in batch]),
+                                  retry=len(batch) > 1):
+                for job in batch:  # one request's failure is not its batch mates': each runs alone
+                    self._answer([job], lambda job=job: self.engine.run_advantages([job.prepared]))
+
+    def _answer(self, jobs: list[_Job], compute: Callable[[], list[Any]], retry: bool = False) -> bool:
+        """Run `compute` (the outcomes of `jobs`, in order) and answer each job with its outcome and
+        timing, or with the error; with `retry`, a failure answers nobody and returns False."""
+        started = time.perf_counter()
+        try:
+            outcomes = compute()
+            self._mark_ready(outcomes)
+        except BaseException as exc:  # noqa: BLE001 - each caller gets its error, the thread lives on
+            if retry:
+                return False
+            for job in jobs:
+                job.finish(error=exc)
+            return True
+        done = time.perf_counter()
+        for job, outcome in zip(jobs, outcomes):
+            job.finish((outcome, Timing(queue=started - job.queued_at, compute=done - started, coalesced=len(jobs))))
+        return True
 
     def _mark_ready(self, outcomes: list[Any]) -> None:
         """On CUDA: one event recorded after this job's kernels, noted on every result tensor of its

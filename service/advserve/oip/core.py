@@ -21,18 +21,19 @@ Shared memory (Triton's extensions, docs/shared-memory.md): a tensor whose param
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from .. import __version__
 from ..batch import COMPONENT_TENSORS, TOKEN_TENSORS
-from ..engine import Engine
+from ..engine import Engine, checks_first
 from ..errors import AdvserveError, InvalidArgument, NotFound
 from ..model import AdvantageRequest, LossRequest
 from ..scheduler import Scheduler
@@ -316,7 +317,8 @@ class OipService:
         if model.kind == "advantages":
             domain = self.engine.prepare_advantages(AdvantageRequest(
                 estimator=model.name, tensors=tensors, preset=params.pop("preset", None),
-                dtype=params.pop("dtype", None), layout=params.pop("layout", None), params=params))
+                dtype=params.pop("dtype", None), layout=params.pop("layout", None), params=params),
+                defer_checks=True)  # on a device, its value checks are read with the results (`respond`)
             produced = list(model.outputs)
             batch = tuple(domain.batch.mask.shape)
         else:
@@ -324,13 +326,24 @@ class OipService:
             produced = produced_loss_outputs(domain)
             mask = tensors.get("response_mask")
             batch = tuple(mask.shape) if getattr(mask, "ndim", 0) == 2 else None
-        outputs = requested_outputs(model, request.outputs, produced)
-        for wanted in outputs:
-            if wanted.region is not None:  # before the compute: the region is there and holds the span
-                ref = wanted.region
-                self._regions(f"outputs.{wanted.name}.parameters.shared_memory_region").check(
-                    ref.name, ref.offset, ref.byte_size, field=f"outputs.{wanted.name}.parameters.shared_memory_region")
+        with checks_first(domain):
+            outputs = requested_outputs(model, request.outputs, produced)
+            for wanted in outputs:
+                if wanted.region is not None:  # before the compute: the region is there and holds the span
+                    ref = wanted.region
+                    self._regions(f"outputs.{wanted.name}.parameters.shared_memory_region").check(
+                        ref.name, ref.offset, ref.byte_size, field=f"outputs.{wanted.name}.parameters.shared_memory_region")
         return Prepared(model, request, domain, outputs, timeout_s, batch)
+
+    @contextlib.contextmanager
+    def checks_first(self, prepared: Prepared) -> Iterator[None]:
+        """A block (a door's admission charge) whose errors come after the request's value checks where
+        those are still to be read (`engine.checks_first`), a failed check's error in the protocol's words."""
+        try:
+            with checks_first(prepared.domain):
+                yield
+        except AdvserveError as exc:
+            raise protocol_error(exc) from None
 
     async def compute(self, prepared: Prepared):
         """(result, Timing) from the compute thread."""
@@ -347,6 +360,10 @@ class OipService:
         model = prepared.model
         parameters: dict[str, Any] = {"preset": result.preset}
         if model.kind == "advantages":
+            try:
+                result.check()  # value checks read with the results: before anything is written
+            except AdvserveError as exc:
+                raise protocol_error(exc) from None
             tensors = {"advantages": result.advantages, "returns": result.returns}
             parameters.update(_scalars(result.params))
         else:

@@ -123,11 +123,11 @@ class AdvServe:
         with runtime.serving(), runtime.admission.held(compute_bytes(request, runtime.settings.max_tokens)):
             deadline = runtime.deadline(document.get("timeout_s"))
             if kind == "advantages":
-                prepared = await asyncio.to_thread(engine.prepare_advantages, request)
+                prepared = await asyncio.to_thread(engine.prepare_advantages, request, defer_checks=True)
                 if statistics is not None:  # a shard of a larger batch (RayClient(shards=k))
                     prepared = await asyncio.to_thread(engine.as_shard, prepared, statistics)
                 result, _ = await deadline.wait(runtime.scheduler.advantages(prepared))
-                stats = await asyncio.to_thread(lambda: result.stats)
+                stats = await asyncio.to_thread(lambda: result.stats)  # and the value checks, if deferred
                 return {"document": {"estimator": result.estimator, "preset": result.preset, "params": result.params,
                                      "stats": stats},
                         "tensors": {"advantages": _numpy(result.advantages), "returns": _numpy(result.returns)}}

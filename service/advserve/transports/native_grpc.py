@@ -68,11 +68,14 @@ class AdvserveServicer:
                                   params=document.get("params"), dtype=document.get("dtype"),
                                   layout=document.get("layout"))
         await call.charge(domain)  # its shapes known: its compute charged before it is validated
-        prepared = self.engine.prepare_advantages(domain)
-        shm_tensors.advantages_room(target, prepared)
+        prepared = self.engine.prepare_advantages(domain, defer_checks=True)  # checked with its stats
+        with prepared.errors_after_checks():
+            shm_tensors.advantages_room(target, prepared)
         call.estimator, call.batch = prepared.estimator.name, tuple(prepared.batch.mask.shape)
-        result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
+        with prepared.errors_after_checks():  # a request that could never fit: its own mistake first
+            result = await call.compute(self.scheduler.advantages(prepared), work=prepared)
         with call.phase("encode"):
+            result.check()  # before a byte of the tensors is written
             return protocol.advantages_response_to_pb(
                 {"params": result.params, "stats": result.stats},
                 self._outputs(target, {"advantages": result.advantages, "returns": result.returns}))

@@ -229,7 +229,8 @@ class OipServicer:
         prepared = await call.off_loop(functools.partial(self.service.prepare, decoded), call.size)
         del decoded
         call.batch = prepared.batch
-        result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s, work=prepared)
+        with self.service.checks_first(prepared):  # a request that could never fit: its own mistake first
+            result = await call.compute(self.service.compute(prepared), timeout_s=prepared.timeout_s, work=prepared)
         with call.phase("encode"):
             return response_to_pb(self.service.respond(prepared, result))
 

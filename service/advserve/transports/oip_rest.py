@@ -391,7 +391,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 prepared = await deadline.off_loop(decode, max(len(body), INLINE_LIMIT if inflating else 0), lease)
                 phases["decode"] = time.perf_counter() - started
                 deadline = deadline.within(prepared.timeout_s)
-                charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
+                with service.checks_first(prepared):
+                    charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(service.compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()

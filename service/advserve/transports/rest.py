@@ -26,6 +26,7 @@ from advserve_client.framing import (CONTENT_TYPE, HEADER_LENGTH, OUTPUTS_KEY, R
 
 from ..analysis.batch import AnalysisRequest, prepare_analysis, run_analysis
 from ..device import copy_to_host, to_host
+from ..engine import checks_first
 from ..errors import (InvalidArgument)
 from ..model import AdvantageRequest, AdvantageResult, LossRequest, LossResult
 from ..observability import REQUEST_ID_HEADER, error_body_message, estimator_named_in, request_id, server_timing
@@ -310,7 +311,9 @@ def encode_response(document: dict[str, Any] | Callable[[], dict[str, Any]],
 
 
 def advantages_document(result: AdvantageResult) -> tuple[Callable[[], dict[str, Any]], dict[str, torch.Tensor]]:
-    """(a function building the JSON part, which computes the stats, and the result tensors)."""
+    """(a function building the JSON part, which reads the stats and with them the request's value checks
+    if they were left to be read with the results: it raises a failed check's error before anything is
+    written, and the result tensors)."""
     return (lambda: {"estimator": result.estimator, "preset": result.preset, "params": result.params,
                      "stats": result.stats},
             {"advantages": result.advantages, "returns": result.returns})
@@ -376,7 +379,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
                 phases["decode"] = time.perf_counter() - started
                 estimator = getattr(getattr(prepared, "estimator", None), "name", None)
                 batch = _batch_shape(prepared)
-                charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
+                with checks_first(prepared):
+                    charge_compute(lease, prepared)  # as validated, before it is queued (503/413 at once)
                 result, timing = await deadline.wait(compute(prepared), abandon=watch_disconnect(request))
                 phases["queue"], phases["compute"] = timing.queue, timing.compute
                 encode_started = time.perf_counter()
@@ -413,8 +417,9 @@ def add_routes(app: FastAPI, runtime: Runtime) -> None:
             request = AdvantageRequest(estimator=body.estimator, tensors=tensors, preset=body.preset,
                                        params=body.params, dtype=body.dtype, layout=body.layout)
             charge(request)
-            prepared = engine.prepare_advantages(request)
-            shm_tensors.advantages_room(requested_outputs(body), prepared)
+            prepared = engine.prepare_advantages(request, defer_checks=True)  # checked with its stats
+            with prepared.errors_after_checks():
+                shm_tensors.advantages_room(requested_outputs(body), prepared)
             return prepared
 
         return await serve(request, AdvantagesBody, "advantages", prepare, scheduler.advantages, advantages_document)
