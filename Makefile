@@ -45,6 +45,7 @@ docs: dev
 bench: dev
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_output_pool.py
+	$(BIN)/python bench/bench_launches.py
 	$(BIN)/python bench/bench_transport.py
 	$(BIN)/python bench/bench_oip.py
 	$(BIN)/python bench/bench_http.py

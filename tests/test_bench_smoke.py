@@ -35,6 +35,14 @@ def test_bench_output_pool_quick(tmp_path):
     assert set(rounds) == {"pool", "no pool"} and all(len(r) == 2 for r in rounds.values())
 
 
+def test_bench_launches_quick(tmp_path):
+    """Every request counted on both paths; the Triton path launches fewer kernels for each."""
+    proc, out = run_quick(tmp_path, "launches")
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["request"].split(",")[0] for r in rows} == {"grpo", "rloo", "gae", "ppo_clip + k3 KL loss"}
+    assert all(r["triton"]["compute"] < r["torch"]["compute"] for r in rows)
+
+
 def test_bench_ray_quick(tmp_path):
     """One local Ray with Serve, an `advserve serve` beside it: every part runs, every answer is the
     in-process result (bench_ray exits 1 otherwise), the sharded ones bit for bit."""

@@ -578,6 +578,37 @@ def test_host_scalars_lists_and_numbers():
         device_module.host_scalars({"matrix": torch.zeros(2, 2)})
 
 
+def test_numbers_are_packed_in_one_kernel_per_dtype():
+    """What a device copies to the host (`device.packed_float64`): every value exact in float64, the names
+    reordered with the values, and one concatenation and one conversion per dtype (not one per value)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    values = {"mean": torch.tensor(0.1, dtype=torch.float32), "sizes": torch.tensor([4, 4, 2]),
+              "verdicts": torch.tensor([True, False]), "std": torch.tensor(0.3, dtype=torch.float32),
+              "count": torch.tensor(2**52 + 1), "per_group": torch.tensor([0.25, 1e-300], dtype=torch.float64),
+              "max": torch.tensor(3e38, dtype=torch.float32), "empty": torch.zeros(0)}
+
+    class Kernels(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+                Kernels.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Kernels():
+        names, tensors, flat = device_module.packed_float64(list(values), list(values.values()))
+    assert sorted(names) == sorted(values) and [values[n] for n in names] == tensors
+    assert flat.dtype == torch.float64 and flat.numel() == sum(t.numel() for t in values.values())
+    start = 0
+    for name, tensor in zip(names, tensors):
+        got = flat[start:start + tensor.numel()]
+        start += tensor.numel()
+        assert torch.equal(got, tensor.reshape(-1).to(torch.float64)), name
+    dtypes = {t.dtype for t in values.values()}
+    assert Kernels.count <= 2 * len(dtypes) + 1, Kernels.count  # a cat and a conversion per dtype, one cat
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: torch's sync debug mode and streams")
 class TestOnCuda:
     """The same property through torch's own detector of synchronizing CUDA calls, and the copies of a

@@ -51,9 +51,14 @@ def test_index_and_labels_in_order_of_first_appearance(ids):
     if isinstance(ids[0], int):
         kinds.append(torch.tensor(ids))
     for given in kinds:
-        got_index, got_labels = _group_index(given, torch.device("cpu"))
+        got_index, (sizes, order, starts), got_labels = _group_index(given, torch.device("cpu"))
         assert got_index.dtype == torch.long and got_index.tolist() == index, type(given)
         assert got_labels == labels and [type(label) for label in got_labels] == [type(label) for label in labels]
+        # the layout computed on the host is what the device would compute (functional.groups.Groups)
+        expected = torch.tensor(index)
+        assert sizes.tolist() == torch.bincount(expected).tolist()
+        assert order.tolist() == torch.argsort(expected, stable=True).tolist()
+        assert starts.tolist() == (torch.cumsum(sizes, 0) - sizes).tolist()
 
 
 def test_string_groups_give_the_same_advantages_as_int_groups():

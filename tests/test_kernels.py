@@ -31,6 +31,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 REQUIRED = os.environ.get("ADVSERVE_REQUIRE_TRITON", "").strip().lower() in ("1", "true", "yes", "on")  # CI
 
 
+ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("ADVSERVE_KERNEL_TESTS_CHILD", "")  # "interpreter" or "compiler" in a child process
 
 
@@ -456,6 +458,75 @@ class TestUnderTheInterpreter:
         assert set(calls) == kernels[preset]  # the triton engine ran each kernel its estimators use
 
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_statistics_match_the_torch_path(self, dtype):
+        """`kernels.stats` against `engine.advantage_stats` on the torch path: counts and extremes exact,
+        sums to their dtype's rounding (the kernel sums in float64). Rows across several programs (ROWS)
+        and blocks (BLOCK_T), rows with no valid token, groups of one, equal scores, more groups than
+        programs, a row-strided view (a coalesced request's rows), no groups."""
+        from advserve import engine as engine_module
+
+        stats_kernels = importlib.import_module("advserve.kernels.stats")
+        rewards, values, mask = _batch([600, 0, 1, 513, 7, 0, 300, 2, 9, 600, 40], 600, 0.2, dtype, seed=5)
+        scores = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.25, 0.75, 1.0, 0.0, 0.5, 0.5, 1.0], dtype=dtype)
+        for group_ids in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 0, 2, 1, 2, 3, 3, 0, 3, 4], None):
+            tensors = {"response_mask": mask, "rewards": scores}
+            if group_ids is not None:
+                tensors["group_ids"] = torch.tensor(group_ids)
+            batch = Engine("cpu", kernels="torch").prepare_advantages(AdvantageRequest("grpo" if group_ids else "gae", {
+                **tensors, **({} if group_ids else {"values": values})}, preset="paper", dtype=str(dtype)[6:])).batch
+            wide = torch.zeros(mask.shape[0], 700, dtype=dtype)
+            wide[:, :600] = values
+            for advantages in (values, wide[:, :600]):  # contiguous, and rows of a wider batch
+                got = engine_module.advantage_stats(advantages, None, batch, dtype, fused=True)
+                want = engine_module.advantage_stats(advantages.contiguous(), None, batch, dtype)
+                assert got.keys() == want.keys() and got["tokens"] == want["tokens"] and got["sequences"] == want["sequences"]
+                rel = 1e-12 if dtype == torch.float64 else 1e-6
+                for part in ("advantages", "rewards"):
+                    assert got[part] == pytest.approx(want[part], rel=rel, abs=rel), part
+                assert got["advantages"]["min"] == want["advantages"]["min"]
+                assert got["advantages"]["max"] == want["advantages"]["max"]
+                if group_ids is not None:
+                    ints = ("count", "size_min", "size_max", "ids")
+                    assert {k: got["groups"][k] for k in ints} == {k: want["groups"][k] for k in ints}
+                    assert got["groups"]["zero_variance_fraction"] == pytest.approx(want["groups"]["zero_variance_fraction"])
+                    assert got["groups"]["reward_mean"] == pytest.approx(want["groups"]["reward_mean"], rel=rel, abs=rel)
+        no_valid = stats_kernels.advantage_statistics(torch.zeros(3, 5, dtype=dtype), torch.zeros(3, 5, dtype=torch.bool),
+                                                      torch.zeros(3, dtype=dtype), None)
+        assert no_valid[4] == 0 and no_valid[2] == float("inf") and no_valid[3] == float("-inf")
+
+    @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+    def test_coalesced_requests_get_the_statistics_they_get_alone(self, estimator):
+        """The statistics kernels read a request's own rows in an order fixed by its shape: alone and in a
+        shared batch, the same bits."""
+        engine = Engine("cpu", kernels="triton")
+        prepared = []
+        for seed, rows in ((1, 12), (2, 600), (3, 5)):
+            scores, groups = _scattered_groups(torch.float32, seed)
+            keep = groups.index < 4
+            mask = torch.rand(int(keep.sum()), rows, generator=torch.Generator().manual_seed(seed)) < 0.7
+            prepared.append(engine.prepare_advantages(AdvantageRequest(
+                estimator, {"rewards": scores[keep], "response_mask": mask, "group_ids": groups.index[keep] + 10 * seed},
+                preset="verl", params={"kl_coef": 0.0})))
+        together = engine.run_advantages(prepared)
+        for job, result in zip(prepared, together):
+            assert repr(result.stats) == repr(engine.run_advantages([job])[0].stats)
+
+    def test_a_small_request_launches_a_few_kernels(self):
+        """GRPO 8 x 512 computed as on a GPU (the device's branches; its value checks read with the
+        results): the kernels it launches, torch's and Triton's, from its prepared batch to its numbers
+        and tensors on the host (`bench/bench_launches.py`, which counts them, prints more requests)."""
+        sys.path.insert(0, str(ROOT / "bench"))
+        import bench_launches
+
+        request = bench_launches.requests(8, 512)["grpo, verl"]
+        counted = bench_launches.count("triton", request)
+        # the group baselines and the statistics' two kernels; the lengths in the compute dtype, the
+        # broadcast to tokens, the verdicts stacked (read with the numbers), and the numbers packed
+        assert counted["triton"] == 3 and counted["compute"] <= 9, counted
+        assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 65
+
+
 class TestCompiledForTheGpu:
     """Run only in the child process of `test_the_kernels_compile_for_the_gpu`: the kernels compiled
     to an H100/H200's machine code (sm_90, through the triton wheel's own ptxas; no GPU needed), so a
@@ -545,6 +616,22 @@ class TestCompiledForTheGpu:
         for ptx in (moments, apply):
             assert ".approx" not in ptx and "div.full" not in ptx
             assert f"div.rn.f{dtype[2:]}" in ptx
+
+
+    @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+    def test_statistics(self, dtype):
+        stats = importlib.import_module("advserve.kernels.stats")
+        data = f"*{dtype}"
+        partials = {"adv": data, "mask": "*u8", "adv_stride": "i64", "mask_stride": "i64", "B": "i32", "T": "i32",
+                    "scores": data, "order": "*i64", "starts": "*i64", "sizes": "*i64", "G": "i32",
+                    "partials": "*fp64", "group_partials": "*fp64"}
+        finish = {"partials": "*fp64", "n_blocks": "i32", "scores": data, "B": "i32", "sizes": "*i64",
+                  "group_partials": "*fp64", "G": "i32", "out": "*fp64"}
+        for groups in (True, False):
+            assert ".entry _partials_kernel" in self._ptx(stats._partials_kernel, partials, {
+                "HAS_GROUPS": groups, "ROWS": stats.ROWS, "BLOCK_T": stats.BLOCK_T, "GROUP_BLOCK": stats.GROUP_BLOCK})
+            ptx = self._ptx(stats._finish_kernel, finish, {"HAS_GROUPS": groups, "BLOCK": stats.FINISH_BLOCK})
+            assert ".approx" not in ptx and "div.full" not in ptx
 
 
 class TestOnTheGpu:

@@ -53,7 +53,8 @@ class Batch:
     finite, and 0 at masked positions; `mask` [B, T] bool and `valid` the same as 0/1 in the compute
     dtype; `lengths` [B] valid tokens per row (int32);
     `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
-    given; `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
+    given, and `group_layout` (sizes [G], order [B], starts [G]: see `functional.groups.Groups`),
+    computed on the host with the index (None: computed on the device when needed); `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
     the batch computed it too (`build_batch`'s `scan`), `scan_spec` the ScanSpec it was computed for:
     the values it read are then not in `tensors` (the scan was all that reads them), so the batch
     serves those parameters only."""
@@ -67,6 +68,7 @@ class Batch:
     layout: "PackedLayout | None" = None
     scan: tuple[Tensor, Tensor] | None = None
     scan_spec: Any = None
+    group_layout: tuple[Tensor, Tensor, Tensor] | None = None
 
     @staticmethod
     def concat(batches: list["Batch"]) -> "Batch":
@@ -308,8 +310,9 @@ _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 _WIDENED_BY_MUL = _INT_TORCH | {torch.bool, torch.bfloat16, torch.float16, torch.float32, torch.float64}
 
 
-def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
-    """Dense group index [B] (long, on `device`) in order of first appearance, and the ids in that order.
+def _group_index(value: Any, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], list]:
+    """Dense group index [B] (long, on `device`) in order of first appearance, its layout on `device`
+    (`_on_device`), and the ids in that order.
 
     `value` [B]: integers (list, numpy or torch) or strings (list, numpy str/bytes/object array, as
     verl's non_tensor_batch["uid"]). Integer arrays are factorized by np.unique; anything else as
@@ -329,8 +332,7 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
             order = np.argsort(first, kind="stable")  # group k = k-th id to appear
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
-            index = to_device(torch.from_numpy(rank[inverse.reshape(-1)].astype(np.int64)), device)
-            return index, labels[order].tolist()
+            return *_on_device(rank[inverse.reshape(-1)].astype(np.int64), device), labels[order].tolist()
         if value.dtype.kind in "US":  # more characters than the limit are more UTF-8 bytes too
             if value.size and int(np.char.str_len(value).max()) > MAX_GROUP_ID_LENGTH:
                 raise _id_too_long(field)
@@ -341,7 +343,19 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, list]:
         raise InvalidArgument(f"group_ids must be an array [B] of integers or strings, got {type(value).__name__}",
                               field=field)
     index, labels = _factorize(value)
-    return to_device(torch.from_numpy(index), device), labels  # pinned, non-blocking: no sync
+    return *_on_device(index, device), labels
+
+
+def _on_device(index: np.ndarray, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The group index [B] and its layout (sizes [G], order [B], starts [G]: the rows sorted by group,
+    stably, and each group's first entry in order), computed on the host and copied to `device`
+    together (pinned, non-blocking: no sync): the compute then launches no kernel for them."""
+    sizes = np.bincount(index) if index.size else np.zeros(0, np.int64)
+    order = np.argsort(index, kind="stable")
+    starts = np.cumsum(sizes) - sizes
+    packed = to_device(torch.from_numpy(np.concatenate([index, sizes, order, starts]).astype(np.int64)), device)
+    rows, count = index.size, sizes.size
+    return packed[:rows], (packed[rows:rows + count], packed[rows + count:2 * rows + count], packed[2 * rows + count:])
 
 
 def _factorize(ids: list | tuple) -> tuple[np.ndarray, list]:
@@ -542,7 +556,7 @@ def build_batch(
     own_checks = checks is None
     checks = Checks() if own_checks else checks
     tensors: dict[str, Tensor] = {}
-    group_index, group_labels = None, None
+    group_index, group_labels, group_layout = None, None, None
     with checks.host_errors_after():
         with _fits("response_mask"):
             mask, valid, lengths = _mask(arrays["response_mask"], dtype, device, checks)
@@ -551,7 +565,7 @@ def build_batch(
                 continue
             with _fits(name):
                 if name == "group_ids":
-                    group_index, group_labels = _group_index(array, device)
+                    group_index, group_layout, group_labels = _group_index(array, device)
                     continue
                 if name in TOKEN_TENSORS:
                     if name in keep_masked:
@@ -569,7 +583,7 @@ def build_batch(
     if own_checks:
         checks.settle()
     return Batch(tensors=tensors, mask=mask, valid=valid, lengths=lengths, group_index=group_index,
-                 group_labels=group_labels, layout=packed)
+                 group_labels=group_labels, layout=packed, group_layout=group_layout)
 
 
 def scanned_batch(arrays: Mapping[str, np.ndarray | Tensor], scan: Any, dtype: torch.dtype) -> Batch | None:

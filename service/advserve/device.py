@@ -170,13 +170,31 @@ def fetch_scalars(values: Mapping[str, Tensor | float | int | None]) -> ScalarFe
                 done[name] = number if tensor.dtype != torch.bool else (
                     int(number) if tensor.ndim == 0 else [int(n) for n in number])
             continue
-        flat = torch.cat([tensor.reshape(-1).to(torch.float64) for tensor in tensors])
+        names, tensors, flat = packed_float64(names, tensors)
         host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
         host.copy_(flat, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
         copies.append((names, tensors, host, event))
     return ScalarFetch(list(values), done, copies)
+
+
+def packed_float64(names: Sequence[str], tensors: Sequence[Tensor]) -> tuple[list[str], list[Tensor], Tensor]:
+    """(names, tensors, flat): 0-d and 1-d tensors of one device flattened into one float64 vector, in
+    few kernels (one concatenation per dtype, one conversion each, one to join them: a small request's
+    numbers are a dozen launches fewer than converting each), names and tensors reordered as `flat`
+    holds them (grouped by dtype, in their order within a dtype)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(i)
+    order = [i for indices in by_dtype.values() for i in indices]
+    parts = []
+    for dtype, indices in by_dtype.items():
+        part = [tensors[i].reshape(-1) for i in indices]
+        part = part[0] if len(part) == 1 else torch.cat(part)
+        parts.append(part.to(torch.float64))
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return [names[i] for i in order], [tensors[i] for i in order], flat
 
 
 def mark_ready(tensors: Sequence[Tensor | None], event: Any) -> None:

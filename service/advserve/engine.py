@@ -214,10 +214,11 @@ class Engine:
             adv, ret = advantages[row:row + rows, :width], returns[row:row + rows, :width]
             row += rows
             own_inputs = inputs if len(jobs) == 1 else None
+            fused = self.kernels == "triton"  # the statistics' two kernels (`kernels.stats`)
             if job.checks is None and host_reads_are_free(self.device):  # computed when first read: a caller
-                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype)  # who never reads them never pays
+                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype, fused)  # who never reads them never pays
             else:  # queued now, behind this job's kernels: reading them waits for this job, not for later ones
-                stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype, job.checks)
+                stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype, job.checks, fused)
             results.append(AdvantageResult(first.estimator.name, job.preset, job.batch.output(adv),
                                            job.batch.output(ret), job.params, stats_fn=stats,
                                            deferred_checks=job.checks is not None))
@@ -679,11 +680,15 @@ def advantage_inputs(batch: Batch, dtype: torch.dtype,
 
 def batch_groups(batch: Batch) -> Groups | None:
     """The batch's groups without reading the device: the count is the number of labels (every label
-    has a member), the sizes one `index_add_` (a `bincount` would read its maximum on a GPU)."""
+    has a member), the sizes and layout those computed on the host with the index, or (a coalesced
+    batch) the sizes one `index_add_` (a `bincount` would read its maximum on a GPU)."""
     index = batch.group_index
     if index is None:
         return None
     count = len(batch.group_labels)
+    if batch.group_layout is not None:
+        sizes, order, starts = batch.group_layout
+        return Groups(index=index, count=count, sizes=sizes, ordered=(order, starts))
     return Groups(index=index, count=count, sizes=index.new_zeros(count).index_add_(0, index, torch.ones_like(index)))
 
 
@@ -713,16 +718,18 @@ def read_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) -
     return fetch_numbers(pending, batch, checks)()
 
 
-def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) -> Callable[[], dict[str, Any]]:
+def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None,
+                  count: Tensor | None = None) -> Callable[[], dict[str, Any]]:
     """Start reading `pending` (one `device.fetch_scalars`: on a GPU one copy queued behind the work so
     far, at most one device sync when read): a function giving the finished host values, and the
-    valid-token count under "__tokens__" (fetched with them unless it is known already). `checks`: the
-    request's value checks, still to be read: their verdicts come with the numbers, and the function
-    raises the request's validation error where one failed."""
+    valid-token count under "__tokens__" (fetched with them unless it is known already; `count`: a 0-d
+    tensor holding it, when computed already). `checks`: the request's value checks, still to be read:
+    their verdicts come with the numbers, and the function raises the request's validation error where
+    one failed."""
     tokens = known_tokens(batch)
     values = {name: value for name, (value, _) in pending.items()}
     if tokens is None:
-        values["__tokens__"] = batch.lengths.sum()
+        values["__tokens__"] = batch.lengths.sum() if count is None else count
     verdicts = checks.verdicts() if checks is not None else None
     if verdicts is not None:
         values["__verdicts__"] = verdicts
@@ -732,7 +739,7 @@ def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) 
         numbers = fetch.result()
         if checks is not None:
             checks.settle(numbers.pop("__verdicts__", ()))
-        count = numbers.pop("__tokens__", tokens)
+        count = int(numbers.pop("__tokens__", tokens))
         return {name: finish(numbers[name], count) for name, (_, finish) in pending.items()} | {"__tokens__": count}
 
     return finished
@@ -800,32 +807,49 @@ def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tenso
 
 
 def advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: Batch,
-                    dtype: torch.dtype) -> dict[str, Any]:
+                    dtype: torch.dtype, fused: bool = False) -> dict[str, Any]:
     """What a trainer logs: advantage moments, reward moments and, for group estimators, per-group
     mean reward (the pass rate for 0/1 rewards) and the share of groups with no learning signal.
     advantages [B, T] padded; `inputs` None rebuilds them from `batch` (a coalesced request). Every
-    number is reduced on the device and read with the others at once: `fetch_advantage_stats(...)()`."""
-    return fetch_advantage_stats(advantages, inputs, batch, dtype)()
+    number is reduced on the device and read with the others at once: `fetch_advantage_stats(...)()`.
+    `fused`: by the Triton kernels of `kernels.stats` (two launches; sums in float64)."""
+    return fetch_advantage_stats(advantages, inputs, batch, dtype, fused=fused)()
 
 
 def fetch_advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, batch: Batch,
-                          dtype: torch.dtype, checks: Checks | None = None) -> Callable[[], dict[str, Any]]:
+                          dtype: torch.dtype, checks: Checks | None = None,
+                          fused: bool = False) -> Callable[[], dict[str, Any]]:
     """`advantage_stats` in two steps: the reductions and their copy to the host are queued now (on a
     GPU, right behind the estimator's kernels), the function returned reads them (`fetch_numbers`, with
     the verdicts of `checks`: it raises the request's validation error where one failed)."""
     inputs = inputs or advantage_inputs(batch, dtype)
-    advantages = advantages.contiguous()
-    mask = inputs.mask
-    pending: Pending = {**moment_entries("advantages", advantages, mask, batch),
-                        "rewards.mean": (inputs.scores.mean(), as_is),
-                        "rewards.std": (inputs.scores.std(correction=0), as_is)}
-    groups = inputs.groups
-    if groups is not None:
-        constant = groups.is_constant(inputs.scores)
-        pending |= {"groups.size_min": (groups.sizes.min(), as_is), "groups.size_max": (groups.sizes.max(), as_is),
-                    "groups.zero_variance_fraction": (constant.to(inputs.scores.dtype).mean(), as_is),
-                    "groups.reward_mean": (groups.mean(inputs.scores), as_is)}
-    fetched = fetch_numbers(pending, batch, checks)
+    mask, groups = inputs.mask, inputs.groups
+    if fused:
+        from .kernels.stats import advantage_statistics  # imports triton
+
+        vector = advantage_statistics(advantages, mask, inputs.scores, groups)
+        fetched_vector = fetch_numbers({"vector": (vector, as_is)}, batch, checks, count=vector[4])
+
+        def fetched() -> dict[str, Any]:  # the vector's entries under the names of the torch path's
+            numbers = fetched_vector()
+            v = numbers.pop("vector")
+            numbers |= {"advantages.sum": v[0], "advantages.sumsq": v[1], "advantages.min": v[2],
+                        "advantages.max": v[3], "rewards.mean": v[5], "rewards.std": v[6]}
+            if groups is not None:
+                numbers |= {"groups.size_min": int(v[7]), "groups.size_max": int(v[8]),
+                            "groups.zero_variance_fraction": v[9], "groups.reward_mean": v[10:]}
+            return numbers
+    else:
+        advantages = advantages.contiguous()
+        pending: Pending = {**moment_entries("advantages", advantages, mask, batch),
+                            "rewards.mean": (inputs.scores.mean(), as_is),
+                            "rewards.std": (inputs.scores.std(correction=0), as_is)}
+        if groups is not None:
+            constant = groups.is_constant(inputs.scores)
+            pending |= {"groups.size_min": (groups.sizes.min(), as_is), "groups.size_max": (groups.sizes.max(), as_is),
+                        "groups.zero_variance_fraction": (constant.to(inputs.scores.dtype).mean(), as_is),
+                        "groups.reward_mean": (groups.mean(inputs.scores), as_is)}
+        fetched = fetch_numbers(pending, batch, checks)
     sequences, group_count = int(mask.shape[0]), None if groups is None else groups.count
 
     def stats() -> dict[str, Any]:

@@ -7,7 +7,8 @@ groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,11 +21,13 @@ STD_SCOPES = ("group", "batch")
 
 @dataclass(frozen=True)
 class Groups:
-    """Group membership of a batch: `index` [B] long in [0, count), `sizes` [count] long."""
+    """Group membership of a batch: `index` [B] long in [0, count), `sizes` [count] long; `ordered`:
+    its `layout` when computed already (on the host, with the index)."""
 
     index: Tensor
     count: int
     sizes: Tensor
+    ordered: tuple[Tensor, Tensor] | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def from_index(index: Tensor) -> "Groups":
@@ -39,6 +42,16 @@ class Groups:
     def mean(self, x: Tensor) -> Tensor:
         """Per-group mean of x [B] -> [G]."""
         return self.sum(x) / self.sizes.to(x.dtype)
+
+    @functools.cached_property
+    def layout(self) -> tuple[Tensor, Tensor]:
+        """(order [B], starts [G]): the rows sorted by group (a stable sort: each group's members in row
+        order), and each group's first entry in `order`; computed once per `Groups` (the Triton kernels
+        of an estimator and of its statistics share it)."""
+        if self.ordered is not None:
+            return self.ordered
+        order = torch.argsort(self.index, stable=True)
+        return order, torch.cumsum(self.sizes, 0) - self.sizes
 
     def is_constant(self, x: Tensor) -> Tensor:
         """[G] bool: every member of the group has exactly the same value of x [B]."""

@@ -110,8 +110,7 @@ def _launch(scores: Tensor, groups: Groups, *, loo: bool, scale: bool, batch_div
     out = torch.empty_like(scores)
     if groups.count == 0 or scores.numel() == 0:
         return out
-    order = torch.argsort(groups.index, stable=True)
-    starts = torch.cumsum(groups.sizes, 0) - groups.sizes
+    order, starts = groups.layout
     divisor = batch_divisor if batch_divisor is not None else scores[:1]  # not read without BATCH_STD
     _group_kernel[(groups.count,)](scores, order, starts, groups.sizes, out, divisor, float(eps),
                                    float(raw_divisor), int(ddof), LOO=loo, SCALE=scale,
