@@ -29,7 +29,6 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Iterator  # noqa: E402
 
-import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +39,7 @@ from advserve.device import copy_to_host  # noqa: E402
 from advserve.engine import Engine  # noqa: E402
 from advserve.functional import masks  # noqa: E402
 from advserve.model import AdvantageRequest, LossRequest  # noqa: E402
+from bench_small_requests import requests  # noqa: E402, F401 (the requests counted, also for the tests)
 
 # torch operations that launch no kernel: views, allocations, and the interpreter's own copies
 NOT_KERNELS = ("detach", "alias", "view", "_unsafe_view", "slice", "select", "unsqueeze", "expand", "as_strided",
@@ -91,26 +91,6 @@ def as_on_a_gpu() -> Iterator[None]:
         yield
     finally:
         masks.host_reads_are_free, engine_module.host_reads_are_free = saved
-
-
-def requests(batch: int, width: int) -> dict[str, AdvantageRequest | LossRequest]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(width // 4, width + 1, (batch,), generator=g)
-    mask = (torch.arange(width) < lengths[:, None]).float()
-    rewards, ids = torch.randint(0, 2, (batch,), generator=g).float(), torch.arange(batch) // 4
-    values = torch.randn(batch, width, generator=g) * mask
-    logp = -torch.rand(batch, width, generator=g) * mask
-    return {
-        "grpo, verl": AdvantageRequest("grpo", {"response_mask": mask, "rewards": rewards, "group_ids": ids},
-                                       preset="verl"),
-        "rloo, paper": AdvantageRequest("rloo", {"response_mask": mask, "rewards": rewards, "group_ids": ids},
-                                        preset="paper"),
-        "gae, verl (whitened)": AdvantageRequest("gae", {"response_mask": mask, "rewards": rewards, "values": values},
-                                                 preset="verl"),
-        "ppo_clip + k3 KL loss, verl": LossRequest(
-            {"response_mask": mask, "logprobs": logp, "old_logprobs": logp * 0.99, "ref_logprobs": logp * 1.01,
-             "advantages": values}, preset="verl", kl_loss={"coef": 0.1}),
-    }
 
 
 def count(kernels: str, request: AdvantageRequest | LossRequest) -> dict[str, int]:

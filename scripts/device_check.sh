@@ -35,6 +35,10 @@ for kernels in triton torch; do
     tail -n 25 "$OUT/engine-cuda-$kernels.txt" >> "$OUT/summary.txt"
 done
 
+log "2b. small requests [8, 512] in process: validation and compute (issue 14: GRPO's compute <= 0.15 ms)"
+timeout 90 python3 bench/bench_small_requests.py --device cuda --kernels triton --out /tmp/small-cuda.json \
+    2>&1 | tail -n 9 | tee -a "$OUT/summary.txt"
+
 log "3. GAE [1024, 8192] over binary REST, engine on CUDA (issue 13: <= 60 ms end to end)"
 timeout 120 python3 bench/bench_http.py --parts gae --server-flag=--device --server-flag=cuda \
     --out "$OUT/http-gae-cuda.json" 2>&1 | tail -n 8 | tee -a "$OUT/summary.txt"

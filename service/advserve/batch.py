@@ -712,8 +712,9 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
     check (`array` is the request's own). Only when that sum is not finite: an exact check, and
     where NaN/Inf sit under the mask, `where` (which then replaces `tensors[name]`), both on the device:
     the closer look is read in the checks' next round. With `checks.read_later` (the request is
-    computed before the verdicts are read), the tensor returned is already what the closer look would
-    make of it, chosen on the device: the product where every term is finite, else `where`."""
+    computed before the verdicts are read), the verdict is whether every term is finite (exact: no
+    overflow to look past), and the tensor returned is already what the closer look would make of it,
+    chosen on the device: the product where every term is finite, else `where`."""
     zeroed = _numeric(name, array, dtype, device, True) * valid
 
     def refuse() -> None:
@@ -726,9 +727,11 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
             tensors[name] = torch.where(torch.isfinite(zeroed).all(), zeroed, kept)  # NaN/Inf were masked
         checks.add(torch.isfinite(kept).all(), refuse)
 
-    checks.add(torch.isfinite(zeroed.sum()), on_fail)
-    if checks.read_later:  # at a valid position the product is the value itself: `kept` there
-        return torch.where(mask | torch.isfinite(zeroed).all(), zeroed, 0)
+    if checks.read_later:  # the closer look's choice made now: at a valid position the product is `kept`
+        every_term_finite = _all_finite(zeroed)
+        checks.add(every_term_finite, on_fail)
+        return torch.where(mask | every_term_finite, zeroed, 0)
+    checks.add(_finite_number(zeroed.sum()), on_fail)
     return zeroed
 
 
@@ -740,7 +743,19 @@ def _finite(tensor: Tensor, error: Callable[[], InvalidArgument],
     def refuse() -> None:
         raise error()
 
-    return torch.isfinite(tensor.sum()), lambda: checks.add(torch.isfinite(tensor).all(), refuse)
+    return _finite_number(tensor.sum()), lambda: checks.add(torch.isfinite(tensor).all(), refuse)
+
+
+def _finite_number(number: Tensor) -> Tensor:
+    """0-d bool: the 0-d `number` is finite (x − x is 0 for a finite x, NaN for ±inf and NaN): two
+    kernels on a device, where `torch.isfinite` launches four."""
+    return (number - number) == 0
+
+
+def _all_finite(x: Tensor) -> Tensor:
+    """0-d bool: every element of `x` is finite, exactly (x·0 is ±0 for a finite x, NaN otherwise, and
+    a sum of zeros cannot overflow): three kernels on a device, no tensor of bools."""
+    return (x * 0).sum() == 0
 
 
 def _check_shapes(shapes: Mapping[str, tuple[int, ...]], allowed: Iterable[str] = ()) -> tuple[int, int]:
