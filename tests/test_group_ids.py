@@ -51,7 +51,8 @@ def test_index_and_labels_in_order_of_first_appearance(ids):
     if isinstance(ids[0], int):
         kinds.append(torch.tensor(ids))
     for given in kinds:
-        got_index, (sizes, order, starts), got_labels = _group_index(given, torch.device("cpu"))
+        got_index, (sizes, order, starts), got_labels = _group_index(given, torch.device("cpu"), layout=True)
+        assert _group_index(given, torch.device("cpu"))[1] is None  # only when asked for
         assert got_index.dtype == torch.long and got_index.tolist() == index, type(given)
         assert got_labels == labels and [type(label) for label in got_labels] == [type(label) for label in labels]
         # the layout computed on the host is what the device would compute (functional.groups.Groups)

@@ -310,9 +310,11 @@ _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 _WIDENED_BY_MUL = _INT_TORCH | {torch.bool, torch.bfloat16, torch.float16, torch.float32, torch.float64}
 
 
-def _group_index(value: Any, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], list]:
+def _group_index(value: Any, device: torch.device,
+                 layout: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, list]:
     """Dense group index [B] (long, on `device`) in order of first appearance, its layout on `device`
-    (`_on_device`), and the ids in that order.
+    (`_on_device`; with `layout` only, for at most HOST_LAYOUT_ROWS rows, else None), and the ids in
+    that order.
 
     `value` [B]: integers (list, numpy or torch) or strings (list, numpy str/bytes/object array, as
     verl's non_tensor_batch["uid"]). Integer arrays are factorized by np.unique; anything else as
@@ -332,7 +334,7 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, tuple[Tensor
             order = np.argsort(first, kind="stable")  # group k = k-th id to appear
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
-            return *_on_device(rank[inverse.reshape(-1)].astype(np.int64), device), labels[order].tolist()
+            return *_on_device(rank[inverse.reshape(-1)].astype(np.int64), device, layout), labels[order].tolist()
         if value.dtype.kind in "US":  # more characters than the limit are more UTF-8 bytes too
             if value.size and int(np.char.str_len(value).max()) > MAX_GROUP_ID_LENGTH:
                 raise _id_too_long(field)
@@ -343,13 +345,22 @@ def _group_index(value: Any, device: torch.device) -> tuple[Tensor, tuple[Tensor
         raise InvalidArgument(f"group_ids must be an array [B] of integers or strings, got {type(value).__name__}",
                               field=field)
     index, labels = _factorize(value)
-    return *_on_device(index, device), labels
+    return *_on_device(index, device, layout), labels
 
 
-def _on_device(index: np.ndarray, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """The group index [B] and its layout (sizes [G], order [B], starts [G]: the rows sorted by group,
-    stably, and each group's first entry in order), computed on the host and copied to `device`
-    together (pinned, non-blocking: no sync): the compute then launches no kernel for them."""
+# Rows up to which a batch's group layout is computed on the host (`build_batch(group_layout=True)`): about
+# 50 ns a row there, against a few kernel launches on a device, which a larger batch's sort outruns
+HOST_LAYOUT_ROWS = 8192
+
+
+def _on_device(index: np.ndarray, device: torch.device,
+               layout: bool) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """The group index [B] and, with `layout` and at most HOST_LAYOUT_ROWS rows, its layout (sizes [G],
+    order [B], starts [G]: the rows sorted by group, stably, and each group's first entry in order),
+    computed on the host and copied to `device` together (pinned, non-blocking: no sync): the compute
+    then launches no kernel for them."""
+    if not layout or index.size > HOST_LAYOUT_ROWS:
+        return to_device(torch.from_numpy(index), device), None
     sizes = np.bincount(index) if index.size else np.zeros(0, np.int64)
     order = np.argsort(index, kind="stable")
     starts = np.cumsum(sizes) - sizes
@@ -495,6 +506,7 @@ def build_batch(
     keep_masked: Iterable[str] = (),
     checks: Checks | None = None,
     scan: Any = None,
+    host_group_layout: bool = False,
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
     `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
@@ -513,6 +525,8 @@ def build_batch(
     kernels may run (a CPU device): a padded batch of exactly the rewards, the mask and the values
     the scan reads is then validated and scanned in one pass (`scanned_batch`), its `scan` set; where
     that pass finds a mistake, the checks below run and word it.
+    `host_group_layout`: a small batch's group layout is computed on the host with its index
+    (`Batch.group_layout`, for the Triton group kernels: no kernel launched for it).
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -565,7 +579,7 @@ def build_batch(
                 continue
             with _fits(name):
                 if name == "group_ids":
-                    group_index, group_layout, group_labels = _group_index(array, device)
+                    group_index, group_layout, group_labels = _group_index(array, device, host_group_layout)
                     continue
                 if name in TOKEN_TENSORS:
                     if name in keep_masked:

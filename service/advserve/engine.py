@@ -152,6 +152,7 @@ class Engine:
             keep_masked=("token_rewards",) if params.get("masked_token_rewards") == "sum" else (),
             checks=checks,
             scan=estimator.scan(params) if self.kernels == "numba" and estimator.scan is not None else None,
+            host_group_layout=self.kernels == "triton",
         )
         with checks.host_errors_after():
             self._check_estimator_preconditions(estimator, params, batch, checks)
@@ -215,8 +216,9 @@ class Engine:
             row += rows
             own_inputs = inputs if len(jobs) == 1 else None
             fused = self.kernels == "triton"  # the statistics' two kernels (`kernels.stats`)
-            if job.checks is None and host_reads_are_free(self.device):  # computed when first read: a caller
-                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype, fused)  # who never reads them never pays
+            if job.checks is None and host_reads_are_free(self.device):
+                # computed when first read: a caller who never reads them never pays
+                stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype, fused)
             else:  # queued now, behind this job's kernels: reading them waits for this job, not for later ones
                 stats = fetch_advantage_stats(adv, own_inputs, job.batch, job.dtype, job.checks, fused)
             results.append(AdvantageResult(first.estimator.name, job.preset, job.batch.output(adv),
