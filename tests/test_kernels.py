@@ -495,6 +495,40 @@ class TestUnderTheInterpreter:
                                                       torch.zeros(3, dtype=dtype), None)
         assert no_valid[4] == 0 and no_valid[2] == float("inf") and no_valid[3] == float("-inf")
 
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(rows=st.integers(1, 40), width=st.integers(1, 700), valid_rate=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+           groups=st.integers(0, 40), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**16))
+    def test_statistics_match_on_random_batches(self, rows, width, valid_rate, groups, dtype, seed):
+        """Any shape (a row or a block of a kind), any share of valid tokens (none included), groups of
+        any sizes scattered (groups 0: none), ties: the kernels' statistics are the torch path's."""
+        from advserve import engine as engine_module
+
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.rand(rows, width, generator=g) < valid_rate
+        scores = torch.randint(0, 3, (rows,), generator=g).to(dtype) / 2  # ties within groups
+        tensors = {"response_mask": mask, "rewards": scores}
+        if groups:
+            tensors["group_ids"] = torch.randint(0, groups, (rows,), generator=g)
+        batch = Engine("cpu", kernels="torch").prepare_advantages(AdvantageRequest(
+            "grpo" if groups else "reinforce", tensors, preset="paper", dtype=str(dtype)[6:])).batch
+        advantages = torch.randn(rows, width, generator=g, dtype=dtype) * mask
+        got = engine_module.advantage_stats(advantages, None, batch, dtype, fused=True)
+        want = engine_module.advantage_stats(advantages, None, batch, dtype)
+        rel = 1e-12 if dtype == torch.float64 else 1e-5
+        assert (got["tokens"], got["sequences"]) == (want["tokens"], want["sequences"])
+        moments, expected = dict(got["advantages"]), dict(want["advantages"])
+        # the std from Σ A² / N − mean²: the torch path's float32 sums cancel (one valid token: its std is
+        # 0 in float64 and ~1e-4·|A| from float32 sums), so the variances agree to rounding of A²'s scale
+        scale = max(abs(expected["min"]), abs(expected["max"]))
+        assert moments.pop("std") ** 2 == pytest.approx(expected.pop("std") ** 2, rel=rel, abs=4 * rel * scale**2)
+        assert moments == pytest.approx(expected, rel=rel, abs=rel)
+        assert got["rewards"] == pytest.approx(want["rewards"], rel=rel, abs=rel)
+        if groups:
+            assert {k: v for k, v in got["groups"].items() if k not in ("reward_mean", "zero_variance_fraction")} == \
+                {k: v for k, v in want["groups"].items() if k not in ("reward_mean", "zero_variance_fraction")}
+            assert got["groups"]["zero_variance_fraction"] == pytest.approx(want["groups"]["zero_variance_fraction"])
+            assert got["groups"]["reward_mean"] == pytest.approx(want["groups"]["reward_mean"], rel=rel, abs=rel)
+
     @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
     def test_coalesced_requests_get_the_statistics_they_get_alone(self, estimator):
         """The statistics kernels read a request's own rows in an order fixed by its shape: alone and in a
