@@ -56,7 +56,7 @@ LOSS_TERMS = ("policy_loss", "kl_loss", "value_loss", "entropy_bonus", "rollout_
 LOSS_OUTPUTS = ("grad_logprobs", "grad_values", "grad_entropy", "grad_token_losses", "kl_values")
 LOSS_FIELDS = ("num_tokens", "num_sequences", "dp_size", "return_kl_values")  # the request's own, besides the terms
 TOKEN_TENSORS = ("token_rewards", "values", "old_logprobs", "ref_logprobs", "logprobs", "advantages", "old_values",
-                 "returns", "entropy", "rollout_logprobs", "token_losses", "rollout_is_weights")
+                 "returns", "entropy", "rollout_logprobs", "token_losses", "rollout_is_weights", "sum_pi_squared")
 SEQUENCE_TENSORS = ("rewards", "greedy_rewards")
 GARBAGE = (float("nan"), float("inf"), -float("inf"), 1e30, -7.5)
 SCAN_CHUNK = 16

@@ -36,6 +36,13 @@ HEAD = 10  # the vector's fixed entries before the group means
 
 
 @triton.jit
+def _no_moments():
+    """(Σ, Σ², min, max, count) over no values, in float64."""
+    zero = tl.zeros((), tl.float64)
+    return zero, zero, tl.full((), float("inf"), tl.float64), tl.full((), float("-inf"), tl.float64), zero
+
+
+@triton.jit
 def _partials_kernel(adv, mask, adv_stride, mask_stride, B, T, scores, order, starts, sizes, G,
                      partials, group_partials, HAS_GROUPS: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr):
@@ -44,11 +51,7 @@ def _partials_kernel(adv, mask, adv_stride, mask_stride, B, T, scores, order, st
     pid = tl.program_id(0)
     if pid * ROWS < B:
         cols = tl.arange(0, BLOCK_T)
-        total = tl.zeros((), tl.float64)
-        squares = tl.zeros((), tl.float64)
-        low = tl.full((), float("inf"), tl.float64)
-        high = tl.full((), float("-inf"), tl.float64)
-        count = tl.zeros((), tl.int64)
+        total, squares, low, high, count = _no_moments()
         for r in range(ROWS):
             row = pid.to(tl.int64) * ROWS + r
             for start in range(0, T, BLOCK_T):
@@ -59,12 +62,12 @@ def _partials_kernel(adv, mask, adv_stride, mask_stride, B, T, scores, order, st
                 squares += tl.sum(x * x, axis=0)
                 low = tl.minimum(low, tl.min(tl.where(valid, x, float("inf")), axis=0))
                 high = tl.maximum(high, tl.max(tl.where(valid, x, float("-inf")), axis=0))
-                count += tl.sum(valid.to(tl.int64), axis=0)
+                count += tl.sum(valid.to(tl.float64), axis=0)  # exact below 2**53
         tl.store(partials + pid * 5, total)
         tl.store(partials + pid * 5 + 1, squares)
         tl.store(partials + pid * 5 + 2, low)
         tl.store(partials + pid * 5 + 3, high)
-        tl.store(partials + pid * 5 + 4, count.to(tl.float64))
+        tl.store(partials + pid * 5 + 4, count)
     if HAS_GROUPS:
         if pid < G:
             first = tl.load(starts + pid)
@@ -90,11 +93,7 @@ def _finish_kernel(partials, n_blocks, scores, B, sizes, group_partials, G, out,
                    BLOCK: tl.constexpr):
     """One program: the blocks merged in order, the scores' moments, the groups' summary and means."""
     idx = tl.arange(0, BLOCK)
-    total = tl.zeros((), tl.float64)
-    squares = tl.zeros((), tl.float64)
-    low = tl.full((), float("inf"), tl.float64)
-    high = tl.full((), float("-inf"), tl.float64)
-    count = tl.zeros((), tl.float64)
+    total, squares, low, high, count = _no_moments()
     for start in range(0, n_blocks, BLOCK):
         inside = start + idx < n_blocks
         at = (start + idx) * 5
