@@ -80,7 +80,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4
 CASES = ("gae", "gae_gaps", "gae_verl", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
 # where the engine runs (set by main from --device and --kernels): every row's tensors go there
-TARGET = {"device": "cpu", "kernels": "auto"}
+TARGET = {"device": "cpu", "kernels": "auto", "pause_s": 0.0}
 
 
 def on_target(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "references run")
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                         help="the engine's kernels setting (auto: triton on CUDA when installed)")
+    parser.add_argument("--pause-ms", type=float, default=0.0,
+                        help="sleep this long before each timed call, untimed: a trainer's call between its "
+                        "other work, caches cold (default 0: back to back)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     return parser.parse_args(argv)
@@ -154,6 +157,7 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict[str, fl
     sync()
     times, faults = [], []
     for _ in range(repeats):
+        time.sleep(TARGET["pause_s"])
         f0 = minor_faults()
         t0 = time.perf_counter()
         fn()
@@ -631,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not cases:
         print(f"unknown case(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(CASES)}", file=sys.stderr)
         return 2
-    TARGET.update(device=args.device, kernels=args.kernels)
+    TARGET.update(device=args.device, kernels=args.kernels, pause_s=args.pause_ms / 1e3)
     device = torch.device(args.device)
     kernels = resolve_kernels(args.kernels, device)  # refuses an impossible --kernels triton before any work
     cuda = device.type == "cuda"
@@ -661,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     info["kernels"] = {"setting": args.kernels, "resolved": kernels}
     print(f"device: {info['device']} ({args.device}); kernels {args.kernels} -> {kernels}")
     print(f"mode: {'quick' if args.quick else 'full'}; p50 of {cfg['repeats']} calls after 2 warm-ups "
-          f"(loop references: {cfg['loop_repeats']} after 1); time.perf_counter; seed {args.seed}")
+          f"(loop references: {cfg['loop_repeats']} after 1); time.perf_counter; seed {args.seed}"
+          + (f"; {args.pause_ms:g} ms asleep before each timed call (caches cold)" if args.pause_ms else ""))
+    info["pause_ms"] = args.pause_ms
 
     max_wait = args.max_wait if args.max_wait is not None else (0.0 if args.quick else 20.0)
     loads = {}
