@@ -774,8 +774,11 @@ class TestOnTheGpu:
 
     @pytest.mark.parametrize("estimator", ["grpo", "gae"])
     def test_statistics(self, estimator):
-        """The statistics kernels at scale (4096 rows in 512 groups, T 1024, ragged) against the torch
-        path's statistics on the same device, to float32 rounding."""
+        """The statistics kernels on a large batch (4096 rows in 512 groups, T 1024, ragged: the engine
+        takes them for small requests only, called here directly) and, through the engine, on a small
+        one, against the torch path's statistics on the same device, to float32 rounding."""
+        from advserve import engine as engine_module
+
         g = torch.Generator().manual_seed(3)
         lengths = torch.randint(0, 1025, (4096,), generator=g)
         mask = torch.arange(1024) < lengths[:, None]
@@ -783,8 +786,13 @@ class TestOnTheGpu:
                    **({"group_ids": torch.randperm(4096, generator=g) % 512} if estimator == "grpo" else
                       {"values": torch.randn(4096, 1024, generator=g) * mask})}
         request = AdvantageRequest(estimator, tensors, preset="verl")
-        fused = Engine("cuda", kernels="triton").compute_advantages(request).stats
-        reference = Engine("cuda", kernels="torch").compute_advantages(request).stats
+        engine = Engine("cuda", kernels="triton")
+        prepared = engine.prepare_advantages(request)
+        advantages = engine.run_advantages([prepared])[0].advantages
+        fused = engine_module.advantage_stats(advantages, None, prepared.batch, torch.float32, fused=True)
+        reference = engine_module.advantage_stats(advantages, None, prepared.batch, torch.float32)
+        small = AdvantageRequest(estimator, {k: v[:8] for k, v in tensors.items()}, preset="verl")
+        assert engine.compute_advantages(small).stats["tokens"] == int(lengths[:8].sum())
         assert fused["tokens"] == reference["tokens"] == int(lengths.sum())
         for part in ("advantages", "rewards"):
             assert fused[part] == pytest.approx(reference[part], rel=1e-5, abs=1e-5), part

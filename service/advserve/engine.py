@@ -35,6 +35,11 @@ from .params import DependsOn, preset_default, resolve_params
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 REWARD_TENSORS = ("rewards", "token_rewards")
+# the padded tokens (B·T) up to which a request's statistics are the two kernels of `kernels.stats` with
+# kernels "triton": their merge runs in one program, which a large batch would wait on, where torch's
+# reductions are a few bandwidth-bound passes (the choice depends on the request's own shape only, so
+# it is the same alone and coalesced)
+FUSED_STATS_TOKENS = 1 << 16
 
 
 def refuse_params_as_tensors(raw: Any, kind: str, estimator: str | None = None) -> None:
@@ -215,7 +220,8 @@ class Engine:
             adv, ret = advantages[row:row + rows, :width], returns[row:row + rows, :width]
             row += rows
             own_inputs = inputs if len(jobs) == 1 else None
-            fused = self.kernels == "triton"  # the statistics' two kernels (`kernels.stats`)
+            # a small request's statistics in two Triton kernels (`kernels.stats`): launches are its time
+            fused = self.kernels == "triton" and rows * width <= FUSED_STATS_TOKENS
             if job.checks is None and host_reads_are_free(self.device):
                 # computed when first read: a caller who never reads them never pays
                 stats = functools.partial(advantage_stats, adv, own_inputs, job.batch, job.dtype, fused)

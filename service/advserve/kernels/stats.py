@@ -1,6 +1,8 @@
 """The statistics of an advantage response as two Triton kernels (`Engine.run_advantages` with kernels
-"triton"): what a trainer logs, in two launches instead of some thirty torch operations, the launch
-overhead a small request on a GPU would otherwise pay (issue 14).
+"triton", for requests of at most `engine.FUSED_STATS_TOKENS` padded tokens): what a trainer logs, in two
+launches instead of some thirty torch operations, the launch overhead a small request on a GPU would
+otherwise pay (issue 14). The second kernel is one program looping over the blocks, scores and groups:
+for a small request a few iterations, for a large one longer than torch's parallel reductions.
 
 `advserve.engine.advantage_stats` is the reference (the torch path). For advantages A [B, T] (0 where the
 mask is 0), the mask [B, T], the scores R [B] and, for group estimators, the groups (`Groups`: sizes
