@@ -54,8 +54,9 @@ class Batch:
     dtype; `lengths` [B] valid tokens per row (int32);
     `group_index` [B] long with `group_labels` (ids in order of first appearance) when group_ids were
     given, and `group_layout` (sizes [G], order [B], starts [G]: see `functional.groups.Groups`),
-    computed on the host with the index (None: computed on the device when needed); `scan` (advantages, returns) [B, T] of the estimator's scan when the kernel that validated
-    the batch computed it too (`build_batch`'s `scan`), `scan_spec` the ScanSpec it was computed for:
+    computed on the host with the index (None: computed on the device when needed); `scan`
+    (advantages, returns) [B, T] of the estimator's scan when the kernel that validated the batch
+    computed it too (`build_batch`'s `scan`), `scan_spec` the ScanSpec it was computed for:
     the values it read are then not in `tensors` (the scan was all that reads them), so the batch
     serves those parameters only."""
 
@@ -162,7 +163,7 @@ class Checks:
             pending, self._pending = self._pending, []
             if read is None:
                 read = _read_verdicts([passed for passed, _ in pending if isinstance(passed, Tensor)])
-            read, taken = None, iter(read)
+            read, taken = None, iter(read)  # a next round (closer looks) reads its own
             verdicts = [next(taken) if isinstance(passed, Tensor) else passed for passed, _ in pending]
             for passed, (_, on_fail) in zip(verdicts, pending):
                 if passed:
@@ -348,8 +349,8 @@ def _group_index(value: Any, device: torch.device,
     return *_on_device(index, device, layout), labels
 
 
-# Rows up to which a batch's group layout is computed on the host (`build_batch(group_layout=True)`): about
-# 50 ns a row there, against a few kernel launches on a device, which a larger batch's sort outruns
+# Rows up to which a batch's group layout is computed on the host (`build_batch(host_group_layout=True)`):
+# about 50 ns a row there, against a few kernel launches on a device, which a larger batch's sort outruns
 HOST_LAYOUT_ROWS = 8192
 
 
