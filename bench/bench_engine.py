@@ -31,6 +31,10 @@ Rows (full sizes; --quick shrinks them):
     (vectorised over rows, a loop over T) and the whitening of compute_advantages_and_returns. lam 0.95
     (OpenRLHF's --algo.advantage.lambd) so that the gaps' step semantics matter: at gamma = lam = 1
     "step" and "skip" give the same values.
+  * grpo_compute: GRPO's compute over 1M sequences (--quick 64K) in scattered groups of 16 (int64 ids,
+    [B, 1]): Engine.run_advantages of a request prepared once (its validation and the ids' factorization,
+    host work, untimed) with its statistics read, against the same formula in plain torch (index_add
+    means and stds, verl's eps): the issue's "GRPO at 1M sequences" on a GPU.
   * grpo_trl_batch: compute_advantages("grpo", preset="trl", params={"std_scope": "batch"}) over 4096
     sequences in contiguous groups of 16 (int64 ids), mask [4096, 1024], against TRL 1.16.0's
     scale_rewards="batch" block in torch (rewards.view(-1, n) nanmean, nanstd of the whole batch + 1e-4,
@@ -78,7 +82,7 @@ from advserve.testing import cpu_model, wait_for_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 REL_TOLERANCE = 1e-4
-CASES = ("gae", "gae_gaps", "gae_verl", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch")
+CASES = ("gae", "gae_gaps", "gae_verl", "grpo", "losses", "gae_openrlhf", "grpo_trl_batch", "grpo_compute")
 # where the engine runs (set by main from --device and --kernels): every row's tensors go there
 TARGET = {"device": "cpu", "kernels": "auto", "pause_s": 0.0}
 
@@ -511,6 +515,54 @@ def grpo_row(batch: int, group_size: int, length: int, cfg: dict, gen: torch.Gen
     }
 
 
+def grpo_torch(scores: torch.Tensor, index: torch.Tensor, groups: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO as verl computes it, written in plain torch over scattered groups: (R − mean_g) / (std_g + eps),
+    the unbiased std (groups of at least 2 here)."""
+    sizes = torch.bincount(index, minlength=groups).to(scores.dtype)
+    mean = scores.new_zeros(groups).index_add_(0, index, scores) / sizes
+    centered = scores - mean[index]
+    var = scores.new_zeros(groups).index_add_(0, index, centered * centered) / (sizes - 1)
+    return centered / (var.sqrt()[index] + eps)
+
+
+def grpo_compute_row(batch: int, group_size: int, cfg: dict, gen: torch.Generator) -> dict:
+    """GRPO's compute at scale: `Engine.run_advantages` of a prepared request (int64 ids, groups of
+    `group_size` scattered through the batch, [B, 1]) to its statistics read (the one sync on a device;
+    validation and the ids' factorization, host work, are done once, untimed), against `grpo_torch` on
+    the same tensors."""
+    from advserve.engine import Engine
+    from advserve.model import AdvantageRequest
+
+    groups = batch // group_size
+    index = torch.randperm(batch, generator=gen) % groups
+    rewards = (torch.rand(batch, generator=gen) < 0.5).float()
+    engine = Engine(TARGET["device"], kernels=TARGET["kernels"])
+    prepared = engine.prepare_advantages(AdvantageRequest(
+        "grpo", {"rewards": rewards, "response_mask": torch.ones(batch, 1), "group_ids": index.numpy()},
+        preset="verl"), defer_checks=True)
+    scores, on_device = rewards.to(TARGET["device"]), index.to(TARGET["device"])
+
+    def compute():
+        result = engine.run_advantages([prepared])[0]
+        result.check()  # the statistics and the value checks, read together
+        return result
+
+    def reference():
+        return grpo_torch(scores, on_device, groups)
+
+    out = compute()
+    checks = [compare("advantages", out.advantages.reshape(-1), reference())]
+    t_engine = timeit(compute, cfg["repeats"])
+    t_ref = timeit(reference, cfg["repeats"])
+    return {
+        "row": f"grpo compute, M={group_size}", "impl": "Engine.run_advantages", "size": f"{batch}x1",
+        "dtype": "float32", "engine": t_engine, "reference": t_ref,
+        "reference_impl": "GRPO in plain torch (index_add means and unbiased stds), no statistics",
+        "ratio": t_ref["p50_ms"] / t_engine["p50_ms"], "target_ratio": None, "checks": checks,
+        "groups": groups, "group_ids": "int64, scattered",
+    }
+
+
 def loss_rows(batch: int, length: int, cfg: dict, gen: torch.Generator) -> list[dict]:
     x = on_target(loss_inputs(batch, length, gen))
 
@@ -645,10 +697,11 @@ def main(argv: list[str] | None = None) -> int:
            "loop_repeats": max(3, args.loop_repeats or (3 if args.quick else 7))}
     if args.quick:
         sizes = {"gae": (64, 1024), "grpo": [(1024, 16, 1), (1024, 16, 256)], "loss": (64, 1024), "copy_mib": 32,
-                 "gae_openrlhf": (64, 1024), "grpo_trl_batch": (1024, 16, 256)}
+                 "gae_openrlhf": (64, 1024), "grpo_trl_batch": (1024, 16, 256), "grpo_compute": (1 << 16, 16)}
     else:
         sizes = {"gae": (256, 4096), "grpo": [(4096, 16, 1), (4096, 16, 1024)], "loss": (256, 4096),
-                 "copy_mib": 256, "gae_openrlhf": (256, 4096), "grpo_trl_batch": (4096, 16, 1024)}
+                 "copy_mib": 256, "gae_openrlhf": (256, 4096), "grpo_trl_batch": (4096, 16, 1024),
+                 "grpo_compute": (1 << 20, 16)}
     if cuda and not args.quick:  # the issue's GPU sizes: 1M, 8M and 64M GAE tokens; 64K GRPO sequences
         sizes.update(gae=[(256, 4096), (1024, 8192), (4096, 16384)], copy_mib=1024,
                      grpo=[(4096, 16, 1), (65536, 16, 1), (4096, 16, 1024)], loss=(1024, 8192))
@@ -705,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += loss_rows(*sizes["loss"], cfg, gen)
         elif case == "gae_openrlhf":
             rows.append(gae_openrlhf_row(*sizes["gae_openrlhf"], cfg, gen))
+        elif case == "grpo_compute":
+            rows.append(grpo_compute_row(*sizes["grpo_compute"], cfg, gen))
         else:
             rows.append(grpo_trl_batch_row(*sizes["grpo_trl_batch"], cfg, gen))
     busiest = max((w["load"] for w in loads.values() if w["load"] is not None), default=None)

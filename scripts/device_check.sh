@@ -30,7 +30,7 @@ tail -n 3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
 log "2. engine on CUDA: triton kernels vs torch, with the copy-bandwidth floor (the losses row adds kernels.losses.ppo_clip_kl with --kernels triton)"
 for kernels in triton torch; do
-    timeout 100 python3 bench/bench_engine.py --device cuda --kernels "$kernels" --cases gae,gae_gaps,gae_verl,grpo,losses \
+    timeout 100 python3 bench/bench_engine.py --device cuda --kernels "$kernels" --cases gae,gae_gaps,gae_verl,grpo,grpo_compute,losses \
         --max-wait 0 --out "$OUT/engine-cuda-$kernels.json" > "$OUT/engine-cuda-$kernels.txt" 2>&1
     tail -n 25 "$OUT/engine-cuda-$kernels.txt" >> "$OUT/summary.txt"
 done
