@@ -9,10 +9,11 @@ counts them without a GPU: the engine takes the device's branches (`host_reads_a
 read on the host but the one fetch of its numbers, its value checks read with them) on CPU tensors, the
 Triton kernels under Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported).
 Counted: each Triton launch, and each torch operation outside them that is not a view or an allocation
-(`NOT_KERNELS`). Two phases per request: validation (`prepare_advantages` with `defer_checks`: the
-transport's thread) and compute (`run_advantages` to the numbers and tensors on the host: the compute
-thread and the response). Each request with kernels "torch" (the reference, in the same process) and
-"triton" (what a GPU runs by default). Printed, and written to bench/results/launches.json (git-ignored).
+(`NOT_KERNELS`), the packing of the numbers a device's fetch does included (not its one copy to the host).
+Two phases per request: validation (`prepare_advantages` with `defer_checks`: the transport's thread) and
+compute (`run_advantages` to the numbers and tensors on the host: the compute thread and the response).
+Each request with kernels "torch" (the reference, in the same process) and "triton" (what a GPU runs by
+default). Printed, and written to bench/results/launches.json (git-ignored).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine  # noqa: E402
 from advserve import engine as engine_module  # noqa: E402
-from advserve.device import copy_to_host  # noqa: E402
+import torch  # noqa: E402
+from advserve.device import copy_to_host, packed_float64  # noqa: E402
 from advserve.engine import Engine  # noqa: E402
 from advserve.functional import masks  # noqa: E402
 from advserve.model import AdvantageRequest, LossRequest  # noqa: E402
@@ -84,13 +86,22 @@ def launches() -> Iterator[SimpleNamespace]:
 
 @contextlib.contextmanager
 def as_on_a_gpu() -> Iterator[None]:
-    """The engine's branches for a device where a host read is a sync."""
-    saved = masks.host_reads_are_free, engine_module.host_reads_are_free
+    """The engine's branches for a device where a host read is a sync, and its fetch of the numbers
+    packing them as on a device (`device.packed_float64`; on the CPU it reads them as they are)."""
+    saved = masks.host_reads_are_free, engine_module.host_reads_are_free, engine_module.fetch_scalars
+
+    def fetch_scalars(values):
+        tensors = {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
+        if tensors:  # the kernels a device's fetch launches before its one copy to the host
+            packed_float64(list(tensors), list(tensors.values()))
+        return saved[2](values)
+
     masks.host_reads_are_free = engine_module.host_reads_are_free = lambda device: False
+    engine_module.fetch_scalars = fetch_scalars
     try:
         yield
     finally:
-        masks.host_reads_are_free, engine_module.host_reads_are_free = saved
+        masks.host_reads_are_free, engine_module.host_reads_are_free, engine_module.fetch_scalars = saved
 
 
 def count(kernels: str, request: AdvantageRequest | LossRequest) -> dict[str, int]:

@@ -556,9 +556,10 @@ class TestUnderTheInterpreter:
         request = bench_launches.requests(8, 512)["grpo, verl"]
         counted = bench_launches.count("triton", request)
         # the group baselines and the statistics' two kernels; the lengths in the compute dtype, the
-        # broadcast to tokens, the verdicts stacked (read with the numbers), and the numbers packed
-        assert counted["triton"] == 3 and counted["compute"] <= 9, counted
-        assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 65
+        # broadcast to tokens, the verdicts stacked (read with the numbers), converted and joined to the
+        # statistics for the copy
+        assert counted["triton"] == 3 and counted["compute"] <= 8, counted
+        assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 72
 
 
 class TestCompiledForTheGpu:

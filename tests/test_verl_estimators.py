@@ -409,3 +409,14 @@ def test_gdpo_components_over_the_open_inference_protocol(server, transport):
     finally:
         http.close()
         grpc_.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(eps=st.one_of(st.floats(0.0, 1e-3), st.floats(1e-12, 1.0), st.sampled_from([0.0, 1e-6, 1e-8, 1e-4, 5.9604645e-08])))
+def test_the_raw_singleton_divisor_is_verls_float32_one_plus_eps(eps):
+    """verl divides a group of one by torch.tensor(1.0) + eps; advserve takes that number on the host."""
+    import torch
+
+    from advserve.functional.groups import verl_raw_divisor
+
+    assert verl_raw_divisor(eps) == float(torch.tensor(1.0, dtype=torch.float32) + eps)

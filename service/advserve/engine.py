@@ -727,17 +727,17 @@ def read_numbers(pending: Pending, batch: Batch, checks: Checks | None = None) -
 
 
 def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None,
-                  count: Tensor | None = None) -> Callable[[], dict[str, Any]]:
+                  count_in: Callable[[dict[str, Any]], Any] | None = None) -> Callable[[], dict[str, Any]]:
     """Start reading `pending` (one `device.fetch_scalars`: on a GPU one copy queued behind the work so
     far, at most one device sync when read): a function giving the finished host values, and the
-    valid-token count under "__tokens__" (fetched with them unless it is known already; `count`: a 0-d
-    tensor holding it, when computed already). `checks`: the request's value checks, still to be read:
-    their verdicts come with the numbers, and the function raises the request's validation error where
-    one failed."""
+    valid-token count under "__tokens__" (fetched with them unless it is known already, or `count_in`
+    finds it among the numbers read). `checks`: the request's value checks, still to be read: their
+    verdicts come with the numbers, and the function raises the request's validation error where one
+    failed."""
     tokens = known_tokens(batch)
     values = {name: value for name, (value, _) in pending.items()}
-    if tokens is None:
-        values["__tokens__"] = batch.lengths.sum() if count is None else count
+    if tokens is None and count_in is None:
+        values["__tokens__"] = batch.lengths.sum()
     verdicts = checks.verdicts() if checks is not None else None
     if verdicts is not None:
         values["__verdicts__"] = verdicts
@@ -747,7 +747,8 @@ def fetch_numbers(pending: Pending, batch: Batch, checks: Checks | None = None,
         numbers = fetch.result()
         if checks is not None:
             checks.settle(numbers.pop("__verdicts__", ()))
-        count = int(numbers.pop("__tokens__", tokens))
+        count = int(numbers.pop("__tokens__") if "__tokens__" in numbers else
+                    tokens if tokens is not None else count_in(numbers))
         return {name: finish(numbers[name], count) for name, (_, finish) in pending.items()} | {"__tokens__": count}
 
     return finished
@@ -836,7 +837,8 @@ def fetch_advantage_stats(advantages: Tensor, inputs: AdvantageInputs | None, ba
         from .kernels.stats import advantage_statistics  # imports triton
 
         vector = advantage_statistics(advantages, mask, inputs.scores, groups)
-        fetched_vector = fetch_numbers({"vector": (vector, as_is)}, batch, checks, count=vector[4])
+        fetched_vector = fetch_numbers({"vector": (vector, as_is)}, batch, checks,
+                                       count_in=lambda numbers: numbers["vector"][4])
 
         def fetched() -> dict[str, Any]:  # the vector's entries under the names of the torch path's
             numbers = fetched_vector()

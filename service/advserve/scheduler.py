@@ -1,17 +1,17 @@
 """The compute thread, its queue and the coalescing of small requests.
 
-One thread owns the device and runs jobs in arrival order. Decoding and validation happen before a
-job is queued (in the transport's threads), so the compute thread only computes. On a GPU the value
-checks (NaN, masks, group sizes) are computed there too but read with the results, one host sync per
-request (`Engine.prepare_advantages(defer_checks=True)`): a request with bad values may then reach a
-batch. Its result carries its error, and where a shared batch fails as a whole, each of its requests
-is computed again alone, so that one request's mistake is never its batch mates'. When the thread picks up an advantage job it also takes every queued job with
-the same coalescing key (same estimator, preset, parameters, dtype and tensors) up to
-`max_batch_tokens`, waiting up to `max_wait_s` for more (default 0: only what already arrived), and
-runs them as one batch. Only requests whose result is bit for bit the same in a shared batch as alone
-have a key (`PreparedAdvantages.coalescing_key`, `Estimator.coalescible`: the group estimators and
-REINFORCE/RLOO on outcome rewards without a KL term); the others run one by one, so what else is in
-flight never changes a result.
+One thread owns the device and runs jobs in arrival order. Decoding and validation happen before a job is
+queued (in the transport's threads), so the compute thread only computes. On a GPU the value checks (NaN,
+masks, group sizes) are computed there too but read with the results, one host sync per request
+(`Engine.prepare_advantages(defer_checks=True)`): a request with bad values may then reach a batch. Its
+result carries its error, and where a shared batch fails as a whole, each of its requests is computed
+again alone, so that one request's mistake is never its batch mates'. When the thread picks up an
+advantage job it also takes every queued job with the same coalescing key (same estimator, preset,
+parameters, dtype and tensors) up to `max_batch_tokens`, waiting up to `max_wait_s` for more (default 0:
+only what already arrived), and runs them as one batch. Only requests whose result is bit for bit the same
+in a shared batch as alone have a key (`PreparedAdvantages.coalescing_key`, `Estimator.coalescible`: the
+group estimators and REINFORCE/RLOO on outcome rewards without a KL term); the others run one by one, so
+what else is in flight never changes a result.
 
 On CUDA the thread records an event on its stream after each job and notes it on the job's result
 tensors (`device.mark_ready`), so that a response's device-to-host copies (`device.copy_to_host`) wait

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,9 +134,15 @@ def group_normalized_advantages(
         advantages = torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1), 0)
     else:
         advantages = centered
-    # "raw" mirrors verl: std = torch.tensor(1.0), so 1 + eps is rounded to float32
-    raw_divisor = float(torch.tensor(1.0, dtype=torch.float32) + std_eps) if scale_by_std else 1.0
+    raw_divisor = verl_raw_divisor(std_eps) if scale_by_std else 1.0
     return _apply_singleton_policy(advantages, scores, groups, singleton_groups, raw_divisor)
+
+
+def verl_raw_divisor(std_eps: float) -> float:
+    """A singleton group's divisor under singleton_groups "raw": verl's std = torch.tensor(1.0) plus eps,
+    1 + eps rounded to float32 (float32(1) + float32(eps), as torch adds a Python number to a float32
+    tensor), computed on the host without a tensor."""
+    return float(np.float32(1.0) + np.float32(std_eps))
 
 
 def leave_one_out_advantages(scores: Tensor, groups: Groups, *, singleton_groups: str) -> Tensor:

@@ -182,10 +182,10 @@ def _shaped(rv, low, high, old, ref, coef, with_kl, kl_kind, kl_clamped):  # pra
 @_jit
 def _shape_tokens(r_in, o_in, f_in, m_out, row, count, out, coef, shaping, kl_kind,
                   kl_clamped):  # pragma: no cover (compiled)
-    """out[t] = r̃ of the token reward at flat position row + t, t < count (`_shaped`); True when the
-    inputs read at valid positions (m_out) are finite (masked ones may hold anything). A row's shaped
-    rewards are written first, in a loop of their own, so that the walks stay short (and in one function per kind of reward: one loop choosing between kinds is
-    5x slower)."""
+    """out[t] = r̃ of the token reward at flat position row + t, t < count (`_shaped`); True when the inputs read
+    at valid positions (m_out) are finite (masked ones may hold anything). A row's shaped rewards are
+    written first, in a loop of their own, so that the walks stay short (and in one function per kind of
+    reward: one loop choosing between kinds is 5x slower)."""
     low, high = coef[LOW], coef[HIGH]
     with_kl = shaping & KL != 0
     finite = True

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..functional.groups import SINGLETON_POLICIES, STD_SCOPES, Groups, group_std_divisor
+from ..functional.groups import SINGLETON_POLICIES, STD_SCOPES, Groups, group_std_divisor, verl_raw_divisor
 
 # members read at once by one program: a constant, so a group's sums are associated the same way
 # whatever else is in the batch (coalesced requests get the bits they get alone)
@@ -141,8 +141,7 @@ def group_normalized_advantages(scores: Tensor, groups: Groups, *, scale_by_std:
     if scale_by_std and std_scope == "batch":
         batch_divisor = group_std_divisor(scores, scores, groups, std_ddof=std_ddof, std_eps=std_eps,
                                           std_scope="batch", batch_std=batch_std)[:1].contiguous()
-    # "raw" mirrors verl: std = torch.tensor(1.0), so 1 + eps is rounded to float32
-    raw_divisor = float(torch.tensor(1.0, dtype=torch.float32) + std_eps) if scale_by_std else 1.0
+    raw_divisor = verl_raw_divisor(std_eps) if scale_by_std else 1.0
     return _launch(scores, groups, loo=False, scale=scale_by_std, batch_divisor=batch_divisor, eps=std_eps,
                    raw_divisor=raw_divisor, ddof=std_ddof, raw=singleton_groups == "raw")
 
