@@ -8,7 +8,8 @@ with the numbers (`Engine.prepare_advantages(defer_checks=True)`, as every trans
 A failed verdict raises the request's error then, worded on the host, the field the immediate read names.
 On the CPU there is no device sync to observe, so these tests count what would be one on CUDA: every host
 read of a tensor's value (`item`, `tolist`, `numpy`, `float()`, `int()`, `bool()`, `__index__`, a
-data-dependent shape from `nonzero`), with one `host_scalars` / `fetch_scalars` call counted once, from
+data-dependent shape from `nonzero`, and a read inside an operator, as indexing by a 0-d tensor does:
+torch's `_local_scalar_dense`, seen by a dispatch mode), with one `host_scalars` / `fetch_scalars` call counted once, from
 the request until the response's numbers and tensors are on the host (`copy_to_host`, as the encoder
 does). On CUDA the same runs under torch's own sync debug mode.
 
@@ -38,6 +39,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from advserve import batch as batch_module
 from advserve import device as device_module
@@ -71,6 +73,7 @@ class Reads:
         self._inside_fetch = False
         self.host_inputs: set[int] = set()  # storages of inputs read on the host by design (group ids, cu_seqlens)
         self.validation: int | None = None  # the count when validation ended (the last `Checks.settle`)
+        self.in_method = False  # inside a counted Tensor method: its own operators' reads are that read
 
     @contextlib.contextmanager
     def fetching(self):
@@ -88,6 +91,8 @@ class Reads:
                 and tensor.untyped_storage().data_ptr() in self.host_inputs):
             return
         frame = sys._getframe(2)  # the function that read the value (above the counting wrapper)
+        while "/torch/" in frame.f_code.co_filename and frame.f_back is not None:  # a read inside an operator
+            frame = frame.f_back
         line = _source_line(frame)
         if any(frame.f_code.co_name == name and fragment in line for name, fragment in NOT_DEVICE_READS):
             return
@@ -107,7 +112,11 @@ def reads(monkeypatch):
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
             counter.hit(_name, self)
-            return _original(self, *args, **kwargs)
+            inside, counter.in_method = counter.in_method, True
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                counter.in_method = inside
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     original_nonzero = torch.nonzero
@@ -141,7 +150,22 @@ def reads(monkeypatch):
         counter.validation = counter.count
 
     monkeypatch.setattr(batch_module.Checks, "settle", settle)
-    return counter
+    with OperatorReads(counter):
+        yield counter
+
+
+class OperatorReads(TorchDispatchMode):
+    """Counts the reads operators make on the host (`_local_scalar_dense`: a tensor indexed by a 0-d
+    tensor, `torch.equal`, ...), which no Tensor method sees; one inside a counted method is that method's."""
+
+    def __init__(self, counter: Reads) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_local_scalar_dense" and not self.counter.in_method:
+            self.counter.hit("an operator's read", args[0])
+        return func(*args, **(kwargs or {}))
 
 
 def as_on_a_gpu(monkeypatch) -> None:

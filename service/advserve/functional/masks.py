@@ -68,7 +68,8 @@ def masked_extremes(x: Tensor, mask: Tensor, n: int | None) -> tuple[Tensor, Ten
             low = torch.where(mask, x, torch.inf).amin()
             high = torch.where(mask, x, -torch.inf).amax()
         return low, high
-    some_valid = flat[mask.reshape(-1).view(torch.uint8).argmax()]  # the first valid value (x[0] if none)
+    first = mask.reshape(-1).view(torch.uint8).argmax().reshape(1)  # a tensor index: not read on the host
+    some_valid = flat.index_select(0, first)  # [1]: the first valid value (x[0] if none)
     return torch.aminmax(torch.where(mask, x, some_valid))
 
 
