@@ -616,10 +616,10 @@ class TestCompiledForTheGpu:
                     "seq_log_ratio", "spread_out")
         scalars = ("low", "high", "clip_low", "clip_high", "dual_clip", "ratio_clamp", "cap", "p1", "p2", "kl_coef",
                    "kl_clamp", "value_coef", "value_clip", "entropy_coef", "token_coef")
-        signature = {**dict.fromkeys(pointers, data), "dropped_out": "*u8", "partials": data, "counts": "*i64",
-                     "N": "i64", "T": "i32", **dict.fromkeys(scalars, "fp64")}
-        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "IS_W": 0, "SEQ_RATIO": False, "SPREAD": False,
-                 "WRITE_DROPPED": False, "KL": 2, "KL_GRAD": -1, "HAS_KL_CLAMP": True, "KL_IW": False,
+        signature = {**dict.fromkeys(pointers, data), "valid": "*u8", "partials": data, "counts": "*i64",
+                     "extremes": data, "N": "i64", "T": "i32", "n_blocks": "i32", **dict.fromkeys(scalars, "fp64")}
+        flags = {"POLICY": 1, "HAS_RATIO_CLAMP": True, "HAS_DUAL": True, "HAS_CAP": True, "IS_W": 0, "SEQ_RATIO": False,
+                 "SPREAD": False, "METRICS": True, "KL": 2, "KL_GRAD": -1, "HAS_KL_CLAMP": True, "KL_IW": False,
                  "WRITE_KL": True, "VALUE": 2, "SPLIT_TIES": True, "ENTROPY": True, "TOKEN": True,
                  "F32": dtype == "fp32", "BLOCK": losses.BLOCK}
         variants = [{}, {"HAS_CAP": False, "HAS_DUAL": False, "KL": 0, "VALUE": 3, "SPLIT_TIES": False},
@@ -629,7 +629,7 @@ class TestCompiledForTheGpu:
                     {"POLICY": 1, "SEQ_RATIO": True, "KL_IW": True}, {"POLICY": 3, "SEQ_RATIO": True},
                     {"POLICY": 1, "SEQ_RATIO": True, "SPREAD": True, "KL_IW": True},
                     {"POLICY": 3, "SEQ_RATIO": True, "SPREAD": True, "KL_IW": True},
-                    {"POLICY": 7, "WRITE_DROPPED": True}, {"POLICY": 8, "WRITE_DROPPED": True}]
+                    {"POLICY": 7}, {"POLICY": 8}, {"POLICY": 3, "HAS_CAP": False}, {"METRICS": False}]
         for variant in variants:
             ptx = self._ptx(losses._loss_kernel, signature, {**flags, **variant})
             assert ".entry _loss_kernel" in ptx

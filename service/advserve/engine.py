@@ -360,9 +360,7 @@ class Engine:
         components: dict[str, Tensor | None] = {"policy": None, "kl": None, "value": None, "entropy": None,
                                                 "token_loss": None}
         metrics: Pending = {}
-        grad_logprobs = torch.zeros_like(t["logprobs"]) if "logprobs" in t else None
-        grad_values = grad_entropy = grad_token_losses = kl_values = None
-        total = torch.zeros((), dtype=dtype, device=self.device)
+        grad_logprobs = grad_values = grad_entropy = grad_token_losses = kl_values = None
 
         def add_grad(grad: Tensor, spread: bool) -> None:
             nonlocal grad_logprobs
@@ -401,9 +399,12 @@ class Engine:
                 grad_logprobs, grad_values, grad_entropy = fused.grad_logprobs, fused.grad_values, fused.grad_entropy
                 grad_token_losses = fused.grad_token_losses
                 if "policy_loss" in terms:
-                    metrics.update(policy_metrics(pol, ratio().value, t["logprobs"], t["old_logprobs"], t["advantages"],
-                                                  mask, batch, fused.policy_term))
+                    metrics.update(policy_metrics(pol, None, t["logprobs"], t["old_logprobs"], t["advantages"],
+                                                  mask, batch, fused.policy_term, reduced=fused.policy_reductions))
                 metrics.update({name: (value, per_token) for name, value in fused.sums.items()})
+            else:  # the torch path adds each term's part to these
+                grad_logprobs = torch.zeros_like(t["logprobs"]) if "logprobs" in t else None
+                total = torch.zeros((), dtype=dtype, device=self.device)
             if "policy_loss" in terms and fused is None:
                 rho = ratio()
                 if pol["mode"] == "bypass_mode" and "rollout_is_weights" in t:
@@ -769,49 +770,67 @@ def if_any_token(value: float, tokens: int) -> float:
     return value if tokens else 0.0
 
 
-def policy_metrics(p: Mapping[str, Any], ratio: Tensor, logp: Tensor, old: Tensor, adv: Tensor,
-                   mask: Tensor, batch: Batch, term: PolicyTerm | None = None) -> Pending:
+def policy_metrics(p: Mapping[str, Any], ratio: Tensor | None, logp: Tensor, old: Tensor, adv: Tensor,
+                   mask: Tensor, batch: Batch, term: PolicyTerm | None = None,
+                   reduced: Mapping[str, Tensor] | None = None) -> Pending:
     """Clip fractions by side (sign-aware for PPO), approximate KL and ratio statistics, as pending
     entries for `read_numbers`. `term`: the mode's `PolicyTerm`, for what only it knows (clip_cov's
-    and kl_cov's selected tokens, dppo's trust region, geo_mean's log-space clip, bypass_mode's weights)."""
-    valid_ratio = ratio * mask
-    low_ratio, high_ratio = masked_extremes(valid_ratio, mask, known_tokens(batch))
-    out: Pending = {"approx_kl": ((old - logp).sum(), per_token), "ratio_mean": (valid_ratio.sum(), per_token),
-                    "ratio_min": (low_ratio, if_any_token), "ratio_max": (high_ratio, if_any_token)}
+    and kl_cov's selected tokens, dppo's trust region, geo_mean's log-space clip, bypass_mode's weights).
+    `reduced`: these reductions as the loss kernel made them in its pass (`kernels.losses.FusedLosses`:
+    approx_kl, ratio_sum, ratio_min, ratio_max and the count behind each clip fraction, by the same
+    conditions); then `ratio`, `logp`, `old` and `adv` are not read."""
+    if reduced is None:
+        valid_ratio = ratio * mask
+        low_ratio, high_ratio = masked_extremes(valid_ratio, mask, known_tokens(batch))
+        reduced = {"approx_kl": (old - logp).sum(), "ratio_sum": valid_ratio.sum(), "ratio_min": low_ratio,
+                   "ratio_max": high_ratio}
 
-    def fraction(condition: Tensor) -> tuple[Tensor, Callable[[Any, int], Any]]:
-        """Share of the valid positions where `condition` [B, T] holds (it never holds on masked ones)."""
-        return torch.count_nonzero(condition), per_token
+        def fraction(name: str, condition: Callable[[], Tensor]) -> tuple[Tensor, Callable[[Any, int], Any]]:
+            """Share of the valid positions where `condition()` [B, T] holds (never on masked ones)."""
+            return torch.count_nonzero(condition()), per_token
+    else:
+        def fraction(name: str, condition: Callable[[], Tensor]) -> tuple[Tensor, Callable[[Any, int], Any]]:
+            return reduced[name], per_token
+    out: Pending = {"approx_kl": (reduced["approx_kl"], per_token), "ratio_mean": (reduced["ratio_sum"], per_token),
+                    "ratio_min": (reduced["ratio_min"], if_any_token), "ratio_max": (reduced["ratio_max"], if_any_token)}
 
-    high, low = ratio > 1 + p["clip_high"], ratio < 1 - p["clip_low"]
+    def high() -> Tensor:
+        return ratio > 1 + p["clip_high"]
+
+    def low() -> Tensor:
+        return ratio < 1 - p["clip_low"]
+
     mode = p["mode"]
     clipping = mode in ("ppo_clip", "gspo", "clip_cov") or (mode == "bypass_mode" and p["bypass_loss"] == "ppo_clip")
     if clipping:
-        out["clip_fraction_high"] = fraction(high & (adv > 0))
-        out["clip_fraction_low"] = fraction(low & (adv < 0))
+        out["clip_fraction_high"] = fraction("clip_fraction_high", lambda: high() & (adv > 0))
+        out["clip_fraction_low"] = fraction("clip_fraction_low", lambda: low() & (adv < 0))
         if p["dual_clip"] is not None and mode != "clip_cov":
-            out["dual_clip_fraction"] = fraction((ratio > p["dual_clip"]) & (adv < 0))
+            out["dual_clip_fraction"] = fraction("dual_clip_fraction", lambda: (ratio > p["dual_clip"]) & (adv < 0))
         if p["ratio_cap"] is not None and mode in ("ppo_clip", "gspo"):
-            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & mask)
-    if term is not None and mode in ("clip_cov", "kl_cov"):  # verl's clip_cov pg_clipfrac
-        out["cov_selected_fraction"] = fraction(term.dropped)
-    elif term is not None and mode in ("geo_mean", "dppo_tv", "dppo_kl"):
+            out["ratio_cap_fraction"] = fraction("ratio_cap_fraction", lambda: (ratio > p["ratio_cap"]) & mask)
+    if mode in ("clip_cov", "kl_cov"):  # verl's clip_cov pg_clipfrac
+        out["cov_selected_fraction"] = fraction("cov_selected_fraction", lambda: term.dropped)
+    elif mode in ("geo_mean", "dppo_tv", "dppo_kl"):
         # geo_mean: lp − old outside its log-space bounds (verl's pg_clipfrac / _lower); dppo: outside the
         # trust region, by the side A's sign tests (the two add up to verl's pg_clipfrac)
-        out["clip_fraction_high"] = fraction(term.dropped & (adv > 0))
-        out["clip_fraction_low"] = fraction(term.dropped & (adv < 0 if mode == "geo_mean" else adv <= 0) & mask)
+        out["clip_fraction_high"] = fraction("clip_fraction_high", lambda: term.dropped & (adv > 0))
+        out["clip_fraction_low"] = fraction(
+            "clip_fraction_low", lambda: term.dropped & (adv < 0 if mode == "geo_mean" else adv <= 0) & mask)
         if mode != "geo_mean" and p["ratio_cap"] is not None:  # verl's dppo pg_clipfrac_lower
-            out["ratio_cap_fraction"] = fraction((ratio > p["ratio_cap"]) & ~term.dropped & mask)
+            out["ratio_cap_fraction"] = fraction("ratio_cap_fraction",
+                                                 lambda: (ratio > p["ratio_cap"]) & ~term.dropped & mask)
     if term is not None and term.is_weights is not None:
         metrics_w = term.is_weights
         out["rollout_is_weight_mean"] = (metrics_w.sum(), per_token)
         out["rollout_is_weight_max"] = (metrics_w.max() if metrics_w.numel() else 0.0, if_any_token)
-        out["rollout_is_fraction_outside"] = fraction(term.is_outside)
-    if mode == "cispo":
-        if p["cispo_cap"] is not None:
-            high, low = ratio > p["cispo_cap"], torch.zeros_like(mask)
-        out["clip_fraction_high"] = fraction(high & mask)
-        out["clip_fraction_low"] = fraction(low & mask)
+        out["rollout_is_fraction_outside"] = (torch.count_nonzero(term.is_outside), per_token)
+    if mode == "cispo":  # over the cap, or outside the clip range
+        capped = p["cispo_cap"] is not None
+        out["clip_fraction_high"] = fraction(
+            "clip_fraction_high", lambda: (ratio > p["cispo_cap"] if capped else high()) & mask)
+        out["clip_fraction_low"] = fraction(
+            "clip_fraction_low", lambda: (torch.zeros_like(mask) if capped else low()) & mask)
     return out
 
 

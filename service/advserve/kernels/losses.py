@@ -25,14 +25,15 @@ they carry the mask, the agg mode and the normalizers):
     ∂loss/∂lp = w^π ∂ℓ^π + β w^kl ∂kl,  ∂loss/∂v = c_v w^v ∂ℓ^v,  ∂loss/∂e = −c_e w^e,  ∂loss/∂τ = c_τ w^τ.
 
 The sums are per-block partials added in block order (the same bits on every run), with the
-unweighted sums the metrics read (Σ kl_t, Σ e_t) and the count of clipped values. float32 or float64
+unweighted sums the metrics read (Σ kl_t, Σ e_t), the count of clipped values, and with a policy term
+the reductions of `engine.policy_metrics` on the kernel's ρ: Σ (old − lp), Σ ρ and ρ's extremes over
+the valid tokens, and the tokens behind each clip fraction. float32 or float64
 on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, read when this module
 is imported). geo_mean, clip_cov and kl_cov stay on the torch path (`covers`, docs/kernels.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -54,9 +55,12 @@ POLICY_CODES = {"ppo_clip": 1, "reinforce": 2, "cispo": 3, "gpg": 4, "dro": 5, "
 FUSED_POLICY_MODES = (*POLICY_CODES, "gspo", "bypass_mode")  # gspo: ppo_clip on the sequence ratio
 IS_ON_LOSS, IS_ON_WEIGHTS = 1, 2  # importance weights multiply ℓ and ∂ℓ (bypass_mode) or w^π (rollout correction)
 VALUE_CODES = {None: 1, "bounds": 2, "delta": 3}  # unclipped, and the two clip forms
-# columns of the partial sums
-TOTAL, POLICY, KL, KL_SUM, VALUE, ENTROPY, ENTROPY_SUM, TOKEN = range(8)
-COLUMNS = 8
+# columns of the partial sums (APPROX_KL, RATIO_SUM: the policy metrics' Σ (old − lp) and Σ ρ over valid tokens)
+TOTAL, POLICY, KL, KL_SUM, VALUE, ENTROPY, ENTROPY_SUM, TOKEN, APPROX_KL, RATIO_SUM = range(10)
+COLUMNS = 10
+# columns of the counts: clipped values, and the tokens behind each clip fraction of `engine.policy_metrics`
+COUNTED = ("value_clip_fraction", "clip_fraction_high", "clip_fraction_low", "dual_clip_fraction", "ratio_cap_fraction")
+BEYOND, CLIP_HIGH, CLIP_LOW, DUAL, CAPPED = range(len(COUNTED))
 K3_BOUND: tl.constexpr = tl.constexpr(K3_LOG_RATIO_BOUND)  # k3's −x clamped to ±20 when a clamp is set
 IS_WEIGHT_CAP: tl.constexpr = tl.constexpr(KL_IS_WEIGHT_CAP)
 
@@ -95,15 +99,15 @@ def _tie_split(x, bound, BELOW: tl.constexpr):
 
 @triton.jit
 def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, returns, w_val, entropy, w_ent,
-                 token_losses, w_tok, grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped_out, seq_log_ratio, spread_out, partials,
-                 counts, N, T,
+                 token_losses, w_tok, valid, grad_lp, grad_v, grad_e, grad_tok, kl_out, seq_log_ratio, spread_out,
+                 partials, counts, extremes, N, T, n_blocks,
                  low: tl.float64, high: tl.float64, clip_low: tl.float64, clip_high: tl.float64,
                  dual_clip: tl.float64, ratio_clamp: tl.float64, cap: tl.float64, p1: tl.float64, p2: tl.float64,
                  kl_coef: tl.float64, kl_clamp: tl.float64, value_coef: tl.float64, value_clip: tl.float64,
                  entropy_coef: tl.float64, token_coef: tl.float64,
                  POLICY: tl.constexpr, HAS_RATIO_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr,
                  HAS_CAP: tl.constexpr, IS_W: tl.constexpr, SEQ_RATIO: tl.constexpr, SPREAD: tl.constexpr,
-                 WRITE_DROPPED: tl.constexpr,
+                 METRICS: tl.constexpr,
                  KL: tl.constexpr, KL_GRAD: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_IW: tl.constexpr,
                  WRITE_KL: tl.constexpr, VALUE: tl.constexpr, SPLIT_TIES: tl.constexpr, ENTROPY: tl.constexpr,
                  TOKEN: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
@@ -111,7 +115,9 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
     # sapo: τ+, τ−; dppo: none); IS_W: 0 none, IS_ON_LOSS or IS_ON_WEIGHTS; SEQ_RATIO: the ratio is the
     # row's exp(min(seq_log_ratio[row], ratio_clamp)) (T: the row length); SPREAD: its gradient goes
     # through the row mean: gspo's and an importance-weighted KL's part to spread_out; KL: −1 none, else _KL; KL_GRAD:
-    # −1 the estimator's own, _KL (unclamped) or UNBIASED; VALUE: 0 none, else VALUE_CODES
+    # −1 the estimator's own, _KL (unclamped) or UNBIASED; VALUE: 0 none, else VALUE_CODES. METRICS (a policy
+    # and its mask): the policy metrics' reductions: partials' APPROX_KL and RATIO_SUM, counts' clip columns (COUNTED) and
+    # extremes [2, n_blocks] (min ρ, max ρ over the block's valid tokens; valid: the mask's bytes)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
@@ -203,8 +209,6 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             scaled = neg_adv * weight
             loss_pol = tl.where(trusted, scaled * lp, 0.0)
             grad_pol = tl.where(trusted, scaled, 0.0)
-            if WRITE_DROPPED:
-                tl.store(dropped_out + offs, tl.where(trusted, 0, 1).to(tl.uint8), mask=inside)
         if IS_W != 0:
             weight_is = tl.load(is_w + offs, mask=inside, other=0.0)
             if IS_W == 1:  # bypass_mode's: −A·lp·sg(w)
@@ -218,7 +222,38 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             spread = wp * grad_pol
         else:
             grad = wp * grad_pol
-        tl.store(partials + pid * 8 + 1, tl.sum(tl.where(inside, policy_part, 0.0), axis=0))
+        tl.store(partials + pid * 10 + 1, tl.sum(tl.where(inside, policy_part, 0.0), axis=0))  # POLICY
+    if POLICY != 0 and METRICS:  # the policy metrics (`engine.policy_metrics`), by the same conditions on this ratio
+        m = tl.load(valid + offs, mask=inside, other=0) != 0
+        tl.store(partials + pid * 10 + 8, tl.sum(tl.where(inside, o - lp, 0.0), axis=0))  # APPROX_KL
+        tl.store(partials + pid * 10 + 9, tl.sum(tl.where(m, ratio, 0.0), axis=0))  # RATIO_SUM
+        tl.store(extremes + pid, tl.min(tl.where(m, ratio, float("inf")), axis=0))
+        tl.store(extremes + n_blocks + pid, tl.max(tl.where(m, ratio, -float("inf")), axis=0))
+        no = tl.zeros((BLOCK,), tl.int1)
+        counted_high, counted_low, counted_dual, counted_cap = no, no, no, no
+        if POLICY == 1:  # ppo_clip, gspo, bypass_mode's ppo_clip
+            counted_high = (ratio > hi) & (a > 0)
+            counted_low = (ratio < lo) & (a < 0)
+            if HAS_DUAL:
+                counted_dual = (ratio > tl.full((), dual_clip, dtype)) & (a < 0)
+            if HAS_CAP:
+                counted_cap = (ratio > tl.full((), cap, dtype)) & m
+        elif POLICY == 3:  # cispo: over the cap, or outside the clip range
+            if HAS_CAP:
+                counted_high = (ratio > tl.full((), cap, dtype)) & m
+            else:
+                counted_high = (ratio > hi) & m
+                counted_low = (ratio < lo) & m
+        elif POLICY >= 7:  # dppo: outside the trust region, by A's sign; the cap inside it
+            dropped = (trusted == 0) & m
+            counted_high = dropped & (a > 0)
+            counted_low = dropped & (a <= 0)
+            if HAS_CAP:
+                counted_cap = (ratio > tl.full((), cap, dtype)) & (trusted != 0) & m
+        tl.store(counts + pid * 5 + 1, tl.sum(counted_high.to(tl.int64), axis=0))  # CLIP_HIGH
+        tl.store(counts + pid * 5 + 2, tl.sum(counted_low.to(tl.int64), axis=0))  # CLIP_LOW
+        tl.store(counts + pid * 5 + 3, tl.sum(counted_dual.to(tl.int64), axis=0))  # DUAL
+        tl.store(counts + pid * 5 + 4, tl.sum(counted_cap.to(tl.int64), axis=0))  # CAPPED
 
     if KL >= 0:
         r = tl.load(ref + offs, mask=inside, other=0.0)
@@ -246,8 +281,8 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             kl = kl * ratio
         total += beta * (wk * kl)
         grad += (beta * wk) * grad_kl
-        tl.store(partials + pid * 8 + 2, tl.sum(tl.where(inside, wk * kl, 0.0), axis=0))
-        tl.store(partials + pid * 8 + 3, tl.sum(tl.where(inside, kl, 0.0), axis=0))
+        tl.store(partials + pid * 10 + 2, tl.sum(tl.where(inside, wk * kl, 0.0), axis=0))  # KL
+        tl.store(partials + pid * 10 + 3, tl.sum(tl.where(inside, kl, 0.0), axis=0))  # KL_SUM
     if POLICY != 0 or KL >= 0:
         tl.store(grad_lp + offs, grad, mask=inside)
     if SPREAD:
@@ -287,11 +322,11 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
             grad_value = tl.where(unclipped_v > clipped_sq, d_unclipped,
                                   tl.where(clipped_sq > unclipped_v, d_clipped, 0.5 * (d_unclipped + d_clipped)))
             beyond = (clipped_sq > unclipped_v) & inside
-            tl.store(counts + pid, tl.sum(beyond.to(tl.int64), axis=0))
+            tl.store(counts + pid * 5 + 0, tl.sum(beyond.to(tl.int64), axis=0))  # BEYOND
         coef_v = tl.full((), value_coef, dtype)
         total += coef_v * (wv * loss_v)
         tl.store(grad_v + offs, (coef_v * wv) * grad_value, mask=inside)
-        tl.store(partials + pid * 8 + 4, tl.sum(tl.where(inside, wv * loss_v, 0.0), axis=0))
+        tl.store(partials + pid * 10 + 4, tl.sum(tl.where(inside, wv * loss_v, 0.0), axis=0))  # VALUE
 
     if ENTROPY:
         e = tl.load(entropy + offs, mask=inside, other=0.0)
@@ -299,8 +334,8 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
         coef_e = tl.full((), entropy_coef, dtype)
         total -= coef_e * (we * e)
         tl.store(grad_e + offs, (-coef_e) * we, mask=inside)
-        tl.store(partials + pid * 8 + 5, tl.sum(tl.where(inside, we * e, 0.0), axis=0))
-        tl.store(partials + pid * 8 + 6, tl.sum(tl.where(inside, e, 0.0), axis=0))
+        tl.store(partials + pid * 10 + 5, tl.sum(tl.where(inside, we * e, 0.0), axis=0))  # ENTROPY
+        tl.store(partials + pid * 10 + 6, tl.sum(tl.where(inside, e, 0.0), axis=0))  # ENTROPY_SUM
 
     if TOKEN:
         tau_t = tl.load(token_losses + offs, mask=inside, other=0.0)
@@ -308,9 +343,9 @@ def _loss_kernel(logp, old, ref, adv, w_pol, is_w, w_kl, values, old_values, ret
         coef_t = tl.full((), token_coef, dtype)
         total += coef_t * (wt * tau_t)
         tl.store(grad_tok + offs, coef_t * wt, mask=inside)
-        tl.store(partials + pid * 8 + 7, tl.sum(tl.where(inside, wt * tau_t, 0.0), axis=0))
+        tl.store(partials + pid * 10 + 7, tl.sum(tl.where(inside, wt * tau_t, 0.0), axis=0))  # TOKEN
 
-    tl.store(partials + pid * 8, tl.sum(tl.where(inside, total, 0.0), axis=0))
+    tl.store(partials + pid * 10 + 0, tl.sum(tl.where(inside, total, 0.0), axis=0))  # TOTAL
 
 
 @dataclass(frozen=True)
@@ -321,7 +356,8 @@ class FusedLosses:
     sums: the metrics' numerators, each over every position (kl_mean: Σ kl_t, value_clip_fraction: the
     count of clipped values, entropy_mean: Σ e_t), for the terms present; the gradients and kl_values
     [B, T] (None where the torch path gives None); policy_term: what `policy_metrics` reads of the mode
-    (dppo's dropped tokens, bypass_mode's importance weights; loss and grad None), or None."""
+    (bypass_mode's importance weights; loss and grad None), or None; policy_reductions: with a policy
+    term, what `policy_metrics` reduces, computed in the same pass (its `reduced`), else None."""
 
     total: Tensor
     components: dict[str, Tensor | None]
@@ -332,6 +368,7 @@ class FusedLosses:
     grad_token_losses: Tensor | None
     kl_values: Tensor | None
     policy_term: PolicyTerm | None
+    policy_reductions: dict[str, Tensor] | None = None
 
 
 def token_ratio(policy: Mapping[str, Any]) -> bool:
@@ -396,7 +433,7 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     any_weights = next(iter(weights.values()))
     dtype, device, shape = any_weights.dtype, any_weights.device, any_weights.shape
     count = any_weights.numel()
-    dummy = torch.zeros(1, dtype=dtype, device=device)
+    dummy = torch.empty(1, dtype=dtype, device=device)  # in place of an absent tensor: never read
 
     def flat(name: str | None) -> Tensor:
         return dummy if name is None else tensors[name].contiguous().view(-1)
@@ -432,12 +469,15 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
                                          (uses_logprobs, value is not None, entropy is not None, token is not None))
     write_kl = kl is not None and return_kl_values
     kl_out = output(write_kl)
-    write_dropped = code in (POLICY_CODES["dppo_tv"], POLICY_CODES["dppo_kl"])
-    dropped = torch.empty(count, dtype=torch.uint8, device=device) if write_dropped else dummy
     block = BLOCK if block is None else block
     n_blocks = max(triton.cdiv(count, block), 1)
-    partials = torch.zeros(n_blocks, COLUMNS, dtype=dtype, device=device)
-    counts = torch.zeros(n_blocks, dtype=torch.int64, device=device)
+    # every block writes the columns of its terms, and only those are read; nothing runs on an empty batch
+    allocate = torch.empty if count else torch.zeros
+    partials = allocate(n_blocks, COLUMNS, dtype=dtype, device=device)
+    counts = allocate(n_blocks, len(COUNTED), dtype=torch.int64, device=device)
+    metrics = pol is not None and mask is not None
+    extremes = torch.empty(2, n_blocks, dtype=dtype, device=device) if metrics else dummy
+    valid = mask.contiguous().view(-1).view(torch.uint8) if metrics else dummy
     value_clip = None if value is None else value["clip"]
 
     def number(x: float | None) -> float:
@@ -451,9 +491,9 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             flat_weights("kl_loss"), flat("values" if value is not None else None),
             flat("old_values" if value_clip is not None else None), flat("returns" if value is not None else None),
             flat_weights("value_loss"), flat("entropy" if entropy is not None else None), flat_weights("entropy_bonus"),
-            flat("token_losses" if token is not None else None), flat_weights("token_loss"),
-            grad_lp, grad_v, grad_e, grad_tok, kl_out, dropped, dummy if sequence is None else sequence.contiguous(),
-            spread_out, partials, counts, count, shape[-1],
+            flat("token_losses" if token is not None else None), flat_weights("token_loss"), valid,
+            grad_lp, grad_v, grad_e, grad_tok, kl_out, dummy if sequence is None else sequence.contiguous(),
+            spread_out, partials, counts, extremes, count, shape[-1], n_blocks,
             *(number(args.get(name)) for name in ("low", "high", "clip_low", "clip_high", "dual_clip")),
             number(policy["ratio_clamp"]), *(number(args.get(name)) for name in ("cap", "p1", "p2")),
             number(kl["coef"] if kl else None), number(kl["clamp"] if kl else None),
@@ -461,13 +501,13 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
             number(entropy["coef"] if entropy else None), number(token["coef"] if token else None),
             POLICY=code, HAS_RATIO_CLAMP=policy["ratio_clamp"] is not None,
             HAS_DUAL=args.get("dual_clip") is not None, HAS_CAP=args.get("cap") is not None,
-            IS_W=is_kind, SEQ_RATIO=sequence is not None, SPREAD=spread, WRITE_DROPPED=write_dropped,
+            IS_W=is_kind, SEQ_RATIO=sequence is not None, SPREAD=spread, METRICS=metrics,
             KL=-1 if kl is None else _KL[kl["estimator"]], KL_GRAD=kl_grad,
             HAS_KL_CLAMP=kl is not None and kl["clamp"] is not None, KL_IW=kl is not None and kl["importance_weighted"],
             WRITE_KL=write_kl, VALUE=0 if value is None else VALUE_CODES[value["clip_form"] if value_clip is not None else None],
             SPLIT_TIES=value is not None and value["clip_ties"] == "split", ENTROPY=entropy is not None,
             TOKEN=token is not None, F32=dtype == torch.float32, BLOCK=block)
-    sums = partials.sum(dim=0)
+    sums, counted = partials.sum(dim=0), counts.sum(dim=0)
     if spread:  # the row-mean part of the gradient: every valid token gets its row's sum / L_i
         grad_lp += spread_over_row(spread_out.view(shape), mask, lengths).view(-1)
 
@@ -478,18 +518,21 @@ def loss_terms(terms: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any]
     if kl is not None:
         metric_sums["kl_mean"] = sums[KL_SUM]
     if value_clip is not None:
-        metric_sums["value_clip_fraction"] = counts.sum()
+        metric_sums["value_clip_fraction"] = counted[BEYOND]
     if entropy is not None:
         metric_sums["entropy_mean"] = sums[ENTROPY_SUM]
-    if write_dropped:
-        term = dataclasses.replace(term or PolicyTerm(None, None), dropped=dropped.view(torch.bool).view(shape) & mask)  # type: ignore[arg-type]
+    reductions = None
+    if metrics:  # an empty batch has no block: no valid token, the extremes' reads give 0
+        low, high = (extremes[0].amin(), extremes[1].amax()) if count else (sums[TOTAL], sums[TOTAL])
+        reductions = {"approx_kl": sums[APPROX_KL], "ratio_sum": sums[RATIO_SUM], "ratio_min": low, "ratio_max": high,
+                      **{name: counted[i] for i, name in enumerate(COUNTED) if i != BEYOND}}
     components = {"policy": sums[POLICY] if pol is not None else None, "kl": sums[KL] if kl is not None else None,
                   "value": sums[VALUE] if value is not None else None,
                   "entropy": sums[ENTROPY] if entropy is not None else None,
                   "token_loss": sums[TOKEN] if token is not None else None}
     return FusedLosses(sums[TOTAL], components, metric_sums, present(grad_lp, uses_logprobs),
                        present(grad_v, value is not None), present(grad_e, entropy is not None),
-                       present(grad_tok, token is not None), present(kl_out, write_kl), term)
+                       present(grad_tok, token is not None), present(kl_out, write_kl), term, reductions)
 
 
 def ppo_clip_kl(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor,
