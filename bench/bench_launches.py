@@ -138,8 +138,8 @@ def main() -> int:
     for name, request in requests(8, 512).items():
         torch_path, triton_path = count("torch", request), count("triton", request)
         rows.append({"request": name, "torch": torch_path, "triton": triton_path})
-        print(f"  {name:32s} validation {torch_path['validation']:3d} | compute: torch path "
-              f"{torch_path['compute']:3d}, triton {triton_path['compute']:3d} "
+        print(f"  {name:32s} validation: torch path {torch_path['validation']:3d}, triton {triton_path['validation']:3d}"
+              f" | compute: torch path {torch_path['compute']:3d}, triton {triton_path['compute']:3d} "
               f"({triton_path['triton']} Triton), {torch_path['compute'] / max(triton_path['compute'], 1):.1f}x fewer")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))

@@ -546,6 +546,52 @@ class TestUnderTheInterpreter:
         for job, result in zip(prepared, together):
             assert repr(result.stats) == repr(engine.run_advantages([job])[0].stats)
 
+    @settings(max_examples=40, deadline=None)
+    @given(rows=st.integers(1, 6), width=st.integers(1, 1100), valid_rate=st.sampled_from([0.0, 0.5, 1.0]),
+           given_dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+           dtype=st.sampled_from([torch.float64, torch.float32]), bad_masked=st.booleans(), bad_valid=st.booleans(),
+           read_later=st.booleans(), seed=st.integers(0, 2**16))
+    def test_zeroing_matches_the_torch_path(self, rows, width, valid_rate, given_dtype, dtype, bad_masked, bad_valid,
+                                            read_later, seed):
+        """`build_batch(triton=True)` zeroes token tensors by `kernels.validate` (one launch each): the torch
+        path's tensors (the same bits where every value is finite; where NaN or Inf sits under the mask,
+        equal but for the sign of a masked zero) and the same error naming the tensor when a valid value
+        is NaN or Inf; its verdicts read at once or after (`Checks(read_later)`). Any input float dtype
+        into either compute dtype, rows across blocks, no valid token or all, negative values (x·0 = −0)."""
+        from advserve.batch import Checks, build_batch
+
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.rand(rows, width, generator=g) < valid_rate
+        tensors = {name: (torch.randn(rows, width, generator=g, dtype=torch.float64) * 1e3).to(given_dtype)
+                   for name in ("values", "logprobs")}
+        for flag, where in ((bad_masked, ~mask), (bad_valid, mask)):
+            spots = where & (torch.rand(rows, width, generator=g) < 0.1)
+            if flag:
+                tensors["values"][spots] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=given_dtype)[
+                    torch.randint(0, 3, (int(spots.sum()),), generator=g)]
+        raw = {"response_mask": mask, **tensors}
+
+        def batch(triton: bool):
+            checks = Checks(read_later=read_later)
+            try:
+                built = build_batch(raw, allowed=raw, required=raw, dtype=dtype, device=torch.device("cpu"),
+                                    context="test", checks=checks, triton=triton)
+                checks.settle()
+            except InvalidArgument as error:
+                return error
+            return built
+
+        got, want = batch(True), batch(False)
+        if isinstance(want, InvalidArgument):
+            assert isinstance(got, InvalidArgument) and (got.field, str(got)) == (want.field, str(want))
+            return
+        assert not isinstance(got, InvalidArgument), got
+        masked_bad = bool((~torch.isfinite(tensors["values"]) & ~mask).any())
+        for name in tensors:
+            assert got.tensors[name].dtype == dtype and torch.equal(got.tensors[name], want.tensors[name]), name
+            if not (masked_bad and name == "values"):
+                assert torch.equal(got.tensors[name].view(torch.uint8), want.tensors[name].view(torch.uint8)), name
+
     def test_a_small_request_launches_a_few_kernels(self):
         """GRPO 8 x 512 computed as on a GPU (the device's branches; its value checks read with the
         results): the kernels it launches, torch's and Triton's, from its prepared batch to its numbers
@@ -560,6 +606,18 @@ class TestUnderTheInterpreter:
         # statistics for the copy
         assert counted["triton"] == 3 and counted["compute"] <= 8, counted
         assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 72
+
+    def test_a_small_loss_request_launches_a_few_kernels(self):
+        """A ppo_clip + k3 KL loss [8, 512] as on a GPU, validation included: each token tensor zeroed and
+        checked in one launch (`kernels.validate`), the terms and the policy metrics in one more; torch's
+        launches for the float mask's check, the weights, the reductions of the partial sums, the packing."""
+        sys.path.insert(0, str(ROOT / "bench"))
+        import bench_launches
+
+        request = bench_launches.requests(8, 512)["ppo_clip + k3 KL loss, verl"]
+        counted = bench_launches.count("triton", request)
+        assert counted["triton"] == 5 and counted["compute"] <= 33, counted  # 4 token tensors, 1 loss kernel
+        assert bench_launches.count("torch", request)["compute"] >= 4 * counted["compute"]  # the torch path: 134
 
 
 class TestCompiledForTheGpu:
@@ -590,6 +648,17 @@ class TestCompiledForTheGpu:
             assert ".entry _gae_kernel" in self._ptx(scan._gae_kernel, gae, {"SKIP": skip, "BLOCK": 1024})
             assert ".entry _reward_to_go_kernel" in self._ptx(scan._reward_to_go_kernel, rtg,
                                                               {"SKIP": skip, "BLOCK": 1024})
+
+    def test_zeroing(self):
+        """The zeroing kernel for every input float dtype into each compute dtype; finiteness tested by a
+        comparison, not folded away (no fast-math flag on the compare)."""
+        validate = importlib.import_module("advserve.kernels.validate")
+        for input_dtype in ("fp16", "bf16", "fp32", "fp64"):
+            for dtype in ("fp32", "fp64"):
+                signature = {"x": f"*{input_dtype}", "mask": "*u8", "out": f"*{dtype}", "ok": "*i1", "N": "i64"}
+                ptx = self._ptx(validate._zero_masked_kernel, signature, {"BLOCK": validate.BLOCK})
+                infinity = "0f7F800000" if dtype == "fp32" else "0d7FF0000000000000"
+                assert ".entry _zero_masked_kernel" in ptx and infinity in ptx  # |x| < inf is compared
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
     def test_group_baselines_divide_and_take_roots_rounded_to_nearest(self, dtype):
@@ -772,6 +841,35 @@ class TestOnTheGpu:
             actual = triton_engine.compute_advantages(request)
             _close(actual.advantages, expected.advantages)
             _close(actual.returns, expected.returns)
+
+    def test_zeroing(self):
+        """`kernels.validate` on CUDA tensors against the torch path's zeroing, NaN and Inf under the mask
+        and (an error naming the tensor) on it; 4096 x 1024 float32 and bfloat16 inputs."""
+        from advserve.batch import Checks, build_batch
+
+        g = torch.Generator().manual_seed(5)
+        mask = torch.rand(4096, 1024, generator=g) < 0.7
+        values = torch.randn(4096, 1024, generator=g)
+        values[~mask & (torch.rand(4096, 1024, generator=g) < 0.01)] = float("nan")
+        for sent in (values, values.bfloat16()):
+            for bad in (False, True):
+                raw = {"response_mask": mask.cuda(), "values": sent.cuda().clone()}
+                if bad:
+                    raw["values"][7, int(mask[7].nonzero()[0])] = float("inf")
+                outcomes = []
+                for triton in (True, False):
+                    checks = Checks(read_later=True)
+                    built = build_batch(raw, allowed=raw, required=raw, dtype=torch.float32, device=torch.device("cuda"),
+                                        context="test", checks=checks, triton=triton)
+                    try:
+                        checks.settle()
+                        outcomes.append(built.tensors["values"])
+                    except InvalidArgument as error:
+                        outcomes.append(error.field)
+                if bad:
+                    assert outcomes == ["tensors.values"] * 2
+                else:
+                    assert torch.equal(*outcomes)
 
     @pytest.mark.parametrize("estimator", ["grpo", "gae"])
     def test_statistics(self, estimator):

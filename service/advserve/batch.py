@@ -296,15 +296,19 @@ def _numeric(name: str, array: np.ndarray | Tensor, dtype: torch.dtype, device: 
     `widened_by_multiply`: the caller multiplies it by a `dtype` tensor next, which widens bfloat16,
     float16, integers and booleans exactly as `.to(dtype)` would: those stay in their dtype (one pass
     less)."""
-    if isinstance(array, Tensor):
-        if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
-            raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
-        tensor = to_device(array, device)
-    else:
-        tensor = to_device(torch.as_tensor(array), device)
+    tensor = _numeric_on_device(name, array, device)
     if widened_by_multiply and tensor.dtype in _WIDENED_BY_MUL and torch.promote_types(tensor.dtype, dtype) == dtype:
         return tensor
     return tensor.to(dtype)
+
+
+def _numeric_on_device(name: str, array: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """A numeric array as a tensor on `device`, in its own dtype."""
+    if isinstance(array, Tensor):
+        if array.is_complex() or not (array.is_floating_point() or array.dtype in _INT_TORCH or array.dtype == torch.bool):
+            raise InvalidArgument(f"tensor {name!r} must be numeric, got {_what(array.dtype)}", field=_field(name))
+        return to_device(array, device)
+    return to_device(torch.as_tensor(array), device)
 
 
 _INT_TORCH = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
@@ -349,7 +353,7 @@ def _group_index(value: Any, device: torch.device,
     return *_on_device(index, device, layout), labels
 
 
-# Rows up to which a batch's group layout is computed on the host (`build_batch(host_group_layout=True)`):
+# Rows up to which a batch's group layout is computed on the host (`build_batch(triton=True)`):
 # about 50 ns a row there, against a few kernel launches on a device, which a larger batch's sort outruns
 HOST_LAYOUT_ROWS = 8192
 
@@ -507,7 +511,7 @@ def build_batch(
     keep_masked: Iterable[str] = (),
     checks: Checks | None = None,
     scan: Any = None,
-    host_group_layout: bool = False,
+    triton: bool = False,
 ) -> Batch:
     """Validate `raw` (name -> array) and convert it. `context` names the caller in messages;
     `needed_by` (tensor -> what needs it) overrides it for a missing tensor, and `hints` (tensor ->
@@ -526,8 +530,9 @@ def build_batch(
     kernels may run (a CPU device): a padded batch of exactly the rewards, the mask and the values
     the scan reads is then validated and scanned in one pass (`scanned_batch`), its `scan` set; where
     that pass finds a mistake, the checks below run and word it.
-    `host_group_layout`: a small batch's group layout is computed on the host with its index
-    (`Batch.group_layout`, for the Triton group kernels: no kernel launched for it).
+    `triton`: the request runs the Triton kernels (on a GPU): a small batch's group layout is computed on
+    the host with its index (`Batch.group_layout`, for the group kernels: no kernel launched for it), and
+    each float token tensor is zeroed under the mask and checked in one launch (`kernels.validate`).
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
@@ -572,6 +577,7 @@ def build_batch(
     checks = Checks() if own_checks else checks
     tensors: dict[str, Tensor] = {}
     group_index, group_labels, group_layout = None, None, None
+    finite_flags = _FiniteFlags(len(arrays), device) if triton else None
     with checks.host_errors_after():
         with _fits("response_mask"):
             mask, valid, lengths = _mask(arrays["response_mask"], dtype, device, checks)
@@ -580,7 +586,7 @@ def build_batch(
                 continue
             with _fits(name):
                 if name == "group_ids":
-                    group_index, group_layout, group_labels = _group_index(array, device, host_group_layout)
+                    group_index, group_layout, group_labels = _group_index(array, device, triton)
                     continue
                 if name in TOKEN_TENSORS:
                     if name in keep_masked:
@@ -590,7 +596,9 @@ def build_batch(
                             "positions included)", field=_field(name)), checks))
                         tensors[f"{name}:unmasked"] = array = unmasked
                     # the engine's invariant: 0 where the mask is 0
-                    tensors[name] = _zero_masked(name, array, mask, valid, dtype, device, tensors, checks)
+                    zeroed = None if finite_flags is None else finite_flags.zero_masked(name, array, mask, dtype, checks)
+                    tensors[name] = zeroed if zeroed is not None else _zero_masked(name, array, mask, valid, dtype,
+                                                                                    device, tensors, checks)
                 else:
                     tensors[name] = _numeric(name, array, dtype, device)
                     checks.add(*_finite(tensors[name], lambda name=name: InvalidArgument(
@@ -748,6 +756,34 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
         return torch.where(mask | every_term_finite, zeroed, 0)
     checks.add(_finite_number(zeroed.sum()), on_fail)
     return zeroed
+
+
+class _FiniteFlags:
+    """The Triton path of `_zero_masked` for a request's token tensors (`kernels.validate.zero_masked`: one
+    launch each), their verdicts flags of one bool tensor on the device (one launch to set them True)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device, self.flags, self.used = size, device, None, 0
+
+    def zero_masked(self, name: str, array: np.ndarray | Tensor, mask: Tensor, dtype: torch.dtype,
+                    checks: Checks) -> Tensor | None:
+        """`array` in `dtype`, 0 where `mask` is False, its check added to `checks`; None for an array
+        the kernel does not read (integers, booleans): the torch path then."""
+        from .kernels import validate  # imports triton
+
+        tensor = _numeric_on_device(name, array, self.device)
+        if tensor.dtype not in validate.FLOAT_INPUTS:
+            return None
+        if self.flags is None:
+            self.flags = torch.ones(self.size, dtype=torch.bool, device=self.device)
+        ok, self.used = self.flags[self.used], self.used + 1
+
+        def refuse() -> None:
+            raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
+
+        zeroed = validate.zero_masked(tensor, mask, dtype, ok)
+        checks.add(ok, refuse)
+        return zeroed
 
 
 def _finite(tensor: Tensor, error: Callable[[], InvalidArgument],

@@ -157,7 +157,7 @@ class Engine:
             keep_masked=("token_rewards",) if params.get("masked_token_rewards") == "sum" else (),
             checks=checks,
             scan=estimator.scan(params) if self.kernels == "numba" and estimator.scan is not None else None,
-            host_group_layout=self.kernels == "triton",
+            triton=self.kernels == "triton",
         )
         with checks.host_errors_after():
             self._check_estimator_preconditions(estimator, params, batch, checks)
@@ -329,7 +329,8 @@ class Engine:
         checks = Checks(read_later=not host_reads_are_free(self.device))
         batch = build_batch(request.tensors, allowed=required | optional, required=required, dtype=dtype,
                             device=self.device, context="the requested loss terms", layout=request.layout or "padded",
-                            max_tokens=self.max_tokens, needed_by=needed_by, checks=checks)
+                            max_tokens=self.max_tokens, needed_by=needed_by, checks=checks,
+                            triton=self.kernels == "triton")
         t, mask = batch.tensors, batch.mask
         if "rollout_is_weights" in t:
             def negative_weights() -> None:
