@@ -546,22 +546,31 @@ class TestUnderTheInterpreter:
         for job, result in zip(prepared, together):
             assert repr(result.stats) == repr(engine.run_advantages([job])[0].stats)
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=60, deadline=None)
     @given(rows=st.integers(1, 6), width=st.integers(1, 1100), valid_rate=st.sampled_from([0.0, 0.5, 1.0]),
            given_dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
            dtype=st.sampled_from([torch.float64, torch.float32]), bad_masked=st.booleans(), bad_valid=st.booleans(),
-           read_later=st.booleans(), seed=st.integers(0, 2**16))
-    def test_zeroing_matches_the_torch_path(self, rows, width, valid_rate, given_dtype, dtype, bad_masked, bad_valid,
-                                            read_later, seed):
-        """`build_batch(triton=True)` zeroes token tensors by `kernels.validate` (one launch each): the torch
-        path's tensors (the same bits where every value is finite; where NaN or Inf sits under the mask,
-        equal but for the sign of a masked zero) and the same error naming the tensor when a valid value
-        is NaN or Inf; its verdicts read at once or after (`Checks(read_later)`). Any input float dtype
-        into either compute dtype, rows across blocks, no valid token or all, negative values (x·0 = −0)."""
+           mask_dtype=st.sampled_from([torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64,
+                                       torch.bfloat16]),
+           mask_value=st.sampled_from([None, -0.0, 2, -1, 0.5, float("nan")]), read_later=st.booleans(),
+           seed=st.integers(0, 2**16))
+    def test_validation_matches_the_torch_path(self, rows, width, valid_rate, given_dtype, dtype, bad_masked,
+                                               bad_valid, mask_dtype, mask_value, read_later, seed):
+        """`build_batch(triton=True)` checks the mask and zeroes the token tensors by `kernels.validate` (one
+        launch each). The mask, its values in the compute dtype and the lengths: the torch path's bits. The
+        token tensors: the torch path's (the same bits where every value is finite and the mask holds no
+        −0.0; else equal but for the sign of a masked zero). The same error naming the field for a
+        mask value neither 0 nor 1 (−0.0 is a 0) and a NaN or Inf on a valid position; the verdicts read at
+        once or after (`Checks(read_later)`). Masks of any dtype, any input float dtype into either
+        compute dtype, rows across blocks, no valid token or all, negative values (x·0 = −0)."""
         from advserve.batch import Checks, build_batch
 
         g = torch.Generator().manual_seed(seed)
         mask = torch.rand(rows, width, generator=g) < valid_rate
+        given_mask = mask.to(mask_dtype)
+        if mask_value is not None and (mask_dtype.is_floating_point or not isinstance(mask_value, float)) and (
+                mask_dtype != torch.uint8 or mask_value != -1) and mask_dtype != torch.bool:
+            given_mask[int(torch.randint(0, rows, (1,), generator=g)), -1] = mask_value
         tensors = {name: (torch.randn(rows, width, generator=g, dtype=torch.float64) * 1e3).to(given_dtype)
                    for name in ("values", "logprobs")}
         for flag, where in ((bad_masked, ~mask), (bad_valid, mask)):
@@ -569,7 +578,7 @@ class TestUnderTheInterpreter:
             if flag:
                 tensors["values"][spots] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=given_dtype)[
                     torch.randint(0, 3, (int(spots.sum()),), generator=g)]
-        raw = {"response_mask": mask, **tensors}
+        raw = {"response_mask": given_mask, **tensors}
 
         def batch(triton: bool):
             checks = Checks(read_later=read_later)
@@ -586,10 +595,14 @@ class TestUnderTheInterpreter:
             assert isinstance(got, InvalidArgument) and (got.field, str(got)) == (want.field, str(want))
             return
         assert not isinstance(got, InvalidArgument), got
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.lengths, want.lengths)
+        assert got.valid.dtype == want.valid.dtype and torch.equal(got.valid.view(torch.uint8), want.valid.view(torch.uint8))
+        mask = want.mask
         masked_bad = bool((~torch.isfinite(tensors["values"]) & ~mask).any())
+        negative_zero_in_mask = mask_value == 0 and mask_dtype.is_floating_point  # the torch path multiplies by it
         for name in tensors:
             assert got.tensors[name].dtype == dtype and torch.equal(got.tensors[name], want.tensors[name]), name
-            if not (masked_bad and name == "values"):
+            if not (masked_bad and name == "values") and not negative_zero_in_mask:
                 assert torch.equal(got.tensors[name].view(torch.uint8), want.tensors[name].view(torch.uint8)), name
 
     def test_a_small_request_launches_a_few_kernels(self):
@@ -616,7 +629,7 @@ class TestUnderTheInterpreter:
 
         request = bench_launches.requests(8, 512)["ppo_clip + k3 KL loss, verl"]
         counted = bench_launches.count("triton", request)
-        assert counted["triton"] == 5 and counted["compute"] <= 33, counted  # 4 token tensors, 1 loss kernel
+        assert counted["triton"] == 6 and counted["compute"] <= 23, counted  # the mask, 4 token tensors, the loss
         assert bench_launches.count("torch", request)["compute"] >= 4 * counted["compute"]  # the torch path: 134
 
 
@@ -649,9 +662,10 @@ class TestCompiledForTheGpu:
             assert ".entry _reward_to_go_kernel" in self._ptx(scan._reward_to_go_kernel, rtg,
                                                               {"SKIP": skip, "BLOCK": 1024})
 
-    def test_zeroing(self):
-        """The zeroing kernel for every input float dtype into each compute dtype; finiteness tested by a
-        comparison, not folded away (no fast-math flag on the compare)."""
+    def test_validation(self):
+        """The zeroing kernel for every input float dtype into each compute dtype, finiteness tested by a
+        comparison (not folded away: no fast-math flag on the compare); the mask kernel for masks of
+        bytes, integers and floats."""
         validate = importlib.import_module("advserve.kernels.validate")
         for input_dtype in ("fp16", "bf16", "fp32", "fp64"):
             for dtype in ("fp32", "fp64"):
@@ -659,6 +673,12 @@ class TestCompiledForTheGpu:
                 ptx = self._ptx(validate._zero_masked_kernel, signature, {"BLOCK": validate.BLOCK})
                 infinity = "0f7F800000" if dtype == "fp32" else "0d7FF0000000000000"
                 assert ".entry _zero_masked_kernel" in ptx and infinity in ptx  # |x| < inf is compared
+        for mask_dtype in ("u8", "i64", "fp32", "bf16", "fp64"):
+            signature = {"given": f"*{mask_dtype}", "mask_out": "*u8", "valid_out": "*fp32", "lengths": "*i32",
+                         "ok": "*i1", "T": "i32"}
+            for write_valid in (True, False):
+                ptx = self._ptx(validate._mask_kernel, signature, {"WRITE_VALID": write_valid, "BLOCK": validate.BLOCK})
+                assert ".entry _mask_kernel" in ptx
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
     def test_group_baselines_divide_and_take_roots_rounded_to_nearest(self, dtype):
@@ -842,9 +862,9 @@ class TestOnTheGpu:
             _close(actual.advantages, expected.advantages)
             _close(actual.returns, expected.returns)
 
-    def test_zeroing(self):
-        """`kernels.validate` on CUDA tensors against the torch path's zeroing, NaN and Inf under the mask
-        and (an error naming the tensor) on it; 4096 x 1024 float32 and bfloat16 inputs."""
+    def test_validation(self):
+        """`kernels.validate` on CUDA tensors against the torch path's checks: a float mask, NaN under the
+        mask and (an error naming the tensor) Inf on it; 4096 x 1024, float32 and bfloat16 inputs."""
         from advserve.batch import Checks, build_batch
 
         g = torch.Generator().manual_seed(5)
@@ -853,7 +873,7 @@ class TestOnTheGpu:
         values[~mask & (torch.rand(4096, 1024, generator=g) < 0.01)] = float("nan")
         for sent in (values, values.bfloat16()):
             for bad in (False, True):
-                raw = {"response_mask": mask.cuda(), "values": sent.cuda().clone()}
+                raw = {"response_mask": mask.float().cuda(), "values": sent.cuda().clone()}
                 if bad:
                     raw["values"][7, int(mask[7].nonzero()[0])] = float("inf")
                 outcomes = []
@@ -863,13 +883,13 @@ class TestOnTheGpu:
                                         context="test", checks=checks, triton=triton)
                     try:
                         checks.settle()
-                        outcomes.append(built.tensors["values"])
+                        outcomes.append((built.tensors["values"], built.mask, built.valid, built.lengths))
                     except InvalidArgument as error:
                         outcomes.append(error.field)
                 if bad:
                     assert outcomes == ["tensors.values"] * 2
                 else:
-                    assert torch.equal(*outcomes)
+                    assert all(torch.equal(a, b) for a, b in zip(*outcomes))
 
     @pytest.mark.parametrize("estimator", ["grpo", "gae"])
     def test_statistics(self, estimator):

@@ -577,10 +577,10 @@ def build_batch(
     checks = Checks() if own_checks else checks
     tensors: dict[str, Tensor] = {}
     group_index, group_labels, group_layout = None, None, None
-    finite_flags = _FiniteFlags(len(arrays), device) if triton else None
+    kernel_checks = _KernelChecks(len(arrays), device, checks) if triton else None
     with checks.host_errors_after():
         with _fits("response_mask"):
-            mask, valid, lengths = _mask(arrays["response_mask"], dtype, device, checks)
+            mask, valid, lengths = _mask(arrays["response_mask"], dtype, device, checks, kernel_checks)
         for name, array in arrays.items():
             if name == "response_mask":
                 continue
@@ -596,7 +596,7 @@ def build_batch(
                             "positions included)", field=_field(name)), checks))
                         tensors[f"{name}:unmasked"] = array = unmasked
                     # the engine's invariant: 0 where the mask is 0
-                    zeroed = None if finite_flags is None else finite_flags.zero_masked(name, array, mask, dtype, checks)
+                    zeroed = None if kernel_checks is None else kernel_checks.zero_masked(name, array, mask, dtype)
                     tensors[name] = zeroed if zeroed is not None else _zero_masked(name, array, mask, valid, dtype,
                                                                                     device, tensors, checks)
                 else:
@@ -667,23 +667,27 @@ def _shape(name: str, array: Any) -> tuple[int, ...]:
 
 
 def _mask(value: np.ndarray | Tensor, dtype: torch.dtype, device: torch.device,
-          checks: Checks) -> tuple[Tensor, Tensor, Tensor]:
+          checks: Checks, kernels: "_KernelChecks | None" = None) -> tuple[Tensor, Tensor, Tensor]:
     """response_mask as (bool [B, T], 0/1 in `dtype` [B, T], valid tokens per row [B] int32).
 
     Numbers must be 0 or 1: one verdict in `checks` (range, and the sum equals the number of
     non-zeros); a float mask in the compute dtype is not copied, its row sums are the lengths.
+    `kernels`: checked and converted by the Triton kernel instead (`kernels.validate.mask_of`).
     """
     tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if tensor.dtype != torch.bool and (tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INT_TORCH)):
         raise InvalidArgument(f"response_mask must be booleans or 0/1 numbers, got {_what(tensor.dtype)}",
                               field=_field("response_mask"))
     tensor = to_device(tensor, device)
-    mask = tensor if tensor.dtype == torch.bool else tensor.bool()
-    if tensor.dtype == torch.bool or not tensor.numel():
-        return mask, tensor.to(dtype), _count_valid(mask, dim=1)
 
     def refuse() -> None:
         raise InvalidArgument("response_mask must hold only 0/1 (or booleans)", field=_field("response_mask"))
+
+    if kernels is not None:
+        return kernels.mask(tensor, dtype, refuse)
+    mask = tensor if tensor.dtype == torch.bool else tensor.bool()
+    if tensor.dtype == torch.bool or not tensor.numel():
+        return mask, tensor.to(dtype), _count_valid(mask, dim=1)
 
     if not tensor.is_floating_point():
         low, high = torch.aminmax(tensor)
@@ -758,32 +762,41 @@ def _zero_masked(name: str, array: np.ndarray | Tensor, mask: Tensor, valid: Ten
     return zeroed
 
 
-class _FiniteFlags:
-    """The Triton path of `_zero_masked` for a request's token tensors (`kernels.validate.zero_masked`: one
-    launch each), their verdicts flags of one bool tensor on the device (one launch to set them True)."""
+class _KernelChecks:
+    """The Triton path of a request's value checks (`kernels.validate`): the mask (`_mask`) and the float
+    token tensors (`_zero_masked`) checked and converted in one launch each, their verdicts the flags of
+    one bool tensor on the device (one launch sets them True), added to `checks`."""
 
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.size, self.device, self.flags, self.used = size, device, None, 0
+    def __init__(self, size: int, device: torch.device, checks: Checks) -> None:
+        self.size, self.device, self.checks, self.flags, self.used = size, device, checks, None, 0
 
-    def zero_masked(self, name: str, array: np.ndarray | Tensor, mask: Tensor, dtype: torch.dtype,
-                    checks: Checks) -> Tensor | None:
-        """`array` in `dtype`, 0 where `mask` is False, its check added to `checks`; None for an array
-        the kernel does not read (integers, booleans): the torch path then."""
+    def _flag(self, refuse: Callable[[], None]) -> Tensor:
+        """The next flag (0-d bool, True), its check added: `refuse` raises where a kernel clears it."""
+        if self.flags is None:
+            self.flags = torch.ones(self.size, dtype=torch.bool, device=self.device)
+        ok, self.used = self.flags[self.used], self.used + 1
+        self.checks.add(ok, refuse)
+        return ok
+
+    def mask(self, given: Tensor, dtype: torch.dtype, refuse: Callable[[], None]) -> tuple[Tensor, Tensor, Tensor]:
+        """`_mask`'s (bool mask, values in `dtype`, lengths) of the given mask on the device."""
+        from .kernels import validate  # imports triton
+
+        return validate.mask_of(given, dtype, self._flag(refuse))
+
+    def zero_masked(self, name: str, array: np.ndarray | Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """`array` in `dtype`, 0 where `mask` is False, its check added; None for an array the kernel does
+        not read (integers, booleans): the torch path then."""
         from .kernels import validate  # imports triton
 
         tensor = _numeric_on_device(name, array, self.device)
         if tensor.dtype not in validate.FLOAT_INPUTS:
             return None
-        if self.flags is None:
-            self.flags = torch.ones(self.size, dtype=torch.bool, device=self.device)
-        ok, self.used = self.flags[self.used], self.used + 1
 
         def refuse() -> None:
             raise InvalidArgument(f"tensor {name!r} has NaN or Inf on an unmasked position", field=_field(name))
 
-        zeroed = validate.zero_masked(tensor, mask, dtype, ok)
-        checks.add(ok, refuse)
-        return zeroed
+        return validate.zero_masked(tensor, mask, dtype, self._flag(refuse))
 
 
 def _finite(tensor: Tensor, error: Callable[[], InvalidArgument],

@@ -1,7 +1,14 @@
-"""A token tensor zeroed under the mask and checked finite on it, in one Triton launch (`build_batch` with
-`triton`: the engine's kernels setting "triton").
+"""A request's value checks as Triton kernels (`build_batch` with `triton`: the engine's kernels setting
+"triton"): the mask checked and converted, and each token tensor zeroed under the mask and checked
+finite on it, one launch each.
 
-`batch._zero_masked` is the reference (the torch path). For x [B, T] in a float dtype, the mask [B, T]
+`batch._mask` is the reference of `mask_of`: one program per row reads the given mask once and writes
+the bool mask, the values in the compute dtype (unless given in it) and the row's count of valid tokens;
+a value that is neither 0 nor 1 (NaN included; −0.0 is a 0) fails the request's check. The torch path
+takes about eleven launches for a float mask (the range from the bits, the sum against the count of
+non-zeros, the conversions).
+
+`batch._zero_masked` is the reference of `zero_masked`. For x [B, T] in a float dtype, the mask [B, T]
 and the compute dtype:
 
     out_t = x_t · m_t               where m_t = 1 or x_t is finite (x_t converted to the compute dtype),
@@ -11,9 +18,11 @@ and the compute dtype:
 The torch path multiplies (x·m, the engine's invariant: 0 where the mask is 0), sums for a verdict and,
 read on a device after the compute, takes `where(m | every term finite, x·m, 0)`: about seven passes
 and launches per tensor. Here it is one pass, reading x and the mask's bytes and writing `out`, and
-the verdict is exact at once (no closer look). Where every term is finite, the bits are the torch path's;
-where NaN or Inf sits under the mask, a masked position that is finite keeps x·0 (−0.0 for a negative
-x) where the torch path writes +0.0. The conversion to the compute dtype is the one `.to()` makes
+the verdict is exact at once (no closer look). Where every term is finite, the bits are the torch path's,
+but for the sign of a masked zero in two cases: where NaN or Inf sits under the mask, a masked position
+that is finite keeps x·0 (−0.0 for a negative x) where the torch path writes +0.0; and the kernel
+multiplies by the mask's truth (0 or 1), where the torch path multiplies by its given values (a −0.0
+there flips the sign of x·0). The conversion to the compute dtype is the one `.to()` makes
 (round to nearest).
 
 `ok` is a bool tensor set to True before the launch: one flag per tensor of a request, each written only
@@ -58,3 +67,41 @@ def zero_masked(x: Tensor, mask: Tensor, dtype: torch.dtype, ok: Tensor) -> Tens
     if count:
         _zero_masked_kernel[(triton.cdiv(count, BLOCK),)](x, flat_mask, out, ok, count, BLOCK=BLOCK)
     return out
+
+
+@triton.jit
+def _mask_kernel(given, mask_out, valid_out, lengths, ok, T, WRITE_VALID: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    count = tl.zeros((BLOCK,), tl.int32)
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, T, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < T
+        offs = row * T + cols
+        value = tl.load(given + offs, mask=inside, other=0)
+        on = value != 0
+        bad += (inside & on & (value != 1)).to(tl.int32)  # NaN included: neither 0 nor 1
+        count += on.to(tl.int32)
+        tl.store(mask_out + offs, on.to(tl.uint8), mask=inside)
+        if WRITE_VALID:
+            tl.store(valid_out + offs, value.to(valid_out.dtype.element_ty), mask=inside)
+    tl.store(lengths + row, tl.sum(count, axis=0))
+    if tl.sum(bad, axis=0) > 0:
+        tl.store(ok, 0)
+
+
+def mask_of(given: Tensor, dtype: torch.dtype, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """response_mask [B, T] (booleans, integers or floats, on the device) as `batch._mask` returns it:
+    (bool [B, T], the given values in `dtype` [B, T] (the given tensor itself when it is in `dtype`),
+    valid tokens per row [B] int32), in one launch of one program per row; `ok` (a 0-d bool tensor,
+    True before) set to False when a value is neither 0 nor 1."""
+    given = given.contiguous()
+    rows, width = given.shape
+    mask = torch.empty(rows, width, dtype=torch.bool, device=given.device)
+    valid = given if given.dtype == dtype else torch.empty(rows, width, dtype=dtype, device=given.device)
+    lengths = torch.empty(rows, dtype=torch.int32, device=given.device)
+    if rows:
+        read = given.view(torch.uint8) if given.dtype == torch.bool else given
+        _mask_kernel[(rows,)](read, mask.view(torch.uint8), valid, lengths, ok, width,
+                              WRITE_VALID=valid is not given, BLOCK=BLOCK)
+    return mask, valid, lengths
