@@ -42,8 +42,9 @@ Rows (full sizes; --quick shrinks them):
 
 With --device cuda every tensor (inputs, references, results) lives on the GPU and each timed call
 ends with torch.cuda.synchronize(); GAE rows then add "kernels.scan.gae" (the Triton kernel alone)
-and the losses row "kernels.losses.ppo_clip_kl" (the fused loss + gradient kernel with its token-mean
-weights, not yet called by the engine; target 3x autograd) when --kernels resolves to triton, and GRPO runs at 4096 and 65536 sequences (the verl loop is the
+and the losses row "kernels.losses.ppo_clip_kl" (the fused loss + gradient kernel alone with its
+token-mean weights, without the request's checks) when --kernels resolves to triton; both losses rows
+then carry the issue's target, 3x autograd, and GRPO runs at 4096 and 65536 sequences (the verl loop is the
 reference; 1M sequences would take it minutes).
 
 Every reference runs in this process, right after the engine, so the ratios are comparable even
@@ -587,6 +588,7 @@ def loss_rows(batch: int, length: int, cfg: dict, gen: torch.Generator) -> list[
     }
     if resolve_kernels(TARGET["kernels"], torch.device(TARGET["device"])) != "triton":
         return [row]
+    row["target_ratio"] = 3.0
     from advserve.kernels import losses as fused
 
     def kernel():

@@ -621,9 +621,10 @@ class TestUnderTheInterpreter:
         assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 72
 
     def test_a_small_loss_request_launches_a_few_kernels(self):
-        """A ppo_clip + k3 KL loss [8, 512] as on a GPU, validation included: each token tensor zeroed and
-        checked in one launch (`kernels.validate`), the terms and the policy metrics in one more; torch's
-        launches for the float mask's check, the weights, the reductions of the partial sums, the packing."""
+        """A ppo_clip + k3 KL loss [8, 512] as on a GPU, validation included: the float mask and each token
+        tensor checked in one launch each (`kernels.validate`), the terms and the policy metrics in one
+        more; torch's launches for the check flags, the weights, the reductions of the partial sums and
+        the packing of the numbers."""
         sys.path.insert(0, str(ROOT / "bench"))
         import bench_launches
 
