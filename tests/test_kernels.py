@@ -187,6 +187,24 @@ class TestUnderTheInterpreter:
         _close(adv, ref_adv)
         _close(ret, ref_ret)
 
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), extra=st.integers(0, 9),
+           gap_rate=st.sampled_from([0.0, 0.4]), dtype=st.sampled_from([torch.float64, torch.float32]),
+           block=st.sampled_from([16, None]), seed=st.integers(0, 2**16))
+    def test_rewards_placed_on_the_last_token_as_the_torch_path(self, fused, lengths, extra, gap_rate, dtype, block,
+                                                                 seed):
+        """`place_on_last_token` (one launch) gives the torch path's token rewards bit for bit: each row's
+        reward on its last valid token, whatever the gaps before it, over several blocks; an empty row
+        all 0; a row-strided mask (a coalesced request's rows)."""
+        rewards, _, mask = _batch(lengths, max(lengths) + extra or 1, gap_rate, dtype, seed)
+        outcome = rewards.sum(dim=1) + 0.5
+        want = masks.place_on_last_token(outcome, mask)
+        got = fused.place_on_last_token(outcome, mask, block=block)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        wide = torch.zeros(mask.shape[0], mask.shape[1] + 5, dtype=torch.bool)
+        wide[:, :mask.shape[1]] = mask
+        assert torch.equal(fused.place_on_last_token(outcome, wide[:, :mask.shape[1]], block=block), want)
+
     def test_strided_rows_and_inputs_left_unchanged(self, fused):
         rewards, values, mask = _batch([20, 9, 14], 40, 0.2, torch.float64, seed=3)
         rewards, values, mask = rewards[:, ::2], values[:, ::2], mask[:, ::2]  # not contiguous along T
@@ -662,6 +680,8 @@ class TestCompiledForTheGpu:
             assert ".entry _gae_kernel" in self._ptx(scan._gae_kernel, gae, {"SKIP": skip, "BLOCK": 1024})
             assert ".entry _reward_to_go_kernel" in self._ptx(scan._reward_to_go_kernel, rtg,
                                                               {"SKIP": skip, "BLOCK": 1024})
+        place = {"rewards": data, "mask": "*u8", "out": data, "T": "i32", "stride_m": "i64", "stride_o": "i64"}
+        assert ".entry _place_kernel" in self._ptx(scan._place_kernel, place, {"BLOCK": 1024})
 
     def test_validation(self):
         """The zeroing kernel for every input float dtype into each compute dtype, finiteness tested by a

@@ -27,8 +27,14 @@ def last_valid_index(mask: Tensor) -> Tensor:
 def place_on_last_token(rewards: Tensor, mask: Tensor) -> Tensor:
     """Token rewards [B, T]: `rewards` [B] on each row's last valid token of `mask` [B, T], 0 elsewhere.
 
-    Rows without a valid token get no reward token. One scatter, no read of the device.
+    Rows without a valid token get no reward token. One scatter, no read of the device. Inside
+    `scan.use_kernels("triton")`: `advserve.kernels.scan.place_on_last_token`, one launch, the same values.
     """
+    from .scan import active_kernels  # here: scan imports this module
+
+    if active_kernels() == "triton":
+        from ..kernels import scan as fused
+        return fused.place_on_last_token(rewards, mask)
     token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
     last = last_valid_index(mask)
     placed = torch.where(last >= 0, rewards, 0)  # an empty row writes the 0 already at its column 0

@@ -1,4 +1,5 @@
-"""Reward-to-go and GAE as Triton kernels: one program per row, scanning its tokens backwards.
+"""Reward-to-go and GAE as Triton kernels: one program per row, scanning its tokens backwards; and the
+outcome rewards placed on each row's last valid token, their input (`place_on_last_token`).
 
 Each program walks its row from the last block of `BLOCK` tokens to the first. Inside a block the
 first-order recurrence y_t = x_t + c_t·y_{t+1} is one `tl.associative_scan` over (c, x) pairs,
@@ -109,6 +110,36 @@ def _gae_kernel(rewards, values, mask, adv_out, ret_out, T, stride_r, stride_v, 
         a = tl.where(m, a, 0.0)
         tl.store(adv_out + pos, a, mask=inside)
         tl.store(ret_out + pos, tl.where(m, a + v, 0.0), mask=inside)
+
+
+@triton.jit
+def _place_kernel(rewards, mask, out, T, stride_m, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    last = tl.full((), -1, tl.int32)
+    for start in range(0, T, BLOCK):  # the row's last valid token (-1: none)
+        cols = start + tl.arange(0, BLOCK)
+        valid = tl.load(mask + row * stride_m + cols, mask=cols < T, other=0) != 0
+        last = tl.maximum(last, tl.max(tl.where(valid, cols, -1), axis=0))
+    reward = tl.load(rewards + row)
+    for start in range(0, T, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(out + row * stride_o + cols, tl.where(cols == last, reward, 0.0), mask=cols < T)
+
+
+def place_on_last_token(rewards: Tensor, mask: Tensor, *, block: int | None = None) -> Tensor:
+    """Token rewards [B, T]: `advserve.functional.masks.place_on_last_token` in one kernel launch.
+
+    rewards [B] float32/float64, mask [B, T] bool -> [B, T] in the rewards' dtype: each row's reward on
+    its last valid token, 0 elsewhere (a row without one: all 0). One program per row reads its mask
+    twice (bytes) and writes the row once.
+    """
+    mask8 = _mask_bytes(mask)
+    batch, length = mask8.shape
+    out = torch.empty((batch, length), dtype=rewards.dtype, device=rewards.device)
+    if batch and length:
+        _place_kernel[(batch,)](rewards.contiguous(), mask8, out, length, mask8.stride(0), out.stride(0),
+                                BLOCK=_block(length, block))
+    return out
 
 
 def _block(length: int, block: int | None) -> int:
