@@ -637,6 +637,13 @@ class TestUnderTheInterpreter:
         # statistics for the copy
         assert counted["triton"] == 3 and counted["compute"] <= 8, counted
         assert bench_launches.count("torch", request)["compute"] >= 5 * counted["compute"]  # the torch path: 72
+        # validation: the check flags, the mask's kernel, the rewards' finiteness verdict (three)
+        assert counted["validation"] <= 5, counted
+        # RLOO and GAE: the reward placement, the scan or baselines, the statistics' kernels, and the same
+        # few torch launches
+        for name, bound in (("rloo, paper", 10), ("gae, verl (whitened)", 11)):
+            other = bench_launches.count("triton", bench_launches.requests(8, 512)[name])
+            assert other["compute"] <= bound and other["validation"] <= 8, (name, other)
 
     def test_a_small_loss_request_launches_a_few_kernels(self):
         """A ppo_clip + k3 KL loss [8, 512] as on a GPU, validation included: the float mask and each token
