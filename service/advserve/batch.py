@@ -532,7 +532,7 @@ def build_batch(
     that pass finds a mistake, the checks below run and word it.
     `triton`: the request runs the Triton kernels (on a GPU): a small batch's group layout is computed on
     the host with its index (`Batch.group_layout`, for the group kernels: no kernel launched for it), and
-    each float token tensor is zeroed under the mask and checked in one launch (`kernels.validate`).
+    the mask and each float token tensor are checked and converted in one launch each (`kernels.validate`).
     """
     if not isinstance(raw, Mapping):
         raise InvalidArgument("tensors must be an object mapping tensor names to arrays", field="tensors")
