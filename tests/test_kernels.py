@@ -188,14 +188,15 @@ class TestUnderTheInterpreter:
         _close(ret, ref_ret)
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), extra=st.integers(0, 9),
+    @given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=80), extra=st.integers(0, 9),
            gap_rate=st.sampled_from([0.0, 0.4]), dtype=st.sampled_from([torch.float64, torch.float32]),
            block=st.sampled_from([16, None]), seed=st.integers(0, 2**16))
     def test_rewards_placed_on_the_last_token_as_the_torch_path(self, fused, lengths, extra, gap_rate, dtype, block,
                                                                  seed):
         """`place_on_last_token` (one launch) gives the torch path's token rewards bit for bit: each row's
-        reward on its last valid token, whatever the gaps before it, over several blocks; an empty row
-        all 0; a row-strided mask (a coalesced request's rows)."""
+        reward on its last valid token, whatever the gaps before it, over several blocks (block 16, a
+        row per program) or in tiles of many short rows (None); an empty row all 0; a row-strided mask (a
+        coalesced request's rows)."""
         rewards, _, mask = _batch(lengths, max(lengths) + extra or 1, gap_rate, dtype, seed)
         outcome = rewards.sum(dim=1) + 0.5
         want = masks.place_on_last_token(outcome, mask)
@@ -565,7 +566,7 @@ class TestUnderTheInterpreter:
             assert repr(result.stats) == repr(engine.run_advantages([job])[0].stats)
 
     @settings(max_examples=60, deadline=None)
-    @given(rows=st.integers(1, 6), width=st.integers(1, 1100), valid_rate=st.sampled_from([0.0, 0.5, 1.0]),
+    @given(rows=st.integers(1, 70), width=st.integers(1, 1100), valid_rate=st.sampled_from([0.0, 0.5, 1.0]),
            given_dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
            dtype=st.sampled_from([torch.float64, torch.float32]), bad_masked=st.booleans(), bad_valid=st.booleans(),
            mask_dtype=st.sampled_from([torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64,
@@ -580,7 +581,8 @@ class TestUnderTheInterpreter:
         −0.0; else equal but for the sign of a masked zero). The same error naming the field for a
         mask value neither 0 nor 1 (−0.0 is a 0) and a NaN or Inf on a valid position; the verdicts read at
         once or after (`Checks(read_later)`). Masks of any dtype, any input float dtype into either
-        compute dtype, rows across blocks, no valid token or all, negative values (x·0 = −0)."""
+        compute dtype, rows across blocks or many short rows per tile, no valid token or all, negative
+        values (x·0 = −0)."""
         from advserve.batch import Checks, build_batch
 
         g = torch.Generator().manual_seed(seed)
@@ -687,8 +689,10 @@ class TestCompiledForTheGpu:
             assert ".entry _gae_kernel" in self._ptx(scan._gae_kernel, gae, {"SKIP": skip, "BLOCK": 1024})
             assert ".entry _reward_to_go_kernel" in self._ptx(scan._reward_to_go_kernel, rtg,
                                                               {"SKIP": skip, "BLOCK": 1024})
-        place = {"rewards": data, "mask": "*u8", "out": data, "T": "i32", "stride_m": "i64", "stride_o": "i64"}
-        assert ".entry _place_kernel" in self._ptx(scan._place_kernel, place, {"BLOCK": 1024})
+        place = {"rewards": data, "mask": "*u8", "out": data, "B": "i32", "T": "i32", "stride_m": "i64",
+                 "stride_o": "i64"}
+        for rows, columns in ((1, 1024), (64, 16)):
+            assert ".entry _place_kernel" in self._ptx(scan._place_kernel, place, {"ROWS": rows, "BLOCK_T": columns})
 
     def test_validation(self):
         """The zeroing kernel for every input float dtype into each compute dtype, finiteness tested by a
@@ -703,9 +707,10 @@ class TestCompiledForTheGpu:
                 assert ".entry _zero_masked_kernel" in ptx and infinity in ptx  # |x| < inf is compared
         for mask_dtype in ("u8", "i64", "fp32", "bf16", "fp64"):
             signature = {"given": f"*{mask_dtype}", "mask_out": "*u8", "valid_out": "*fp32", "lengths": "*i32",
-                         "ok": "*i1", "T": "i32"}
-            for write_valid in (True, False):
-                ptx = self._ptx(validate._mask_kernel, signature, {"WRITE_VALID": write_valid, "BLOCK": validate.BLOCK})
+                         "ok": "*i1", "B": "i32", "T": "i32"}
+            for write_valid, (rows, columns) in ((True, validate.tile(4096)), (False, validate.tile(1))):
+                ptx = self._ptx(validate._mask_kernel, signature, {"WRITE_VALID": write_valid, "ROWS": rows,
+                                                                   "BLOCK_T": columns})
                 assert ".entry _mask_kernel" in ptx
 
     @pytest.mark.parametrize("dtype", ["fp32", "fp64"])

@@ -113,32 +113,40 @@ def _gae_kernel(rewards, values, mask, adv_out, ret_out, T, stride_r, stride_v, 
 
 
 @triton.jit
-def _place_kernel(rewards, mask, out, T, stride_m, stride_o, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    last = tl.full((), -1, tl.int32)
-    for start in range(0, T, BLOCK):  # the row's last valid token (-1: none)
-        cols = start + tl.arange(0, BLOCK)
-        valid = tl.load(mask + row * stride_m + cols, mask=cols < T, other=0) != 0
-        last = tl.maximum(last, tl.max(tl.where(valid, cols, -1), axis=0))
-    reward = tl.load(rewards + row)
-    for start in range(0, T, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        tl.store(out + row * stride_o + cols, tl.where(cols == last, reward, 0.0), mask=cols < T)
+def _place_kernel(rewards, mask, out, B, T, stride_m, stride_o, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < B
+    last = tl.full((ROWS,), -1, tl.int32)
+    for start in range(0, T, BLOCK_T):  # each row's last valid token (-1: none)
+        cols = start + tl.arange(0, BLOCK_T)
+        inside = in_rows[:, None] & (cols < T)[None, :]
+        valid = tl.load(mask + rows[:, None] * stride_m + cols[None, :], mask=inside, other=0) != 0
+        last = tl.maximum(last, tl.max(tl.where(valid, cols[None, :], -1), axis=1))
+    reward = tl.load(rewards + rows, mask=in_rows, other=0.0)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        inside = in_rows[:, None] & (cols < T)[None, :]
+        placed = tl.where(cols[None, :] == last[:, None], reward[:, None], 0.0)
+        tl.store(out + rows[:, None] * stride_o + cols[None, :], placed, mask=inside)
 
 
 def place_on_last_token(rewards: Tensor, mask: Tensor, *, block: int | None = None) -> Tensor:
     """Token rewards [B, T]: `advserve.functional.masks.place_on_last_token` in one kernel launch.
 
     rewards [B] float32/float64, mask [B, T] bool -> [B, T] in the rewards' dtype: each row's reward on
-    its last valid token, 0 elsewhere (a row without one: all 0). One program per row reads its mask
-    twice (bytes) and writes the row once.
+    its last valid token, 0 elsewhere (a row without one: all 0). Each program takes a tile of rows
+    (`kernels.validate.tile`; `block`: the tile's columns, rows of one at a time), reads their mask
+    twice (bytes) and writes them once.
     """
+    from .validate import tile
+
     mask8 = _mask_bytes(mask)
     batch, length = mask8.shape
     out = torch.empty((batch, length), dtype=rewards.dtype, device=rewards.device)
     if batch and length:
-        _place_kernel[(batch,)](rewards.contiguous(), mask8, out, length, mask8.stride(0), out.stride(0),
-                                BLOCK=_block(length, block))
+        rows, columns = (1, block) if block is not None else tile(length)
+        _place_kernel[(triton.cdiv(batch, rows),)](rewards.contiguous(), mask8, out, batch, length, mask8.stride(0),
+                                                   out.stride(0), ROWS=rows, BLOCK_T=columns)
     return out
 
 

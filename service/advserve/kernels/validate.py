@@ -2,8 +2,9 @@
 "triton"): the mask checked and converted, and each token tensor zeroed under the mask and checked
 finite on it, one launch each.
 
-`batch._mask` is the reference of `mask_of`: one program per row reads the given mask once and writes
-the bool mask, the values in the compute dtype (unless given in it) and the row's count of valid tokens;
+`batch._mask` is the reference of `mask_of`: each program reads a tile of rows of the given mask once
+(a short row's program takes many rows) and writes the bool mask, the values in the compute dtype
+(unless given in it) and each row's count of valid tokens;
 a value that is neither 0 nor 1 (NaN included; −0.0 is a 0) fails the request's check. The torch path
 takes about eleven launches for a float mask (the range from the bits, the sum against the count of
 non-zeros, the conversions).
@@ -70,14 +71,16 @@ def zero_masked(x: Tensor, mask: Tensor, dtype: torch.dtype, ok: Tensor) -> Tens
 
 
 @triton.jit
-def _mask_kernel(given, mask_out, valid_out, lengths, ok, T, WRITE_VALID: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    count = tl.zeros((BLOCK,), tl.int32)
-    bad = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, T, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < T
-        offs = row * T + cols
+def _mask_kernel(given, mask_out, valid_out, lengths, ok, B, T, WRITE_VALID: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < B
+    count = tl.zeros((ROWS, BLOCK_T), tl.int32)
+    bad = tl.zeros((ROWS, BLOCK_T), tl.int32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        inside = in_rows[:, None] & (cols < T)[None, :]
+        offs = rows[:, None] * T + cols[None, :]
         value = tl.load(given + offs, mask=inside, other=0)
         on = value != 0
         bad += (inside & on & (value != 1)).to(tl.int32)  # NaN included: neither 0 nor 1
@@ -85,16 +88,23 @@ def _mask_kernel(given, mask_out, valid_out, lengths, ok, T, WRITE_VALID: tl.con
         tl.store(mask_out + offs, on.to(tl.uint8), mask=inside)
         if WRITE_VALID:
             tl.store(valid_out + offs, value.to(valid_out.dtype.element_ty), mask=inside)
-    tl.store(lengths + row, tl.sum(count, axis=0))
-    if tl.sum(bad, axis=0) > 0:
+    tl.store(lengths + rows, tl.sum(count, axis=1), mask=in_rows)
+    if tl.sum(tl.sum(bad, axis=1), axis=0) > 0:
         tl.store(ok, 0)
+
+
+def tile(width: int) -> tuple[int, int]:
+    """(rows, columns) of the [B, T] tile a row-wise program reads at a time: up to BLOCK columns, and
+    as many rows as make BLOCK positions (short rows: many rows per program, not a program per row)."""
+    columns = min(triton.next_power_of_2(max(width, 16)), BLOCK)
+    return BLOCK // columns, columns
 
 
 def mask_of(given: Tensor, dtype: torch.dtype, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """response_mask [B, T] (booleans, integers or floats, on the device) as `batch._mask` returns it:
     (bool [B, T], the given values in `dtype` [B, T] (the given tensor itself when it is in `dtype`),
-    valid tokens per row [B] int32), in one launch of one program per row; `ok` (a 0-d bool tensor,
-    True before) set to False when a value is neither 0 nor 1."""
+    valid tokens per row [B] int32), in one launch, each program a tile of rows (`tile`); `ok` (a 0-d
+    bool tensor, True before) set to False when a value is neither 0 nor 1."""
     given = given.contiguous()
     rows, width = given.shape
     mask = torch.empty(rows, width, dtype=torch.bool, device=given.device)
@@ -102,6 +112,8 @@ def mask_of(given: Tensor, dtype: torch.dtype, ok: Tensor) -> tuple[Tensor, Tens
     lengths = torch.empty(rows, dtype=torch.int32, device=given.device)
     if rows:
         read = given.view(torch.uint8) if given.dtype == torch.bool else given
-        _mask_kernel[(rows,)](read, mask.view(torch.uint8), valid, lengths, ok, width,
-                              WRITE_VALID=valid is not given, BLOCK=BLOCK)
+        per_program, columns = tile(width)
+        _mask_kernel[(triton.cdiv(rows, per_program),)](read, mask.view(torch.uint8), valid, lengths, ok, rows, width,
+                                                        WRITE_VALID=valid is not given, ROWS=per_program,
+                                                        BLOCK_T=columns)
     return mask, valid, lengths
