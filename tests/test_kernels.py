@@ -188,7 +188,7 @@ class TestUnderTheInterpreter:
         _close(ret, ref_ret)
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=80), extra=st.integers(0, 9),
+    @given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=40), extra=st.integers(0, 9),
            gap_rate=st.sampled_from([0.0, 0.4]), dtype=st.sampled_from([torch.float64, torch.float32]),
            block=st.sampled_from([16, None]), seed=st.integers(0, 2**16))
     def test_rewards_placed_on_the_last_token_as_the_torch_path(self, fused, lengths, extra, gap_rate, dtype, block,
@@ -565,7 +565,7 @@ class TestUnderTheInterpreter:
         for job, result in zip(prepared, together):
             assert repr(result.stats) == repr(engine.run_advantages([job])[0].stats)
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(rows=st.integers(1, 70), width=st.integers(1, 1100), valid_rate=st.sampled_from([0.0, 0.5, 1.0]),
            given_dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
            dtype=st.sampled_from([torch.float64, torch.float32]), bad_masked=st.booleans(), bad_valid=st.booleans(),
