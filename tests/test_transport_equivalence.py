@@ -158,6 +158,51 @@ def test_checks_read_with_the_results_give_the_same_errors(late_transports, vari
     same_error_everywhere(late_transports, variant, data)
 
 
+# --- the Triton kernels' checks ------------------------------------------------------------------------------
+# With kernels "triton" (a GPU's default) the mask and the token tensors are checked by kernels
+# (`kernels/validate.py`), not by the torch path. A server running them under Triton's interpreter, as on a
+# GPU (the checks read with the results), must refuse what the CPU refuses, with the same error and field,
+# over every transport. Its numbers differ from the CPU's by rounding (tests/test_kernels.py holds
+# them to the torch path), so a request the CPU computes must only compute here too.
+
+TRITON_INVALID_EXAMPLES = 3
+
+
+@pytest.fixture(scope="module")
+def triton_transports():
+    """The transports of a server whose engine runs the Triton kernels (interpreted) on the GPU's branches."""
+    server = RunningServer(name="advserve-triton-interpreted", env={"TRITON_INTERPRET": "1"},
+                           argv=lambda http_port, grpc_port: [
+        sys.executable, "-c", CHECKS_READ_LATE, "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port), "--log-level", "warning", "--workers", "1", "--kernels", "triton"])
+    made = fz.Transports(server.url, server.grpc_address, timeout=60.0)
+    yield made
+    made.close()
+    server.stop()
+
+
+@pytest.mark.parametrize("variant", fz.INVALID)
+@settings(SLOW, max_examples=TRITON_INVALID_EXAMPLES)
+@given(data=st.data())
+def test_the_triton_kernels_checks_give_the_same_errors(triton_transports, variant, data):
+    case = fz.invalid_case(fz.HypothesisDraw(data), variant)
+    expected = fz.in_process(case)
+    failures = {}
+    for name in triton_transports.names:
+        if fz.applicable(name, case):
+            wanted = fz.expected_over(name, case, expected)
+            got = triton_transports.call(name, case)
+            if wanted.error is None:  # computed: by the kernels, to rounding
+                found = [] if got.error is None and not got.exception and not got.server_error else \
+                    [f"not computed: {got.error or got.exception or got.status} {got.message[:200]}"]
+            else:  # the error's code and field, as the properties above compare them
+                found = fz.differences(wanted, got)
+            if found:
+                failures[name] = found
+    assert not failures, f"{case.repro()}\nin process: {expected.brief()}\n" + "\n".join(
+        f"{name}: {'; '.join(found[:4])}" for name, found in failures.items())
+
+
 @settings(SLOW, max_examples=LATE_EXAMPLES)
 @given(data=st.data())
 def test_the_in_process_api_reading_checks_with_the_results_is_the_same_function(data):
